@@ -1,0 +1,23 @@
+"""symattn: multi-head self-attention made exact.
+
+>>> import symattn
+>>> spec = symattn.load_spec("notebook")
+>>> symattn.build(spec)["M"][0, 0]
+(3 + 7*exp(3*sqrt(2)))/(1 + exp(3*sqrt(2)))
+>>> symattn.evaluate(spec, digits=12)["M"].values[0]
+('6.94333585649', '-6.94333585649')
+"""
+
+from .errors import SymattnError
+from .spec import AttentionSpec, load_spec
+from .truth import evaluate
+
+__version__ = "0.1.0"
+__all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "load_spec", "__version__"]
+
+
+def build(spec):
+    """The exact trace of a spec; see ``symattn.trace.build``.  (SymPy is imported here, on first use.)"""
+    from .trace import build as _build
+
+    return _build(spec)

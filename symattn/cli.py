@@ -1,0 +1,168 @@
+"""The ``symattn`` command.  Exit codes: 0 ok, 1 a check failed, 2 bad input or usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from .errors import SymattnError
+
+FORMATS = ("pretty", "str", "latex")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other user error
+        raise SymattnError(f"usage: {message} (see '{self.prog} --help')")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="symattn",
+        description="Exact multi-head self-attention: closed forms, certified ground truth, notebook parity.",
+    )
+    parser.add_argument("--version", action="version", version=f"symattn {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log precision rises and timings to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    show = sub.add_parser("show", help="print the exact trace")
+    show.add_argument("spec", help="a built-in name (notebook) or a .json/.toml spec file")
+    show.add_argument("--step", action="append", metavar="NAME", help="only this step (repeatable)")
+    show.add_argument(
+        "--closed",
+        action="store_true",
+        help="fully substituted closed forms instead of the structure over row normalisers",
+    )
+    show.add_argument("--format", choices=FORMATS, default="pretty")
+
+    ev = sub.add_parser("eval", help="certified decimal values of every step")
+    ev.add_argument("spec")
+    ev.add_argument("--digits", type=int, default=50, help="certified significant digits (default 50)")
+    ev.add_argument(
+        "--engine",
+        choices=("mpmath", "arb", "auto"),
+        default="auto",
+        help="ball arithmetic: mpmath intervals or Arb (python-flint); auto picks Arb when installed",
+    )
+    ev.add_argument("--step", action="append", metavar="NAME", help="only print this step (repeatable)")
+    ev.add_argument("--json", action="store_true", help="machine-readable output")
+    ev.add_argument("--exact", action="store_true", help="include the closed forms (needs SymPy; slow for big specs)")
+
+    nb = sub.add_parser("notebook", help="check every number a notebook printed against the exact values")
+    nb.add_argument("file", help="a text transcript ('In [N]:' cells) or an .ipynb file")
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.verbose:
+            logging.basicConfig(level=logging.DEBUG, format="symattn: %(message)s")
+        return {"show": _show, "eval": _eval, "notebook": _notebook}[args.command](args)
+    except SymattnError as e:
+        print(f"symattn: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (| head): not an error of ours
+        return 0
+    except KeyboardInterrupt:
+        print("symattn: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _steps(requested, names) -> list[str]:
+    if not requested:
+        return list(names)
+    for name in requested:
+        if name not in names:
+            raise SymattnError(f"--step: expected one of {', '.join(names)}, received {name!r}")
+    return list(requested)
+
+
+def _show(args) -> int:
+    from .spec import load_spec
+    from .trace import build, render
+
+    trace = build(load_spec(args.spec))
+    out = []
+    for name in _steps(args.step, trace.names):
+        rows, cols = trace.structure(name).shape
+        matrix = trace[name] if args.closed else trace.structure(name)
+        if args.format == "latex":
+            out.append(f"% {trace.definition(name)} ({rows}×{cols})")
+            out.append(f"\\mathrm{{{name.replace('_', chr(92) + '_')}}} = {render(matrix, 'latex')}")
+        else:
+            out.append(f"{trace.definition(name)}   ({rows}×{cols})")
+            out.append(render(matrix, args.format))
+        if not args.closed:
+            for z, value in trace.normalisers_of(name).items():
+                out.append(_normaliser_line(z, value, args.format))
+        out.append("")
+    print("\n".join(out).rstrip("\n"))
+    return 0
+
+
+def _normaliser_line(z, value, fmt: str) -> str:
+    import sympy
+
+    if fmt == "latex":
+        return f"{sympy.latex(z)} = {sympy.latex(value)}"
+    return f"  where {z} = {sympy.sstr(value)}"  # one line reads best, in pretty mode too
+
+
+def _eval(args) -> int:
+    from .spec import load_spec
+    from .truth import evaluate
+
+    spec = load_spec(args.spec)
+    truth = evaluate(spec, digits=args.digits, engine=args.engine)
+    names = _steps(args.step, truth.names)
+    trace = None
+    if args.exact:
+        from .trace import build
+
+        trace = build(spec)
+    if args.json:
+        steps = {}
+        for name in names:
+            step = truth[name]
+            entry = {"shape": list(step.shape)}
+            if trace is not None:
+                entry["exact"] = [[str(e) for e in row] for row in trace[name].tolist()]
+            entry["values"] = [list(row) for row in step.values]
+            entry["certified_digits"] = [list(row) for row in step.certified_digits]
+            steps[name] = entry
+        doc = {
+            "symattn": __version__,
+            "spec": spec.name,
+            "digits": truth.digits,
+            "engine": truth.engine,
+            "steps": steps,
+        }
+        json.dump(doc, sys.stdout, indent=None, separators=(", ", ": "))
+        sys.stdout.write("\n")
+        return 0
+    out = [f"{spec.name}: {truth.digits} certified significant digits ({truth.engine} engine, up to {truth.bits} bits)"]
+    for name in names:
+        step = truth[name]
+        out.append("")
+        out.append(f"{name}   ({step.shape[0]}×{step.shape[1]})")
+        if trace is not None:
+            out.append("exact: " + str(trace[name].tolist()))
+        out.append(str(step))
+    print("\n".join(out))
+    return 0
+
+
+def _notebook(args) -> int:
+    from .notebook import check
+
+    report = check(args.file)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1

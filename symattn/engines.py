@@ -1,0 +1,159 @@
+"""Ball arithmetic engines: mpmath intervals and Arb balls, behind one small interface.
+
+An engine holds a working precision in bits and offers the scalar operations
+the truth needs (rationals, pi, sqrt, exp, log, integer powers, + - * /), the
+matrix operations (from exact rationals, from balls, product, entries), and the
+exact ends of an enclosure as Fractions.  ``truth.py`` writes the attention
+math once against this interface.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from .errors import SymattnError
+
+ENGINES = ("mpmath", "arb", "auto")
+
+
+def _dyadic(man: int, exp: int) -> Fraction:
+    return Fraction(man << exp) if exp >= 0 else Fraction(man, 1 << -exp)
+
+
+class MpmathEngine:
+    """Outward-rounded intervals from ``mpmath.iv`` (a private context: the global one is left alone)."""
+
+    name = "mpmath"
+
+    def __init__(self, bits: int):
+        from mpmath.ctx_iv import MPIntervalContext
+
+        self.ctx = MPIntervalContext()
+        self.ctx.prec = bits
+        self.bits = bits
+
+    def rational(self, p: int, q: int = 1):
+        return self.ctx.mpf(p) / q if q != 1 else self.ctx.mpf(p)
+
+    def pi(self):
+        return +self.ctx.pi
+
+    def sqrt(self, x):
+        return self.ctx.sqrt(x)
+
+    def exp(self, x):
+        return self.ctx.exp(x)
+
+    def log(self, x):
+        return self.ctx.log(x)
+
+    def integer_power(self, x, n: int):
+        return x**n
+
+    def one(self):
+        return self.ctx.mpf(1)
+
+    # Matrices are lists of rows of intervals.
+    def from_ratmat(self, m):
+        mpf, den = self.ctx.mpf, m.den
+        if den == 1:
+            return [[mpf(v) for v in row] for row in m.num.tolist()]
+        return [[mpf(v) / den for v in row] for row in m.num.tolist()]
+
+    def from_rows(self, rows):
+        return rows
+
+    def rows(self, m):
+        return m
+
+    def matmul(self, a, b):
+        cols = list(zip(*b, strict=True))
+        fsum = self.ctx.fsum
+        return [[fsum(x * y for x, y in zip(row, col, strict=True)) for col in cols] for row in a]
+
+    def enclosure(self, x) -> tuple[Fraction, Fraction] | None:
+        (sa, ma, ea, _), (sb, mb, eb, _) = x._mpi_
+        if (ma == 0 and ea != 0) or (mb == 0 and eb != 0):  # inf or nan
+            return None
+        return _dyadic(-ma if sa else ma, ea), _dyadic(-mb if sb else mb, eb)
+
+
+class ArbEngine:
+    """Arb balls from python-flint (FLINT's certified ball arithmetic)."""
+
+    name = "arb"
+
+    def __init__(self, bits: int):
+        import flint
+
+        self.flint = flint
+        flint.ctx.prec = bits  # flint's context is global; evaluate() restores it
+        self.bits = bits
+
+    def rational(self, p: int, q: int = 1):
+        arb = self.flint.arb
+        return arb(p) / q if q != 1 else arb(p)
+
+    def pi(self):
+        return self.flint.arb.pi()
+
+    def sqrt(self, x):
+        return x.sqrt()
+
+    def exp(self, x):
+        return x.exp()
+
+    def log(self, x):
+        return x.log()
+
+    def integer_power(self, x, n: int):
+        return x**n
+
+    def one(self):
+        return self.flint.arb(1)
+
+    def from_ratmat(self, m):
+        flint = self.flint
+        mat = flint.arb_mat(flint.fmpz_mat(m.num.tolist()))
+        return mat / m.den if m.den != 1 else mat
+
+    def from_rows(self, rows):
+        return self.flint.arb_mat(rows)
+
+    def rows(self, m):
+        return m.tolist()
+
+    def matmul(self, a, b):
+        return a * b
+
+    def enclosure(self, x) -> tuple[Fraction, Fraction] | None:
+        if not x.is_finite():
+            return None
+        mm, me = x.mid().man_exp()
+        rm, re = x.rad().man_exp()
+        mid, rad = _dyadic(int(mm), int(me)), _dyadic(int(rm), int(re))
+        return mid - rad, mid + rad
+
+
+def available() -> list[str]:
+    names = ["mpmath"]
+    try:
+        import flint  # noqa: F401
+
+        names.append("arb")
+    except ImportError:
+        pass
+    return names
+
+
+def engine_class(name: str):
+    """The engine class for ``name`` (mpmath, arb or auto: Arb when python-flint is installed)."""
+    if name not in ENGINES:
+        raise SymattnError(f"engine: expected one of {', '.join(ENGINES)}, received {name!r}")
+    if name == "auto":
+        name = "arb" if "arb" in available() else "mpmath"
+    if name == "arb":
+        if "arb" not in available():
+            raise SymattnError("engine: 'arb' needs python-flint, which is not installed (pip install python-flint)")
+        return ArbEngine
+    return MpmathEngine
