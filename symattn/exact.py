@@ -100,6 +100,49 @@ class _TooBig(Exception):
     pass
 
 
+MAX_DENSE = 4096  # cancel common factors only below this degree (dense GCD cost grows with it)
+
+
+def reduced(num: Poly, den: Poly) -> tuple[Fraction, Poly, Poly]:
+    """(c, N, Z) with num/den = c·N/Z, N and Z primitive integer polynomials, Z's leading coefficient
+    positive, and common factors cancelled when the degrees allow (python-flint's GCD)."""
+    if not num:
+        return Fraction(0), {}, {0: 1}
+    ratio = constant_ratio(num, den)
+    if ratio is not None:
+        return ratio, {0: 1}, {0: 1}
+    c_num, num = _primitive(num)
+    c_den, den = _primitive(den)
+    low = min(num)
+    if max(num) - low <= MAX_DENSE and max(den) <= MAX_DENSE:
+        try:
+            from flint import fmpz_poly
+        except ImportError:
+            fmpz_poly = None
+        if fmpz_poly is not None:
+            n = fmpz_poly([int(num.get(e, 0)) for e in range(low, max(num) + 1)])
+            d = fmpz_poly([int(den.get(e, 0)) for e in range(max(den) + 1)])
+            g = n.gcd(d)
+            if g.degree() > 0:
+                n, d = n // g, d // g
+                num = {e + low: Fraction(int(v)) for e, v in enumerate(n.coeffs()) if v}
+                den = {e: Fraction(int(v)) for e, v in enumerate(d.coeffs()) if v}
+                c2, num = _primitive(num)
+                c3, den = _primitive(den)
+                c_num, c_den = c_num * c2, c_den * c3
+    return c_num / c_den, num, den
+
+
+def _primitive(poly: Poly) -> tuple[Fraction, Poly]:
+    """(c, p) with poly = c·p, p with coprime integer coefficients and a positive leading one."""
+    den = reduce(math.lcm, (Fraction(v).denominator for v in poly.values()), 1)
+    ints = {e: int(v * den) for e, v in poly.items()}
+    g = reduce(math.gcd, ints.values())
+    if ints[max(ints)] < 0:
+        g = -g
+    return Fraction(g, den), {e: v // g for e, v in ints.items()}
+
+
 class ExactAttention:
     """The rational skeleton of a spec whose inputs are all rational.
 
@@ -165,21 +208,28 @@ class ExactAttention:
             return self._output(i, j)
         raise ValueError(step)
 
-    def _output(self, row: int, col: int) -> tuple[Poly, Poly]:
-        groups: dict = {}  # heads with the same Z(t) share one denominator
+    def output_terms(self, row: int, col: int) -> list[tuple[int, Poly, Poly]]:
+        """M[row, col] as Σ N(t)/Z(t) over the heads, heads with the same Z(t) added up.
+
+        Each term is (first head, N, Z); terms with N = 0 are left out.
+        """
+        groups: dict = {}
         for head in range(self.spec.h):
             z = self.Z(head, row)
             key = tuple(sorted(z.items()))
-            numerator = self._numerator(head, row, self.VWo[head], col)
-            groups[key] = padd(groups.get(key, {}), numerator)
-        keys = list(groups)
+            first, numerator = groups.get(key, (head, {}))
+            groups[key] = (first, padd(numerator, self._numerator(head, row, self.VWo[head], col)))
+        return [(first, num, dict(key)) for key, (first, num) in groups.items() if num]
+
+    def _output(self, row: int, col: int) -> tuple[Poly, Poly]:
+        terms = self.output_terms(row, col)
         num: Poly = {}
-        for key, part in groups.items():
-            for other in keys:
-                if other != key and part:
-                    part = pmul(part, dict(other))
+        for _, part, z in terms:
+            for _, _, other in terms:
+                if other is not z:
+                    part = pmul(part, other)
             num = padd(num, part)
-        den = reduce(pmul, (dict(k) for k in keys), {0: Fraction(1)})
+        den = reduce(pmul, (z for _, _, z in terms), {0: Fraction(1)})
         return num, den
 
     def exact_value(self, step: str, i: int, j: int) -> Fraction | None:

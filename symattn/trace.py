@@ -24,7 +24,7 @@ import sympy
 
 from .entries import to_sympy
 from .errors import SymattnError
-from .exact import ExactAttention, scale_sign
+from .exact import ExactAttention, reduced, scale_sign
 from .truth import step_names
 
 FORMATS = ("pretty", "str", "latex")
@@ -166,7 +166,7 @@ class Trace:
             weights = [[exps[r, c] / zs[r] for c in range(spec.n)] for r in range(spec.n)]
             head_out = [[(exps.row(r) * v.col(c))[0] / zs[r] for c in range(spec.d_v)] for r in range(spec.n)]
             self._set(h, q, k, v, scores, weights, head_out)
-            heads.append(head_out)
+            heads.append(self._structure[f"head{h}"])
         self._finish(heads)
 
     def _build_rational(self) -> None:
@@ -188,8 +188,18 @@ class Trace:
                 ]
             )
             self._set(h, q, k, v, scores, weights, head_out)
-            heads.append(head_out)
-        self._finish(heads)
+            heads.append(self._structure[f"head{h}"])
+        self._structure["concat_heads"] = sympy.ImmutableMatrix(sympy.Matrix.hstack(*heads))
+        zs = [[self._normaliser(h + 1, r, _poly_expr(ex.Z(h, r), t)) for r in range(spec.n)] for h in range(spec.h)]
+        self._structure["M"] = _matrix(
+            [
+                [
+                    sympy.Add(*(_poly_expr(num, t) / zs[head][r] for head, num, _ in ex.output_terms(r, c)))
+                    for c in range(spec.d_out)
+                ]
+                for r in range(spec.n)
+            ]
+        )
 
     def _normaliser(self, h: int, r: int, value) -> sympy.Symbol:
         for z, known in self._normalisers.items():
@@ -208,6 +218,7 @@ class Trace:
         concat = sympy.Matrix.hstack(*heads)
         wo = sympy.Matrix([[to_sympy(e) for e in row] for row in self.spec.wo])
         self._structure["concat_heads"] = sympy.ImmutableMatrix(concat)
+        # collect over the normalisers: M[r, c] = Σ (numerator)/Z, one term per distinct row normaliser
         m = (concat * wo).applyfunc(lambda e: sympy.collect(sympy.expand(e), list(self._normalisers)))
         self._structure["M"] = sympy.ImmutableMatrix(m)
 
@@ -226,18 +237,23 @@ class Trace:
         return structure.applyfunc(lambda e: sympy.factor_terms(sympy.together(e.xreplace(subs))))
 
     def _closed_rational(self, name: str) -> sympy.ImmutableMatrix:
-        t = sympy.Dummy("t")
-        t_value = self._t_value()
+        t = self._t_value()
         rows, cols = self._structure[name].shape
-        out = []
-        for i in range(rows):
-            row = []
-            for j in range(cols):
-                num, den = self.exact.rational_function(name, i, j)
-                fraction = sympy.cancel(_poly_expr(num, t) / _poly_expr(den, t))
-                row.append(fraction.xreplace({t: t_value}))
-            out.append(row)
-        return _matrix(out)
+        if name == "M":
+            terms = [
+                [[(num, z) for _, num, z in self.exact.output_terms(i, j)] for j in range(cols)] for i in range(rows)
+            ]
+        else:
+            terms = [[[self.exact.rational_function(name, i, j)] for j in range(cols)] for i in range(rows)]
+        return _matrix(
+            [[sympy.Add(*(_fraction_expr(num, den, t) for num, den in entry)) for entry in row] for row in terms]
+        )
+
+
+def _fraction_expr(num: dict, den: dict, t) -> sympy.Expr:
+    """num(t)/den(t) as c·N/Z, reduced as far as exact.reduced goes."""
+    c, n, z = reduced(num, den)
+    return _rational(c) * _poly_expr(n, t) / _poly_expr(z, t)
 
 
 def _poly_expr(poly: dict, t) -> sympy.Expr:

@@ -120,7 +120,7 @@ def compute(spec, engine, exact: ExactAttention | None) -> dict:
             head = spec.heads[i]
             x = _balls(spec.x, engine)
             q, k, v = (engine.matmul(x, _balls(w, engine)) for w in (head.wq, head.wk, head.wv))
-            out["Q" + name], out["K" + name], out["V" + name] = q, k, v
+            out["Q" + name], out["K" + name], out["V" + name] = engine.rows(q), engine.rows(k), engine.rows(v)
             kt = engine.from_rows([list(col) for col in zip(*engine.rows(k), strict=True)])
             scores = [[scale * s for s in row] for row in engine.rows(engine.matmul(q, kt))]
             out["scores" + name] = scores

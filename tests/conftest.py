@@ -1,0 +1,134 @@
+"""Shared test helpers: an independent reference computation and random specs.
+
+The reference is deliberately naive and shares no code with symattn: plain
+mpmath (not intervals) at many more digits than asked of symattn, the textbook
+softmax without any shift, inputs converted by SymPy's evalf.
+"""
+
+from __future__ import annotations
+
+import random
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from fractions import Fraction
+
+import mpmath
+import pytest
+import sympy
+
+
+def to_mpf(entry, dps: int):
+    if isinstance(entry, bool):
+        raise TypeError(entry)
+    if isinstance(entry, int):
+        return mpmath.mpf(entry)
+    if isinstance(entry, Fraction):
+        return mpmath.mpf(entry.numerator) / entry.denominator
+    if isinstance(entry, Decimal):
+        return mpmath.mpf(str(entry))
+    # test-authored strings only: SymPy's own parser is fine here
+    return mpmath.mpf(str(sympy.N(sympy.sympify(entry), dps + 20)))
+
+
+def reference(data: dict, dps: int = 120) -> dict:
+    """Every step of the attention described by a spec dict, at ``dps`` digits, naively."""
+    out = {}
+    with mpmath.workdps(dps + 20):
+        mat = lambda rows: mpmath.matrix([[to_mpf(e, dps) for e in row] for row in rows])  # noqa: E731
+        x = mat(data["x"])
+        heads = []
+        for i, head in enumerate(data["heads"], 1):
+            q, k, v = x * mat(head["wq"]), x * mat(head["wk"]), x * mat(head["wv"])
+            scale = to_mpf(data["scale"], dps) if "scale" in data else 1 / mpmath.sqrt(q.cols)
+            s = q * k.T * scale
+            e = s.apply(mpmath.exp)
+            w = mpmath.matrix(s.rows, s.cols)
+            for r in range(s.rows):
+                z = mpmath.fsum(e[r, c] for c in range(s.cols))
+                for c in range(s.cols):
+                    w[r, c] = e[r, c] / z
+            h = w * v
+            out.update({f"Q{i}": q, f"K{i}": k, f"V{i}": v, f"scores{i}": s, f"weights{i}": w, f"head{i}": h})
+            heads.append(h)
+        n = x.rows
+        concat = mpmath.matrix(n, sum(h.cols for h in heads))
+        col = 0
+        for h in heads:
+            for r in range(n):
+                for c in range(h.cols):
+                    concat[r, col + c] = h[r, c]
+            col += h.cols
+        out["concat_heads"] = concat
+        out["M"] = concat * mat(data["wo"])
+    return out
+
+
+def rounded(value, digits: int, dps: int = 120) -> Decimal:
+    """The reference value correctly rounded to ``digits`` significant digits (half even)."""
+    text = mpmath.nstr(value, dps, strip_zeros=False, min_fixed=1, max_fixed=0)
+    with localcontext() as ctx:
+        ctx.prec = digits
+        ctx.rounding = ROUND_HALF_EVEN
+        return +Decimal(text)
+
+
+def significant_digits(text: str) -> int:
+    mantissa = text.lstrip("-").split("e")[0].replace(".", "").lstrip("0")
+    return len(mantissa)
+
+
+def assert_certified(truth, data: dict, digits: int, dps: int = 120) -> int:
+    """Every value of ``truth`` is the reference correctly rounded, with ``digits`` digits.  Returns the count."""
+    ref = reference(data, dps)
+    count = 0
+    for step in truth:
+        expected = ref[step.name]
+        assert step.shape == (expected.rows, expected.cols), step.name
+        for i, row in enumerate(step.values):
+            for j, text in enumerate(row):
+                value = expected[i, j]
+                where = f"{step.name}[{i}, {j}]"
+                if text == "0":
+                    assert abs(value) < mpmath.mpf(10) ** (-(dps - 10)), f"{where}: printed 0, reference {value}"
+                else:
+                    assert significant_digits(text) == digits, f"{where}: {text!r} has not {digits} digits"
+                    assert Decimal(text) == rounded(value, digits, dps), f"{where}: {text} vs {value}"
+                assert step.certified_digits[i][j] >= digits
+                count += 1
+    return count
+
+
+def random_matrix(rng: random.Random, rows: int, cols: int, kind: str):
+    def entry():
+        if kind == "int":
+            return rng.randint(-4, 4)
+        if kind == "rational":
+            return f"{rng.randint(-9, 9)}/{rng.randint(1, 7)}"
+        if kind == "decimal":
+            return Decimal(rng.randint(-999, 999)) / 100  # as JSON's parse_float would give
+        raise ValueError(kind)
+
+    return [[entry() for _ in range(cols)] for _ in range(rows)]
+
+
+def random_spec(seed: int, n: int, d_model: int, h: int, d_k: int, d_v: int, d_out: int, kind: str = "int") -> dict:
+    rng = random.Random(seed)
+    m = lambda r, c: random_matrix(rng, r, c, kind)  # noqa: E731
+    return {
+        "name": f"random{seed}",
+        "x": m(n, d_model),
+        "heads": [{"wq": m(d_model, d_k), "wk": m(d_model, d_k), "wv": m(d_model, d_v)} for _ in range(h)],
+        "wo": m(h * d_v, d_out),
+    }
+
+
+@pytest.fixture
+def notebook_data() -> dict:
+    return {
+        "name": "notebook",
+        "x": [[1, 2], [3, 4]],
+        "heads": [
+            {"wq": [[1, 0], [0, 1]], "wk": [[0, 1], [1, 0]], "wv": [[1, 0], [0, -1]]},
+            {"wq": [[0, 1], [1, 0]], "wk": [[1, 0], [0, 1]], "wv": [[0, 1], [-1, 0]]},
+        ],
+        "wo": [[1, 0], [0, 1], [-1, 0], [0, -1]],
+    }

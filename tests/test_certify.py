@@ -1,0 +1,52 @@
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from fractions import Fraction
+
+import pytest
+
+from symattn import certify
+
+
+def decimal_round(x: Fraction, digits: int) -> Decimal:
+    with localcontext() as ctx:
+        ctx.prec = digits + 400
+        exact = Decimal(x.numerator) / Decimal(x.denominator)
+        ctx.prec = digits
+        ctx.rounding = ROUND_HALF_EVEN
+        return +exact
+
+
+@pytest.mark.parametrize(
+    "x",
+    [Fraction(2, 3), Fraction(-1, 7), Fraction(1, 8), Fraction(5, 2), Fraction(999_999, 1000), Fraction(1, 10**30),
+     Fraction(10**40 + 1), Fraction(-3, 2**70), Fraction(1, 3 * 10**8)],
+)
+@pytest.mark.parametrize("digits", [1, 2, 3, 7, 30])
+def test_exact_rounding_matches_decimal(x, digits):
+    assert Decimal(certify.exact_string(x, digits)) == decimal_round(x, digits)
+
+
+def test_ties_round_to_even():
+    assert certify.exact_string(Fraction(125, 1000), 2) == "0.12"
+    assert certify.exact_string(Fraction(135, 1000), 2) == "0.14"
+    assert certify.exact_string(Fraction(-25, 10), 1) == "-2"
+
+
+def test_carry_into_next_decade_keeps_the_digit_count():
+    assert certify.exact_string(Fraction(99999, 10000), 3) == "10.0"
+    assert certify.exact_string(Fraction(9999999, 10), 3) == "1.00e+6"
+
+
+def test_formats():
+    assert certify.exact_string(Fraction(1, 2), 5) == "0.50000"
+    assert certify.exact_string(Fraction(0), 5) == "0"
+    assert certify.exact_string(Fraction(1, 10**9), 2) == "1.0e-9"
+    assert certify.exact_string(Fraction(12345), 5) == "12345"
+    assert certify.exact_string(Fraction(123456), 5) == "1.2346e+5"
+
+
+def test_enclosure_certifies_only_when_both_ends_agree():
+    assert certify.certified_string(Fraction(6666, 10000), Fraction(6667, 10000), 3) == "0.667"
+    assert certify.certified_string(Fraction(6664, 10000), Fraction(6666, 10000), 3) is None
+    assert certify.certified_string(Fraction(-1, 10**9), Fraction(1, 10**9), 3) is None  # never proves 0
+    assert certify.certified_string(Fraction(0), Fraction(0), 3) == "0"  # a point at zero does
+    assert certify.certified_string(Fraction(99995, 10000), Fraction(99996, 10000), 4) == "10.00"

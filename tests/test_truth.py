@@ -1,0 +1,141 @@
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+import symattn
+from symattn import SymattnError
+from tests.conftest import assert_certified, random_spec
+
+ENGINES = ["mpmath", "arb"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_notebook_50_digits(engine, notebook_data):
+    truth = symattn.evaluate("notebook", digits=50, engine=engine)
+    assert truth.engine == engine
+    assert assert_certified(truth, notebook_data, 50) == 6 * 4 * 2 + 8 + 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_notebook_200_digits(engine, notebook_data):
+    assert_certified(symattn.evaluate("notebook", digits=200, engine=engine), notebook_data, 200, dps=280)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("seed", "kind"), [(1, "int"), (2, "rational"), (3, "decimal"), (4, "int")])
+def test_random_rectangular_specs(engine, seed, kind):
+    data = random_spec(seed, n=4, d_model=3, h=3, d_k=2, d_v=3, d_out=2, kind=kind)
+    assert_certified(symattn.evaluate(data, digits=30, engine=engine), data, 30)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_huge_logits(engine):
+    big = 1000
+    data = {"x": [[big, 0], [0, big], [big, big + 1]],
+            "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]], "wv": [[1, 2], [3, 4]]}],
+            "wo": [[1, 0], [0, 1]]}
+    truth = symattn.evaluate(data, digits=25, engine=engine)
+    assert_certified(truth, data, 25, dps=60)
+    assert "e-" in truth["weights1"].values[0][1]  # about exp(-700000): far below any float
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exact_cancellation_prints_zero(engine, notebook_data):
+    head = notebook_data["heads"][0]
+    data = dict(notebook_data, heads=[head, head], wo=[[1, 1], [0, 2], [-1, -1], [0, -2]])
+    truth = symattn.evaluate(data, digits=40, engine=engine)
+    assert truth["M"].values == (("0", "0"), ("0", "0"))
+    assert truth["M"].exact == ((True, True), (True, True))
+    assert_certified(truth, data, 40)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rational_values_on_rounding_boundaries(engine):
+    # identical tokens: every score in a row is equal, so weights are exactly 1/2 and heads exact decimals
+    data = {"x": [[1, 2], [1, 2]], "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]],
+                                                 "wv": [["0.25", 1], [0, "0.225"]]}],
+            "wo": [[1, 0], [0, 1]]}
+    truth = symattn.evaluate(data, digits=2, engine=engine)
+    assert truth["weights1"].values[0] == ("0.50", "0.50")
+    # 1.45 = 1 + 2·0.225 is not a binary fraction: no ball decides its rounding; the exact form does
+    assert truth["head1"].values[0] == ("0.25", "1.4")
+    assert truth["head1"].exact[0][1]
+
+
+def test_partly_cancelling_output(notebook_data):
+    # one output column is an exact zero, the other is not
+    head = notebook_data["heads"][0]
+    data = dict(notebook_data, heads=[head, head], wo=[[1, 1], [0, 0], [-1, 0], [0, 0]])
+    truth = symattn.evaluate(data, digits=30)
+    assert [row[0] for row in truth["M"].values] == ["0", "0"]
+    assert_certified(truth, data, 30)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_irrational_inputs(engine, notebook_data):
+    data = dict(notebook_data, x=[["sqrt(2)/2", "1/3"], ["-0.5", "exp(1)/4"]], scale="pi/5")
+    assert_certified(symattn.evaluate(data, digits=30, engine=engine), data, 30)
+
+
+def test_irrational_inputs_with_rational_weights(notebook_data):
+    data = dict(notebook_data, x=[["sqrt(2)", 1], ["sqrt(2)", 1]])
+    truth = symattn.evaluate(data, digits=20, engine="arb")
+    assert truth["weights1"].values[0] == ("0.50000000000000000000",) * 2
+    assert_certified(truth, data, 20)
+
+
+def test_engines_agree_on_many_specs():
+    for seed in range(12):
+        kind = ("int", "rational", "decimal")[seed % 3]
+        data = random_spec(100 + seed, n=2 + seed % 3, d_model=2 + seed % 2, h=1 + seed % 3, d_k=2, d_v=1 + seed % 2,
+                           d_out=2, kind=kind)
+        a = symattn.evaluate(data, digits=25, engine="mpmath")
+        b = symattn.evaluate(data, digits=25, engine="arb")
+        assert [s.values for s in a] == [s.values for s in b], seed
+
+
+def test_values_as_decimals():
+    m = symattn.evaluate("notebook", digits=20)["M"]
+    assert str(m[0, 0]) == "6.9433358564932463888"
+    assert m.to_numpy()[1, 1] == pytest.approx(-6.99979920996)
+
+
+def test_symbols_cannot_be_evaluated(notebook_data):
+    data = dict(notebook_data, x=[["a", 2], [3, "b"]])
+    with pytest.raises(SymattnError, match=r"^spec notebook: evaluation needs numbers, received the symbols a, b; "):
+        symattn.evaluate(data)
+
+
+@pytest.mark.parametrize("digits", [0, -3, 10**6, 2.5, True])
+def test_bad_digits(digits):
+    with pytest.raises(SymattnError, match=r"^digits: expected an integer from 1 to 100000, received "):
+        symattn.evaluate("notebook", digits=digits)
+
+
+def test_bad_engine():
+    with pytest.raises(SymattnError, match=r"^engine: expected one of mpmath, arb, auto, received 'gpu'$"):
+        symattn.evaluate("notebook", engine="gpu")
+
+
+def test_eval_does_not_import_sympy():
+    code = ("import sys, symattn.cli\n"
+            "assert symattn.cli.main(['eval', 'notebook', '--json']) == 0\n"
+            "assert 'sympy' not in sys.modules, 'sympy imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_flint_precision_is_restored():
+    import flint
+
+    before = flint.ctx.prec
+    symattn.evaluate("notebook", digits=100, engine="arb")
+    assert flint.ctx.prec == before
+
+
+def test_fraction_inputs_from_python():
+    spec = symattn.AttentionSpec("py", [[Fraction(1, 3), 1]], [{"wq": [[1], [1]], "wk": [[1], [1]], "wv": [[1], [1]]}],
+                                 [[3]])
+    assert symattn.evaluate(spec, digits=5)["M"].values == (("4.0000",),)
