@@ -132,8 +132,11 @@ def _joined(value) -> str:
 
 
 def _split_code(part: str) -> tuple[str, str]:
-    """A transcript cell is its code, then what it printed: the longest prefix that parses is the code."""
-    part = _OUT.sub("", part)
+    """A transcript cell is its code, then what it printed: up to an 'Out[N]:' marker, or else
+    the longest prefix that parses is the code."""
+    marker = _OUT.search(part)
+    if marker:
+        return part[: marker.start()], part[marker.end() :]
     lines = part.split("\n")
     for k in range(len(lines), -1, -1):
         code = "\n".join(lines[:k])

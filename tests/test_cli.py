@@ -1,0 +1,136 @@
+import json
+import re
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+
+from symattn.cli import main
+
+TRANSCRIPT = str(resources.files("symattn") / "examples" / "multi_head_attention.txt")
+
+
+def run(*args, stdin=None):
+    """The CLI as a user runs it: a fresh process."""
+    return subprocess.run([sys.executable, "-m", "symattn", *args], capture_output=True, text=True, input=stdin)
+
+
+def test_show_pretty_structure_and_normalisers(capsys):
+    assert main(["show", "notebook", "--step", "head1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("head1 = weights1·V1   (2×2)\n")
+    assert "  where Z1_0 = 1 + exp(3*sqrt(2))" in out
+
+
+def test_show_closed_str(capsys):
+    assert main(["show", "notebook", "--step", "M", "--closed", "--format", "str"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "M = concat_heads·wo   (2×2)",
+        "[[(3 + 7*exp(3*sqrt(2)))/(1 + exp(3*sqrt(2))), (-7*exp(3*sqrt(2)) - 3)/(1 + exp(3*sqrt(2)))], "
+        "[(3 + 7*exp(7*sqrt(2)))/(1 + exp(7*sqrt(2))), (-7*exp(7*sqrt(2)) - 3)/(1 + exp(7*sqrt(2)))]]",
+    ]
+
+
+def test_show_latex_every_step(capsys):
+    assert main(["show", "notebook", "--format", "latex"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\\left[\\begin{matrix}") == 14
+    assert "\\mathrm{concat\\_heads} = " in out and "Z_{1 0} = 1 + e^{3 \\sqrt{2}}" in out
+
+
+def test_eval_text(capsys):
+    assert main(["eval", "notebook", "--digits", "12", "--step", "M"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("notebook: 12 certified significant digits (arb engine, up to ")
+    assert out[2:] == ["M   (2×2)", " 6.94333585649  -6.94333585649", " 6.99979920996  -6.99979920996"]
+
+
+@pytest.mark.parametrize("engine", ["mpmath", "arb"])
+def test_eval_json_schema(engine):
+    result = run("eval", "notebook", "--json", "--exact", "--digits", "50", "--engine", engine)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert list(doc) == ["symattn", "spec", "digits", "engine", "steps"]
+    assert (doc["symattn"], doc["spec"], doc["digits"], doc["engine"]) == ("0.1.0", "notebook", 50, engine)
+    assert list(doc["steps"]) == ["Q1", "K1", "V1", "scores1", "weights1", "head1", "Q2", "K2", "V2", "scores2",
+                                  "weights2", "head2", "concat_heads", "M"]
+    m = doc["steps"]["M"]
+    assert list(m) == ["shape", "exact", "values", "certified_digits"]
+    assert m["shape"] == [2, 2]
+    assert m["exact"][0][0] == "(3 + 7*exp(3*sqrt(2)))/(1 + exp(3*sqrt(2)))"
+    assert m["values"][0][0] == "6.9433358564932463888207974179993005254629162267798"
+    assert m["certified_digits"] == [[50, 50], [50, 50]]
+
+
+def test_eval_json_without_exact_has_no_closed_forms():
+    doc = json.loads(run("eval", "notebook", "--json", "--digits", "5").stdout)
+    assert "exact" not in doc["steps"]["M"]
+
+
+def test_exact_strings_parse_back_in_sympy():
+    import sympy
+
+    doc = json.loads(run("eval", "notebook", "--json", "--exact", "--digits", "30").stdout)
+    for step in doc["steps"].values():
+        for exact_row, value_row in zip(step["exact"], step["values"], strict=True):
+            for exact, value in zip(exact_row, value_row, strict=True):
+                assert abs(sympy.N(sympy.sympify(exact), 40) - sympy.Float(value, 40)) < sympy.Float("1e-28") * (
+                    1 + abs(sympy.Float(value)))
+
+
+def test_notebook_command_exit_codes(tmp_path):
+    ok = run("notebook", TRANSCRIPT)
+    assert ok.returncode == 0 and ok.stdout.splitlines()[-1] == "all printed numbers match the exact values"
+    bad = tmp_path / "bad.txt"
+    bad.write_text(open(TRANSCRIPT).read().replace("6.94333586 -6.94333586", "6.94333586 -6.94333596"))
+    failed = run("notebook", str(bad))
+    assert failed.returncode == 1
+    assert "MISMATCH M[0, 1]: printed -6.94333596, exact -6.9433358564932463888 (rounds to -6.94333586)" in failed.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["show", "missing.json"], "spec: expected a built-in name (notebook) or a path to a .json or .toml file, "
+                                   "received 'missing.json', which is neither"),
+        (["eval", "notebook", "--digits", "0"], "digits: expected an integer from 1 to 100000, received 0"),
+        (["eval", "notebook", "--step", "head9"], "--step: expected one of Q1, K1, V1, scores1, weights1, head1, Q2, "
+                                                  "K2, V2, scores2, weights2, head2, concat_heads, M, received 'head9'"),
+        (["notebook", "missing.txt"], "notebook: expected a notebook file (.txt transcript or .ipynb), received "
+                                      "'missing.txt', which is not a file"),
+        (["eval", "notebook", "--digits", "many"], "usage: argument --digits: invalid int value: 'many' "
+                                                   "(see 'symattn eval --help')"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stderr == f"symattn: error: {message}\n"
+    assert result.stdout == ""
+
+
+def test_usage_errors_are_one_line_exit_2():
+    result = run("frob")
+    assert result.returncode == 2
+    # argparse's own wording (quoting varies across Python versions), on one line
+    assert re.fullmatch(r"symattn: error: usage: argument command: invalid choice: 'frob' \(choose from "
+                        r"'?show'?, '?eval'?, '?notebook'?\) \(see 'symattn --help'\)\n", result.stderr)
+
+
+def test_bad_spec_file_one_line(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text('{"x": [[1, 2], [3]], "heads": [], "wo": [[1]]}')
+    result = run("eval", str(path))
+    assert result.returncode == 2
+    assert result.stderr == (f"symattn: error: in {path}: x: ragged rows: expected 2 entries in every row "
+                             "(as in row 0), received 1 in row 1\n")
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("symattn")
+    assert exe, "the symattn console script is not on PATH"
+    result = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert result.stdout.strip() == "symattn 0.1.0"

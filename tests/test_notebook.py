@@ -1,0 +1,183 @@
+import json
+from importlib import resources
+
+import numpy as np
+import pytest
+
+from symattn import SymattnError
+from symattn.notebook import check, match_step
+
+TRANSCRIPT = resources.files("symattn") / "examples" / "multi_head_attention.txt"
+NAMES = ["Q1", "K1", "V1", "scores1", "weights1", "head1", "Q2", "K2", "V2", "scores2", "weights2", "head2",
+         "concat_heads", "M"]
+
+
+def test_shipped_transcript_matches():
+    report = check(TRANSCRIPT)
+    assert report.ok
+    assert report.checked == 20
+    assert [a.step for a in report.arrays] == ["head1", "head2", "concat_heads", "M"]
+    assert report.lines()[-1] == "all printed numbers match the exact values"
+
+
+def test_a_wrong_digit_is_named(tmp_path):
+    text = TRANSCRIPT.read_text().replace("[ 6.99979921 -6.99979921]]", "[ 6.99979921 -6.99979931]]")
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    report = check(path)
+    assert not report.ok
+    assert [str(m) for m in report.mismatches] == [
+        "M[1, 1]: printed -6.99979931, exact -6.9997992099602592444 (rounds to -6.99979921)"]
+
+
+def test_a_last_digit_off_by_one_is_caught(tmp_path):
+    text = TRANSCRIPT.read_text().replace("[[ 2.97166793 -3.97166793]\n [ 2.9998996  -3.9998996 ]]\n\nHead 2",
+                                          "[[ 2.97166794 -3.97166793]\n [ 2.9998996  -3.9998996 ]]\n\nHead 2")
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    assert [(m.step, m.row, m.col) for m in check(path).mismatches] == [("head1", 0, 0)]
+
+
+def test_dropped_trailing_zero_is_compared_at_the_arrays_precision(tmp_path):
+    # NumPy printed 2.9998996 for 2.99989960; 2.9998997 would be wrong at 8 decimals
+    text = TRANSCRIPT.read_text().replace("[ 2.9998996  -3.9998996 ]]\n\nHead 2", "[ 2.9998997  -3.9998996 ]]\n\nHead 2")
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    assert [str(m).split(":")[0] for m in check(path).mismatches] == ["head1[1, 0]"]
+
+
+def ipynb_from_transcript(text: str) -> dict:
+    cells = []
+    for chunk in text.split("In [")[1:]:
+        body = chunk.split("]:\n", 1)[1]
+        cells.append({"cell_type": "code", "source": body.splitlines(keepends=True), "outputs": []})
+    code, printed = cells[-1]["source"], []
+    while code and not code[0].startswith("print") and "#" not in code[0]:
+        code.pop(0)
+    split = next(i for i, line in enumerate(code) if line.startswith("Head 1"))
+    cells[-1]["source"], printed = code[:split], code[split:]
+    cells[-1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": printed}]
+    cells.insert(0, {"cell_type": "markdown", "source": ["# Attention"]})
+    return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_ipynb(tmp_path):
+    path = tmp_path / "attention.ipynb"
+    path.write_text(json.dumps(ipynb_from_transcript(TRANSCRIPT.read_text())))
+    report = check(path)
+    assert report.ok and report.checked == 20
+
+
+def notebook_text(x, heads, wo, corrupt=None, displayed=False) -> str:
+    """A transcript as the notebook would print it, computed with the notebook's own NumPy algorithm."""
+    def literal(name, a):
+        return f"{name} = np.array({np.asarray(a).tolist()!r})"
+
+    cells = ["import numpy as np", literal("X", x)]
+    results = []
+    for i, (wq, wk, wv) in enumerate(heads, 1):
+        cells.append("\n".join([literal(f"W_Q{i}", wq), literal(f"W_K{i}", wk), literal(f"W_V{i}", wv)]))
+        q, k, v = np.matmul(x, wq), np.matmul(x, wk), np.matmul(x, wv)
+        scores = np.matmul(q, k.T) / np.sqrt(q.shape[1])
+        w = np.exp(scores) / np.sum(np.exp(scores), axis=1, keepdims=True)
+        results.append(np.matmul(w, v))
+    cells.append(literal("W_O", wo))
+    concat = np.hstack(results)
+    m = np.matmul(concat, wo)
+    printed = []
+    for i, head in enumerate(results, 1):
+        printed += [f"Head {i} Output:", str(head), ""]
+    printed += ["Concatenated Heads:", str(concat), "", "Final Multi-Head Self-Attention Output (M):", str(m)]
+    text = "".join(f"In [{n}]:\n{cell}\n\n" for n, cell in enumerate(cells, 1))
+    text += f"In [{len(cells) + 1}]:\nprint('...')\n\n" + "\n".join(printed) + "\n"
+    if displayed:
+        text += f"\nIn [{len(cells) + 2}]:\nM\n\nOut[{len(cells) + 2}]:\n{np.array_repr(m)}\n"
+    if corrupt:
+        text = text.replace(*corrupt)
+    return text
+
+
+def test_other_sizes_and_head_counts(tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.integers(-3, 4, size=(3, 4))
+    heads = [tuple(rng.integers(-2, 3, size=(4, d)) for d in (2, 2, 3)) for _ in range(3)]
+    wo = rng.integers(-2, 3, size=(9, 2))
+    path = tmp_path / "three_heads.txt"
+    path.write_text(notebook_text(x, heads, wo, displayed=True))
+    report = check(path)
+    assert report.ok, report.lines()
+    assert [a.step for a in report.arrays] == ["head1", "head2", "head3", "concat_heads", "M", "M"]
+    assert report.spec.h == 3 and report.spec.d_v == 3 and report.spec.n == 3
+
+
+def test_decimal_literals_are_read_as_decimals(tmp_path):
+    x = np.array([[0.1, 0.2], [0.3, 0.4]])
+    heads = [(np.eye(2), np.array([[0.5, 0.0], [0.0, 0.25]]), np.array([[1.5, 0.0], [0.0, -1.0]]))]
+    path = tmp_path / "decimals.txt"
+    path.write_text(notebook_text(x, heads, np.eye(2)))
+    report = check(path)
+    assert report.ok, report.lines()
+    assert str(report.spec.x[0][0]) == "1/10"
+
+
+def test_printed_nan_is_a_mismatch(tmp_path):
+    text = TRANSCRIPT.read_text().replace("[[ 6.94333586 -6.94333586]", "[[        nan -6.94333586]")
+    path = tmp_path / "nan.txt"
+    path.write_text(text)
+    assert [(m.step, m.printed) for m in check(path).mismatches] == [("M", "nan")]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("no cells here", r"expected a transcript with 'In \[N\]:' cells or an \.ipynb file, found no cells$"),
+        ("In [1]:\nimport numpy as np\n", r"expected np\.array literals assigned to X, W_Q1, W_K1, W_V1, …, W_O; "
+                                          r"missing X, W_O, W_Q1/W_K1/W_V1$"),
+        ("In [1]:\nX = np.array([[1]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_O = np.array([[1]])\n",
+         r"head 1 has no W_V1 array$"),
+        ("In [1]:\nX = np.array([[1]])\nW_Q2 = np.array([[1]])\nW_K2 = np.array([[1]])\nW_V2 = np.array([[1]])\n"
+         "W_O = np.array([[1]])\n", r"expected heads numbered 1 to 1, received \[2\]$"),
+        ("In [1]:\nX = np.array([[1, 2]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_V1 = np.array([[1]])\n"
+         "W_O = np.array([[1]])\n", r"heads\[0\]\.wq: shape mismatch: expected shape 2×1"),
+        ("In [1]:\nX = np.array([[1]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_V1 = np.array([[1]])\n"
+         "W_O = np.array([[1]])\n", r"found no printed array whose label names a step"),
+    ],
+)
+def test_unreadable_notebooks(tmp_path, text, message):
+    path = tmp_path / "nb.txt"
+    path.write_text(text)
+    with pytest.raises(SymattnError, match=message):
+        check(path)
+
+
+def test_printed_shape_must_fit_the_step(tmp_path):
+    text = TRANSCRIPT.read_text().replace("[[ 6.94333586 -6.94333586]\n [ 6.99979921 -6.99979921]]",
+                                          "[[ 6.94333586 -6.94333586]]")
+    path = tmp_path / "short.txt"
+    path.write_text(text)
+    with pytest.raises(SymattnError, match=r"has shape 1×2, expected 2×2$"):
+        check(path)
+
+
+def test_not_a_file(tmp_path):
+    with pytest.raises(SymattnError, match=r"^notebook: expected a notebook file .*, received '.*missing\.txt', "
+                                           r"which is not a file$"):
+        check(tmp_path / "missing.txt")
+
+
+def test_broken_ipynb(tmp_path):
+    path = tmp_path / "broken.ipynb"
+    path.write_text("{")
+    with pytest.raises(SymattnError, match=r"expected \.ipynb JSON with a 'cells' list"):
+        check(path)
+
+
+@pytest.mark.parametrize(
+    ("label", "step"),
+    [("Head 1 Output:", "head1"), ("Head 2 Output:", "head2"), ("Concatenated Heads:", "concat_heads"),
+     ("Final Multi-Head Self-Attention Output (M):", "M"), ("M", "M"), ("Q2:", "Q2"), ("scores1", "scores1"),
+     ("Attention weights 2:", "weights2"), ("concat_heads", "concat_heads"), ("Head 3 Output:", None),
+     ("Something else", None)],
+)
+def test_labels(label, step):
+    assert match_step(label, NAMES) == step
