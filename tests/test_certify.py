@@ -17,8 +17,17 @@ def decimal_round(x: Fraction, digits: int) -> Decimal:
 
 @pytest.mark.parametrize(
     "x",
-    [Fraction(2, 3), Fraction(-1, 7), Fraction(1, 8), Fraction(5, 2), Fraction(999_999, 1000), Fraction(1, 10**30),
-     Fraction(10**40 + 1), Fraction(-3, 2**70), Fraction(1, 3 * 10**8)],
+    [
+        Fraction(2, 3),
+        Fraction(-1, 7),
+        Fraction(1, 8),
+        Fraction(5, 2),
+        Fraction(999_999, 1000),
+        Fraction(1, 10**30),
+        Fraction(10**40 + 1),
+        Fraction(-3, 2**70),
+        Fraction(1, 3 * 10**8),
+    ],
 )
 @pytest.mark.parametrize("digits", [1, 2, 3, 7, 30])
 def test_exact_rounding_matches_decimal(x, digits):

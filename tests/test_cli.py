@@ -53,8 +53,22 @@ def test_eval_json_schema(engine):
     doc = json.loads(result.stdout)
     assert list(doc) == ["symattn", "spec", "digits", "engine", "steps"]
     assert (doc["symattn"], doc["spec"], doc["digits"], doc["engine"]) == ("0.1.0", "notebook", 50, engine)
-    assert list(doc["steps"]) == ["Q1", "K1", "V1", "scores1", "weights1", "head1", "Q2", "K2", "V2", "scores2",
-                                  "weights2", "head2", "concat_heads", "M"]
+    assert list(doc["steps"]) == [
+        "Q1",
+        "K1",
+        "V1",
+        "scores1",
+        "weights1",
+        "head1",
+        "Q2",
+        "K2",
+        "V2",
+        "scores2",
+        "weights2",
+        "head2",
+        "concat_heads",
+        "M",
+    ]
     m = doc["steps"]["M"]
     assert list(m) == ["shape", "exact", "values", "certified_digits"]
     assert m["shape"] == [2, 2]
@@ -76,7 +90,8 @@ def test_exact_strings_parse_back_in_sympy():
         for exact_row, value_row in zip(step["exact"], step["values"], strict=True):
             for exact, value in zip(exact_row, value_row, strict=True):
                 assert abs(sympy.N(sympy.sympify(exact), 40) - sympy.Float(value, 40)) < sympy.Float("1e-28") * (
-                    1 + abs(sympy.Float(value)))
+                    1 + abs(sympy.Float(value))
+                )
 
 
 def test_notebook_command_exit_codes(tmp_path):
@@ -86,21 +101,34 @@ def test_notebook_command_exit_codes(tmp_path):
     bad.write_text(open(TRANSCRIPT).read().replace("6.94333586 -6.94333586", "6.94333586 -6.94333596"))
     failed = run("notebook", str(bad))
     assert failed.returncode == 1
-    assert "MISMATCH M[0, 1]: printed -6.94333596, exact -6.9433358564932463888 (rounds to -6.94333586)" in failed.stdout
+    assert (
+        "MISMATCH M[0, 1]: printed -6.94333596, exact -6.9433358564932463888 (rounds to -6.94333586)" in failed.stdout
+    )
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["show", "missing.json"], "spec: expected a built-in name (notebook) or a path to a .json or .toml file, "
-                                   "received 'missing.json', which is neither"),
+        (
+            ["show", "missing.json"],
+            "spec: expected a built-in name (notebook) or a path to a .json or .toml file, "
+            "received 'missing.json', which is neither",
+        ),
         (["eval", "notebook", "--digits", "0"], "digits: expected an integer from 1 to 100000, received 0"),
-        (["eval", "notebook", "--step", "head9"], "--step: expected one of Q1, K1, V1, scores1, weights1, head1, Q2, "
-                                                  "K2, V2, scores2, weights2, head2, concat_heads, M, received 'head9'"),
-        (["notebook", "missing.txt"], "notebook: expected a notebook file (.txt transcript or .ipynb), received "
-                                      "'missing.txt', which is not a file"),
-        (["eval", "notebook", "--digits", "many"], "usage: argument --digits: invalid int value: 'many' "
-                                                   "(see 'symattn eval --help')"),
+        (
+            ["eval", "notebook", "--step", "head9"],
+            "--step: expected one of Q1, K1, V1, scores1, weights1, head1, Q2, "
+            "K2, V2, scores2, weights2, head2, concat_heads, M, received 'head9'",
+        ),
+        (
+            ["notebook", "missing.txt"],
+            "notebook: expected a notebook file (.txt transcript or .ipynb), received "
+            "'missing.txt', which is not a file",
+        ),
+        (
+            ["eval", "notebook", "--digits", "many"],
+            "usage: argument --digits: invalid int value: 'many' (see 'symattn eval --help')",
+        ),
     ],
 )
 def test_user_errors_are_one_line_exit_2(args, message):
@@ -114,8 +142,11 @@ def test_usage_errors_are_one_line_exit_2():
     result = run("frob")
     assert result.returncode == 2
     # argparse's own wording (quoting varies across Python versions), on one line
-    assert re.fullmatch(r"symattn: error: usage: argument command: invalid choice: 'frob' \(choose from "
-                        r"'?show'?, '?eval'?, '?notebook'?\) \(see 'symattn --help'\)\n", result.stderr)
+    assert re.fullmatch(
+        r"symattn: error: usage: argument command: invalid choice: 'frob' \(choose from "
+        r"'?show'?, '?eval'?, '?notebook'?\) \(see 'symattn --help'\)\n",
+        result.stderr,
+    )
 
 
 def test_bad_spec_file_one_line(tmp_path):
@@ -123,8 +154,10 @@ def test_bad_spec_file_one_line(tmp_path):
     path.write_text('{"x": [[1, 2], [3]], "heads": [], "wo": [[1]]}')
     result = run("eval", str(path))
     assert result.returncode == 2
-    assert result.stderr == (f"symattn: error: in {path}: x: ragged rows: expected 2 entries in every row "
-                             "(as in row 0), received 1 in row 1\n")
+    assert result.stderr == (
+        f"symattn: error: in {path}: x: ragged rows: expected 2 entries in every row "
+        "(as in row 0), received 1 in row 1\n"
+    )
 
 
 def test_console_script_is_installed():

@@ -10,9 +10,19 @@ from symattn.entries import Expr, is_algebraic, parse_entry, symbols, to_sympy
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("3/4", Fraction(3, 4)), ("-0.125", Fraction(-1, 8)), ("0.1", Fraction(1, 10)), ("1e-3", Fraction(1, 1000)),
-     ("2**-2", Fraction(1, 4)), ("sqrt(9/4)", Fraction(3, 2)), ("(1 + 2) * 3", Fraction(9)), ("1_000", Fraction(1000)),
-     ("exp(0)", Fraction(1)), ("log(1)", Fraction(0)), ("4**(1/2)", Fraction(2))],
+    [
+        ("3/4", Fraction(3, 4)),
+        ("-0.125", Fraction(-1, 8)),
+        ("0.1", Fraction(1, 10)),
+        ("1e-3", Fraction(1, 1000)),
+        ("2**-2", Fraction(1, 4)),
+        ("sqrt(9/4)", Fraction(3, 2)),
+        ("(1 + 2) * 3", Fraction(9)),
+        ("1_000", Fraction(1000)),
+        ("exp(0)", Fraction(1)),
+        ("log(1)", Fraction(0)),
+        ("4**(1/2)", Fraction(2)),
+    ],
 )
 def test_rational_text_folds_to_a_fraction(text, value):
     assert parse_entry(text, "x[0][0]") == value
@@ -27,9 +37,15 @@ def test_numbers():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("sqrt(2)/2", sympy.sqrt(2) / 2), ("exp(1)", sympy.E), ("a", sympy.Symbol("a", real=True)),
-     ("-a*b + 1/3", -sympy.Symbol("a", real=True) * sympy.Symbol("b", real=True) + sympy.Rational(1, 3)),
-     ("pi/4", sympy.pi / 4), ("log(2)", sympy.log(2)), ("2**(1/3)", sympy.cbrt(2))],
+    [
+        ("sqrt(2)/2", sympy.sqrt(2) / 2),
+        ("exp(1)", sympy.E),
+        ("a", sympy.Symbol("a", real=True)),
+        ("-a*b + 1/3", -sympy.Symbol("a", real=True) * sympy.Symbol("b", real=True) + sympy.Rational(1, 3)),
+        ("pi/4", sympy.pi / 4),
+        ("log(2)", sympy.log(2)),
+        ("2**(1/3)", sympy.cbrt(2)),
+    ],
 )
 def test_irrational_and_symbolic_text(text, expected):
     entry = parse_entry(text, "e")

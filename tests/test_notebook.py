@@ -8,8 +8,22 @@ from symattn import SymattnError
 from symattn.notebook import check, match_step
 
 TRANSCRIPT = resources.files("symattn") / "examples" / "multi_head_attention.txt"
-NAMES = ["Q1", "K1", "V1", "scores1", "weights1", "head1", "Q2", "K2", "V2", "scores2", "weights2", "head2",
-         "concat_heads", "M"]
+NAMES = [
+    "Q1",
+    "K1",
+    "V1",
+    "scores1",
+    "weights1",
+    "head1",
+    "Q2",
+    "K2",
+    "V2",
+    "scores2",
+    "weights2",
+    "head2",
+    "concat_heads",
+    "M",
+]
 
 
 def test_shipped_transcript_matches():
@@ -27,12 +41,15 @@ def test_a_wrong_digit_is_named(tmp_path):
     report = check(path)
     assert not report.ok
     assert [str(m) for m in report.mismatches] == [
-        "M[1, 1]: printed -6.99979931, exact -6.9997992099602592444 (rounds to -6.99979921)"]
+        "M[1, 1]: printed -6.99979931, exact -6.9997992099602592444 (rounds to -6.99979921)"
+    ]
 
 
 def test_a_last_digit_off_by_one_is_caught(tmp_path):
-    text = TRANSCRIPT.read_text().replace("[[ 2.97166793 -3.97166793]\n [ 2.9998996  -3.9998996 ]]\n\nHead 2",
-                                          "[[ 2.97166794 -3.97166793]\n [ 2.9998996  -3.9998996 ]]\n\nHead 2")
+    text = TRANSCRIPT.read_text().replace(
+        "[[ 2.97166793 -3.97166793]\n [ 2.9998996  -3.9998996 ]]\n\nHead 2",
+        "[[ 2.97166794 -3.97166793]\n [ 2.9998996  -3.9998996 ]]\n\nHead 2",
+    )
     path = tmp_path / "bad.txt"
     path.write_text(text)
     assert [(m.step, m.row, m.col) for m in check(path).mismatches] == [("head1", 0, 0)]
@@ -40,7 +57,9 @@ def test_a_last_digit_off_by_one_is_caught(tmp_path):
 
 def test_dropped_trailing_zero_is_compared_at_the_arrays_precision(tmp_path):
     # NumPy printed 2.9998996 for 2.99989960; 2.9998997 would be wrong at 8 decimals
-    text = TRANSCRIPT.read_text().replace("[ 2.9998996  -3.9998996 ]]\n\nHead 2", "[ 2.9998997  -3.9998996 ]]\n\nHead 2")
+    text = TRANSCRIPT.read_text().replace(
+        "[ 2.9998996  -3.9998996 ]]\n\nHead 2", "[ 2.9998997  -3.9998996 ]]\n\nHead 2"
+    )
     path = tmp_path / "bad.txt"
     path.write_text(text)
     assert [str(m).split(":")[0] for m in check(path).mismatches] == ["head1[1, 0]"]
@@ -70,6 +89,7 @@ def test_ipynb(tmp_path):
 
 def notebook_text(x, heads, wo, corrupt=None, displayed=False) -> str:
     """A transcript as the notebook would print it, computed with the notebook's own NumPy algorithm."""
+
     def literal(name, a):
         return f"{name} = np.array({np.asarray(a).tolist()!r})"
 
@@ -131,16 +151,30 @@ def test_printed_nan_is_a_mismatch(tmp_path):
     ("text", "message"),
     [
         ("no cells here", r"expected a transcript with 'In \[N\]:' cells or an \.ipynb file, found no cells$"),
-        ("In [1]:\nimport numpy as np\n", r"expected np\.array literals assigned to X, W_Q1, W_K1, W_V1, …, W_O; "
-                                          r"missing X, W_O, W_Q1/W_K1/W_V1$"),
-        ("In [1]:\nX = np.array([[1]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_O = np.array([[1]])\n",
-         r"head 1 has no W_V1 array$"),
-        ("In [1]:\nX = np.array([[1]])\nW_Q2 = np.array([[1]])\nW_K2 = np.array([[1]])\nW_V2 = np.array([[1]])\n"
-         "W_O = np.array([[1]])\n", r"expected heads numbered 1 to 1, received \[2\]$"),
-        ("In [1]:\nX = np.array([[1, 2]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_V1 = np.array([[1]])\n"
-         "W_O = np.array([[1]])\n", r"heads\[0\]\.wq: shape mismatch: expected shape 2×1"),
-        ("In [1]:\nX = np.array([[1]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_V1 = np.array([[1]])\n"
-         "W_O = np.array([[1]])\n", r"found no printed array whose label names a step"),
+        (
+            "In [1]:\nimport numpy as np\n",
+            r"expected np\.array literals assigned to X, W_Q1, W_K1, W_V1, …, W_O; "
+            r"missing X, W_O, W_Q1/W_K1/W_V1$",
+        ),
+        (
+            "In [1]:\nX = np.array([[1]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_O = np.array([[1]])\n",
+            r"head 1 has no W_V1 array$",
+        ),
+        (
+            "In [1]:\nX = np.array([[1]])\nW_Q2 = np.array([[1]])\nW_K2 = np.array([[1]])\nW_V2 = np.array([[1]])\n"
+            "W_O = np.array([[1]])\n",
+            r"expected heads numbered 1 to 1, received \[2\]$",
+        ),
+        (
+            "In [1]:\nX = np.array([[1, 2]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_V1 = np.array([[1]])\n"
+            "W_O = np.array([[1]])\n",
+            r"heads\[0\]\.wq: shape mismatch: expected shape 2×1",
+        ),
+        (
+            "In [1]:\nX = np.array([[1]])\nW_Q1 = np.array([[1]])\nW_K1 = np.array([[1]])\nW_V1 = np.array([[1]])\n"
+            "W_O = np.array([[1]])\n",
+            r"found no printed array whose label names a step",
+        ),
     ],
 )
 def test_unreadable_notebooks(tmp_path, text, message):
@@ -151,8 +185,9 @@ def test_unreadable_notebooks(tmp_path, text, message):
 
 
 def test_printed_shape_must_fit_the_step(tmp_path):
-    text = TRANSCRIPT.read_text().replace("[[ 6.94333586 -6.94333586]\n [ 6.99979921 -6.99979921]]",
-                                          "[[ 6.94333586 -6.94333586]]")
+    text = TRANSCRIPT.read_text().replace(
+        "[[ 6.94333586 -6.94333586]\n [ 6.99979921 -6.99979921]]", "[[ 6.94333586 -6.94333586]]"
+    )
     path = tmp_path / "short.txt"
     path.write_text(text)
     with pytest.raises(SymattnError, match=r"has shape 1×2, expected 2×2$"):
@@ -160,8 +195,11 @@ def test_printed_shape_must_fit_the_step(tmp_path):
 
 
 def test_not_a_file(tmp_path):
-    with pytest.raises(SymattnError, match=r"^notebook: expected a notebook file .*, received '.*missing\.txt', "
-                                           r"which is not a file$"):
+    with pytest.raises(
+        SymattnError,
+        match=r"^notebook: expected a notebook file .*, received '.*missing\.txt', "
+        r"which is not a file$",
+    ):
         check(tmp_path / "missing.txt")
 
 
@@ -174,10 +212,19 @@ def test_broken_ipynb(tmp_path):
 
 @pytest.mark.parametrize(
     ("label", "step"),
-    [("Head 1 Output:", "head1"), ("Head 2 Output:", "head2"), ("Concatenated Heads:", "concat_heads"),
-     ("Final Multi-Head Self-Attention Output (M):", "M"), ("M", "M"), ("Q2:", "Q2"), ("scores1", "scores1"),
-     ("Attention weights 2:", "weights2"), ("concat_heads", "concat_heads"), ("Head 3 Output:", None),
-     ("Something else", None)],
+    [
+        ("Head 1 Output:", "head1"),
+        ("Head 2 Output:", "head2"),
+        ("Concatenated Heads:", "concat_heads"),
+        ("Final Multi-Head Self-Attention Output (M):", "M"),
+        ("M", "M"),
+        ("Q2:", "Q2"),
+        ("scores1", "scores1"),
+        ("Attention weights 2:", "weights2"),
+        ("concat_heads", "concat_heads"),
+        ("Head 3 Output:", None),
+        ("Something else", None),
+    ],
 )
 def test_labels(label, step):
     assert match_step(label, NAMES) == step

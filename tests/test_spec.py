@@ -29,10 +29,19 @@ def test_spec_is_immutable():
 
 
 def test_json_and_toml_read_decimals_exactly(tmp_path):
-    data = {"name": "dec", "x": [[0.1, "1/3"]], "heads": [{"wq": [[1], [0]], "wk": [[1], [2]], "wv": [[1], [1]]}],
-            "wo": [[2]], "scale": "1/8"}
+    data = {
+        "name": "dec",
+        "x": [[0.1, "1/3"]],
+        "heads": [{"wq": [[1], [0]], "wk": [[1], [2]], "wv": [[1], [1]]}],
+        "wo": [[2]],
+        "scale": "1/8",
+    }
     js = load_spec(write(tmp_path, "s.json", json.dumps(data)))
-    toml = load_spec(write(tmp_path, "s.toml", """
+    toml = load_spec(
+        write(
+            tmp_path,
+            "s.toml",
+            """
 name = "dec"
 x = [[0.1, "1/3"]]
 wo = [[2]]
@@ -41,15 +50,18 @@ scale = "1/8"
 wq = [[1], [0]]
 wk = [[1], [2]]
 wv = [[1], [1]]
-"""))
+""",
+        )
+    )
     assert js.x[0][0] == Fraction(1, 10) and js.x[0][1] == Fraction(1, 3)
     assert js == toml
     assert js.effective_scale == Fraction(1, 8)
 
 
 def test_rectangular_shapes_and_default_scale():
-    spec = AttentionSpec("r", [[1, 2, 3]] * 5, [{"wq": [[1] * 4] * 3, "wk": [[1] * 4] * 3, "wv": [[1] * 2] * 3}] * 3,
-                         [[1] * 7] * 6)
+    spec = AttentionSpec(
+        "r", [[1, 2, 3]] * 5, [{"wq": [[1] * 4] * 3, "wk": [[1] * 4] * 3, "wv": [[1] * 2] * 3}] * 3, [[1] * 7] * 6
+    )
     assert (spec.n, spec.d_model, spec.h, spec.d_k, spec.d_v, spec.d_out) == (5, 3, 3, 4, 2, 7)
     assert spec.effective_scale == Fraction(1, 2)
 
@@ -61,8 +73,11 @@ def test_digest_is_stable_and_sees_changes(notebook_data):
 
 
 def test_missing_file():
-    with pytest.raises(SymattnError, match=r"^spec: expected a built-in name \(notebook.*\) or a path to a \.json or "
-                       r"\.toml file, received 'nope\.json', which is neither$"):
+    with pytest.raises(
+        SymattnError,
+        match=r"^spec: expected a built-in name \(notebook.*\) or a path to a \.json or "
+        r"\.toml file, received 'nope\.json', which is neither$",
+    ):
         load_spec("nope.json")
 
 
@@ -73,7 +88,9 @@ def test_wrong_suffix(tmp_path):
 
 def test_broken_json(tmp_path):
     path = write(tmp_path, "s.json", '{"x": [[1, 2]')
-    with pytest.raises(SymattnError, match=r"^in .*s\.json: broken JSON: Expecting ',' delimiter at line 1, column 14$"):
+    with pytest.raises(
+        SymattnError, match=r"^in .*s\.json: broken JSON: Expecting ',' delimiter at line 1, column 14$"
+    ):
         load_spec(path)
 
 
@@ -89,7 +106,7 @@ def test_nan_in_json(tmp_path):
 
 
 def test_nan_in_toml(tmp_path):
-    text = 'x = [[nan]]\nwo = [[1]]\n[[heads]]\nwq = [[1]]\nwk = [[1]]\nwv = [[1]]\n'
+    text = "x = [[nan]]\nwo = [[1]]\n[[heads]]\nwq = [[1]]\nwk = [[1]]\nwv = [[1]]\n"
     with pytest.raises(SymattnError, match=r"^in .*: x\[0\]\[0\]: expected a finite number, received NaN$"):
         load_spec(write(tmp_path, "s.toml", text))
 
@@ -119,20 +136,23 @@ def test_missing_keys(notebook_data):
 def test_ragged_rows(notebook_data):
     notebook_data["x"] = [[1, 2], [3]]
     assert spec_error(notebook_data) == (
-        "x: ragged rows: expected 2 entries in every row (as in row 0), received 1 in row 1")
+        "x: ragged rows: expected 2 entries in every row (as in row 0), received 1 in row 1"
+    )
 
 
 def test_shape_mismatches(notebook_data):
     notebook_data["heads"][1]["wk"] = [[1, 0, 0], [0, 1, 0]]
     assert spec_error(notebook_data) == (
-        "heads[1].wk: shape mismatch: expected shape 2×2 (d_model from x, d_k from heads[0].wq), received 2×3")
+        "heads[1].wk: shape mismatch: expected shape 2×2 (d_model from x, d_k from heads[0].wq), received 2×3"
+    )
     notebook_data["heads"][1]["wk"] = [[1, 0], [0, 1]]
     notebook_data["wo"] = [[1, 0], [0, 1], [1, 1]]
     assert spec_error(notebook_data) == "wo: shape mismatch: expected shape 4×2 (h·d_v rows), received 3×2"
     notebook_data["wo"] = [[1, 0]] * 4
     notebook_data["heads"][0]["wq"] = [[1, 0]] * 3
     assert spec_error(notebook_data) == (
-        "heads[0].wq: shape mismatch: expected shape 2×2 (d_model from x, d_k from heads[0].wq), received 3×2")
+        "heads[0].wq: shape mismatch: expected shape 2×2 (d_model from x, d_k from heads[0].wq), received 3×2"
+    )
 
 
 def test_no_heads(notebook_data):
@@ -152,7 +172,8 @@ def test_empty_and_non_list_matrices(notebook_data):
 def test_bad_entry_names_the_entry(notebook_data):
     notebook_data["heads"][0]["wv"][1][0] = "os.system('x')"
     assert spec_error(notebook_data).startswith(
-        "heads[0].wv[1][0]: a call of an expression is not allowed in \"os.system('x')\"; allowed: integers")
+        "heads[0].wv[1][0]: a call of an expression is not allowed in \"os.system('x')\"; allowed: integers"
+    )
 
 
 def test_errors_from_files_name_the_file(tmp_path, notebook_data):

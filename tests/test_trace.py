@@ -34,8 +34,22 @@ def test_notebook_closed_forms_are_the_short_ones():
 
 def test_names_and_order():
     trace = symattn.build("notebook")
-    assert trace.names == ["Q1", "K1", "V1", "scores1", "weights1", "head1",
-                           "Q2", "K2", "V2", "scores2", "weights2", "head2", "concat_heads", "M"]
+    assert trace.names == [
+        "Q1",
+        "K1",
+        "V1",
+        "scores1",
+        "weights1",
+        "head1",
+        "Q2",
+        "K2",
+        "V2",
+        "scores2",
+        "weights2",
+        "head2",
+        "concat_heads",
+        "M",
+    ]
     assert list(trace) == trace.names
 
 

@@ -33,9 +33,11 @@ def test_random_rectangular_specs(engine, seed, kind):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_huge_logits(engine):
     big = 1000
-    data = {"x": [[big, 0], [0, big], [big, big + 1]],
-            "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]], "wv": [[1, 2], [3, 4]]}],
-            "wo": [[1, 0], [0, 1]]}
+    data = {
+        "x": [[big, 0], [0, big], [big, big + 1]],
+        "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]], "wv": [[1, 2], [3, 4]]}],
+        "wo": [[1, 0], [0, 1]],
+    }
     truth = symattn.evaluate(data, digits=25, engine=engine)
     assert_certified(truth, data, 25, dps=60)
     assert "e-" in truth["weights1"].values[0][1]  # about exp(-700000): far below any float
@@ -54,9 +56,11 @@ def test_exact_cancellation_prints_zero(engine, notebook_data):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_rational_values_on_rounding_boundaries(engine):
     # identical tokens: every score in a row is equal, so weights are exactly 1/2 and heads exact decimals
-    data = {"x": [[1, 2], [1, 2]], "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]],
-                                                 "wv": [["0.25", 1], [0, "0.225"]]}],
-            "wo": [[1, 0], [0, 1]]}
+    data = {
+        "x": [[1, 2], [1, 2]],
+        "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]], "wv": [["0.25", 1], [0, "0.225"]]}],
+        "wo": [[1, 0], [0, 1]],
+    }
     truth = symattn.evaluate(data, digits=2, engine=engine)
     assert truth["weights1"].values[0] == ("0.50", "0.50")
     # 1.45 = 1 + 2·0.225 is not a binary fraction: no ball decides its rounding; the exact form does
@@ -89,8 +93,16 @@ def test_irrational_inputs_with_rational_weights(notebook_data):
 def test_engines_agree_on_many_specs():
     for seed in range(12):
         kind = ("int", "rational", "decimal")[seed % 3]
-        data = random_spec(100 + seed, n=2 + seed % 3, d_model=2 + seed % 2, h=1 + seed % 3, d_k=2, d_v=1 + seed % 2,
-                           d_out=2, kind=kind)
+        data = random_spec(
+            100 + seed,
+            n=2 + seed % 3,
+            d_model=2 + seed % 2,
+            h=1 + seed % 3,
+            d_k=2,
+            d_v=1 + seed % 2,
+            d_out=2,
+            kind=kind,
+        )
         a = symattn.evaluate(data, digits=25, engine="mpmath")
         b = symattn.evaluate(data, digits=25, engine="arb")
         assert [s.values for s in a] == [s.values for s in b], seed
@@ -120,9 +132,11 @@ def test_bad_engine():
 
 
 def test_eval_does_not_import_sympy():
-    code = ("import sys, symattn.cli\n"
-            "assert symattn.cli.main(['eval', 'notebook', '--json']) == 0\n"
-            "assert 'sympy' not in sys.modules, 'sympy imported'\n")
+    code = (
+        "import sys, symattn.cli\n"
+        "assert symattn.cli.main(['eval', 'notebook', '--json']) == 0\n"
+        "assert 'sympy' not in sys.modules, 'sympy imported'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -136,6 +150,7 @@ def test_flint_precision_is_restored():
 
 
 def test_fraction_inputs_from_python():
-    spec = symattn.AttentionSpec("py", [[Fraction(1, 3), 1]], [{"wq": [[1], [1]], "wk": [[1], [1]], "wv": [[1], [1]]}],
-                                 [[3]])
+    spec = symattn.AttentionSpec(
+        "py", [[Fraction(1, 3), 1]], [{"wq": [[1], [1]], "wk": [[1], [1]], "wv": [[1], [1]]}], [[3]]
+    )
     assert symattn.evaluate(spec, digits=5)["M"].values == (("4.0000",),)
