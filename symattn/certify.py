@@ -4,13 +4,32 @@ A value is printed with d significant digits only when both ends of its
 enclosure round to the same d digits (rounding is monotone, so then every
 number in between, the true value included, rounds to them too).  Exact
 rationals are rounded directly.  Rounding is half-to-even throughout.
+
+Numbers are exact rationals, given as a ``Fraction`` or as a pair
+``(numerator, denominator)`` with a positive, not necessarily reduced,
+denominator: the engines hand over the ends of their balls that way, with no
+GCD to pay for.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
+from functools import lru_cache
 
 LOG10_2 = 0.30102999566398120
+
+Rational = Fraction | tuple  # (numerator, denominator > 0)
+
+
+@lru_cache(maxsize=4096)
+def _pow10(k: int) -> int:
+    return 10**k
+
+
+def _pair(x: Rational) -> tuple[int, int]:
+    if isinstance(x, tuple):
+        return x
+    return x.numerator, x.denominator
 
 
 def _round_half_even(num: int, den: int) -> int:
@@ -22,46 +41,43 @@ def _round_half_even(num: int, den: int) -> int:
     return q
 
 
-def _decade(x: Fraction) -> int:
-    """floor(log10(|x|)) for x != 0, exactly."""
-    num, den = abs(x.numerator), x.denominator
-    e = int((num.bit_length() - den.bit_length()) * LOG10_2)
-    while True:  # the estimate is off by at most one or two; settle it exactly
-        if e >= 0:
-            low, high = num >= den * 10**e, num < den * 10 ** (e + 1)
-        else:
-            low, high = num * 10**-e >= den, num * 10 ** (-e - 1) < den
-        if low and high:
-            return e
-        e += 1 if not high else -1
-
-
-def round_significant(x: Fraction, digits: int) -> tuple[int, int]:
+def round_significant(x: Rational, digits: int) -> tuple[int, int]:
     """(q, e) with x ≈ q·10**(e - digits + 1), |q| having exactly ``digits`` digits; (0, 0) for zero.
 
     >>> round_significant(Fraction(2, 3), 3)
     (667, -1)
     """
-    if x == 0:
+    num, den = _pair(x)
+    if num == 0:
         return 0, 0
-    e = _decade(x)
-    shift = digits - 1 - e
-    num, den = abs(x.numerator), x.denominator
-    if shift >= 0:
-        q = _round_half_even(num * 10**shift, den)
-    else:
-        q = _round_half_even(num, den * 10**-shift)
-    if q == 10**digits:  # 9.99… rounded up into the next decade
-        q, e = q // 10, e + 1
-    return (q if x > 0 else -q), e
+    negative = num < 0
+    num = -num if negative else num
+    # e estimates floor(log10(x)) to within one or two; the truncated digits tell which way to correct it
+    e = int((num.bit_length() - den.bit_length()) * LOG10_2)
+    top, bottom = _pow10(digits), _pow10(digits - 1)
+    while True:
+        shift = digits - 1 - e
+        n, d = (num * _pow10(shift), den) if shift >= 0 else (num, den * _pow10(-shift))
+        q, r = divmod(n, d)
+        if q >= top:
+            e += 1
+        elif q < bottom:
+            e -= 1
+        else:
+            break
+    if 2 * r > d or (2 * r == d and q % 2):
+        q += 1
+        if q == top:  # 9.99… rounded up into the next decade
+            q, e = bottom, e + 1
+    return (-q if negative else q), e
 
 
-def round_places(x: Fraction, places: int) -> int:
+def round_places(x: Rational, places: int) -> int:
     """q with x ≈ q·10**-places, ties to even (places may be negative)."""
-    num, den = x.numerator, x.denominator
+    num, den = _pair(x)
     if places >= 0:
-        return _round_half_even(num * 10**places, den)
-    return _round_half_even(num, den * 10**-places)
+        return _round_half_even(num * _pow10(places), den)
+    return _round_half_even(num, den * _pow10(-places))
 
 
 def format_significant(q: int, e: int, digits: int) -> str:
@@ -83,16 +99,15 @@ def format_significant(q: int, e: int, digits: int) -> str:
     return f"{sign}{mantissa}e{e:+d}"
 
 
-def certified_string(lo: Fraction, hi: Fraction, digits: int) -> str | None:
+def certified_string(lo: Rational, hi: Rational, digits: int) -> str | None:
     """The ``digits``-digit decimal that every number in [lo, hi] rounds to, or None."""
     a = round_significant(lo, digits)
-    if lo == hi:
+    if _pair(lo) == _pair(hi):
         return format_significant(*a, digits)
-    b = round_significant(hi, digits)
-    if a != b or a[0] == 0:  # an enclosure containing 0 never proves 0
+    if a != round_significant(hi, digits):  # an enclosure around 0 never proves 0: its ends differ in sign
         return None
     return format_significant(*a, digits)
 
 
-def exact_string(x: Fraction, digits: int) -> str:
+def exact_string(x: Rational, digits: int) -> str:
     return format_significant(*round_significant(x, digits), digits)

@@ -9,15 +9,14 @@ math once against this interface.
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 from .errors import SymattnError
 
 ENGINES = ("mpmath", "arb", "auto")
 
 
-def _dyadic(man: int, exp: int) -> Fraction:
-    return Fraction(man << exp) if exp >= 0 else Fraction(man, 1 << -exp)
+def _dyadic(man: int, exp: int) -> tuple[int, int]:
+    """man·2**exp as a (numerator, denominator) pair."""
+    return (man << exp, 1) if exp >= 0 else (man, 1 << -exp)
 
 
 class MpmathEngine:
@@ -71,7 +70,8 @@ class MpmathEngine:
         fsum = self.ctx.fsum
         return [[fsum(x * y for x, y in zip(row, col, strict=True)) for col in cols] for row in a]
 
-    def enclosure(self, x) -> tuple[Fraction, Fraction] | None:
+    def enclosure(self, x) -> tuple[tuple, tuple] | None:
+        """The exact ends of an interval as (numerator, denominator) pairs; None if not finite."""
         (sa, ma, ea, _), (sb, mb, eb, _) = x._mpi_
         if (ma == 0 and ea != 0) or (mb == 0 and eb != 0):  # inf or nan
             return None
@@ -126,13 +126,16 @@ class ArbEngine:
     def matmul(self, a, b):
         return a * b
 
-    def enclosure(self, x) -> tuple[Fraction, Fraction] | None:
+    def enclosure(self, x) -> tuple[tuple, tuple] | None:
+        """The exact ends of a ball as (numerator, denominator) pairs; None if not finite."""
         if not x.is_finite():
             return None
         mm, me = x.mid().man_exp()
         rm, re = x.rad().man_exp()
-        mid, rad = _dyadic(int(mm), int(me)), _dyadic(int(rm), int(re))
-        return mid - rad, mid + rad
+        mm, me, rm, re = int(mm), int(me), int(rm), int(re)
+        e = min(me, re)
+        mid, rad = mm << (me - e), rm << (re - e)
+        return _dyadic(mid - rad, e), _dyadic(mid + rad, e)
 
 
 def available() -> list[str]:

@@ -17,6 +17,7 @@ Polynomials are sparse: ``{exponent: Fraction}``.
 from __future__ import annotations
 
 import math
+import random
 from fractions import Fraction
 from functools import reduce
 
@@ -28,6 +29,7 @@ from .errors import SymattnError
 Poly = dict  # {int exponent: Fraction coefficient}, no zero coefficients
 
 MAX_TERMS = 200_000  # beyond this an exact decision is given up (the caller says so)
+PRIME = 2**61 - 1  # for the modular certificate that a rational function is not constant
 
 
 class RatMat:
@@ -166,20 +168,21 @@ class ExactAttention:
         self.wo = RatMat.from_entries(spec.wo)
         d_v = spec.d_v
         self.VWo = [v @ self.wo.rows(i * d_v, (i + 1) * d_v) for i, v in enumerate(self.V)]
-        # Integer exponents: row minimum of sign·R, then the gcd of all the gaps.
-        self.low, gaps = [], []
+        # Integer exponents: the gaps sign·(R - row minimum), over G, the gcd of all the gaps.
+        gaps = []  # per head: n × n integer numerators over r.den
         for r in self.R:
-            u = r.num * self.sign
-            low = [min(range(r.shape[1]), key=row.__getitem__) for row in u]
-            self.low.append(low)
-            gaps.extend(Fraction(int(gap), r.den) for i, row in enumerate(u) for gap in row - row[low[i]])
-        positive = [gap for gap in gaps if gap]
+            u = (r.num * self.sign).tolist()
+            gaps.append([[v - low for v in row] for row, low in zip(u, map(min, u), strict=True)])
+        per_head = [
+            Fraction(reduce(math.gcd, (v for row in g for v in row), 0), r.den)
+            for g, r in zip(gaps, self.R, strict=True)
+        ]
+        positive = [g for g in per_head if g]
         self.G = reduce(_gcd, positive) if positive else Fraction(1)
-        self.exponents = []  # per head: n × n integers
-        for r, low in zip(self.R, self.low, strict=True):
-            step = self.G * r.den
-            u = r.num * self.sign
-            self.exponents.append([[int((v - row[low[i]]) / step) for v in row] for i, row in enumerate(u)])
+        self.exponents = []  # per head: n × n non-negative integers, 0 at each row's minimum
+        for g, r in zip(gaps, self.R, strict=True):
+            scale = self.G.denominator, self.G.numerator * r.den  # gap/r.den/G as integer arithmetic
+            self.exponents.append([[v * scale[0] // scale[1] for v in row] for row in g])
 
     # The denominators Z(t) and numerators N(t), row by row.
     def Z(self, head: int, row: int) -> Poly:
@@ -251,12 +254,56 @@ class ExactAttention:
                 f"{step}[{i}, {j}]: cannot decide exactly whether this entry is rational: "
                 f"the scale {self.spec.effective_scale} is not algebraic"
             )
+        if kind == "M":
+            terms = [(num, z) for _, num, z in self.output_terms(i, j)]
+        else:
+            terms = [self.rational_function(step, i, j)]
+        if not terms:
+            return Fraction(0)
+        if len(terms) == 1:
+            return constant_ratio(*terms[0])
+        if not_constant(terms):
+            return None
         try:
-            return constant_ratio(*self.rational_function(step, i, j))
+            return constant_ratio(*self._output(i, j))
         except _TooBig:
             raise SymattnError(
                 f"{step}[{i}, {j}]: deciding this entry exactly needs more than {MAX_TERMS} polynomial terms"
             ) from None
+
+
+def not_constant(terms: list[tuple[Poly, Poly]], tries: int = 8) -> bool:
+    """True when Σ N/Z provably is not a constant: two values of it modulo a prime differ.
+
+    Reduction modulo p is a ring homomorphism wherever the denominators are invertible, so a
+    constant would take one value at every point; False means "probably constant", not a proof.
+    """
+    rng = random.Random(20240611)  # fixed: the same spec gives the same work every run
+    seen = set()
+    for _ in range(tries):
+        t = rng.randrange(2, PRIME - 1)
+        total = 0
+        for num, den in terms:
+            z = _mod_value(den, t)
+            n = _mod_value(num, t)
+            if z is None or n is None or z == 0:
+                break
+            total += n * pow(z, -1, PRIME)
+        else:
+            seen.add(total % PRIME)
+            if len(seen) > 1:
+                return True
+    return False
+
+
+def _mod_value(poly: Poly, t: int) -> int | None:
+    total = 0
+    for e, c in poly.items():
+        c = Fraction(c)
+        if c.denominator % PRIME == 0:
+            return None
+        total += c.numerator * pow(c.denominator, -1, PRIME) * pow(t, e, PRIME)
+    return total % PRIME
 
 
 def _gcd(a: Fraction, b: Fraction) -> Fraction:
@@ -279,7 +326,7 @@ def scale_sign(scale: Entry) -> int:
 
     for bits in (64, 512, 4096):
         engine = MpmathEngine(bits)
-        lo, hi = engine.enclosure(to_ball(scale, engine))
+        (lo, _), (hi, _) = engine.enclosure(to_ball(scale, engine))  # numerators carry the signs
         if lo > 0:
             return 1
         if hi < 0:

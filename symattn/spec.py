@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -112,7 +113,7 @@ class AttentionSpec:
     def d_out(self) -> int:
         return len(self.wo[0])
 
-    @property
+    @cached_property
     def effective_scale(self) -> Entry:
         """The exact scale of the scores: the spec's, or 1/sqrt(d_k)."""
         if self.scale is not None:
@@ -137,17 +138,17 @@ class AttentionSpec:
                 yield from row
         yield self.effective_scale
 
-    @property
+    @cached_property
     def is_rational(self) -> bool:
         """True when every input entry is rational (the scale may be any number)."""
         return all(isinstance(e, Fraction) for _, m in self.matrices() for row in m for e in row)
 
-    @property
+    @cached_property
     def symbols(self) -> list[str]:
         """Sorted names of the symbols in the spec."""
         return sorted(set().union(*(symbols(e) for e in self.entries())))
 
-    @property
+    @cached_property
     def scale_is_algebraic(self) -> bool:
         return is_algebraic(self.effective_scale)
 

@@ -22,6 +22,7 @@ from .engines import engine_class
 from .entries import to_ball
 from .errors import SymattnError
 from .exact import ExactAttention, RatMat, scale_sign
+from .progress import Progress
 
 log = logging.getLogger("symattn")
 
@@ -149,8 +150,8 @@ def _softmax_exponents(row: list, gap, engine) -> list:
 
 def _softmax_balls(row: list, engine) -> list:
     """softmax of a row of balls, shifted by the entry with the largest midpoint."""
-    enclosures = [engine.enclosure(s) for s in row]
-    top = max(range(len(row)), key=lambda k: enclosures[k][0] + enclosures[k][1])
+    ends = [engine.enclosure(s) for s in row]
+    top = max(range(len(row)), key=lambda k: Fraction(*ends[k][0]) + Fraction(*ends[k][1]))
     exps = [engine.one() if k == top else engine.exp(s - row[top]) for k, s in enumerate(row)]
     total = sum(exps[1:], exps[0])
     return [e / total for e in exps]
@@ -173,90 +174,89 @@ def initial_bits(spec, digits: int, exact: ExactAttention | None) -> int:
     return bits
 
 
-def enclose(spec, engine: str, settle, settle_exact, digits: int):
-    """Run the precision loop; ``settle(step, i, j, lo, hi)`` and ``settle_exact(step, i, j, q)``
-    return a result or None.  Returns ({step: rows of results}, {step: rows of exact flags}, bits)."""
+def enclose(spec, engine: str, settle, settle_exact, digits: int, progress=None):
+    """Run the precision loop over every entry of every step.
+
+    ``settle(step, i, j, lo, hi)`` gets the exact ends of an entry's enclosure and returns a result,
+    or None while the enclosure is too wide; ``settle_exact(step, i, j, q)`` gets the exact rational
+    value of an entry that is rational.  Returns ({step: rows of results}, {step: rows of
+    exact-decision flags}, highest bits used).
+    """
     if spec.symbols:
         raise SymattnError(
             f"spec {spec.name}: evaluation needs numbers, received the symbols {', '.join(spec.symbols)}; "
             "use 'symattn show' for closed forms in symbols"
         )
     Engine = engine_class(engine)
-    exact = None
-    if spec.is_rational:
-        exact = ExactAttention(spec, scale_sign(spec.effective_scale))
-    names = step_names(spec.h)
+    report = Progress(progress)
+    exact = ExactAttention(spec, scale_sign(spec.effective_scale)) if spec.is_rational else None
     shapes = _shapes(spec)
-    results = {name: [[None] * shapes[name][1] for _ in range(shapes[name][0])] for name in names}
-    flags = {name: [[False] * shapes[name][1] for _ in range(shapes[name][0])] for name in names}
-    pending = set()
-    for name in names:
-        for i in range(shapes[name][0]):
-            for j in range(shapes[name][1]):
-                pending.add((name, i, j))
-    # Exact steps first: Q, K, V (and the scores when the scale is rational) need no balls.
+    results = {name: [[None] * cols for _ in range(rows)] for name, (rows, cols) in shapes.items()}
+    flags = {name: [[False] * cols for _ in range(rows)] for name, (rows, cols) in shapes.items()}
+    pending = {(name, i, j): None for name, (rows, cols) in shapes.items() for i in range(rows) for j in range(cols)}
     decider = _Decider(spec, exact)
-    if exact is not None:
-        for key in sorted(pending):
-            if key[0][0] in "QKV" or key[0].startswith("scores"):
-                value = decider(*key)
-                if value is not None:
-                    _settle_exact(key, value, settle_exact, results, flags, pending)
+
+    def decide(keys):
+        for key in keys:
+            value = decider(*key)
+            if value is not None:
+                name, i, j = key
+                results[name][i][j] = settle_exact(name, i, j, value)
+                flags[name][i][j] = True
+                del pending[key]
+
+    if exact is not None:  # Q, K, V are exact rationals, and so are the scores where R is 0 or the scale rational
+        rational_scale = isinstance(spec.effective_scale, Fraction)
+        decide(
+            [
+                k
+                for k in pending
+                if k[0][0] in "QKV"
+                or k[0].startswith("scores")
+                and (rational_scale or exact.R[int(k[0][6:]) - 1].num[k[1], k[2]] == 0)
+            ]
+        )
     bits = initial_bits(spec, digits, exact)
     asked = set()
     saved = _save_flint_precision()
     try:
         for rise in range(MAX_RISES + 1):
-            if not pending:
-                break
+            report(f"{Engine.name} at {bits} bits: computing")
             values = compute(spec, Engine(bits), exact)
-            engine_rows = {name: _as_rows(values[name]) for name in names}
             enclosure = Engine(bits).enclosure
-            for key in sorted(pending):
+            for n, key in enumerate(list(pending)):
+                if n % 4096 == 0:
+                    report(f"{Engine.name} at {bits} bits: certifying", n, len(pending))
                 name, i, j = key
-                ends = enclosure(engine_rows[name][i][j]) if engine_rows[name] is not None else None
+                ends = enclosure(values[name][i][j])
                 result = settle(name, i, j, *ends) if ends is not None else None
                 if result is not None:
                     results[name][i][j] = result
-                    pending.discard(key)
-            if pending:  # undecided at a working precision meant for them: ask the exact form
-                for key in sorted(pending - asked):
-                    asked.add(key)
-                    value = decider(*key)
-                    if value is not None:
-                        _settle_exact(key, value, settle_exact, results, flags, pending)
-            if pending and rise < MAX_RISES:
-                example = "{}[{}, {}]".format(*min(pending))
-                log.debug(
-                    "raising precision from %d to %d bits: %d entries not yet certified, e.g. %s",
-                    bits,
-                    2 * bits,
-                    len(pending),
-                    example,
-                )
-                bits *= 2
+                    del pending[key]
+            # Still undecided at a precision meant for them: a rational value on a rounding boundary
+            # (zero included) never certifies, so ask the exact form once.
+            decide([key for key in pending if key not in asked])
+            asked.update(pending)
+            if not pending or rise == MAX_RISES:
+                break
+            log.debug(
+                "raising precision from %d to %d bits: %d entries not yet certified, e.g. %s",
+                bits,
+                2 * bits,
+                len(pending),
+                "{}[{}, {}]".format(*next(iter(pending))),
+            )
+            bits *= 2
     finally:
         _restore_flint_precision(saved)
+        report.close()
     if pending:
-        name, i, j = min(pending)
+        name, i, j = next(iter(pending))
         raise SymattnError(
-            f"{name}[{i}, {j}]: could not certify {digits} digits at up to {bits} bits of precision; "
-            f"{len(pending)} entries undecided"
+            f"{name}[{i}, {j}]: could not certify {digits} digits at up to {bits} bits of precision "
+            f"({len(pending)} entries undecided); ask for fewer digits"
         )
     return results, flags, bits
-
-
-def _settle_exact(key, value, settle_exact, results, flags, pending):
-    name, i, j = key
-    results[name][i][j] = settle_exact(name, i, j, value)
-    flags[name][i][j] = True
-    pending.discard(key)
-
-
-def _as_rows(m):
-    if isinstance(m, RatMat):
-        return None  # exact steps are settled before the loop
-    return m
 
 
 class _Decider:
@@ -318,12 +318,20 @@ def check_digits(digits) -> int:
     return digits
 
 
-def evaluate(spec, digits: int = 50, engine: str = "auto") -> Truth:
+def evaluate(spec, digits: int = 50, engine: str = "auto", progress: bool | None = None) -> Truth:
     """Every step of the trace, each entry to ``digits`` certified significant digits.
 
     >>> truth = evaluate("notebook", digits=20)
     >>> truth["M"].values[0][0]
     '6.9433358564932463888'
+
+    ``spec`` is a built-in name, a spec file path, a dict or an AttentionSpec.  ``engine`` is
+    ``"mpmath"`` (interval arithmetic, always there), ``"arb"`` (python-flint's balls, much faster)
+    or ``"auto"`` (Arb when installed).  ``progress`` shows progress on stderr for evaluations
+    longer than a second: None (default) only when stderr is a terminal.
+
+    Every printed digit is proven: precision doubles until both ends of each entry's enclosure
+    round to the same decimal, and rational entries (exact zeros, ties) are decided exactly.
     """
     from .spec import load_spec
 
@@ -336,7 +344,7 @@ def evaluate(spec, digits: int = 50, engine: str = "auto") -> Truth:
     def settle_exact(name, i, j, value):
         return certify.exact_string(value, digits)
 
-    results, flags, bits = enclose(spec, engine, settle, settle_exact, digits)
+    results, flags, bits = enclose(spec, engine, settle, settle_exact, digits, progress)
     steps = {}
     for name, rows in results.items():
         steps[name] = CertifiedMatrix(
