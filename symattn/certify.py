@@ -110,4 +110,32 @@ def certified_string(lo: Rational, hi: Rational, digits: int) -> str | None:
 
 
 def exact_string(x: Rational, digits: int) -> str:
+    num, den = _pair(x)
+    if den == 1 and len(str(abs(num))) <= digits:  # integers, the common exact case: no division
+        text = str(abs(num))
+        return format_significant((-1 if num < 0 else 1) * int(text.ljust(digits, "0")), len(text) - 1, digits)
     return format_significant(*round_significant(x, digits), digits)
+
+
+def certified_decimal(lo: int, hi: int, exp10: int, digits: int) -> str | None:
+    """Like certified_string for the enclosure [lo, hi]·10**exp10 (integers), the engines' fast path."""
+    if lo == hi == 0:
+        return "0"
+    if lo <= 0 <= hi:  # an enclosure around 0 never proves 0
+        return None
+    negative = hi < 0
+    if negative:
+        lo, hi = -hi, -lo
+    length = len(str(lo))
+    if len(str(hi)) != length or length <= digits:  # across a power of ten, or few digits: the general way
+        scale = (1, _pow10(-exp10)) if exp10 < 0 else (_pow10(exp10), 1)
+        text = certified_string((lo * scale[0], scale[1]), (hi * scale[0], scale[1]), digits)
+        return None if text is None else ("-" + text if negative else text)
+    p = _pow10(length - digits)
+    q = _round_half_even(lo, p)
+    if q != _round_half_even(hi, p):
+        return None
+    e = length - 1 + exp10
+    if q == _pow10(digits):  # 9.99… rounded up into the next decade
+        q, e = _pow10(digits - 1), e + 1
+    return format_significant(-q if negative else q, e, digits)

@@ -92,7 +92,7 @@ def _show(args) -> int:
     trace = build(load_spec(args.spec))
     out = []
     for name in _steps(args.step, trace.names):
-        rows, cols = trace.structure(name).shape
+        rows, cols = trace.shape(name)
         matrix = trace[name] if args.closed else trace.structure(name)
         if args.format == "latex":
             out.append(f"% {trace.definition(name)} ({rows}×{cols})")

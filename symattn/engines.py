@@ -70,6 +70,22 @@ class MpmathEngine:
         fsum = self.ctx.fsum
         return [[fsum(x * y for x, y in zip(row, col, strict=True)) for col in cols] for row in a]
 
+    def decimal(self, x, digits: int) -> tuple[int, int, int] | None:
+        """(lo, hi, e): integers with x ⊂ [lo, hi]·10**e, about digits + 10 digits long; None if not finite."""
+        ends = self.enclosure(x)
+        if ends is None:
+            return None
+        (an, ad), (bn, bd) = ends
+        if an == bn == 0:
+            return 0, 0, 0
+        big = max(abs(an), abs(bn))
+        decade = int((big.bit_length() - max(ad, bd).bit_length()) * 0.30103)
+        k = digits + 10 - decade
+        scale, down = (10**k, 1) if k >= 0 else (1, 10**-k)
+        lo = (an * scale) // (ad * down)  # floor and ceiling: the decimal enclosure contains the binary one
+        hi = -((-bn * scale) // (bd * down))
+        return lo, hi, -k
+
     def enclosure(self, x) -> tuple[tuple, tuple] | None:
         """The exact ends of an interval as (numerator, denominator) pairs; None if not finite."""
         (sa, ma, ea, _), (sb, mb, eb, _) = x._mpi_
@@ -125,6 +141,14 @@ class ArbEngine:
 
     def matmul(self, a, b):
         return a * b
+
+    def decimal(self, x, digits: int) -> tuple[int, int, int] | None:
+        """(lo, hi, e): integers with x ⊂ [lo, hi]·10**e (Arb rounds outward); None if not finite."""
+        if not x.is_finite():
+            return None
+        mid, rad, e = x.mid_rad_10exp(digits + 5)
+        mid, rad = int(mid), int(rad)
+        return mid - rad, mid + rad, int(e)
 
     def enclosure(self, x) -> tuple[tuple, tuple] | None:
         """The exact ends of a ball as (numerator, denominator) pairs; None if not finite."""

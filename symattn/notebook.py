@@ -324,11 +324,11 @@ def check(path: str | Path) -> Report:
     if not targets:
         raise SymattnError(f"{path}: found no printed array whose label names a step ({', '.join(names)})")
 
-    def settle(name, i, j, lo, hi):
+    def settle(name, i, j, lo, hi, e):
         places = targets.get((name, i, j), (None, None))[1]
         if places is None:
             return None, lo  # not printed, or printed as nan/inf: any enclosure will do
-        a, b = certify.round_places(lo, places), certify.round_places(hi, places)
+        a, b = (certify.round_places(v * 10**e if e >= 0 else (v, 10**-e), places) for v in (lo, hi))
         return (a, lo) if a == b else None
 
     def settle_exact(name, i, j, value):

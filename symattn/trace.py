@@ -2,14 +2,16 @@
 
 Each step is kept as its structure: Q, K, V and the scores are exact matrices;
 each softmax row has a normaliser ``Z{head}_{row}`` (a SymPy symbol standing
-for the row's sum of exponentials), and weights, heads, their concatenation
-and M are written over those normalisers, so no entry repeats another step's
-expression.  ``trace[name]`` substitutes the normalisers and gives the fully
-substituted closed form of a step, computed on first use and kept.
+for the row's sum of exponentials; heads whose rows have equal sums share
+one), and weights, heads, their concatenation and M are written over those
+normalisers, so no entry repeats another step's expression.  ``trace[name]``
+substitutes the normalisers and gives the fully substituted closed form of a
+step.  Both are built on first use and kept, so a trace of a large spec is
+cheap until a step is asked for.
 
-With rational inputs the closed forms come from ``exact.py``'s rational
-functions of t = exp(g), put over one denominator and cancelled, which keeps
-them as short as a person would write them:
+With rational inputs both come from ``exact.py``'s rational functions of
+t = exp(g), each put over its denominator and cancelled, which keeps them as
+short as a person would write them:
 
 >>> trace = build("notebook")
 >>> trace["head1"][0, 0]
@@ -41,10 +43,10 @@ def _matrix(rows) -> sympy.ImmutableMatrix:
 class Step:
     """One named step: its definition, its structure over the row normalisers, its closed form."""
 
-    def __init__(self, trace: Trace, name: str, definition: str):
+    def __init__(self, trace: Trace, name: str):
         self.trace = trace
         self.name = name
-        self.definition = definition  # e.g. "head1 = weights1·V1"
+        self.definition = trace.definition(name)  # e.g. "head1 = weights1·V1"
 
     @property
     def structure(self) -> sympy.ImmutableMatrix:
@@ -56,7 +58,7 @@ class Step:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.structure.shape
+        return self.trace.shape(self.name)
 
     def _repr_latex_(self) -> str:
         return f"$\\mathrm{{{_latex_name(self.name)}}} = {sympy.latex(self.closed)}$"
@@ -69,22 +71,24 @@ class Trace:
     """The exact trace of one spec.  Index by step name for the closed form (a SymPy matrix)."""
 
     def __init__(self, spec):
+        from .truth import _shapes
+
         self.spec = spec
         self.names = step_names(spec.h)
+        self._shapes = _shapes(spec)
         self.scale = to_sympy(spec.effective_scale)
-        self.exact = None
-        if spec.is_rational:
-            self.exact = ExactAttention(spec, scale_sign(spec.effective_scale))
         self._structure: dict = {}
         self._closed: dict = {}
-        self._normalisers: dict = {}  # symbol -> its expression
-        self._build_structure()
+        if spec.is_rational:
+            self._steps = _RationalSteps(spec, self.scale)
+        else:
+            self._steps = _SymbolicSteps(spec, self.scale)
 
     # Public face.
     def __getitem__(self, name: str) -> sympy.ImmutableMatrix:
         self._check(name)
         if name not in self._closed:
-            self._closed[name] = self._closed_form(name)
+            self._closed[name] = self._steps.closed(name, self.structure(name))
         return self._closed[name]
 
     def __iter__(self):
@@ -93,24 +97,42 @@ class Trace:
     def __len__(self) -> int:
         return len(self.names)
 
+    def shape(self, name: str) -> tuple[int, int]:
+        self._check(name)
+        return self._shapes[name]
+
     def step(self, name: str) -> Step:
         self._check(name)
-        return Step(self, name, self.definition(name))
+        return Step(self, name)
 
     def structure(self, name: str) -> sympy.ImmutableMatrix:
-        """The step over the row normalisers ``Z{head}_{row}`` (see ``normalisers``)."""
+        """The step over the row normalisers ``Z{head}_{row}`` (see ``normalisers_of``)."""
         self._check(name)
+        if name not in self._structure:
+            if name == "concat_heads":
+                heads = [self.structure(f"head{h}") for h in range(1, self.spec.h + 1)]
+                self._structure[name] = sympy.ImmutableMatrix(sympy.Matrix.hstack(*heads))
+            else:
+                self._structure[name] = self._steps.structure(name)
         return self._structure[name]
+
+    def normalisers_of(self, name: str) -> dict:
+        """The row normalisers that the structure of step ``name`` uses, with their values."""
+        used = self.structure(name).free_symbols
+        return {
+            z: self._steps.normaliser_value(z)
+            for z in sorted(used, key=_normaliser_order)
+            if self._steps.is_normaliser(z)
+        }
 
     @property
     def normalisers(self) -> dict:
-        """Each softmax row normaliser symbol with its closed form."""
-        return dict(self._normalisers)
-
-    def normalisers_of(self, name: str) -> dict:
-        """The normalisers that the structure of step ``name`` uses."""
-        used = self.structure(name).free_symbols
-        return {z: v for z, v in self._normalisers.items() if z in used}
+        """Every row normaliser with its value."""
+        out = {}
+        for name in self.names:
+            if name.startswith("weights"):
+                out.update(self.normalisers_of(name))
+        return out
 
     def definition(self, name: str) -> str:
         self._check(name)
@@ -149,118 +171,161 @@ class Trace:
         if name not in self.names:
             raise SymattnError(f"step: expected one of {', '.join(self.names)}, received {name!r}")
 
-    # Building.
-    def _build_structure(self) -> None:
-        spec = self.spec
-        if self.exact is not None:
-            self._build_rational()
-            return
-        x = sympy.Matrix([[to_sympy(e) for e in row] for row in spec.x])
-        heads = []
-        for h, head in enumerate(spec.heads, 1):
-            q, k, v = (x * sympy.Matrix([[to_sympy(e) for e in row] for row in w]) for w in (head.wq, head.wk, head.wv))
-            q, k, v = (m.applyfunc(sympy.expand) for m in (q, k, v))
-            scores = (q * k.T * self.scale).applyfunc(sympy.expand)
-            exps = scores.applyfunc(sympy.exp)
-            zs = [self._normaliser(h, r, sympy.Add(*exps.row(r))) for r in range(spec.n)]
-            weights = [[exps[r, c] / zs[r] for c in range(spec.n)] for r in range(spec.n)]
-            head_out = [[(exps.row(r) * v.col(c))[0] / zs[r] for c in range(spec.d_v)] for r in range(spec.n)]
-            self._set(h, q, k, v, scores, weights, head_out)
-            heads.append(self._structure[f"head{h}"])
-        self._finish(heads)
 
-    def _build_rational(self) -> None:
+def _normaliser_order(z: sympy.Symbol) -> tuple[int, int]:
+    head, row = z.name[1:].split("_")
+    return int(head), int(row)
+
+
+def _split(name: str) -> tuple[str, int]:
+    kind = name.rstrip("0123456789")
+    return kind, int(name[len(kind) :]) - 1
+
+
+class _RationalSteps:
+    """Steps of a rational spec, from the rational functions of t = exp(|scale|·G)."""
+
+    def __init__(self, spec, scale):
+        self.spec = spec
+        self.scale = scale
+        self.exact = ExactAttention(spec, scale_sign(spec.effective_scale))
+        g = abs(scale) * _rational(self.exact.G) if self.exact.sign else sympy.Integer(0)
+        self.g = g
+        self._powers: dict = {}  # e -> exp(e·g), shared by every expression
+        # Row normalisers: a row shares the symbol of the first row (in head order) with the same sum.
+        self._symbols: dict = {}  # (head, row) -> symbol
+        self._values: dict = {}  # symbol -> (head, row) it stands for
+        first: dict = {}
+        for h in range(spec.h):
+            for r in range(spec.n):
+                key = tuple(sorted(self.exact.Z(h, r).items()))
+                if key not in first:
+                    first[key] = sympy.Symbol(f"Z{h + 1}_{r}", positive=True)
+                    self._values[first[key]] = (h, r)
+                self._symbols[h, r] = first[key]
+
+    def power(self, e: int):
+        if e not in self._powers:
+            self._powers[e] = sympy.exp(e * self.g)
+        return self._powers[e]
+
+    def poly(self, poly: dict):
+        """Σ c·t**e with t = exp(g)."""
+        terms = [_rational(Fraction(c)) * self.power(e) for e, c in sorted(poly.items())]
+        return sympy.Add(*terms)
+
+    def fraction(self, num: dict, den: dict):
+        """num(t)/den(t) as c·N/Z, reduced as far as exact.reduced goes."""
+        c, n, z = reduced(num, den)
+        return _rational(c) * self.poly(n) / self.poly(z)
+
+    def is_normaliser(self, z) -> bool:
+        return z in self._values
+
+    def normaliser_value(self, z):
+        return self.poly(self.exact.Z(*self._values[z]))
+
+    def structure(self, name: str) -> sympy.ImmutableMatrix:
         ex, spec = self.exact, self.spec
-        t = self._t_value()
-        heads = []
-        for h in range(1, spec.h + 1):
-            q, k, v = (
-                _matrix([[_rational(e) for e in row] for row in m.fractions()])
-                for m in (ex.Q[h - 1], ex.K[h - 1], ex.V[h - 1])
-            )
-            scores = _matrix([[_rational(e) * self.scale for e in row] for row in ex.R[h - 1].fractions()])
-            zs = [self._normaliser(h, r, _poly_expr(ex.Z(h - 1, r), t)) for r in range(spec.n)]
-            weights = _matrix([[t**e / zs[r] for e in ex.exponents[h - 1][r]] for r in range(spec.n)])
-            head_out = _matrix(
+        if name == "M":
+            return _matrix(
                 [
-                    [_poly_expr(ex.rational_function(f"head{h}", r, c)[0], t) / zs[r] for c in range(spec.d_v)]
+                    [
+                        sympy.Add(*(self.poly(num) / self._symbols[head, r] for head, num, _ in ex.output_terms(r, c)))
+                        for c in range(spec.d_out)
+                    ]
                     for r in range(spec.n)
                 ]
             )
-            self._set(h, q, k, v, scores, weights, head_out)
-            heads.append(self._structure[f"head{h}"])
-        self._structure["concat_heads"] = sympy.ImmutableMatrix(sympy.Matrix.hstack(*heads))
-        zs = [[self._normaliser(h + 1, r, _poly_expr(ex.Z(h, r), t)) for r in range(spec.n)] for h in range(spec.h)]
-        self._structure["M"] = _matrix(
-            [
-                [
-                    sympy.Add(*(_poly_expr(num, t) / zs[head][r] for head, num, _ in ex.output_terms(r, c)))
-                    for c in range(spec.d_out)
-                ]
-                for r in range(spec.n)
-            ]
-        )
-
-    def _normaliser(self, h: int, r: int, value) -> sympy.Symbol:
-        for z, known in self._normalisers.items():
-            if known == value:  # heads with the same row share its normaliser
-                return z
-        z = sympy.Symbol(f"Z{h}_{r}", positive=True)
-        self._normalisers[z] = value
-        return z
-
-    def _set(self, h, q, k, v, scores, weights, head_out) -> None:
-        kinds = ("Q", "K", "V", "scores", "weights", "head")
-        for kind, m in zip(kinds, (q, k, v, scores, weights, head_out), strict=True):
-            self._structure[f"{kind}{h}"] = sympy.ImmutableMatrix(m)
-
-    def _finish(self, heads) -> None:
-        concat = sympy.Matrix.hstack(*heads)
-        wo = sympy.Matrix([[to_sympy(e) for e in row] for row in self.spec.wo])
-        self._structure["concat_heads"] = sympy.ImmutableMatrix(concat)
-        # collect over the normalisers: M[r, c] = Σ (numerator)/Z, one term per distinct row normaliser
-        m = (concat * wo).applyfunc(lambda e: sympy.collect(sympy.expand(e), list(self._normalisers)))
-        self._structure["M"] = sympy.ImmutableMatrix(m)
-
-    def _t_value(self):
-        """t = exp(|scale|·G), the one transcendental of a rational spec."""
-        g = abs(self.scale) * _rational(self.exact.G) if self.exact.sign else sympy.Integer(0)
-        return sympy.exp(g)
-
-    def _closed_form(self, name: str) -> sympy.ImmutableMatrix:
-        structure = self._structure[name]
-        if not structure.free_symbols & set(self._normalisers):
-            return structure
-        if self.exact is not None:
-            return self._closed_rational(name)
-        subs = self._normalisers
-        return structure.applyfunc(lambda e: sympy.factor_terms(sympy.together(e.xreplace(subs))))
-
-    def _closed_rational(self, name: str) -> sympy.ImmutableMatrix:
-        t = self._t_value()
-        rows, cols = self._structure[name].shape
-        if name == "M":
-            terms = [
-                [[(num, z) for _, num, z in self.exact.output_terms(i, j)] for j in range(cols)] for i in range(rows)
-            ]
-        else:
-            terms = [[[self.exact.rational_function(name, i, j)] for j in range(cols)] for i in range(rows)]
+        kind, h = _split(name)
+        if kind in ("Q", "K", "V"):
+            return _matrix([[_rational(e) for e in row] for row in getattr(ex, kind)[h].fractions()])
+        if kind == "scores":
+            return _matrix([[_rational(e) * self.scale for e in row] for row in ex.R[h].fractions()])
+        z = [self._symbols[h, r] for r in range(spec.n)]
+        if kind == "weights":
+            return _matrix([[self.power(e) / z[r] for e in ex.exponents[h][r]] for r in range(spec.n)])
         return _matrix(
-            [[sympy.Add(*(_fraction_expr(num, den, t) for num, den in entry)) for entry in row] for row in terms]
+            [[self.poly(ex.rational_function(name, r, c)[0]) / z[r] for c in range(spec.d_v)] for r in range(spec.n)]
         )
 
+    def closed(self, name: str, structure) -> sympy.ImmutableMatrix:
+        kind = name.rstrip("0123456789")
+        if kind in ("Q", "K", "V", "scores"):
+            return structure
+        rows, cols = structure.shape
+        ex = self.exact
+        if name == "M":
+            return _matrix(
+                [
+                    [sympy.Add(*(self.fraction(num, z) for _, num, z in ex.output_terms(i, j))) for j in range(cols)]
+                    for i in range(rows)
+                ]
+            )
+        return _matrix([[self.fraction(*ex.rational_function(name, i, j)) for j in range(cols)] for i in range(rows)])
 
-def _fraction_expr(num: dict, den: dict, t) -> sympy.Expr:
-    """num(t)/den(t) as c·N/Z, reduced as far as exact.reduced goes."""
-    c, n, z = reduced(num, den)
-    return _rational(c) * _poly_expr(n, t) / _poly_expr(z, t)
 
+class _SymbolicSteps:
+    """Steps of a spec with irrational or symbolic entries, built with SymPy head by head."""
 
-def _poly_expr(poly: dict, t) -> sympy.Expr:
-    """Σ c·t**e as a SymPy expression; with t = exp(g), t**e is exp(e·g)."""
-    if isinstance(t, sympy.exp):
-        return sympy.Add(*(_rational(Fraction(c)) * sympy.exp(e * t.args[0]) for e, c in sorted(poly.items())))
-    return sympy.Add(*(_rational(Fraction(c)) * t**e for e, c in sorted(poly.items())))
+    def __init__(self, spec, scale):
+        self.spec = spec
+        self.scale = scale
+        self.x = sympy.Matrix([[to_sympy(e) for e in row] for row in spec.x])
+        self._heads: dict = {}  # head index -> its steps
+        self._values: dict = {}  # normaliser symbol -> value
+        # Normalisers: every row sum, named by its first appearance, so names do not depend on what is asked first.
+        self._symbols: dict = {}
+        for h in range(spec.h):
+            exps = self._head(h)["exps"]
+            for r in range(spec.n):
+                value = sympy.Add(*exps.row(r))
+                known = next((z for z, v in self._values.items() if v == value), None)
+                if known is None:
+                    known = sympy.Symbol(f"Z{h + 1}_{r}", positive=True)
+                    self._values[known] = value
+                self._symbols[h, r] = known
+
+    def _head(self, h: int) -> dict:
+        if h not in self._heads:
+            head = self.spec.heads[h]
+            q, k, v = (
+                (self.x * sympy.Matrix([[to_sympy(e) for e in row] for row in w])).applyfunc(sympy.expand)
+                for w in (head.wq, head.wk, head.wv)
+            )
+            scores = (q * k.T * self.scale).applyfunc(sympy.expand)
+            self._heads[h] = {"Q": q, "K": k, "V": v, "scores": scores, "exps": scores.applyfunc(sympy.exp)}
+        return self._heads[h]
+
+    def is_normaliser(self, z) -> bool:
+        return z in self._values
+
+    def normaliser_value(self, z):
+        return self._values[z]
+
+    def structure(self, name: str) -> sympy.ImmutableMatrix:
+        spec = self.spec
+        if name == "M":
+            heads = [self.structure(f"head{h}") for h in range(1, spec.h + 1)]
+            wo = sympy.Matrix([[to_sympy(e) for e in row] for row in spec.wo])
+            normalisers = list(self._values)
+            # M[r, c] = Σ (numerator)/Z, one term per distinct row normaliser
+            m = (sympy.Matrix.hstack(*heads) * wo).applyfunc(lambda e: sympy.collect(sympy.expand(e), normalisers))
+            return sympy.ImmutableMatrix(m)
+        kind, h = _split(name)
+        steps = self._head(h)
+        if kind in ("Q", "K", "V", "scores"):
+            return sympy.ImmutableMatrix(steps[kind])
+        exps, z = steps["exps"], [self._symbols[h, r] for r in range(spec.n)]
+        if kind == "weights":
+            return _matrix([[exps[r, c] / z[r] for c in range(spec.n)] for r in range(spec.n)])
+        v = steps["V"]
+        return _matrix([[(exps.row(r) * v.col(c))[0] / z[r] for c in range(spec.d_v)] for r in range(spec.n)])
+
+    def closed(self, name: str, structure) -> sympy.ImmutableMatrix:
+        if not structure.free_symbols & set(self._values):
+            return structure
+        return structure.applyfunc(lambda e: sympy.factor_terms(sympy.together(e.xreplace(self._values))))
 
 
 def _latex_name(name: str) -> str:

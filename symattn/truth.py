@@ -177,8 +177,8 @@ def initial_bits(spec, digits: int, exact: ExactAttention | None) -> int:
 def enclose(spec, engine: str, settle, settle_exact, digits: int, progress=None):
     """Run the precision loop over every entry of every step.
 
-    ``settle(step, i, j, lo, hi)`` gets the exact ends of an entry's enclosure and returns a result,
-    or None while the enclosure is too wide; ``settle_exact(step, i, j, q)`` gets the exact rational
+    ``settle(step, i, j, lo, hi, e)`` gets integers with the entry in [lo, hi]·10**e and returns a
+    result, or None while the enclosure is too wide; ``settle_exact(step, i, j, q)`` gets the exact rational
     value of an entry that is rational.  Returns ({step: rows of results}, {step: rows of
     exact-decision flags}, highest bits used).
     """
@@ -223,12 +223,12 @@ def enclose(spec, engine: str, settle, settle_exact, digits: int, progress=None)
         for rise in range(MAX_RISES + 1):
             report(f"{Engine.name} at {bits} bits: computing")
             values = compute(spec, Engine(bits), exact)
-            enclosure = Engine(bits).enclosure
+            decimal = Engine(bits).decimal
             for n, key in enumerate(list(pending)):
                 if n % 4096 == 0:
                     report(f"{Engine.name} at {bits} bits: certifying", n, len(pending))
                 name, i, j = key
-                ends = enclosure(values[name][i][j])
+                ends = decimal(values[name][i][j], digits)
                 result = settle(name, i, j, *ends) if ends is not None else None
                 if result is not None:
                     results[name][i][j] = result
@@ -338,8 +338,8 @@ def evaluate(spec, digits: int = 50, engine: str = "auto", progress: bool | None
     spec = load_spec(spec)
     digits = check_digits(digits)
 
-    def settle(name, i, j, lo, hi):
-        return certify.certified_string(lo, hi, digits)
+    def settle(name, i, j, lo, hi, e):
+        return certify.certified_decimal(lo, hi, e, digits)
 
     def settle_exact(name, i, j, value):
         return certify.exact_string(value, digits)

@@ -59,3 +59,22 @@ def test_enclosure_certifies_only_when_both_ends_agree():
     assert certify.certified_string(Fraction(-1, 10**9), Fraction(1, 10**9), 3) is None  # never proves 0
     assert certify.certified_string(Fraction(0), Fraction(0), 3) == "0"  # a point at zero does
     assert certify.certified_string(Fraction(99995, 10000), Fraction(99996, 10000), 4) == "10.00"
+
+
+def test_decimal_fast_path_agrees_with_the_exact_one():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(20000):
+        lo = rng.randint(-(10**12), 10**12)
+        hi = lo + rng.choice([0, 0, 1, 2, 10, 1000, rng.randint(0, 10**9)])
+        e, digits = rng.randint(-20, 5), rng.randint(1, 14)
+        scale = (1, 10**-e) if e < 0 else (10**e, 1)
+        expected = certify.certified_string((lo * scale[0], scale[1]), (hi * scale[0], scale[1]), digits)
+        assert certify.certified_decimal(lo, hi, e, digits) == expected, (lo, hi, e, digits)
+
+
+def test_integers_fast_path():
+    assert certify.exact_string(Fraction(-42), 5) == "-42.000"
+    assert certify.exact_string(Fraction(123456), 3) == "1.23e+5"
+    assert certify.exact_string(Fraction(7), 1) == "7"
