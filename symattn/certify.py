@@ -13,6 +13,7 @@ GCD to pay for.
 
 from __future__ import annotations
 
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_EVEN, Context, Decimal
 from fractions import Fraction
 from functools import lru_cache
 
@@ -81,22 +82,24 @@ def round_places(x: Rational, places: int) -> int:
 
 
 def format_significant(q: int, e: int, digits: int) -> str:
-    """The decimal string of round_significant's result: positional for moderate exponents.
+    """The decimal string of round_significant's result: positional for moderate exponents
+    (Python's Decimal rules, with a lower-case e).
 
     >>> format_significant(667, -1, 3), format_significant(123, 5, 3), format_significant(0, 0, 3)
     ('0.667', '1.23e+5', '0')
     """
     if q == 0:
         return "0"
-    sign = "-" if q < 0 else ""
-    text = str(abs(q))
-    if -6 <= e < digits:
-        if e >= 0:
-            whole, frac = text[: e + 1], text[e + 1 :]
-            return sign + whole + ("." + frac if frac else "")
-        return sign + "0." + "0" * (-e - 1) + text
-    mantissa = text[0] + ("." + text[1:] if len(text) > 1 else "")
-    return f"{sign}{mantissa}e{e:+d}"
+    return _text(_context(digits).create_decimal(q).scaleb(e - digits + 1, _context(digits)))
+
+
+@lru_cache(maxsize=64)
+def _context(digits: int) -> Context:
+    return Context(prec=digits, rounding=ROUND_HALF_EVEN, Emax=MAX_EMAX, Emin=MIN_EMIN)
+
+
+def _text(value: Decimal) -> str:
+    return str(value).replace("E", "e")
 
 
 def certified_string(lo: Rational, hi: Rational, digits: int) -> str | None:
@@ -118,24 +121,17 @@ def exact_string(x: Rational, digits: int) -> str:
 
 
 def certified_decimal(lo: int, hi: int, exp10: int, digits: int) -> str | None:
-    """Like certified_string for the enclosure [lo, hi]·10**exp10 (integers), the engines' fast path."""
-    if lo == hi == 0:
-        return "0"
-    if lo <= 0 <= hi:  # an enclosure around 0 never proves 0
+    """Like certified_string for the enclosure [lo, hi]·10**exp10 (integers): the engines' fast path,
+    rounding in C through the decimal module."""
+    context = _context(digits)
+    a = context.create_decimal(lo)
+    if a != context.create_decimal(hi):  # an enclosure around 0 never proves 0: its ends differ in sign
         return None
-    negative = hi < 0
-    if negative:
-        lo, hi = -hi, -lo
-    length = len(str(lo))
-    if len(str(hi)) != length or length <= digits:  # across a power of ten, or few digits: the general way
-        scale = (1, _pow10(-exp10)) if exp10 < 0 else (_pow10(exp10), 1)
-        text = certified_string((lo * scale[0], scale[1]), (hi * scale[0], scale[1]), digits)
-        return None if text is None else ("-" + text if negative else text)
-    p = _pow10(length - digits)
-    q = _round_half_even(lo, p)
-    if q != _round_half_even(hi, p):
-        return None
-    e = length - 1 + exp10
-    if q == _pow10(digits):  # 9.99… rounded up into the next decade
-        q, e = _pow10(digits - 1), e + 1
-    return format_significant(-q if negative else q, e, digits)
+    if not a:
+        return "0"  # lo = hi = 0: a point at zero
+    if lo == hi:  # an exact point may have fewer digits than asked: pad with zeros
+        sign, coefficient, exponent = a.as_tuple()
+        pad = digits - len(coefficient)
+        if pad > 0:
+            a = Decimal((sign, coefficient + (0,) * pad, exponent - pad))
+    return _text(a.scaleb(exp10, context))

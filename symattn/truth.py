@@ -114,7 +114,11 @@ def compute(spec, engine, exact: ExactAttention | None) -> dict:
         if exact is not None:
             out["Q" + name], out["K" + name], out["V" + name] = exact.Q[i], exact.K[i], exact.V[i]
             r = exact.R[i]
-            out["scores" + name] = [[scale * engine.rational(v, r.den) for v in row] for row in r.num.tolist()]
+            balls: dict = {}  # equal exact scores share one ball (and so one certification)
+            out["scores" + name] = [
+                [balls[v] if v in balls else balls.setdefault(v, scale * engine.rational(v, r.den)) for v in row]
+                for row in r.num.tolist()
+            ]
             weights = [_softmax_exponents(row, gap, engine) for row in exact.exponents[i]]
             v = v_engine[i]
         else:
@@ -193,68 +197,79 @@ def enclose(spec, engine: str, settle, settle_exact, digits: int, progress=None)
     shapes = _shapes(spec)
     results = {name: [[None] * cols for _ in range(rows)] for name, (rows, cols) in shapes.items()}
     flags = {name: [[False] * cols for _ in range(rows)] for name, (rows, cols) in shapes.items()}
-    pending = {(name, i, j): None for name, (rows, cols) in shapes.items() for i in range(rows) for j in range(cols)}
+    pending = {name: [(i, j) for i in range(rows) for j in range(cols)] for name, (rows, cols) in shapes.items()}
     decider = _Decider(spec, exact)
+    asked: set = set()
 
-    def decide(keys):
-        for key in keys:
-            value = decider(*key)
-            if value is not None:
-                name, i, j = key
+    def decide(name: str, cells: list) -> list:
+        """Settle the cells whose exact form is rational; return the others."""
+        left = []
+        for i, j in cells:
+            asked.add((name, i, j))
+            value = decider(name, i, j)
+            if value is None:
+                left.append((i, j))
+            else:
                 results[name][i][j] = settle_exact(name, i, j, value)
                 flags[name][i][j] = True
-                del pending[key]
+        return left
 
     if exact is not None:  # Q, K, V are exact rationals, and so are the scores where R is 0 or the scale rational
         rational_scale = isinstance(spec.effective_scale, Fraction)
-        decide(
-            [
-                k
-                for k in pending
-                if k[0][0] in "QKV"
-                or k[0].startswith("scores")
-                and (rational_scale or exact.R[int(k[0][6:]) - 1].num[k[1], k[2]] == 0)
-            ]
-        )
+        for name, cells in pending.items():
+            if name[0] in "QKV" or name.startswith("scores") and rational_scale:
+                pending[name] = decide(name, cells)
+            elif name.startswith("scores"):
+                zero = exact.R[int(name[6:]) - 1].num
+                pending[name] = [c for c in cells if zero[c] != 0] + decide(name, [c for c in cells if zero[c] == 0])
     bits = initial_bits(spec, digits, exact)
-    asked = set()
     saved = _save_flint_precision()
     try:
         for rise in range(MAX_RISES + 1):
             report(f"{Engine.name} at {bits} bits: computing")
             values = compute(spec, Engine(bits), exact)
-            decimal = Engine(bits).decimal
-            for n, key in enumerate(list(pending)):
-                if n % 4096 == 0:
-                    report(f"{Engine.name} at {bits} bits: certifying", n, len(pending))
-                name, i, j = key
-                ends = decimal(values[name][i][j], digits)
-                result = settle(name, i, j, *ends) if ends is not None else None
-                if result is not None:
-                    results[name][i][j] = result
-                    del pending[key]
+            decimal, seen = Engine(bits).decimal, {}  # equal balls (shared objects) are certified once
+            done, total = 0, sum(map(len, pending.values()))
+            for name, cells in pending.items():
+                report(f"{Engine.name} at {bits} bits: certifying", done, total)
+                done += len(cells)
+                rows, left = values[name], []
+                for i, j in cells:
+                    ball = rows[i][j]
+                    ends = seen.get(id(ball))
+                    if ends is None:
+                        ends = seen[id(ball)] = decimal(ball, digits), ball  # the ball kept alive keeps its id unique
+                    result = None if ends[0] is None else settle(name, i, j, *ends[0])
+                    if result is None:
+                        left.append((i, j))
+                    else:
+                        results[name][i][j] = result
+                pending[name] = left
             # Still undecided at a precision meant for them: a rational value on a rounding boundary
-            # (zero included) never certifies, so ask the exact form once.
-            decide([key for key in pending if key not in asked])
-            asked.update(pending)
-            if not pending or rise == MAX_RISES:
+            # (zero included) never certifies, so ask the exact form, once per entry.
+            for name, cells in pending.items():
+                pending[name] = [c for c in cells if (name, *c) in asked] + decide(
+                    name, [c for c in cells if (name, *c) not in asked]
+                )
+            undecided = [(name, *c) for name, cells in pending.items() for c in cells]
+            if not undecided or rise == MAX_RISES:
                 break
             log.debug(
-                "raising precision from %d to %d bits: %d entries not yet certified, e.g. %s",
+                "raising precision from %d to %d bits: %d entries not yet certified, e.g. %s[%d, %d]",
                 bits,
                 2 * bits,
-                len(pending),
-                "{}[{}, {}]".format(*next(iter(pending))),
+                len(undecided),
+                *undecided[0],
             )
             bits *= 2
     finally:
         _restore_flint_precision(saved)
         report.close()
-    if pending:
-        name, i, j = next(iter(pending))
+    if undecided:
+        name, i, j = undecided[0]
         raise SymattnError(
             f"{name}[{i}, {j}]: could not certify {digits} digits at up to {bits} bits of precision "
-            f"({len(pending)} entries undecided); ask for fewer digits"
+            f"({len(undecided)} entries undecided); ask for fewer digits"
         )
     return results, flags, bits
 
@@ -338,8 +353,13 @@ def evaluate(spec, digits: int = 50, engine: str = "auto", progress: bool | None
     spec = load_spec(spec)
     digits = check_digits(digits)
 
+    seen: dict = {}  # equal enclosures certify alike
+
     def settle(name, i, j, lo, hi, e):
-        return certify.certified_decimal(lo, hi, e, digits)
+        key = lo, hi, e
+        if key not in seen:
+            seen[key] = certify.certified_decimal(lo, hi, e, digits)
+        return seen[key]
 
     def settle_exact(name, i, j, value):
         return certify.exact_string(value, digits)
