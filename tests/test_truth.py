@@ -154,3 +154,65 @@ def test_fraction_inputs_from_python():
         "py", [[Fraction(1, 3), 1]], [{"wq": [[1], [1]], "wk": [[1], [1]], "wv": [[1], [1]]}], [[3]]
     )
     assert symattn.evaluate(spec, digits=5)["M"].values == (("4.0000",),)
+
+
+def test_notebook_1000_digits(notebook_data):
+    truth = symattn.evaluate("notebook", digits=1000, engine="arb")
+    assert_certified(truth, notebook_data, 1000, dps=1100)
+
+
+def near_cancellation() -> dict:
+    # nearly one-hot weights: M = 8·w0 − 8·(w0 + w1) = −8·w1 ≈ −8·exp(−45), computed from terms near 8,
+    # so 50 digits of it need about 20 digits more than the first guess of the precision
+    return {
+        "x": [[8, 0], [0, 8]],
+        "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]], "wv": [[1, 1], [0, 1]]}],
+        "wo": [[1], [-1]],
+    }
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_precision_rises_and_says_so(engine, caplog):
+    data = near_cancellation()
+    with caplog.at_level("DEBUG", logger="symattn"):
+        truth = symattn.evaluate(data, digits=50, engine=engine)
+    assert any(r.getMessage().startswith("raising precision from ") for r in caplog.records)
+    assert truth.bits > symattn.truth.initial_bits(truth.spec, 50, None)
+    assert_certified(truth, data, 50)
+
+
+def test_precision_limit_is_an_error(monkeypatch):
+    monkeypatch.setattr(symattn.truth, "MAX_RISES", 0)
+    with pytest.raises(
+        SymattnError,
+        match=r"^M\[\d, 0\]: could not certify 50 digits at up to \d+ bits of precision "
+        r"\(\d+ entries undecided\); ask for fewer digits$",
+    ):
+        symattn.evaluate(near_cancellation(), digits=50)
+
+
+def test_progress_only_on_a_terminal():
+    import io
+
+    from symattn.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    shown, hidden = Terminal(), io.StringIO()
+    for stream in (shown, hidden):
+        progress = Progress(None, stream, delay=0)
+        progress("arb at 200 bits: certifying", 10, 100)
+        progress.close()
+    assert "symattn: arb at 200 bits: certifying 10/100 entries" in shown.getvalue()
+    assert hidden.getvalue() == ""
+
+
+def test_cli_json_stays_clean_on_a_pipe():
+    result = subprocess.run(
+        [sys.executable, "-m", "symattn", "eval", "notebook", "--json", "--digits", "300"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and result.stderr == ""

@@ -154,6 +154,15 @@ def main() -> None:
         data = random_spec(16, 16, 4)
         t = best(lambda: symattn_truth(data, args.digits, "auto"), args.repeat)
         print(f"\nsymattn build + {args.digits}-digit truth, n = d_model = 16, h = 4: {t:.3f} s (target < 2 s)")
+
+        def everything():
+            trace = symattn.build(data)
+            for name in trace.names:
+                trace.structure(name)
+                trace[name]
+
+        t = best(everything, 1)
+        print(f"  (every step's structure and closed form materialised as SymPy matrices too: {t:.3f} s)")
     if args.scaling_sizes:
         scaling_table(args.scaling_sizes, args.digits, args.repeat)
 
