@@ -62,7 +62,7 @@ def naive_sympy(data: dict, digits: int):
         q, k, v = (x * sympy.Matrix(head[w]) for w in ("wq", "wk", "wv"))
         scores = q * k.T / sympy.sqrt(q.shape[1])
         e = scores.applyfunc(sympy.exp)
-        weights = sympy.Matrix(e.rows, e.cols, lambda r, c: e[r, c] / sum(e.row(r)))
+        weights = sympy.Matrix([[e[r, c] / sum(e.row(r)) for c in range(e.cols)] for r in range(e.rows)])
         heads.append(weights * v)
     m = sympy.Matrix.hstack(*heads) * sympy.Matrix(data["wo"])
     f = sympy.lambdify([], m, modules="mpmath")
@@ -100,8 +100,11 @@ def symattn_truth(data: dict, digits: int, engine: str):
 
 def cli_process(path: str, digits: int) -> float:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "symattn", "eval", path, "--json", "--digits", str(digits)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "symattn", "eval", path, "--json", "--digits", str(digits)],
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr)
@@ -135,8 +138,11 @@ def scaling_table(sizes, digits: int, repeat: int) -> None:
             process = min(cli_process(f.name, digits) for _ in range(repeat))
         finally:
             os.unlink(f.name)
-        print(f"{n:>4} {h:>2} {plain:>10.3f} {arb:>8.3f} {iv:>9.3f} {process:>13.3f}"
-              f" {plain / arb:>9.1f}× {plain / iv:>11.1f}× {plain / process:>12.1f}×", flush=True)
+        print(
+            f"{n:>4} {h:>2} {plain:>10.3f} {arb:>8.3f} {iv:>9.3f} {process:>13.3f}"
+            f" {plain / arb:>9.1f}× {plain / iv:>11.1f}× {plain / process:>12.1f}×",
+            flush=True,
+        )
 
 
 def main() -> None:
