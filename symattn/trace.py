@@ -210,14 +210,25 @@ class _RationalSteps:
         return self._powers[e]
 
     def poly(self, poly: dict):
-        """Σ c·t**e with t = exp(g)."""
-        terms = [_rational(Fraction(c)) * self.power(e) for e, c in sorted(poly.items())]
-        return sympy.Add(*terms)
+        """Σ c·t**e with t = exp(g).
+
+        Exponents are distinct and coefficients non-zero, so the sum is already canonical: it is
+        built without SymPy's term collection, which dominates the cost on large specs.
+        """
+        terms = [self._term(Fraction(c), e) for e, c in sorted(poly.items())]
+        return terms[0] if len(terms) == 1 else sympy.Add(*terms, evaluate=False)
+
+    def _term(self, c: Fraction, e: int):
+        if e == 0:
+            return _rational(c)
+        if c == 1:
+            return self.power(e)
+        return sympy.Mul(_rational(c), self.power(e), evaluate=False)
 
     def fraction(self, num: dict, den: dict):
         """num(t)/den(t) as c·N/Z, reduced as far as exact.reduced goes."""
         c, n, z = reduced(num, den)
-        return _rational(c) * self.poly(n) / self.poly(z)
+        return _quotient(c, self.poly(n), self.poly(z))
 
     def is_normaliser(self, z) -> bool:
         return z in self._values
@@ -231,7 +242,12 @@ class _RationalSteps:
             return _matrix(
                 [
                     [
-                        sympy.Add(*(self.poly(num) / self._symbols[head, r] for head, num, _ in ex.output_terms(r, c)))
+                        sympy.Add(
+                            *(
+                                _quotient(1, self.poly(num), self._symbols[head, r])
+                                for head, num, _ in ex.output_terms(r, c)
+                            )
+                        )
                         for c in range(spec.d_out)
                     ]
                     for r in range(spec.n)
@@ -246,7 +262,10 @@ class _RationalSteps:
         if kind == "weights":
             return _matrix([[self.power(e) / z[r] for e in ex.exponents[h][r]] for r in range(spec.n)])
         return _matrix(
-            [[self.poly(ex.rational_function(name, r, c)[0]) / z[r] for c in range(spec.d_v)] for r in range(spec.n)]
+            [
+                [_quotient(1, self.poly(ex.rational_function(name, r, c)[0]), z[r]) for c in range(spec.d_v)]
+                for r in range(spec.n)
+            ]
         )
 
     def closed(self, name: str, structure) -> sympy.ImmutableMatrix:
@@ -326,6 +345,14 @@ class _SymbolicSteps:
         if not structure.free_symbols & set(self._values):
             return structure
         return structure.applyfunc(lambda e: sympy.factor_terms(sympy.together(e.xreplace(self._values))))
+
+
+def _quotient(c: Fraction, num, den):
+    """c·num/den, built as it reads: SymPy would otherwise distribute c over num's terms."""
+    if den == 1:
+        return _rational(c) * num
+    factors = ([] if c == 1 else [_rational(c)]) + ([] if num == 1 else [num]) + [sympy.Pow(den, -1)]
+    return factors[0] if len(factors) == 1 else sympy.Mul(*factors, evaluate=False)
 
 
 def _latex_name(name: str) -> str:

@@ -27,8 +27,8 @@ def test_show_closed_str(capsys):
     assert main(["show", "notebook", "--step", "M", "--closed", "--format", "str"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "M = concat_heads·wo   (2×2)",
-        "[[(3 + 7*exp(3*sqrt(2)))/(1 + exp(3*sqrt(2))), (-7*exp(3*sqrt(2)) - 3)/(1 + exp(3*sqrt(2)))], "
-        "[(3 + 7*exp(7*sqrt(2)))/(1 + exp(7*sqrt(2))), (-7*exp(7*sqrt(2)) - 3)/(1 + exp(7*sqrt(2)))]]",
+        "[[(3 + 7*exp(3*sqrt(2)))/(1 + exp(3*sqrt(2))), -(3 + 7*exp(3*sqrt(2)))/(1 + exp(3*sqrt(2)))], "
+        "[(3 + 7*exp(7*sqrt(2)))/(1 + exp(7*sqrt(2))), -(3 + 7*exp(7*sqrt(2)))/(1 + exp(7*sqrt(2)))]]",
     ]
 
 
