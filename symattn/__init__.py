@@ -13,7 +13,14 @@ from .spec import AttentionSpec, load_spec
 from .truth import evaluate
 
 __version__ = "0.1.0"
-__all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "load_spec", "__version__"]
+__all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "load_spec", "__version__"]
+
+
+def generate(spec, weights: str = "folded", strategy: str = "auto") -> str:
+    """The source of a standalone NumPy module for the spec; see ``symattn.codegen.generate``."""
+    from .codegen import generate as _generate
+
+    return _generate(spec, weights=weights, strategy=strategy)
 
 
 def build(spec):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import SymattnError
@@ -50,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.add_argument("--exact", action="store_true", help="include the closed forms (needs SymPy; slow for big specs)")
 
+    gen = sub.add_parser("generate", help="emit a standalone NumPy module computing the attention")
+    gen.add_argument("spec")
+    gen.add_argument("-o", "--output", metavar="FILE", help="write the module here (atomically) instead of stdout")
+    gen.add_argument(
+        "--weights",
+        choices=("folded", "inputs"),
+        default="folded",
+        help="folded: the spec's weights are constants, forward(x); inputs: forward(x, wq, wk, wv, wo)",
+    )
+    gen.add_argument("--strategy", choices=("auto", "unrolled", "vectorized"), default="auto")
+    gen.add_argument("--check", action="store_true", help="exit 1 if FILE differs from what would be generated now")
+
     nb = sub.add_parser("notebook", help="check every number a notebook printed against the exact values")
     nb.add_argument("file", help="a text transcript ('In [N]:' cells) or an .ipynb file")
     return parser
@@ -60,7 +73,8 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
         if args.verbose:
             logging.basicConfig(level=logging.DEBUG, format="symattn: %(message)s")
-        return {"show": _show, "eval": _eval, "notebook": _notebook}[args.command](args)
+        commands = {"show": _show, "eval": _eval, "generate": _generate, "notebook": _notebook}
+        return commands[args.command](args)
     except SymattnError as e:
         print(f"symattn: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
@@ -158,6 +172,48 @@ def _eval(args) -> int:
         out.append(str(step))
     print("\n".join(out))
     return 0
+
+
+def _generate(args) -> int:
+    from .codegen import generate
+    from .spec import load_spec
+
+    source = generate(load_spec(args.spec), weights=args.weights, strategy=args.strategy)
+    if args.check:
+        if not args.output:
+            raise SymattnError("--check: expected -o FILE to compare with, received no file")
+        try:
+            current = Path(args.output).read_text(encoding="utf-8")
+        except OSError:
+            current = None
+        if current != source:
+            print(f"{args.output}: differs from what symattn {__version__} generates now", file=sys.stderr)
+            return 1
+        print(f"{args.output}: up to date")
+        return 0
+    if args.output:
+        write_atomic(Path(args.output), source)
+    else:
+        sys.stdout.write(source)
+    return 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path through a temporary file in the same folder: never half-written."""
+    import os
+    import tempfile
+
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise SymattnError(f"-o: cannot write into {path.parent}: {e.strerror}") from None
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def _notebook(args) -> int:

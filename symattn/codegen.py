@@ -18,6 +18,7 @@ from the spec never reach the code (only the digest and the name, checked).
 from __future__ import annotations
 
 import re
+import textwrap
 
 import sympy
 from sympy.printing.numpy import NumPyPrinter
@@ -46,8 +47,9 @@ def generate(spec, weights: str = "folded", strategy: str = "auto") -> str:
     if strategy not in STRATEGIES:
         raise SymattnError(f"strategy: expected one of {', '.join(STRATEGIES)}, received {strategy!r}")
     if spec.symbols:
-        raise SymattnError(f"spec {spec.name}: code generation needs numbers, received the symbols "
-                           f"{', '.join(spec.symbols)}")
+        raise SymattnError(
+            f"spec {spec.name}: code generation needs numbers, received the symbols {', '.join(spec.symbols)}"
+        )
     if strategy == "auto":
         size = spec.h * spec.n * spec.n * max(spec.d_k, spec.d_v)
         strategy = "unrolled" if size <= UNROLL_LIMIT else "vectorized"
@@ -87,11 +89,11 @@ class _Lines:
 
     def expr(self, target: str, expr) -> None:
         expr = _floats(expr if isinstance(expr, sympy.Basic) else sympy.Integer(expr))
-        text = self.printer.doprint(expr)
-        self.lines.append((target, f"{target} = {text}", frozenset(s.name for s in expr.free_symbols)))
+        text = _spaced(self.printer.doprint(expr))
+        self.lines.append((target, _assignment(target, text), frozenset(s.name for s in expr.free_symbols)))
 
     def raw(self, target: str, text: str, reads) -> None:
-        self.lines.append((target, f"{target} = {text}", frozenset(reads)))
+        self.lines.append((target, _assignment(target, text), frozenset(reads)))
 
     def needed(self, outputs) -> list[str]:
         wanted, keep = set(outputs), []
@@ -100,6 +102,67 @@ class _Lines:
                 keep.append(text)
                 wanted |= reads
         return keep[::-1]
+
+
+LINE = 120  # the line length the emitted code keeps to, as ruff format would lay it out
+
+
+def _spaced(text: str) -> str:
+    """Spaces around * and / as ruff format writes them (SymPy prints x*y)."""
+    return re.sub(
+        r"(?<=[\w)])(\*\*|\*|/)(?=[\w(.-])", lambda m: m.group(1) if m.group(1) == "**" else f" {m.group(1)} ", text
+    )
+
+
+def _top_level_terms(text: str) -> list[str]:
+    """The operands of the outermost chain of + and -, each with its operator in front (but the first)."""
+    terms, depth, start = [], 0, 0
+    for k, ch in enumerate(text):
+        depth += ch in "([" and 1 or (ch in ")]" and -1 or 0)
+        if depth == 0 and k > start and text[k - 1 : k + 2] in (" + ", " - "):
+            terms.append(text[start : k - 1])
+            start = k
+    terms.append(text[start:])
+    return terms
+
+
+def _assignment(target: str, text: str, indent: str = "    ") -> str:
+    """``target = text`` in ruff format's layout: one line, or parenthesised, or one term a line."""
+    line = f"{target} = {text}"
+    if len(indent) + len(line) <= LINE:
+        return line
+    inner = indent + "    "
+    if len(inner) + len(text) <= LINE:
+        return f"{target} = (\n{inner}{text}\n{indent})"
+    return f"{target} = (\n" + "\n".join(inner + term for term in _top_level_terms(text)) + f"\n{indent})"
+
+
+def _flat(node) -> str:
+    return node if isinstance(node, str) else "[" + ", ".join(_flat(n) for n in node) + "]"
+
+
+def _layout(prefix: str, node, indent: int, suffix: str) -> list[str]:
+    """A (nested) list literal after prefix, laid out as ruff format does: on one line if it fits,
+    else one element a line with trailing commas."""
+    pad = " " * indent
+    line = pad + prefix + _flat(node) + suffix
+    if len(line) <= LINE or isinstance(node, str):
+        return [line]
+    inner = [ln for n in node for ln in _layout("", n, indent + 4, ",")]
+    return [pad + prefix + "["] + inner + [pad + "]" + suffix]
+
+
+def _call(prefix: str, args: list, indent: int, suffix: str) -> list[str]:
+    """``prefix(args...)suffix`` laid out as ruff format does."""
+    pad, inner = " " * indent, " " * (indent + 4)
+    flat = ", ".join(_flat(a) for a in args)
+    if len(pad + prefix + "(" + flat + ")" + suffix) <= LINE:
+        return [pad + prefix + "(" + flat + ")" + suffix]
+    if len(inner + flat) <= LINE:
+        return [pad + prefix + "(", inner + flat, pad + ")" + suffix]
+    comma = "," if len(args) > 1 else ""
+    body = [ln for a in args for ln in _layout("", a, indent + 4, comma)]
+    return [pad + prefix + "("] + body + [pad + ")" + suffix]
 
 
 def _entries(matrix, prefix):
@@ -186,8 +249,9 @@ class _Unrolled:
         if self.weights == "folded":
             return sympy.Matrix([[to_sympy(e) for e in row] for row in w])
         tag = "" if head is None else str(head)
-        symbols = sympy.Matrix([[sympy.Symbol(f"{prefix}{tag}_{i}_{j}") for j in range(len(w[0]))]
-                                for i in range(len(w))])
+        symbols = sympy.Matrix(
+            [[sympy.Symbol(f"{prefix}{tag}_{i}_{j}") for j in range(len(w[0]))] for i in range(len(w))]
+        )
         for i in range(len(w)):
             for j in range(len(w[0])):
                 self.lines.raw(symbols[i, j].name, source.format(i=i, j=j), [prefix])
@@ -203,8 +267,11 @@ class _Unrolled:
             pairs = [(f"qs{a}_{i}_{c}", f"k{a}_{j}_{c}") for c in range(d_k)]
             key = sympy.expand(sympy.Add(*(form(q) * form(k) for q, k in pairs)))
             text = " + ".join(f"{q} * {k}" for q, k in pairs)
-            values.assign(f"s{a}_{i}_{j}", key,
-                          lambda j=j, text=text, pairs=pairs: lines.raw(f"s{a}_{i}_{j}", text, sum(pairs, ())))
+            values.assign(
+                f"s{a}_{i}_{j}",
+                key,
+                lambda j=j, text=text, pairs=pairs: lines.raw(f"s{a}_{i}_{j}", text, sum(pairs, ())),
+            )
         scores = [f"s{a}_{i}_{j}" for j in range(n)]
         row_key = sympy.Tuple(*(form(s) for s in scores))  # equal score rows have equal weights
         weights = [f"w{a}_{i}_{j}" for j in range(n)]
@@ -214,13 +281,17 @@ class _Unrolled:
                 values.rep[name] = values.rep[same.name]
         else:
             top = scores[0]
-            for other in scores[1:]:
-                top = f"numpy.maximum({top}, {other})"
-            lines.raw(f"top{a}_{i}", top, scores)
+            for k, other in enumerate(scores[1:], 2):  # running maxima, one named step each
+                name = f"top{a}_{i}" if k == n else f"top{a}_{i}_{k}"
+                lines.raw(name, f"numpy.maximum({top}, {other})", [top, other])
+                top = name
+            if n == 1:
+                lines.raw(f"top{a}_{i}", top, [top])
             for j, s in enumerate(scores):
                 lines.raw(f"e{a}_{i}_{j}", f"numpy.exp({s} - top{a}_{i})", [s, f"top{a}_{i}"])
             exps = [f"e{a}_{i}_{j}" for j in range(n)]
-            lines.raw(f"r{a}_{i}", f"1 / ({' + '.join(exps)})", exps)
+            lines.raw(f"z{a}_{i}", " + ".join(exps), exps)
+            lines.raw(f"r{a}_{i}", f"1 / z{a}_{i}", [f"z{a}_{i}"])
             for j, name in enumerate(weights):
                 lines.raw(name, f"e{a}_{i}_{j} * r{a}_{i}", [exps[j], f"r{a}_{i}"])
                 values.rep[name] = sympy.Symbol(name)
@@ -229,8 +300,11 @@ class _Unrolled:
             pairs = [(f"w{a}_{i}_{j}", f"v{a}_{j}_{c}") for j in range(n)]
             key = sympy.expand(sympy.Add(*(form(w) * form(v) for w, v in pairs)))
             text = " + ".join(f"{w} * {v}" for w, v in pairs)
-            values.assign(f"head{a}_{i}_{c}", key,
-                          lambda c=c, text=text, pairs=pairs: lines.raw(f"head{a}_{i}_{c}", text, sum(pairs, ())))
+            values.assign(
+                f"head{a}_{i}_{c}",
+                key,
+                lambda c=c, text=text, pairs=pairs: lines.raw(f"head{a}_{i}_{c}", text, sum(pairs, ())),
+            )
 
     def matrices(self) -> dict:
         """Each step's scalar names, as rows."""
@@ -254,15 +328,12 @@ class _Unrolled:
         lines += ["    " + text for text in self.lines.needed(outputs)]
         if every_step:
             lines.append("    return {")
-            lines += [f'        "{name}": _stack({_rows(rows)}, x.dtype),' for name, rows in matrices.items()]
+            for name, rows in matrices.items():
+                lines += _call(f'"{name}": _stack', [rows, "x.dtype"], 8, ",")
             lines.append("    }")
         else:
-            lines.append(f"    return _stack({_rows(matrices['M'])}, x.dtype)")
+            lines += _call("return _stack", [matrices["M"], "x.dtype"], 4, "")
         return lines
-
-
-def _rows(rows) -> str:
-    return "[" + ", ".join("[" + ", ".join(row) + "]" for row in rows) + "]"
 
 
 def _doc(every_step: bool) -> list[str]:
@@ -272,11 +343,15 @@ def _doc(every_step: bool) -> list[str]:
 
 
 def _prologue(spec, weights: str) -> list[str]:
-    lines = [f"    x = _floating(x, ({spec.n}, {spec.d_model}), 'x')"]
+    lines = [f'    x = _floating(x, ({spec.n}, {spec.d_model}), "x")']
     if weights == "inputs":
-        shapes = {"wq": (spec.h, spec.d_model, spec.d_k), "wk": (spec.h, spec.d_model, spec.d_k),
-                  "wv": (spec.h, spec.d_model, spec.d_v), "wo": (spec.h * spec.d_v, spec.d_out)}
-        lines += [f"    {name} = _floating({name}, {shape}, '{name}', x.dtype)" for name, shape in shapes.items()]
+        shapes = {
+            "wq": (spec.h, spec.d_model, spec.d_k),
+            "wk": (spec.h, spec.d_model, spec.d_k),
+            "wv": (spec.h, spec.d_model, spec.d_v),
+            "wo": (spec.h * spec.d_v, spec.d_out),
+        }
+        lines += [f'    {name} = _floating({name}, {shape}, "{name}", x.dtype)' for name, shape in shapes.items()]
     return lines
 
 
@@ -292,43 +367,53 @@ class _Vectorized:
         spec, scale = self.spec, to_sympy(self.spec.effective_scale)
 
         def literal(rows, factor=1):
-            return "[" + ", ".join("[" + ", ".join(repr(_float(to_sympy(e) * factor)) for e in row) + "]"
-                                   for row in rows) + "]"
+            return [[repr(_float(to_sympy(e) * factor)) for e in row] for row in rows]
 
         def stacked(key, factor=1):
-            return "[" + ", ".join(literal(getattr(head, key), factor) for head in spec.heads) + "]"
+            return [literal(getattr(head, key), factor) for head in spec.heads]
 
-        return [
-            f"_WQ = numpy.array({stacked('wq')})",
-            f"_WQ_SCALED = numpy.array({stacked('wq', scale)})  # the scale folded into the queries",
-            f"_WK = numpy.array({stacked('wk')})",
-            f"_WV = numpy.array({stacked('wv')})",
-            f"_WO = numpy.array({literal(spec.wo)})",
-        ]
+        lines = ["# the exact weights rounded to float64; the scale is folded into the queries' copy"]
+        for name, value in (
+            ("_WQ", stacked("wq")),
+            ("_WQ_SCALED", stacked("wq", scale)),
+            ("_WK", stacked("wk")),
+            ("_WV", stacked("wv")),
+            ("_WO", literal(spec.wo)),
+        ):
+            lines += _call(f"{name} = numpy.array", [value], 0, "")
+        return lines
 
     def function(self, signature: str, every_step: bool) -> list[str]:
         spec = self.spec
         lines = [f"def {signature}:", *_doc(every_step), *_prologue(spec, self.weights)]
         if self.weights == "folded":
-            lines += ["    wq, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ, _WK, _WV, _WO))",
-                      "    wq_scaled = _WQ_SCALED.astype(x.dtype)"]
+            lines += [
+                "    wq, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ, _WK, _WV, _WO))",
+                "    wq_scaled = _WQ_SCALED.astype(x.dtype)",
+            ]
         else:
             lines.append(f"    wq_scaled = wq * x.dtype.type({_float(to_sympy(spec.effective_scale))!r})")
         lines += [
-            '    x = x[..., numpy.newaxis, :, :]  # (..., 1, n, d_model): one copy per head',
-            '    scores = (x @ wq_scaled) @ numpy.swapaxes(x @ wk, -1, -2)',
-            '    exps = numpy.exp(scores - scores.max(axis=-1, keepdims=True))',
-            '    weights = exps / exps.sum(axis=-1, keepdims=True)',
-            '    heads = weights @ (x @ wv)  # (..., h, n, d_v)',
-            f'    concat = numpy.concatenate([heads[..., i, :, :] for i in range({spec.h})], axis=-1)',
-            '    m = concat @ wo',
+            "    x = x[..., numpy.newaxis, :, :]  # (..., 1, n, d_model): one copy per head",
+            "    scores = (x @ wq_scaled) @ numpy.swapaxes(x @ wk, -1, -2)",
+            "    exps = numpy.exp(scores - scores.max(axis=-1, keepdims=True))",
+            "    weights = exps / exps.sum(axis=-1, keepdims=True)",
+            "    heads = weights @ (x @ wv)  # (..., h, n, d_v)",
+            f"    concat = numpy.concatenate([heads[..., i, :, :] for i in range({spec.h})], axis=-1)",
+            "    m = concat @ wo",
         ]
         if not every_step:
             return lines + ["    return m"]
         lines += ["    q, k, v = x @ wq, x @ wk, x @ wv", "    return {"]
         for a in range(spec.h):
-            for name, value in (("Q", "q"), ("K", "k"), ("V", "v"), ("scores", "scores"), ("weights", "weights"),
-                                ("head", "heads")):
+            for name, value in (
+                ("Q", "q"),
+                ("K", "k"),
+                ("V", "v"),
+                ("scores", "scores"),
+                ("weights", "weights"),
+                ("head", "heads"),
+            ):
                 lines.append(f'        "{name}{a + 1}": {value}[..., {a}, :, :],')
         lines += ['        "concat_heads": concat,', '        "M": m,', "    }"]
         return lines
@@ -341,35 +426,43 @@ def _float(value) -> float:
 def _module(spec, weights: str, strategy: str, body) -> str:
     name = spec.name if re.fullmatch(r"[\w.\- ]{1,80}", spec.name) else "(unnamed)"
     args = "x" if weights == "folded" else "x, wq, wk, wv, wo"
-    shapes = (f"x (..., {spec.n}, {spec.d_model})" if weights == "folded" else
-              f"x (..., {spec.n}, {spec.d_model}), wq and wk ({spec.h}, {spec.d_model}, {spec.d_k}), "
-              f"wv ({spec.h}, {spec.d_model}, {spec.d_v}), wo ({spec.h * spec.d_v}, {spec.d_out})")
-    doc = [
-        f'"""Multi-head self-attention for the spec {name!r}, generated by symattn {__version__}; do not edit.',
-        "",
+    shapes = (
+        f"x (..., {spec.n}, {spec.d_model})"
+        if weights == "folded"
+        else f"x (..., {spec.n}, {spec.d_model}), wq and wk ({spec.h}, {spec.d_model}, {spec.d_k}), "
+        f"wv ({spec.h}, {spec.d_model}, {spec.d_v}), wo ({spec.h * spec.d_v}, {spec.d_out})"
+    )
+    prose = (
         f"Spec digest {spec.digest()}; {spec.h} heads, n={spec.n}, d_model={spec.d_model}, d_k={spec.d_k}, "
-        f"d_v={spec.d_v}, d_out={spec.d_out}; weights {weights}; strategy {strategy}.",
-        "",
-        f"forward({args}) -> M (..., {spec.n}, {spec.d_out}) for {shapes}, batched over the leading axes",
-        f"of x. intermediates({args}) -> every step ({', '.join(step_names(spec.h)[:3])}, ..., M).",
-        "Float dtypes are preserved (other inputs become float64); the softmax is shifted by each row's",
-        "maximum, so large logits give finite results.",
-    ]
+        f"d_v={spec.d_v}, d_out={spec.d_out}; weights {weights}; strategy {strategy}.\n\n"
+        f"forward({args}) -> M (..., {spec.n}, {spec.d_out}) for {shapes}, batched over the leading axes of x. "
+        f"intermediates({args}) -> every step ({', '.join(step_names(spec.h)[:3])}, ..., M). Float dtypes are "
+        "preserved (other inputs become float64); the softmax is shifted by each row's maximum, so large logits "
+        "give finite results."
+    )
+    doc = [f'"""Multi-head self-attention for the spec {name!r}, generated by symattn {__version__}; do not edit.']
+    for paragraph in prose.split("\n\n"):
+        doc += ["", *textwrap.wrap(paragraph, LINE - 4)]
     if weights == "folded" and spec.n * spec.d_out <= 8 and spec.n <= 4:
         from .trace import build
 
         closed = build(spec)["M"]
-        doc += ["", "Exact output:"]
-        doc += [f"    M[{i}, {j}] = {sympy.sstr(closed[i, j])}" for i in range(closed.rows) for j in range(closed.cols)]
+        exact = [
+            f"    M[{i}, {j}] = {sympy.sstr(closed[i, j])}" for i in range(closed.rows) for j in range(closed.cols)
+        ]
+        if max(map(len, exact)) <= LINE:
+            doc += ["", "Exact output:", *exact]
     doc.append('"""')
-    parts = ["\n".join(doc), "import numpy"]
+    head = "\n".join(doc) + "\n\nimport numpy\n"  # then one blank line before constants, two before a def
     constants = body.constants() if hasattr(body, "constants") else []
     if constants:
-        parts.append("\n".join(constants))
-    parts.append("\n".join(body.function(f"forward({args})", every_step=False)))
-    parts.append("\n".join(body.function(f"intermediates({args})", every_step=True)))
-    parts.append(_HELPERS.strip("\n"))
-    return "\n\n\n".join(parts) + "\n"
+        head += "\n" + "\n".join(constants) + "\n"
+    parts = [
+        "\n".join(body.function(f"forward({args})", every_step=False)),
+        "\n".join(body.function(f"intermediates({args})", every_step=True)),
+        _HELPERS.strip("\n"),
+    ]
+    return head + "\n\n" + "\n\n\n".join(parts) + "\n"
 
 
 _HELPERS = '''
@@ -379,7 +472,7 @@ def _floating(a, shape, name, dtype=None):
         a = a.astype(dtype, copy=False)
     elif not numpy.issubdtype(a.dtype, numpy.floating):
         a = a.astype(numpy.float64)
-    if a.shape[a.ndim - len(shape):] != shape or (dtype is not None and a.shape != shape):
+    if a.shape[a.ndim - len(shape) :] != shape or (dtype is not None and a.shape != shape):
         raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
     return a
 
@@ -388,6 +481,5 @@ def _stack(rows, dtype):
     """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
     flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
     columns = len(rows[0])
-    return numpy.stack([numpy.stack(flat[i:i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
+    return numpy.stack([numpy.stack(flat[i : i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
 '''
-
