@@ -9,30 +9,34 @@ maximum, so large logits give finite results.
 
 import numpy
 
-# the exact weights rounded to float64; the scale is folded into the queries' copy
-_WQ = numpy.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[0.0, 1.0], [1.0, 1.0], [0.0, -1.0]]])
+# the exact weights rounded to float64, heads side by side; the scale folded into the queries
+_WQ = numpy.array([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, -1.0]])
 _WQ_SCALED = numpy.array(
     [
-        [[0.7071067811865476, 0.0], [0.0, 0.7071067811865476], [0.7071067811865476, 0.7071067811865476]],
-        [[0.0, 0.7071067811865476], [0.7071067811865476, 0.7071067811865476], [0.0, -0.7071067811865476]],
+        [0.7071067811865476, 0.0, 0.0, 0.7071067811865476],
+        [0.0, 0.7071067811865476, 0.7071067811865476, 0.7071067811865476],
+        [0.7071067811865476, 0.7071067811865476, 0.0, -0.7071067811865476],
     ]
 )
-_WK = numpy.array([[[0.0, 1.0], [1.0, 0.0], [1.0, -1.0]], [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
-_WV = numpy.array([[[1.0, 0.0], [0.0, -1.0], [2.0, 1.0]], [[0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]]])
+_WK = numpy.array([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0], [1.0, -1.0, 0.0, 0.0]])
+_WV = numpy.array([[1.0, 0.0, 0.0, 1.0], [0.0, -1.0, -1.0, 0.0], [2.0, 1.0, 1.0, 1.0]])
 _WO = numpy.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 2.0], [0.0, -1.0, 1.0]])
 
 
 def forward(x):
     """The output M, (..., n, d_out), for x of shape (..., n, d_model)."""
     x = _floating(x, (4, 3), "x")
-    wq, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ, _WK, _WV, _WO))
-    wq_scaled = _WQ_SCALED.astype(x.dtype)
-    x = x[..., numpy.newaxis, :, :]  # (..., 1, n, d_model): one copy per head
-    scores = (x @ wq_scaled) @ numpy.swapaxes(x @ wk, -1, -2)
-    exps = numpy.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights = exps / exps.sum(axis=-1, keepdims=True)
-    heads = weights @ (x @ wv)  # (..., h, n, d_v)
-    concat = numpy.concatenate([heads[..., i, :, :] for i in range(2)], axis=-1)
+    wq_scaled, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ_SCALED, _WK, _WV, _WO))
+    q = _heads(x @ wq_scaled, 2)  # (..., h, n, d_k)
+    k = _heads(x @ wk, 2)
+    v = _heads(x @ wv, 2)
+    scores = q @ numpy.swapaxes(k, -1, -2)
+    weights = scores  # the softmax in place
+    weights -= weights.max(axis=-1, keepdims=True)
+    numpy.exp(weights, out=weights)
+    weights *= 1 / weights.sum(axis=-1, keepdims=True)
+    heads = weights @ v
+    concat = _side_by_side(heads)
     m = concat @ wo
     return m
 
@@ -40,16 +44,18 @@ def forward(x):
 def intermediates(x):
     """Every named step, Q1 ... M, each stacked to (..., rows, columns)."""
     x = _floating(x, (4, 3), "x")
-    wq, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ, _WK, _WV, _WO))
-    wq_scaled = _WQ_SCALED.astype(x.dtype)
-    x = x[..., numpy.newaxis, :, :]  # (..., 1, n, d_model): one copy per head
-    scores = (x @ wq_scaled) @ numpy.swapaxes(x @ wk, -1, -2)
-    exps = numpy.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights = exps / exps.sum(axis=-1, keepdims=True)
-    heads = weights @ (x @ wv)  # (..., h, n, d_v)
-    concat = numpy.concatenate([heads[..., i, :, :] for i in range(2)], axis=-1)
+    wq_scaled, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ_SCALED, _WK, _WV, _WO))
+    wq = _WQ.astype(x.dtype)
+    q = _heads(x @ wq_scaled, 2)  # (..., h, n, d_k)
+    k = _heads(x @ wk, 2)
+    v = _heads(x @ wv, 2)
+    scores = q @ numpy.swapaxes(k, -1, -2)
+    weights = numpy.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights *= 1 / weights.sum(axis=-1, keepdims=True)
+    heads = weights @ v
+    concat = _side_by_side(heads)
     m = concat @ wo
-    q, k, v = x @ wq, x @ wk, x @ wv
+    q = _heads(x @ wq, 2)
     return {
         "Q1": q[..., 0, :, :],
         "K1": k[..., 0, :, :],
@@ -79,8 +85,11 @@ def _floating(a, shape, name, dtype=None):
     return a
 
 
-def _stack(rows, dtype):
-    """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
-    flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
-    columns = len(rows[0])
-    return numpy.stack([numpy.stack(flat[i : i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
+def _heads(a, h):
+    """(..., n, h·width) with heads side by side -> (..., h, n, width)."""
+    return numpy.moveaxis(a.reshape(*a.shape[:-1], h, a.shape[-1] // h), -2, -3)
+
+
+def _side_by_side(a):
+    """(..., h, rows, width) -> (..., rows, h·width): the heads side by side."""
+    return numpy.moveaxis(a, -3, -2).reshape(*a.shape[:-3], a.shape[-2], a.shape[-3] * a.shape[-1])

@@ -10,6 +10,8 @@ results.
 
 import numpy
 
+_CHUNK = 4096  # samples per pass of forward: its temporaries stay in cache
+
 
 def forward(x, wq, wk, wv, wo):
     """The output M, (..., n, d_out), for x of shape (..., n, d_model)."""
@@ -18,6 +20,16 @@ def forward(x, wq, wk, wv, wo):
     wk = _floating(wk, (2, 2, 2), "wk", x.dtype)
     wv = _floating(wv, (2, 2, 2), "wv", x.dtype)
     wo = _floating(wo, (4, 2), "wo", x.dtype)
+    flat = x.reshape(-1, 2, 2)
+    out = numpy.empty((len(flat), 4), dtype=x.dtype)
+    for start in range(0, len(flat), _CHUNK):
+        for k, value in enumerate(_output(flat[start : start + _CHUNK], wq, wk, wv, wo)):
+            out[start : start + _CHUNK, k] = value
+    return out.reshape(*x.shape[:-2], 2, 2)
+
+
+def _output(x, wq, wk, wv, wo):
+    """The entries of M, row by row, for a chunk x (m, n, d_model)."""
     x0_0 = x[..., 0, 0]
     x0_1 = x[..., 0, 1]
     x1_0 = x[..., 1, 0]
@@ -143,7 +155,7 @@ def forward(x, wq, wk, wv, wo):
     out0_1 = head1_0_0 * wo_0_1 + head1_0_1 * wo_1_1 + head2_0_0 * wo_2_1 + head2_0_1 * wo_3_1
     out1_0 = head1_1_0 * wo_0_0 + head1_1_1 * wo_1_0 + head2_1_0 * wo_2_0 + head2_1_1 * wo_3_0
     out1_1 = head1_1_0 * wo_0_1 + head1_1_1 * wo_1_1 + head2_1_0 * wo_2_1 + head2_1_1 * wo_3_1
-    return _stack([[out0_0, out0_1], [out1_0, out1_1]], x.dtype)
+    return [out0_0, out0_1, out1_0, out1_1]
 
 
 def intermediates(x, wq, wk, wv, wo):

@@ -322,18 +322,41 @@ class _Unrolled:
         return out
 
     def function(self, signature: str, every_step: bool) -> list[str]:
+        if not every_step:
+            return self._forward(signature)
         matrices = self.matrices()
-        outputs = [v for name in (matrices if every_step else ["M"]) for row in matrices[name] for v in row]
+        outputs = [v for rows in matrices.values() for row in rows for v in row]
         lines = [f"def {signature}:", *_doc(every_step), *_prologue(self.spec, self.weights)]
         lines += ["    " + text for text in self.lines.needed(outputs)]
-        if every_step:
-            lines.append("    return {")
-            for name, rows in matrices.items():
-                lines += _call(f'"{name}": _stack', [rows, "x.dtype"], 8, ",")
-            lines.append("    }")
-        else:
-            lines += _call("return _stack", [matrices["M"], "x.dtype"], 4, "")
+        lines.append("    return {")
+        for name, rows in matrices.items():
+            lines += _call(f'"{name}": _stack', [rows, "x.dtype"], 8, ",")
+        lines.append("    }")
         return lines
+
+    def _forward(self, signature: str) -> list[str]:
+        """forward runs the batch in chunks through _output: each intermediate then stays in cache
+        and its memory is reused, where whole-batch temporaries would cost a page fault per page."""
+        spec = self.spec
+        weights = "" if self.weights == "folded" else ", wq, wk, wv, wo"
+        outputs = [v for row in self.matrices()["M"] for v in row]
+        lines = [
+            f"def {signature}:",
+            *_doc(False),
+            *_prologue(spec, self.weights),
+            f"    flat = x.reshape(-1, {spec.n}, {spec.d_model})",
+            f"    out = numpy.empty((len(flat), {spec.n * spec.d_out}), dtype=x.dtype)",
+            "    for start in range(0, len(flat), _CHUNK):",
+            f"        for k, value in enumerate(_output(flat[start : start + _CHUNK]{weights})):",
+            "            out[start : start + _CHUNK, k] = value",
+            f"    return out.reshape(*x.shape[:-2], {spec.n}, {spec.d_out})",
+            "",
+            "",
+            f"def _output(x{weights}):",
+            '    """The entries of M, row by row, for a chunk x (m, n, d_model)."""',
+        ]
+        lines += ["    " + text for text in self.lines.needed(outputs)]
+        return lines + _layout("return ", outputs, 4, "")
 
 
 def _doc(every_step: bool) -> list[str]:
@@ -356,6 +379,9 @@ def _prologue(spec, weights: str) -> list[str]:
 
 
 class _Vectorized:
+    """Array code: one matrix product per projection for all heads at once (heads side by side in
+    the weights), batched products for scores and heads, the softmax in place in forward."""
+
     strategy = "vectorized"
 
     def __init__(self, spec, weights: str):
@@ -366,46 +392,64 @@ class _Vectorized:
             return []
         spec, scale = self.spec, to_sympy(self.spec.effective_scale)
 
-        def literal(rows, factor=1):
-            return [[repr(_float(to_sympy(e) * factor)) for e in row] for row in rows]
+        def side_by_side(key, factor=1):  # d_model × (h·width): head i in columns i·width … (i+1)·width
+            rows = len(spec.x[0])
+            return [
+                [repr(_float(to_sympy(e) * factor)) for head in spec.heads for e in getattr(head, key)[r]]
+                for r in range(rows)
+            ]
 
-        def stacked(key, factor=1):
-            return [literal(getattr(head, key), factor) for head in spec.heads]
-
-        lines = ["# the exact weights rounded to float64; the scale is folded into the queries' copy"]
+        lines = ["# the exact weights rounded to float64, heads side by side; the scale folded into the queries"]
         for name, value in (
-            ("_WQ", stacked("wq")),
-            ("_WQ_SCALED", stacked("wq", scale)),
-            ("_WK", stacked("wk")),
-            ("_WV", stacked("wv")),
-            ("_WO", literal(spec.wo)),
+            ("_WQ", side_by_side("wq")),
+            ("_WQ_SCALED", side_by_side("wq", scale)),
+            ("_WK", side_by_side("wk")),
+            ("_WV", side_by_side("wv")),
+            ("_WO", [[repr(_float(to_sympy(e))) for e in row] for row in spec.wo]),
         ):
             lines += _call(f"{name} = numpy.array", [value], 0, "")
         return lines
 
     def function(self, signature: str, every_step: bool) -> list[str]:
         spec = self.spec
+        h = spec.h
         lines = [f"def {signature}:", *_doc(every_step), *_prologue(spec, self.weights)]
         if self.weights == "folded":
+            lines.append("    wq_scaled, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ_SCALED, _WK, _WV, _WO))")
+            if every_step:
+                lines.append("    wq = _WQ.astype(x.dtype)")
+        else:
             lines += [
-                "    wq, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ, _WK, _WV, _WO))",
-                "    wq_scaled = _WQ_SCALED.astype(x.dtype)",
+                "    wq, wk, wv = (_side_by_side(w) for w in (wq, wk, wv))",
+                f"    wq_scaled = wq * x.dtype.type({_float(to_sympy(spec.effective_scale))!r})",
+            ]
+        lines += [
+            f"    q = _heads(x @ wq_scaled, {h})  # (..., h, n, d_k)",
+            f"    k = _heads(x @ wk, {h})",
+            f"    v = _heads(x @ wv, {h})",
+            "    scores = q @ numpy.swapaxes(k, -1, -2)",
+        ]
+        if every_step:
+            lines += [
+                "    weights = numpy.exp(scores - scores.max(axis=-1, keepdims=True))",
+                "    weights *= 1 / weights.sum(axis=-1, keepdims=True)",
             ]
         else:
-            lines.append(f"    wq_scaled = wq * x.dtype.type({_float(to_sympy(spec.effective_scale))!r})")
+            lines += [
+                "    weights = scores  # the softmax in place",
+                "    weights -= weights.max(axis=-1, keepdims=True)",
+                "    numpy.exp(weights, out=weights)",
+                "    weights *= 1 / weights.sum(axis=-1, keepdims=True)",
+            ]
         lines += [
-            "    x = x[..., numpy.newaxis, :, :]  # (..., 1, n, d_model): one copy per head",
-            "    scores = (x @ wq_scaled) @ numpy.swapaxes(x @ wk, -1, -2)",
-            "    exps = numpy.exp(scores - scores.max(axis=-1, keepdims=True))",
-            "    weights = exps / exps.sum(axis=-1, keepdims=True)",
-            "    heads = weights @ (x @ wv)  # (..., h, n, d_v)",
-            f"    concat = numpy.concatenate([heads[..., i, :, :] for i in range({spec.h})], axis=-1)",
+            "    heads = weights @ v",
+            "    concat = _side_by_side(heads)",
             "    m = concat @ wo",
         ]
         if not every_step:
             return lines + ["    return m"]
-        lines += ["    q, k, v = x @ wq, x @ wk, x @ wv", "    return {"]
-        for a in range(spec.h):
+        lines += [f"    q = _heads(x @ wq, {h})", "    return {"]
+        for a in range(h):
             for name, value in (
                 ("Q", "q"),
                 ("K", "k"),
@@ -457,15 +501,18 @@ def _module(spec, weights: str, strategy: str, body) -> str:
     constants = body.constants() if hasattr(body, "constants") else []
     if constants:
         head += "\n" + "\n".join(constants) + "\n"
+    if body.strategy == "unrolled":
+        head += "\n_CHUNK = 4096  # samples per pass of forward: its temporaries stay in cache\n"
     parts = [
         "\n".join(body.function(f"forward({args})", every_step=False)),
         "\n".join(body.function(f"intermediates({args})", every_step=True)),
-        _HELPERS.strip("\n"),
+        _FLOATING.strip("\n"),
+        (_UNROLLED if body.strategy == "unrolled" else _VECTORIZED).strip("\n"),
     ]
     return head + "\n\n" + "\n\n\n".join(parts) + "\n"
 
 
-_HELPERS = '''
+_FLOATING = """
 def _floating(a, shape, name, dtype=None):
     a = numpy.asarray(a)
     if dtype is not None:
@@ -475,8 +522,20 @@ def _floating(a, shape, name, dtype=None):
     if a.shape[a.ndim - len(shape) :] != shape or (dtype is not None and a.shape != shape):
         raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
     return a
+"""
+
+_VECTORIZED = '''
+def _heads(a, h):
+    """(..., n, h·width) with heads side by side -> (..., h, n, width)."""
+    return numpy.moveaxis(a.reshape(*a.shape[:-1], h, a.shape[-1] // h), -2, -3)
 
 
+def _side_by_side(a):
+    """(..., h, rows, width) -> (..., rows, h·width): the heads side by side."""
+    return numpy.moveaxis(a, -3, -2).reshape(*a.shape[:-3], a.shape[-2], a.shape[-3] * a.shape[-1])
+'''
+
+_UNROLLED = '''
 def _stack(rows, dtype):
     """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
     flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
