@@ -52,6 +52,7 @@ def hand_written(x, wq, wk, wv, wo):
 
 def notebook_per_sample(x, wq, wk, wv, wo):
     """The notebook's own code (unshifted softmax, np.hstack), one sample."""
+
     def self_attention(q, k, v):
         dk = q.shape[1]
         scores = np.matmul(q, k.T) / np.sqrt(dk)
@@ -84,9 +85,14 @@ def random_spec(n, d_model, h, seed=0):
     def m(rows, cols):
         return [[rng.randint(-3, 3) for _ in range(cols)] for _ in range(rows)]
 
-    return symattn.load_spec({"name": f"random_n{n}", "x": m(n, d_model),
-                              "heads": [{"wq": m(d_model, d_k), "wk": m(d_model, d_k), "wv": m(d_model, d_k)}
-                                        for _ in range(h)], "wo": m(h * d_k, d_model)})
+    return symattn.load_spec(
+        {
+            "name": f"random_n{n}",
+            "x": m(n, d_model),
+            "heads": [{"wq": m(d_model, d_k), "wk": m(d_model, d_k), "wv": m(d_model, d_k)} for _ in range(h)],
+            "wo": m(h * d_k, d_model),
+        }
+    )
 
 
 def main() -> None:
@@ -106,10 +112,14 @@ def main() -> None:
     samples = 2000
     loop = best(lambda: [notebook_per_sample(x[i], *weights) for i in range(samples)], args.repeat) / samples
     per_sample = gen / args.batch
-    print(f"(a) notebook forward, batch {args.batch}: generated {gen * 1e3:.2f} ms, hand-written NumPy "
-          f"{hand * 1e3:.2f} ms: {hand / gen:.1f}× (target ≥ 10×)")
-    print(f"    per sample: generated {per_sample * 1e9:.0f} ns, the notebook's own code {loop * 1e6:.1f} µs: "
-          f"{loop / per_sample:.0f}× (target ≥ 100×)")
+    print(
+        f"(a) notebook forward, batch {args.batch}: generated {gen * 1e3:.2f} ms, hand-written NumPy "
+        f"{hand * 1e3:.2f} ms: {hand / gen:.1f}× (target ≥ 10×)"
+    )
+    print(
+        f"    per sample: generated {per_sample * 1e9:.0f} ns, the notebook's own code {loop * 1e6:.1f} µs: "
+        f"{loop / per_sample:.0f}× (target ≥ 100×)"
+    )
 
     # (b)
     big = random_spec(64, 64, 8)
@@ -121,8 +131,10 @@ def main() -> None:
     wb = weights_of(big)
     gen = best(lambda: module.forward(xb), args.repeat)
     hand = best(lambda: hand_written(xb, *wb), args.repeat)
-    print(f"(b) n=64, d_model=64, h=8, batch 16: generated {gen * 1e3:.2f} ms, hand-written {hand * 1e3:.2f} ms: "
-          f"{hand / gen:.2f}× (target ≥ 1.0)")
+    print(
+        f"(b) n=64, d_model=64, h=8, batch 16: generated {gen * 1e3:.2f} ms, hand-written {hand * 1e3:.2f} ms: "
+        f"{hand / gen:.2f}× (target ≥ 1.0)"
+    )
 
     # (c)
     mid = random_spec(8, 8, 2)

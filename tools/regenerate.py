@@ -1,7 +1,7 @@
 """Regenerate the committed modules in generated/ (or, with --check, say which ones are stale).
 
-    python tools/regenerate.py            # rewrite generated/*.py
-    python tools/regenerate.py --check    # exit 1 if any committed module differs from what symattn emits now
+python tools/regenerate.py            # rewrite generated/*.py
+python tools/regenerate.py --check    # exit 1 if any committed module differs from what symattn emits now
 """
 
 from __future__ import annotations
