@@ -13,7 +13,7 @@ from .spec import AttentionSpec, load_spec
 from .truth import evaluate
 
 __version__ = "0.1.0"
-__all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "load_spec", "__version__"]
+__all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "load_spec", "verify", "__version__"]
 
 
 def generate(spec, weights: str = "folded", strategy: str = "auto") -> str:
@@ -21,6 +21,13 @@ def generate(spec, weights: str = "folded", strategy: str = "auto") -> str:
     from .codegen import generate as _generate
 
     return _generate(spec, weights=weights, strategy=strategy)
+
+
+def verify(spec, impls=None, dtype: str = "float64", rule: str = "kappa"):
+    """Measure implementations against the certified truth; see ``symattn.verify.verify``."""
+    from .verifier import verify as _verify
+
+    return _verify(spec, impls, dtype=dtype, rule=rule)
 
 
 def build(spec):

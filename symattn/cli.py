@@ -63,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--strategy", choices=("auto", "unrolled", "vectorized"), default="auto")
     gen.add_argument("--check", action="store_true", help="exit 1 if FILE differs from what would be generated now")
 
+    ver = sub.add_parser("verify", help="measure attention implementations against the certified truth")
+    ver.add_argument("spec")
+    ver.add_argument(
+        "--impl",
+        action="append",
+        metavar="MODULE:FUNCTION",
+        help="f(x, wq, wk, wv, wo) -> M (repeatable); default: the generated code and the notebook's",
+    )
+    ver.add_argument("--dtype", choices=("float64", "float32", "float16"), default="float64")
+    ver.add_argument("--rule", choices=("kappa", "differential", "both"), default="kappa")
+    ver.add_argument("--json", action="store_true")
+
     nb = sub.add_parser("notebook", help="check every number a notebook printed against the exact values")
     nb.add_argument("file", help="a text transcript ('In [N]:' cells) or an .ipynb file")
     return parser
@@ -73,7 +85,7 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
         if args.verbose:
             logging.basicConfig(level=logging.DEBUG, format="symattn: %(message)s")
-        commands = {"show": _show, "eval": _eval, "generate": _generate, "notebook": _notebook}
+        commands = {"show": _show, "eval": _eval, "generate": _generate, "verify": _verify, "notebook": _notebook}
         return commands[args.command](args)
     except SymattnError as e:
         print(f"symattn: error: {_one_line(str(e))}", file=sys.stderr)
@@ -214,6 +226,19 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def _verify(args) -> int:
+    from .verifier import verify
+
+    sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
+    results = verify(args.spec, args.impl, dtype=args.dtype, rule=args.rule)
+    if args.json:
+        json.dump({"symattn": __version__, "results": [r.to_json() for r in results]}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print("\n\n".join("\n".join(r.lines()) for r in results))
+    return 0 if all(r.passed for r in results) else 1
 
 
 def _notebook(args) -> int:

@@ -111,7 +111,8 @@ def test_notebook_command_exit_codes(tmp_path):
     [
         (
             ["show", "missing.json"],
-            "spec: expected a built-in name (four_tokens, notebook) or a path to a .json or .toml file, "
+            "spec: expected a built-in name (four_tokens, notebook, overflow32, overflow64) or a path to a .json "
+            "or .toml file, "
             "received 'missing.json', which is neither",
         ),
         (["eval", "notebook", "--digits", "0"], "digits: expected an integer from 1 to 100000, received 0"),
@@ -144,7 +145,7 @@ def test_usage_errors_are_one_line_exit_2():
     # argparse's own wording (quoting varies across Python versions), on one line
     assert re.fullmatch(
         r"symattn: error: usage: argument command: invalid choice: 'frob' \(choose from "
-        r"'?show'?, '?eval'?, '?generate'?, '?notebook'?\) \(see 'symattn --help'\)\n",
+        r"'?show'?, '?eval'?, '?generate'?, '?verify'?, '?notebook'?\) \(see 'symattn --help'\)\n",
         result.stderr,
     )
 

@@ -75,7 +75,8 @@ def test_digest_is_stable_and_sees_changes(notebook_data):
 def test_missing_file():
     with pytest.raises(
         SymattnError,
-        match=r"^spec: expected a built-in name \(four_tokens, notebook\) or a path to a \.json or "
+        match=r"^spec: expected a built-in name \(four_tokens, notebook, overflow32, overflow64\) or a path to a "
+        r"\.json or "
         r"\.toml file, received 'nope\.json', which is neither$",
     ):
         load_spec("nope.json")

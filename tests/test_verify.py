@@ -1,0 +1,222 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import symattn
+from symattn import SymattnError
+from symattn.testing import assert_attention_close
+from symattn.verifier import Context, run, sensitivity, verify
+from tests import impls
+from tests.conftest import random_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cancelling_spec() -> dict:
+    """Two nearly equal heads subtracted by the output projection: M is small against its terms."""
+    head = {"wq": [[1, 2], [0, 1], [1, 0]], "wk": [[0, 1], [1, 1], [2, 0]], "wv": [[3, 1], [1, 2], [0, 1]]}
+    other = {"wq": [[1, 2], [0, 1], [1, 0]], "wk": [[0, 1], [1, 1], [2, 0]], "wv": [[3, 1], [1, 2], ["1/1000", 1]]}
+    return {
+        "name": "cancelling",
+        "x": [[1, 2, 0], [0, 1, 3], [2, 1, 1], [1, 0, 2]],
+        "heads": [head, other],
+        "wo": [[1, 0], [0, 1], [-1, 0], [0, -1]],
+    }
+
+
+SPECS = [
+    "notebook",
+    random_spec(4, n=4, d_model=3, h=2, d_k=2, d_v=2, d_out=3),
+    cancelling_spec(),
+    random_spec(5, n=3, d_model=4, h=3, d_k=2, d_v=1, d_out=2, kind="decimal"),
+]
+
+
+def result(fn, spec, dtype="float64", rule="kappa"):
+    return run(fn, fn.__name__, Context(symattn.load_spec(spec), dtype), rule)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("spec", SPECS, ids=["notebook", "random", "cancelling", "decimal"])
+@pytest.mark.parametrize("fn", [impls.right, impls.right_einsum], ids=["straightforward", "einsum"])
+def test_right_implementations_pass(fn, spec, dtype):
+    r = result(fn, spec, dtype)
+    assert r.passed, r.lines()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_generated_code_passes(dtype):
+    for spec in SPECS:
+        assert all(r.passed for r in verify(spec, dtype=dtype)[:1]), spec
+
+
+def test_cancellation_is_where_reordering_costs_ulps():
+    r = result(impls.right_einsum, cancelling_spec())
+    assert r.passed and r.max_ulps > 10  # many ulps off, and rightly accepted
+
+
+BUGS = [
+    (impls.scale_one_over_dk, "beyond the kappa bound"),
+    (impls.scale_d_model, "beyond the kappa bound"),
+    (impls.softmax_wrong_axis, "beyond the kappa bound"),
+    (impls.heads_reversed, "beyond the kappa bound"),
+    (impls.key_dropped, "beyond the kappa bound"),
+    (impls.silently_float32, "beyond the kappa bound"),
+    (impls.float32_scale, "beyond the kappa bound"),
+]
+
+
+@pytest.mark.parametrize(("fn", "reason"), BUGS, ids=[b[0].__name__ for b in BUGS])
+def test_bugs_fail(fn, reason):
+    spec = random_spec(4, n=4, d_model=3, h=2, d_k=2, d_v=2, d_out=3)
+    r = result(fn, spec)
+    assert not r.passed and reason in r.reasons[0], r.lines()
+
+
+def test_float32_bugs_fail_in_float32_too():
+    spec = random_spec(4, n=4, d_model=3, h=2, d_k=2, d_v=2, d_out=3)
+    for fn in (impls.scale_one_over_dk, impls.heads_reversed, impls.key_dropped):
+        assert not result(fn, spec, "float32").passed, fn.__name__
+
+
+@pytest.mark.parametrize(("spec", "dtype"), [("overflow64", "float64"), ("overflow32", "float32")])
+def test_unshifted_softmax_overflows_on_the_stress_specs(spec, dtype):
+    r = result(impls.unshifted, spec, dtype)
+    assert not r.passed and r.reasons[0].startswith("output is not finite at M[")
+    generated, notebook = verify(spec, dtype=dtype)
+    assert generated.passed and not notebook.passed
+
+
+def test_inputs_are_rounded_and_their_effect_reported():
+    spec = {
+        "x": [["0.1", "0.2"], ["0.3", "1/3"]],
+        "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]], "wv": [[1, 0], [0, 1]]}],
+        "wo": [[1, 0], [0, 1]],
+    }
+    r64, r32 = result(impls.right, spec, "float64"), result(impls.right, spec, "float32")
+    assert r64.passed and r32.passed
+    assert 0 < r64.input_rounding_effect < 1e-15 and 1e-9 < r32.input_rounding_effect < 1e-6
+    assert r32.max_ulps < 10  # measured against the truth for the float32 inputs, not the decimals
+
+
+def test_sensitivity_matches_finite_differences():
+    spec = symattn.load_spec(random_spec(8, n=3, d_model=2, h=2, d_k=2, d_v=2, d_out=2, kind="rational"))
+    arrays = list(symattn.verifier.inputs(spec, "float64"))
+    base = impls.right(*arrays)
+    expected = np.zeros_like(base)
+    for a, array in enumerate(arrays):
+        for index in np.ndindex(array.shape):
+            step = 1e-6 * max(1.0, abs(array[index]))
+            plus = [arr.copy() for arr in arrays]
+            minus = [arr.copy() for arr in arrays]
+            plus[a][index] += step
+            minus[a][index] -= step
+            derivative = (impls.right(*plus) - impls.right(*minus)) / (2 * step)
+            expected += np.abs(array[index] * derivative)
+    assert np.allclose(sensitivity(*arrays), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_rules():
+    spec = cancelling_spec()
+    both = result(impls.right_einsum, spec, rule="both")
+    assert both.kappa_passed and both.rule == "both"
+    differential = result(impls.heads_reversed, spec, rule="differential")
+    assert not differential.passed and "exceeds 2 × straightforward NumPy" in differential.reasons[0]
+
+
+def test_wrong_dtype_returned_is_a_failure():
+    r = result(impls.silently_float32, "notebook", "float64")
+    r2 = run(
+        lambda *a: impls.right(*a).astype(np.float32),
+        "downcast",
+        Context(symattn.load_spec("notebook"), "float64"),
+        "kappa",
+    )
+    assert not r.passed
+    assert r2.reasons[0] == "returned dtype float32, not the float64 it was given"
+
+
+def test_pytest_helper():
+    spec = random_spec(4, n=4, d_model=3, h=2, d_k=2, d_v=2, d_out=3)
+    assert_attention_close(impls.right, spec, dtype="float32")
+    assert_attention_close(impls.right_einsum, symattn.load_spec(spec))
+    with pytest.raises(
+        AssertionError,
+        match=r"^heads_reversed is not close to the exact attention on random4 in "
+        r"float64 \(rule kappa\): M\[.*Worst entry M\[\d, \d\]: float .*, exact "
+        r"-?\d.*, error .* ulps\)$",
+    ):
+        assert_attention_close(impls.heads_reversed, spec)
+    assert_attention_close(impls.right, "notebook")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "symattn", "verify", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_verdicts_agree_with_the_helper(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(random_spec(4, n=4, d_model=3, h=2, d_k=2, d_v=2, d_out=3)))
+    ok = cli(str(spec), "--impl", "tests.impls:right", "--dtype", "float32")
+    assert ok.returncode == 0 and ok.stdout.startswith("PASS tests.impls:right on random4 in float32"), ok.stderr
+    bad = cli(str(spec), "--impl", "tests.impls:key_dropped")
+    assert bad.returncode == 1 and bad.stdout.startswith("FAIL tests.impls:key_dropped")
+    with pytest.raises(AssertionError):
+        assert_attention_close(impls.key_dropped, spec)
+
+
+def test_cli_json():
+    result = cli("notebook", "--impl", "tests.impls:right", "--impl", "tests.impls:heads_reversed", "--json")
+    assert result.returncode == 1
+    doc = json.loads(result.stdout)
+    assert doc["symattn"] == "0.1.0" and [r["name"] for r in doc["results"]] == [
+        "tests.impls:right",
+        "tests.impls:heads_reversed",
+    ]
+    first = doc["results"][0]
+    assert first["passed"] and first["dtype"] == "float64" and first["rule"] == "kappa"
+    assert set(first["entries"][0]) == {
+        "row",
+        "col",
+        "value",
+        "exact",
+        "abs_error",
+        "rel_error",
+        "ulps",
+        "bits",
+        "kappa_bound",
+    }
+    assert not doc["results"][1]["passed"]
+
+
+@pytest.mark.parametrize(
+    ("impl", "message"),
+    [
+        (
+            "nosuchmodule:f",
+            "--impl nosuchmodule:f: cannot import nosuchmodule: ModuleNotFoundError: No module named 'nosuchmodule'",
+        ),
+        ("tests.impls:nope", "--impl tests.impls:nope: tests.impls has no function 'nope'"),
+        ("tests.impls", "--impl: expected MODULE:FUNCTION such as mypkg.attn:forward, received 'tests.impls'"),
+        (
+            "tests.impls:wrong_signature",
+            "tests.impls:wrong_signature: expected a function f(x, wq, wk, wv, wo) -> M, "
+            "received one with signature (x)",
+        ),
+        ("tests.impls:wrong_shape", "tests.impls:wrong_shape: expected an output of shape 2×2, received shape (2, 1)"),
+    ],
+)
+def test_bad_impls_exit_2_on_one_line(impl, message):
+    result = cli("notebook", "--impl", impl)
+    assert result.returncode == 2 and result.stderr == f"symattn: error: {message}\n"
+
+
+def test_bad_options():
+    with pytest.raises(SymattnError, match=r"^dtype: expected one of float64, float32, float16, received 'int8'$"):
+        verify("notebook", dtype="int8")
+    with pytest.raises(SymattnError, match=r"^rule: expected one of kappa, differential, both, received 'x'$"):
+        verify("notebook", rule="x")
