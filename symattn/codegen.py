@@ -264,14 +264,7 @@ class _Unrolled:
         n, d_k, d_v = spec.n, spec.d_k, spec.d_v
         form = values.form
         for j in range(n):
-            pairs = [(f"qs{a}_{i}_{c}", f"k{a}_{j}_{c}") for c in range(d_k)]
-            key = sympy.expand(sympy.Add(*(form(q) * form(k) for q, k in pairs)))
-            text = " + ".join(f"{q} * {k}" for q, k in pairs)
-            values.assign(
-                f"s{a}_{i}_{j}",
-                key,
-                lambda j=j, text=text, pairs=pairs: lines.raw(f"s{a}_{i}_{j}", text, sum(pairs, ())),
-            )
+            self._dot(f"s{a}_{i}_{j}", [(f"qs{a}_{i}_{c}", f"k{a}_{j}_{c}") for c in range(d_k)])
         scores = [f"s{a}_{i}_{j}" for j in range(n)]
         row_key = sympy.Tuple(*(form(s) for s in scores))  # equal score rows have equal weights
         weights = [f"w{a}_{i}_{j}" for j in range(n)]
@@ -297,14 +290,14 @@ class _Unrolled:
                 values.rep[name] = sympy.Symbol(name)
             values.table[row_key] = sympy.Tuple(*(sympy.Symbol(w) for w in weights))
         for c in range(d_v):
-            pairs = [(f"w{a}_{i}_{j}", f"v{a}_{j}_{c}") for j in range(n)]
-            key = sympy.expand(sympy.Add(*(form(w) * form(v) for w, v in pairs)))
-            text = " + ".join(f"{w} * {v}" for w, v in pairs)
-            values.assign(
-                f"head{a}_{i}_{c}",
-                key,
-                lambda c=c, text=text, pairs=pairs: lines.raw(f"head{a}_{i}_{c}", text, sum(pairs, ())),
-            )
+            self._dot(f"head{a}_{i}_{c}", [(f"w{a}_{i}_{j}", f"v{a}_{j}_{c}") for j in range(n)])
+
+    def _dot(self, name: str, pairs: list) -> None:
+        """name = Σ left·right over the pairs, unless that exact value (or its negation) has a name already."""
+        form = self.values.form
+        key = sympy.expand(sympy.Add(*(form(left) * form(right) for left, right in pairs)))
+        text = " + ".join(f"{left} * {right}" for left, right in pairs)
+        self.values.assign(name, key, lambda: self.lines.raw(name, text, sum(pairs, ())))
 
     def matrices(self) -> dict:
         """Each step's scalar names, as rows."""

@@ -20,23 +20,14 @@ import importlib.util
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from bench_truth import best  # tools/ is on sys.path when this script runs
 
 import symattn
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def hand_written(x, wq, wk, wv, wo):
