@@ -80,7 +80,7 @@ class MpmathEngine:
             return 0, 0, 0
         big = max(abs(an), abs(bn))
         decade = int((big.bit_length() - max(ad, bd).bit_length()) * 0.30103)
-        k = digits + 10 - decade
+        k = max(digits + 10, int(self.bits * 0.30103) + 2) - decade  # as fine as the working precision
         scale, down = (10**k, 1) if k >= 0 else (1, 10**-k)
         lo = (an * scale) // (ad * down)  # floor and ceiling: the decimal enclosure contains the binary one
         hi = -((-bn * scale) // (bd * down))
@@ -146,7 +146,8 @@ class ArbEngine:
         """(lo, hi, e): integers with x ⊂ [lo, hi]·10**e (Arb rounds outward); None if not finite."""
         if not x.is_finite():
             return None
-        mid, rad, e = x.mid_rad_10exp(digits + 5)
+        # as many digits as the working precision carries, so that raising it narrows this enclosure too
+        mid, rad, e = x.mid_rad_10exp(max(digits + 5, int(self.bits * 0.30103) + 2))
         mid, rad = int(mid), int(rad)
         return mid - rad, mid + rad, int(e)
 

@@ -216,3 +216,18 @@ def test_cli_json_stays_clean_on_a_pipe():
         text=True,
     )
     assert result.returncode == 0 and result.stderr == ""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_just_below_a_rounding_tie(engine):
+    # head[0, 0] = 2.635·(1 − ε) with ε ≈ exp(−312): half-even would round 2.635 itself up to 2.64, the true value
+    # rounds down; telling them apart takes far more bits than 3 digits would suggest
+    data = {
+        "x": [[21, 0], [0, 21]],
+        "heads": [{"wq": [[1, 0], [0, 1]], "wk": [[1, 0], [0, 1]], "wv": [["527/4200"], [0]]}],
+        "wo": [[1]],
+    }
+    truth = symattn.evaluate(data, digits=3, engine=engine)
+    assert truth["head1"].values[0] == ("2.63",)
+    assert truth["V1"].values[0] == ("2.64",)  # the exact 2.635 itself, a tie: half to even
+    assert_certified(truth, data, 3, dps=400)
