@@ -30,7 +30,7 @@ _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 _INPUT_NAMES = {
     "x": re.compile(r"^x$", re.I),
-    "w": re.compile(r"^w_?([qkv])_?(\d+)$", re.I),
+    "w": re.compile(r"^w_?([qkv])_?(\d*)$", re.I),  # W_Q1, Wq_2, or W_Q for a single head
     "wo": re.compile(r"^w_?o$", re.I),
 }
 
@@ -169,7 +169,7 @@ def read_spec(cells, name: str) -> AttentionSpec:
         elif _INPUT_NAMES["wo"].match(var):
             wo = value
         elif m := _INPUT_NAMES["w"].match(var):
-            heads.setdefault(int(m.group(2)), {})["w" + m.group(1).lower()] = value
+            heads.setdefault(int(m.group(2) or 1), {})["w" + m.group(1).lower()] = value
     if x is None or wo is None or not heads:
         missing = [n for n, v in (("X", x), ("W_O", wo), ("W_Q1/W_K1/W_V1", heads or None)) if v is None]
         raise SymattnError(
@@ -233,16 +233,20 @@ def _displayed_name(code: str) -> str | None:
 
 
 def _array_blocks(text: str):
-    """(label, rows) for each printed array: the label is the last non-empty line before it."""
+    """(label, rows) for each printed array: the label is the text before it on its first line
+    (``print("M =", M)``), or else the last non-empty line before it."""
     i, lines = 0, text.split("\n")
     label = None
     while i < len(lines):
         line = lines[i].strip()
-        if line.startswith("[") or line.startswith("array("):
-            depth, chunk = 0, []
+        start = _array_start(line)
+        if start is not None:
+            label = line[:start].strip().rstrip("=:").strip() or label
+            depth, chunk, first = 0, [], line[start:]
             while i < len(lines):
-                chunk.append(lines[i])
-                depth += lines[i].count("[") - lines[i].count("]")
+                part = first if not chunk else lines[i]
+                chunk.append(part)
+                depth += part.count("[") - part.count("]")
                 i += 1
                 if depth <= 0:
                     break
@@ -252,6 +256,14 @@ def _array_blocks(text: str):
         if line:
             label = line
         i += 1
+
+
+def _array_start(line: str) -> int | None:
+    """Where a printed array starts in the line ('[[' or 'array(' or a 1-D '[number'), or None."""
+    found = [k for k in (line.find("[["), line.find("array(")) if k >= 0]
+    if not found and re.match(r"^\[\s*[-+.\d]", line):
+        found = [0]
+    return min(found) if found else None
 
 
 def _parse_array(text: str) -> list:
@@ -266,25 +278,33 @@ def _parse_array(text: str) -> list:
     return rows
 
 
-_LABELS = [
-    (re.compile(r"^(q|k|v)\s*_?(\d+)$"), lambda m: m.group(1).upper() + m.group(2)),
-    (re.compile(r"head\s*_?(\d+)"), lambda m: f"head{m.group(1)}"),
-    (re.compile(r"(attention\s*)?weights\s*_?(\d+)"), lambda m: f"weights{m.group(2)}"),
-    (re.compile(r"scores\s*_?(\d+)"), lambda m: f"scores{m.group(1)}"),
-    (re.compile(r"concat"), lambda m: "concat_heads"),
-    (re.compile(r"\(m\)|^m$|final|output$"), lambda m: "M"),
+# What a label is about, most specific first; the head number is the first number in the label.
+_KINDS = [
+    ("M", re.compile(r"\(m\)|^m$|final")),
+    ("concat_heads", re.compile(r"concat")),
+    ("weights", re.compile(r"weight|softmax|attention (matrix|probabilities)")),
+    ("scores", re.compile(r"score|logit")),
+    ("Q", re.compile(r"^q\d*$|^q_?\d|quer(y|ies)")),
+    ("K", re.compile(r"^k\d*$|^k_?\d|\bkeys?\b")),
+    ("V", re.compile(r"^v\d*$|^v_?\d|\bvalues?\b")),
+    ("head", re.compile(r"head")),
+    ("M", re.compile(r"output|result")),
 ]
 
 
 def match_step(label: str, names) -> str | None:
-    """The step a printed label names ("Head 1 Output:" → head1), or None."""
-    key = label.strip().rstrip(":").strip().lower()
-    if key in {n.lower() for n in names}:
-        return next(n for n in names if n.lower() == key)
-    for pattern, step in _LABELS:
-        m = pattern.search(key)
-        if m:
-            name = step(m)
+    """The step a printed label names ("Head 1 Output:" → head1, "Attention weights (head 2)" →
+    weights2), or None."""
+    key = label.strip().rstrip(":=").strip().lower()
+    exact = {n.lower(): n for n in names}
+    if key in exact:
+        return exact[key]
+    number = re.search(r"\d+", key)
+    for kind, pattern in _KINDS:
+        if pattern.search(key):
+            if kind in ("concat_heads", "M"):
+                return kind
+            name = f"{kind}{number.group() if number else 1}"
             return name if name in names else None
     return None
 

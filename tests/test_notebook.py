@@ -228,3 +228,39 @@ def test_broken_ipynb(tmp_path):
 )
 def test_labels(label, step):
     assert match_step(label, NAMES) == step
+
+
+@pytest.mark.parametrize(
+    ("label", "step"),
+    [
+        ("Attention weights (head 2):", "weights2"),
+        ("Queries head 1", "Q1"),
+        ("Keys for head 2", "K2"),
+        ("Values (head 1)", "V1"),
+        ("M =", "M"),
+        ("Output:", "M"),
+        ("scores 2", "scores2"),
+    ],
+)
+def test_more_labels(label, step):
+    assert match_step(label, NAMES) == step
+
+
+def test_label_on_the_same_line_as_the_array(tmp_path):
+    text = TRANSCRIPT.read_text().replace("Final Multi-Head Self-Attention Output (M):\n[[", "M = [[")
+    path = tmp_path / "inline.txt"
+    path.write_text(text)
+    report = check(path)
+    assert report.ok and [a.label for a in report.arrays][-1] == "M" and report.checked == 20
+
+
+def test_single_head_without_numbers(tmp_path):
+    x = np.array([[1, 2], [0, 1], [2, 2]])
+    heads = [(np.eye(2, dtype=int), np.array([[0, 1], [1, 0]]), np.array([[1, 1], [0, 2]]))]
+    text = notebook_text(x, heads, np.array([[1, 0], [0, 1]]))
+    for kind in "QKV":
+        text = text.replace(f"W_{kind}1 =", f"W_{kind} =")
+    path = tmp_path / "one.txt"
+    path.write_text(text)
+    report = check(path)
+    assert report.ok and report.spec.h == 1
