@@ -118,12 +118,8 @@ class Trace:
 
     def normalisers_of(self, name: str) -> dict:
         """The row normalisers that the structure of step ``name`` uses, with their values."""
-        used = self.structure(name).free_symbols
-        return {
-            z: self._steps.normaliser_value(z)
-            for z in sorted(used, key=_normaliser_order)
-            if self._steps.is_normaliser(z)
-        }
+        used = [z for z in self.structure(name).free_symbols if self._steps.is_normaliser(z)]
+        return {z: self._steps.normaliser_value(z) for z in sorted(used, key=_normaliser_order)}
 
     @property
     def normalisers(self) -> dict:
@@ -344,7 +340,10 @@ class _SymbolicSteps:
     def closed(self, name: str, structure) -> sympy.ImmutableMatrix:
         if not structure.free_symbols & set(self._values):
             return structure
-        return structure.applyfunc(lambda e: sympy.factor_terms(sympy.together(e.xreplace(self._values))))
+        # together: one fraction; powsimp: exp(a)·exp(b) as exp(a + b); factor_terms: common factors out
+        return structure.applyfunc(
+            lambda e: sympy.factor_terms(sympy.powsimp(sympy.together(e.xreplace(self._values))))
+        )
 
 
 def _quotient(c: Fraction, num, den):

@@ -168,3 +168,14 @@ def test_console_script_is_installed():
     assert exe, "the symattn console script is not on PATH"
     result = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert result.stdout.strip() == "symattn 0.1.0"
+
+
+def test_show_symbolic_spec(tmp_path, notebook_data):
+    path = tmp_path / "symbolic.json"
+    notebook_data["x"] = [["a", 2], [3, "b"]]
+    path.write_text(json.dumps(notebook_data))
+    for args in ([], ["--closed"]):
+        result = run("show", str(path), "--step", "M", "--format", "str", *args)
+        assert result.returncode == 0, result.stderr
+        assert "a" in result.stdout and "b" in result.stdout
+    assert "  where Z1_0 = " in run("show", str(path), "--step", "weights1").stdout
