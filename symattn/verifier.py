@@ -345,8 +345,11 @@ def run(fn, name: str, context: Context, rule: str) -> Result:
         raise SymattnError(
             f"{name}: expected a function f(x, wq, wk, wv, wo) -> M, received one with signature {_signature(fn)}"
         ) from None
-    with np.errstate(all="ignore"):
-        output = fn(*(a.copy() for a in context.arrays))
+    try:
+        with np.errstate(all="ignore"):
+            output = fn(*(a.copy() for a in context.arrays))
+    except Exception as e:  # the implementation's own failure, reported on one line
+        raise SymattnError(f"{name}: raised {type(e).__name__}: {e}") from None
     return measure(name, output, context.spec, context.dtype, rule, context=context)
 
 

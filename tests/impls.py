@@ -81,3 +81,7 @@ def wrong_shape(x, wq, wk, wv, wo):
 
 def wrong_signature(x):
     return x
+
+
+def crashes(x, wq, wk, wv, wo):
+    raise RuntimeError("kernel failed")

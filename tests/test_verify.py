@@ -208,6 +208,7 @@ def test_cli_json():
             "received one with signature (x)",
         ),
         ("tests.impls:wrong_shape", "tests.impls:wrong_shape: expected an output of shape 2×2, received shape (2, 1)"),
+        ("tests.impls:crashes", "tests.impls:crashes: raised RuntimeError: kernel failed"),
     ],
 )
 def test_bad_impls_exit_2_on_one_line(impl, message):
