@@ -108,6 +108,7 @@ def compute(spec, engine, exact: ExactAttention | None) -> dict:
         abs_scale = scale if exact.sign >= 0 else -scale
         gap = abs_scale * engine.rational(exact.G.numerator, exact.G.denominator)
         v_engine = [engine.from_ratmat(v) for v in exact.V]
+        exps = {0: engine.one()}  # exp(−gap·d) by d
     heads = []
     for i in range(spec.h):
         name = str(i + 1)
@@ -119,7 +120,7 @@ def compute(spec, engine, exact: ExactAttention | None) -> dict:
                 [balls[v] if v in balls else balls.setdefault(v, scale * engine.rational(v, r.den)) for v in row]
                 for row in r.num.tolist()
             ]
-            weights = [_softmax_exponents(row, gap, engine) for row in exact.exponents[i]]
+            weights = [_softmax_exponents(row, gap, engine, exps) for row in exact.exponents[i]]
             v = v_engine[i]
         else:
             head = spec.heads[i]
@@ -140,11 +141,12 @@ def compute(spec, engine, exact: ExactAttention | None) -> dict:
     return out
 
 
-def _softmax_exponents(row: list, gap, engine) -> list:
-    """softmax of gap·row (integers), shifted by the row maximum so that every exponent is <= 0."""
+def _softmax_exponents(row: list, gap, engine, cache: dict) -> list:
+    """softmax of gap·row (integers), shifted by the row maximum so that every exponent is <= 0.
+
+    ``cache`` maps d to exp(−gap·d), shared by every row of every head (they share gap)."""
     top = max(row)
-    cache = {0: engine.one()}
-    for e in set(row):
+    for e in row:
         if top - e not in cache:
             cache[top - e] = engine.exp(-(gap * (top - e)))
     exps = [cache[top - e] for e in row]
@@ -353,13 +355,8 @@ def evaluate(spec, digits: int = 50, engine: str = "auto", progress: bool | None
     spec = load_spec(spec)
     digits = check_digits(digits)
 
-    seen: dict = {}  # equal enclosures certify alike
-
     def settle(name, i, j, lo, hi, e):
-        key = lo, hi, e
-        if key not in seen:
-            seen[key] = certify.certified_decimal(lo, hi, e, digits)
-        return seen[key]
+        return certify.certified_decimal(lo, hi, e, digits)
 
     def settle_exact(name, i, j, value):
         return certify.exact_string(value, digits)
