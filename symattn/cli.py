@@ -171,8 +171,7 @@ def _eval(args) -> int:
             "engine": truth.engine,
             "steps": steps,
         }
-        json.dump(doc, sys.stdout, indent=None, separators=(", ", ": "))
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(doc, separators=(", ", ": ")) + "\n")  # one write: much faster than dump
         return 0
     out = [f"{spec.name}: {truth.digits} certified significant digits ({truth.engine} engine, up to {truth.bits} bits)"]
     for name in names:

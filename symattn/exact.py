@@ -42,7 +42,7 @@ class RatMat:
     @classmethod
     def from_entries(cls, rows) -> RatMat:
         den = reduce(math.lcm, (e.denominator for row in rows for e in row), 1)
-        num = np.array([[int(e * den) for e in row] for row in rows], dtype=object)
+        num = np.array([[e.numerator * (den // e.denominator) for e in row] for row in rows], dtype=object)
         return cls(num, den)
 
     @property

@@ -185,6 +185,7 @@ def enclose(spec, engine: str, settle, settle_exact, digits: int, progress=None)
 
     ``settle(step, i, j, lo, hi, e)`` gets integers with the entry in [lo, hi]·10**e and returns a
     result, or None while the enclosure is too wide; ``settle_exact(step, i, j, q)`` gets the exact rational
+    (a Fraction, or a (numerator, denominator) pair)
     value of an entry that is rational.  Returns ({step: rows of results}, {step: rows of
     exact-decision flags}, highest bits used).
     """
@@ -219,7 +220,14 @@ def enclose(spec, engine: str, settle, settle_exact, digits: int, progress=None)
     if exact is not None:  # Q, K, V are exact rationals, and so are the scores where R is 0 or the scale rational
         rational_scale = isinstance(spec.effective_scale, Fraction)
         for name, cells in pending.items():
-            if name[0] in "QKV" or name.startswith("scores") and rational_scale:
+            if name[0] in "QKV":  # straight from the integer numerators: no Fraction per entry
+                matrix = getattr(exact, name[0])[int(name[1:]) - 1]
+                numerators = matrix.num.tolist()
+                for i, j in cells:
+                    results[name][i][j] = settle_exact(name, i, j, (numerators[i][j], matrix.den))
+                    flags[name][i][j] = True
+                pending[name] = []
+            elif name.startswith("scores") and rational_scale:
                 pending[name] = decide(name, cells)
             elif name.startswith("scores"):
                 zero = exact.R[int(name[6:]) - 1].num
