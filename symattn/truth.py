@@ -109,6 +109,8 @@ def compute(spec, engine, exact: ExactAttention | None) -> dict:
         gap = abs_scale * engine.rational(exact.G.numerator, exact.G.denominator)
         v_engine = [engine.from_ratmat(v) for v in exact.V]
         exps = {0: engine.one()}  # exp(−gap·d) by d
+    else:
+        x = _balls(spec.x, engine)
     heads = []
     for i in range(spec.h):
         name = str(i + 1)
@@ -124,10 +126,9 @@ def compute(spec, engine, exact: ExactAttention | None) -> dict:
             v = v_engine[i]
         else:
             head = spec.heads[i]
-            x = _balls(spec.x, engine)
             q, k, v = (engine.matmul(x, _balls(w, engine)) for w in (head.wq, head.wk, head.wv))
             out["Q" + name], out["K" + name], out["V" + name] = engine.rows(q), engine.rows(k), engine.rows(v)
-            kt = engine.from_rows([list(col) for col in zip(*engine.rows(k), strict=True)])
+            kt = engine.from_rows([list(col) for col in zip(*out["K" + name], strict=True)])
             scores = [[scale * s for s in row] for row in engine.rows(engine.matmul(q, kt))]
             out["scores" + name] = scores
             weights = [_softmax_balls(row, engine) for row in scores]
