@@ -15,6 +15,24 @@ import mpmath
 import pytest
 import sympy
 
+# The notebook's steps in trace order, spelled out once: tests pin this order, they do not derive it.
+NOTEBOOK_STEPS = [
+    "Q1",
+    "K1",
+    "V1",
+    "scores1",
+    "weights1",
+    "head1",
+    "Q2",
+    "K2",
+    "V2",
+    "scores2",
+    "weights2",
+    "head2",
+    "concat_heads",
+    "M",
+]
+
 
 def to_mpf(entry, dps: int):
     if isinstance(entry, bool):

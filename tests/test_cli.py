@@ -7,6 +7,7 @@ from importlib import resources
 import pytest
 
 from symattn.cli import main
+from tests.conftest import NOTEBOOK_STEPS
 
 TRANSCRIPT = str(resources.files("symattn") / "examples" / "multi_head_attention.txt")
 
@@ -53,22 +54,7 @@ def test_eval_json_schema(engine):
     doc = json.loads(result.stdout)
     assert list(doc) == ["symattn", "spec", "digits", "engine", "steps"]
     assert (doc["symattn"], doc["spec"], doc["digits"], doc["engine"]) == ("0.1.0", "notebook", 50, engine)
-    assert list(doc["steps"]) == [
-        "Q1",
-        "K1",
-        "V1",
-        "scores1",
-        "weights1",
-        "head1",
-        "Q2",
-        "K2",
-        "V2",
-        "scores2",
-        "weights2",
-        "head2",
-        "concat_heads",
-        "M",
-    ]
+    assert list(doc["steps"]) == NOTEBOOK_STEPS
     m = doc["steps"]["M"]
     assert list(m) == ["shape", "exact", "values", "certified_digits"]
     assert m["shape"] == [2, 2]

@@ -6,24 +6,10 @@ import pytest
 
 from symattn import SymattnError
 from symattn.notebook import check, match_step
+from tests.conftest import NOTEBOOK_STEPS
 
 TRANSCRIPT = resources.files("symattn") / "examples" / "multi_head_attention.txt"
-NAMES = [
-    "Q1",
-    "K1",
-    "V1",
-    "scores1",
-    "weights1",
-    "head1",
-    "Q2",
-    "K2",
-    "V2",
-    "scores2",
-    "weights2",
-    "head2",
-    "concat_heads",
-    "M",
-]
+NAMES = NOTEBOOK_STEPS
 
 
 def test_shipped_transcript_matches():

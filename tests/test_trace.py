@@ -4,7 +4,7 @@ import sympy
 
 import symattn
 from symattn import SymattnError
-from tests.conftest import random_spec, reference
+from tests.conftest import NOTEBOOK_STEPS, random_spec, reference
 
 E3 = sympy.exp(3 * sympy.sqrt(2))
 
@@ -34,22 +34,7 @@ def test_notebook_closed_forms_are_the_short_ones():
 
 def test_names_and_order():
     trace = symattn.build("notebook")
-    assert trace.names == [
-        "Q1",
-        "K1",
-        "V1",
-        "scores1",
-        "weights1",
-        "head1",
-        "Q2",
-        "K2",
-        "V2",
-        "scores2",
-        "weights2",
-        "head2",
-        "concat_heads",
-        "M",
-    ]
+    assert trace.names == NOTEBOOK_STEPS
     assert list(trace) == trace.names
 
 
