@@ -8,7 +8,10 @@ rationals are rounded directly.  Rounding is half-to-even throughout.
 Numbers are exact rationals, given as a ``Fraction`` or as a pair
 ``(numerator, denominator)`` with a positive, not necessarily reduced,
 denominator: the engines hand over the ends of their balls that way, with no
-GCD to pay for.
+GCD to pay for.  Exponents are Python integers of any size: a value far below
+every float (exp(-10**18)) prints with its true exponent, never as a clamped 0.
+Digits go through the decimal module, which has no limit on the length of the
+integers it converts.
 """
 
 from __future__ import annotations
@@ -31,15 +34,6 @@ def _pair(x: Rational) -> tuple[int, int]:
     if isinstance(x, tuple):
         return x
     return x.numerator, x.denominator
-
-
-def _round_half_even(num: int, den: int) -> int:
-    """num/den rounded to the nearest integer, ties to even (den > 0)."""
-    q, r = divmod(num, den)
-    twice = 2 * r
-    if twice > den or (twice == den and q % 2):
-        q += 1
-    return q
 
 
 def round_significant(x: Rational, digits: int) -> tuple[int, int]:
@@ -77,20 +71,47 @@ def round_places(x: Rational, places: int) -> int:
     """q with x ≈ q·10**-places, ties to even (places may be negative)."""
     num, den = _pair(x)
     if places >= 0:
-        return _round_half_even(num * _pow10(places), den)
-    return _round_half_even(num, den * _pow10(-places))
+        num *= _pow10(places)
+    else:
+        den *= _pow10(-places)
+    q, r = divmod(num, den)
+    if 2 * r > den or (2 * r == den and q % 2):
+        q += 1
+    return q
+
+
+def digits_of(n: int) -> str:
+    """The decimal digits of |n| (no limit on their number, unlike str(int))."""
+    return str(Decimal(abs(n)))
+
+
+def layout(negative: bool, coefficient: str, exponent: int) -> str:
+    """The text of ±coefficient·10**exponent by the decimal module's rules (positional for moderate
+    exponents, else one digit before the point and a lower-case e), for exponents of any size."""
+    left = exponent + len(coefficient)  # digits left of the point in positional notation
+    dot = left if exponent <= 0 and left > -6 else 1
+    if dot <= 0:
+        text = "0." + "0" * -dot + coefficient
+    elif dot >= len(coefficient):
+        text = coefficient + "0" * (dot - len(coefficient))
+    else:
+        text = coefficient[:dot] + "." + coefficient[dot:]
+    if left != dot:
+        text += f"e{left - dot:+d}"
+    return ("-" if negative else "") + text
 
 
 def format_significant(q: int, e: int, digits: int) -> str:
-    """The decimal string of round_significant's result: positional for moderate exponents
-    (Python's Decimal rules, with a lower-case e).
+    """The decimal string of round_significant's result.
 
     >>> format_significant(667, -1, 3), format_significant(123, 5, 3), format_significant(0, 0, 3)
     ('0.667', '1.23e+5', '0')
+    >>> format_significant(163, -10**18, 3)
+    '1.63e-1000000000000000000'
     """
     if q == 0:
         return "0"
-    return _text(_context(digits).create_decimal(q).scaleb(e - digits + 1, _context(digits)))
+    return layout(q < 0, digits_of(q), e - digits + 1)
 
 
 @lru_cache(maxsize=64)
@@ -98,8 +119,7 @@ def _context(digits: int) -> Context:
     return Context(prec=digits, rounding=ROUND_HALF_EVEN, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 
-def _text(value: Decimal) -> str:
-    return str(value).replace("E", "e")
+SAFE_EXPONENT = 10**15  # below this the decimal module's own scaleb and str are exact (its limit is 10**18)
 
 
 def certified_string(lo: Rational, hi: Rational, digits: int) -> str | None:
@@ -113,25 +133,48 @@ def certified_string(lo: Rational, hi: Rational, digits: int) -> str | None:
 
 
 def exact_string(x: Rational, digits: int) -> str:
-    num, den = _pair(x)
-    if den == 1 and len(str(abs(num))) <= digits:  # integers, the common exact case: no division
-        text = str(abs(num))
-        return format_significant((-1 if num < 0 else 1) * int(text.ljust(digits, "0")), len(text) - 1, digits)
     return format_significant(*round_significant(x, digits), digits)
 
 
 def certified_decimal(lo: int, hi: int, exp10: int, digits: int) -> str | None:
     """Like certified_string for the enclosure [lo, hi]·10**exp10 (integers): the engines' fast path,
-    rounding in C through the decimal module."""
+    rounding in C through the decimal module.  Only the integers' own (small) exponent goes through the
+    module's context; exp10 is added as a Python integer, so no exponent is ever clamped."""
     context = _context(digits)
     a = context.create_decimal(lo)
     if a != context.create_decimal(hi):  # an enclosure around 0 never proves 0: its ends differ in sign
         return None
     if not a:
         return "0"  # lo = hi = 0: a point at zero
-    if lo == hi:  # an exact point may have fewer digits than asked: pad with zeros
-        sign, coefficient, exponent = a.as_tuple()
-        pad = digits - len(coefficient)
-        if pad > 0:
-            a = Decimal((sign, coefficient + (0,) * pad, exponent - pad))
-    return _text(a.scaleb(exp10, context))
+    if lo != hi and -SAFE_EXPONENT < exp10 < SAFE_EXPONENT:  # the common case, all in C
+        return str(a.scaleb(exp10, context)).replace("E", "e")
+    sign, coefficient, exponent = a.as_tuple()
+    text = "".join(map(str, coefficient))
+    if len(text) < digits:  # an exact point may have fewer digits than asked: pad with zeros
+        exponent -= digits - len(text)
+        text += "0" * (digits - len(text))
+    return layout(bool(sign), text, exponent + exp10)
+
+
+def bound_string(lo: int, hi: int, exp10: int) -> str:
+    """"<1e-N" for an enclosure [lo, hi]·10**exp10 that contains zero: the smallest power of ten above
+    both ends in magnitude (N may be negative for a wide enclosure: "<1e+3")."""
+    top = max(abs(lo), abs(hi))
+    if top == 0:
+        return "0"
+    power = len(digits_of(top)) + exp10  # 10**power > top·10**exp10
+    return f"<1e{power:+d}" if power > 0 else f"<1e{power}"
+
+
+def to_decimal(text: str):
+    """A value string as a Decimal where the decimal module can hold its exponent, else the string itself
+    (bounds such as "<1e-40" stay strings; "-inf" and "nan" become Decimal's own)."""
+    if text.startswith("<"):
+        return text
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        return text
+    if value.is_finite() and value and not (-999_999_999_999_999_999 <= value.adjusted() <= 999_999_999_999_999_999):
+        return text
+    return value

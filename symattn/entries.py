@@ -5,12 +5,20 @@ An entry is a ``Fraction`` (integers, decimals and fractions fold to one) or an
 ``a``).  The tree converts to SymPy for printing and to a ball for the engines,
 so neither the parser nor the truth ever needs SymPy.  User text is never
 handed to ``eval``, ``sympify`` or ``parse_expr``.
+
+Everything is bounded before any work that could take long: the text's length
+and nesting, the digits of a literal, the bits of a folded rational, and the
+magnitude of every numeric value (|x| below 2**MAX_EXPONENT).  What is not a
+real number (``sqrt`` of a negative, ``log`` of a non-positive, a non-integer
+power of a negative, a division by zero) is refused; for irrational arguments
+the sign is proven with Arb balls, and an argument whose sign cannot be proven
+(``sqrt(2) - sqrt(2)`` is exactly zero) is refused too.
 """
 
 from __future__ import annotations
 
 import ast
-import math
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -23,8 +31,17 @@ ALLOWED = (
     "integers, decimals, fractions such as '3/4', symbol names, "
     "+ - * / **, and the functions sqrt, exp, log (pi is the constant)"
 )
-MAX_TEXT = 10_000  # longer strings are refused before parsing
-MAX_POWER = 10_000  # |integer exponent| allowed in '**', to keep folding cheap
+MAX_TEXT = 10_000  # characters of an expression string
+MAX_OPERATORS = 1_000  # operators and parentheses in one expression
+MAX_DEPTH = 100  # nesting of parentheses and calls
+MAX_LITERAL_DIGITS = 4_900  # digits of one integer or decimal literal
+MAX_EXPONENT = 16_384  # every numeric value has |x| < 2**MAX_EXPONENT, and a non-zero one |x| > 2**-MAX_EXPONENT
+MAX_BITS = 2 * MAX_EXPONENT + 64  # bits of a folded rational's numerator or denominator
+MAX_POWER = 10_000  # |integer exponent| allowed in '**'
+EXP_LIMIT = 11_000  # exp(x) needs x < EXP_LIMIT (e**11000 < 2**16384)
+SIGN_BITS = (64, 256, 1024)  # precisions tried to prove the sign of an irrational value
+
+_LITERAL = re.compile(r"^(\d[\d_]*)?(\.[\d_]*)?([eE][+-]?\d[\d_]*)?$")
 
 
 @dataclass(frozen=True)
@@ -56,10 +73,16 @@ def parse_entry(value: object, where: str) -> Entry:
     """
     if isinstance(value, bool):
         raise SymattnError(f"{where}: expected a number or an exact expression ({ALLOWED}), received {value!r}")
-    if isinstance(value, (int, Fraction)):
-        return Fraction(value)
-    if isinstance(value, (Decimal, float)):
-        if not math.isfinite(value):
+    if isinstance(value, int):
+        return _checked(Fraction(value), where)
+    if isinstance(value, Fraction):
+        return _checked(value, where)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise SymattnError(f"{where}: expected a finite number, received {value}")
+        return _checked(_decimal_fraction(value, where), where)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
             raise SymattnError(f"{where}: expected a finite number, received {value}")
         return Fraction(value)  # a float means its exact binary value
     if isinstance(value, Expr):
@@ -71,17 +94,74 @@ def parse_entry(value: object, where: str) -> Entry:
     )
 
 
+def _decimal_fraction(value: Decimal, where: str) -> Fraction:
+    """A decimal's exact value, refused before the conversion when it is too large to be useful."""
+    sign, digits, exponent = value.as_tuple()
+    if len(digits) > MAX_LITERAL_DIGITS:
+        raise SymattnError(
+            f"{where}: expected a number of at most {MAX_LITERAL_DIGITS} digits, received one of {len(digits)}"
+        )
+    if any(digits):
+        magnitude = len(digits) + exponent - 1  # the decimal exponent of the leading digit
+        if abs(magnitude) > MAX_EXPONENT * 0.30103:
+            raise SymattnError(
+                f"{where}: expected a magnitude between 1e-4932 and 1e4932, received one about 1e{magnitude}"
+            )
+    return Fraction(value)
+
+
+def _checked(q: Fraction, where: str) -> Fraction:
+    if q and (q.numerator.bit_length() - q.denominator.bit_length() > MAX_EXPONENT or
+              q.denominator.bit_length() - q.numerator.bit_length() > MAX_EXPONENT):
+        raise SymattnError(f"{where}: expected a magnitude between 2**-{MAX_EXPONENT} and 2**{MAX_EXPONENT}, "
+                           f"received one about 2**{q.numerator.bit_length() - q.denominator.bit_length()}")
+    if max(q.numerator.bit_length(), q.denominator.bit_length()) > MAX_BITS:
+        raise SymattnError(f"{where}: expected a rational of at most {MAX_BITS} bits, received a larger one")
+    return q
+
+
 def _parse_text(text: str, where: str) -> Entry:
     if len(text) > MAX_TEXT:
         raise SymattnError(f"{where}: expected an expression of at most {MAX_TEXT} characters, received {len(text)}")
+    text = text.strip()
+    operators = sum(text.count(c) for c in "+-*/(")
+    if operators > MAX_OPERATORS:
+        raise SymattnError(
+            f"{where}: expected an expression with at most {MAX_OPERATORS} operators, received {operators}"
+        )
+    longest = max((len(run) for run in re.findall(r"[\d_]+", text)), default=0)
+    if longest > MAX_LITERAL_DIGITS:
+        raise SymattnError(
+            f"{where}: expected numbers of at most {MAX_LITERAL_DIGITS} digits, received one of {longest}"
+        )
+    depth = deepest = 0
+    for c in text:
+        depth += (c == "(") - (c == ")")
+        deepest = max(deepest, depth)
+    if deepest > MAX_DEPTH:
+        raise SymattnError(f"{where}: expected parentheses nested at most {MAX_DEPTH} deep, received {deepest}")
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError):
         raise SymattnError(f"{where}: expected {ALLOWED}; received {text!r}, which does not parse") from None
+    except (RecursionError, MemoryError):
+        raise SymattnError(f"{where}: expression {_short(text)!r} is nested too deeply") from None
     try:
-        return _Reader(text.strip(), where).read(tree.body)
+        entry = _Reader(text, where).read(tree.body)
     except RecursionError:
-        raise SymattnError(f"{where}: expression {text!r} is nested too deeply") from None
+        raise SymattnError(f"{where}: expression {_short(text)!r} is nested too deeply") from None
+    if isinstance(entry, Fraction):
+        return _checked(entry, where)
+    if not symbols(entry):
+        try:
+            check_magnitude(entry)
+        except _Refused as refused:
+            raise SymattnError(f"{where}: {_short(text)!r}: {refused}") from None
+    return entry
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class _Reader:
@@ -90,15 +170,17 @@ class _Reader:
         self.where = where
 
     def refuse(self, what: str) -> SymattnError:
-        return SymattnError(f"{self.where}: {what} is not allowed in {self.text!r}; allowed: {ALLOWED}")
+        return SymattnError(f"{self.where}: {what} is not allowed in {_short(self.text)!r}; allowed: {ALLOWED}")
 
     def read(self, node: ast.AST) -> Entry:
         if isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
                 raise self.refuse(f"the literal {node.value!r}")
             # the literal's own text, so that 0.1 means 1/10 and not a binary double
-            literal = ast.get_source_segment(self.text, node) or repr(node.value)
-            return Fraction(literal.replace("_", ""))
+            literal = (ast.get_source_segment(self.text, node) or repr(node.value)).replace("_", "")
+            if not _LITERAL.match(literal) or literal in ("", "."):
+                raise self.refuse(f"the literal {literal!r} (only decimal literals)")
+            return _decimal_fraction(Decimal(literal), self.where)
         if isinstance(node, ast.Name):
             if node.id in CONSTANTS:
                 return Expr("const", (node.id,))
@@ -112,26 +194,28 @@ class _Reader:
             ops = {ast.Add: add, ast.Sub: sub, ast.Mult: mul, ast.Div: div, ast.Pow: power}
             if type(node.op) not in ops:
                 raise self.refuse(f"the operator {type(node.op).__name__}")
+            left, right = self.read(node.left), self.read(node.right)
             try:
-                return ops[type(node.op)](self.read(node.left), self.read(node.right))
+                return ops[type(node.op)](left, right)
             except ZeroDivisionError:
-                raise SymattnError(f"{self.where}: {self.text!r} divides by zero") from None
+                raise SymattnError(f"{self.where}: {_short(self.text)!r} divides by zero") from None
             except _Refused as refused:
-                raise SymattnError(f"{self.where}: {self.text!r}: {refused}") from None
+                raise SymattnError(f"{self.where}: {_short(self.text)!r}: {refused}") from None
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
                 raise self.refuse("a call of " + (node.func.id if isinstance(node.func, ast.Name) else "an expression"))
             if len(node.args) != 1 or node.keywords:
-                raise SymattnError(f"{self.where}: {node.func.id} takes exactly one argument, in {self.text!r}")
+                raise SymattnError(f"{self.where}: {node.func.id} takes exactly one argument, in {_short(self.text)!r}")
+            argument = self.read(node.args[0])
             try:
-                return function(node.func.id, self.read(node.args[0]))
+                return function(node.func.id, argument)
             except _Refused as refused:
-                raise SymattnError(f"{self.where}: {self.text!r}: {refused}") from None
+                raise SymattnError(f"{self.where}: {_short(self.text)!r}: {refused}") from None
         raise self.refuse(f"the syntax {type(node).__name__}")
 
 
 class _Refused(Exception):
-    """A value outside the reals or too large to fold; the parser adds the context."""
+    """A value outside the reals or beyond the limits; the parser adds the context."""
 
 
 # Constructors that fold rationals, so that an entry is a Fraction whenever it can be.
@@ -143,7 +227,7 @@ def neg(a: Entry) -> Entry:
 
 def add(a: Entry, b: Entry) -> Entry:
     if isinstance(a, Fraction) and isinstance(b, Fraction):
-        return a + b
+        return _fold(a + b)
     if a == 0:
         return b
     if b == 0:
@@ -157,7 +241,9 @@ def sub(a: Entry, b: Entry) -> Entry:
 
 def mul(a: Entry, b: Entry) -> Entry:
     if isinstance(a, Fraction) and isinstance(b, Fraction):
-        return a * b
+        if a and b and a.numerator.bit_length() + b.numerator.bit_length() > MAX_BITS + 64:
+            raise _Refused(f"the product is larger than {MAX_BITS} bits")
+        return _fold(a * b)
     if a == 0 or b == 0:
         return Fraction(0)
     if a == 1:
@@ -172,6 +258,8 @@ def div(a: Entry, b: Entry) -> Entry:
         if b == 0:
             raise ZeroDivisionError
         return mul(a, 1 / b)
+    if not symbols(b) and sign(b) == 0:
+        raise _Refused(f"cannot prove that the divisor {to_text(b)} is not zero")
     return mul(a, Expr("pow", (b, Fraction(-1))))
 
 
@@ -182,6 +270,9 @@ def power(base: Entry, exponent: Entry) -> Entry:
         if exponent.denominator == 1:
             if base == 0 and exponent < 0:
                 raise ZeroDivisionError
+            bits = max(base.numerator.bit_length(), base.denominator.bit_length())
+            if bits * abs(exponent) > MAX_BITS:
+                raise _Refused(f"{base} ** {exponent} has more than {MAX_BITS} bits")
             return base ** int(exponent)
         if base < 0:
             raise _Refused(f"{base} ** {exponent} is not a real number")
@@ -191,10 +282,28 @@ def power(base: Entry, exponent: Entry) -> Entry:
         return base
     if exponent == 0:
         return Fraction(1)
+    if not symbols(base):
+        integer = isinstance(exponent, Fraction) and exponent.denominator == 1
+        s = sign(base)
+        if integer and s == 0 and exponent < 0:
+            raise _Refused(f"cannot prove that {to_text(base)} is not zero")
+        if not integer and s < 0:
+            raise _Refused(f"({to_text(base)}) ** ({to_text(exponent)}) is not a real number: the base is negative")
+        if not integer and s == 0:
+            raise _Refused(f"cannot prove that {to_text(base)} is positive, so ({to_text(base)}) ** "
+                           f"({to_text(exponent)}) may not be a real number")
     return Expr("pow", (base, exponent))
 
 
+def _fold(q: Fraction) -> Fraction:
+    if max(q.numerator.bit_length(), q.denominator.bit_length()) > MAX_BITS:
+        raise _Refused(f"an intermediate rational has more than {MAX_BITS} bits")
+    return q
+
+
 def sqrt_fraction(q: Fraction) -> Entry:
+    import math
+
     num, den = math.isqrt(q.numerator), math.isqrt(q.denominator)
     if num * num == q.numerator and den * den == q.denominator:
         return Fraction(num, den)
@@ -212,9 +321,101 @@ def function(name: str, arg: Entry) -> Entry:
                 raise _Refused(f"log({arg}) is not a real number")
             if arg == 1:
                 return Fraction(0)
-        if name == "exp" and arg == 0:
-            return Fraction(1)
+        if name == "exp":
+            if arg == 0:
+                return Fraction(1)
+            if arg >= EXP_LIMIT:
+                raise _Refused(f"exp({arg}) is larger than 2**{MAX_EXPONENT}")
+    elif not symbols(arg):
+        if name in ("sqrt", "log"):
+            s = sign(arg)
+            if s < 0:
+                raise _Refused(f"{name}({to_text(arg)}) is not a real number: the argument is negative")
+            if s == 0:
+                raise _Refused(f"cannot prove that {to_text(arg)} is positive, so {name} of it may not be real")
+        if name == "exp":
+            hi = _upper(arg)
+            if hi is None or hi >= EXP_LIMIT:
+                raise _Refused(f"cannot prove that exp({to_text(arg)}) is below 2**{MAX_EXPONENT}")
     return Expr(name, (arg,))
+
+
+# Numeric questions about an entry without symbols, answered with Arb balls.
+
+
+def ball(entry: Entry, bits: int):
+    """An Arb ball containing the entry, at ``bits`` of working precision (flint's context is restored)."""
+    import flint
+
+    saved = flint.ctx.prec
+    flint.ctx.prec = bits
+    try:
+        return _arb(entry, flint.arb)
+    finally:
+        flint.ctx.prec = saved
+
+
+def _arb(entry: Entry, arb):
+    if isinstance(entry, Fraction):
+        return arb(entry.numerator) / entry.denominator
+    op, args = entry.op, entry.args
+    if op == "sym":
+        raise SymattnError(f"symbol {args[0]!r}: a numeric value is needed here, received a symbol")
+    if op == "const":
+        return arb.pi()
+    if op == "add":
+        return _arb(args[0], arb) + _arb(args[1], arb)
+    if op == "mul":
+        return _arb(args[0], arb) * _arb(args[1], arb)
+    if op == "pow":
+        base, exponent = args
+        if isinstance(exponent, Fraction) and exponent.denominator == 1:
+            return integer_power(_arb(base, arb), int(exponent))
+        return (_arb(exponent, arb) * _arb(base, arb).log()).exp()
+    return getattr(_arb(args[0], arb), op)()
+
+
+def integer_power(x, n: int):
+    """x**n by squaring (python-flint's arb ** int is NaN for a ball that contains zero)."""
+    if n < 0:
+        return 1 / integer_power(x, -n)
+    result, base = None, x
+    while n:
+        if n & 1:
+            result = base if result is None else result * base
+        n >>= 1
+        if n:
+            base = base * base
+    return type(x)(1) if result is None else result
+
+
+def sign(entry: Entry) -> int:
+    """-1, 1, or 0 when the sign cannot be proven (the value may be zero)."""
+    if isinstance(entry, Fraction):
+        return (entry > 0) - (entry < 0)
+    for bits in SIGN_BITS:
+        b = ball(entry, bits)
+        if b > 0:
+            return 1
+        if b < 0:
+            return -1
+    return 0
+
+
+def _upper(entry: Entry) -> float | None:
+    b = ball(entry, 64)
+    if not b.is_finite():
+        return None
+    return float(b.upper())
+
+
+def check_magnitude(entry: Entry) -> None:
+    """Refuse a value with |x| >= 2**MAX_EXPONENT, or one that is not finite."""
+    b = ball(entry, 64)
+    if not b.is_finite():
+        raise _Refused("its value is not a finite real number")
+    if b.abs_upper() >= ball(Fraction(2**MAX_EXPONENT), 64):
+        raise _Refused(f"its magnitude is not below 2**{MAX_EXPONENT}")
 
 
 # Questions asked of an entry.
@@ -244,7 +445,7 @@ def is_algebraic(entry: Entry) -> bool:
 
 
 def to_text(entry: Entry) -> str:
-    """A readable rendering, for messages (SymPy is not needed)."""
+    """A readable rendering, for messages and spec files (SymPy is not needed)."""
     if isinstance(entry, Fraction):
         return str(entry)
     if entry.op in ("sym", "const"):
@@ -252,10 +453,17 @@ def to_text(entry: Entry) -> str:
     if entry.op == "add":
         return "(" + " + ".join(to_text(a) for a in entry.args) + ")"
     if entry.op == "mul":
-        return "*".join(to_text(a) for a in entry.args)
+        if entry.args[0] == -1:
+            return "-" + _factor(entry.args[1])
+        return "*".join(_factor(a) for a in entry.args)
     if entry.op == "pow":
         return f"({to_text(entry.args[0])})**({to_text(entry.args[1])})"
     return f"{entry.op}({to_text(entry.args[0])})"
+
+
+def _factor(entry: Entry) -> str:
+    text = to_text(entry)
+    return f"({text})" if isinstance(entry, Fraction) and ("/" in text or text.startswith("-")) else text
 
 
 def to_sympy(entry: Entry):
