@@ -1,4 +1,4 @@
-"""symattn: multi-head self-attention made exact.
+"""symattn: attention made exact.
 
 >>> import symattn
 >>> spec = symattn.load_spec("notebook")
@@ -8,26 +8,18 @@
 ('6.94333585649', '-6.94333585649')
 """
 
+from ._version import __version__
 from .errors import SymattnError
 from .spec import AttentionSpec, load_spec
-from .truth import evaluate
 
-__version__ = "0.1.0"
 __all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "load_spec", "verify", "__version__"]
 
 
-def generate(spec, weights: str = "folded", strategy: str = "auto") -> str:
-    """The source of a standalone NumPy module for the spec; see ``symattn.codegen.generate``."""
-    from .codegen import generate as _generate
+def evaluate(spec, digits=50, **options):
+    """Certified values of every step; see ``symattn.truth.evaluate``."""
+    from .truth import evaluate as _evaluate
 
-    return _generate(spec, weights=weights, strategy=strategy)
-
-
-def verify(spec, impls=None, dtype: str = "float64", rule: str = "kappa"):
-    """Measure implementations against the certified truth; see ``symattn.verify.verify``."""
-    from .verifier import verify as _verify
-
-    return _verify(spec, impls, dtype=dtype, rule=rule)
+    return _evaluate(spec, digits, **options)
 
 
 def build(spec):
@@ -35,3 +27,17 @@ def build(spec):
     from .trace import build as _build
 
     return _build(spec)
+
+
+def generate(spec, **options) -> str:
+    """The source of a standalone NumPy module for the spec; see ``symattn.codegen.generate``."""
+    from .codegen import generate as _generate
+
+    return _generate(spec, **options)
+
+
+def verify(spec, impls=None, **options):
+    """Measure implementations against the certified truth; see ``symattn.verifier.verify``."""
+    from .verifier import verify as _verify
+
+    return _verify(spec, impls, **options)

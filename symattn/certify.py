@@ -157,7 +157,7 @@ def certified_decimal(lo: int, hi: int, exp10: int, digits: int) -> str | None:
 
 
 def bound_string(lo: int, hi: int, exp10: int) -> str:
-    """"<1e-N" for an enclosure [lo, hi]·10**exp10 that contains zero: the smallest power of ten above
+    """ "<1e-N" for an enclosure [lo, hi]·10**exp10 that contains zero: the smallest power of ten above
     both ends in magnitude (N may be negative for a wide enclosure: "<1e+3")."""
     top = max(abs(lo), abs(hi))
     if top == 0:

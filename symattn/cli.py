@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import SymattnError
 
 FORMATS = ("pretty", "str", "latex")
@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fully substituted closed forms instead of the structure over row normalisers",
     )
     show.add_argument("--format", choices=FORMATS, default="pretty")
+    show.add_argument(
+        "--grad", action="store_true", help="the backward steps too (gradients of the sum of outputs, or of dout)"
+    )
 
     ev = sub.add_parser("eval", help="certified decimal values of every step")
     ev.add_argument("spec")
@@ -50,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", action="append", metavar="NAME", help="only print this step (repeatable)")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.add_argument("--exact", action="store_true", help="include the closed forms (needs SymPy; slow for big specs)")
+    ev.add_argument(
+        "--grad", action="store_true", help="the backward steps too (gradients of the sum of outputs, or of dout)"
+    )
 
     gen = sub.add_parser("generate", help="emit a standalone NumPy module computing the attention")
     gen.add_argument("spec")
@@ -71,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE:FUNCTION",
         help="f(x, wq, wk, wv, wo) -> M (repeatable); default: the generated code and the notebook's",
     )
-    ver.add_argument("--dtype", choices=("float64", "float32", "float16"), default="float64")
+    ver.add_argument("--dtype", choices=("float64", "float32", "float16", "bfloat16"), default="float64")
     ver.add_argument("--rule", choices=("kappa", "differential", "both"), default="kappa")
     ver.add_argument("--json", action="store_true")
 
@@ -115,7 +121,7 @@ def _show(args) -> int:
     from .spec import load_spec
     from .trace import build, render
 
-    trace = build(load_spec(args.spec))
+    trace = build(load_spec(args.spec), grad=args.grad)
     out = []
     for name in _steps(args.step, trace.names):
         rows, cols = trace.shape(name)
@@ -143,25 +149,28 @@ def _normaliser_line(z, value, fmt: str) -> str:
 
 
 def _eval(args) -> int:
+    from .graph import build as build_graph
     from .spec import load_spec
     from .truth import evaluate
 
     spec = load_spec(args.spec)
-    truth = evaluate(spec, digits=args.digits, engine=args.engine)
-    names = _steps(args.step, truth.names)
+    graph = build_graph(spec)
+    known = [s.name for s in graph.steps] + ([s.name for s in graph.backward_steps] if args.grad else [])
+    names = _steps(args.step, known)
+    truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names, grad=args.grad)
     trace = None
     if args.exact:
         from .trace import build
 
-        trace = build(spec)
+        trace = build(spec, grad=args.grad or any(n.startswith("d") for n in names))
     if args.json:
         steps = {}
         for name in names:
             step = truth[name]
             entry = {"shape": list(step.shape)}
             if trace is not None:
-                entry["exact"] = [[str(e) for e in row] for row in trace[name].tolist()]
-            entry["values"] = [list(row) for row in step.values]
+                entry["exact"] = [[_exact_json(e) for e in row] for row in trace[name].tolist()]
+            entry["values"] = [[None if v == "-inf" else v for v in row] for row in step.values]
             entry["certified_digits"] = [list(row) for row in step.certified_digits]
             steps[name] = entry
         doc = {
@@ -173,7 +182,10 @@ def _eval(args) -> int:
         }
         sys.stdout.write(json.dumps(doc, separators=(", ", ": ")) + "\n")  # one write: much faster than dump
         return 0
-    out = [f"{spec.name}: {truth.digits} certified significant digits ({truth.engine} engine, up to {truth.bits} bits)"]
+    out = [
+        f"{spec.display_name}: {truth.digits} certified significant digits "
+        f"({truth.engine} engine, up to {truth.bits} bits)"
+    ]
     for name in names:
         step = truth[name]
         out.append("")
@@ -183,6 +195,12 @@ def _eval(args) -> int:
         out.append(str(step))
     print("\n".join(out))
     return 0
+
+
+def _exact_json(e):
+    import sympy
+
+    return None if e == -sympy.oo else str(e)
 
 
 def _generate(args) -> int:
@@ -228,16 +246,51 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _verify(args) -> int:
-    from .verifier import verify
+    from .spec import load_spec
+    from .verifier import report_json, verify
 
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
-    results = verify(args.spec, args.impl, dtype=args.dtype, rule=args.rule)
+    spec = load_spec(args.spec)
+    results = verify(spec, args.impl or default_impls(spec), dtype=args.dtype, rule=args.rule)
     if args.json:
-        json.dump({"symattn": __version__, "results": [r.to_json() for r in results]}, sys.stdout)
-        sys.stdout.write("\n")
+        sys.stdout.write(report_json(results) + "\n")
     else:
         print("\n\n".join("\n".join(r.lines()) for r in results))
     return 0 if all(r.passed for r in results) else 1
+
+
+def default_impls(spec) -> list:
+    """What ``symattn verify`` checks when no --impl is given: the module symattn generates for the spec
+    (weights and options as inputs), and, for the projection form, the seed notebook's own algorithm."""
+    import importlib.util
+    import tempfile
+
+    from .codegen import generate
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "symattn_generated.py"
+        path.write_text(generate(spec, weights="inputs"), encoding="utf-8")
+        module_spec = importlib.util.spec_from_file_location("symattn_generated", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    impls = [("generated", module.forward)]
+    if spec.form == "projection":
+        impls.append(("notebook algorithm", notebook_algorithm))
+    return impls
+
+
+def notebook_algorithm(x, wq, wk, wv, wo):
+    """The seed notebook's algorithm: softmax without the max shift (overflows on large logits)."""
+    import numpy as np
+
+    heads = []
+    for i in range(wq.shape[0]):
+        q, k, v = x @ wq[i], x @ wk[i], x @ wv[i]
+        s = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(np.array(q.shape[-1], dtype=x.dtype))
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = np.exp(s)
+            heads.append((e / e.sum(axis=-1, keepdims=True)) @ v)
+    return np.concatenate(heads, axis=-1) @ wo
 
 
 def _notebook(args) -> int:

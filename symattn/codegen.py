@@ -1,40 +1,53 @@
-"""NumPy code generation from the exact trace: standalone modules that import only NumPy.
+"""NumPy code generation from the op graph: standalone modules that import only NumPy.
 
-Two strategies share one module layout (``forward``, ``intermediates``):
+The generator runs the graph (forward, and backward with ``grad``) in a code
+emission backend (``emit.py``) and lays the result out as a module with
+``forward``, ``intermediates`` (every named step) and ``backward`` (the input
+gradients, with ``grad``).  Two strategies:
 
-- ``unrolled``: one assignment per scalar of the computation, each over whole
-  arrays of the batch.  The linear layers (Q, K, V with the scale folded into
-  the queries, and M) are exact SymPy linear forms in the inputs, reduced with
-  ``sympy.cse``; zero weights vanish, permutations become plain references,
-  repeated or negated outputs are computed once.  Scores, the max-shifted
-  softmax and the heads are written out directly.  Small shapes run fastest so.
-- ``vectorized``: matmul/einsum over stacked heads, for shapes where unrolling
-  would explode, with the scale folded into the query weights.
+- ``unrolled``: one assignment per scalar over whole arrays of the batch, from
+  exact forms: constants fold, equal or opposite values are computed once, the
+  linear layers go through ``sympy.cse``; ``forward`` runs the batch in chunks
+  so that its temporaries stay in cache.  Small shapes run fastest so.
+- ``vectorized``: one line per matrix operation, batched matmuls, the softmax
+  in place where its input is dead.
 
-Generated text is deterministic: no timestamps, nothing hash-ordered, names
-from the spec never reach the code (only the digest and the name, checked).
+``weights="folded"`` bakes the spec's weights and options into constants:
+``forward(x)`` (``forward(x, x_kv)`` for cross-attention, ``forward(q, k, v)``
+in the kernel form).  ``weights="inputs"`` takes them as arguments and the
+options the spec uses as keywords, as in the ``--impl`` convention:
+``forward(x, wq, wk, wv, wo, *, scale=..., ...)``.  Masks and ALiBi distances
+are computed by the package's own ``masks.py`` functions, whose source the
+module carries.  The text goes through Python's ``ast`` (``ast.unparse`` lays
+it out), so it is always valid Python; it is deterministic (nothing
+hash-ordered, no timestamps) and names from the spec never reach the code.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 import textwrap
+from fractions import Fraction
 
-import sympy
-from sympy.printing.numpy import NumPyPrinter
+import numpy as np
 
-from . import __version__
-from .entries import to_sympy
+from . import masks
+from ._version import __version__
+from .emit import EmitXP, Named, ScalarEmitXP, SMat, Var, needed, optimise
 from .errors import SymattnError
+from .graph import build as build_graph
+from .numeric import exact_float
 from .spec import load_spec
-from .truth import step_names
 
 WEIGHTS = ("folded", "inputs")
 STRATEGIES = ("auto", "unrolled", "vectorized")
-UNROLL_LIMIT = 4096  # unroll while h·n·n·max(d_k, d_v) stays below this
+UNROLL_LIMIT = 4096  # unroll while H·L·S·max(d_k, d_v) stays below this
+WIDTH = 116  # the width docstrings are wrapped to
 
 
-def generate(spec, weights: str = "folded", strategy: str = "auto") -> str:
+def generate(spec, weights: str = "folded", strategy: str = "auto", grad: bool = False) -> str:
     """The source of a standalone NumPy module computing the spec's attention.
 
     >>> source = generate("notebook")
@@ -48,490 +61,792 @@ def generate(spec, weights: str = "folded", strategy: str = "auto") -> str:
         raise SymattnError(f"strategy: expected one of {', '.join(STRATEGIES)}, received {strategy!r}")
     if spec.symbols:
         raise SymattnError(
-            f"spec {spec.name}: code generation needs numbers, received the symbols {', '.join(spec.symbols)}"
+            f"spec {spec.display_name}: code generation needs numbers, received the symbols {', '.join(spec.symbols)}"
         )
+    runtime = weights == "inputs" and _runtime_options(spec)
     if strategy == "auto":
-        size = spec.h * spec.n * spec.n * max(spec.d_k, spec.d_v)
-        strategy = "unrolled" if size <= UNROLL_LIMIT else "vectorized"
-    body = _Unrolled(spec, weights) if strategy == "unrolled" else _Vectorized(spec, weights)
-    return _module(spec, weights, strategy, body)
+        size = spec.h * spec.L * spec.S * max(spec.d_k, spec.d_v)
+        strategy = "unrolled" if size <= UNROLL_LIMIT and not runtime else "vectorized"
+    if strategy == "unrolled" and runtime:
+        raise SymattnError(
+            "strategy: unrolled code needs the masks, bias, ALiBi and softcap at generation time; "
+            "use --weights folded or --strategy vectorized"
+        )
+    layout = _Layout(spec, weights, grad)
+    body = _Unrolled(layout) if strategy == "unrolled" else _Vectorized(layout)
+    return _module(layout, strategy, body)
 
 
-class _Printer(NumPyPrinter):
-    """NumPy printer for the right-hand sides; numbers become Python float literals, which NumPy
-    treats as weak scalars, so a float32 batch stays float32."""
+def _runtime_options(spec) -> bool:
+    return spec.has_mask or spec.alibi is not None or spec.softcap is not None or spec.bias is not None
 
-    def __init__(self):
-        super().__init__({"fully_qualified_modules": True, "inline": True})
 
-    def _print_Float(self, expr):
-        return repr(float(expr))
+class _Layout:
+    """What the module's functions take and return."""
 
-    def emptyPrinter(self, expr):  # be strict: a node without a rule is an error naming the node
-        raise SymattnError(f"code generation: no printing rule for {type(expr).__name__} {expr}")
+    def __init__(self, spec, weights: str, grad: bool):
+        self.spec, self.weights, self.grad = spec, weights, grad
+        self.inputs = weights == "inputs"
+        self.graph = build_graph(spec)
+        self.kernel = spec.form == "kernel"
+        H, L, S = spec.h, spec.L, spec.S
+        if self.kernel:
+            self.data = ["q", "k", "v"]
+            self.shapes = {"q": (H, L, spec.d_k), "k": (spec.h_kv, S, spec.d_k), "v": (spec.h_kv, S, spec.d_v)}
+        else:
+            self.data = ["x"] + (["x_kv"] if spec.x_kv is not None and not self.inputs else [])
+            self.shapes = {"x": (L, spec.d_model), "x_kv": (S, spec.d_model_kv)}
+        self.weights_args = []
+        if self.inputs and not self.kernel:
+            self.weights_args = ["wq", "wk", "wv", "wo"]
+            self.shapes.update(
+                {
+                    "wq": (H, spec.d_model, spec.d_k),
+                    "wk": (spec.h_kv, spec.d_model_kv, spec.d_k),
+                    "wv": (spec.h_kv, spec.d_model_kv, spec.d_v),
+                    "wo": (H * spec.d_v, spec.d_out),
+                }
+            )
+        self.args = self.data + self.weights_args
+        self.options = self._options() if self.inputs else {}
+        self.compute = f"{self.args[0]}.dtype"  # the dtype computations run in (float32 for bfloat16)
+
+    def _options(self) -> dict:
+        """Keyword options of the inputs-mode functions, with their defaults (the spec's)."""
+        spec = self.spec
+        out = {"scale": repr(exact_float(spec.effective_scale))}
+        if spec.has_mask or spec.alibi is not None:
+            out["mask"] = "_MASK" if spec.mask is not None else "None"
+            out["causal"] = repr(spec.causal)
+            out["window"] = repr(spec.window)
+            out["align"] = repr(spec.align)
+            out["empty_row"] = repr(spec.empty_row)
+        if spec.bias is not None:
+            out["bias"] = "_BIAS"
+        if spec.alibi is not None:
+            out["alibi_slopes"] = "_ALIBI_SLOPES"
+        if spec.softcap is not None:
+            out["softcap"] = repr(exact_float(spec.softcap))
+        if not self.kernel:
+            if spec.x_kv is not None:
+                out["x_kv"] = "None"
+            for key, present in (
+                ("bq", any(h.bq is not None for h in spec.heads)),
+                ("bk", any(h.bk is not None for h in spec.kv_heads)),
+                ("bv", any(h.bv is not None for h in spec.kv_heads)),
+                ("bo", spec.bo is not None),
+            ):
+                if present:
+                    out[key] = f"_{key.upper()}"
+        return out
+
+    def signature(self, extra: str = "") -> str:
+        args = ", ".join(self.args) + extra
+        if self.options:
+            args += ", *, " + ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return args
+
+
+def _array_text(a: np.ndarray) -> str:
+    if a.dtype == bool:
+        return f"numpy.array({a.tolist()!r})"
+    return f"numpy.array({np.asarray(a, dtype=np.float64).tolist()!r})"
+
+
+class _Sources:
+    """Module constants, and how each leaf, parameter and constant is read inside a function."""
+
+    def __init__(self, layout: _Layout):
+        self.layout = layout
+        self.constants: dict = {}  # name -> text, in the order made
+
+    def constant(self, name: str, text: str) -> str:
+        self.constants.setdefault(name, text)
+        return name
+
+    def leaf(self, name: str) -> tuple[str, bool]:
+        """(text, batched) of a graph leaf inside a function."""
+        layout = self.layout
+        kind = name.rstrip("0123456789")
+        index = int(name[len(kind) :]) - 1 if name[len(kind) :] else None
+        if kind in ("x", "x_kv"):
+            return name, True
+        if layout.kernel and kind in ("q", "k", "v"):
+            return f"{kind}[..., {index}, :, :]", True
+        if kind == "dout":
+            return ("dout" if not layout.kernel else f"dout[..., {index}, :, :]"), True
+        if layout.inputs:
+            if kind in ("wq", "wk", "wv"):
+                return f"{kind}[{index}]", False
+            if kind == "wo":
+                return "wo", False
+            if kind in ("bq", "bk", "bv"):
+                return f"{kind}[{index}][None, :]", False
+            if kind == "bo":
+                return "bo[None, :]", False
+            if kind == "bias":
+                return f"bias[{index}]", False
+        value = layout.graph.leaves[name].float64()
+        return f"{self.constant('_' + name.upper(), _array_text(value))}.astype({layout.compute})", False
+
+    def param(self, p) -> str:
+        if not self.layout.inputs:
+            return repr(exact_float(p.value))
+        if p.name in ("scale", "softcap"):
+            return p.name
+        if p.name == "inverse_softcap":
+            return "(1 / softcap)"
+        if p.name.startswith("slope"):
+            return f"alibi_slopes[{int(p.name[5:]) - 1}]"
+        raise SymattnError(f"code generation: no source for the parameter {p.name}")
+
+    def const(self, c) -> str:
+        spec, layout = self.layout.spec, self.layout
+        if layout.inputs:
+            for prefix in ("allowed", "empty"):
+                if c.name.startswith(prefix):
+                    suffix = c.name[len(prefix) :]
+                    return prefix + (f"[{int(suffix) - 1}]" if suffix else "[0]")
+            if c.name == "distance":
+                return "distance"
+        if c.name == "distance":
+            text = f"_alibi_distance({spec.L}, {spec.S}, {spec.delta})"
+            return f"{self.constant('_DISTANCE', text)}.astype({layout.compute})"
+        return self.constant("_" + c.name.upper(), _array_text(np.asarray(c.value)))
+
+
+def _graph_params(graph):
+    """Every parameter and constant the graph's ops read, each once, in order."""
+    params, consts = {}, {}
+    for node in graph.nodes:
+        for attribute in ("scale", "softcap", "inverse_softcap", "slope"):
+            p = getattr(node.op, attribute, None)
+            if p is not None:
+                params.setdefault(p.name, p)
+        for attribute in ("allowed", "empty", "distance"):
+            c = getattr(node.op, attribute, None)
+            if c is not None:
+                consts.setdefault(c.name, c)
+    return params, consts
+
+
+def _var_name(step: str) -> str:
+    return "m" if step == "M" else "dm" if step == "dM" else step.lower() if step[0] in "QKV" else step
+
+
+def _gradient_names(layout: _Layout) -> list:
+    """The input gradients' step names (dx, dwq1, ... or dq1, ...), in leaf order."""
+    graph = layout.graph
+    backward = {s.name for s in graph.backward_steps}
+    return ["d" + name for name in graph.leaves if "d" + name in backward]
+
+
+class _Vectorized:
+    """One line per matrix operation (see ``emit.EmitXP``)."""
+
+    strategy = "vectorized"
+
+    def __init__(self, layout: _Layout):
+        self.layout = layout
+        self.sources = _Sources(layout)
+
+    def function(self, kind: str) -> list[str]:
+        """The lines of ``forward``, ``intermediates`` or ``backward``."""
+        layout, graph, sources = self.layout, self.layout.graph, self.sources
+        leaves = {}
+        for name, matrix in graph.leaves.items():
+            text, batched = sources.leaf(name)
+            leaves[name] = Var(text, matrix.shape, batched, temporary=False)
+        params, consts = _graph_params(graph)
+        xp = EmitXP(
+            leaves,
+            {name: sources.param(p) for name, p in params.items()},
+            {name: Var(sources.const(c), c.value.shape, False, temporary=False) for name, c in consts.items()},
+        )
+        backward = kind == "backward" or (kind == "intermediates" and layout.grad)
+        values = graph.forward(xp, keep=[n.name for n in graph.nodes] if backward else None)
+        grads = {}
+        if backward:
+            douts = {}
+            for k, name in enumerate(graph.outputs):
+                text, _ = sources.leaf(f"dout{k + 1}")
+                douts[name] = Var(text, graph.step(name).shape, True, temporary=False)
+            grads = graph.backward(xp, values, douts)
+        if kind == "forward":
+            returned = [values[name] for name in graph.outputs]
+        elif kind == "intermediates":
+            returned = [values[s.name] for s in graph.steps] + [grads[s.name] for s in graph.backward_steps if backward]
+        else:
+            returned = [grads[name] for name in _gradient_names(layout)]
+        lines, storage = xp.program.lines, {}
+        if kind == "forward":  # in place where a value is dead
+            lines, storage = optimise(lines, {id(v) for v in returned})
+        lines = needed(lines, [storage.get(id(v), v) for v in returned])
+        _name_vars(graph, values, grads, storage)
+
+        def name(v):
+            return storage.get(id(v), v).name
+
+        out = [f"def {kind}({_signature(layout, kind)}):", _docstring(layout, kind), *_prologue(layout, kind)]
+        out += [line.text() for line in lines]
+        if kind == "forward":
+            if layout.kernel:
+                out.append(f"return _result(numpy.stack([{', '.join(name(v) for v in returned)}], axis=-3), dtype)")
+            else:
+                out.append(f"return _result({name(returned[0])}, dtype)")
+        elif kind == "intermediates":
+            out.append("steps = {" + ", ".join(f"{s.name!r}: {name(values[s.name])}" for s in graph.steps) + "}")
+            if backward:
+                out.append("if dout is not None:")
+                entries = ", ".join(f"{s.name!r}: {name(grads[s.name])}" for s in graph.backward_steps)
+                out.append("    steps.update({" + entries + "})")
+            out.append("return {name: _result(value, dtype) for name, value in steps.items()}")
+        else:
+            out += _gradient_dict(layout, {n: name(grads[n]) for n in _gradient_names(layout)})
+        return out
+
+    def constants(self) -> list[str]:
+        return [f"{name} = {text}" for name, text in self.sources.constants.items()]
+
+
+def _name_vars(graph, values, grads, storage) -> None:
+    """Give the variables that hold steps their steps' names (the first step a variable holds names it)."""
+    named = set()
+    for step in graph.steps + graph.backward_steps:
+        value = values.get(step.name, grads.get(step.name))
+        if not isinstance(value, Var):
+            continue
+        holder = storage.get(id(value), value)
+        if holder.temporary and id(holder) not in named and re.fullmatch(r"t\d+", holder.name):
+            holder.name = _var_name(step.name)
+            named.add(id(holder))
+
+
+def _signature(layout: _Layout, kind: str) -> str:
+    if kind == "backward":
+        return layout.signature(", dout")
+    if kind == "intermediates" and layout.grad:
+        return layout.signature(", dout=None")
+    return layout.signature()
+
+
+def _docstring(layout: _Layout, kind: str) -> str:
+    spec = layout.spec
+    shape = f"(..., {spec.h}, {spec.L}, {spec.d_v})" if layout.kernel else f"(..., {spec.L}, {spec.d_out})"
+    text = {
+        "forward": f"The output {'(the heads stacked) ' if layout.kernel else 'M '}{shape}.",
+        "intermediates": "Every named step, each (..., rows, columns)"
+        + ("; the backward steps too when dout is given." if layout.grad else "."),
+        "backward": "The input gradients for the output cotangent dout, by name (stacked like their inputs).",
+    }[kind]
+    return f'"""{text}"""'
+
+
+def _gradient_dict(layout: _Layout, names: dict) -> list:
+    """The input gradients as DESIGN.md names them, stacked like their inputs."""
+    spec = layout.spec
+    entries = []
+    if layout.kernel:
+        for key, count in (("dq", spec.h), ("dk", spec.h_kv), ("dv", spec.h_kv)):
+            parts = ", ".join(names[f"{key}{i}"] for i in range(1, count + 1))
+            entries.append(f"{key!r}: numpy.stack([{parts}], axis=-3)")
+    else:
+        for key in ("dx", "dx_kv"):
+            if key in names:
+                entries.append(f"{key!r}: {names[key]}")
+        for key, count, row in (
+            ("dwq", spec.h, False),
+            ("dwk", spec.h_kv, False),
+            ("dwv", spec.h_kv, False),
+            ("dbq", spec.h, True),
+            ("dbk", spec.h_kv, True),
+            ("dbv", spec.h_kv, True),
+        ):
+            if f"{key}1" in names:
+                parts = ", ".join(names[f"{key}{i}"] + ("[..., 0, :]" if row else "") for i in range(1, count + 1))
+                entries.append(f"{key!r}: numpy.stack([{parts}], axis={-2 if row else -3})")
+        if "dwo" in names:
+            entries.append(f"'dwo': {names['dwo']}")
+        if "dbo" in names:
+            entries.append(f"'dbo': {names['dbo']}[..., 0, :]")
+        if "dbias1" in names:
+            parts = [names[f"dbias{i}"] for i in range(1, spec.h + 1)]
+            if spec.shared_bias:
+                entries.append(f"'dbias': {' + '.join(parts)}")
+            else:
+                entries.append(f"'dbias': numpy.stack([{', '.join(parts)}], axis=-3)")
+    return ["grads = {" + ", ".join(entries) + "}", "return {name: _result(g, dtype) for name, g in grads.items()}"]
+
+
+def _prologue(layout: _Layout, kind: str) -> list[str]:
+    """Checks and casts of the arguments, and the options' masks and distances."""
+    spec = layout.spec
+    first = layout.args[0]
+    lines = [f"{first}, dtype = _floating({first}, {layout.shapes[first]}, {first!r})"]
+    for name in layout.args[1:]:
+        lines.append(f"{name} = _floating({name}, {layout.shapes[name]}, {name!r}, dtype)[0]")
+    options = layout.options
+    if "x_kv" in options:
+        lines.append(f"x_kv = x if x_kv is None else _floating(x_kv, {layout.shapes['x_kv']}, 'x_kv', dtype)[0]")
+    for key, count, width in (("bq", spec.h, spec.d_k), ("bk", spec.h_kv, spec.d_k), ("bv", spec.h_kv, spec.d_v)):
+        if key in options:
+            lines.append(f"{key} = _floating({key}, ({count}, {width}), {key!r}, dtype)[0]")
+    if "bo" in options:
+        lines.append(f"bo = _floating(bo, ({spec.d_out},), 'bo', dtype)[0]")
+    if "bias" in options:
+        lines.append(
+            f"bias = numpy.broadcast_to(_floating(bias, ({spec.L}, {spec.S}), 'bias', dtype)[0], "
+            f"({spec.h}, {spec.L}, {spec.S}))"
+        )
+    if "alibi_slopes" in options:
+        lines.append(f"alibi_slopes = _floating(alibi_slopes, ({spec.h},), 'alibi_slopes', dtype)[0]")
+    if "causal" in options:
+        lines.append(f"delta = 0 if align == 'top_left' else {spec.S - spec.L}")
+        lines.append(
+            f"allowed = numpy.broadcast_to(_allowed({spec.L}, {spec.S}, mask, causal, window, delta), "
+            f"({spec.h}, {spec.L}, {spec.S}))"
+        )
+        lines.append("empty = ~allowed.any(axis=-1, keepdims=True)")
+    if "alibi_slopes" in options:
+        lines.append(f"distance = _alibi_distance({spec.L}, {spec.S}, delta).astype({layout.compute})")
+    if kind == "backward" or (kind == "intermediates" and layout.grad):
+        shape = (spec.h, spec.L, spec.d_v) if layout.kernel else (spec.L, spec.d_out)
+        check = f"dout = _floating(dout, {shape}, 'dout', dtype)[0]"
+        lines += [check] if kind == "backward" else ["if dout is not None:", "    " + check]
+    return lines
+
+
+class _Unrolled:
+    """One assignment per scalar (see ``emit.ScalarEmitXP``)."""
+
+    strategy = "unrolled"
+
+    def __init__(self, layout: _Layout):
+        import sympy
+
+        self.layout, self.sympy = layout, sympy
+        graph = layout.graph
+        named = self.named = Named()
+        leaves = {name: self._leaf(name, matrix) for name, matrix in graph.leaves.items()}
+        douts = {}
+        for k, name in enumerate(graph.outputs):
+            rows, cols = graph.step(name).shape
+            source = "dout" if not layout.kernel else f"dout[..., {k}, :, :]"
+            prefix = "dout" if not layout.kernel else f"dout{k + 1}_"
+            forms = np.empty((rows, cols), dtype=object)
+            for i in range(rows):
+                for j in range(cols):
+                    forms[i, j] = named.input(f"{prefix}{i}_{j}", "batch:" + source, f"{i}, {j}")
+            douts[name] = SMat(forms)
+        params, consts = _graph_params(graph)
+        xp = ScalarEmitXP(
+            named,
+            leaves,
+            {name: self._param(p) for name, p in params.items()},
+            {name: c.value if c.name != "distance" else SMat(c.value.astype(object)) for name, c in consts.items()},
+        )
+        self.values = graph.forward(xp)
+        self.grads = graph.backward(xp, self.values, douts) if layout.grad else {}
+        self._name_steps()
+        self._printed = None
+
+    def _leaf(self, name, matrix) -> SMat:
+        layout, named = self.layout, self.named
+        rows, cols = matrix.shape
+        forms = np.empty((rows, cols), dtype=object)
+        kind = name.rstrip("0123456789")
+        index = name[len(kind) :]
+        if kind in ("x", "x_kv") or (layout.kernel and kind in ("q", "k", "v")):
+            for i in range(rows):
+                for j in range(cols):
+                    where = f"{int(index) - 1}, {i}, {j}" if index else f"{i}, {j}"
+                    symbol = f"{name}_{i}_{j}" if index else f"{name}{i}_{j}"
+                    forms[i, j] = named.input(symbol, "batch:" + kind, where)
+            return SMat(forms)
+        if layout.inputs:
+            for i in range(rows):
+                for j in range(cols):
+                    if kind in ("bq", "bk", "bv"):
+                        forms[i, j] = named.input(f"{name}_{j}", kind, f"{int(index) - 1}, {j}")
+                    elif kind == "bo":
+                        forms[i, j] = named.input(f"bo_{j}", kind, f"{j}")
+                    elif index:
+                        forms[i, j] = named.input(f"{name}_{i}_{j}", kind, f"{int(index) - 1}, {i}, {j}")
+                    else:
+                        forms[i, j] = named.input(f"{name}_{i}_{j}", kind, f"{i}, {j}")
+            return SMat(forms)
+        from .entries import to_sympy
+
+        for i, row in enumerate(matrix.rows):
+            for j, e in enumerate(row):
+                forms[i, j] = to_sympy(e)
+        return SMat(forms)
+
+    def _param(self, p):
+        if self.layout.inputs:
+            if p.name not in ("scale", "softcap"):
+                raise SymattnError(f"code generation: unrolled code takes no runtime {p.name}")
+            return self.sympy.Symbol(p.name)
+        from .entries import to_sympy
+
+        return to_sympy(p.value)
+
+    def _name_steps(self) -> None:
+        """Final names: a step's entries are named after it (the first step that holds a value names it)."""
+        self.names = {}
+        graph = self.layout.graph
+        prefixes = {"Q": "q", "K": "k", "V": "v", "scores": "s", "weights": "w", "head": "head", "M": "out"}
+        for step in graph.steps + (graph.backward_steps if self.layout.grad else []):
+            value = self.grads.get(step.name) if step.backward else self.values.get(step.name)
+            if value is None:
+                continue
+            prefix = prefixes.get(step.kind, step.kind.lower())
+            tag = "" if step.head is None else str(step.head)
+            for (i, j), form in np.ndenumerate(value.forms):
+                if isinstance(form, self.sympy.Symbol) and form.name.startswith("_v") and form not in self.names:
+                    self.names[form] = f"{prefix}{tag}_{i}_{j}" if tag else f"{prefix}{i}_{j}"
+        counters: dict = {}
+        for symbol, kind, payload in self.named.assignments:
+            if symbol in self.names:
+                continue
+            stem = {"exp": "e", "maximum": "top", "tanh": "th"}.get(payload[0], "a") if kind == "call" else "a"
+            counters[stem] = counters.get(stem, 0) + 1
+            self.names[symbol] = f"{stem}{counters[stem]}"
+
+    def _lines(self) -> list:
+        """Every assignment as (target, text, names read), in order: the inputs' polynomial forms first,
+        through one sympy.cse, then the rest (computed once, shared by the module's functions)."""
+        if self._printed is not None:
+            return self._printed
+        sympy = self.sympy
+        printer = _printer(self.names)
+        out = []
+        for symbol, (source, index) in self.named.inputs.items():
+            text = f"{source[6:]}[..., {index}]" if source.startswith("batch:") else f"{source}[{index}]"
+            out.append((symbol.name, text, frozenset([source.removeprefix("batch:")])))
+        inputs = set(self.named.inputs)
+        polys = [(s, f) for s, kind, f in self.named.assignments if kind == "poly" and f.free_symbols <= inputs]
+        if polys:
+            replacements, reduced = sympy.cse(
+                [f for _, f in polys], symbols=sympy.numbered_symbols("t"), order="canonical"
+            )
+            for t, value in replacements:
+                self.names[t] = t.name
+                out.append((t.name, printer(value), _reads(value, self.names)))
+            for (s, _), form in zip(polys, reduced, strict=True):
+                out.append((self.names[s], printer(form), _reads(form, self.names)))
+        done = {s for s, _ in polys}
+        for symbol, kind, payload in self.named.assignments:
+            if symbol in done:
+                continue
+            if kind == "poly":
+                out.append((self.names[symbol], printer(payload), _reads(payload, self.names)))
+                continue
+            function, *arguments = payload
+            reads = frozenset().union(*(_reads(a, self.names) for a in arguments))
+            out.append((self.names[symbol], f"numpy.{function}({', '.join(map(printer, arguments))})", reads))
+        self._printed = out
+        return out
+
+    def _needed(self, outputs) -> list:
+        wanted, keep = set(outputs), []
+        for target, text, reads in reversed(self._lines()):
+            if target in wanted:
+                keep.append(f"{target} = {text}")
+                wanted |= reads
+        return keep[::-1]
+
+    def _rows(self, value) -> str:
+        printer = _printer(self.names)
+        rows = []
+        for i, row in enumerate(value.forms):
+            cells = [
+                "-numpy.inf" if value.excluded is not None and value.excluded[i, j] else printer(form)
+                for j, form in enumerate(row)
+            ]
+            rows.append("[" + ", ".join(cells) + "]")
+        return "[" + ", ".join(rows) + "]"
+
+    def _reads_of(self, values) -> set:
+        reads = set()
+        for value in values:
+            for form in value.forms.reshape(-1):
+                reads |= _reads(form, self.names)
+        return reads
+
+    def function(self, kind: str) -> list[str]:
+        layout, graph = self.layout, self.layout.graph
+        if kind == "forward":
+            return self._forward()
+        if kind == "intermediates":
+            steps = [(s.name, self.values[s.name]) for s in graph.steps]
+            backward = [(s.name, self.grads[s.name]) for s in graph.backward_steps] if layout.grad else []
+        else:
+            steps, backward = [], [(name, self.grads[name]) for name in _gradient_names(layout)]
+        body = self._needed(self._reads_of([v for _, v in steps + backward]))
+        out = [f"def {kind}({_signature(layout, kind)}):", _docstring(layout, kind), *_prologue(layout, kind), *body]
+        if kind == "intermediates":
+            out.append(
+                "steps = {" + ", ".join(f"{n!r}: _stack({self._rows(v)}, {layout.compute})" for n, v in steps) + "}"
+            )
+            if backward:
+                out.append("if dout is not None:")
+                entries = ", ".join(f"{n!r}: _stack({self._rows(v)}, {layout.compute})" for n, v in backward)
+                out.append("    steps.update({" + entries + "})")
+            out.append("return {name: _result(value, dtype) for name, value in steps.items()}")
+            return out
+        names = {n: f"_stack({self._rows(v)}, {layout.compute}, {v.unbatched})" for n, v in backward}
+        return out + _gradient_dict(layout, names)
+
+    def _forward(self) -> list[str]:
+        """forward runs the batch in chunks through _output: each intermediate then stays in cache and its
+        memory is reused, where whole-batch temporaries would cost a page fault per page."""
+        layout, spec, graph = self.layout, self.layout.spec, self.layout.graph
+        printer = _printer(self.names)
+        outputs = [self.values[name] for name in graph.outputs]
+        entries = [printer(f) for value in outputs for f in value.forms.reshape(-1)]
+        body = self._needed(self._reads_of(outputs))
+        rows, cols = (spec.h * spec.L, spec.d_v) if layout.kernel else (spec.L, spec.d_out)
+        tail = f"{spec.h}, {spec.L}, {spec.d_v}" if layout.kernel else f"{spec.L}, {spec.d_out}"
+        axes = 3 if layout.kernel else 2
+        options = "".join(f", {k}={k}" for k in layout.options)
+        chunk = ", ".join(f"flat{k}[start:start + _CHUNK]" for k in range(len(layout.data)))
+        chunk += "".join(f", {a}" for a in layout.weights_args) + options
+        return [
+            f"def forward({layout.signature()}):",
+            _docstring(layout, "forward"),
+            *_prologue(layout, "forward"),
+            *(f"flat{k} = {a}.reshape(-1, *{a}.shape[-{axes}:])" for k, a in enumerate(layout.data)),
+            f"out = numpy.empty((len(flat0), {rows * cols}), dtype=flat0.dtype)",
+            "for start in range(0, len(flat0), _CHUNK):",
+            f"    for k, value in enumerate(_output({chunk})):",
+            "        out[start:start + _CHUNK, k] = value",
+            f"return _result(out.reshape(*{layout.args[0]}.shape[:-{axes}], {tail}), dtype)",
+            "",
+            f"def _output({', '.join(layout.args)}{''.join(f', {k}' for k in layout.options)}):",
+            '"""The output entries, row by row, for a chunk of the batch."""',
+            *body,
+            "return [" + ", ".join(entries) + "]",
+        ]
+
+    def constants(self) -> list[str]:
+        return ["_CHUNK = 4096"]
+
+
+def _printer(names: dict):
+    """SymPy's NumPy printer for the right-hand sides, with the unrolled code's names; numbers become Python
+    float literals, which NumPy treats as weak scalars, so a float32 batch stays float32.  Strict: a node
+    with no rule is an error naming it."""
+    from sympy.printing.numpy import NumPyPrinter
+
+    class Printer(NumPyPrinter):
+        def _print_Float(self, expr):
+            return repr(float(expr))
+
+        def _print_Symbol(self, expr):
+            return names.get(expr, expr.name)
+
+        def _print_NaN(self, expr):
+            return "numpy.nan"
+
+        def emptyPrinter(self, expr):
+            raise SymattnError(f"code generation: no printing rule for {type(expr).__name__} {expr}")
+
+    printer = Printer({"fully_qualified_modules": True, "inline": True})
+    return lambda expr: printer.doprint(_floats(expr))
+
+
+def _reads(form, names) -> frozenset:
+    import sympy
+
+    if not isinstance(form, sympy.Basic):
+        return frozenset()
+    return frozenset(names.get(s, s.name) for s in form.free_symbols)
 
 
 def _floats(expr):
     """Every non-integer number in expr as a Float (the printer writes it as a float literal)."""
-    if expr.is_Integer or expr.is_Symbol:
+    import sympy
+
+    if not isinstance(expr, sympy.Basic):
+        return sympy.Integer(expr) if isinstance(expr, int) else expr
+    if expr.is_Integer or expr.is_Symbol or expr is sympy.nan:
         return expr
     if expr.is_number:
         return expr.evalf(20)
     return expr.func(*[_floats(a) for a in expr.args])
 
 
-class _Lines:
-    """Assignments with the names each one reads, so a function can keep only what it needs."""
-
-    def __init__(self):
-        self.lines: list[tuple[str, str, frozenset]] = []  # (target, text, names read)
-        self.printer = _Printer()
-
-    def expr(self, target: str, expr) -> None:
-        expr = _floats(expr if isinstance(expr, sympy.Basic) else sympy.Integer(expr))
-        text = _spaced(self.printer.doprint(expr))
-        self.lines.append((target, _assignment(target, text), frozenset(s.name for s in expr.free_symbols)))
-
-    def raw(self, target: str, text: str, reads) -> None:
-        self.lines.append((target, _assignment(target, text), frozenset(reads)))
-
-    def needed(self, outputs) -> list[str]:
-        wanted, keep = set(outputs), []
-        for target, text, reads in reversed(self.lines):
-            if target in wanted:
-                keep.append(text)
-                wanted |= reads
-        return keep[::-1]
-
-
-LINE = 120  # the line length the emitted code keeps to, as ruff format would lay it out
-
-
-def _spaced(text: str) -> str:
-    """Spaces around * and / as ruff format writes them (SymPy prints x*y)."""
-    return re.sub(
-        r"(?<=[\w)])(\*\*|\*|/)(?=[\w(.-])", lambda m: m.group(1) if m.group(1) == "**" else f" {m.group(1)} ", text
-    )
-
-
-def _top_level_terms(text: str) -> list[str]:
-    """The operands of the outermost chain of + and -, each with its operator in front (but the first)."""
-    terms, depth, start = [], 0, 0
-    for k, ch in enumerate(text):
-        depth += ch in "([" and 1 or (ch in ")]" and -1 or 0)
-        if depth == 0 and k > start and text[k - 1 : k + 2] in (" + ", " - "):
-            terms.append(text[start : k - 1])
-            start = k
-    terms.append(text[start:])
-    return terms
-
-
-def _assignment(target: str, text: str, indent: str = "    ") -> str:
-    """``target = text`` in ruff format's layout: one line, or parenthesised, or one term a line."""
-    line = f"{target} = {text}"
-    if len(indent) + len(line) <= LINE:
-        return line
-    inner = indent + "    "
-    if len(inner) + len(text) <= LINE:
-        return f"{target} = (\n{inner}{text}\n{indent})"
-    return f"{target} = (\n" + "\n".join(inner + term for term in _top_level_terms(text)) + f"\n{indent})"
-
-
-def _flat(node) -> str:
-    return node if isinstance(node, str) else "[" + ", ".join(_flat(n) for n in node) + "]"
-
-
-def _layout(prefix: str, node, indent: int, suffix: str) -> list[str]:
-    """A (nested) list literal after prefix, laid out as ruff format does: on one line if it fits,
-    else one element a line with trailing commas."""
-    pad = " " * indent
-    line = pad + prefix + _flat(node) + suffix
-    if len(line) <= LINE or isinstance(node, str):
-        return [line]
-    inner = [ln for n in node for ln in _layout("", n, indent + 4, ",")]
-    return [pad + prefix + "["] + inner + [pad + "]" + suffix]
-
-
-def _call(prefix: str, args: list, indent: int, suffix: str) -> list[str]:
-    """``prefix(args...)suffix`` laid out as ruff format does."""
-    pad, inner = " " * indent, " " * (indent + 4)
-    flat = ", ".join(_flat(a) for a in args)
-    if len(pad + prefix + "(" + flat + ")" + suffix) <= LINE:
-        return [pad + prefix + "(" + flat + ")" + suffix]
-    if len(inner + flat) <= LINE:
-        return [pad + prefix + "(", inner + flat, pad + ")" + suffix]
-    comma = "," if len(args) > 1 else ""
-    body = [ln for a in args for ln in _layout("", a, indent + 4, comma)]
-    return [pad + prefix + "("] + body + [pad + ")" + suffix]
-
-
-def _entries(matrix, prefix):
-    return [[sympy.Symbol(f"{prefix}{i}_{j}") for j in range(len(matrix[0]))] for i in range(len(matrix))]
-
-
-class _Values:
-    """Named values, keyed by their exact form over representative symbols: a value computed once
-    is referred to by name afterwards, and its negation is one negation, not a recomputation."""
-
-    def __init__(self, lines: _Lines):
-        self.lines = lines
-        self.table: dict = {}  # exact form -> symbol of the name that computes it
-        self.rep: dict = {}  # name -> its exact form over representative symbols (sign included)
-
-    def assign(self, name: str, key, emit) -> None:
-        """Give ``name`` the value with exact form ``key``; ``emit()`` writes its computation if new."""
-        if key in self.table:
-            self.rep[name] = self.table[key]
-            self.lines.expr(name, self.table[key])
-        elif not key.is_number and -key in self.table:
-            self.rep[name] = -self.table[-key]
-            self.lines.expr(name, -self.table[-key])
-        else:
-            emit()
-            if key.is_number:
-                self.rep[name] = key
-            else:
-                self.rep[name] = self.table[key] = sympy.Symbol(name)
-
-    def form(self, name: str):
-        return self.rep[name]
-
-
-class _Unrolled:
-    strategy = "unrolled"
-
-    def __init__(self, spec, weights: str):
-        self.spec, self.weights = spec, weights
-        n, h, d_v = spec.n, spec.h, spec.d_v
-        lines = self.lines = _Lines()
-        values = self.values = _Values(lines)
-        x = sympy.Matrix(_entries(spec.x, "x"))
-        for i in range(n):
-            for j in range(spec.d_model):
-                lines.raw(f"x{i}_{j}", f"x[..., {i}, {j}]", ["x"])
-                values.rep[f"x{i}_{j}"] = x[i, j]
-        scale = to_sympy(spec.effective_scale)
-        forms, names = [], []  # the projections, for one cse
-        for a in range(h):
-            head = spec.heads[a]
-            for kind, w in (("q", head.wq), ("k", head.wk), ("v", head.wv)):
-                wm = self._weights(w, f"w{kind}", f"w{kind}[{a}, {{i}}, {{j}}]", a)
-                product = x * wm
-                for i in range(n):
-                    for j in range(product.cols):
-                        forms.append(sympy.expand(product[i, j]))
-                        names.append(f"{kind}{a + 1}_{i}_{j}")
-                        if kind == "q":  # the scale folded into the queries, for the scores
-                            forms.append(sympy.expand(product[i, j] * scale))
-                            names.append(f"qs{a + 1}_{i}_{j}")
-        temporaries = sympy.numbered_symbols("t")
-        replacements, reduced = sympy.cse(forms, symbols=temporaries, order="canonical")
-        for symbol, value in replacements:
-            lines.expr(symbol.name, value)
-        for name, form, text in zip(names, forms, reduced, strict=True):
-            values.assign(name, form, lambda name=name, text=text: lines.expr(name, text))
-        for a in range(1, h + 1):
-            for i in range(n):
-                self._row(a, i)
-        if weights == "folded":
-            wo = sympy.Matrix([[to_sympy(e) for e in row] for row in spec.wo])
-        else:
-            wo = self._weights(spec.wo, "wo", "wo[{i}, {j}]", None)
-        for i in range(n):
-            heads = [f"head{a}_{i}_{c}" for a in range(1, h + 1) for c in range(d_v)]
-            for j in range(spec.d_out):
-                text = sympy.Add(*(sympy.Symbol(name) * wo[r, j] for r, name in enumerate(heads)))
-                key = sympy.expand(text.xreplace({sympy.Symbol(nm): values.form(nm) for nm in heads}))
-                values.assign(f"out{i}_{j}", key, lambda i=i, j=j, text=text: lines.expr(f"out{i}_{j}", text))
-
-    def _weights(self, w, prefix: str, source: str, head):
-        """The exact weights (folded) or symbols read from the weight arguments (inputs)."""
-        if self.weights == "folded":
-            return sympy.Matrix([[to_sympy(e) for e in row] for row in w])
-        tag = "" if head is None else str(head)
-        symbols = sympy.Matrix(
-            [[sympy.Symbol(f"{prefix}{tag}_{i}_{j}") for j in range(len(w[0]))] for i in range(len(w))]
-        )
-        for i in range(len(w)):
-            for j in range(len(w[0])):
-                self.lines.raw(symbols[i, j].name, source.format(i=i, j=j), [prefix])
-                self.values.rep[symbols[i, j].name] = symbols[i, j]
-        return symbols
-
-    def _row(self, a: int, i: int) -> None:
-        """Scores, max-shifted softmax and head outputs of row i of head a."""
-        spec, lines, values = self.spec, self.lines, self.values
-        n, d_k, d_v = spec.n, spec.d_k, spec.d_v
-        form = values.form
-        for j in range(n):
-            self._dot(f"s{a}_{i}_{j}", [(f"qs{a}_{i}_{c}", f"k{a}_{j}_{c}") for c in range(d_k)])
-        scores = [f"s{a}_{i}_{j}" for j in range(n)]
-        row_key = sympy.Tuple(*(form(s) for s in scores))  # equal score rows have equal weights
-        weights = [f"w{a}_{i}_{j}" for j in range(n)]
-        if row_key in values.table:
-            for name, same in zip(weights, values.table[row_key], strict=True):
-                lines.expr(name, same)
-                values.rep[name] = values.rep[same.name]
-        else:
-            top = scores[0]
-            for k, other in enumerate(scores[1:], 2):  # running maxima, one named step each
-                name = f"top{a}_{i}" if k == n else f"top{a}_{i}_{k}"
-                lines.raw(name, f"numpy.maximum({top}, {other})", [top, other])
-                top = name
-            if n == 1:
-                lines.raw(f"top{a}_{i}", top, [top])
-            for j, s in enumerate(scores):
-                lines.raw(f"e{a}_{i}_{j}", f"numpy.exp({s} - top{a}_{i})", [s, f"top{a}_{i}"])
-            exps = [f"e{a}_{i}_{j}" for j in range(n)]
-            lines.raw(f"z{a}_{i}", " + ".join(exps), exps)
-            lines.raw(f"r{a}_{i}", f"1 / z{a}_{i}", [f"z{a}_{i}"])
-            for j, name in enumerate(weights):
-                lines.raw(name, f"e{a}_{i}_{j} * r{a}_{i}", [exps[j], f"r{a}_{i}"])
-                values.rep[name] = sympy.Symbol(name)
-            values.table[row_key] = sympy.Tuple(*(sympy.Symbol(w) for w in weights))
-        for c in range(d_v):
-            self._dot(f"head{a}_{i}_{c}", [(f"w{a}_{i}_{j}", f"v{a}_{j}_{c}") for j in range(n)])
-
-    def _dot(self, name: str, pairs: list) -> None:
-        """name = Σ left·right over the pairs, unless that exact value (or its negation) has a name already."""
-        form = self.values.form
-        key = sympy.expand(sympy.Add(*(form(left) * form(right) for left, right in pairs)))
-        text = " + ".join(f"{left} * {right}" for left, right in pairs)
-        self.values.assign(name, key, lambda: self.lines.raw(name, text, sum(pairs, ())))
-
-    def matrices(self) -> dict:
-        """Each step's scalar names, as rows."""
-        spec, n = self.spec, self.spec.n
-        out = {}
-        for a in range(1, spec.h + 1):
-            out[f"Q{a}"] = [[f"q{a}_{i}_{c}" for c in range(spec.d_k)] for i in range(n)]
-            out[f"K{a}"] = [[f"k{a}_{i}_{c}" for c in range(spec.d_k)] for i in range(n)]
-            out[f"V{a}"] = [[f"v{a}_{i}_{c}" for c in range(spec.d_v)] for i in range(n)]
-            out[f"scores{a}"] = [[f"s{a}_{i}_{j}" for j in range(n)] for i in range(n)]
-            out[f"weights{a}"] = [[f"w{a}_{i}_{j}" for j in range(n)] for i in range(n)]
-            out[f"head{a}"] = [[f"head{a}_{i}_{c}" for c in range(spec.d_v)] for i in range(n)]
-        out["concat_heads"] = [sum((out[f"head{a}"][i] for a in range(1, spec.h + 1)), []) for i in range(n)]
-        out["M"] = [[f"out{i}_{j}" for j in range(spec.d_out)] for i in range(n)]
-        return out
-
-    def function(self, signature: str, every_step: bool) -> list[str]:
-        if not every_step:
-            return self._forward(signature)
-        matrices = self.matrices()
-        outputs = [v for rows in matrices.values() for row in rows for v in row]
-        lines = [f"def {signature}:", *_doc(every_step), *_prologue(self.spec, self.weights)]
-        lines += ["    " + text for text in self.lines.needed(outputs)]
-        lines.append("    return {")
-        for name, rows in matrices.items():
-            lines += _call(f'"{name}": _stack', [rows, "x.dtype"], 8, ",")
-        lines.append("    }")
-        return lines
-
-    def _forward(self, signature: str) -> list[str]:
-        """forward runs the batch in chunks through _output: each intermediate then stays in cache
-        and its memory is reused, where whole-batch temporaries would cost a page fault per page."""
-        spec = self.spec
-        weights = "" if self.weights == "folded" else ", wq, wk, wv, wo"
-        outputs = [v for row in self.matrices()["M"] for v in row]
-        lines = [
-            f"def {signature}:",
-            *_doc(False),
-            *_prologue(spec, self.weights),
-            f"    flat = x.reshape(-1, {spec.n}, {spec.d_model})",
-            f"    out = numpy.empty((len(flat), {spec.n * spec.d_out}), dtype=x.dtype)",
-            "    for start in range(0, len(flat), _CHUNK):",
-            f"        for k, value in enumerate(_output(flat[start : start + _CHUNK]{weights})):",
-            "            out[start : start + _CHUNK, k] = value",
-            f"    return out.reshape(*x.shape[:-2], {spec.n}, {spec.d_out})",
-            "",
-            "",
-            f"def _output(x{weights}):",
-            '    """The entries of M, row by row, for a chunk x (m, n, d_model)."""',
-        ]
-        lines += ["    " + text for text in self.lines.needed(outputs)]
-        return lines + _layout("return ", outputs, 4, "")
-
-
-def _doc(every_step: bool) -> list[str]:
-    if every_step:
-        return ['    """Every named step, Q1 ... M, each stacked to (..., rows, columns)."""']
-    return ['    """The output M, (..., n, d_out), for x of shape (..., n, d_model)."""']
-
-
-def _prologue(spec, weights: str) -> list[str]:
-    lines = [f'    x = _floating(x, ({spec.n}, {spec.d_model}), "x")']
-    if weights == "inputs":
-        shapes = {
-            "wq": (spec.h, spec.d_model, spec.d_k),
-            "wk": (spec.h, spec.d_model, spec.d_k),
-            "wv": (spec.h, spec.d_model, spec.d_v),
-            "wo": (spec.h * spec.d_v, spec.d_out),
-        }
-        lines += [f'    {name} = _floating({name}, {shape}, "{name}", x.dtype)' for name, shape in shapes.items()]
-    return lines
-
-
-class _Vectorized:
-    """Array code: one matrix product per projection for all heads at once (heads side by side in
-    the weights), batched products for scores and heads, the softmax in place in forward."""
-
-    strategy = "vectorized"
-
-    def __init__(self, spec, weights: str):
-        self.spec, self.weights = spec, weights
-
-    def constants(self) -> list[str]:
-        if self.weights != "folded":
-            return []
-        spec, scale = self.spec, to_sympy(self.spec.effective_scale)
-
-        def side_by_side(key, factor=1):  # d_model × (h·width): head i in columns i·width … (i+1)·width
-            rows = len(spec.x[0])
-            return [
-                [repr(_float(to_sympy(e) * factor)) for head in spec.heads for e in getattr(head, key)[r]]
-                for r in range(rows)
-            ]
-
-        lines = ["# the exact weights rounded to float64, heads side by side; the scale folded into the queries"]
-        for name, value in (
-            ("_WQ", side_by_side("wq")),
-            ("_WQ_SCALED", side_by_side("wq", scale)),
-            ("_WK", side_by_side("wk")),
-            ("_WV", side_by_side("wv")),
-            ("_WO", [[repr(_float(to_sympy(e))) for e in row] for row in spec.wo]),
-        ):
-            lines += _call(f"{name} = numpy.array", [value], 0, "")
-        return lines
-
-    def function(self, signature: str, every_step: bool) -> list[str]:
-        spec = self.spec
-        h = spec.h
-        lines = [f"def {signature}:", *_doc(every_step), *_prologue(spec, self.weights)]
-        if self.weights == "folded":
-            lines.append("    wq_scaled, wk, wv, wo = (w.astype(x.dtype) for w in (_WQ_SCALED, _WK, _WV, _WO))")
-            if every_step:
-                lines.append("    wq = _WQ.astype(x.dtype)")
-        else:
-            lines += [
-                "    wq, wk, wv = (_side_by_side(w) for w in (wq, wk, wv))",
-                f"    wq_scaled = wq * x.dtype.type({_float(to_sympy(spec.effective_scale))!r})",
-            ]
-        lines += [
-            f"    q = _heads(x @ wq_scaled, {h})  # (..., h, n, d_k)",
-            f"    k = _heads(x @ wk, {h})",
-            f"    v = _heads(x @ wv, {h})",
-            "    scores = q @ numpy.swapaxes(k, -1, -2)",
-        ]
-        if every_step:
-            lines += [
-                "    weights = numpy.exp(scores - scores.max(axis=-1, keepdims=True))",
-                "    weights *= 1 / weights.sum(axis=-1, keepdims=True)",
-            ]
-        else:
-            lines += [
-                "    weights = scores  # the softmax in place",
-                "    weights -= weights.max(axis=-1, keepdims=True)",
-                "    numpy.exp(weights, out=weights)",
-                "    weights *= 1 / weights.sum(axis=-1, keepdims=True)",
-            ]
-        lines += [
-            "    heads = weights @ v",
-            "    concat = _side_by_side(heads)",
-            "    m = concat @ wo",
-        ]
-        if not every_step:
-            return lines + ["    return m"]
-        lines += [f"    q = _heads(x @ wq, {h})", "    return {"]
-        for a in range(h):
-            for name, value in (
-                ("Q", "q"),
-                ("K", "k"),
-                ("V", "v"),
-                ("scores", "scores"),
-                ("weights", "weights"),
-                ("head", "heads"),
-            ):
-                lines.append(f'        "{name}{a + 1}": {value}[..., {a}, :, :],')
-        lines += ['        "concat_heads": concat,', '        "M": m,', "    }"]
-        return lines
-
-
-def _float(value) -> float:
-    return float(value.evalf(30))
-
-
-def _module(spec, weights: str, strategy: str, body) -> str:
+def _module(layout: _Layout, strategy: str, body) -> str:
+    spec = layout.spec
     name = spec.name if re.fullmatch(r"[\w.\- ]{1,80}", spec.name) else "(unnamed)"
-    args = "x" if weights == "folded" else "x, wq, wk, wv, wo"
-    shapes = (
-        f"x (..., {spec.n}, {spec.d_model})"
-        if weights == "folded"
-        else f"x (..., {spec.n}, {spec.d_model}), wq and wk ({spec.h}, {spec.d_model}, {spec.d_k}), "
-        f"wv ({spec.h}, {spec.d_model}, {spec.d_v}), wo ({spec.h * spec.d_v}, {spec.d_out})"
+    kinds = ["forward", "intermediates"] + (["backward"] if layout.grad else [])
+    functions = [body.function(kind) for kind in kinds]
+    constants = _option_constants(layout) + body.constants()
+    text = "\n".join(
+        [
+            _module_docstring(layout, strategy, name),
+            "import numpy",
+            *constants,
+            *(_indent(f) for f in functions),
+            *_helpers("\n".join("\n".join(f) for f in functions) + "\n".join(constants)),
+        ]
+    )
+    return ast.unparse(ast.parse(text)) + "\n"
+
+
+def _indent(function: list) -> str:
+    """A function's lines: the def, then its body one level in (nested blocks keep their own indentation)."""
+    out, inner = [], False
+    for line in function:
+        if line.startswith("def "):
+            out.append(line)
+            inner = True
+        elif line == "":
+            out.append("")
+            inner = False
+        else:
+            out.append(("    " if inner else "") + line)
+    return "\n".join(out)
+
+
+def _module_docstring(layout: _Layout, strategy: str, name: str) -> str:
+    spec = layout.spec
+    options = ", ".join(f"{k}={v}" for k, v in layout.options.items())
+    variant = ", ".join(_variant_text(spec)) or "no masks"
+    shapes = ", ".join(
+        f"{a} (..., {', '.join(map(str, layout.shapes[a]))})" if a in layout.data else f"{a} {layout.shapes[a]}"
+        for a in layout.args
     )
     prose = (
-        f"Spec digest {spec.digest()}; {spec.h} heads, n={spec.n}, d_model={spec.d_model}, d_k={spec.d_k}, "
-        f"d_v={spec.d_v}, d_out={spec.d_out}; weights {weights}; strategy {strategy}.\n\n"
-        f"forward({args}) -> M (..., {spec.n}, {spec.d_out}) for {shapes}, batched over the leading axes of x. "
-        f"intermediates({args}) -> every step ({', '.join(step_names(spec.h)[:3])}, ..., M). Float dtypes are "
-        "preserved (other inputs become float64); the softmax is shifted by each row's maximum, so large logits "
-        "give finite results."
+        f"Spec digest {spec.digest()}; {spec.h} heads"
+        + (f" ({spec.h_kv} kv heads)" if spec.h_kv != spec.h else "")
+        + f", L={spec.L}, S={spec.S}, d_k={spec.d_k}, d_v={spec.d_v}"
+        + ("" if layout.kernel else f", d_model={spec.d_model}, d_out={spec.d_out}")
+        + f"; {variant}; weights {layout.weights}; strategy {strategy}.\n\n"
+        + f"forward({', '.join(layout.args)}{', *options' if options else ''}) for {shapes}, batched over leading axes"
+        + (f"; options {options}" if options else "")
+        + ". intermediates(...) returns every named step"
+        + (" (and the backward steps, given dout); backward(..., dout) the input gradients" if layout.grad else "")
+        + ". Float dtypes are preserved (bfloat16 is computed in float32, other inputs become float64); the "
+        "softmax is shifted by each row's maximum over its allowed keys, so large logits do not overflow in "
+        "float32 and float64 (float16 and bfloat16 overflow where an exponent's argument itself does)."
     )
-    doc = [f'"""Multi-head self-attention for the spec {name!r}, generated by symattn {__version__}; do not edit.']
+    doc = [f"Attention for the spec {name!r}, generated by symattn {__version__}; do not edit."]
     for paragraph in prose.split("\n\n"):
-        doc += ["", *textwrap.wrap(paragraph, LINE - 4)]
-    if weights == "folded" and spec.n * spec.d_out <= 8 and spec.n <= 4:
+        doc += ["", *textwrap.wrap(paragraph, WIDTH, break_on_hyphens=False)]
+    if layout.weights == "folded" and not layout.kernel and spec.L * spec.d_out <= 8 and not spec.options:
         from .trace import build
 
         closed = build(spec)["M"]
-        exact = [
-            f"    M[{i}, {j}] = {sympy.sstr(closed[i, j])}" for i in range(closed.rows) for j in range(closed.cols)
-        ]
-        if max(map(len, exact)) <= LINE:
+        exact = [f"    M[{i}, {j}] = {closed[i, j]}" for i in range(closed.rows) for j in range(closed.cols)]
+        if max(map(len, exact)) <= WIDTH:
             doc += ["", "Exact output:", *exact]
-    doc.append('"""')
-    head = "\n".join(doc) + "\n\nimport numpy\n"  # then one blank line before constants, two before a def
-    constants = body.constants() if hasattr(body, "constants") else []
-    if constants:
-        head += "\n" + "\n".join(constants) + "\n"
-    if body.strategy == "unrolled":
-        head += "\n_CHUNK = 4096  # samples per pass of forward: its temporaries stay in cache\n"
-    parts = [
-        "\n".join(body.function(f"forward({args})", every_step=False)),
-        "\n".join(body.function(f"intermediates({args})", every_step=True)),
-        _FLOATING.strip("\n"),
-        (_UNROLLED if body.strategy == "unrolled" else _VECTORIZED).strip("\n"),
-    ]
-    return head + "\n\n" + "\n\n\n".join(parts) + "\n"
+    return '"""' + "\n".join(doc) + '\n"""'
 
 
-_FLOATING = """
+def _variant_text(spec) -> list:
+    out = []
+    if spec.mask is not None:
+        out.append("mask")
+    if spec.causal:
+        out.append(f"causal {spec.align}")
+    if spec.window is not None:
+        out.append(f"window {list(spec.window)}")
+    if spec.bias is not None:
+        out.append("bias")
+    if spec.alibi is not None:
+        out.append("ALiBi")
+    if spec.softcap is not None:
+        out.append("softcap")
+    if spec.x_kv is not None:
+        out.append("cross-attention")
+    if spec.empty_row != "zero":
+        out.append(f"empty rows {spec.empty_row}")
+    return out
+
+
+def _option_constants(layout: _Layout) -> list:
+    """The spec's arrays behind the inputs-mode defaults (mask, bias, ALiBi slopes, projection biases)."""
+    spec, options, out = layout.spec, layout.options, []
+    if options.get("mask") == "_MASK":
+        out.append(f"_MASK = {_array_text(spec.mask[0] if spec.shared_mask else np.stack(spec.mask))}")
+    if "bias" in options:
+        bias = spec.bias[0].float64() if spec.shared_bias else np.stack([m.float64() for m in spec.bias])
+        out.append(f"_BIAS = {_array_text(bias)}")
+    if "alibi_slopes" in options:
+        out.append(f"_ALIBI_SLOPES = {_array_text(np.array([exact_float(s) for s in spec.alibi_slopes]))}")
+    for key, heads, width in (
+        ("bq", spec.heads, spec.d_k),
+        ("bk", spec.kv_heads, spec.d_k),
+        ("bv", spec.kv_heads, spec.d_v),
+    ):
+        if key in options:
+            rows = [getattr(h, key).float64()[0] if getattr(h, key) is not None else np.zeros(width) for h in heads]
+            out.append(f"_{key.upper()} = {_array_text(np.stack(rows))}")
+    if "bo" in options:
+        out.append(f"_BO = {_array_text(spec.bo.float64()[0])}")
+    return out
+
+
+def _helpers(text: str) -> list:
+    """The helpers the functions use, each once: the package's own mask functions by their source."""
+    out = [_FLOATING]
+    for name, source in (("_finite(", _FINITE), ("_unbatched(", _UNBATCHED), ("_stack(", _STACK)):
+        if name in text:
+            out.append(source)
+    if "_stack(" in text and "_unbatched(" not in text:
+        out.append(_UNBATCHED)
+    if "_allowed(" in text:
+        out.append(inspect.getsource(masks.allowed).replace("def allowed(", "def _allowed(", 1))
+    if "_alibi_distance(" in text:
+        out.append(inspect.getsource(masks.alibi_distance).replace("def alibi_distance(", "def _alibi_distance(", 1))
+    return out
+
+
+_FLOATING = '''
 def _floating(a, shape, name, dtype=None):
+    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
     a = numpy.asarray(a)
+    if a.dtype.kind == "c":
+        raise TypeError(f"{name}: expected real numbers, received a {a.dtype} array")
     if dtype is not None:
-        a = a.astype(dtype, copy=False)
-    elif not numpy.issubdtype(a.dtype, numpy.floating):
+        a = a.astype(numpy.float32 if dtype.name == "bfloat16" else dtype, copy=False)
+    elif a.dtype.name == "bfloat16":  # NumPy has no bfloat16 arithmetic: compute in float32, return bfloat16
+        dtype, a = a.dtype, a.astype(numpy.float32)
+    elif numpy.issubdtype(a.dtype, numpy.floating):
+        dtype = a.dtype
+    else:
         a = a.astype(numpy.float64)
-    if a.shape[a.ndim - len(shape) :] != shape or (dtype is not None and a.shape != shape):
+        dtype = a.dtype
+    if a.shape[a.ndim - len(shape):] != shape:
         raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
-    return a
-"""
-
-_VECTORIZED = '''
-def _heads(a, h):
-    """(..., n, h·width) with heads side by side -> (..., h, n, width)."""
-    return numpy.moveaxis(a.reshape(*a.shape[:-1], h, a.shape[-1] // h), -2, -3)
+    return a, dtype
 
 
-def _side_by_side(a):
-    """(..., h, rows, width) -> (..., rows, h·width): the heads side by side."""
-    return numpy.moveaxis(a, -3, -2).reshape(*a.shape[:-3], a.shape[-2], a.shape[-3] * a.shape[-1])
+def _result(a, dtype):
+    return numpy.asarray(a).astype(dtype, copy=False)
 '''
 
-_UNROLLED = '''
-def _stack(rows, dtype):
+_FINITE = '''
+def _finite(top):
+    """A row's shift: its maximum, or 0 for a row with no allowed key (all -inf)."""
+    return numpy.where(numpy.isfinite(top), top, 0)
+'''
+
+_UNBATCHED = '''
+def _unbatched(g, ndim):
+    """A shared weight's gradient: the sum over the batch axes."""
+    return g.sum(axis=tuple(range(g.ndim - ndim))) if g.ndim > ndim else g
+'''
+
+_STACK = '''
+def _stack(rows, dtype, unbatched=False):
     """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
     flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
     columns = len(rows[0])
-    return numpy.stack([numpy.stack(flat[i : i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
+    out = numpy.stack([numpy.stack(flat[i:i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
+    return _unbatched(out, 2) if unbatched else out
 '''
+
+__all__ = ["generate", "Fraction"]

@@ -1,13 +1,16 @@
-"""Ball arithmetic engines: mpmath intervals and Arb balls, behind one small interface.
+"""Ball arithmetic engines: Arb balls (python-flint) and mpmath intervals, behind one small interface.
 
 An engine holds a working precision in bits and offers the scalar operations
-the truth needs (rationals, pi, sqrt, exp, log, integer powers, + - * /), the
-matrix operations (from exact rationals, from balls, product, entries), and the
-exact ends of an enclosure as Fractions.  ``truth.py`` writes the attention
-math once against this interface.
+the truth needs (rationals, pi, sqrt, exp, log, tanh, integer powers, + - * /),
+a matrix product over object arrays of its balls, and the decimal enclosure of
+a ball.  Decimals always go through Arb's ``mid_rad_10exp``, which handles
+exponents of any size (exp(-10**18) is about 10**(-4.3·10**17)); an mpmath
+interval's exact ends are handed to Arb for that.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from .errors import SymattnError
 
@@ -17,6 +20,137 @@ ENGINES = ("mpmath", "arb", "auto")
 def _dyadic(man: int, exp: int) -> tuple[int, int]:
     """man·2**exp as a (numerator, denominator) pair."""
     return (man << exp, 1) if exp >= 0 else (man, 1 << -exp)
+
+
+class ArbEngine:
+    """Arb balls from python-flint (FLINT's certified ball arithmetic).  flint's precision is global:
+    ``activate`` sets it for arithmetic, and the caller saves and restores it (see ``truth.evaluate``)."""
+
+    name = "arb"
+
+    def __init__(self, bits: int):
+        import flint
+
+        self.flint = flint
+        self.arb = flint.arb
+        self.bits = bits
+
+    def activate(self) -> None:
+        self.flint.ctx.prec = self.bits
+
+    def rational(self, p: int, q: int = 1):
+        return self.arb(p) / q if q != 1 else self.arb(p)
+
+    def pi(self):
+        return self.arb.pi()
+
+    def sqrt(self, x):
+        return x.sqrt()
+
+    def exp(self, x):
+        return x.exp()
+
+    def log(self, x):
+        return x.log()
+
+    def tanh(self, x):
+        return x.tanh()
+
+    def integer_power(self, x, n: int):
+        from .entries import integer_power
+
+        return integer_power(x, n)
+
+    def zero(self):
+        return self.arb(0)
+
+    def one(self):
+        return self.arb(1)
+
+    def nan(self):
+        return self.arb.nan()
+
+    def point(self, x):
+        """The exact midpoint of a ball, as an exact ball."""
+        return x.mid()
+
+    def mid_float(self, x) -> float:
+        return float(x.mid())
+
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        flint = self.flint
+        product = flint.arb_mat(a.tolist()) * flint.arb_mat(b.tolist())
+        out = np.empty((a.shape[0], b.shape[1]), dtype=object)
+        if out.size:
+            out[:] = product.tolist()
+        return out
+
+    def combination(self, terms, const) -> np.ndarray:
+        """Σ g·A + B for balls g and RatMats A, B, as an object array of balls (Arb matrices: C speed)."""
+        flint = self.flint
+        total = flint.arb_mat(flint.fmpz_mat(const.num.tolist())) / const.den
+        for g, m in terms:
+            total = total + flint.arb_mat(flint.fmpz_mat(m.num.tolist())) * (g / m.den)
+        out = np.empty(const.shape, dtype=object)
+        if out.size:
+            out[:] = total.tolist()
+        return out
+
+    def is_exact_zero(self, x) -> bool:
+        return x.is_zero() and x.is_exact()
+
+    def is_nan(self, x) -> bool:
+        return x.is_nan()
+
+    def decimal(self, x, digits: int, convert: int | None = None) -> tuple[int, int, int] | None:
+        """(lo, hi, e): integers with x ⊂ [lo, hi]·10**e (Arb rounds outward); None if not finite.  ``convert``
+        digits are converted (by default as many as the working precision carries, so that raising it narrows
+        this enclosure too)."""
+        if not x.is_finite():
+            return None
+        mid, rad, e = x.mid_rad_10exp(convert or max(digits + 5, int(self.bits * 0.30103) + 2))
+        mid, rad = int(mid), int(rad)
+        return mid - rad, mid + rad, int(e)
+
+    def strings(self, balls: list, digits: int) -> list:
+        """certify.certified_decimal of each ball converted at digits + 5, in one loop (None where that does not
+        settle it: the caller tries harder)."""
+        from .certify import _context, layout
+
+        context = _context(digits)
+        create, convert = context.create_decimal, digits + 5
+        out = []
+        for ball in balls:
+            if not ball.is_finite():
+                out.append(None)
+                continue
+            mid, rad, e = ball.mid_rad_10exp(convert)
+            mid, rad = int(mid), int(rad)  # Python ints: faster arithmetic than fmpz's wrappers
+            if not rad:
+                out.append(None)  # an exact point: the careful path pads its digits
+                continue
+            a = create(mid - rad)
+            if a != create(mid + rad) or not a:
+                out.append(None)
+                continue
+            e = int(e)
+            if -(10**15) < e < 10**15:
+                out.append(str(a.scaleb(e, context)).replace("E", "e"))
+            else:
+                sign, coefficient, exponent = a.as_tuple()
+                out.append(layout(bool(sign), "".join(map(str, coefficient)), exponent + e))
+        return out
+
+    def enclosure(self, x) -> tuple[tuple, tuple] | None:
+        """The exact ends of a ball as (numerator, denominator) pairs; None if not finite."""
+        if not x.is_finite():
+            return None
+        mm, me = x.mid().man_exp()
+        rm, re = x.rad().man_exp()
+        mm, me, rm, re = int(mm), int(me), int(rm), int(re)
+        e = min(me, re)
+        mid, rad = mm << (me - e), rm << (re - e)
+        return _dyadic(mid - rad, e), _dyadic(mid + rad, e)
 
 
 class MpmathEngine:
@@ -30,6 +164,9 @@ class MpmathEngine:
         self.ctx = MPIntervalContext()
         self.ctx.prec = bits
         self.bits = bits
+
+    def activate(self) -> None:
+        """mpmath's context here is private: nothing global to set."""
 
     def rational(self, p: int, q: int = 1):
         return self.ctx.mpf(p) / q if q != 1 else self.ctx.mpf(p)
@@ -46,45 +183,63 @@ class MpmathEngine:
     def log(self, x):
         return self.ctx.log(x)
 
+    def tanh(self, x):
+        # mpmath.iv has no tanh: tanh(x) = 1 - 2/(exp(2x) + 1), monotone, so the interval stays sharp
+        return 1 - 2 / (self.ctx.exp(2 * x) + 1)
+
     def integer_power(self, x, n: int):
-        return x**n
+        from .entries import integer_power
+
+        return integer_power(x, n)
+
+    def zero(self):
+        return self.ctx.mpf(0)
 
     def one(self):
         return self.ctx.mpf(1)
 
-    # Matrices are lists of rows of intervals.
-    def from_ratmat(self, m):
-        mpf, den = self.ctx.mpf, m.den
-        if den == 1:
-            return [[mpf(v) for v in row] for row in m.num.tolist()]
-        return [[mpf(v) / den for v in row] for row in m.num.tolist()]
+    def nan(self):
+        return self.ctx.nan
 
-    def from_rows(self, rows):
-        return rows
+    def point(self, x):
+        return self.ctx.mpf(x.mid)
 
-    def rows(self, m):
-        return m
+    def mid_float(self, x) -> float:
+        return float(x.mid)
 
-    def matmul(self, a, b):
-        cols = list(zip(*b, strict=True))
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         fsum = self.ctx.fsum
-        return [[fsum(x * y for x, y in zip(row, col, strict=True)) for col in cols] for row in a]
+        cols = [b[:, c].tolist() for c in range(b.shape[1])]
+        out = np.empty((a.shape[0], b.shape[1]), dtype=object)
+        for r, row in enumerate(a.tolist()):
+            for c, col in enumerate(cols):
+                out[r, c] = fsum(x * y for x, y in zip(row, col, strict=True))
+        return out
 
-    def decimal(self, x, digits: int) -> tuple[int, int, int] | None:
-        """(lo, hi, e): integers with x ⊂ [lo, hi]·10**e, about digits + 10 digits long; None if not finite."""
+    def combination(self, terms, const) -> np.ndarray:
+        out = np.empty(const.shape, dtype=object)
+        for idx in np.ndindex(const.shape):
+            total = self.rational(const.num[idx], const.den)
+            for g, m in terms:
+                if m.num[idx]:
+                    total = total + g * self.rational(m.num[idx], m.den)
+            out[idx] = total
+        return out
+
+    def is_exact_zero(self, x) -> bool:
+        return x.a == 0 and x.b == 0
+
+    def is_nan(self, x) -> bool:
+        return self.ctx.isnan(x)
+
+    def strings(self, balls: list, digits: int) -> list:
+        return [None] * len(balls)  # everything through the careful path
+
+    def decimal(self, x, digits: int, convert: int | None = None) -> tuple[int, int, int] | None:
         ends = self.enclosure(x)
         if ends is None:
             return None
-        (an, ad), (bn, bd) = ends
-        if an == bn == 0:
-            return 0, 0, 0
-        big = max(abs(an), abs(bn))
-        decade = int((big.bit_length() - max(ad, bd).bit_length()) * 0.30103)
-        k = max(digits + 10, int(self.bits * 0.30103) + 2) - decade  # as fine as the working precision
-        scale, down = (10**k, 1) if k >= 0 else (1, 10**-k)
-        lo = (an * scale) // (ad * down)  # floor and ceiling: the decimal enclosure contains the binary one
-        hi = -((-bn * scale) // (bd * down))
-        return lo, hi, -k
+        return arb_decimal(ends, digits, self.bits)
 
     def enclosure(self, x) -> tuple[tuple, tuple] | None:
         """The exact ends of an interval as (numerator, denominator) pairs; None if not finite."""
@@ -94,94 +249,26 @@ class MpmathEngine:
         return _dyadic(-ma if sa else ma, ea), _dyadic(-mb if sb else mb, eb)
 
 
-class ArbEngine:
-    """Arb balls from python-flint (FLINT's certified ball arithmetic)."""
+def arb_decimal(ends: tuple, digits: int, bits: int) -> tuple[int, int, int]:
+    """(lo, hi, e) with [lo, hi]·10**e containing the exact interval ``ends`` (two dyadic pairs)."""
+    import flint
 
-    name = "arb"
-
-    def __init__(self, bits: int):
-        import flint
-
-        self.flint = flint
-        flint.ctx.prec = bits  # flint's context is global; evaluate() restores it
-        self.bits = bits
-
-    def rational(self, p: int, q: int = 1):
-        arb = self.flint.arb
-        return arb(p) / q if q != 1 else arb(p)
-
-    def pi(self):
-        return self.flint.arb.pi()
-
-    def sqrt(self, x):
-        return x.sqrt()
-
-    def exp(self, x):
-        return x.exp()
-
-    def log(self, x):
-        return x.log()
-
-    def integer_power(self, x, n: int):
-        return x**n
-
-    def one(self):
-        return self.flint.arb(1)
-
-    def from_ratmat(self, m):
-        flint = self.flint
-        mat = flint.arb_mat(flint.fmpz_mat(m.num.tolist()))
-        return mat / m.den if m.den != 1 else mat
-
-    def from_rows(self, rows):
-        return self.flint.arb_mat(rows)
-
-    def rows(self, m):
-        return m.tolist()
-
-    def matmul(self, a, b):
-        return a * b
-
-    def decimal(self, x, digits: int) -> tuple[int, int, int] | None:
-        """(lo, hi, e): integers with x ⊂ [lo, hi]·10**e (Arb rounds outward); None if not finite."""
-        if not x.is_finite():
-            return None
-        # as many digits as the working precision carries, so that raising it narrows this enclosure too
-        mid, rad, e = x.mid_rad_10exp(max(digits + 5, int(self.bits * 0.30103) + 2))
-        mid, rad = int(mid), int(rad)
-        return mid - rad, mid + rad, int(e)
-
-    def enclosure(self, x) -> tuple[tuple, tuple] | None:
-        """The exact ends of a ball as (numerator, denominator) pairs; None if not finite."""
-        if not x.is_finite():
-            return None
-        mm, me = x.mid().man_exp()
-        rm, re = x.rad().man_exp()
-        mm, me, rm, re = int(mm), int(me), int(rm), int(re)
-        e = min(me, re)
-        mid, rad = mm << (me - e), rm << (re - e)
-        return _dyadic(mid - rad, e), _dyadic(mid + rad, e)
-
-
-def available() -> list[str]:
-    names = ["mpmath"]
+    (an, ad), (bn, bd) = ends
+    saved = flint.ctx.prec
+    flint.ctx.prec = max(bits, 64)
     try:
-        import flint  # noqa: F401
-
-        names.append("arb")
-    except ImportError:
-        pass
-    return names
+        lo = flint.arb(an) / ad if ad != 1 else flint.arb(an)
+        hi = flint.arb(bn) / bd if bd != 1 else flint.arb(bn)
+        both = lo.union(hi)
+        mid, rad, e = both.mid_rad_10exp(max(digits + 5, int(bits * 0.30103) + 2))
+    finally:
+        flint.ctx.prec = saved
+    mid, rad = int(mid), int(rad)
+    return mid - rad, mid + rad, int(e)
 
 
 def engine_class(name: str):
-    """The engine class for ``name`` (mpmath, arb or auto: Arb when python-flint is installed)."""
+    """The engine class for ``name`` (mpmath, arb or auto: Arb)."""
     if name not in ENGINES:
         raise SymattnError(f"engine: expected one of {', '.join(ENGINES)}, received {name!r}")
-    if name == "auto":
-        name = "arb" if "arb" in available() else "mpmath"
-    if name == "arb":
-        if "arb" not in available():
-            raise SymattnError("engine: 'arb' needs python-flint, which is not installed (pip install python-flint)")
-        return ArbEngine
-    return MpmathEngine
+    return MpmathEngine if name == "mpmath" else ArbEngine

@@ -74,6 +74,8 @@ def parse_entry(value: object, where: str) -> Entry:
     if isinstance(value, bool):
         raise SymattnError(f"{where}: expected a number or an exact expression ({ALLOWED}), received {value!r}")
     if isinstance(value, int):
+        if -(2**64) < value < 2**64:  # the common case: nothing to check
+            return Fraction(value)
         return _checked(Fraction(value), where)
     if isinstance(value, Fraction):
         return _checked(value, where)
@@ -111,10 +113,14 @@ def _decimal_fraction(value: Decimal, where: str) -> Fraction:
 
 
 def _checked(q: Fraction, where: str) -> Fraction:
-    if q and (q.numerator.bit_length() - q.denominator.bit_length() > MAX_EXPONENT or
-              q.denominator.bit_length() - q.numerator.bit_length() > MAX_EXPONENT):
-        raise SymattnError(f"{where}: expected a magnitude between 2**-{MAX_EXPONENT} and 2**{MAX_EXPONENT}, "
-                           f"received one about 2**{q.numerator.bit_length() - q.denominator.bit_length()}")
+    if q and (
+        q.numerator.bit_length() - q.denominator.bit_length() > MAX_EXPONENT
+        or q.denominator.bit_length() - q.numerator.bit_length() > MAX_EXPONENT
+    ):
+        raise SymattnError(
+            f"{where}: expected a magnitude between 2**-{MAX_EXPONENT} and 2**{MAX_EXPONENT}, "
+            f"received one about 2**{q.numerator.bit_length() - q.denominator.bit_length()}"
+        )
     if max(q.numerator.bit_length(), q.denominator.bit_length()) > MAX_BITS:
         raise SymattnError(f"{where}: expected a rational of at most {MAX_BITS} bits, received a larger one")
     return q
@@ -290,8 +296,10 @@ def power(base: Entry, exponent: Entry) -> Entry:
         if not integer and s < 0:
             raise _Refused(f"({to_text(base)}) ** ({to_text(exponent)}) is not a real number: the base is negative")
         if not integer and s == 0:
-            raise _Refused(f"cannot prove that {to_text(base)} is positive, so ({to_text(base)}) ** "
-                           f"({to_text(exponent)}) may not be a real number")
+            raise _Refused(
+                f"cannot prove that {to_text(base)} is positive, so ({to_text(base)}) ** "
+                f"({to_text(exponent)}) may not be a real number"
+            )
     return Expr("pow", (base, exponent))
 
 

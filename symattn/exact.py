@@ -1,17 +1,21 @@
-"""The exact structure of attention on rational inputs, without SymPy.
+"""The exact backend of the op graph: every entry as a rational function of a few generators.
 
-With rational inputs, Q, K, V and R = Q·Kᵀ are rational matrices and every
-score is ``scale·R[r, k]``.  Shifting each softmax row by its smallest score,
-every exponent is an integer multiple of one number g = |scale|·G, so with
-``t = exp(g)`` each weight is ``t**e / Z(t)``, each head entry ``N(t) / Z(t)``
-and each entry of M a sum of such fractions: rational functions of t with
-rational coefficients.  When the scale is algebraic and non-zero, t is
-transcendental (Lindemann), so two such functions are equal as numbers exactly
-when they are equal as rational functions.  That decides exactly which entries
-are zero or rational (the cases where a ball can never prove its digits), and
-gives compact closed forms (``trace.py`` prints them with SymPy).
+With rational inputs the scores are ``Lin`` combinations Σ g_k·A_k + B
+(``rational.py``), so each exponential is a monomial in the generators e**1 and
+e**g_k with rational exponents, each softmax row sum a polynomial Z, each
+weight a monomial over Z, and everything after a sum of polynomials over
+products of Z's (``Frac``).  Other values get generators of their own: √D for a
+square root (with √D·√D = D), and opaque generators for anything else (tanh of
+a score under softcap, the exponential of a non-linear argument, an irrational
+input entry, a symbol).
 
-Polynomials are sparse: ``{exponent: Fraction}``.
+Every relation this arithmetic uses holds for the numbers, so an entry that is
+formally a constant c *is* c: that decides exact zeros and rational values on
+rounding ties, which no enclosure can prove.  (With only e**1, e**g_k and √D
+generators, Lindemann–Weierstrass makes the converse true as well — an entry
+that is not formally constant is irrational — but nothing relies on that: an
+undecided entry only means the enclosures must do the work.)  The same values
+give the trace's closed forms (``trace.py``).
 """
 
 from __future__ import annotations
@@ -19,316 +23,591 @@ from __future__ import annotations
 import math
 import random
 from fractions import Fraction
-from functools import reduce
 
 import numpy as np
 
-from .entries import Entry, to_ball
-from .errors import SymattnError
+from .entries import Expr, to_text
+from .graph import NAN
+from .matrix import RatMat
+from .rational import Lin, Scalar, canonical
 
-Poly = dict  # {int exponent: Fraction coefficient}, no zero coefficients
-
-MAX_TERMS = 200_000  # beyond this an exact decision is given up (the caller says so)
-PRIME = 2**61 - 1  # for the modular certificate that a rational function is not constant
-
-
-class RatMat:
-    """An exact rational matrix: integer numerators over one common denominator."""
-
-    def __init__(self, num: np.ndarray, den: int):
-        self.num = num  # object array of Python ints
-        self.den = den
-
-    @classmethod
-    def from_entries(cls, rows) -> RatMat:
-        den = reduce(math.lcm, (e.denominator for row in rows for e in row), 1)
-        num = np.array([[e.numerator * (den // e.denominator) for e in row] for row in rows], dtype=object)
-        return cls(num, den)
-
-    @property
-    def shape(self) -> tuple:
-        return self.num.shape
-
-    def __matmul__(self, other: RatMat) -> RatMat:
-        return RatMat(self.num @ other.num, self.den * other.den)
-
-    @property
-    def T(self) -> RatMat:
-        return RatMat(self.num.T, self.den)
-
-    def rows(self, start: int, stop: int) -> RatMat:
-        return RatMat(self.num[start:stop], self.den)
-
-    def __getitem__(self, index) -> Fraction:
-        return Fraction(self.num[index], self.den)
-
-    def fractions(self) -> list:
-        return [[Fraction(v, self.den) for v in row] for row in self.num.tolist()]
-
-
-def padd(a: Poly, b: Poly) -> Poly:
-    out = dict(a)
-    for e, c in b.items():
-        s = out.get(e, 0) + c
-        if s:
-            out[e] = s
-        else:
-            out.pop(e, None)
-    return out
-
-
-def pmul(a: Poly, b: Poly) -> Poly:
-    if len(a) * len(b) > MAX_TERMS:
-        raise _TooBig
-    out: dict = {}
-    for ea, ca in a.items():
-        for eb, cb in b.items():
-            out[ea + eb] = out.get(ea + eb, 0) + ca * cb
-    return {e: c for e, c in out.items() if c}
-
-
-def constant_ratio(num: Poly, den: Poly) -> Fraction | None:
-    """c when num == c·den as polynomials, else None."""
-    if not num:
-        return Fraction(0)
-    lead_n, lead_d = max(num), max(den)
-    c = Fraction(num[lead_n]) / den[lead_d]
-    if len(num) != len(den) or any(num.get(e) != c * v for e, v in den.items()):
-        return None
-    return c
+MAX_TERMS = 200_000  # a decision that would expand to more polynomial terms is given up
 
 
 class _TooBig(Exception):
     pass
 
 
-MAX_DENSE = 4096  # cancel common factors only below this degree (dense GCD cost grows with it)
+NANF = {"nan": None}  # the element of an empty row under empty_row "nan"
 
 
-def reduced(num: Poly, den: Poly) -> tuple[Fraction, Poly, Poly]:
-    """(c, N, Z) with num/den = c·N/Z, N and Z primitive integer polynomials, Z's leading coefficient
-    positive, and common factors cancelled when the degrees allow (python-flint's GCD)."""
-    if not num:
-        return Fraction(0), {}, {0: 1}
-    ratio = constant_ratio(num, den)
-    if ratio is not None:
-        return ratio, {0: 1}, {0: 1}
-    c_num, num = _primitive(num)
-    c_den, den = _primitive(den)
-    low = min(num)
-    if max(num) - low <= MAX_DENSE and max(den) <= MAX_DENSE:
-        try:
-            from flint import fmpz_poly
-        except ImportError:
-            fmpz_poly = None
-        if fmpz_poly is not None:
-            n = fmpz_poly([int(num.get(e, 0)) for e in range(low, max(num) + 1)])
-            d = fmpz_poly([int(den.get(e, 0)) for e in range(max(den) + 1)])
-            g = n.gcd(d)
-            if g.degree() > 0:
-                n, d = n // g, d // g
-                num = {e + low: Fraction(int(v)) for e, v in enumerate(n.coeffs()) if v}
-                den = {e: Fraction(int(v)) for e, v in enumerate(d.coeffs()) if v}
-                c2, num = _primitive(num)
-                c3, den = _primitive(den)
-                c_num, c_den = c_num * c2, c_den * c3
-    return c_num / c_den, num, den
+class Generator:
+    """kind "e": e**(basis·x/den) with a rational exponent x (key: (basis, den), basis ("one",) or a scalar
+    generator key; info: (the basis's exact value or None for 1, den));
+    "sqrt": √D (info D); "opaque": anything else (info: ("entry", Entry), ("tanh", Frac), ("exp", Frac))."""
+
+    __slots__ = ("kind", "key", "info")
+
+    def __init__(self, kind, key, info):
+        self.kind, self.key, self.info = kind, key, info
 
 
-def _primitive(poly: Poly) -> tuple[Fraction, Poly]:
-    """(c, p) with poly = c·p, p with coprime integer coefficients and a positive leading one."""
-    den = reduce(math.lcm, (Fraction(v).denominator for v in poly.values()), 1)
-    ints = {e: int(v * den) for e, v in poly.items()}
-    g = reduce(math.gcd, ints.values())
-    if ints[max(ints)] < 0:
-        g = -g
-    return Fraction(g, den), {e: v // g for e, v in ints.items()}
+class Algebra:
+    """The generators and denominator atoms of one exact computation, and arithmetic over them.
 
+    A monomial is a sorted tuple of (generator id, exponent); a Poly a dict {monomial: Fraction}; a Frac a
+    dict {denominator: Poly}, a denominator being a sorted tuple of (atom id, multiplicity)."""
 
-class ExactAttention:
-    """The rational skeleton of a spec whose inputs are all rational.
+    def __init__(self):
+        self.gens: list = []
+        self._gen_ids: dict = {}
+        self.atoms: list = []  # Polys
+        self._atom_ids: dict = {}
+        self.origin: dict = {}  # atom id -> where it was made (step, row), for names such as Z1_0
 
-    >>> from symattn.spec import load_spec
-    >>> ex = ExactAttention(load_spec("notebook"), sign=1)
-    >>> ex.G, ex.rational_function("head1", 0, 0)
-    (Fraction(2, 1), ({0: Fraction(1, 1), 3: Fraction(3, 1)}, {0: 1, 3: 1}))
-    """
+    def gen(self, kind, key, info=None) -> int:
+        ident = (kind, key)
+        if ident not in self._gen_ids:
+            self._gen_ids[ident] = len(self.gens)
+            self.gens.append(Generator(kind, key, info))
+        return self._gen_ids[ident]
 
-    def __init__(self, spec, sign: int):
-        self.spec = spec
-        self.sign = sign  # sign of the scale: +1, -1, or 0 (uniform attention)
-        x = RatMat.from_entries(spec.x)
-        self.Q, self.K, self.V, self.R = [], [], [], []
-        for head in spec.heads:
-            q, k, v = (x @ RatMat.from_entries(w) for w in (head.wq, head.wk, head.wv))
-            self.Q.append(q)
-            self.K.append(k)
-            self.V.append(v)
-            self.R.append(q @ k.T)  # the scores are scale·R
-        self.wo = RatMat.from_entries(spec.wo)
-        d_v = spec.d_v
-        self.VWo = [v @ self.wo.rows(i * d_v, (i + 1) * d_v) for i, v in enumerate(self.V)]
-        # Integer exponents: the gaps sign·(R - row minimum), over G, the gcd of all the gaps.
-        gaps = []  # per head: n × n integer numerators over r.den
-        for r in self.R:
-            u = (r.num * self.sign).tolist()
-            gaps.append([[v - low for v in row] for row, low in zip(u, map(min, u), strict=True)])
-        per_head = [
-            Fraction(reduce(math.gcd, (v for row in g for v in row), 0), r.den)
-            for g, r in zip(gaps, self.R, strict=True)
-        ]
-        positive = [g for g in per_head if g]
-        self.G = reduce(_gcd, positive) if positive else Fraction(1)
-        self.exponents = []  # per head: n × n non-negative integers, 0 at each row's minimum
-        for g, r in zip(gaps, self.R, strict=True):
-            scale = self.G.denominator, self.G.numerator * r.den  # gap/r.den/G as integer arithmetic
-            self.exponents.append([[v * scale[0] // scale[1] for v in row] for row in g])
+    # Monomials and polynomials.
+    def mono_mul(self, a: tuple, b: tuple) -> tuple[tuple, Fraction]:
+        if not a:
+            return b, 1
+        if not b:
+            return a, 1
+        exps = dict(a)
+        for g, e in b:
+            exps[g] = exps.get(g, 0) + e
+        factor = 1  # an int while it can be: int arithmetic is far faster than Fraction's
+        out = []
+        for g in sorted(exps):
+            e = exps[g]
+            gen = self.gens[g]
+            if gen.kind == "sqrt" and (e >= 2 or e < 0):
+                half = e // 2
+                factor *= gen.info**half if half >= 0 else Fraction(1, gen.info**-half)
+                e %= 2
+            if e:
+                out.append((g, e))
+        return tuple(out), factor
 
-    # The denominators Z(t) and numerators N(t), row by row.
-    def Z(self, head: int, row: int) -> Poly:
+    def poly_mul(self, a: dict, b: dict) -> dict:
+        if len(a) * len(b) > MAX_TERMS:
+            raise _TooBig
         out: dict = {}
-        for e in self.exponents[head][row]:
-            out[e] = out.get(e, 0) + 1
+        for ma, ca in a.items():
+            for mb, cb in b.items():
+                m, f = self.mono_mul(ma, mb)
+                out[m] = out.get(m, 0) + ca * cb * f
+        return {m: c for m, c in out.items() if c}
+
+    # Field elements.
+    def const(self, q) -> dict:
+        q = _int(Fraction(q))
+        return {(): {(): q}} if q else {}
+
+    def add(self, a: dict, b: dict, sign: int = 1) -> dict:
+        if a is NANF or b is NANF:
+            return NANF
+        out = {d: dict(p) for d, p in a.items()}
+        for d, p in b.items():
+            target = out.setdefault(d, {})
+            for m, c in p.items():
+                s = target.get(m, 0) + (c if sign > 0 else -c)
+                if s:
+                    target[m] = s
+                else:
+                    target.pop(m, None)
+            if not target:
+                del out[d]
         return out
 
-    def _numerator(self, head: int, row: int, values: RatMat, col: int) -> Poly:
+    def scale(self, a: dict, q: Fraction) -> dict:
+        if a is NANF:
+            return NANF
+        if not q:
+            return {}
+        return {d: {m: c * q for m, c in p.items()} for d, p in a.items()}
+
+    def mul(self, a: dict, b: dict) -> dict:
+        if a is NANF or b is NANF:
+            return NANF
         out: dict = {}
-        for k, e in enumerate(self.exponents[head][row]):
-            out[e] = out.get(e, 0) + values[k, col]
-        return {e: c for e, c in out.items() if c}
+        for da, pa in a.items():
+            for db, pb in b.items():
+                d = _den_mul(da, db)
+                out = self.add(out, {d: self.poly_mul(pa, pb)})
+        return out
 
-    def rational_function(self, step: str, i: int, j: int) -> tuple[Poly, Poly]:
-        """(N, Z) with entry = N(t)/Z(t), for a weights, head, concat_heads or M entry."""
-        kind, head = _split(step)
-        if kind == "weights":
-            return {self.exponents[head][i][j]: Fraction(1)}, self.Z(head, i)
-        if kind == "head":
-            return self._numerator(head, i, self.V[head], j), self.Z(head, i)
-        if kind == "concat_heads":
-            d_v = self.spec.d_v
-            return self.rational_function(f"head{j // d_v + 1}", i, j % d_v)
-        if kind == "M":
-            return self._output(i, j)
-        raise ValueError(step)
+    def div(self, a: dict, b: dict) -> dict:
+        """a / b for b a polynomial (no denominator): a monomial is inverted, anything else becomes an atom."""
+        if a is NANF or b is NANF:
+            return NANF
+        if list(b) != [()]:
+            raise ValueError("division by a fraction")
+        poly = b[()]
+        if len(poly) == 1:
+            ((m, c),) = poly.items()
+            inverse, f = self._inverse(m)
+            return self.mul(a, {(): {inverse: f / c}})
+        atom = self.atom(poly)
+        return {_den_mul(d, ((atom, 1),)): p for d, p in a.items()}
 
-    def output_terms(self, row: int, col: int) -> list[tuple[int, Poly, Poly]]:
-        """M[row, col] as Σ N(t)/Z(t) over the heads, heads with the same Z(t) added up.
+    def _inverse(self, m: tuple) -> tuple[tuple, Fraction]:
+        out, factor = [], Fraction(1)
+        for g, e in m:
+            gen = self.gens[g]
+            if gen.kind == "sqrt":  # 1/√D = √D/D
+                factor /= gen.info
+                out.append((g, 1))
+            else:
+                out.append((g, -e))
+        return tuple(out), factor
 
-        Each term is (first head, N, Z); terms with N = 0 are left out.
-        """
-        groups: dict = {}
-        for head in range(self.spec.h):
-            z = self.Z(head, row)
-            key = tuple(sorted(z.items()))
-            first, numerator = groups.get(key, (head, {}))
-            groups[key] = (first, padd(numerator, self._numerator(head, row, self.VWo[head], col)))
-        return [(first, num, dict(key)) for key, (first, num) in groups.items() if num]
+    def atom(self, poly: dict) -> int:
+        key = tuple(sorted(poly.items()))
+        if key not in self._atom_ids:
+            self._atom_ids[key] = len(self.atoms)
+            self.atoms.append(poly)
+        return self._atom_ids[key]
 
-    def _output(self, row: int, col: int) -> tuple[Poly, Poly]:
-        terms = self.output_terms(row, col)
-        num: Poly = {}
-        for _, part, z in terms:
-            for _, _, other in terms:
-                if other is not z:
-                    part = pmul(part, other)
-            num = padd(num, part)
-        den = reduce(pmul, (z for _, _, z in terms), {0: Fraction(1)})
-        return num, den
-
-    def exact_value(self, step: str, i: int, j: int) -> Fraction | None:
-        """The entry as a Fraction when it is rational, None when it is irrational.
-
-        Raises SymattnError when the decision would take too much work.
-        """
-        kind, head = _split(step)
-        if kind in ("Q", "K", "V"):
-            return getattr(self, kind)[head][i, j]
-        if kind == "scores":
-            r = self.R[head][i, j]
-            scale = self.spec.effective_scale
-            if r == 0:
-                return Fraction(0)
-            return r * scale if isinstance(scale, Fraction) else None
-        if self.sign != 0 and not self.spec.scale_is_algebraic:
-            raise SymattnError(
-                f"{step}[{i}, {j}]: cannot decide exactly whether this entry is rational: "
-                f"the scale {self.spec.effective_scale} is not algebraic"
-            )
-        if kind == "M":
-            terms = [(num, z) for _, num, z in self.output_terms(i, j)]
-        else:
-            terms = [self.rational_function(step, i, j)]
-        if not terms:
+    # Decisions.
+    def value(self, a: dict) -> Fraction | str | None:
+        """The entry's exact value when it is formally a constant (a Fraction, or "nan"), else None."""
+        if a is NANF:
+            return "nan"
+        if not a:
             return Fraction(0)
-        if len(terms) == 1:
-            return constant_ratio(*terms[0])
-        if not_constant(terms):
+        if len(a) == 1 and () in a:
+            poly = a[()]
+            return poly.get((), Fraction(0)) if set(poly) <= {()} else None
+        if self._surely_not_constant(a):
             return None
         try:
-            return constant_ratio(*self._output(i, j))
+            num, den = self.together(a)
         except _TooBig:
-            raise SymattnError(
-                f"{step}[{i}, {j}]: deciding this entry exactly needs more than {MAX_TERMS} polynomial terms"
-            ) from None
-
-
-def not_constant(terms: list[tuple[Poly, Poly]], tries: int = 8) -> bool:
-    """True when Σ N/Z provably is not a constant: two values of it modulo a prime differ.
-
-    Reduction modulo p is a ring homomorphism wherever the denominators are invertible, so a
-    constant would take one value at every point; False means "probably constant", not a proof.
-    """
-    rng = random.Random(20240611)  # fixed: the same spec gives the same work every run
-    seen = set()
-    for _ in range(tries):
-        t = rng.randrange(2, PRIME - 1)
-        total = 0
-        for num, den in terms:
-            z = _mod_value(den, t)
-            n = _mod_value(num, t)
-            if z is None or n is None or z == 0:
-                break
-            total += n * pow(z, -1, PRIME)
-        else:
-            seen.add(total % PRIME)
-            if len(seen) > 1:
-                return True
-    return False
-
-
-def _mod_value(poly: Poly, t: int) -> int | None:
-    total = 0
-    for e, c in poly.items():
-        c = Fraction(c)
-        if c.denominator % PRIME == 0:
             return None
-        total += c.numerator * pow(c.denominator, -1, PRIME) * pow(t, e, PRIME)
-    return total % PRIME
+        return _constant_ratio(num, den)
+
+    def together(self, a: dict) -> tuple[dict, dict]:
+        """(N, D): the entry as one polynomial over the product of its atoms."""
+        top: dict = {}
+        for d in a:
+            for atom, k in d:
+                top[atom] = max(top.get(atom, 0), k)
+        den = {(): Fraction(1)}
+        for atom, k in sorted(top.items()):
+            for _ in range(k):
+                den = self.poly_mul(den, self.atoms[atom])
+        num: dict = {}
+        for d, p in a.items():
+            have = dict(d)
+            part = p
+            for atom, k in sorted(top.items()):
+                for _ in range(k - have.get(atom, 0)):
+                    part = self.poly_mul(part, self.atoms[atom])
+            num = _poly_add(num, part)
+        return num, den
+
+    def _surely_not_constant(self, a: dict) -> bool:
+        """A cheap filter: the entry takes clearly different values at two random points of its generators
+        (floats; a constant would agree to rounding).  False is no claim at all."""
+        rng = random.Random(20240611)
+        values = []
+        for _ in range(2):
+            point = {}
+            for g, gen in enumerate(self.gens):
+                if gen.kind == "sqrt":
+                    point[g] = math.sqrt(gen.info)
+                else:
+                    point[g] = rng.uniform(1.02, 1.2) if gen.kind == "e" else rng.uniform(0.5, 1.5)
+            try:
+                values.append(self._numeric(a, point))
+            except (OverflowError, ZeroDivisionError, ValueError):
+                return False
+        (v1, m1), (v2, m2) = values
+        if not all(map(math.isfinite, (v1, v2, m1, m2))):
+            return False
+        return abs(v1 - v2) > 1e-6 * max(m1, m2, 1e-300)
+
+    def _numeric(self, a: dict, point: dict) -> tuple[float, float]:
+        total = magnitude = 0.0
+        for d, p in a.items():
+            den = 1.0
+            for atom, k in d:
+                den *= self._poly_numeric(self.atoms[atom], point)[0] ** k
+            value, size = self._poly_numeric(p, point)
+            total += value / den
+            magnitude += size / abs(den)
+        return total, magnitude
+
+    def _poly_numeric(self, p: dict, point: dict) -> tuple[float, float]:
+        total = size = 0.0
+        for m, c in p.items():
+            term = float(c)
+            for g, e in m:
+                term *= point[g] ** float(e)
+            total += term
+            size += abs(term)
+        return total, size
 
 
-def _gcd(a: Fraction, b: Fraction) -> Fraction:
-    den = math.lcm(a.denominator, b.denominator)
-    return Fraction(math.gcd(int(a * den), int(b * den)), den)
+def _den_mul(a: tuple, b: tuple) -> tuple:
+    if not a:
+        return b
+    if not b:
+        return a
+    out = dict(a)
+    for atom, k in b:
+        out[atom] = out.get(atom, 0) + k
+    return tuple(sorted(out.items()))
 
 
-def _split(step: str) -> tuple[str, int]:
-    if step in ("concat_heads", "M"):
-        return step, -1
-    kind = step.rstrip("0123456789")
-    return kind, int(step[len(kind) :]) - 1
+def _poly_add(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for m, c in b.items():
+        s = out.get(m, 0) + c
+        if s:
+            out[m] = s
+        else:
+            out.pop(m, None)
+    return out
 
 
-def scale_sign(scale: Entry) -> int:
-    """The sign of an exact scale, proven with interval arithmetic."""
-    if isinstance(scale, Fraction):
-        return (scale > 0) - (scale < 0)
-    from .engines import MpmathEngine
+def _constant_ratio(num: dict, den: dict) -> Fraction | None:
+    """c when num == c·den as polynomials, else None."""
+    if not num:
+        return Fraction(0)
+    if len(num) != len(den):
+        return None
+    lead = max(den)
+    if lead not in num:
+        return None
+    c = Fraction(num[lead]) / den[lead]
+    if len(num) != len(den) or any(num.get(m) != c * v for m, v in den.items()):
+        return None
+    return c
 
-    for bits in (64, 512, 4096):
-        engine = MpmathEngine(bits)
-        (lo, _), (hi, _) = engine.enclosure(to_ball(scale, engine))  # numerators carry the signs
-        if lo > 0:
-            return 1
-        if hi < 0:
-            return -1
-    raise SymattnError(f"scale: cannot prove the sign of {scale}; give a scale that is clearly non-zero")
+
+class Elems:
+    """An object array of field elements (dicts); ``excluded`` marks entries that are not numbers."""
+
+    __slots__ = ("values", "excluded")
+
+    def __init__(self, values: np.ndarray, excluded=None):
+        self.values = values
+        self.excluded = excluded
+
+    @property
+    def shape(self) -> tuple:
+        return self.values.shape
+
+
+class ExactXP:
+    """The graph's ``xp`` over exact values: RatMat, Lin, and Elems of rational functions."""
+
+    def __init__(self, algebra: Algebra | None = None):
+        self.alg = algebra or Algebra()
+        self.step = None  # the step being computed, for the origin of new atoms (set by the caller)
+
+    # Conversions.
+    def leaf(self, name, matrix):
+        if matrix.is_rational:
+            return matrix.ratmat
+        out = np.empty(matrix.shape, dtype=object)
+        for i, row in enumerate(matrix.rows):
+            for j, e in enumerate(row):
+                out[i, j] = self._scalar_element(canonical(e)) if not isinstance(e, Fraction) else self.alg.const(e)
+        return Elems(out)
+
+    def param(self, p):
+        return canonical(p.value)
+
+    def const(self, c):
+        return c.value
+
+    def _scalar_element(self, s) -> dict:
+        if isinstance(s, Fraction):
+            return self.alg.const(s)
+        if s.key[0] == "sqrt":
+            g = self.alg.gen("sqrt", s.key, s.key[1])
+        else:
+            info = ("entry", s.generator)
+            g = self.alg.gen("opaque", ("scalar",) + s.key, info)
+        return {(): {((g, 1),): s.coefficient}}
+
+    def elems(self, a) -> Elems:
+        if isinstance(a, Elems):
+            return a
+        out = np.empty(a.shape, dtype=object)
+        flat = out.reshape(-1)
+        if isinstance(a, RatMat):
+            for k, v in enumerate(a.num.reshape(-1).tolist()):
+                flat[k] = self.alg.const(Fraction(v, a.den))
+            return Elems(out)
+        # a Lin: Σ g·A + B
+        gens = {key: self._scalar_element(Scalar(Fraction(1), key, value)) for key, value in a.generators.items()}
+        for k, key in enumerate(a.keys()):
+            terms, const = a.value(key)
+            element = self.alg.const(const)
+            for generator, q in terms:
+                if q:
+                    element = self.alg.add(element, self.alg.scale(gens[generator], q))
+            flat[k] = element
+        return Elems(out, a.excluded)
+
+    # Products.
+    def matmul(self, a, b):
+        if isinstance(a, RatMat) and isinstance(b, RatMat):
+            return a @ b
+        x, y = self._entries(a), self._entries(b)
+        alg = self.alg
+        out = np.empty((x.shape[0], y.shape[1]), dtype=object)
+        for i in range(x.shape[0]):
+            for c in range(y.shape[1]):
+                total: dict = {}
+                for j in range(x.shape[1]):
+                    p, q = x[i, j], y[j, c]
+                    if isinstance(p, (int, Fraction)):
+                        if p and (q is NANF or q):
+                            total = alg.add(
+                                total, q if p == 1 else alg.scale(q, p) if isinstance(q, dict) else alg.const(p * q)
+                            )
+                    elif isinstance(q, (int, Fraction)):
+                        if q and (p is NANF or p):
+                            total = alg.add(total, p if q == 1 else alg.scale(p, q))
+                    else:
+                        total = alg.add(total, alg.mul(p, q))
+                out[i, c] = total
+        return Elems(out)
+
+    def _entries(self, a) -> np.ndarray:
+        """Fractions for a RatMat (cheap), field elements otherwise."""
+        if isinstance(a, RatMat):
+            out = np.empty(a.shape, dtype=object)
+            den = a.den
+            out.reshape(-1)[:] = [v if den == 1 else _int(Fraction(v, den)) for v in a.num.reshape(-1).tolist()]
+            return out
+        return self.elems(a).values
+
+    def matmul_nt(self, a, b):
+        return self.matmul(a, self.transpose(b))
+
+    def matmul_tn(self, a, b):
+        return self.matmul(self.transpose(a), b)
+
+    def transpose(self, a):
+        if isinstance(a, RatMat):
+            return a.T
+        return Elems(self.elems(a).values.T)
+
+    # Elementwise.
+    def add(self, a, b):
+        return self._combine(a, b, 1)
+
+    def sub(self, a, b):
+        return self._combine(a, b, -1)
+
+    def _combine(self, a, b, sign):
+        if isinstance(a, RatMat) and isinstance(b, RatMat):
+            return a + b if sign > 0 else a - b
+        if isinstance(a, (Lin, RatMat)) and isinstance(b, (Lin, RatMat)):
+            return Lin.lift(a).combine(b, sign)
+        x, y = self.elems(a), self.elems(b)
+        xv, yv = np.broadcast_arrays(x.values, y.values)
+        out = np.empty(xv.shape, dtype=object)
+        for idx in np.ndindex(out.shape):
+            out[idx] = self.alg.add(xv[idx], yv[idx], sign)
+        return Elems(out, _union(x.excluded, y.excluded))
+
+    def mul(self, a, b):
+        if isinstance(a, RatMat) and isinstance(b, RatMat):
+            return a.mul(b)
+        x, y = self.elems(a), self.elems(b)
+        xv, yv = np.broadcast_arrays(x.values, y.values)
+        out = np.empty(xv.shape, dtype=object)
+        for idx in np.ndindex(out.shape):
+            out[idx] = self.alg.mul(xv[idx], yv[idx])
+        return Elems(out)
+
+    def one_minus(self, a):
+        if isinstance(a, RatMat):
+            return RatMat(a.den - a.num, a.den)
+        x = self.elems(a)
+        one = self.alg.const(1)
+        return Elems(_map(lambda e: self.alg.add(one, e, -1), x.values))
+
+    def scale(self, a, s):
+        if isinstance(a, RatMat):
+            return Lin.of(a, s)
+        if isinstance(a, Lin) and isinstance(s, Fraction):
+            return a.scaled(s)
+        x = self.elems(a)
+        factor = self._scalar_element(s)
+        return Elems(_map(lambda e: self.alg.mul(e, factor), x.values), x.excluded)
+
+    def tanh(self, a):
+        x = self.elems(a)
+
+        def tanh(e):
+            if e is NANF:
+                return NANF
+            g = self.alg.gen("opaque", ("tanh", _key(e)), ("tanh", e))
+            return {(): {((g, 1),): Fraction(1)}}
+
+        return Elems(_map(tanh, x.values), x.excluded)
+
+    def exp(self, a):
+        if isinstance(a, RatMat):
+            a = Lin.lift(a)
+        if isinstance(a, Lin):
+            # one generator e**(g/den) per basis g and the matrix's denominator: integer exponents (the numerators)
+            bases = [self.alg.gen("e", (key, m.den), (a.generators[key], m.den)) for key, m in a.terms.items()]
+            bases.append(self.alg.gen("e", (("one",), a.const.den), (None, a.const.den)))
+            out = np.empty(a.shape, dtype=object)
+            flat = out.reshape(-1)
+            excluded = [False] * out.size if a.excluded is None else a.excluded.reshape(-1).tolist()
+            for k, (key, skip) in enumerate(zip(a.keys(), excluded, strict=True)):
+                if skip:
+                    flat[k] = {}
+                    continue
+                mono = sorted((g, n) for g, n in zip(bases, key, strict=True) if n)
+                flat[k] = {(): {tuple(mono): 1}}
+            return Elems(out)
+        x = self.elems(a)
+        out = _map(self._exp_element, x.values)
+        if x.excluded is not None:
+            out[x.excluded] = {}
+        return Elems(out)
+
+    def _exp_element(self, e):
+        if e is NANF:
+            return NANF
+        if list(e) == [()]:
+            poly = e[()]
+            mono = []
+            for m, c in poly.items():
+                if m == ():
+                    mono.append((self.alg.gen("e", (("one",), 1), (None, 1)), c))
+                elif len(m) == 1 and m[0][1] == 1 and self.alg.gens[m[0][0]].kind in ("sqrt", "opaque"):
+                    gen = self.alg.gens[m[0][0]]
+                    if gen.kind == "sqrt" or gen.key[0] == "scalar":
+                        base = gen.key if gen.kind == "sqrt" else gen.key[1:]
+                        value = Expr("sqrt", (Fraction(gen.info),)) if gen.kind == "sqrt" else gen.info[1]
+                        mono.append((self.alg.gen("e", (base, 1), (value, 1)), c))
+                        continue
+                    break
+                else:
+                    break
+            else:
+                return {(): {tuple(sorted(mono)): Fraction(1)}}
+        g = self.alg.gen("opaque", ("exp", _key(e)), ("exp", e))
+        return {(): {((g, 1),): Fraction(1)}}
+
+    def mask(self, a, allowed):
+        if isinstance(a, RatMat):
+            a = Lin.lift(a)
+        if isinstance(a, Lin):
+            return a.masked(allowed)
+        return Elems(a.values, _union(a.excluded, ~allowed))
+
+    def shift(self, a):
+        if isinstance(a, RatMat):
+            a = Lin.lift(a)
+        if isinstance(a, Lin):
+            return a.lowest()  # non-negative exponents: Z is a polynomial with a constant term
+        return RatMat(np.zeros((a.shape[0], 1), dtype=object), 1)
+
+    def rowsum(self, a):
+        if isinstance(a, RatMat):
+            return a.rowsum()
+        x = self.elems(a).values
+        out = np.empty((x.shape[0], 1), dtype=object)
+        for i in range(x.shape[0]):
+            total: dict = {}
+            for e in x[i]:
+                total = self.alg.add(total, e)
+            out[i, 0] = total
+        return Elems(out)
+
+    def colsum(self, a):
+        if isinstance(a, RatMat):
+            return a.colsum()
+        x = self.elems(a).values
+        return Elems(self.rowsum(Elems(x.T)).values.T)
+
+    def div(self, a, z):
+        x, y = self.elems(a).values, self.elems(z).values
+        out = np.empty(x.shape, dtype=object)
+        for i in range(x.shape[0]):
+            zi = y[i, 0]
+            for j in range(x.shape[1]):
+                out[i, j] = self.alg.div(x[i, j], zi) if x[i, j] else {}
+        return Elems(out)
+
+    def fill_rows(self, a, rows, value):
+        if isinstance(a, RatMat) and value != NAN:
+            return a.fill_rows(rows, value)
+        x = self.elems(a)
+        fill = NANF if value == NAN else self.alg.const(value)
+        values = x.values.copy()
+        for idx in zip(*np.nonzero(np.broadcast_to(rows, values.shape)), strict=True):
+            values[idx] = fill
+        return Elems(values, x.excluded)
+
+    def hstack(self, parts):
+        if all(isinstance(p, RatMat) for p in parts):
+            return RatMat.hstack(parts)
+        return Elems(np.concatenate([self.elems(p).values for p in parts], axis=1))
+
+    def cols(self, a, start, stop):
+        if isinstance(a, RatMat):
+            return a.cols(start, stop)
+        return Elems(self.elems(a).values[:, start:stop])
+
+    def unbroadcast(self, g, like):
+        return g
+
+    # Reading values back.
+    def entry(self, value, i: int, j: int):
+        """Entry (i, j) of a value as a field element (None where it is excluded)."""
+        if isinstance(value, RatMat):
+            return self.alg.const(value[i, j])
+        if isinstance(value, Lin):
+            if value.excluded is not None and value.excluded[i, j]:
+                return None
+            return self.elems(Lin(value.terms, value.const, value.generators)).values[i, j]
+        if value.excluded is not None and value.excluded[i, j]:
+            return None
+        return value.values[i, j]
+
+
+def _int(q: Fraction):
+    """An exponent as an int when it is one (int arithmetic is far faster than Fraction's)."""
+    return q.numerator if q.denominator == 1 else q
+
+
+def _key(e: dict):
+    return tuple(sorted((d, tuple(sorted(p.items()))) for d, p in e.items()))
+
+
+def _map(fn, values: np.ndarray) -> np.ndarray:
+    out = np.empty(values.shape, dtype=object)
+    flat = out.reshape(-1)
+    for k, v in enumerate(values.reshape(-1).tolist()):
+        flat[k] = fn(v)
+    return out
+
+
+def _union(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
+
+
+__all__ = ["Algebra", "Elems", "ExactXP", "Expr", "NANF", "to_text"]

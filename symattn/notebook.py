@@ -1,14 +1,22 @@
 """Notebook parity: read a notebook without running it, and check every number it printed.
 
-Two formats: the text export of the seed (``In [N]:`` cells, code followed by
-what it printed) and ``.ipynb`` JSON.  The matrices come from the
-``np.array([...])`` literals assigned to ``X``, ``W_Q1``, ``W_K1``, ``W_V1``,
-``W_Q2``, … and ``W_O``, read with ``ast.literal_eval``; the notebook is
-assumed to compute standard attention (scale 1/sqrt(d_k), softmax by rows), as
-the seed does.  Printed arrays are matched to steps by the label printed
-before them ("Head 1 Output:" → head1) or by the variable a cell displays.
-Each printed number must equal the exact value correctly rounded to the
-decimals printed.
+Three formats: the text export of the seed (``In [N]:`` on a line of its own,
+then the code, then what it printed), IPython console transcripts (``In [N]:
+code`` with ``...:`` continuation lines and ``Out[N]:`` results), and
+``.ipynb`` JSON.  The matrices come from the ``np.array([...])`` literals
+assigned to ``X``, ``W_Q1``, ``W_K1``, ``W_V1``, ``W_Q2``, … and ``W_O``, read
+with ``ast.literal_eval`` (decimals as the decimals they spell); the notebook
+is assumed to compute standard attention, as the seed does, unless ``spec``
+gives the computation (masks and other variants).
+
+Every printed copy of every array is checked.  Printed arrays are matched to
+steps by the label printed before them ("Head 1 Output:" → head1) or by the
+variable a cell displays; an array whose label names no step is listed as not
+matched and never compared.  A printed number passes when it equals the exact
+value rounded to the decimals printed, or — when it has more significant
+digits than the notebook's float dtype carries (NumPy at precision=17,
+``print(M.tolist())``) — when it lies within the verifier's error bound for
+that step in that dtype plus half a unit of its last digit.
 """
 
 from __future__ import annotations
@@ -20,13 +28,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from . import certify
 from .errors import SymattnError
-from .spec import AttentionSpec
+from .spec import AttentionSpec, load_spec, printable
 
-_CELL = re.compile(r"^In \[[ \d]*\]:\s*$", re.M)
+_CELL = re.compile(r"^In \[[ \d]*\]:[ \t]?", re.M)
 _OUT = re.compile(r"^Out\[[ \d]*\]:\s*", re.M)
+_CONTINUATION = re.compile(r"^\s*\.\.\.+:[ ]?")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+CARRIED = {"float64": 15, "float32": 6, "float16": 3}  # decimal digits a float dtype always carries
 
 _INPUT_NAMES = {
     "x": re.compile(r"^x$", re.I),
@@ -42,6 +51,7 @@ class Printed:
     label: str  # the text printed before it, or the displayed variable
     step: str | None  # the trace step it was matched to
     rows: list  # rows of the printed tokens
+    copy: int = 1  # which printed copy of its step this is
 
 
 @dataclass
@@ -51,12 +61,13 @@ class Mismatch:
     col: int
     printed: str
     exact: str  # the exact value, certified digits
-    rounded: str  # the exact value rounded to the printed decimals
+    rounded: str  # the exact value rounded to the printed decimals, or the allowed interval
+    copy: str = ""  # the label of the copy, when a step is printed more than once
 
     def __str__(self) -> str:
+        where = f" (in the copy printed as {self.copy!r})" if self.copy else ""
         return (
-            f"{self.step}[{self.row}, {self.col}]: printed {self.printed}, exact {self.exact} "
-            f"(rounds to {self.rounded})"
+            f"{self.step}[{self.row}, {self.col}]: printed {self.printed}, exact {self.exact} ({self.rounded}){where}"
         )
 
 
@@ -68,22 +79,31 @@ class Report:
     checked: int = 0
     mismatches: list = field(default_factory=list)  # of Mismatch
     unmatched: list = field(default_factory=list)  # labels of arrays no step matched
+    dtype: str = "float64"
+    by_bound: int = 0  # numbers judged within the error bound (more digits printed than the dtype carries)
 
     @property
     def ok(self) -> bool:
         return not self.mismatches
 
     def lines(self) -> list[str]:
+        spec = self.spec
         out = [
-            f"{self.path}: {self.spec.h} heads, x {self.spec.n}×{self.spec.d_model}, "
+            f"{printable(self.path)}: {spec.h} heads, x {spec.L}×{spec.d_model}, "
             f"{len(self.arrays)} printed arrays, {self.checked} numbers checked"
         ]
         for a in self.arrays:
-            bad = sum(1 for m in self.mismatches if m.step == a.step)
+            bad = sum(1 for m in self.mismatches if m.step == a.step and (m.copy or a.label) == a.label)
             verdict = "ok" if not bad else f"{bad} wrong"
-            out.append(f"  {a.label!r} -> {a.step}: {sum(map(len, a.rows))} numbers, {verdict}")
+            out.append(f"  {printable(repr(a.label))} -> {a.step}: {sum(map(len, a.rows))} numbers, {verdict}")
         for label in self.unmatched:
-            out.append(f"  {label!r}: no step matches this label; not checked")
+            out.append(f"  {printable(repr(label))}: no step matches this label; not checked")
+        if self.by_bound:
+            out.append(
+                f"  {self.by_bound} numbers are printed with more digits than {self.dtype} carries "
+                f"({CARRIED[self.dtype]}): each was judged within {self.dtype}'s error bound for its step "
+                "plus half a unit of its last digit"
+            )
         out.extend(f"MISMATCH {m}" for m in self.mismatches)
         out.append(
             "all printed numbers match the exact values"
@@ -96,53 +116,81 @@ class Report:
 def read_cells(path: Path) -> list[tuple[str, str]]:
     """(code, printed output) for each cell."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise SymattnError(f"{path}: cannot read the notebook: {e}") from None
+        raise SymattnError(f"{printable(str(path))}: cannot read the notebook: {e}") from None
     if path.suffix.lower() == ".ipynb":
         return _ipynb_cells(text, path)
     parts = _CELL.split(text)
     if len(parts) < 2:
-        raise SymattnError(f"{path}: expected a transcript with 'In [N]:' cells or an .ipynb file, found no cells")
+        raise SymattnError(
+            f"{printable(str(path))}: expected a transcript with 'In [N]:' cells or an .ipynb file, found no cells"
+        )
     return [_split_code(part) for part in parts[1:]]
 
 
 def _ipynb_cells(text: str, path: Path) -> list[tuple[str, str]]:
+    where = printable(str(path))
     try:
         cells = json.loads(text)["cells"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SymattnError(f"{path}: expected .ipynb JSON with a 'cells' list: {e}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+        raise SymattnError(f"{where}: expected .ipynb JSON with a 'cells' list: {e}") from None
+    if not isinstance(cells, list):
+        raise SymattnError(f"{where}: expected .ipynb JSON with a 'cells' list, received {type(cells).__name__}")
     out = []
-    for cell in cells:
+    for n, cell in enumerate(cells):
         if not isinstance(cell, dict) or cell.get("cell_type") != "code":
             continue
-        code = _joined(cell.get("source", ""))
+        code = _joined(cell.get("source", ""), f"{where}: cells[{n}].source")
+        outputs = cell.get("outputs", [])
+        if not isinstance(outputs, list):
+            raise SymattnError(f"{where}: cells[{n}].outputs: expected a list, received {type(outputs).__name__}")
         printed = []
-        for output in cell.get("outputs", []):
+        for k, output in enumerate(outputs):
+            if not isinstance(output, dict):
+                raise SymattnError(
+                    f"{where}: cells[{n}].outputs[{k}]: expected a table, received {type(output).__name__}"
+                )
             if output.get("output_type") == "stream":
-                printed.append(_joined(output.get("text", "")))
-            elif "data" in output:
-                printed.append(_joined(output["data"].get("text/plain", "")))
+                printed.append(_joined(output.get("text", ""), f"{where}: cells[{n}].outputs[{k}].text"))
+            elif isinstance(output.get("data"), dict):
+                printed.append(_joined(output["data"].get("text/plain", ""), f"{where}: cells[{n}].outputs[{k}]"))
         out.append((code, "\n".join(printed)))
     return out
 
 
-def _joined(value) -> str:
-    return "".join(value) if isinstance(value, list) else str(value)
+def _joined(value, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "".join(value)
+    raise SymattnError(f"{where}: expected text or a list of lines, received {type(value).__name__}")
 
 
 def _split_code(part: str) -> tuple[str, str]:
-    """A transcript cell is its code, then what it printed: up to an 'Out[N]:' marker, or else
-    the longest prefix that parses is the code."""
+    """A cell is its code, then what it printed.  Console style (code after the prompt, '...:' continuation
+    lines) is told by code on the prompt's line; else up to an 'Out[N]:' marker, or else the longest prefix
+    that parses is the code."""
+    lines = part.split("\n")
+    if lines[0].strip():
+        code = [lines[0]]
+        k = 1
+        while k < len(lines) and _CONTINUATION.match(lines[k]):
+            code.append(_CONTINUATION.sub("", lines[k]))
+            k += 1
+        rest = "\n".join(lines[k:])
+        marker = _OUT.search(rest)
+        if marker:
+            rest = rest[: marker.start()] + rest[marker.end() :]
+        return "\n".join(code), rest
     marker = _OUT.search(part)
     if marker:
         return part[: marker.start()], part[marker.end() :]
-    lines = part.split("\n")
     for k in range(len(lines), -1, -1):
         code = "\n".join(lines[:k])
         try:
             ast.parse(code)
-        except SyntaxError:
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             continue
         return code, "\n".join(lines[k:])
     return "", part
@@ -154,7 +202,7 @@ def read_spec(cells, name: str) -> AttentionSpec:
     for code, _ in cells:
         try:
             tree = ast.parse(code)
-        except SyntaxError:
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -186,6 +234,15 @@ def read_spec(cells, name: str) -> AttentionSpec:
     return AttentionSpec(name, x, [heads[i] for i in numbers], wo)
 
 
+def _dtype(cells) -> str:
+    """The notebook's float dtype: float32 or float16 when its code names one, else float64."""
+    code = "\n".join(c for c, _ in cells)
+    for dtype in ("float16", "float32"):
+        if re.search(rf"\b{dtype}\b", code):
+            return dtype
+    return "float64"
+
+
 def _array_literal(node: ast.AST, code: str):
     """The literal argument of np.array([...]) / numpy.array / np.asarray, or None."""
     if not (isinstance(node, ast.Call) and node.args):
@@ -198,7 +255,10 @@ def _array_literal(node: ast.AST, code: str):
         value = ast.literal_eval(arg)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
-    return _spelled(arg, value, code)
+    try:
+        return _spelled(arg, value, code)
+    except (InvalidOperation, ValueError, AttributeError):
+        return None
 
 
 def _spelled(node: ast.AST, value, code: str):
@@ -215,9 +275,7 @@ def read_printed(cells) -> list[Printed]:
     arrays = []
     for code, output in cells:
         label = _displayed_name(code)
-        text = output
-        for block in _array_blocks(text):
-            before, rows = block
+        for before, rows in _array_blocks(output):
             arrays.append(Printed(before or label or "", None, rows))
     return arrays
 
@@ -225,7 +283,7 @@ def read_printed(cells) -> list[Printed]:
 def _displayed_name(code: str) -> str | None:
     try:
         body = ast.parse(code).body
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     if body and isinstance(body[-1], ast.Expr) and isinstance(body[-1].value, ast.Name):
         return body[-1].value.id
@@ -271,14 +329,11 @@ def _parse_array(text: str) -> list:
     if text.startswith("array("):
         text = re.sub(r",\s*dtype=[^)]*\)$", ")", text)[len("array(") :].rstrip(")")
     inner = re.findall(r"\[([^\[\]]*)\]", text)
-    rows = []
-    for group in inner:
-        tokens = group.replace(",", " ").split()
-        rows.append(tokens)
-    return rows
+    return [group.replace(",", " ").split() for group in inner]
 
 
-# What a label is about, most specific first; the head number is the first number in the label.
+# What a label is about, most specific first; the head number is the first number in the label.  A label must
+# name a step: "Output:" alone names none (it is never matched by resemblance).
 _KINDS = [
     ("M", re.compile(r"\(m\)|^m$|final")),
     ("concat_heads", re.compile(r"concat")),
@@ -288,7 +343,6 @@ _KINDS = [
     ("K", re.compile(r"^k\d*$|^k_?\d|\bkeys?\b")),
     ("V", re.compile(r"^v\d*$|^v_?\d|\bvalues?\b")),
     ("head", re.compile(r"head")),
-    ("M", re.compile(r"output|result")),
 ]
 
 
@@ -303,102 +357,142 @@ def match_step(label: str, names) -> str | None:
     for kind, pattern in _KINDS:
         if pattern.search(key):
             if kind in ("concat_heads", "M"):
-                return kind
+                return kind if kind in names else None
             name = f"{kind}{number.group() if number else 1}"
             return name if name in names else None
     return None
 
 
-def check(path: str | Path) -> Report:
-    """Check every number a notebook printed against the exact trace.
+def _significant(token: str) -> int:
+    mantissa = token.lstrip("+-").lower().split("e")[0].replace(".", "").lstrip("0")
+    return len(mantissa)
+
+
+def check(path, spec=None) -> Report:
+    """Check every number a notebook printed against the exact trace; ``spec`` (a name, a path or a spec)
+    gives the computation instead of the one read from the notebook's literal arrays.
 
     >>> from importlib import resources
     >>> report = check(resources.files("symattn") / "examples" / "multi_head_attention.txt")
     >>> report.ok, report.checked
     (True, 20)
     """
-    from .truth import enclose, evaluate, step_names
+    from .graph import build as build_graph
+    from .truth import evaluate
 
     path = Path(str(path))
     if not path.is_file():
         raise SymattnError(
-            f"notebook: expected a notebook file (.txt transcript or .ipynb), received {str(path)!r}, "
-            "which is not a file"
+            f"notebook: expected a notebook file (.txt transcript or .ipynb), received "
+            f"{printable(repr(str(path)))}, which is not a file"
         )
     cells = read_cells(path)
-    try:
-        spec = read_spec(cells, path.stem or "notebook")
-    except SymattnError as e:
-        raise SymattnError(f"{path}: {e}") from None
-    names = step_names(spec.h)
-    arrays = read_printed(cells)
-    report = Report(str(path), spec)
-    targets: dict = {}  # (step, i, j) -> (printed token, decimal places)
-    for printed in arrays:
+    if spec is None:
+        try:
+            spec = read_spec(cells, path.stem or "notebook")
+        except SymattnError as e:
+            raise SymattnError(f"{printable(str(path))}: {e}") from None
+    else:
+        spec = load_spec(spec)
+    graph = build_graph(spec)
+    names = [s.name for s in graph.steps]
+    shapes = {s.name: s.shape for s in graph.steps}
+    report = Report(str(path), spec, dtype=_dtype(cells))
+    copies: dict = {}
+    for printed in read_printed(cells):
         printed.step = match_step(printed.label, names)
         if printed.step is None:
             report.unmatched.append(printed.label)
             continue
+        _check_shape(printed, shapes[printed.step], path)
+        copies[printed.step] = copies.get(printed.step, 0) + 1
+        printed.copy = copies[printed.step]
         report.arrays.append(printed)
-        _targets(printed, spec, targets, path)
-    if not targets:
-        raise SymattnError(f"{path}: found no printed array whose label names a step ({', '.join(names)})")
-
-    def settle(name, i, j, lo, hi, e):
-        places = targets.get((name, i, j), (None, None))[1]
-        if places is None:
-            return None, lo  # not printed, or printed as nan/inf: any enclosure will do
-        a, b = (certify.round_places(v * 10**e if e >= 0 else (v, 10**-e), places) for v in (lo, hi))
-        return (a, lo) if a == b else None
-
-    def settle_exact(name, i, j, value):
-        places = targets.get((name, i, j), (None, None))[1]
-        return (None if places is None else certify.round_places(value, places)), value
-
-    digits = max(len(tok) + 2 for tok, _ in targets.values()) + 5
-    results, _, _ = enclose(spec, "auto", settle, settle_exact, digits)
-    truth = None
-    for (name, i, j), (token, places) in sorted(targets.items()):
-        rounded = results[name][i][j][0]
-        report.checked += 1
-        if places is None or int(Decimal(token).scaleb(places)) != rounded:
-            truth = truth or evaluate(spec, digits=max(20, digits))
-            exact = truth[name].values[i][j]
-            shown = exact if places is None else _fixed(rounded, places)
-            report.mismatches.append(Mismatch(name, i, j, token, exact, shown))
+    if not report.arrays:
+        raise SymattnError(
+            f"{printable(str(path))}: found no printed array whose label names a step ({', '.join(names)})"
+        )
+    steps = sorted({a.step for a in report.arrays}, key=names.index)
+    truth = evaluate(spec, digits=20, steps=steps, progress=False)
+    bounds = None
+    carried = CARRIED[report.dtype]
+    for printed in report.arrays:
+        many = copies[printed.step] > 1
+        positional = all("e" not in t.lower() for row in printed.rows for t in row)
+        decimals = [_places(t) for row in printed.rows for t in row if _NUMBER.match(t)]
+        widest = max(decimals, default=0)  # NumPy pads an array's numbers to one precision, dropping zeros
+        for i, row in enumerate(printed.rows):
+            for j, token in enumerate(row):
+                report.checked += 1
+                exact_text = truth[printed.step].values[i][j]
+                if not _NUMBER.match(token):
+                    if token.lower() != exact_text.lower():
+                        report.mismatches.append(
+                            Mismatch(
+                                printed.step, i, j, token, exact_text, "not a number", printed.label if many else ""
+                            )
+                        )
+                    continue
+                places = widest if positional else _places(token)
+                if _significant(token) > carried:
+                    if bounds is None:
+                        bounds = _bounds(spec, graph, steps, report.dtype)
+                    if not _within(token, truth, printed.step, i, j, places, bounds[printed.step][i, j]):
+                        allowed = bounds[printed.step][i, j]
+                        report.mismatches.append(
+                            Mismatch(
+                                printed.step, i, j, token, exact_text,
+                                f"more than {report.dtype}'s error bound {allowed:.3g} plus half a unit away",
+                                printed.label if many else "",
+                            )
+                        )  # fmt: skip
+                    report.by_bound += 1
+                    continue
+                rounded = truth.fixed(printed.step, i, j, places)
+                if rounded in ("nan", "-inf") or int(Decimal(token).scaleb(places)) != rounded:
+                    shown = str(rounded) if isinstance(rounded, str) else _fixed(rounded, places)
+                    report.mismatches.append(
+                        Mismatch(
+                            printed.step, i, j, token, exact_text, f"rounds to {shown}", printed.label if many else ""
+                        )
+                    )
     return report
 
 
-def _targets(printed: Printed, spec, targets: dict, path) -> None:
-    from .truth import _shapes
+def _places(token: str) -> int:
+    return -Decimal(token).as_tuple().exponent
 
-    shape = _shapes(spec)[printed.step]
+
+def _check_shape(printed: Printed, shape: tuple, path) -> None:
     got = (len(printed.rows), len(printed.rows[0]) if printed.rows else 0)
     if got != shape or any(len(r) != shape[1] for r in printed.rows):
         raise SymattnError(
-            f"{path}: the array printed as {printed.label!r} ({printed.step}) has shape "
+            f"{printable(str(path))}: the array printed as {printable(repr(printed.label))} ({printed.step}) has shape "
             f"{got[0]}×{got[1]}, expected {shape[0]}×{shape[1]}"
         )
-    decimals = []
-    for row in printed.rows:
-        for token in row:
-            if token.lower().lstrip("+-") in ("nan", "inf"):
-                continue
-            if not _NUMBER.match(token):
-                raise SymattnError(
-                    f"{path}: cannot read {token!r} in the array printed as {printed.label!r} as a number"
-                )
-            decimals.append(-Decimal(token).as_tuple().exponent)
-    # NumPy pads an array's numbers to one precision and drops trailing zeros; compare at the widest.
-    positional = all("e" not in t.lower() for row in printed.rows for t in row)
-    widest = max(decimals, default=0)
-    for i, row in enumerate(printed.rows):
-        for j, token in enumerate(row):
-            if not _NUMBER.match(token):
-                places = None  # nan or inf: never the exact value, which is finite
-            else:
-                places = widest if positional else -Decimal(token).as_tuple().exponent
-            targets[printed.step, i, j] = (token, places)
+
+
+def _bounds(spec, graph, steps, dtype: str) -> dict:
+    """Per step entry, the verifier's error bound for a float computation in ``dtype``."""
+    from .verifier import arguments, step_bounds
+
+    args = arguments(spec, dtype)
+    return step_bounds(graph, args.leaves, steps, dtype, spec)
+
+
+def _within(token: str, truth, step: str, i: int, j: int, places: int, bound: float) -> bool:
+    """|printed - exact| <= bound + half a unit of the printed last digit, decided on the certified value."""
+    from fractions import Fraction
+
+    printed = Fraction(Decimal(token))
+    slack = Fraction(bound) + Fraction(1, 2) / Fraction(10) ** places
+    # the exact value to a few more decimals than printed, plus that rounding's half unit
+    extra = places + 6
+    value = truth.fixed(step, i, j, extra)
+    if isinstance(value, str):
+        return False
+    exact = Fraction(value, 10**extra) if extra >= 0 else Fraction(value * 10**-extra)
+    return abs(printed - exact) <= slack - Fraction(1, 2) / Fraction(10) ** extra
 
 
 def _fixed(q: int, places: int) -> str:

@@ -6,26 +6,41 @@ assert_attention_close(my_attention, "myspec.json", dtype="float32")
 
 from __future__ import annotations
 
-from .verifier import Context, run
+from .errors import SymattnError
+from .verifier import RULES, Context, call, measure
 
 
 def assert_attention_close(fn, spec, dtype: str = "float64", rule: str = "kappa") -> None:
-    """Raise AssertionError, naming the worst entry's float value, exact value and error, unless
-    ``fn(x, wq, wk, wv, wo)`` passes ``symattn verify`` on the spec (a name, a path or an AttentionSpec)."""
+    """Raise AssertionError, naming the worst entries' float values, exact values, errors and bounds, unless
+    ``fn`` passes ``symattn verify`` on the spec (a name, a path, a dict or an AttentionSpec).
+
+    ``fn`` is called as the ``--impl`` convention says (inputs positionally, options by keyword).  A spec
+    option that ``fn`` cannot take raises SymattnError (UNSUPPORTED); what ``fn`` raises is re-raised.
+    """
     from .spec import load_spec
-    from .verifier import RULES
 
     if rule not in RULES:
-        from .errors import SymattnError
-
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     spec = load_spec(spec)
-    result = run(fn, getattr(fn, "__name__", "implementation"), Context(spec, dtype), rule)
+    context = Context(spec, dtype)
+    name = getattr(fn, "__name__", "implementation")
+    output, result = call(fn, name, context)
+    if result is not None:
+        if result.verdict == "ERROR":
+            raise result.raised
+        raise SymattnError(f"{name} on {spec.display_name}: " + "; ".join(result.reasons))
+    from .verifier import output_array
+
+    result = measure(name, output_array(output), context, rule)
     if not result.passed:
-        worst = result.entries[0]
-        raise AssertionError(
-            f"{result.name} is not close to the exact attention on {spec.name} in {dtype} (rule {rule}): "
-            + "; ".join(result.reasons)
-            + f". Worst entry M[{worst.row}, {worst.col}]: float {worst.value!r}, exact {worst.exact}, "
-            f"error {worst.abs_error:.3g} ({worst.ulps:.3g} ulps)"
+        message = (
+            f"{result.name} is not close to the exact attention on {spec.display_name} in {dtype} "
+            f"(rule {rule}): " + "; ".join(result.reasons)
         )
+        if result.entries:
+            worst = result.entries[0]
+            message += (
+                f". Worst entry {worst.where}: float {worst.value!r}, exact {worst.exact}, "
+                f"error {worst.abs_error:.3g} ({worst.ulps:.3g} ulps), bound {worst.kappa_bound:.3g}"
+            )
+        raise AssertionError(message)

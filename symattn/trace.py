@@ -1,17 +1,14 @@
-"""The exact trace: the named steps of multi-head attention as SymPy matrices.
+"""The exact trace: the named steps as SymPy matrices, read from the exact backend's values.
 
 Each step is kept as its structure: Q, K, V and the scores are exact matrices;
-each softmax row has a normaliser ``Z{head}_{row}`` (a SymPy symbol standing
-for the row's sum of exponentials; heads whose rows have equal sums share
-one), and weights, heads, their concatenation and M are written over those
-normalisers, so no entry repeats another step's expression.  ``trace[name]``
-substitutes the normalisers and gives the fully substituted closed form of a
-step.  Both are built on first use and kept, so a trace of a large spec is
-cheap until a step is asked for.
-
-With rational inputs both come from ``exact.py``'s rational functions of
-t = exp(g), each put over its denominator and cancelled, which keeps them as
-short as a person would write them:
+each softmax row has a normaliser ``Z{head}_{row}`` (a symbol standing for the
+row's sum of exponentials; rows with equal sums share one, named by the first
+in head order), and weights, heads, their concatenation, M and the backward
+steps are written over those normalisers, so no entry repeats another step's
+expression.  ``trace[name]`` substitutes the normalisers and gives the closed
+form, each fraction with its common factors cancelled.  Both are built on first
+use and kept.  Masked scores are not numbers: they are -oo here and print as
+-inf.
 
 >>> trace = build("notebook")
 >>> trace["head1"][0, 0]
@@ -26,18 +23,24 @@ import sympy
 
 from .entries import to_sympy
 from .errors import SymattnError
-from .exact import ExactAttention, reduced, scale_sign
-from .truth import step_names
+from .exact import NANF, ExactXP
+from .graph import build as build_graph
+from .rational import Lin
 
 FORMATS = ("pretty", "str", "latex")
 
 
-def _rational(q: Fraction) -> sympy.Rational:
-    return sympy.Rational(q.numerator, q.denominator)
+_RATIONALS: dict = {}
 
 
-def _matrix(rows) -> sympy.ImmutableMatrix:
-    return sympy.ImmutableMatrix(rows)
+def _rational(q) -> sympy.Rational:
+    """A Fraction or int as a SymPy Rational (cached: SymPy's own construction is slow)."""
+    value = _RATIONALS.get(q)
+    if value is None:
+        if len(_RATIONALS) > 100_000:
+            _RATIONALS.clear()
+        value = _RATIONALS[q] = sympy.Rational(q.numerator, q.denominator)
+    return value
 
 
 class Step:
@@ -46,7 +49,7 @@ class Step:
     def __init__(self, trace: Trace, name: str):
         self.trace = trace
         self.name = name
-        self.definition = trace.definition(name)  # e.g. "head1 = weights1·V1"
+        self.definition = trace.definition(name)
 
     @property
     def structure(self) -> sympy.ImmutableMatrix:
@@ -70,25 +73,59 @@ class Step:
 class Trace:
     """The exact trace of one spec.  Index by step name for the closed form (a SymPy matrix)."""
 
-    def __init__(self, spec):
-        from .truth import _shapes
-
+    def __init__(self, spec, grad: bool = False):
         self.spec = spec
-        self.names = step_names(spec.h)
-        self._shapes = _shapes(spec)
-        self.scale = to_sympy(spec.effective_scale)
+        self.graph = build_graph(spec)
+        self._steps = {s.name: s for s in self.graph.steps}
+        if grad:
+            self._steps.update({s.name: s for s in self.graph.backward_steps})
+        self.names = list(self._steps)
+        self.grad = grad
+        self._xp = None
+        self._values: dict = {}
         self._structure: dict = {}
         self._closed: dict = {}
-        if spec.is_rational:
-            self._steps = _RationalSteps(spec, self.scale)
-        else:
-            self._steps = _SymbolicSteps(spec, self.scale)
+        self._symbols: dict = {}  # atom id -> Z symbol
+        self._atom_values: dict = {}  # Z symbol -> its polynomial, as SymPy
+        self._gen_cache: dict = {}
+
+    # Evaluation in the exact backend, once.
+    def _compute(self):
+        if self._xp is not None:
+            return
+        xp = ExactXP()
+        values = self.graph.forward(xp)
+        if self.grad:
+            values.update(self.graph.backward(xp, values, self.graph.douts(xp)))
+        self._xp, self._values = xp, values
+        # name each row normaliser after the first softmax row (in head order) that has it
+        for step in self.graph.steps:
+            if step.kind != "weights":
+                continue
+            value = values[step.name]
+            for r in range(step.shape[0]):
+                for j in range(step.shape[1]):
+                    element = xp.entry(value, r, j)
+                    for den in element or {}:
+                        if element is NANF:
+                            break
+                        for atom, _ in den:
+                            if atom not in self._symbols:
+                                z = sympy.Symbol(f"Z{step.head}_{r}", positive=True)
+                                self._symbols[atom] = z
+                                self._atom_values[z] = self._poly(xp.alg.atoms[atom])
+        for atom in range(len(xp.alg.atoms)):  # atoms made elsewhere (none in attention; kept total)
+            if atom not in self._symbols:
+                z = sympy.Symbol(f"Z_{atom}", positive=True)
+                self._symbols[atom] = z
+                self._atom_values[z] = self._poly(xp.alg.atoms[atom])
 
     # Public face.
     def __getitem__(self, name: str) -> sympy.ImmutableMatrix:
         self._check(name)
         if name not in self._closed:
-            self._closed[name] = self._steps.closed(name, self.structure(name))
+            self._compute()
+            self._closed[name] = self._matrix(name, closed=True)
         return self._closed[name]
 
     def __iter__(self):
@@ -99,7 +136,7 @@ class Trace:
 
     def shape(self, name: str) -> tuple[int, int]:
         self._check(name)
-        return self._shapes[name]
+        return self._steps[name].shape
 
     def step(self, name: str) -> Step:
         self._check(name)
@@ -109,241 +146,141 @@ class Trace:
         """The step over the row normalisers ``Z{head}_{row}`` (see ``normalisers_of``)."""
         self._check(name)
         if name not in self._structure:
-            if name == "concat_heads":
-                heads = [self.structure(f"head{h}") for h in range(1, self.spec.h + 1)]
-                self._structure[name] = sympy.ImmutableMatrix(sympy.Matrix.hstack(*heads))
-            else:
-                self._structure[name] = self._steps.structure(name)
+            self._compute()
+            self._structure[name] = self._matrix(name, closed=False)
         return self._structure[name]
 
     def normalisers_of(self, name: str) -> dict:
         """The row normalisers that the structure of step ``name`` uses, with their values."""
-        used = [z for z in self.structure(name).free_symbols if self._steps.is_normaliser(z)]
-        return {z: self._steps.normaliser_value(z) for z in sorted(used, key=_normaliser_order)}
+        used = [z for z in self.structure(name).free_symbols if z in self._atom_values]
+        return {z: self._atom_values[z] for z in sorted(used, key=_normaliser_order)}
 
     @property
     def normalisers(self) -> dict:
         """Every row normaliser with its value."""
-        out = {}
-        for name in self.names:
-            if name.startswith("weights"):
-                out.update(self.normalisers_of(name))
-        return out
+        self._compute()
+        return dict(sorted(self._atom_values.items(), key=lambda kv: _normaliser_order(kv[0])))
 
     def definition(self, name: str) -> str:
         self._check(name)
-        if name == "M":
-            return "M = concat_heads·wo"
-        if name == "concat_heads":
-            return "concat_heads = [" + " ".join(f"head{i}" for i in range(1, self.spec.h + 1)) + "]"
-        kind = name.rstrip("0123456789")
-        i = name[len(kind) :]
-        return {
-            "Q": f"Q{i} = x·wq{i}",
-            "K": f"K{i} = x·wk{i}",
-            "V": f"V{i} = x·wv{i}",
-            "scores": f"scores{i} = Q{i}·K{i}ᵀ·scale, scale = {sympy.sstr(self.scale)}",
-            "weights": f"weights{i} = softmax(scores{i}) by rows",
-            "head": f"head{i} = weights{i}·V{i}",
-        }[kind]
+        return self._steps[name].definition
 
     def rational_value(self, name: str, i: int, j: int) -> Fraction | None:
-        """The entry as a Fraction when SymPy proves it rational, else None."""
-        value = sympy.simplify(self[name][i, j])
-        if value.is_Rational:
-            return Fraction(int(value.p), int(value.q))
-        if value.is_zero:
-            return Fraction(0)
-        return None
+        """The entry as a Fraction when its exact form is a constant, else None."""
+        self._check(name)
+        self._compute()
+        element = self._xp.entry(self._values[name], i, j)
+        if element is None:
+            return None
+        value = self._xp.alg.value(element)
+        return value if isinstance(value, Fraction) else None
 
     def _repr_latex_(self) -> str:
         lines = [f"\\mathrm{{{_latex_name(n)}}} &= {sympy.latex(self[n])}" for n in self.names]
         return "$\\begin{aligned}" + " \\\\ ".join(lines) + "\\end{aligned}$"
 
     def __repr__(self) -> str:
-        return f"<Trace of {self.spec.name}: {', '.join(self.names)}>"
+        return f"<Trace of {self.spec.display_name}: {', '.join(self.names)}>"
 
     def _check(self, name: str) -> None:
-        if name not in self.names:
+        if name not in self._steps:
             raise SymattnError(f"step: expected one of {', '.join(self.names)}, received {name!r}")
 
+    # SymPy from exact values.
+    def _matrix(self, name: str, closed: bool) -> sympy.ImmutableMatrix:
+        value = self._values[name]
+        rows, cols = self._steps[name].shape
+        xp = self._xp
+        if hasattr(value, "num") and not isinstance(value, Lin):  # a RatMat
+            return sympy.ImmutableMatrix(rows, cols, [_rational(value[i, j]) for i in range(rows) for j in range(cols)])
+        out = []
+        for i in range(rows):
+            for j in range(cols):
+                element = xp.entry(value, i, j)
+                out.append(-sympy.oo if element is None else self._element(element, closed))
+        return sympy.ImmutableMatrix(rows, cols, out)
 
-def _normaliser_order(z: sympy.Symbol) -> tuple[int, int]:
-    head, row = z.name[1:].split("_")
-    return int(head), int(row)
+    def _element(self, element: dict, closed: bool):
+        if element is NANF:
+            return sympy.nan
+        if not element:
+            return sympy.Integer(0)
+        terms = []
+        for den, poly in sorted(element.items(), key=lambda kv: kv[0]):
+            if not den:
+                terms.append(self._poly(poly))
+                continue
+            if closed:
+                num, den_poly = self._together(poly, den)
+                terms.append(self._fraction(num, den_poly))
+            else:
+                z = sympy.Mul(*(self._symbols[atom] ** k for atom, k in den))
+                terms.append(_quotient(Fraction(1), self._poly(poly), z))
+        return terms[0] if len(terms) == 1 else sympy.Add(*terms)
 
+    def _together(self, poly: dict, den: tuple) -> tuple[dict, dict]:
+        alg = self._xp.alg
+        if len(den) == 1 and den[0][1] == 1:  # one atom: the common case
+            return poly, alg.atoms[den[0][0]]
+        d = {(): Fraction(1)}
+        for atom, k in den:
+            for _ in range(k):
+                d = alg.poly_mul(d, alg.atoms[atom])
+        return poly, d
 
-def _split(name: str) -> tuple[str, int]:
-    kind = name.rstrip("0123456789")
-    return kind, int(name[len(kind) :]) - 1
+    def _fraction(self, num: dict, den: dict):
+        c, n, d = _reduced(num, den)
+        return _quotient(c, self._poly(n), self._poly(d))
 
-
-class _RationalSteps:
-    """Steps of a rational spec, from the rational functions of t = exp(|scale|·G)."""
-
-    def __init__(self, spec, scale):
-        self.spec = spec
-        self.scale = scale
-        self.exact = ExactAttention(spec, scale_sign(spec.effective_scale))
-        g = abs(scale) * _rational(self.exact.G) if self.exact.sign else sympy.Integer(0)
-        self.g = g
-        self._powers: dict = {}  # e -> exp(e·g), shared by every expression
-        # Row normalisers: a row shares the symbol of the first row (in head order) with the same sum.
-        self._symbols: dict = {}  # (head, row) -> symbol
-        self._values: dict = {}  # symbol -> (head, row) it stands for
-        first: dict = {}
-        for h in range(spec.h):
-            for r in range(spec.n):
-                key = tuple(sorted(self.exact.Z(h, r).items()))
-                if key not in first:
-                    first[key] = sympy.Symbol(f"Z{h + 1}_{r}", positive=True)
-                    self._values[first[key]] = (h, r)
-                self._symbols[h, r] = first[key]
-
-    def power(self, e: int):
-        if e not in self._powers:
-            self._powers[e] = sympy.exp(e * self.g)
-        return self._powers[e]
-
-    def poly(self, poly: dict):
-        """Σ c·t**e with t = exp(g).
-
-        Exponents are distinct and coefficients non-zero, so the sum is already canonical: it is
-        built without SymPy's term collection, which dominates the cost on large specs.
-        """
-        terms = [self._term(Fraction(c), e) for e, c in sorted(poly.items())]
+    def _poly(self, poly: dict):
+        """Σ c·monomial, in the order of the monomials' exponents; built as it reads (SymPy's own term
+        collection would cost most of the time on large specs)."""
+        terms = [self._term(c, m) for m, c in sorted(poly.items())]
+        if not terms:
+            return sympy.Integer(0)
         return terms[0] if len(terms) == 1 else sympy.Add(*terms, evaluate=False)
 
-    def _term(self, c: Fraction, e: int):
-        if e == 0:
+    def _term(self, c: Fraction, m: tuple):
+        power = self._monomial(m)
+        if power == 1:
             return _rational(c)
         if c == 1:
-            return self.power(e)
-        return sympy.Mul(_rational(c), self.power(e), evaluate=False)
+            return power
+        return sympy.Mul(_rational(c), power, evaluate=False)
 
-    def fraction(self, num: dict, den: dict):
-        """num(t)/den(t) as c·N/Z, reduced as far as exact.reduced goes."""
-        c, n, z = reduced(num, den)
-        return _quotient(c, self.poly(n), self.poly(z))
+    def _monomial(self, m: tuple):
+        if m in self._gen_cache:
+            return self._gen_cache[m]
+        alg = self._xp.alg
+        exponent, factors = sympy.Integer(0), []
+        for g, e in m:
+            gen = alg.gens[g]
+            if gen.kind == "e":
+                basis, den = gen.info
+                exponent += _rational(Fraction(e, den)) * (1 if basis is None else to_sympy(basis))
+            elif gen.kind == "sqrt":
+                factors.append(sympy.sqrt(gen.info) ** e)
+            else:
+                factors.append(self._opaque(gen) ** e)
+        result = sympy.Mul(*factors) * (sympy.exp(exponent) if exponent != 0 else 1)
+        self._gen_cache[m] = result
+        return result
 
-    def is_normaliser(self, z) -> bool:
-        return z in self._values
-
-    def normaliser_value(self, z):
-        return self.poly(self.exact.Z(*self._values[z]))
-
-    def structure(self, name: str) -> sympy.ImmutableMatrix:
-        ex, spec = self.exact, self.spec
-        if name == "M":
-            return _matrix(
-                [
-                    [
-                        sympy.Add(
-                            *(
-                                _quotient(1, self.poly(num), self._symbols[head, r])
-                                for head, num, _ in ex.output_terms(r, c)
-                            )
-                        )
-                        for c in range(spec.d_out)
-                    ]
-                    for r in range(spec.n)
-                ]
-            )
-        kind, h = _split(name)
-        if kind in ("Q", "K", "V"):
-            return _matrix([[_rational(e) for e in row] for row in getattr(ex, kind)[h].fractions()])
-        if kind == "scores":
-            return _matrix([[_rational(e) * self.scale for e in row] for row in ex.R[h].fractions()])
-        z = [self._symbols[h, r] for r in range(spec.n)]
-        if kind == "weights":
-            return _matrix([[self.power(e) / z[r] for e in ex.exponents[h][r]] for r in range(spec.n)])
-        return _matrix(
-            [
-                [_quotient(1, self.poly(ex.rational_function(name, r, c)[0]), z[r]) for c in range(spec.d_v)]
-                for r in range(spec.n)
-            ]
-        )
-
-    def closed(self, name: str, structure) -> sympy.ImmutableMatrix:
-        kind = name.rstrip("0123456789")
-        if kind in ("Q", "K", "V", "scores"):
-            return structure
-        rows, cols = structure.shape
-        ex = self.exact
-        if name == "M":
-            return _matrix(
-                [
-                    [sympy.Add(*(self.fraction(num, z) for _, num, z in ex.output_terms(i, j))) for j in range(cols)]
-                    for i in range(rows)
-                ]
-            )
-        return _matrix([[self.fraction(*ex.rational_function(name, i, j)) for j in range(cols)] for i in range(rows)])
+    def _opaque(self, gen):
+        kind, value = gen.info
+        if kind == "entry":
+            return to_sympy(value)
+        inner = self._element(value, closed=True)
+        return sympy.tanh(inner) if kind == "tanh" else sympy.exp(inner)
 
 
-class _SymbolicSteps:
-    """Steps of a spec with irrational or symbolic entries, built with SymPy head by head."""
+def _order(m: tuple) -> tuple:
+    return tuple((g, Fraction(e)) for g, e in m)
 
-    def __init__(self, spec, scale):
-        self.spec = spec
-        self.scale = scale
-        self.x = sympy.Matrix([[to_sympy(e) for e in row] for row in spec.x])
-        self._heads: dict = {}  # head index -> its steps
-        self._values: dict = {}  # normaliser symbol -> value
-        # Normalisers: every row sum, named by its first appearance, so names do not depend on what is asked first.
-        self._symbols: dict = {}
-        for h in range(spec.h):
-            exps = self._head(h)["exps"]
-            for r in range(spec.n):
-                value = sympy.Add(*exps.row(r))
-                known = next((z for z, v in self._values.items() if v == value), None)
-                if known is None:
-                    known = sympy.Symbol(f"Z{h + 1}_{r}", positive=True)
-                    self._values[known] = value
-                self._symbols[h, r] = known
 
-    def _head(self, h: int) -> dict:
-        if h not in self._heads:
-            head = self.spec.heads[h]
-            q, k, v = (
-                (self.x * sympy.Matrix([[to_sympy(e) for e in row] for row in w])).applyfunc(sympy.expand)
-                for w in (head.wq, head.wk, head.wv)
-            )
-            scores = (q * k.T * self.scale).applyfunc(sympy.expand)
-            self._heads[h] = {"Q": q, "K": k, "V": v, "scores": scores, "exps": scores.applyfunc(sympy.exp)}
-        return self._heads[h]
-
-    def is_normaliser(self, z) -> bool:
-        return z in self._values
-
-    def normaliser_value(self, z):
-        return self._values[z]
-
-    def structure(self, name: str) -> sympy.ImmutableMatrix:
-        spec = self.spec
-        if name == "M":
-            heads = [self.structure(f"head{h}") for h in range(1, spec.h + 1)]
-            wo = sympy.Matrix([[to_sympy(e) for e in row] for row in spec.wo])
-            normalisers = list(self._values)
-            # M[r, c] = Σ (numerator)/Z, one term per distinct row normaliser
-            m = (sympy.Matrix.hstack(*heads) * wo).applyfunc(lambda e: sympy.collect(sympy.expand(e), normalisers))
-            return sympy.ImmutableMatrix(m)
-        kind, h = _split(name)
-        steps = self._head(h)
-        if kind in ("Q", "K", "V", "scores"):
-            return sympy.ImmutableMatrix(steps[kind])
-        exps, z = steps["exps"], [self._symbols[h, r] for r in range(spec.n)]
-        if kind == "weights":
-            return _matrix([[exps[r, c] / z[r] for c in range(spec.n)] for r in range(spec.n)])
-        v = steps["V"]
-        return _matrix([[(exps.row(r) * v.col(c))[0] / z[r] for c in range(spec.d_v)] for r in range(spec.n)])
-
-    def closed(self, name: str, structure) -> sympy.ImmutableMatrix:
-        if not structure.free_symbols & set(self._values):
-            return structure
-        # together: one fraction; powsimp: exp(a)·exp(b) as exp(a + b); factor_terms: common factors out
-        return structure.applyfunc(
-            lambda e: sympy.factor_terms(sympy.powsimp(sympy.together(e.xreplace(self._values))))
-        )
+def _normaliser_order(z: sympy.Symbol) -> tuple:
+    head, _, row = z.name[1:].partition("_")
+    return (int(head) if head.isdigit() else 10**9, int(row) if row.isdigit() else 0)
 
 
 def _quotient(c: Fraction, num, den):
@@ -354,27 +291,120 @@ def _quotient(c: Fraction, num, den):
     return factors[0] if len(factors) == 1 else sympy.Mul(*factors, evaluate=False)
 
 
+MAX_DENSE = 4096  # cancel common factors only below this degree (dense GCD cost grows with it)
+
+
+def _reduced(num: dict, den: dict) -> tuple[Fraction, dict, dict]:
+    """(c, N, Z) with num/den = c·N/Z, N and Z primitive with integer coefficients, Z's leading coefficient
+    positive, and common factors cancelled (python-flint's GCD) when every monomial is a power of one
+    generator."""
+    from .exact import _constant_ratio
+
+    if not num:
+        return Fraction(0), {}, {(): Fraction(1)}
+    ratio = _constant_ratio(num, den)
+    if ratio is not None:
+        return ratio, {(): Fraction(1)}, {(): Fraction(1)}
+    c_num, num = _primitive(num)
+    c_den, den = _primitive(den)
+    gens = {g for m in list(num) + list(den) for g, _ in m}
+    if len(gens) != 1:
+        return c_num / c_den, num, den
+    (g,) = gens
+    exps_n = [(m[0][1] if m else 0) for m in num]
+    exps_d = [(m[0][1] if m else 0) for m in den]
+    low_n, low_d = min(exps_n), min(exps_d)
+    if all(isinstance(e, int) for e in exps_n + exps_d):  # the common case, in ints
+        from functools import reduce
+        from math import gcd
+
+        step = reduce(gcd, [e - low_n for e in exps_n] + [e - low_d for e in exps_d], 0) or 1
+        deg_n = [(e - low_n) // step for e in exps_n]
+        deg_d = [(e - low_d) // step for e in exps_d]
+    else:
+        step = _gcd_all([Fraction(e) for e in exps_n + exps_d])
+        deg_n = [int((e - low_n) / step) for e in exps_n]
+        deg_d = [int((e - low_d) / step) for e in exps_d]
+    if max(deg_n) > MAX_DENSE or max(deg_d) > MAX_DENSE:
+        return c_num / c_den, num, den
+    from flint import fmpz_poly
+
+    n = [0] * (max(deg_n) + 1)
+    for k, c in zip(deg_n, num.values(), strict=True):
+        n[k] = int(c)
+    d = [0] * (max(deg_d) + 1)
+    for k, c in zip(deg_d, den.values(), strict=True):
+        d[k] = int(c)
+    pn, pd = fmpz_poly(n), fmpz_poly(d)
+    common = pn.gcd(pd)
+    if common.degree() > 0:
+        pn, pd = pn // common, pd // common
+
+        def back(p, low):
+            out = {}
+            for k, v in enumerate(p.coeffs()):
+                if v:
+                    e = low + k * step
+                    e = e.numerator if isinstance(e, Fraction) and e.denominator == 1 else e
+                    out[((g, e),) if e else ()] = Fraction(int(v))
+            return out
+
+        c2, num = _primitive(back(pn, low_n))
+        c3, den = _primitive(back(pd, low_d))
+        c_num, c_den = c_num * c2, c_den * c3
+    return c_num / c_den, num, den
+
+
+def _gcd_all(values) -> Fraction:
+    from math import gcd, lcm
+
+    den = 1
+    for v in values:
+        den = lcm(den, v.denominator)
+    g = 0
+    for v in values:
+        g = gcd(g, int(v * den))
+    return Fraction(g or 1, den)
+
+
+def _primitive(poly: dict) -> tuple[Fraction, dict]:
+    """(c, p) with poly = c·p, p with coprime integer coefficients (ints) and a positive leading one."""
+    from functools import reduce
+    from math import gcd, lcm
+
+    values = list(poly.values())
+    den = reduce(lcm, (v.denominator for v in values), 1)
+    ints = [v.numerator * (den // v.denominator) for v in values]
+    g = reduce(gcd, ints)
+    out = dict(zip(poly, ints, strict=True))
+    if out[max(out)] < 0:
+        g = -g
+    return Fraction(g, den), {m: v // g for m, v in out.items()}
+
+
 def _latex_name(name: str) -> str:
     return name.replace("_", r"\_")
 
 
-def build(spec) -> Trace:
-    """The exact trace of a spec (a built-in name, a path, a dict or an AttentionSpec).
+def build(spec, grad: bool = False) -> Trace:
+    """The exact trace of a spec (a built-in name, a path, a dict or an AttentionSpec); ``grad`` adds the
+    backward steps.
 
     >>> build("notebook").names[:6]
     ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1']
     """
     from .spec import load_spec
 
-    return Trace(load_spec(spec))
+    return Trace(load_spec(spec), grad)
 
 
 def render(matrix, fmt: str) -> str:
-    """A matrix in one of FORMATS, with SymPy's own printers."""
+    """A matrix in one of FORMATS, with SymPy's own printers; masked scores (-oo) print as -inf."""
     if fmt == "pretty":
-        return sympy.pretty(matrix, use_unicode=True, wrap_line=False)
+        text = sympy.pretty(matrix, use_unicode=True, wrap_line=False)
+        return text.replace("-∞", "-inf")
     if fmt == "latex":
         return sympy.latex(matrix)
     if fmt == "str":
-        return sympy.sstr(matrix.tolist())
+        return sympy.sstr(matrix.tolist()).replace("-oo", "-inf")
     raise SymattnError(f"format: expected one of {', '.join(FORMATS)}, received {fmt!r}")

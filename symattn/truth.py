@@ -1,341 +1,47 @@
-"""Certified ground truth: every step evaluated in ball arithmetic, every printed digit proven.
+"""Certified ground truth: every step of the graph in ball arithmetic, every printed digit proven.
 
-The attention math is evaluated from the trace's structure (matrix products,
-row softmax shifted by the row maximum) in an engine's ball arithmetic; with
-rational inputs Q, K, V and Q·Kᵀ are exact and only the softmax and what
-follows it are balls.  Precision rises until every entry's enclosure rounds to
-one decimal at both ends.  An entry that stays undecided after a rise is asked
-of its exact form: if it is rational (zero, or a short decimal sitting on a
-rounding boundary, which no ball can prove) it is rounded exactly.
+``evaluate`` runs the op graph (``graph.py``) in the ball backend
+(``balls.py``), forward and, with ``grad``, backward.  Precision rises until
+every entry's enclosure is accurate enough for the digits asked; an entry that
+does not get there is asked of its exact form (``exact.py``), which settles the
+rational ones (zero, or a short decimal on a rounding boundary, which no ball
+can prove).  Decimal strings are made when they are read: each is printed with
+d digits only when both ends of the enclosure round to the same d digits
+(``certify.py``); a rare enclosure that straddles a rounding boundary at that
+moment is recomputed at a higher precision, for that entry's row alone.
+
+What is printed: certified digits; "0" for an exact zero; "-inf" for a masked
+score (not a number: excluded); "nan" for an empty row under ``empty_row
+"nan"``; and "<1e-N" (|x| < 10**-N, 0 certified digits) for an entry whose
+enclosure still contains zero when the precision budget is spent and the exact
+form cannot decide it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from decimal import Decimal
 from fractions import Fraction
 
+import numpy as np
+
 from . import certify
+from .balls import Balls, BallXP
 from .engines import engine_class
-from .entries import to_ball
 from .errors import SymattnError
-from .exact import ExactAttention, RatMat, scale_sign
+from .graph import build as build_graph
+from .matrix import RatMat
 from .progress import Progress
+from .rational import Lin
 
 log = logging.getLogger("symattn")
 
 MAX_DIGITS = 100_000
 GUARD_BITS = 32
 MAX_RISES = 5  # precision doubles at most this often before giving up
-
-
-def step_names(h: int) -> list[str]:
-    """The trace's step names, in order.
-
-    >>> step_names(1)
-    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1', 'concat_heads', 'M']
-    """
-    names = []
-    for i in range(1, h + 1):
-        names += [f"Q{i}", f"K{i}", f"V{i}", f"scores{i}", f"weights{i}", f"head{i}"]
-    return names + ["concat_heads", "M"]
-
-
-@dataclass(frozen=True)
-class CertifiedMatrix:
-    """One step's certified values: decimal strings, every digit proven."""
-
-    name: str
-    values: tuple  # rows of decimal strings ("0" for an exact zero)
-    certified_digits: tuple  # rows of ints
-    exact: tuple  # rows of bools: the value was decided from the exact form
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return len(self.values), len(self.values[0])
-
-    def __getitem__(self, index) -> Decimal:
-        i, j = index
-        return Decimal(self.values[i][j])
-
-    def tolist(self) -> list:
-        return [[Decimal(v) for v in row] for row in self.values]
-
-    def to_numpy(self, dtype="float64"):
-        import numpy as np
-
-        return np.array([[float(v) for v in row] for row in self.values], dtype=dtype)
-
-    def __str__(self) -> str:
-        width = max(len(v) for row in self.values for v in row)
-        return "\n".join("  ".join(v.rjust(width) for v in row) for row in self.values)
-
-
-@dataclass(frozen=True)
-class Truth:
-    """Certified values of every step of a spec's trace."""
-
-    spec: object
-    digits: int
-    engine: str
-    steps: dict  # name -> CertifiedMatrix, in trace order
-    bits: int  # the highest working precision used
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.steps)
-
-    def __getitem__(self, name: str) -> CertifiedMatrix:
-        try:
-            return self.steps[name]
-        except KeyError:
-            raise SymattnError(f"step: expected one of {', '.join(self.steps)}, received {name!r}") from None
-
-    def __iter__(self):
-        return iter(self.steps.values())
-
-
-# The attention math, once, in any engine's arithmetic.
-
-
-def compute(spec, engine, exact: ExactAttention | None) -> dict:
-    """Every step of the trace as engine matrices (or RatMat where the step is exact)."""
-    out = {}
-    scale = to_ball(spec.effective_scale, engine)
-    if exact is not None:
-        abs_scale = scale if exact.sign >= 0 else -scale
-        gap = abs_scale * engine.rational(exact.G.numerator, exact.G.denominator)
-        v_engine = [engine.from_ratmat(v) for v in exact.V]
-        exps = {0: engine.one()}  # exp(−gap·d) by d
-    else:
-        x = _balls(spec.x, engine)
-    heads = []
-    for i in range(spec.h):
-        name = str(i + 1)
-        if exact is not None:
-            out["Q" + name], out["K" + name], out["V" + name] = exact.Q[i], exact.K[i], exact.V[i]
-            r = exact.R[i]
-            balls: dict = {}  # equal exact scores share one ball (and so one certification)
-            out["scores" + name] = [
-                [balls[v] if v in balls else balls.setdefault(v, scale * engine.rational(v, r.den)) for v in row]
-                for row in r.num.tolist()
-            ]
-            weights = [_softmax_exponents(row, gap, engine, exps) for row in exact.exponents[i]]
-            v = v_engine[i]
-        else:
-            head = spec.heads[i]
-            q, k, v = (engine.matmul(x, _balls(w, engine)) for w in (head.wq, head.wk, head.wv))
-            out["Q" + name], out["K" + name], out["V" + name] = engine.rows(q), engine.rows(k), engine.rows(v)
-            kt = engine.from_rows([list(col) for col in zip(*out["K" + name], strict=True)])
-            scores = [[scale * s for s in row] for row in engine.rows(engine.matmul(q, kt))]
-            out["scores" + name] = scores
-            weights = [_softmax_balls(row, engine) for row in scores]
-        out["weights" + name] = weights
-        out["head" + name] = engine.rows(engine.matmul(engine.from_rows(weights), v))
-        heads.append(out["head" + name])
-    concat = [sum((h[r] for h in heads), []) for r in range(spec.n)]
-    out["concat_heads"] = concat
-    wo = engine.from_ratmat(RatMat.from_entries(spec.wo)) if spec.is_rational else _balls(spec.wo, engine)
-    out["M"] = engine.rows(engine.matmul(engine.from_rows(concat), wo))
-    return out
-
-
-def _softmax_exponents(row: list, gap, engine, cache: dict) -> list:
-    """softmax of gap·row (integers), shifted by the row maximum so that every exponent is <= 0.
-
-    ``cache`` maps d to exp(−gap·d), shared by every row of every head (they share gap)."""
-    top = max(row)
-    for e in row:
-        if top - e not in cache:
-            cache[top - e] = engine.exp(-(gap * (top - e)))
-    exps = [cache[top - e] for e in row]
-    total = sum(exps[1:], exps[0])
-    return [e / total for e in exps]
-
-
-def _softmax_balls(row: list, engine) -> list:
-    """softmax of a row of balls, shifted by the entry with the largest midpoint."""
-    ends = [engine.enclosure(s) for s in row]
-    top = max(range(len(row)), key=lambda k: Fraction(*ends[k][0]) + Fraction(*ends[k][1]))
-    exps = [engine.one() if k == top else engine.exp(s - row[top]) for k, s in enumerate(row)]
-    total = sum(exps[1:], exps[0])
-    return [e / total for e in exps]
-
-
-def _balls(matrix, engine):
-    return engine.from_rows([[to_ball(e, engine) for e in row] for row in matrix])
-
-
-# Certification.
-
-
-def initial_bits(spec, digits: int, exact: ExactAttention | None) -> int:
-    """Enough bits for ``digits`` digits plus the magnitude of the largest exponent."""
-    bits = math.ceil(digits * math.log2(10)) + GUARD_BITS
-    if exact is not None:
-        top = max((max(map(max, e)) for e in exact.exponents), default=0)
-        largest = top * exact.G  # the largest |exponent| is about |scale| times this
-        bits += max(0, largest.numerator.bit_length() - largest.denominator.bit_length())
-    return bits
-
-
-def enclose(spec, engine: str, settle, settle_exact, digits: int, progress=None):
-    """Run the precision loop over every entry of every step.
-
-    ``settle(step, i, j, lo, hi, e)`` gets integers with the entry in [lo, hi]·10**e and returns a
-    result, or None while the enclosure is too wide; ``settle_exact(step, i, j, q)`` gets the exact rational
-    (a Fraction, or a (numerator, denominator) pair)
-    value of an entry that is rational.  Returns ({step: rows of results}, {step: rows of
-    exact-decision flags}, highest bits used).
-    """
-    if spec.symbols:
-        raise SymattnError(
-            f"spec {spec.name}: evaluation needs numbers, received the symbols {', '.join(spec.symbols)}; "
-            "use 'symattn show' for closed forms in symbols"
-        )
-    Engine = engine_class(engine)
-    report = Progress(progress)
-    exact = ExactAttention(spec, scale_sign(spec.effective_scale)) if spec.is_rational else None
-    shapes = _shapes(spec)
-    results = {name: [[None] * cols for _ in range(rows)] for name, (rows, cols) in shapes.items()}
-    flags = {name: [[False] * cols for _ in range(rows)] for name, (rows, cols) in shapes.items()}
-    pending = {name: [(i, j) for i in range(rows) for j in range(cols)] for name, (rows, cols) in shapes.items()}
-    decider = _Decider(spec, exact)
-    asked: set = set()
-
-    def decide(name: str, cells: list) -> list:
-        """Settle the cells whose exact form is rational; return the others."""
-        left = []
-        for i, j in cells:
-            asked.add((name, i, j))
-            value = decider(name, i, j)
-            if value is None:
-                left.append((i, j))
-            else:
-                results[name][i][j] = settle_exact(name, i, j, value)
-                flags[name][i][j] = True
-        return left
-
-    if exact is not None:  # Q, K, V are exact rationals, and so are the scores where R is 0 or the scale rational
-        rational_scale = isinstance(spec.effective_scale, Fraction)
-        for name, cells in pending.items():
-            if name[0] in "QKV":  # straight from the integer numerators: no Fraction per entry
-                matrix = getattr(exact, name[0])[int(name[1:]) - 1]
-                numerators = matrix.num.tolist()
-                for i, j in cells:
-                    results[name][i][j] = settle_exact(name, i, j, (numerators[i][j], matrix.den))
-                    flags[name][i][j] = True
-                pending[name] = []
-            elif name.startswith("scores") and rational_scale:
-                pending[name] = decide(name, cells)
-            elif name.startswith("scores"):
-                zero = exact.R[int(name[6:]) - 1].num
-                pending[name] = [c for c in cells if zero[c] != 0] + decide(name, [c for c in cells if zero[c] == 0])
-    bits = initial_bits(spec, digits, exact)
-    saved = _save_flint_precision()
-    try:
-        for rise in range(MAX_RISES + 1):
-            report(f"{Engine.name} at {bits} bits: computing")
-            values = compute(spec, Engine(bits), exact)
-            decimal, seen = Engine(bits).decimal, {}  # equal balls (shared objects) are certified once
-            done, total = 0, sum(map(len, pending.values()))
-            for name, cells in pending.items():
-                report(f"{Engine.name} at {bits} bits: certifying", done, total)
-                done += len(cells)
-                rows, left = values[name], []
-                for i, j in cells:
-                    ball = rows[i][j]
-                    ends = seen.get(id(ball))
-                    if ends is None:
-                        ends = seen[id(ball)] = decimal(ball, digits), ball  # the ball kept alive keeps its id unique
-                    result = None if ends[0] is None else settle(name, i, j, *ends[0])
-                    if result is None:
-                        left.append((i, j))
-                    else:
-                        results[name][i][j] = result
-                pending[name] = left
-            # Still undecided at a precision meant for them: a rational value on a rounding boundary
-            # (zero included) never certifies, so ask the exact form, once per entry.
-            for name, cells in pending.items():
-                pending[name] = [c for c in cells if (name, *c) in asked] + decide(
-                    name, [c for c in cells if (name, *c) not in asked]
-                )
-            undecided = [(name, *c) for name, cells in pending.items() for c in cells]
-            if not undecided or rise == MAX_RISES:
-                break
-            log.debug(
-                "raising precision from %d to %d bits: %d entries not yet certified, e.g. %s[%d, %d]",
-                bits,
-                2 * bits,
-                len(undecided),
-                *undecided[0],
-            )
-            bits *= 2
-    finally:
-        _restore_flint_precision(saved)
-        report.close()
-    if undecided:
-        name, i, j = undecided[0]
-        raise SymattnError(
-            f"{name}[{i}, {j}]: could not certify {digits} digits at up to {bits} bits of precision "
-            f"({len(undecided)} entries undecided); ask for fewer digits"
-        )
-    return results, flags, bits
-
-
-class _Decider:
-    """Decides exactly whether an entry is rational, and which rational it is."""
-
-    def __init__(self, spec, exact):
-        self.spec = spec
-        self.exact = exact
-        self._trace = None
-
-    def __call__(self, name, i, j) -> Fraction | None:
-        if self.exact is not None and (self.exact.sign == 0 or self.spec.scale_is_algebraic or name[0] in "QKV"):
-            return self.exact.exact_value(name, i, j)
-        # Irrational inputs or a transcendental scale: ask SymPy about the closed form.
-        if self._trace is None:
-            from .trace import build
-
-            self._trace = build(self.spec)
-        return self._trace.rational_value(name, i, j)
-
-
-def _save_flint_precision():
-    try:
-        import flint
-    except ImportError:
-        return None
-    return flint.ctx.prec
-
-
-def _restore_flint_precision(saved):
-    if saved is not None:
-        import flint
-
-        flint.ctx.prec = saved
-
-
-def _shapes(spec) -> dict:
-    n, h = spec.n, spec.h
-    shapes = {}
-    for i in range(1, h + 1):
-        shapes.update(
-            {
-                f"Q{i}": (n, spec.d_k),
-                f"K{i}": (n, spec.d_k),
-                f"V{i}": (n, spec.d_v),
-                f"scores{i}": (n, n),
-                f"weights{i}": (n, n),
-                f"head{i}": (n, spec.d_v),
-            }
-        )
-    shapes["concat_heads"] = (n, h * spec.d_v)
-    shapes["M"] = (n, spec.d_out)
-    return shapes
+MAX_BITS = 1 << 22  # the working precision never exceeds this (about 1.26 million digits)
+EXACT_LIMIT = 200_000  # exact decisions only for graphs with at most this many score entries
+ACCURACY_MARGIN = 6  # bits of relative accuracy beyond the digits asked, so that most entries certify at once
 
 
 def check_digits(digits) -> int:
@@ -344,39 +50,567 @@ def check_digits(digits) -> int:
     return digits
 
 
-def evaluate(spec, digits: int = 50, engine: str = "auto", progress: bool | None = None) -> Truth:
-    """Every step of the trace, each entry to ``digits`` certified significant digits.
+class CertifiedMatrix:
+    """One step's certified values.  ``values`` are decimal strings, every digit proven (made on first use);
+    indexing gives a Decimal where the decimal module can hold the exponent, else the string."""
+
+    def __init__(self, truth: Truth, name: str, shape: tuple):
+        self._truth = truth
+        self.name = name
+        self.shape = shape
+        self._values = None
+
+    def _settle(self):
+        if self._values is None:
+            self._values, self._digits, self._exact = self._truth._strings(self.name)
+
+    @property
+    def values(self) -> tuple:
+        self._settle()
+        return self._values
+
+    @property
+    def certified_digits(self) -> tuple:
+        self._settle()
+        return self._digits
+
+    @property
+    def exact(self) -> tuple:
+        """Rows of bools: the value was decided from the exact form (or is an exact rational input)."""
+        self._settle()
+        return self._exact
+
+    def __getitem__(self, index):
+        i, j = index
+        return certify.to_decimal(self.values[i][j])
+
+    def tolist(self) -> list:
+        return [[certify.to_decimal(v) for v in row] for row in self.values]
+
+    def to_numpy(self, dtype="float64"):
+        """The values as floats ("-inf" and "nan" as themselves, bounds "<1e-N" as 0)."""
+        return np.array([[_float(v) for v in row] for row in self.values], dtype=dtype)
+
+    def __str__(self) -> str:
+        width = max(len(v) for row in self.values for v in row)
+        return "\n".join("  ".join(v.rjust(width) for v in row) for row in self.values)
+
+    def __repr__(self) -> str:
+        return f"<CertifiedMatrix {self.name} {self.shape[0]}×{self.shape[1]}>"
+
+
+def _float(text: str) -> float:
+    if text.startswith("<"):
+        return 0.0
+    return float(text)
+
+
+class _Known:
+    """What is known of one step's entries: exact rationals or balls (whole arrays), masked entries, and the
+    entries settled otherwise (exact decisions, "nan", bounds) by (i, j)."""
+
+    __slots__ = ("exact", "balls", "excluded", "decided", "bounds")
+
+    def __init__(self, exact=None, balls=None, excluded=None):
+        self.exact = exact  # RatMat or None
+        self.balls = balls  # object array of balls or None
+        self.excluded = excluded  # bool array or None
+        self.decided: dict = {}  # (i, j) -> string
+        self.bounds: set = set()  # (i, j) of the decided strings that are bounds, not values
+
+
+class Truth:
+    """Certified values of the steps of a spec's trace."""
+
+    def __init__(self, spec, digits, engine, graph, names, bits):
+        self.spec = spec
+        self.digits = digits
+        self.engine = engine  # the engine's name
+        self.graph = graph
+        self.bits = bits  # the highest working precision used
+        self._names = names
+        self._known: dict = {}  # name -> _Known
+        self._matrices: dict = {}
+        self._decider = None
+        self._seen: dict = {}  # id(ball) -> (string, exact): equal balls (shared scores) are converted once
+        self._asked: set = set()  # entries whose exact form was asked already
+        self._shapes = {s.name: s.shape for s in graph.steps + graph.backward_steps}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def steps(self) -> dict:
+        return {name: self[name] for name in self._names}
+
+    def __getitem__(self, name: str) -> CertifiedMatrix:
+        if name not in self._names:
+            raise SymattnError(f"step: expected one of {', '.join(self._names)}, received {name!r}")
+        if name not in self._matrices:
+            self._matrices[name] = CertifiedMatrix(self, name, self._shapes[name])
+        return self._matrices[name]
+
+    def __iter__(self):
+        return (self[name] for name in self._names)
+
+    # Decimal strings, on demand.
+    def _strings(self, name: str):
+        known = self._known[name]
+        rows, cols = self._shapes[name]
+        digits = self.digits
+        if known.exact is not None:
+            den = known.exact.den
+            texts = [certify.exact_string((n, den), digits) for n in known.exact.num.reshape(-1).tolist()]
+            exact = [True] * len(texts)
+        else:
+            engine = engine_class(self.engine)(self.bits)
+            seen = self._seen
+            flat = known.balls.reshape(-1).tolist()
+            distinct = {id(b): b for b in flat if id(b) not in seen}  # each distinct ball converted once, in a batch
+            for ball, text in zip(distinct.values(), engine.strings(list(distinct.values()), digits), strict=True):
+                seen[id(ball)] = (text, False)
+            texts, exact = [None] * len(flat), [False] * len(flat)
+            for k, ball in enumerate(flat):
+                text, is_exact = seen[id(ball)]
+                if text is None and (known.excluded is None or not known.excluded.reshape(-1)[k]):
+                    i, j = divmod(k, cols)
+                    if (i, j) not in known.decided:
+                        text = _ball_string(engine, ball, digits)
+                        text, is_exact = (text, False) if text is not None else self._escalate(name, i, j)
+                        seen[id(ball)] = (text, is_exact)
+                texts[k], exact[k] = text, is_exact
+        certified = [digits] * len(texts)
+        if known.excluded is not None:
+            for k in np.flatnonzero(known.excluded.reshape(-1)).tolist():
+                texts[k], exact[k], certified[k] = "-inf", True, 0
+        for (i, j), text in known.decided.items():
+            k = i * cols + j
+            texts[k], exact[k] = text, (i, j) not in known.bounds
+            if text == "nan" or text.startswith("<"):
+                certified[k] = 0
+        for k, text in enumerate(texts):
+            if text == "nan":
+                certified[k] = 0
+
+        def grid(values):
+            return tuple(tuple(values[r * cols : (r + 1) * cols]) for r in range(rows))
+
+        return grid(texts), grid(certified), grid(exact)
+
+    def _escalate(self, name, i, j) -> tuple[str, bool]:
+        """An enclosure that straddles a rounding boundary: the exact form, else more precision for this
+        entry alone (its row of the forward computation, or the whole backward one)."""
+        return self._settle_entry(
+            name, i, j,
+            lambda engine, ball: _ball_string(engine, ball, self.digits),
+            lambda value: _exact_text(value, self.digits),
+            f"{self.digits} digits",
+        )  # fmt: skip
+
+    def _settle_entry(self, name, i, j, settle, settle_exact, what: str):
+        """(result, decided exactly): settle(engine, ball) at rising precision, or settle_exact(value) of the
+        exact form."""
+        value = self.decide(name, i, j)
+        if value is not None:
+            return settle_exact(value), True
+        bits = self.bits
+        saved = _flint_precision()
+        try:
+            for _ in range(MAX_RISES):
+                bits *= 2
+                if bits > MAX_BITS:
+                    break
+                log.debug("raising precision to %d bits for %s[%d, %d], just at a rounding boundary", bits, name, i, j)
+                ball = _recompute(self, name, i, j, bits)
+                result = settle(engine_class(self.engine)(bits), ball)
+                if result is not None:
+                    self.bits = max(self.bits, bits)
+                    return result, False
+        finally:
+            _restore_precision(saved)
+        raise SymattnError(
+            f"{name}[{i}, {j}]: could not certify {what} at up to {bits} bits of precision "
+            "(1 entries undecided); ask for fewer digits"
+        )
+
+    def fixed(self, name: str, i: int, j: int, places: int):
+        """The entry rounded to ``places`` decimals (half to even), as the integer q with value ≈ q·10**-places,
+        certified; "nan" or "-inf" for those entries."""
+        self[name]  # checks the name
+        known = self._known[name]
+        if known.excluded is not None and known.excluded[i, j]:
+            return "-inf"
+        if (i, j) in known.decided:
+            text = known.decided[i, j]
+            if text == "nan":
+                return "nan"
+            value = self.decide(name, i, j)
+            return value if value is not None and value == "nan" else certify.round_places(value, places)
+        if known.exact is not None:
+            return certify.round_places((known.exact.num[i, j], known.exact.den), places)
+
+        def settle(engine, ball):
+            if engine.is_nan(ball):
+                return "nan"
+            ends = engine.enclosure(ball)
+            if ends is None:
+                return None
+            lo, hi = (certify.round_places(end, places) for end in ends)
+            return lo if lo == hi else None
+
+        result = settle(engine_class(self.engine)(self.bits), known.balls[i, j])
+        if result is not None:
+            return result
+        result, _ = self._settle_entry(
+            name, i, j, settle, lambda v: v if v == "nan" else certify.round_places(v, places), f"{places} decimals"
+        )
+        return result
+
+    def decide(self, name: str, i: int, j: int):
+        """The entry's exact value when its exact form is a constant (a Fraction, or "nan"), else None."""
+        if self._decider is None:
+            self._decider = _Decider(self.spec, self.graph)
+        return self._decider(name, i, j)
+
+
+def _exact_text(value, digits: int) -> str:
+    return "nan" if value == "nan" else certify.exact_string(value, digits)
+
+
+def _ball_string(engine, ball, digits: int) -> str | None:
+    """The certified string of a ball, or None.  Converted at digits + 5 first (cheap), then at the working
+    precision's digits, so that an enclosure narrowed by more precision can settle."""
+    ends = engine.decimal(ball, digits, digits + 5)
+    if ends is None:
+        return "nan" if engine.is_nan(ball) else None
+    text = certify.certified_decimal(*ends, digits)
+    if text is None:
+        ends = engine.decimal(ball, digits)
+        text = certify.certified_decimal(*ends, digits)
+    return text
+
+
+def _recompute(truth: Truth, name: str, i: int, j: int, bits: int):
+    """Entry (i, j) of step ``name`` as a ball at ``bits``."""
+    spec, graph = truth.spec, truth.graph
+    engine = engine_class(truth.engine)(bits)
+    xp = BallXP(engine)
+    step = graph.step(name)
+    if not step.backward and step.kind not in ("K", "V"):
+        g = build_graph(spec, rows=[i] if graph.rows is None else [graph.rows[i]])
+        value = g.forward(xp, [name])[name]
+        row = 0
+    else:
+        values = graph.forward(xp)
+        value = graph.backward(xp, values, graph.douts(xp))[name] if step.backward else values[name]
+        row = i
+    return _ball_at(xp, value, row, j)
+
+
+def _ball_at(xp: BallXP, value, i: int, j: int):
+    if isinstance(value, RatMat):
+        return xp._rational(value.num[i, j], value.den)
+    return xp.balls(value).values[i, j]
+
+
+class _Decider:
+    """Exact values of entries, from the exact backend on the smallest graph that holds them: the entry's
+    query row for forward steps, the whole computation for K, V and backward steps."""
+
+    def __init__(self, spec, graph):
+        self.spec = spec
+        self.graph = graph
+        self.rows: dict = {}
+        self.whole = None
+        size = spec.h * spec.L * spec.S
+        self.enabled = size <= EXACT_LIMIT
+
+    def __call__(self, name, i, j):
+        if not self.enabled:
+            return None
+        from .exact import ExactXP
+
+        step = self.graph.step(name)
+        try:
+            if not step.backward and step.kind not in ("K", "V"):
+                row = i if self.graph.rows is None else self.graph.rows[i]
+                if row not in self.rows:
+                    g = build_graph(self.spec, rows=[row])
+                    xp = ExactXP()
+                    self.rows[row] = (xp, g.forward(xp, [s.name for s in g.steps]))
+                xp, values = self.rows[row]
+                return xp.alg.value(xp.entry(values[name], 0, j))
+            if self.whole is None:
+                xp = ExactXP()
+                values = self.graph.forward(xp)
+                grads = self.graph.backward(xp, values, self.graph.douts(xp)) if step.backward else {}
+                self.whole = (xp, {**values, **grads})
+            xp, values = self.whole
+            if name not in values:  # forward-only whole graph, asked later for a backward step
+                grads = self.graph.backward(xp, values, self.graph.douts(xp))
+                values.update(grads)
+            return xp.alg.value(xp.entry(values[name], i, j))
+        except (RecursionError, MemoryError):
+            return None
+
+
+# The precision loop.
+
+
+def initial_bits(spec, digits: int, exact=None) -> int:
+    """Enough bits for ``digits`` digits plus the magnitude of the largest score (an exponent's absolute
+    error is its relative error times its size)."""
+    return math.ceil(digits * math.log2(10)) + GUARD_BITS + max(0, _score_bits(spec))
+
+
+def _score_bits(spec) -> int:
+    """log2 of a bound on |score|: |scale|·d_k·max|q|·max|k| + max|bias| + max|slope|·S (from log bounds)."""
+
+    def log2_max(m) -> float:
+        if m.is_float:
+            top = float(np.abs(m.float64()).max())
+            return math.log2(top) if top > 0 else -math.inf
+        best = -math.inf
+        for row in m.rows:
+            for e in row:
+                best = max(best, _log2_abs(e))
+        return best
+
+    def log2_product(a, b, n) -> float:
+        return a + b + math.log2(n)
+
+    if spec.form == "kernel":
+        q = max(log2_max(m) for m in spec.q)
+        k = max(log2_max(m) for m in spec.k)
+    else:
+        x = log2_max(spec.x)
+        x_kv = x if spec.x_kv is None else log2_max(spec.x_kv)
+        q = max(log2_product(x, log2_max(h.wq), spec.d_model) for h in spec.heads)
+        k = max(log2_product(x_kv, log2_max(h.wk), spec.d_model_kv) for h in spec.kv_heads)
+        q = max([q] + [log2_max(h.bq) for h in spec.heads if h.bq is not None]) + 1
+        k = max([k] + [log2_max(h.bk) for h in spec.kv_heads if h.bk is not None]) + 1
+    total = _log2_abs(spec.effective_scale) + log2_product(q, k, spec.d_k)
+    if spec.bias is not None:
+        total = max(total, max(log2_max(m) for m in spec.bias)) + 1
+    if spec.alibi_slopes is not None:
+        total = max(total, max(_log2_abs(s) for s in spec.alibi_slopes) + math.log2(spec.S + spec.L)) + 1
+    return 0 if not math.isfinite(total) else int(math.ceil(total)) + 2
+
+
+def _log2_abs(e) -> float:
+    if isinstance(e, Fraction):
+        if not e:
+            return -math.inf
+        return e.numerator.bit_length() - e.denominator.bit_length() + 1  # an upper bound
+    from .entries import ball
+
+    b = ball(e, 64)
+    top = b.abs_upper()
+    return float(top.log() / ball(Fraction(2), 64).log()) + 1 if top > 0 else -math.inf
+
+
+def _accurate(engine, ball, needed: int) -> bool:
+    """True when the ball is accurate enough that its decimals will almost surely certify."""
+    if engine.name == "arb":
+        return ball.is_exact() or ball.rel_accuracy_bits() >= needed
+    ends = engine.enclosure(ball)
+    if ends is None:
+        return False
+    (an, ad), (bn, bd) = ends
+    lo, hi = Fraction(an, ad), Fraction(bn, bd)
+    if lo == hi:
+        return True
+    width, size = hi - lo, max(abs(lo), abs(hi))
+    if lo <= 0 <= hi:
+        return False
+    return width.numerator.bit_length() - width.denominator.bit_length() + needed < (
+        size.numerator.bit_length() - size.denominator.bit_length()
+    )
+
+
+def evaluate(
+    spec,
+    digits: int = 50,
+    engine: str = "auto",
+    progress: bool | None = None,
+    steps=None,
+    grad: bool = False,
+) -> Truth:
+    """The trace's steps, each entry to ``digits`` certified significant digits.
 
     >>> truth = evaluate("notebook", digits=20)
     >>> truth["M"].values[0][0]
     '6.9433358564932463888'
 
-    ``spec`` is a built-in name, a spec file path, a dict or an AttentionSpec.  ``engine`` is
-    ``"mpmath"`` (interval arithmetic, always there), ``"arb"`` (python-flint's balls, much faster)
-    or ``"auto"`` (Arb when installed).  ``progress`` shows progress on stderr for evaluations
-    longer than a second: None (default) only when stderr is a terminal.
-
-    Every printed digit is proven: precision doubles until both ends of each entry's enclosure
-    round to the same decimal, and rational entries (exact zeros, ties) are decided exactly.
+    ``spec`` is a built-in name, a spec file path, a dict or an AttentionSpec.  ``engine`` is ``"arb"``
+    (python-flint's balls), ``"mpmath"`` (interval arithmetic, slower) or ``"auto"`` (Arb).  ``steps``
+    limits the work to those steps (and what they need); ``grad`` adds the backward steps (the gradients
+    of the sum of the outputs, or of the spec's ``dout``).  ``progress`` shows progress on stderr for
+    evaluations longer than a second: None (default) only when stderr is a terminal.
     """
     from .spec import load_spec
 
     spec = load_spec(spec)
     digits = check_digits(digits)
-
-    def settle(name, i, j, lo, hi, e):
-        return certify.certified_decimal(lo, hi, e, digits)
-
-    def settle_exact(name, i, j, value):
-        return certify.exact_string(value, digits)
-
-    results, flags, bits = enclose(spec, engine, settle, settle_exact, digits, progress)
-    steps = {}
-    for name, rows in results.items():
-        steps[name] = CertifiedMatrix(
-            name,
-            tuple(tuple(rows_i) for rows_i in rows),
-            tuple(tuple(digits for _ in row) for row in rows),
-            tuple(tuple(f) for f in flags[name]),
+    engine_name = engine_class(engine).name
+    if spec.symbols:
+        raise SymattnError(
+            f"spec {spec.display_name}: evaluation needs numbers, received the symbols {', '.join(spec.symbols)}; "
+            "use 'symattn show' for closed forms in symbols"
         )
-    return Truth(spec, digits, engine_class(engine).name, steps, bits)
+    graph = build_graph(spec)
+    forward_names = [s.name for s in graph.steps]
+    backward_names = [s.name for s in graph.backward_steps] if grad or _asks_backward(steps, graph) else []
+    every = forward_names + backward_names
+    if steps is None:
+        names = every
+    else:
+        names = list(steps)
+        for name in names:
+            if name not in every:
+                known = every if grad else forward_names
+                raise SymattnError(f"step: expected one of {', '.join(known)}, received {name!r}")
+    bits = initial_bits(spec, digits)
+    if bits > MAX_BITS:
+        raise SymattnError(
+            f"digits: {digits} digits of this spec need {bits} bits of working precision (its scores reach about "
+            f"2**{_score_bits(spec)}), more than the limit of {MAX_BITS}; ask for fewer digits or smaller inputs"
+        )
+    Engine = engine_class(engine_name)
+    report = Progress(progress)
+    needed = math.ceil(digits * math.log2(10)) + ACCURACY_MARGIN
+    forward_wanted = [n for n in names if n in forward_names]
+    backward = bool(backward_names) and any(n in backward_names for n in names)
+    truth = Truth(spec, digits, engine_name, graph, names, bits)
+    pending = {name: None for name in names}  # name -> list of undecided (i, j), None before the first pass
+    saved = _flint_precision()
+    try:
+        for rise in range(MAX_RISES + 1):
+            report(f"{engine_name} at {bits} bits: computing")
+            xp = BallXP(Engine(bits))
+            values = graph.forward(xp, forward_names if backward else forward_wanted)
+            if backward:
+                values.update(graph.backward(xp, values, graph.douts(xp)))
+            done, total = 0, sum(len(c) if c is not None else 0 for c in pending.values())
+            for name in names:
+                report(f"{engine_name} at {bits} bits: checking", done, total)
+                _collect(truth, name, values[name], xp, pending, needed)
+                done += len(pending[name])
+            undecided = [(name, i, j) for name, cells in pending.items() for i, j in cells]
+            # still too wide: ask the exact form (a rational never certifies by enclosures), once per entry
+            left = []
+            for name, i, j in undecided:
+                if (name, i, j) in truth._asked:
+                    left.append((name, i, j))
+                    continue
+                truth._asked.add((name, i, j))
+                value = truth.decide(name, i, j)
+                if value is None:
+                    left.append((name, i, j))
+                else:
+                    truth._known[name].decided[i, j] = _exact_text(value, digits)
+            pending = {name: [] for name in names}
+            for name, i, j in left:
+                pending[name].append((i, j))
+            if not left or rise == MAX_RISES or 2 * bits > MAX_BITS:
+                break
+            log.debug(
+                "raising precision from %d to %d bits: %d entries not yet certified, e.g. %s[%d, %d]",
+                bits,
+                2 * bits,
+                len(left),
+                *left[0],
+            )
+            bits *= 2
+            truth.bits = bits
+    finally:
+        _restore_precision(saved)
+        report.close()
+    truth.bits = bits
+    stuck = []
+    for name, cells in pending.items():
+        known = truth._known[name]
+        for i, j in cells:
+            ends = Engine(bits).decimal(known.balls[i, j], digits)
+            if ends is not None and ends[0] <= 0 <= ends[1]:
+                # the budget is spent and the exact form cannot decide: a bound, never a digit
+                known.decided[i, j] = certify.bound_string(*ends)
+                known.bounds.add((i, j))
+            else:
+                stuck.append((name, i, j))
+    if stuck:
+        name, i, j = stuck[0]
+        raise SymattnError(
+            f"{name}[{i}, {j}]: could not certify {digits} digits at up to {bits} bits of precision "
+            f"({len(stuck)} entries undecided); ask for fewer digits"
+        )
+    return truth
+
+
+def _asks_backward(steps, graph) -> bool:
+    if steps is None:
+        return False
+    names = {s.name for s in graph.backward_steps}
+    return any(name in names for name in steps)
+
+
+def _collect(truth: Truth, name: str, value, xp: BallXP, pending: dict, needed: int) -> None:
+    """Store the step's values; pending[name] becomes the entries not yet accurate enough."""
+    first = pending[name] is None
+    engine = xp.engine
+    if isinstance(value, Lin) and not value.terms:  # rational scores
+        value, excluded = value.const, value.excluded
+    else:
+        excluded = getattr(value, "excluded", None)
+    if isinstance(value, RatMat):
+        truth._known[name] = _Known(exact=value, excluded=excluded)
+        pending[name] = []
+        return
+    balls = xp.balls(value)
+    if first:
+        truth._known[name] = known = _Known(balls=balls.values, excluded=balls.excluded)
+        shape = balls.values.shape
+        cells = [(i, j) for i in range(shape[0]) for j in range(shape[1])]
+    else:
+        known = truth._known[name]
+        cells = pending[name]
+        for i, j in cells:
+            known.balls[i, j] = balls.values[i, j]
+    left = []
+    excluded = known.excluded
+    accurate, is_nan = _accuracy(engine, needed), engine.is_nan
+    values = known.balls
+    for i, j in cells:
+        if excluded is not None and excluded[i, j]:
+            continue
+        ball = values[i, j]
+        if accurate(ball):
+            continue
+        if is_nan(ball):
+            known.decided[i, j] = "nan"
+        else:
+            left.append((i, j))
+    pending[name] = left
+
+
+def _accuracy(engine, needed: int):
+    """A test of whether a ball is accurate enough that its decimals will almost surely certify."""
+    if engine.name == "arb":
+        return lambda ball: ball.is_exact() or ball.rel_accuracy_bits() >= needed
+    return lambda ball: _accurate(engine, ball, needed)
+
+
+def _flint_precision():
+    import flint
+
+    return flint.ctx.prec
+
+
+def _restore_precision(saved):
+    import flint
+
+    flint.ctx.prec = saved
+
+
+__all__ = ["Balls", "CertifiedMatrix", "Truth", "evaluate"]

@@ -1,127 +1,276 @@
 """The verifier: how far a float attention implementation is from the certified truth, and whether
 that is acceptable.
 
-The implementation gets the spec's inputs rounded to the dtype under test; the truth is certified
-for exactly those rounded inputs, so the error measures the implementation.  How much the rounding
-of the inputs alone moves the output is reported on its own.
+The implementation gets the spec's arrays rounded to the dtype under test, and its options by keyword
+(DESIGN.md, the ``--impl`` convention); the truth is certified for exactly those rounded arrays (scalar
+options keep their exact values), so the error measures the implementation.  How much the rounding of
+the inputs alone moves the output is reported on its own.
 
-Two rules decide (both are always reported):
+Verdicts: PASS, FAIL, UNSUPPORTED (the spec sets an option the function cannot take) and ERROR (the
+function raised).  Two rules decide (both are always reported):
 
-- ``kappa`` (default): per output entry, |error| <= c·u·Σ|p·∂M/∂p| + 4 ulps(M), where the sum runs
-  over every input p (x and all weights) — that is c·κ·u·|M| with κ the componentwise relative
-  condition number of the entry — u the unit roundoff of the dtype and c = d_model + d_k + 2n +
-  h·d_v + 8, the lengths of the dot products along the computation (projection, score, softmax
-  sum, weights·V, output projection) plus a few for the scale, exp, max shift and division.
-  The derivatives are sums of absolute values, with no cancellation, evaluated in float64 by a
-  reverse pass at the rounded inputs; the cancellation-prone |M| comes from the certified truth.
-- ``differential``: the rule of FlashAttention's and PyTorch's tests: max error <= 2 × the max error
-  of a straightforward max-shifted NumPy implementation in the same dtype + one rounding at the
-  output's scale.  Known weakness: a right implementation that only reorders operations can exceed
-  2× where the output cancels.
+- ``kappa`` (default): per output entry, |error| <= c·u·Σ|p·∂out/∂p| + 4 ulps(out): the sum runs over
+  every input p — that is c·κ·u·|out| with κ the entry's componentwise relative condition number — u is
+  the unit roundoff of the dtype and c the lengths of the dot products along the computation plus a few
+  for the scale, exp, shift and division.  The derivatives come from the op graph's vector-Jacobian
+  products, in float64, at the rounded inputs; the cancellation-prone |out| from the certified truth.
+- ``differential``: the rule of FlashAttention's and PyTorch's tests: max error <= 2 × the max error of
+  the graph run straightforwardly in the same dtype + one rounding at the output's scale.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
-from fractions import Fraction
 
 import numpy as np
 
 from .errors import SymattnError
+from .graph import build as build_graph
+from .numeric import FloatXP, dtype_of, exact_float, unit_roundoff
 from .spec import AttentionSpec, load_spec
 
-DTYPES = ("float64", "float32", "float16")
 RULES = ("kappa", "differential", "both")
 FLOOR_ULPS = 4
 DIGITS = 25  # of the truth: far more than any float dtype has
+VERDICTS = ("PASS", "FAIL", "UNSUPPORTED", "ERROR")
+PROJECTION_POSITIONAL = ("x", "wq", "wk", "wv", "wo")
+KERNEL_POSITIONAL = ("q", "k", "v")
+PROJECTION_OPTIONS = (
+    "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
+    "x_kv", "bq", "bk", "bv", "bo", "empty_row",
+)  # fmt: skip
+KERNEL_OPTIONS = ("scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "empty_row")
 
 
-def inputs(spec: AttentionSpec, dtype: str):
-    """x, wq, wk, wv, wo as arrays of dtype: the spec's exact inputs rounded, stacked as DESIGN.md says."""
-    dt = np.dtype(dtype)
-
-    def array(m):
-        return np.array([[_to_float(e) for e in row] for row in m], dtype=dt)
-
-    x = array(spec.x)
-    wq, wk, wv = (np.stack([array(getattr(h, key)) for h in spec.heads]) for key in ("wq", "wk", "wv"))
-    return x, wq, wk, wv, array(spec.wo)
+# The arrays an implementation gets.
 
 
-def _to_float(entry) -> float:
-    if isinstance(entry, Fraction):
-        return float(entry)  # correctly rounded
-    from .engines import MpmathEngine
-    from .entries import to_ball
+@dataclass
+class Arguments:
+    """What an implementation is called with, and the spec whose truth matches it."""
 
-    engine = MpmathEngine(200)
-    (lo, lo_den), _ = engine.enclosure(to_ball(entry, engine))
-    return float(Fraction(lo, lo_den))
-
-
-def straightforward(x, wq, wk, wv, wo, shift: bool = True):
-    """Attention as the notebook writes it, in the inputs' dtype; ``shift=False`` is the notebook's
-    own unshifted softmax."""
-    heads = []
-    for i in range(wq.shape[0]):
-        q, k, v = x @ wq[i], x @ wk[i], x @ wv[i]
-        s = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(np.array(q.shape[-1], dtype=x.dtype))
-        if shift:
-            s = s - s.max(axis=-1, keepdims=True)
-        with np.errstate(over="ignore", invalid="ignore"):
-            e = np.exp(s)
-            heads.append((e / e.sum(axis=-1, keepdims=True)) @ v)
-    return np.concatenate(heads, axis=-1) @ wo
+    positional: tuple  # arrays in the dtype under test
+    options: dict  # every option of the convention, with the spec's value or its default
+    nondefault: list  # the options the spec sets to something other than their default
+    leaves: dict  # graph leaf name -> array (the same values), for the reference computations
+    rounded: AttentionSpec  # the spec with its arrays replaced by their rounded values
 
 
-def notebook_algorithm(x, wq, wk, wv, wo):
-    """The seed notebook's algorithm: softmax without the max shift (overflows on large logits)."""
-    return straightforward(x, wq, wk, wv, wo, shift=False)
+def arguments(spec: AttentionSpec, dtype: str) -> Arguments:
+    """The spec's arrays rounded to ``dtype`` (through float64, as NumPy, torch and JAX cast), stacked as the
+    convention stacks them."""
+    dt = dtype_of(dtype)
+
+    def rounded(m) -> np.ndarray:
+        return m.float64().astype(dt)
+
+    def stack(ms) -> np.ndarray:
+        return np.stack([rounded(m) for m in ms])
+
+    options: dict = {
+        "scale": exact_float(spec.effective_scale),
+        "mask": None if spec.mask is None else (spec.mask[0] if spec.shared_mask else np.stack(spec.mask)),
+        "causal": spec.causal,
+        "window": spec.window,
+        "align": spec.align,
+        "bias": None,
+        "alibi_slopes": None,
+        "softcap": None if spec.softcap is None else exact_float(spec.softcap),
+        "empty_row": spec.empty_row,
+    }
+    leaves: dict = {}
+    fields: dict = {}
+    if spec.bias is not None:
+        options["bias"] = rounded(spec.bias[0]) if spec.shared_bias else stack(spec.bias)
+        biases = [options["bias"]] * spec.h if spec.shared_bias else list(options["bias"])
+        for i, b in enumerate(biases, 1):
+            leaves[f"bias{i}"] = b
+        fields["bias"] = options["bias"].astype(np.float64)
+    if spec.alibi is not None:
+        slopes = np.array([exact_float(s) for s in spec.alibi_slopes]).astype(dt)
+        options["alibi_slopes"] = slopes
+        fields["alibi"] = list(slopes.astype(np.float64))
+    if spec.form == "kernel":
+        q, k, v = stack(spec.q), stack(spec.k), stack(spec.v)
+        positional = (q, k, v)
+        for i in range(spec.h):
+            leaves[f"q{i + 1}"] = q[i]
+        for g in range(spec.h_kv):
+            leaves[f"k{g + 1}"], leaves[f"v{g + 1}"] = k[g], v[g]
+        names = KERNEL_OPTIONS
+        exact = AttentionSpec(
+            spec.name, q=q.astype(np.float64), k=k.astype(np.float64), v=v.astype(np.float64), **_kept(spec), **fields
+        )
+    else:
+        x = rounded(spec.x)
+        wq = stack(h.wq for h in spec.heads)
+        wk = stack(h.wk for h in spec.kv_heads)
+        wv = stack(h.wv for h in spec.kv_heads)
+        wo = rounded(spec.wo)
+        positional = (x, wq, wk, wv, wo)
+        leaves.update({"x": x, "wo": wo})
+        for i in range(spec.h):
+            leaves[f"wq{i + 1}"] = wq[i]
+        for g in range(spec.h_kv):
+            leaves[f"wk{g + 1}"], leaves[f"wv{g + 1}"] = wk[g], wv[g]
+        options.update({"x_kv": None, "bq": None, "bk": None, "bv": None, "bo": None})
+        heads = [{"wq": wq[i].astype(np.float64)} for i in range(spec.h)]
+        kv = [{"wk": wk[g].astype(np.float64), "wv": wv[g].astype(np.float64)} for g in range(spec.h_kv)]
+        if spec.x_kv is not None:
+            options["x_kv"] = leaves["x_kv"] = rounded(spec.x_kv)
+            fields["x_kv"] = options["x_kv"].astype(np.float64)
+        for key, source, width, target in (
+            ("bq", spec.heads, spec.d_k, heads),
+            ("bk", spec.kv_heads, spec.d_k, kv),
+            ("bv", spec.kv_heads, spec.d_v, kv),
+        ):
+            if any(getattr(h, key) is not None for h in source):
+                rows = np.stack(
+                    [
+                        rounded(getattr(h, key))[0] if getattr(h, key) is not None else np.zeros(width, dt)
+                        for h in source
+                    ]
+                )
+                options[key] = rows
+                for n, row in enumerate(rows, 1):
+                    leaves[f"{key}{n}"] = row[None, :]
+                    target[n - 1][key] = row.astype(np.float64)
+        if spec.bo is not None:
+            options["bo"] = rounded(spec.bo)[0]
+            leaves["bo"] = options["bo"][None, :]
+            fields["bo"] = options["bo"].astype(np.float64)
+        names = PROJECTION_OPTIONS
+        exact = AttentionSpec(
+            spec.name, x.astype(np.float64), heads, wo.astype(np.float64), spec.scale,
+            kv_heads=kv, **_kept(spec, scale=False), **fields,
+        )  # fmt: skip
+    nondefault = [name for name in names if _nondefault(spec, name)]
+    return Arguments(positional, {k: options[k] for k in names}, nondefault, leaves, exact)
 
 
-def sensitivity(x, wq, wk, wv, wo) -> np.ndarray:
-    """Σ over every input p of |p·∂M[i, j]/∂p|, for each output entry, in float64 (a reverse pass)."""
-    x, wq, wk, wv, wo = (np.asarray(a, dtype=np.float64) for a in (x, wq, wk, wv, wo))
-    h, d_k, d_v = wq.shape[0], wq.shape[2], wv.shape[2]
-    c = 1 / math.sqrt(d_k)
-    q, k, v = np.einsum("nd,hdk->hnk", x, wq), np.einsum("nd,hdk->hnk", x, wk), np.einsum("nd,hdk->hnk", x, wv)
-    s = c * np.einsum("hik,hjk->hij", q, k)
-    w = np.exp(s - s.max(axis=-1, keepdims=True))
-    w /= w.sum(axis=-1, keepdims=True)
-    heads = np.einsum("hij,hjc->hic", w, v)
-    concat = np.concatenate(list(heads), axis=-1)
-    n, d_out = x.shape[0], wo.shape[1]
-    out = np.zeros((n, d_out))
-    for i in range(n):
-        for j in range(d_out):
-            total = np.abs(wo[:, j] * concat[i]).sum()  # the output projection's own weights
-            dx = np.zeros_like(x)
-            for a in range(h):
-                g_head = wo[a * d_v : (a + 1) * d_v, j]  # ∂M[i, j]/∂head_a[i, :]
-                g_w = v[a] @ g_head  # ∂/∂weights_a[i, :]
-                g_s = w[a, i] * (g_w - w[a, i] @ g_w)  # softmax backward
-                g_q = c * g_s @ k[a]  # ∂/∂q_a[i, :]
-                g_k = c * np.outer(g_s, q[a, i])  # ∂/∂k_a
-                g_v = np.outer(w[a, i], g_head)  # ∂/∂v_a
-                g_wq = np.outer(x[i], g_q)
-                total += np.abs(wq[a] * g_wq).sum() + np.abs(wk[a] * (x.T @ g_k)).sum()
-                total += np.abs(wv[a] * (x.T @ g_v)).sum()
-                dx[i] += g_q @ wq[a].T
-                dx += g_k @ wk[a].T + g_v @ wv[a].T
-            out[i, j] = total + np.abs(x * dx).sum()
+def _kept(spec, scale=True) -> dict:
+    """The options that are not arrays: they keep their exact values."""
+    out = {
+        "mask": spec.mask,
+        "causal": spec.causal,
+        "window": spec.window,
+        "align": spec.align,
+        "softcap": spec.softcap,
+        "empty_row": spec.empty_row,
+        "dout": spec.dout,
+    }
+    if scale:
+        out["scale"] = spec.scale
     return out
 
 
+def _nondefault(spec, name: str) -> bool:
+    if name == "scale":
+        return spec.scale is not None and spec.scale != spec.default_scale
+    if name == "mask":
+        return spec.mask is not None
+    if name == "causal":
+        return spec.causal
+    if name == "window":
+        return spec.window is not None
+    if name == "align":
+        return spec.delta != 0 and (spec.causal or spec.window is not None or spec.alibi is not None)
+    if name == "bias":
+        return spec.bias is not None
+    if name == "alibi_slopes":
+        return spec.alibi is not None
+    if name == "softcap":
+        return spec.softcap is not None
+    if name == "x_kv":
+        return spec.x_kv is not None
+    if name in ("bq", "bk", "bv"):
+        heads = spec.heads if name == "bq" else spec.kv_heads
+        return any(getattr(h, name) is not None for h in heads)
+    if name == "bo":
+        return spec.bo is not None
+    if name == "empty_row":
+        return spec.empty_row != "zero" and any(~spec.allowed(i).any(axis=1).all() for i in range(spec.h))
+    raise ValueError(name)
+
+
+# The graph's float64 reference and its sensitivities.
+
+
+def reference(graph, leaves: dict, dtype: str) -> np.ndarray:
+    """The graph run straightforwardly in ``dtype`` on the given leaves: the output as one array."""
+    xp = FloatXP(dtype, leaves)
+    values = graph.forward(xp, graph.outputs)
+    return _stacked(graph, {name: xp.result(values[name]) for name in graph.outputs})
+
+
+def _stacked(graph, values: dict) -> np.ndarray:
+    if graph.outputs == ["M"]:
+        return values["M"]
+    return np.stack([values[name] for name in graph.outputs], axis=-3)
+
+
+def sensitivity(graph, leaves: dict, names=None):
+    """Σ over every input p of |p·∂out/∂p| for each entry of the output (or of the steps ``names``, a dict
+    of arrays then), in float64: a backward pass of the graph per step with every unit cotangent at once."""
+    xp = FloatXP("float64", leaves)
+    values = graph.forward(xp)
+    batched = _Batched("float64", leaves)
+    out = {}
+    for name in graph.outputs if names is None else names:
+        r, c = graph.step(name).shape
+        d = np.zeros((r * c, r, c))
+        rows, cols = np.unravel_index(np.arange(r * c), (r, c))
+        d[np.arange(r * c), rows, cols] = 1
+        grads = graph.backward(batched, values, {name: d})
+        total = np.zeros(r * c)
+        for leaf in graph.leaves:
+            g = grads.get("d" + leaf)
+            if g is not None:
+                value = xp.leaf(leaf, graph.leaves[leaf])
+                total += np.abs(value * g).reshape(r * c, -1).sum(axis=1)
+        out[name] = total.reshape(r, c)
+    if names is not None:
+        return out
+    return out["M"] if graph.outputs == ["M"] else np.stack([out[n] for n in graph.outputs])
+
+
+def step_bounds(graph, leaves: dict, names, dtype: str, spec) -> dict:
+    """The kappa rule's allowance for every entry of the steps ``names``: the error a right float computation
+    of that step in ``dtype`` may have (c·u·Σ|p·∂/∂p| + 4 ulps)."""
+    sens = sensitivity(graph, leaves, names)
+    values = graph.forward(FloatXP("float64", leaves), names)
+    u, c = unit_roundoff(dtype), constant(spec)
+    out = {}
+    for name in names:
+        magnitude = np.abs(np.where(np.isfinite(values[name]), values[name], 0))
+        spacing = np.spacing(magnitude.astype(dtype_of(dtype))).astype(np.float64)
+        out[name] = c * u * sens[name] + FLOOR_ULPS * spacing
+    return out
+
+
+class _Batched(FloatXP):
+    """Float64 with one gradient per batch element (a weight's gradient is not summed over the batch)."""
+
+    def unbroadcast(self, g, like):
+        return g
+
+
 def constant(spec: AttentionSpec) -> int:
-    return spec.d_model + spec.d_k + 2 * spec.n + spec.h * spec.d_v + 8
+    """The lengths of the dot products along the computation, plus a few for scale, exp, shift and division."""
+    c = spec.d_k + 2 * spec.S + 8
+    if spec.form == "projection":
+        c += spec.d_model + spec.h * spec.d_v
+    return c
 
 
 @dataclass
 class Entry:
+    step: str
     row: int
     col: int
     value: float  # what the implementation returned
@@ -132,6 +281,10 @@ class Entry:
     bits: float  # Herbie's bits of error: log2 of 1 + the floats between value and the rounded truth
     kappa_bound: float  # the kappa rule's allowance for this entry
 
+    @property
+    def where(self) -> str:
+        return f"{self.step}[{self.row}, {self.col}]"
+
 
 @dataclass
 class Result:
@@ -141,139 +294,214 @@ class Result:
     spec: str
     dtype: str
     rule: str
-    passed: bool
-    reasons: list  # why it failed (empty when it passed)
-    max_abs_error: float
-    max_ulps: float
-    max_bits: float
-    kappa_passed: bool
-    differential_passed: bool
-    differential_bound: float
-    reference_error: float  # the straightforward implementation's max error
-    input_rounding_effect: float  # max |truth(rounded inputs) - truth(exact inputs)|
+    verdict: str
+    reasons: list  # why it did not pass (empty when it passed)
+    max_abs_error: float = math.nan
+    max_ulps: float = math.nan
+    max_bits: float = math.nan
+    kappa_passed: bool = False
+    differential_passed: bool = False
+    differential_bound: float = math.nan
+    reference_error: float = math.nan  # the straightforward implementation's max error
+    input_rounding_effect: float = math.nan  # max |truth(rounded inputs) - truth(exact inputs)|
     entries: list = field(default_factory=list)  # of Entry, worst (by ulps) first
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS"
 
     def to_json(self) -> dict:
         doc = {
-            k: getattr(self, k)
+            k: _json_number(getattr(self, k))
             for k in (
-                "name",
-                "spec",
-                "dtype",
-                "rule",
-                "passed",
-                "reasons",
-                "max_abs_error",
-                "max_ulps",
-                "max_bits",
-                "kappa_passed",
-                "differential_passed",
-                "differential_bound",
-                "reference_error",
+                "name", "spec", "dtype", "rule", "verdict", "passed", "reasons", "max_abs_error", "max_ulps",
+                "max_bits", "kappa_passed", "differential_passed", "differential_bound", "reference_error",
                 "input_rounding_effect",
             )
-        }
-        doc["entries"] = [e.__dict__ for e in self.entries]
+        }  # fmt: skip
+        doc["entries"] = [{k: _json_number(v) for k, v in e.__dict__.items()} for e in self.entries]
         return doc
 
     def lines(self, worst: int = 5) -> list[str]:
-        verdict = "PASS" if self.passed else "FAIL"
+        if self.verdict in ("UNSUPPORTED", "ERROR") or not self.entries:
+            return [f"{self.verdict} {self.name} on {self.spec} in {self.dtype}: " + "; ".join(self.reasons)]
         out = [
-            f"{verdict} {self.name} on {self.spec} in {self.dtype} (rule {self.rule}): "
+            f"{self.verdict} {self.name} on {self.spec} in {self.dtype} (rule {self.rule}): "
             f"max error {self.max_abs_error:.3g} = {self.max_ulps:.3g} ulps ({self.max_bits:.1f} bits); "
             f"kappa {'pass' if self.kappa_passed else 'fail'}, differential "
             f"{'pass' if self.differential_passed else 'fail'} (bound {self.differential_bound:.3g}, "
-            f"straightforward NumPy {self.reference_error:.3g}); input rounding moves M by "
+            f"straightforward NumPy {self.reference_error:.3g}); input rounding moves the output by "
             f"{self.input_rounding_effect:.3g}"
         ]
         out += [f"  {reason}" for reason in self.reasons]
-        out.append(f"  {'entry':>8} {'value':>24} {'exact':>28} {'error':>10} {'ulps':>8} {'kappa bound':>11}")
+        if self.entries:
+            out.append(f"  {'entry':>14} {'value':>24} {'exact':>28} {'error':>10} {'ulps':>8} {'kappa bound':>11}")
         for e in self.entries[:worst]:
             out.append(
-                f"  M[{e.row},{e.col}] {e.value!r:>24} {e.exact[:28]:>28} {e.abs_error:>10.3g} "
+                f"  {e.where:>14} {e.value!r:>24} {e.exact[:28]:>28} {e.abs_error:>10.3g} "
                 f"{e.ulps:>8.3g} {e.kappa_bound:>11.3g}"
             )
         return out
 
 
+def _json_number(v):
+    """Strict JSON: non-finite floats as strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (np.floating, np.integer)):
+        return _json_number(v.item())
+    return v
+
+
 def _ordinal(a: np.ndarray) -> np.ndarray:
     """Floats as integers in the same order, so that neighbours differ by one."""
-    ints = a.view({8: np.int64, 4: np.int32, 2: np.int16}[a.dtype.itemsize]).astype(np.int64)
-    low = np.iinfo({8: np.int64, 4: np.int32, 2: np.int16}[a.dtype.itemsize]).min
-    return np.where(ints < 0, low - ints, ints)
+    kind = {8: np.int64, 4: np.int32, 2: np.int16}[a.dtype.itemsize]
+    ints = a.view(kind).astype(np.int64)
+    return np.where(ints < 0, np.iinfo(kind).min - ints, ints)
 
 
-def measure(name: str, output, spec: AttentionSpec, dtype: str, rule: str = "kappa", *, context=None) -> Result:
-    """Measure one output array against the truth for the spec's inputs rounded to dtype."""
-    context = context or Context(spec, dtype)
-    dt = np.dtype(dtype)
+class Context:
+    """What every implementation on one spec and dtype is measured against, computed once."""
+
+    def __init__(self, spec: AttentionSpec, dtype: str):
+        from .truth import evaluate
+
+        dtype_of(dtype)
+        if spec.symbols:
+            raise SymattnError(
+                f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
+            )
+        self.spec, self.dtype = spec, dtype
+        self.args = arguments(spec, dtype)
+        self.graph = build_graph(self.args.rounded)
+        outputs = self.graph.outputs
+        self.truth = evaluate(self.args.rounded, digits=DIGITS, progress=False, steps=outputs)
+        self.exact = _stacked(self.graph, {n: np.array(self.truth[n].tolist(), dtype=object) for n in outputs})
+        self.text = _stacked(self.graph, {n: np.array(self.truth[n].values, dtype=object) for n in outputs})
+        if self.args.rounded != spec:
+            original = evaluate(spec, digits=DIGITS, progress=False, steps=outputs)
+            other = _stacked(self.graph, {n: np.array(original[n].tolist(), dtype=object) for n in outputs})
+            self.input_effect = max(
+                _difference(a, b) for a, b in zip(self.exact.reshape(-1), other.reshape(-1), strict=True)
+            )
+        else:
+            self.input_effect = 0.0
+        self.sensitivity = sensitivity(self.graph, self.args.leaves)
+        self.c = constant(spec)
+        ref = reference(self.graph, self.args.leaves, dtype)
+        self.reference_error = max_error(ref, self.exact)
+        finite = [abs(float(v)) for v in self.exact.reshape(-1) if _finite(v)]
+        scale = max(finite, default=0.0)
+        self.one_rounding = float(np.spacing(np.array(scale, dtype=dtype_of(dtype)).astype(np.float64)))
+        self.step_names = _entry_names(self.graph)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, Decimal) and v.is_finite()
+
+
+def _difference(a, b) -> float:
+    if _finite(a) and _finite(b):
+        return float(abs(a - b))
+    return 0.0 if str(a) == str(b) else math.inf
+
+
+def max_error(output: np.ndarray, exact: np.ndarray) -> float:
+    out = np.asarray(output, dtype=np.float64)
+    worst = 0.0
+    for v, e in zip(out.reshape(-1).tolist(), exact.reshape(-1), strict=True):
+        worst = max(worst, _error(v, e))
+    return worst
+
+
+def _error(v: float, e) -> float:
+    if not _finite(e):
+        same = (isinstance(e, Decimal) and e.is_nan() and v != v) or str(e) == repr(v)
+        return 0.0 if same else math.inf
+    if not math.isfinite(v):
+        return math.inf
+    with localcontext() as dec:
+        dec.prec = 60
+        return float(abs(Decimal(v) - e))
+
+
+def _entry_names(graph) -> list:
+    """(step, row, col) of each output entry in the stacked output's order."""
+    out = []
+    for name in graph.outputs:
+        rows, cols = graph.step(name).shape
+        out += [(name, i, j) for i in range(rows) for j in range(cols)]
+    return out
+
+
+def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
+    """Measure one output array against the truth for the spec's inputs rounded to the dtype."""
+    spec, dtype = context.spec, context.dtype
+    dt = dtype_of(dtype)
     out = np.asarray(output)
-    shape = (spec.n, spec.d_out)
+    shape = context.exact.shape
+    base = Result(name, spec.display_name, dtype, rule, "FAIL", [])
     if out.shape != shape:
-        raise SymattnError(f"{name}: expected an output of shape {shape[0]}×{shape[1]}, received shape {out.shape}")
+        base.reasons.append(f"expected an output of shape {'×'.join(map(str, shape))}, received shape {out.shape}")
+        return base
     reasons = []
     if out.dtype != dt:
         reasons.append(f"returned dtype {out.dtype}, not the {dtype} it was given")
-    bad = [(i, j) for (i, j), v in np.ndenumerate(out) if not np.isfinite(v)]
+    values = out.astype(dt).astype(np.float64).reshape(-1)
+    exact, text = context.exact.reshape(-1), context.text.reshape(-1)
+    bad = [k for k, v in enumerate(values) if not math.isfinite(v) and _finite(exact[k])]
     if bad:
-        reasons.append(f"output is not finite at M{list(bad[0])} ({out[bad[0]]}) and {len(bad) - 1} more entries")
-    truth, u = context.truth["M"], float(np.finfo(dt).eps) / 2
+        step, i, j = context.step_names[bad[0]]
+        reasons.append(f"output is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {len(bad) - 1} more entries")
+    u = unit_roundoff(dtype)
+    sens = np.asarray(context.sensitivity).reshape(-1)
     entries = []
-    for (i, j), value in np.ndenumerate(out.astype(dt)):
-        exact = truth[i, j]
-        rounded = np.array(float(exact), dtype=dt)
-        spacing = float(np.spacing(np.abs(rounded)))
-        if np.isfinite(value):
-            with localcontext() as dec:
-                dec.prec = 60
-                error = abs(Decimal(float(value)) - exact)
-            abs_error, ulps = float(error), float(error / Decimal(spacing))
-            between = int(_ordinal(np.array([value], dt))[0]) - int(_ordinal(rounded.reshape(1))[0])
-            bits = math.log2(1 + abs(between))
+    for k, value in enumerate(values.tolist()):
+        step, i, j = context.step_names[k]
+        e = exact[k]
+        error = _error(value, e)
+        if _finite(e):
+            rounded = np.array(float(e), dtype=np.float64).astype(dt)
+            spacing = float(np.spacing(np.abs(rounded)).astype(np.float64))
+            ulps = error / spacing if spacing else math.inf
+            if math.isfinite(value):
+                between = int(_ordinal(np.array([value]).astype(dt))[0]) - int(_ordinal(rounded.reshape(1))[0])
+                bits = math.log2(1 + abs(between))
+            else:
+                bits = math.inf
+            rel = error / abs(float(e)) if e else (0.0 if error == 0 else math.inf)
+            allowance = context.c * u * float(sens[k]) + FLOOR_ULPS * spacing
         else:
-            abs_error = ulps = bits = math.inf
-        rel = abs_error / abs(float(exact)) if exact else (0.0 if abs_error == 0 else math.inf)
-        allowance = context.c * u * context.sensitivity[i, j] + FLOOR_ULPS * spacing
-        entries.append(
-            Entry(
-                i,
-                j,
-                float(value),
-                str(truth.values[i][j] if hasattr(truth, "values") else exact),
-                abs_error,
-                rel,
-                ulps,
-                bits,
-                allowance,
-            )
-        )
-    entries.sort(key=lambda e: (-e.ulps, e.row, e.col))
-    max_error = max(e.abs_error for e in entries)
+            ulps = bits = rel = 0.0 if error == 0 else math.inf
+            allowance = 0.0
+        entries.append(Entry(step, i, j, value, str(text[k]), error, rel, ulps, bits, allowance))
+    # worst first: by error over allowance (the entry that decides the verdict), then by ulps
+    entries.sort(key=lambda e: (-_ratio(e), -e.ulps, e.step, e.row, e.col))
+    max_err = max((e.abs_error for e in entries), default=0.0)
     kappa_ok = all(e.abs_error <= e.kappa_bound for e in entries)
     differential_bound = 2 * context.reference_error + context.one_rounding
-    differential_ok = max_error <= differential_bound
+    differential_ok = max_err <= differential_bound
     if not kappa_ok and rule in ("kappa", "both"):
-        worst = max(entries, key=lambda e: e.abs_error / e.kappa_bound if e.kappa_bound else math.inf)
+        worst = entries[0]
         reasons.append(
-            f"M[{worst.row}, {worst.col}] = {worst.value!r} is {worst.abs_error:.3g} from the exact "
+            f"{worst.where} = {worst.value!r} is {worst.abs_error:.3g} from the exact "
             f"{worst.exact[:22]}, beyond the kappa bound {worst.kappa_bound:.3g}"
         )
     if not differential_ok and rule in ("differential", "both"):
         reasons.append(
-            f"max error {max_error:.3g} exceeds 2 × straightforward NumPy's {context.reference_error:.3g} "
+            f"max error {max_err:.3g} exceeds 2 × straightforward NumPy's {context.reference_error:.3g} "
             f"+ one rounding {context.one_rounding:.3g}"
         )
-    passed = not reasons
     return Result(
         name,
-        spec.name,
+        spec.display_name,
         dtype,
         rule,
-        passed,
+        "FAIL" if reasons else "PASS",
         reasons,
-        max_error,
-        max(e.ulps for e in entries),
-        max(e.bits for e in entries),
+        max_err,
+        max((e.ulps for e in entries), default=0.0),
+        max((e.bits for e in entries), default=0.0),
         kappa_ok,
         differential_ok,
         differential_bound,
@@ -283,43 +511,10 @@ def measure(name: str, output, spec: AttentionSpec, dtype: str, rule: str = "kap
     )
 
 
-class Context:
-    """What every implementation on one spec and dtype is measured against, computed once."""
-
-    def __init__(self, spec: AttentionSpec, dtype: str):
-        from .truth import evaluate
-
-        if dtype not in DTYPES:
-            raise SymattnError(f"dtype: expected one of {', '.join(DTYPES)}, received {dtype!r}")
-        if spec.symbols:
-            raise SymattnError(
-                f"spec {spec.name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
-            )
-        self.spec, self.dtype = spec, dtype
-        self.arrays = inputs(spec, dtype)
-        x, wq, wk, wv, wo = self.arrays
-        rounded = AttentionSpec(
-            spec.name,
-            x.tolist(),
-            [{"wq": a.tolist(), "wk": b.tolist(), "wv": c.tolist()} for a, b, c in zip(wq, wk, wv, strict=True)],
-            wo.tolist(),
-            spec.scale,
-        )
-        self.truth = evaluate(rounded, digits=DIGITS, progress=False)
-        exact = evaluate(spec, digits=DIGITS, progress=False)["M"] if rounded != spec else self.truth["M"]
-        self.input_effect = max(
-            float(abs(self.truth["M"][i, j] - exact[i, j])) for i in range(spec.n) for j in range(spec.d_out)
-        )
-        self.sensitivity = sensitivity(*self.arrays)
-        self.c = constant(spec)
-        reference = straightforward(*self.arrays)
-        self.reference_error = (
-            max(float(abs(Decimal(float(v)) - self.truth["M"][i, j])) for (i, j), v in np.ndenumerate(reference))
-            if np.all(np.isfinite(reference))
-            else math.inf
-        )
-        scale = max(abs(float(v)) for row in self.truth["M"].values for v in row)
-        self.one_rounding = float(np.spacing(np.array(scale, dtype=np.dtype(dtype))))
+def _ratio(e: Entry) -> float:
+    if e.abs_error == 0:
+        return 0.0
+    return e.abs_error / e.kappa_bound if e.kappa_bound else math.inf
 
 
 def load_impl(text: str):
@@ -337,20 +532,88 @@ def load_impl(text: str):
     return fn
 
 
-def run(fn, name: str, context: Context, rule: str) -> Result:
-    """Call fn(x, wq, wk, wv, wo) on the rounded inputs and measure its output."""
+def accepted(fn, names) -> set:
+    """The options ``fn`` can take by keyword (all of them with **kwargs)."""
     try:
-        inspect.signature(fn).bind(*context.arrays)
+        parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
+        return set(names)
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return set(names)
+    return {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} & set(names)
+
+
+class Raised(Exception):
+    """What an implementation raised, kept for the pytest helper to re-raise."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def call(fn, name: str, context: Context):
+    """fn called by the convention: (output, None), or (None, Result) for UNSUPPORTED or ERROR."""
+    args = context.args
+    names = args.options.keys()
+    takes = accepted(fn, names)
+    missing = [option for option in args.nondefault if option not in takes]
+    positional = "(" + ", ".join(KERNEL_POSITIONAL if context.spec.form == "kernel" else PROJECTION_POSITIONAL) + ")"
+    if missing:
+        reason = ", ".join(f"{option} = {_brief(args.options[option])}" for option in missing)
+        return None, Result(
+            name, context.spec.display_name, context.dtype, "", "UNSUPPORTED",
+            [f"the spec sets {reason}, which {name} does not accept"],
+        )  # fmt: skip
+    options = {k: _copy(v) for k, v in args.options.items() if k in takes}
+    try:
+        inspect.signature(fn).bind(*args.positional, **options)
+    except TypeError:
         raise SymattnError(
-            f"{name}: expected a function f(x, wq, wk, wv, wo) -> M, received one with signature {_signature(fn)}"
+            f"{name}: expected a function f{positional} -> output taking its options by keyword, "
+            f"received one with signature {_signature(fn)}"
         ) from None
+    except ValueError:
+        pass
     try:
         with np.errstate(all="ignore"):
-            output = fn(*(a.copy() for a in context.arrays))
-    except Exception as e:  # the implementation's own failure, reported on one line
-        raise SymattnError(f"{name}: raised {type(e).__name__}: {e}") from None
-    return measure(name, output, context.spec, context.dtype, rule, context=context)
+            return fn(*(a.copy() for a in args.positional), **options), None
+    except Exception as e:  # the implementation's own failure, reported with it
+        result = Result(
+            name, context.spec.display_name, context.dtype, "", "ERROR", [f"raised {type(e).__name__}: {e}"]
+        )
+        result.raised = e
+        return None, result
+
+
+def _copy(v):
+    return v.copy() if isinstance(v, np.ndarray) else v
+
+
+def _brief(v) -> str:
+    if isinstance(v, np.ndarray):
+        return f"an array of shape {v.shape}"
+    return repr(v)
+
+
+def run(fn, name: str, context: Context, rule: str) -> Result:
+    """Call fn by the convention and measure its output."""
+    output, result = call(fn, name, context)
+    if result is not None:
+        result.rule = rule
+        return result
+    return measure(name, output_array(output), context, rule)
+
+
+def output_array(value) -> np.ndarray:
+    """What an implementation returned as a NumPy array of its own dtype (torch and JAX tensors included;
+    a bfloat16 tensor becomes an ml_dtypes bfloat16 array, exactly)."""
+    module = type(value).__module__
+    if module.startswith("torch"):
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            return t.float().numpy().astype(dtype_of("bfloat16"))
+        return t.numpy()
+    return np.asarray(value)
 
 
 def _signature(fn) -> str:
@@ -360,43 +623,38 @@ def _signature(fn) -> str:
         return "(unknown)"
 
 
-def verify(spec, impls=None, dtype: str = "float64", rule: str = "kappa") -> list[Result]:
-    """Verify implementations (callables or "MODULE:FUNCTION" strings) on a spec.
+def verify(spec, impls, dtype: str = "float64", rule: str = "kappa") -> list[Result]:
+    """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
 
-    With no implementations: the generated module for the spec and the notebook's own algorithm.
-
-    >>> [r.passed for r in verify("notebook")]
-    [True, True]
+    >>> from symattn.cli import notebook_algorithm
+    >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]
+    ['PASS']
     """
     spec = load_spec(spec)
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
-    context = Context(spec, dtype)
+    dtype_of(dtype)
     if not impls:
-        impls = [("generated", _generated(spec)), ("notebook algorithm", notebook_algorithm)]
-    else:
-        impls = [
-            (
-                f if isinstance(f, str) else getattr(f, "__name__", "implementation"),
-                load_impl(f) if isinstance(f, str) else f,
-            )
-            for f in impls
-        ]
-    return [run(fn, name, context, rule) for name, fn in impls]
+        raise SymattnError("impls: expected at least one implementation to verify, received none")
+    named = []
+    for f in impls:
+        if isinstance(f, tuple):
+            named.append(f)
+        elif isinstance(f, str):
+            named.append((f, load_impl(f)))
+        else:
+            named.append((getattr(f, "__name__", "implementation"), f))
+    context = Context(spec, dtype)
+    return [run(fn, name, context, rule) for name, fn in named]
 
 
-def _generated(spec):
-    """forward of the module symattn generates for the spec (weights as inputs), imported from a file."""
-    import importlib.util
-    import tempfile
-    from pathlib import Path
+def report_json(results: list) -> str:
+    """The results as strict JSON (no NaN or Infinity literals), with a top-level "passed"."""
+    from ._version import __version__
 
-    from .codegen import generate
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "symattn_generated.py"
-        path.write_text(generate(spec, weights="inputs"), encoding="utf-8")
-        module_spec = importlib.util.spec_from_file_location("symattn_generated", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    return module.forward
+    doc = {
+        "symattn": __version__,
+        "passed": all(r.passed for r in results),
+        "results": [r.to_json() for r in results],
+    }
+    return json.dumps(doc, allow_nan=False)

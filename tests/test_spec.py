@@ -6,6 +6,10 @@ import pytest
 from symattn import AttentionSpec, SymattnError, load_spec
 from symattn.spec import builtin_names
 
+KEYS = (
+    "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, empty_row, dout"
+)
+
 
 def write(tmp_path, name: str, text: str):
     path = tmp_path / name
@@ -76,14 +80,13 @@ def test_missing_file():
     with pytest.raises(
         SymattnError,
         match=r"^spec: expected a built-in name \(four_tokens, notebook, overflow32, overflow64\) or a path to a "
-        r"\.json or "
-        r"\.toml file, received 'nope\.json', which is neither$",
+        r"\.json, \.toml or \.npz file, received 'nope\.json', which is neither$",
     ):
         load_spec("nope.json")
 
 
 def test_wrong_suffix(tmp_path):
-    with pytest.raises(SymattnError, match=r"expected a \.json or \.toml file, received a \.yaml file"):
+    with pytest.raises(SymattnError, match=r"expected a \.json, \.toml or \.npz file, received a \.yaml file"):
         load_spec(write(tmp_path, "s.yaml", "x: 1"))
 
 
@@ -119,19 +122,19 @@ def spec_error(data) -> str:
 
 
 def test_unknown_keys(notebook_data):
-    notebook_data["bias"] = [[0]]
-    assert spec_error(notebook_data) == "spec: unknown key 'bias'; expected keys: name, x, heads, wo, scale"
-    del notebook_data["bias"]
+    notebook_data["biases"] = [[0]]
+    assert spec_error(notebook_data) == "spec: unknown key 'biases'; expected keys: " + KEYS
+    del notebook_data["biases"]
     notebook_data["heads"][1]["wz"] = [[0]]
-    assert spec_error(notebook_data) == "heads[1]: unknown key 'wz'; expected keys: wq, wk, wv"
+    assert spec_error(notebook_data) == "heads[1]: unknown key 'wz'; expected keys: wq, wk, wv, bq, bk, bv"
 
 
 def test_missing_keys(notebook_data):
     del notebook_data["wo"]
-    assert spec_error(notebook_data) == "spec: missing key 'wo'; expected keys: name, x, heads, wo, scale"
+    assert spec_error(notebook_data) == "spec: missing key 'wo'; expected keys: " + KEYS
     notebook_data["wo"] = [[1]]
     del notebook_data["heads"][0]["wv"]
-    assert spec_error(notebook_data) == "heads[0]: missing key 'wv'; expected keys: wq, wk, wv"
+    assert spec_error(notebook_data) == "heads[0]: missing key 'wv'; expected keys: wq, wk, wv, bq, bk, bv"
 
 
 def test_ragged_rows(notebook_data):

@@ -1,0 +1,269 @@
+"""The ball backend of the op graph: certified enclosures at any precision.
+
+Values stay exact as long as the computation allows: rational inputs give
+rational projections (``RatMat``), the scores stay ``Lin`` combinations of
+rational matrices (``rational.py``) so that equal exponents share one
+exponential, and from the first irrational operation on each entry is a ball
+of the engine (Arb, or mpmath intervals) in an object array.  Exact zeros stay
+exact zeros: a masked weight is an exact 0, and so is every sum of products of
+exact zeros, which is how a masked key's dK row certifies as "0".
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+
+from .entries import to_ball
+from .graph import NAN
+from .matrix import RatMat
+from .rational import Lin, Scalar, canonical
+
+
+class Balls:
+    """An object array of engine balls; ``excluded`` marks entries that are not numbers (masked scores)."""
+
+    __slots__ = ("values", "excluded")
+
+    def __init__(self, values: np.ndarray, excluded=None):
+        self.values = values
+        self.excluded = excluded
+
+    @property
+    def shape(self) -> tuple:
+        return self.values.shape
+
+
+class BallXP:
+    """The graph's ``xp`` over an engine at its working precision."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        engine.activate()  # Arb's precision is global: the caller saves and restores it
+        self._rationals: dict = {}  # (p, q) -> ball
+        self._generators: dict = {}  # generator key -> ball
+        self._exps: dict = {}  # exact exponent key -> exp ball, shared by every entry with that exponent
+
+    # Conversions.
+    def leaf(self, name, matrix):
+        if matrix.is_rational:
+            return matrix.ratmat
+        return Balls(np.array([[to_ball(e, self.engine) for e in row] for row in matrix.rows], dtype=object))
+
+    def param(self, p):
+        return canonical(p.value)
+
+    def const(self, c):
+        return c.value
+
+    def _rational(self, p: int, q: int):
+        key = (p, q)
+        if key not in self._rationals:
+            self._rationals[key] = self.engine.rational(p, q)
+        return self._rationals[key]
+
+    def _generator(self, key, value):
+        if key not in self._generators:
+            self._generators[key] = to_ball(value, self.engine)
+        return self._generators[key]
+
+    def scalar(self, s):
+        if isinstance(s, Fraction):
+            return self._rational(s.numerator, s.denominator)
+        return self._generator(s.key, s.generator) * self._rational(s.coefficient.numerator, s.coefficient.denominator)
+
+    def balls(self, a) -> Balls:
+        """Any value as balls."""
+        if isinstance(a, Balls):
+            return a
+        if isinstance(a, RatMat):
+            out = np.empty(a.shape, dtype=object)
+            flat, den = out.reshape(-1), a.den
+            for k, v in enumerate(a.num.reshape(-1).tolist()):
+                flat[k] = self._rational(v, den)
+            return Balls(out)
+        return Balls(self._lin_balls(a), a.excluded)
+
+    def _lin_balls(self, a: Lin) -> np.ndarray:
+        """Σ g·A + B as balls, by matrix operations of the engine (in C for Arb); equal entries share a ball."""
+        cached = getattr(a, "_balls", None)
+        if cached is not None and cached[0] is self:
+            return cached[1]
+        terms = [(self._generator(k, a.generators[k]), m) for k, m in a.terms.items()]
+        values = self.engine.combination(terms, a.const)
+        flat, shared = values.reshape(-1), {}
+        signature = a.signature
+        for k, key in enumerate(a.keys()):
+            first = shared.setdefault((signature, key), flat[k])
+            flat[k] = first
+        a._balls = (self, values)
+        return values
+
+    # Products.
+    def matmul(self, a, b):
+        if isinstance(a, RatMat) and isinstance(b, RatMat):
+            return a @ b
+        return Balls(self.engine.matmul(self.balls(a).values, self.balls(b).values))
+
+    def matmul_nt(self, a, b):
+        return self.matmul(a, self.transpose(b))
+
+    def matmul_tn(self, a, b):
+        return self.matmul(self.transpose(a), b)
+
+    def transpose(self, a):
+        if isinstance(a, RatMat):
+            return a.T
+        return Balls(self.balls(a).values.T)
+
+    # Elementwise.
+    def add(self, a, b):
+        return self._combine(a, b, 1)
+
+    def sub(self, a, b):
+        return self._combine(a, b, -1)
+
+    def _combine(self, a, b, sign):
+        if isinstance(a, RatMat) and isinstance(b, RatMat):
+            return a + b if sign > 0 else a - b
+        if isinstance(a, (Lin, RatMat)) and isinstance(b, (Lin, RatMat)):
+            return Lin.lift(a).combine(b, sign)
+        x, y = self.balls(a), self.balls(b)
+        values = x.values + y.values if sign > 0 else x.values - y.values
+        return Balls(values, _union(x.excluded, y.excluded))
+
+    def mul(self, a, b):
+        if isinstance(a, RatMat) and isinstance(b, RatMat):
+            return a.mul(b)
+        return Balls(self.balls(a).values * self.balls(b).values)
+
+    def one_minus(self, a):
+        if isinstance(a, RatMat):
+            return RatMat(a.den - a.num, a.den)
+        return Balls(self.engine.one() - self.balls(a).values)
+
+    def scale(self, a, s):
+        if isinstance(a, RatMat):
+            return Lin.of(a, s)
+        if isinstance(a, Lin) and isinstance(s, Fraction):
+            return a.scaled(s)
+        x = self.balls(a)
+        return Balls(x.values * self.scalar(s), x.excluded)
+
+    def tanh(self, a):
+        x = self.balls(a)
+        return Balls(_map(self.engine.tanh, x.values), x.excluded)
+
+    def exp(self, a):
+        if isinstance(a, RatMat):
+            a = Lin.lift(a)
+        if isinstance(a, Lin):
+            out = np.empty(a.shape, dtype=object)
+            flat, exps, signature = out.reshape(-1), self._exps, a.signature
+            arguments = self._lin_balls(a).reshape(-1)
+            excluded = [False] * out.size if a.excluded is None else a.excluded.reshape(-1).tolist()
+            zero, exp = self.engine.zero(), self.engine.exp
+            for k, (key, skip) in enumerate(zip(a.keys(), excluded, strict=True)):
+                if skip:
+                    flat[k] = zero
+                    continue
+                value = exps.get((signature, key))
+                if value is None:
+                    value = exps[signature, key] = exp(arguments[k])
+                flat[k] = value
+            return Balls(out)
+        out = _map(self.engine.exp, a.values)
+        if a.excluded is not None:
+            out[a.excluded] = self.engine.zero()
+        return Balls(out)
+
+    def mask(self, a, allowed):
+        if isinstance(a, RatMat):
+            a = Lin.lift(a)
+        if isinstance(a, Lin):
+            return a.masked(allowed)
+        return Balls(a.values, _union(a.excluded, ~allowed))
+
+    def shift(self, a):
+        if isinstance(a, RatMat):
+            a = Lin.lift(a)
+        if isinstance(a, Lin):
+            return a.shift()
+        mids = np.vectorize(self.engine.mid_float, otypes=[float])(a.values)
+        if a.excluded is not None:
+            mids = np.where(a.excluded, -np.inf, mids)
+        best = np.argmax(np.where(np.isnan(mids), -np.inf, mids), axis=1)
+        column = np.empty((a.shape[0], 1), dtype=object)
+        for i, j in enumerate(best):
+            ok = a.excluded is None or not a.excluded[i, j]
+            column[i, 0] = self.engine.point(a.values[i, j]) if ok else self.engine.zero()
+        return Balls(column)
+
+    def rowsum(self, a):
+        if isinstance(a, RatMat):
+            return a.rowsum()
+        values = self.balls(a).values
+        return Balls(np.array([[_sum(row, self.engine)] for row in values], dtype=object).reshape(-1, 1))
+
+    def colsum(self, a):
+        if isinstance(a, RatMat):
+            return a.colsum()
+        values = self.balls(a).values
+        return Balls(np.array([[_sum(col, self.engine) for col in values.T]], dtype=object))
+
+    def div(self, a, z):
+        return Balls(self.balls(a).values / self.balls(z).values)
+
+    def fill_rows(self, a, rows, value):
+        if isinstance(a, RatMat) and value != NAN:
+            return a.fill_rows(rows, value)
+        x = self.balls(a)
+        fill = (
+            self.engine.nan()
+            if value == NAN
+            else self._rational(Fraction(value).numerator, Fraction(value).denominator)
+        )
+        values = x.values.copy()
+        values[np.broadcast_to(rows, values.shape)] = fill
+        return Balls(values, x.excluded)
+
+    def hstack(self, parts):
+        if all(isinstance(p, RatMat) for p in parts):
+            return RatMat.hstack(parts)
+        return Balls(np.concatenate([self.balls(p).values for p in parts], axis=1))
+
+    def cols(self, a, start, stop):
+        if isinstance(a, RatMat):
+            return a.cols(start, stop)
+        return Balls(self.balls(a).values[:, start:stop])
+
+    def unbroadcast(self, g, like):
+        return g
+
+
+def _map(fn, values: np.ndarray) -> np.ndarray:
+    out = np.empty(values.shape, dtype=object)
+    flat = out.reshape(-1)
+    for k, v in enumerate(values.reshape(-1).tolist()):
+        flat[k] = fn(v)
+    return out
+
+
+def _sum(items, engine):
+    items = list(items)
+    total = items[0]
+    for v in items[1:]:
+        total = total + v
+    return total
+
+
+def _union(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
+
+
+__all__ = ["BallXP", "Balls", "Scalar"]

@@ -1,0 +1,433 @@
+"""Code emission backends of the op graph: running the graph here writes NumPy code.
+
+``EmitXP`` (vectorized) gives each value a variable holding a whole matrix,
+batched over leading axes, and records one line per operation; ``optimise``
+then turns an elementwise line into an in-place one wherever its first operand
+is a temporary that nothing reads afterwards (``a -= m``,
+``numpy.exp(a, out=a)``), so the softmax runs in place as a careful hand would
+write it.  ``ScalarEmitXP`` (unrolled) gives each matrix entry a SymPy form over
+the inputs and names a value only where it must (before a transcendental
+function, a product of two computed values, or a step's entry), which lets
+exact arithmetic fold constants and reuse equal or opposite values.
+
+Both are strict: an operation they have no rule for is an error naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from .errors import SymattnError
+from .graph import NAN
+
+
+@dataclass(eq=False)
+class Var:
+    """A variable of the emitted code: a matrix (rows, cols), batched over leading axes unless constant."""
+
+    name: str
+    shape: tuple
+    batched: bool = True
+    temporary: bool = True  # computed here (not an argument or module constant)
+    masked: bool = False  # may hold -inf (excluded scores)
+
+
+@dataclass(eq=False)
+class Line:
+    target: Var | None
+    template: str  # Python text with {0}, {1}, ... for the operands
+    operands: tuple
+    inplace: str | None = None  # the in-place form, with the same placeholders
+    reads_target: bool = False
+
+    def text(self) -> str:
+        names = [v.name if isinstance(v, Var) else v for v in self.operands]
+        body = self.template.format(*names)
+        if self.target is None:
+            return body
+        return body if self.reads_target else f"{self.target.name} = {body}"
+
+
+@dataclass
+class Program:
+    lines: list = field(default_factory=list)
+    counter: int = 0
+
+    def temp(self, shape, batched=True, masked=False) -> Var:
+        self.counter += 1
+        return Var(f"t{self.counter}", shape, batched, True, masked)
+
+
+class EmitXP:
+    """The graph's ``xp`` that writes vectorized NumPy code.  ``leaves``, ``params`` and ``consts`` map names
+    to the expressions the code reads them from."""
+
+    def __init__(self, leaves: dict, params: dict, consts: dict, program: Program | None = None):
+        self.program = program or Program()
+        self.leaves = leaves  # leaf name -> Var
+        self.params = params  # param name -> text
+        self.consts = consts  # const name -> Var
+
+    def _emit(self, shape, template, operands, inplace=None, batched=None, masked=False) -> Var:
+        if batched is None:
+            batched = any(isinstance(v, Var) and v.batched for v in operands)
+        target = self.program.temp(shape, batched, masked)
+        self.program.lines.append(Line(target, template, tuple(operands), inplace))
+        return target
+
+    def leaf(self, name, matrix):
+        return self.leaves[name]
+
+    def param(self, p):
+        return self.params[p.name]
+
+    def const(self, c):
+        return self.consts[c.name]
+
+    def matmul(self, a, b):
+        return self._emit((a.shape[0], b.shape[1]), "{0} @ {1}", (a, b))
+
+    def matmul_nt(self, a, b):
+        return self._emit((a.shape[0], b.shape[0]), "{0} @ numpy.swapaxes({1}, -1, -2)", (a, b))
+
+    def matmul_tn(self, a, b):
+        return self._emit((a.shape[1], b.shape[1]), "numpy.swapaxes({0}, -1, -2) @ {1}", (a, b))
+
+    def _binary(self, a, b, op):
+        shape = (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1]))
+        return self._emit(shape, "{0} " + op + " {1}", (a, b), "{0} " + op + "= {1}", masked=a.masked or b.masked)
+
+    def add(self, a, b):
+        return self._binary(a, b, "+")
+
+    def sub(self, a, b):
+        return self._binary(a, b, "-")
+
+    def mul(self, a, b):
+        return self._binary(a, b, "*")
+
+    def div(self, a, z):
+        return self._binary(a, z, "/")
+
+    def one_minus(self, a):
+        return self._emit(a.shape, "1 - {0}", (a,))
+
+    def scale(self, a, s):
+        return self._emit(a.shape, "{0} * {1}", (a, s), "{0} *= {1}", masked=a.masked)
+
+    def tanh(self, a):
+        return self._emit(a.shape, "numpy.tanh({0})", (a,), "numpy.tanh({0}, out={0})")
+
+    def exp(self, a):
+        return self._emit(a.shape, "numpy.exp({0})", (a,), "numpy.exp({0}, out={0})")
+
+    def mask(self, a, allowed):
+        return self._emit(a.shape, "numpy.where({1}, {0}, -numpy.inf)", (a, allowed), masked=True)
+
+    def shift(self, a):
+        if a.masked:  # a row with no allowed key has max -inf: shift it by 0 instead
+            return self._emit((a.shape[0], 1), "_finite(numpy.max({0}, axis=-1, keepdims=True))", (a,))
+        return self._emit((a.shape[0], 1), "numpy.max({0}, axis=-1, keepdims=True)", (a,))
+
+    def rowsum(self, a):
+        return self._emit((a.shape[0], 1), "numpy.sum({0}, axis=-1, keepdims=True)", (a,))
+
+    def colsum(self, a):
+        return self._emit((1, a.shape[1]), "numpy.sum({0}, axis=-2, keepdims=True)", (a,))
+
+    def fill_rows(self, a, rows, value):
+        fill = "numpy.nan" if value == NAN else repr(float(Fraction(value))) if value not in (0, 1) else str(value)
+        return self._emit(a.shape, "numpy.where({1}, " + fill + ", {0})", (a, rows), masked=a.masked)
+
+    def hstack(self, parts):
+        shape = (parts[0].shape[0], sum(p.shape[1] for p in parts))
+        template = "numpy.concatenate([" + ", ".join(f"{{{k}}}" for k in range(len(parts))) + "], axis=-1)"
+        return self._emit(shape, template, tuple(parts))
+
+    def cols(self, a, start, stop):
+        return self._emit((a.shape[0], stop - start), "{0}[..., " + f"{start}:{stop}" + "]", (a,))
+
+    def unbroadcast(self, g, like):
+        if like.batched or not g.batched:
+            return g
+        return self._emit(g.shape, "_unbatched({0}, 2)", (g,), batched=False)
+
+
+def optimise(lines: list, keep: set) -> tuple[list, dict]:
+    """In-place forms where the first operand is a batched temporary that nothing reads later.  ``keep``
+    holds the ids of the values the function returns.  Returns the new lines and, by value id, the variable
+    that holds each value computed in place (a value lives in its operand's storage from then on)."""
+    last_read: dict = {}
+    for k, line in enumerate(lines):
+        for v in line.operands:
+            if isinstance(v, Var):
+                last_read[id(v)] = k
+    storage: dict = {}
+    out = []
+    for k, line in enumerate(lines):
+        operands = tuple(storage.get(id(v), v) if isinstance(v, Var) else v for v in line.operands)
+        original = line.operands[0] if line.operands else None
+        first = operands[0] if operands else None
+        if (
+            line.inplace is not None
+            and isinstance(first, Var)
+            and first.temporary
+            and first.batched
+            and first.shape == line.target.shape
+            and last_read.get(id(original)) == k
+            and id(original) not in keep
+            and not any(v is first for v in operands[1:])
+        ):
+            storage[id(line.target)] = first
+            out.append(Line(first, line.inplace, operands, reads_target=True))
+        else:
+            out.append(Line(line.target, line.template, operands))
+    return out, storage
+
+
+def needed(lines: list, outputs) -> list:
+    """The lines that the outputs (Vars) depend on, in order."""
+    wanted = {id(v) for v in outputs}
+    keep = []
+    for line in reversed(lines):
+        if line.target is not None and id(line.target) in wanted:
+            keep.append(line)
+            if not line.reads_target:
+                wanted.discard(id(line.target))
+            wanted |= {id(v) for v in line.operands if isinstance(v, Var)}
+    return keep[::-1]
+
+
+class Named:
+    """The values the unrolled code names, keyed by their exact form over earlier names (and inputs): a value
+    computed once is referred to by name afterwards, and its negation is one negation, not a recomputation."""
+
+    def __init__(self):
+        import sympy
+
+        self.sympy = sympy
+        self.table: dict = {}  # key (a SymPy form, or (function, argument forms)) -> atomic form
+        self.assignments: list = []  # (symbol, "poly", form) or (symbol, "call", (function, argument forms))
+        self.count = 0
+        self.inputs: dict = {}  # input symbol -> (argument name, index text)
+
+    def input(self, name: str, source: str, index: str):
+        symbol = self.sympy.Symbol(name)
+        self.inputs[symbol] = (source, index)
+        self.table[symbol] = symbol
+        return symbol
+
+    def _new(self):
+        self.count += 1
+        return self.sympy.Symbol(f"_v{self.count}")
+
+    def atomic(self, form):
+        """A number, a name, or a number times a name, for the form (named if it is none of those)."""
+        sympy = self.sympy
+        if not isinstance(form, sympy.Basic):
+            form = sympy.sympify(form)
+        if form.is_Number or form.is_Symbol or form is sympy.nan:
+            return form
+        if form.is_Mul and sum(not f.is_number for f in form.args) == 1:
+            (rest,) = [f for f in form.args if not f.is_number]
+            if rest.is_Symbol:
+                if all(f.is_Number for f in form.args if f is not rest):
+                    return form  # a rational multiple of a name
+        key = sympy.expand(form)
+        if key.is_Number or key.is_Symbol:
+            return key
+        if key in self.table:
+            return self.table[key]
+        if -key in self.table:
+            return -self.table[-key]
+        symbol = self._new()
+        self.table[key] = symbol
+        self.assignments.append((symbol, "poly", key))
+        return symbol
+
+    def call(self, function: str, *arguments):
+        """function(arguments) as a name (once per distinct call)."""
+        key = (function, *arguments)
+        if key in self.table:
+            return self.table[key]
+        symbol = self._new()
+        self.table[key] = symbol
+        self.assignments.append((symbol, "call", key))
+        return symbol
+
+
+class SMat:
+    """A matrix of SymPy forms; ``excluded`` marks masked scores; ``unbatched`` a gradient that sums over the
+    batch (a weight's)."""
+
+    __slots__ = ("forms", "excluded", "unbatched")
+
+    def __init__(self, forms, excluded=None, unbatched=False):
+        self.forms = forms  # numpy object array
+        self.excluded = excluded
+        self.unbatched = unbatched
+
+    @property
+    def shape(self) -> tuple:
+        return self.forms.shape
+
+
+class ScalarEmitXP:
+    """The graph's ``xp`` that writes unrolled code: one form per entry (see ``Named``)."""
+
+    def __init__(self, named: Named, leaves: dict, params: dict, consts: dict):
+        import numpy
+
+        self.np = numpy
+        self.named = named
+        self.leaves = leaves  # leaf name -> SMat
+        self.params = params  # param name -> SymPy number or symbol
+        self.consts = consts  # const name -> bool array
+
+    def _map(self, fn, *mats, excluded=None):
+        np = self.np
+        arrays = np.broadcast_arrays(*(m.forms for m in mats))
+        out = np.empty(arrays[0].shape, dtype=object)
+        for idx in np.ndindex(out.shape):
+            out[idx] = fn(*(a[idx] for a in arrays))
+        return SMat(out, excluded)
+
+    def leaf(self, name, matrix):
+        return self.leaves[name]
+
+    def param(self, p):
+        return self.params[p.name]
+
+    def const(self, c):
+        return self.consts[c.name]
+
+    def _product(self, a, b):
+        """a·b, naming both first when both are computed values (no polynomial blow-up)."""
+        if a == 0 or b == 0:
+            return 0
+        if a.is_number or b.is_number:
+            return a * b
+        return self.named.atomic(a) * self.named.atomic(b)
+
+    def _atomic(self, mat: SMat) -> SMat:
+        """Name every entry that needs it, in place: an entry's name has its value, and later forms read it."""
+        forms = mat.forms
+        for idx in self.np.ndindex(forms.shape):
+            if mat.excluded is None or not mat.excluded[idx]:
+                forms[idx] = self.named.atomic(forms[idx])
+        return mat
+
+    def matmul(self, a, b):
+        np, sympy = self.np, self.named.sympy
+        if not all(f.is_number for f in a.forms.reshape(-1)) and not all(f.is_number for f in b.forms.reshape(-1)):
+            self._atomic(a)
+            self._atomic(b)
+        x, y = a.forms, b.forms
+        out = np.empty((x.shape[0], y.shape[1]), dtype=object)
+        for i in range(x.shape[0]):
+            for j in range(y.shape[1]):
+                out[i, j] = self.named.atomic(sympy.Add(*(self._product(x[i, k], y[k, j]) for k in range(x.shape[1]))))
+        return SMat(out)
+
+    def matmul_nt(self, a, b):
+        return self.matmul(a, SMat(b.forms.T))
+
+    def matmul_tn(self, a, b):
+        return self.matmul(SMat(a.forms.T), b)
+
+    def add(self, a, b):
+        return self._map(lambda p, q: p + q, a, b, excluded=_either(a.excluded, b.excluded))
+
+    def sub(self, a, b):
+        return self._map(lambda p, q: p - q, a, b, excluded=_either(a.excluded, b.excluded))
+
+    def mul(self, a, b):
+        return self._map(self._product, a, b)
+
+    def div(self, a, z):
+        named = self.named
+        return self._map(lambda p, q: named.atomic(p / named.atomic(q)) if p != 0 else 0, a, z)
+
+    def one_minus(self, a):
+        return self._map(lambda p: 1 - p, a)
+
+    def scale(self, a, s):
+        return SMat(self._map(lambda p: s * p, a).forms, a.excluded)
+
+    def tanh(self, a):
+        named = self.named
+        return SMat(self._map(lambda p: named.call("tanh", named.atomic(p)), a).forms, a.excluded)
+
+    def exp(self, a):
+        named = self.named
+        forms = a.forms.copy()
+        for idx in self.np.ndindex(forms.shape):
+            if a.excluded is not None and a.excluded[idx]:
+                forms[idx] = 0
+            else:
+                forms[idx] = named.call("exp", named.sympy.expand(forms[idx]))
+        return SMat(forms)
+
+    def mask(self, a, allowed):
+        excluded = ~self.np.asarray(allowed, dtype=bool)
+        return SMat(a.forms, excluded if a.excluded is None else a.excluded | excluded)
+
+    def shift(self, a):
+        """Each row's running maximum over its allowed entries, one named step per comparison."""
+        named = self.named
+        self._atomic(a)
+        out = self.np.empty((a.shape[0], 1), dtype=object)
+        for i in range(a.shape[0]):
+            row = [a.forms[i, j] for j in range(a.shape[1]) if a.excluded is None or not a.excluded[i, j]]
+            if not row:
+                out[i, 0] = 0
+                continue
+            top = row[0]
+            for other in row[1:]:
+                top = named.call("maximum", top, other)
+            out[i, 0] = top
+        return SMat(out)
+
+    def rowsum(self, a):
+        sympy = self.named.sympy
+        out = self.np.empty((a.shape[0], 1), dtype=object)
+        for i in range(a.shape[0]):
+            out[i, 0] = sympy.Add(*a.forms[i])
+        return SMat(out)
+
+    def colsum(self, a):
+        sympy = self.named.sympy
+        out = self.np.empty((1, a.shape[1]), dtype=object)
+        for j in range(a.shape[1]):
+            out[0, j] = sympy.Add(*a.forms[:, j])
+        return SMat(out, unbatched=a.unbatched)
+
+    def fill_rows(self, a, rows, value):
+        sympy = self.named.sympy
+        fill = sympy.nan if value == NAN else sympy.Rational(Fraction(value).numerator, Fraction(value).denominator)
+        forms = a.forms.copy()
+        rows = self.np.broadcast_to(self.np.asarray(rows, dtype=bool), forms.shape)
+        forms[rows] = fill
+        return SMat(forms, a.excluded)
+
+    def hstack(self, parts):
+        return SMat(self.np.concatenate([p.forms for p in parts], axis=1))
+
+    def cols(self, a, start, stop):
+        return SMat(a.forms[:, start:stop])
+
+    def unbroadcast(self, g, like):
+        return SMat(g.forms, g.excluded, unbatched=True)
+
+
+def _either(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
+
+
+def no_rule(what: str):
+    raise SymattnError(f"code generation: no emission rule for {what}")

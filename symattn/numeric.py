@@ -1,0 +1,136 @@
+"""The float backend of the op graph: NumPy arithmetic in one dtype, batched over leading axes.
+
+``FloatXP("float64")`` runs the graph as the verifier's float64 reference and
+its gradients; in a lower dtype it is a straightforward implementation in that
+dtype.  NumPy has no bfloat16 arithmetic (``bf16 @ bf16`` gives float32), so
+bfloat16 is computed in float32 and every op's result is rounded to bfloat16,
+as bfloat16 storage between kernels would round it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import SymattnError
+from .graph import NAN
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def dtype_of(name: str) -> np.dtype:
+    """The NumPy dtype for a dtype name (bfloat16 through ml_dtypes)."""
+    if name not in DTYPES:
+        raise SymattnError(f"dtype: expected one of {', '.join(DTYPES)}, received {name!r}")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def unit_roundoff(name: str) -> float:
+    return {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}[name]
+
+
+def exact_float(entry) -> float:
+    """An exact scalar rounded to float64 (correctly for rationals)."""
+    from fractions import Fraction
+
+    if isinstance(entry, Fraction):
+        return float(entry)
+    from .entries import ball
+
+    return float(ball(entry, 128).mid())
+
+
+class FloatXP:
+    """NumPy arithmetic in ``dtype``; ``arrays`` gives the leaves' values (else the spec's, rounded)."""
+
+    def __init__(self, dtype: str = "float64", arrays: dict | None = None):
+        self.name = dtype
+        self.dtype = dtype_of(dtype)
+        self.compute = np.dtype(np.float32) if dtype == "bfloat16" else self.dtype
+        self.arrays = arrays or {}
+
+    def _out(self, a):
+        """Round an op's result to the dtype (bfloat16 only: every other dtype computes in itself)."""
+        if self.name == "bfloat16":
+            return np.asarray(a).astype(self.dtype).astype(self.compute)
+        return a
+
+    def result(self, a) -> np.ndarray:
+        """A value as an array of the dtype under test."""
+        return np.asarray(a).astype(self.dtype)
+
+    def leaf(self, name, matrix):
+        if name in self.arrays:
+            return np.asarray(self.arrays[name]).astype(self.dtype).astype(self.compute)
+        return matrix.float64().astype(self.dtype).astype(self.compute)
+
+    def param(self, p):
+        return self.compute.type(np.array(exact_float(p.value)).astype(self.dtype))
+
+    def const(self, c):
+        return c.value
+
+    def matmul(self, a, b):
+        return self._out(a @ b)
+
+    def matmul_nt(self, a, b):
+        return self._out(a @ np.swapaxes(b, -1, -2))
+
+    def matmul_tn(self, a, b):
+        return self._out(np.swapaxes(a, -1, -2) @ b)
+
+    def add(self, a, b):
+        return self._out(a + b)
+
+    def sub(self, a, b):
+        return self._out(a - b)
+
+    def mul(self, a, b):
+        return self._out(a * b)
+
+    def one_minus(self, a):
+        return self._out(1 - a)
+
+    def scale(self, a, s):
+        return self._out(a * s)
+
+    def tanh(self, a):
+        return self._out(np.tanh(a))
+
+    def exp(self, a):
+        with np.errstate(under="ignore"):
+            return self._out(np.exp(a))
+
+    def mask(self, a, allowed):
+        return np.where(allowed, a, -np.inf).astype(self.compute)
+
+    def shift(self, a):
+        m = a.max(axis=-1, keepdims=True)
+        return np.where(np.isfinite(m), m, 0).astype(self.compute)  # a row with no allowed key: any finite shift
+
+    def rowsum(self, a):
+        return self._out(a.sum(axis=-1, keepdims=True))
+
+    def colsum(self, a):
+        return self._out(a.sum(axis=-2, keepdims=True))
+
+    def div(self, a, z):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._out(a / z)
+
+    def fill_rows(self, a, rows, value):
+        value = np.nan if value == NAN else float(value)
+        return np.where(rows, self.compute.type(value), a).astype(self.compute)
+
+    def hstack(self, parts):
+        return np.concatenate(parts, axis=-1)
+
+    def cols(self, a, start, stop):
+        return a[..., start:stop]
+
+    def unbroadcast(self, g, like):
+        extra = g.ndim - np.ndim(like)
+        return self._out(g.sum(axis=tuple(range(extra)))) if extra > 0 else g

@@ -1,0 +1,228 @@
+"""Exact scalars in canonical form, and the scores as linear combinations of rational matrices.
+
+Shared by the ball and the exact backends.  An irrational parameter is split
+into a rational coefficient and a canonical generator: q·√D with D a square-free
+integer where the value is a rational times a square root (``1/sqrt(8)`` and
+``sqrt(2)/4`` are both ¼·√2), else the entry itself.  With rational inputs the
+scores are then ``Σ_k g_k·A_k + B`` with rational matrices A_k, B and one term
+per generator (the scale's, irrational ALiBi slopes'): a ``Lin``.  Kept
+unevaluated, equal scores share one exponential in the ball backend and one
+monomial in the exact one, and the exact backend reads each exponent as a
+rational vector over {1, g_1, g_2, ...}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from .entries import Entry, Expr, to_text
+from .matrix import RatMat
+
+SMALL_PRIMES = [p for p in range(2, 1000) if all(p % d for d in range(2, int(p**0.5) + 1))]
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """An irrational exact scalar as ``coefficient·generator``; ``key`` names the generator: ("sqrt", D)
+    or ("expr", text)."""
+
+    coefficient: Fraction
+    key: tuple
+    generator: Entry  # the generator's exact value
+
+    def __neg__(self) -> Scalar:
+        return Scalar(-self.coefficient, self.key, self.generator)
+
+
+def canonical(entry: Entry) -> Fraction | Scalar:
+    """A rational entry as a Fraction, an irrational one as a Scalar.
+
+    >>> canonical(__import__("symattn").entries.parse_entry("1/sqrt(8)", "e"))
+    Scalar(coefficient=Fraction(1, 4), key=('sqrt', 2), generator=Expr(op='sqrt', args=(Fraction(2, 1),)))
+    """
+    if isinstance(entry, Fraction):
+        return entry
+    split = _root(entry)
+    if split is not None:
+        q, d = split
+        if d == 1:
+            return q
+        return Scalar(q, ("sqrt", d), Expr("sqrt", (Fraction(d),)))
+    return Scalar(Fraction(1), ("expr", to_text(entry)), entry)
+
+
+def _root(entry) -> tuple | None:
+    """(q, D) with entry = q·√D, D square-free as far as small primes show, or None."""
+    if isinstance(entry, Fraction):
+        return entry, 1
+    op, args = entry.op, entry.args
+    if op == "sqrt" and isinstance(args[0], Fraction):
+        r = args[0]
+        square, free = _square_part(r.numerator * r.denominator)
+        return Fraction(square, r.denominator), free
+    if op == "mul":
+        a, b = _root(args[0]), _root(args[1])
+        if a is None or b is None:
+            return None
+        square, free = _square_part(a[1] * b[1])
+        return a[0] * b[0] * square, free
+    if op == "add":
+        a, b = _root(args[0]), _root(args[1])
+        if a is None or b is None or (a[1] != b[1] and a[0] and b[0]):
+            return None
+        return a[0] + b[0], a[1] if a[0] else b[1]
+    if op == "pow" and isinstance(args[1], Fraction) and args[1].denominator == 1:
+        base = _root(args[0])
+        if base is None:
+            return None
+        n = int(args[1])
+        q, d = base
+        if q == 0 and n < 0:
+            return None
+        if n < 0:  # 1/(q√D) = √D/(q·D)
+            q, d, n = 1 / (q * d) if d != 1 else 1 / q, d, -n
+        return q**n * Fraction(d) ** (n // 2), d if n % 2 else 1
+    return None
+
+
+def _square_part(n: int) -> tuple[int, int]:
+    """(s, f) with n = s²·f and f free of the squares of small primes."""
+    s, f = 1, n
+    for p in SMALL_PRIMES:
+        if p * p > f:
+            break
+        while f % (p * p) == 0:
+            f //= p * p
+            s *= p
+    r = int(f**0.5) if f < 2**52 else None
+    if r is not None:
+        for c in (r - 1, r, r + 1):
+            if c > 1 and c * c == f:
+                return s * c, 1
+    return s, f
+
+
+class Lin:
+    """Σ_k g_k·A_k + B with exact rational matrices, one term per generator key; ``excluded`` marks entries
+    that are not numbers (masked scores, -inf)."""
+
+    __slots__ = ("terms", "const", "generators", "excluded", "_balls")
+
+    def __init__(self, terms: dict, const: RatMat, generators: dict, excluded=None):
+        self.terms = terms  # key -> RatMat
+        self.const = const
+        self.generators = generators  # key -> the generator's exact value
+        self.excluded = excluded  # bool array or None
+        self._balls = None  # the ball backend's values, cached
+
+    @property
+    def shape(self) -> tuple:
+        return self.const.shape
+
+    @staticmethod
+    def of(a: RatMat, s: Fraction | Scalar) -> Lin | RatMat:
+        """s·a."""
+        if isinstance(s, Fraction):
+            return a.scaled(s)
+        zero = RatMat(np.zeros(a.shape, dtype=object), 1)
+        return Lin({s.key: a.scaled(s.coefficient)}, zero, {s.key: s.generator})
+
+    @staticmethod
+    def lift(a) -> Lin:
+        return a if isinstance(a, Lin) else Lin({}, a, {})
+
+    def combine(self, other, sign: int) -> Lin:
+        other = Lin.lift(other)
+        terms = dict(self.terms)
+        for key, m in other.terms.items():
+            m = m if sign > 0 else m.scaled(Fraction(-1))
+            terms[key] = terms[key] + m if key in terms else m
+        const = self.const + other.const if sign > 0 else self.const - other.const
+        return Lin(terms, const, {**self.generators, **other.generators}, _union(self.excluded, other.excluded))
+
+    def scaled(self, q: Fraction) -> Lin:
+        return Lin(
+            {k: m.scaled(q) for k, m in self.terms.items()}, self.const.scaled(q), self.generators, self.excluded
+        )
+
+    def masked(self, allowed: np.ndarray) -> Lin:
+        return Lin(self.terms, self.const, self.generators, _union(self.excluded, ~allowed))
+
+    @property
+    def signature(self) -> tuple:
+        """What, with an entry's integer numerators, identifies its exact value: generators and denominators."""
+        return tuple((k, m.den) for k, m in self.terms.items()) + (self.const.den,)
+
+    def keys(self) -> list:
+        """Every entry's integer numerators (terms', then the constant's), row by row: with ``signature``, a
+        hashable key of its exact value (plain ints hash far faster than Fractions)."""
+        columns = [m.num.reshape(-1).tolist() for m in self.terms.values()] + [self.const.num.reshape(-1).tolist()]
+        return list(zip(*columns, strict=True))
+
+    def value(self, key: tuple) -> tuple:
+        """(terms as (generator key, Fraction), constant Fraction) of the entry with numerators ``key``."""
+        *nums, const = key
+        terms = [(k, Fraction(n, m.den)) for (k, m), n in zip(self.terms.items(), nums, strict=True)]
+        return terms, Fraction(const, self.const.den)
+
+    def approx(self) -> np.ndarray:
+        """Float approximations of every entry (to choose shifts; never to decide anything)."""
+        total = _approx(self.const)
+        for key, m in self.terms.items():
+            total = total + _approx(m) * _float(self.generators[key])
+        if self.excluded is not None:
+            total = np.where(self.excluded, -np.inf, total)
+        return total
+
+    def shift(self) -> Lin:
+        """Per row, the entry with the largest approximate value (any exact per-row constant would do)."""
+        approx = self.approx()
+        best = np.argmax(np.where(np.isnan(approx), -np.inf, approx), axis=1)
+        rows = np.arange(self.shape[0])
+
+        def pick(m: RatMat) -> RatMat:
+            return RatMat(m.num[rows, best].reshape(-1, 1), m.den)
+
+        return Lin({k: pick(m) for k, m in self.terms.items()}, pick(self.const), self.generators)
+
+    def lowest(self) -> Lin:
+        """Per row and per generator, the least coefficient among the entries that are numbers: subtracting
+        it leaves every exponent non-negative in each generator (the exact backend's shift)."""
+
+        def low(m: RatMat) -> RatMat:
+            num = m.num if self.excluded is None else np.where(self.excluded, None, m.num)
+            out = []
+            for row in num.tolist():
+                values = [v for v in row if v is not None]
+                out.append([min(values) if values else 0])
+            return RatMat(np.array(out, dtype=object).reshape(-1, 1), m.den)
+
+        return Lin({k: low(m) for k, m in self.terms.items()}, low(self.const), self.generators)
+
+
+def _union(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
+
+
+def _approx(m: RatMat) -> np.ndarray:
+    out = np.empty(m.shape)
+    flat = out.reshape(-1)
+    for k, v in enumerate(m.num.reshape(-1).tolist()):
+        try:
+            flat[k] = v / m.den
+        except OverflowError:
+            flat[k] = np.inf if (v > 0) == (m.den > 0) else -np.inf
+    return out
+
+
+def _float(entry) -> float:
+    from .numeric import exact_float
+
+    return exact_float(entry)

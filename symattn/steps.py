@@ -1,0 +1,31 @@
+"""Steps: the named matrices of a trace, as objects (a leaf module: it imports nothing of symattn).
+
+Names are a contract (DESIGN.md "Step names"): ``Q1 K1 V1 scores1 weights1
+head1 ... concat_heads M``, backward steps with a ``d`` prefix.  Everything that
+needs a step's kind, head or shape reads it here, never from the name's text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Step:
+    """One named step: ``kind`` (Q, K, V, scores, weights, head, concat_heads, M, or a backward kind such as
+    dQ, dx, dwq), the 1-based ``head`` it belongs to (a kv head for K, V, dK, dV, dwk, ...; None for the
+    whole-computation steps), its 2-D ``shape`` and its ``definition`` as ``show`` prints it."""
+
+    kind: str
+    head: int | None
+    shape: tuple
+    definition: str
+    backward: bool = False
+    excluded: object = field(default=None, compare=False, repr=False)  # bool L × S: masked scores (not numbers)
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.head is None else f"{self.kind}{self.head}"
+
+    def __str__(self) -> str:
+        return self.name
