@@ -80,6 +80,27 @@ def round_places(x: Rational, places: int) -> int:
     return q
 
 
+def round_scaled(v: int, e: int, places: int) -> int | None:
+    """v·10**e rounded to ``places`` decimals (half to even), as q with value ≈ q·10**-places; None when the
+    value is too large to be worth the integer (more than 10**5 digits before the point).  Tiny values round
+    to 0 without building 10**-e."""
+    k = e + places
+    if k >= 0:
+        if k > 100_000:
+            return None
+        return v * _pow10(k)
+    if -k > len(digits_of(v)) + 1:  # |v·10**k| < 1/10: rounds to 0
+        return 0
+    return _round_half_even(v, _pow10(-k))
+
+
+def _round_half_even(num: int, den: int) -> int:
+    q, r = divmod(num, den)
+    if 2 * r > den or (2 * r == den and q % 2):
+        q += 1
+    return q
+
+
 def digits_of(n: int) -> str:
     """The decimal digits of |n| (no limit on their number, unlike str(int))."""
     return str(Decimal(abs(n)))
@@ -154,6 +175,30 @@ def certified_decimal(lo: int, hi: int, exp10: int, digits: int) -> str | None:
         exponent -= digits - len(text)
         text += "0" * (digits - len(text))
     return layout(bool(sign), text, exponent + exp10)
+
+
+def settle_by_side(lo: int, hi: int, exp10: int, digits: int, sign_of) -> str | None:
+    """The certified string of a value in [lo, hi]·10**exp10 whose two ends round to neighbouring ``digits``-digit
+    decimals, given ``sign_of(boundary)``: the proven sign of (value - the boundary between them)."""
+    scale = (_pow10(exp10), 1) if exp10 >= 0 else (1, _pow10(-exp10))
+    a = round_significant((lo * scale[0], scale[1]), digits)
+    b = round_significant((hi * scale[0], scale[1]), digits)
+    if a == b:
+        return format_significant(*a, digits)
+    # the two neighbours and the boundary halfway between them (a value on the boundary is rational: decided
+    # exactly before this is asked)
+    low = Fraction(a[0]) * Fraction(10) ** (a[1] - digits + 1)
+    high = Fraction(b[0]) * Fraction(10) ** (b[1] - digits + 1)
+    if high <= low:
+        return None
+    boundary = (low + high) / 2
+    if not (Fraction(lo * scale[0], scale[1]) <= boundary <= Fraction(hi * scale[0], scale[1])):
+        return None
+    # the enclosure must cross only this boundary: its ends are within half a unit of the neighbours
+    sign = sign_of(boundary)
+    if sign is None or sign == 0:
+        return None
+    return format_significant(*(b if sign > 0 else a), digits)
 
 
 def bound_string(lo: int, hi: int, exp10: int) -> str:

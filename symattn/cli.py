@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import SymattnError
+from .spec import printable
 
 FORMATS = ("pretty", "str", "latex")
 
@@ -232,14 +233,19 @@ def write_atomic(path: Path, text: str) -> None:
     import os
     import tempfile
 
+    if path.is_dir():
+        raise SymattnError(f"-o: expected a file to write, received the folder {printable(str(path))}")
     try:
         handle, temporary = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise SymattnError(f"-o: cannot write into {path.parent}: {e.strerror}") from None
+        raise SymattnError(f"-o: cannot write into {printable(str(path.parent))}: {e.strerror}") from None
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
         os.replace(temporary, path)
+    except OSError as e:
+        os.unlink(temporary)
+        raise SymattnError(f"-o: cannot write {printable(str(path))}: {e.strerror}") from None
     except BaseException:
         os.unlink(temporary)
         raise

@@ -17,11 +17,6 @@ from .errors import SymattnError
 ENGINES = ("mpmath", "arb", "auto")
 
 
-def _dyadic(man: int, exp: int) -> tuple[int, int]:
-    """man·2**exp as a (numerator, denominator) pair."""
-    return (man << exp, 1) if exp >= 0 else (man, 1 << -exp)
-
-
 class ArbEngine:
     """Arb balls from python-flint (FLINT's certified ball arithmetic).  flint's precision is global:
     ``activate`` sets it for arithmetic, and the caller saves and restores it (see ``truth.evaluate``)."""
@@ -141,16 +136,12 @@ class ArbEngine:
                 out.append(layout(bool(sign), "".join(map(str, coefficient)), exponent + e))
         return out
 
-    def enclosure(self, x) -> tuple[tuple, tuple] | None:
-        """The exact ends of a ball as (numerator, denominator) pairs; None if not finite."""
-        if not x.is_finite():
-            return None
-        mm, me = x.mid().man_exp()
-        rm, re = x.rad().man_exp()
-        mm, me, rm, re = int(mm), int(me), int(rm), int(re)
-        e = min(me, re)
-        mid, rad = mm << (me - e), rm << (re - e)
-        return _dyadic(mid - rad, e), _dyadic(mid + rad, e)
+    def to_arb(self, x):
+        return x
+
+    def accuracy(self, x) -> int:
+        """Bits of relative accuracy (Arb's rel_accuracy_bits; large for an exact ball)."""
+        return 1 << 30 if x.is_exact() else x.rel_accuracy_bits()
 
 
 class MpmathEngine:
@@ -235,36 +226,39 @@ class MpmathEngine:
     def strings(self, balls: list, digits: int) -> list:
         return [None] * len(balls)  # everything through the careful path
 
-    def decimal(self, x, digits: int, convert: int | None = None) -> tuple[int, int, int] | None:
-        ends = self.enclosure(x)
-        if ends is None:
-            return None
-        return arb_decimal(ends, digits, self.bits)
+    def to_arb(self, x):
+        """The interval as an Arb ball containing it: its ends (mantissa, exponent) read exactly by Arb, never
+        expanded into integers (an exponent may be near 2**64)."""
+        import flint
 
-    def enclosure(self, x) -> tuple[tuple, tuple] | None:
-        """The exact ends of an interval as (numerator, denominator) pairs; None if not finite."""
         (sa, ma, ea, _), (sb, mb, eb, _) = x._mpi_
         if (ma == 0 and ea != 0) or (mb == 0 and eb != 0):  # inf or nan
-            return None
-        return _dyadic(-ma if sa else ma, ea), _dyadic(-mb if sb else mb, eb)
+            return flint.arb.nan()
+        saved = flint.ctx.prec
+        flint.ctx.prec = max(self.bits, ma.bit_length(), mb.bit_length()) + 8  # the ends exactly
+        try:
+            lo = flint.arb((-ma if sa else ma, ea))
+            hi = flint.arb((-mb if sb else mb, eb))
+            return lo.union(hi)
+        finally:
+            flint.ctx.prec = saved
 
+    def accuracy(self, x) -> int:
+        ball = self.to_arb(x)
+        return 1 << 30 if ball.is_exact() else ball.rel_accuracy_bits()
 
-def arb_decimal(ends: tuple, digits: int, bits: int) -> tuple[int, int, int]:
-    """(lo, hi, e) with [lo, hi]·10**e containing the exact interval ``ends`` (two dyadic pairs)."""
-    import flint
+    def decimal(self, x, digits: int, convert: int | None = None) -> tuple[int, int, int] | None:
+        import flint
 
-    (an, ad), (bn, bd) = ends
-    saved = flint.ctx.prec
-    flint.ctx.prec = max(bits, 64)
-    try:
-        lo = flint.arb(an) / ad if ad != 1 else flint.arb(an)
-        hi = flint.arb(bn) / bd if bd != 1 else flint.arb(bn)
-        both = lo.union(hi)
-        mid, rad, e = both.mid_rad_10exp(max(digits + 5, int(bits * 0.30103) + 2))
-    finally:
-        flint.ctx.prec = saved
-    mid, rad = int(mid), int(rad)
-    return mid - rad, mid + rad, int(e)
+        saved = flint.ctx.prec
+        flint.ctx.prec = max(self.bits, 64)
+        try:
+            return ArbEngine(self.bits).decimal(self.to_arb(x), digits, convert)
+        finally:
+            flint.ctx.prec = saved
+
+    def strings(self, balls: list, digits: int) -> list:
+        return [None] * len(balls)  # everything through the careful path
 
 
 def engine_class(name: str):

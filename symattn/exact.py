@@ -174,6 +174,51 @@ class Algebra:
             self.atoms.append(poly)
         return self._atom_ids[key]
 
+    # Enclosures of exact elements (for the side of a rounding boundary an entry lies on).
+    def ball(self, a: dict, bits: int):
+        """An Arb ball containing the element's value: each monomial evaluated directly (e**(-10**7) is an
+        accurate ball), so only monomials that are numerically close can cancel."""
+        import flint
+
+        from .entries import ball as entry_ball
+
+        num, den = self.together(a)  # one fraction: what cancels exactly is gone before any ball is made
+        saved = flint.ctx.prec
+        flint.ctx.prec = bits
+        try:
+            cache: dict = {}
+            return self._poly_ball(num, cache, entry_ball, bits) / self._poly_ball(den, cache, entry_ball, bits)
+        finally:
+            flint.ctx.prec = saved
+
+    def _poly_ball(self, poly: dict, cache: dict, entry_ball, bits: int):
+        import flint
+
+        total = flint.arb(0)
+        for m, c in poly.items():
+            term = flint.arb(c.numerator) / c.denominator if isinstance(c, Fraction) else flint.arb(c)
+            exponent = flint.arb(0)
+            for g, e in m:
+                gen = self.gens[g]
+                if gen.kind == "e":
+                    basis, den = gen.info
+                    b = flint.arb(1) if basis is None else entry_ball(basis, bits)
+                    e = Fraction(e)
+                    exponent = exponent + b * flint.arb(e.numerator) / (e.denominator * den)
+                elif gen.kind == "sqrt":
+                    term = term * flint.arb(gen.info).sqrt() ** int(e)
+                else:
+                    if g not in cache:
+                        kind, value = gen.info
+                        if kind == "entry":
+                            cache[g] = entry_ball(value, bits)
+                        else:
+                            inner = self.ball(value, bits)
+                            cache[g] = inner.tanh() if kind == "tanh" else inner.exp()
+                    term = term * cache[g] ** int(e)
+            total = total + term * exponent.exp()
+        return total
+
     # Decisions.
     def value(self, a: dict) -> Fraction | str | None:
         """The entry's exact value when it is formally a constant (a Fraction, or "nan"), else None."""

@@ -100,9 +100,9 @@ class Report:
             out.append(f"  {printable(repr(label))}: no step matches this label; not checked")
         if self.by_bound:
             out.append(
-                f"  {self.by_bound} numbers are printed with more digits than {self.dtype} carries "
-                f"({CARRIED[self.dtype]}): each was judged within {self.dtype}'s error bound for its step "
-                "plus half a unit of its last digit"
+                f"  {self.by_bound} numbers are printed with more digits than {self.dtype} carries ({CARRIED[self.dtype]}) "
+                f"or than its computation can get right: each was judged within {self.dtype}'s error bound for "
+                "its step plus half a unit of its last digit"
             )
         out.extend(f"MISMATCH {m}" for m in self.mismatches)
         out.append(
@@ -285,8 +285,19 @@ def _displayed_name(code: str) -> str | None:
         body = ast.parse(code).body
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    if body and isinstance(body[-1], ast.Expr) and isinstance(body[-1].value, ast.Name):
-        return body[-1].value.id
+    if not body or not isinstance(body[-1], ast.Expr):
+        return None
+    value = body[-1].value
+    if isinstance(value, ast.Name):  # a displayed variable
+        return value.id
+    if (  # print(name)
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id == "print"
+        and len(value.args) == 1
+        and isinstance(value.args[0], ast.Name)
+    ):
+        return value.args[0].id
     return None
 
 
@@ -434,9 +445,12 @@ def check(path, spec=None) -> Report:
                         )
                     continue
                 places = widest if positional else _places(token)
-                if _significant(token) > carried:
-                    if bounds is None:
-                        bounds = _bounds(spec, graph, steps, report.dtype)
+                if bounds is None:
+                    bounds = _bounds(spec, graph, steps, report.dtype)
+                bound = bounds[printed.step][i, j]
+                # more digits than the dtype carries, or than the float computation can get right: judged by the
+                # error bound (a float result may legitimately round the other way in its last digit)
+                if _significant(token) > carried or 0.5 * 10.0**-places <= 4 * bound:
                     if not _within(token, truth, printed.step, i, j, places, bounds[printed.step][i, j]):
                         allowed = bounds[printed.step][i, j]
                         report.mismatches.append(

@@ -839,7 +839,10 @@ def _from_text(text: str, suffix: str, source: str) -> AttentionSpec:
 
 def _json_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_LITERAL_DIGITS:
-        raise SymattnError(f"expected integers of at most {MAX_LITERAL_DIGITS} digits, received one of {len(text)}")
+        raise SymattnError(
+            f"expected integers of at most {MAX_LITERAL_DIGITS} digits, received one of {len(text)} "
+            f"(starting {text[:12]}…)"
+        )
     return int(text)
 
 

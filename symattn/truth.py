@@ -40,6 +40,7 @@ MAX_DIGITS = 100_000
 GUARD_BITS = 32
 MAX_RISES = 5  # precision doubles at most this often before giving up
 MAX_BITS = 1 << 22  # the working precision never exceeds this (about 1.26 million digits)
+MAX_ESCALATION = 1 << 16  # one entry just off a rounding tie is recomputed (its row alone) up to this precision
 EXACT_LIMIT = 200_000  # exact decisions only for graphs with at most this many score entries
 ACCURACY_MARGIN = 6  # bits of relative accuracy beyond the digits asked, so that most entries certify at once
 
@@ -201,26 +202,41 @@ class Truth:
     def _escalate(self, name, i, j) -> tuple[str, bool]:
         """An enclosure that straddles a rounding boundary: the exact form, else more precision for this
         entry alone (its row of the forward computation, or the whole backward one)."""
+        digits = self.digits
+        known = self._known[name]
+        engine = engine_class(self.engine)(self.bits)
+
+        def side(sign_of):
+            ends = engine.decimal(known.balls[i, j], digits)
+            if ends is None:
+                return None
+            lo, hi, e = ends
+            return certify.settle_by_side(lo, hi, e, digits, sign_of)
+
         return self._settle_entry(
             name, i, j,
-            lambda engine, ball: _ball_string(engine, ball, self.digits),
-            lambda value: _exact_text(value, self.digits),
-            f"{self.digits} digits",
+            lambda engine, ball: _ball_string(engine, ball, digits),
+            lambda value: _exact_text(value, digits),
+            f"{digits} digits",
+            side,
         )  # fmt: skip
 
-    def _settle_entry(self, name, i, j, settle, settle_exact, what: str):
+    def _settle_entry(self, name, i, j, settle, settle_exact, what: str, side=None):
         """(result, decided exactly): settle(engine, ball) at rising precision, or settle_exact(value) of the
-        exact form."""
+        exact form; ``side(boundary_sign)`` settles an entry that straddles one rounding boundary once the
+        exact form tells which side of the boundary it is on."""
         value = self.decide(name, i, j)
         if value is not None:
             return settle_exact(value), True
+        if side is not None:
+            result = side(lambda boundary: self.side_of(name, i, j, boundary))
+            if result is not None:
+                return result, False
         bits = self.bits
         saved = _flint_precision()
         try:
-            for _ in range(MAX_RISES):
-                bits *= 2
-                if bits > MAX_BITS:
-                    break
+            while bits < MAX_ESCALATION:  # an irrational value may sit extremely close to a tie: keep doubling
+                bits = min(2 * bits, MAX_ESCALATION)
                 log.debug("raising precision to %d bits for %s[%d, %d], just at a rounding boundary", bits, name, i, j)
                 ball = _recompute(self, name, i, j, bits)
                 result = settle(engine_class(self.engine)(bits), ball)
@@ -253,19 +269,40 @@ class Truth:
         def settle(engine, ball):
             if engine.is_nan(ball):
                 return "nan"
-            ends = engine.enclosure(ball)
+            ends = engine.decimal(ball, self.digits)
             if ends is None:
                 return None
-            lo, hi = (certify.round_places(end, places) for end in ends)
-            return lo if lo == hi else None
+            lo, hi, e = ends
+            a, b = certify.round_scaled(lo, e, places), certify.round_scaled(hi, e, places)
+            return a if a == b and a is not None else None
 
-        result = settle(engine_class(self.engine)(self.bits), known.balls[i, j])
+        engine = engine_class(self.engine)(self.bits)
+        result = settle(engine, known.balls[i, j])
         if result is not None:
             return result
+
+        def side(sign_of):
+            ends = engine.decimal(known.balls[i, j], self.digits)
+            if ends is None:
+                return None
+            lo, hi, e = ends
+            a, b = certify.round_scaled(lo, e, places), certify.round_scaled(hi, e, places)
+            if a is None or b is None or b != a + 1:
+                return None
+            sign = sign_of(Fraction(2 * a + 1, 2 * 10**places))  # the boundary between the two neighbours
+            return None if not sign else (b if sign > 0 else a)
+
         result, _ = self._settle_entry(
-            name, i, j, settle, lambda v: v if v == "nan" else certify.round_places(v, places), f"{places} decimals"
-        )
+            name, i, j, settle, lambda v: v if v == "nan" else certify.round_places(v, places), f"{places} decimals",
+            side,
+        )  # fmt: skip
         return result
+
+    def side_of(self, name: str, i: int, j: int, boundary: Fraction) -> int | None:
+        """The sign of (entry - boundary), proven from the entry's exact form, or None."""
+        if self._decider is None:
+            self._decider = _Decider(self.spec, self.graph)
+        return self._decider.side(name, i, j, boundary, self.bits)
 
     def decide(self, name: str, i: int, j: int):
         """The entry's exact value when its exact form is a constant (a Fraction, or "nan"), else None."""
@@ -354,6 +391,29 @@ class _Decider:
         except (RecursionError, MemoryError):
             return None
 
+    def side(self, name, i, j, boundary: Fraction, bits: int) -> int | None:
+        """The sign of (entry - boundary) from the exact form's value, evaluated monomial by monomial."""
+        if not self.enabled or self(name, i, j) is not None:  # computes the exact form (and is no constant)
+            return None
+        step = self.graph.step(name)
+        if not step.backward and step.kind not in ("K", "V"):
+            xp, values = self.rows[i if self.graph.rows is None else self.graph.rows[i]]
+            element = xp.entry(values[name], 0, j)
+        else:
+            xp, values = self.whole
+            element = xp.entry(values[name], i, j)
+        difference = xp.alg.add(element, xp.alg.const(boundary), -1)
+        for precision in (bits, 4 * bits, 16 * bits):
+            try:
+                ball = xp.alg.ball(difference, max(precision, 128))
+            except (ValueError, ZeroDivisionError, _too_big()):
+                return None
+            if ball > 0:
+                return 1
+            if ball < 0:
+                return -1
+        return None
+
 
 # The precision loop.
 
@@ -408,25 +468,6 @@ def _log2_abs(e) -> float:
     b = ball(e, 64)
     top = b.abs_upper()
     return float(top.log() / ball(Fraction(2), 64).log()) + 1 if top > 0 else -math.inf
-
-
-def _accurate(engine, ball, needed: int) -> bool:
-    """True when the ball is accurate enough that its decimals will almost surely certify."""
-    if engine.name == "arb":
-        return ball.is_exact() or ball.rel_accuracy_bits() >= needed
-    ends = engine.enclosure(ball)
-    if ends is None:
-        return False
-    (an, ad), (bn, bd) = ends
-    lo, hi = Fraction(an, ad), Fraction(bn, bd)
-    if lo == hi:
-        return True
-    width, size = hi - lo, max(abs(lo), abs(hi))
-    if lo <= 0 <= hi:
-        return False
-    return width.numerator.bit_length() - width.denominator.bit_length() + needed < (
-        size.numerator.bit_length() - size.denominator.bit_length()
-    )
 
 
 def evaluate(
@@ -598,7 +639,13 @@ def _accuracy(engine, needed: int):
     """A test of whether a ball is accurate enough that its decimals will almost surely certify."""
     if engine.name == "arb":
         return lambda ball: ball.is_exact() or ball.rel_accuracy_bits() >= needed
-    return lambda ball: _accurate(engine, ball, needed)
+    return lambda ball: engine.accuracy(ball) >= needed
+
+
+def _too_big():
+    from .exact import _TooBig
+
+    return _TooBig
 
 
 def _flint_precision():

@@ -8,7 +8,7 @@ softmax without any shift, inputs converted by SymPy's evalf.
 from __future__ import annotations
 
 import random
-from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_EVEN, Decimal, localcontext
 from fractions import Fraction
 
 import mpmath
@@ -43,6 +43,13 @@ def to_mpf(entry, dps: int):
         return mpmath.mpf(entry.numerator) / entry.denominator
     if isinstance(entry, Decimal):
         return mpmath.mpf(str(entry))
+    try:  # a rational string ("5e-30", "3/4", "3/7*1e12") exactly: sympify reads "5e-30" as a 15-digit Float
+        q = Fraction(1)
+        for factor in str(entry).replace(" ", "").split("*"):
+            q *= Fraction(factor)
+        return mpmath.mpf(q.numerator) / q.denominator
+    except (ValueError, ZeroDivisionError):
+        pass
     # test-authored strings only: SymPy's own parser is fine here
     return mpmath.mpf(str(sympy.N(sympy.sympify(entry), dps + 20)))
 
@@ -86,7 +93,40 @@ def rounded(value, digits: int, dps: int = 120) -> Decimal:
     with localcontext() as ctx:
         ctx.prec = digits
         ctx.rounding = ROUND_HALF_EVEN
+        ctx.Emax, ctx.Emin = MAX_EMAX, MIN_EMIN  # values far below any float keep their exponent
         return +Decimal(text)
+
+
+def parts(text: str) -> tuple[int, int]:
+    """A decimal string as (integer mantissa, exponent) with no trailing zeros in the mantissa: exponents of any
+    size (Decimal cannot hold 1e-(10**23))."""
+    mantissa, _, exponent = text.lower().partition("e")
+    negative = mantissa.startswith("-")
+    mantissa = mantissa.lstrip("+-")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0") or "0"
+    e = int(exponent or 0) - len(fraction)
+    m = int(digits)
+    while m and m % 10 == 0:
+        m //= 10
+        e += 1
+    return (-m if negative else m), (e if m else 0)
+
+
+def rounded_parts(value, digits: int, dps: int) -> tuple[int, int]:
+    """The reference value correctly rounded (half even) to ``digits`` significant digits, as parts()."""
+    text = mpmath.nstr(value, dps, strip_zeros=False, min_fixed=1, max_fixed=0)
+    m, e = parts(text)
+    negative, m = m < 0, abs(m)
+    s = str(m)
+    if len(s) > digits:
+        cut = len(s) - digits
+        keep, rest = int(s[:digits]), s[digits:]
+        half = "5" + "0" * (cut - 1)
+        if rest > half or (rest == half and keep % 2):
+            keep += 1
+        m, e = keep, e + cut
+    return parts(f"{'-' if negative else ''}{m}e{e}")
 
 
 def significant_digits(text: str) -> int:

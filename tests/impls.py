@@ -85,3 +85,18 @@ def wrong_signature(x):
 
 def crashes(x, wq, wk, wv, wo):
     raise RuntimeError("kernel failed")
+
+
+def right_scaled(x, wq, wk, wv, wo, *, scale):
+    """Right, with the spec's scale."""
+    return np.concatenate(_heads(x, wq, wk, wv, x.dtype.type(scale)), axis=-1) @ wo
+
+
+def right_kwargs(x, wq, wk, wv, wo, **options):
+    """Right, taking every option through **kwargs (and using the scale)."""
+    return right_scaled(x, wq, wk, wv, wo, scale=options["scale"])
+
+
+def default_scale_only(x, wq, wk, wv, wo, *, scale):
+    """Takes the scale but uses 1/sqrt(d_k) anyway."""
+    return right(x, wq, wk, wv, wo)

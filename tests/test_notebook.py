@@ -250,3 +250,109 @@ def test_single_head_without_numbers(tmp_path):
     path.write_text(text)
     report = check(path)
     assert report.ok and report.spec.h == 1
+
+
+def test_every_printed_copy_is_checked(tmp_path):
+    # M printed twice: a wrong first copy must be named even though the Out[] copy is right
+    x = np.array([[1, 2], [3, 4]])
+    heads = [(np.eye(2, dtype=int), np.array([[0, 1], [1, 0]]), np.array([[1, 0], [0, -1]]))]
+    text = notebook_text(x, heads, np.eye(2, dtype=int), displayed=True)
+    first = text.index("Final Multi-Head Self-Attention Output (M):")
+    line = text[first:].splitlines()[1]
+    token = line.split()[1].strip("[]")
+    wrong = token[:-1] + ("1" if token[-1] != "1" else "2")
+    text = text[:first] + text[first:].replace(token, wrong, 1)
+    path = tmp_path / "twice.txt"
+    path.write_text(text)
+    report = check(path)
+    assert [a.step for a in report.arrays][-2:] == ["M", "M"]
+    assert len(report.mismatches) == 1
+    assert report.mismatches[0].printed == wrong
+    assert report.mismatches[0].copy == "Final Multi-Head Self-Attention Output (M):"
+    assert "(in the copy printed as 'Final Multi-Head Self-Attention Output (M):')" in str(report.mismatches[0])
+
+
+def full_precision_transcript(corrupt=None) -> str:
+    text = TRANSCRIPT.read_text()
+    head, _ = text.split("In [51]:")
+    x = np.array([[1, 2], [3, 4]])
+    w = [np.eye(2), np.array([[0, 1], [1, 0]]), np.array([[1, 0], [0, -1]])]
+    w2 = [np.array([[0, 1], [1, 0]]), np.eye(2), np.array([[0, 1], [-1, 0]])]
+
+    def attention(q, k, v):
+        s = q @ k.T / np.sqrt(2)
+        e = np.exp(s)
+        return (e / e.sum(axis=1, keepdims=True)) @ v
+
+    h1 = attention(x @ w[0], x @ w[1], x @ w[2])
+    h2 = attention(x @ w2[0], x @ w2[1], x @ w2[2])
+    m = np.hstack((h1, h2)) @ np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])
+    with np.printoptions(precision=17):
+        printed = f"Head 1 Output:\n{h1}\n\nFinal Multi-Head Self-Attention Output (M):\n{m}\nFinal output M, as a list:\n{m.tolist()}"
+    if corrupt:
+        printed = printed.replace(*corrupt)
+    return head + "In [51]:\nnp.set_printoptions(precision=17)\nprint(...)\n\n" + printed + "\n"
+
+
+def test_full_precision_prints_pass_and_say_how_they_were_judged(tmp_path):
+    path = tmp_path / "p17.txt"
+    path.write_text(full_precision_transcript())
+    report = check(path)
+    assert report.ok, report.lines()
+    assert report.by_bound == 12 and "judged within float64's error bound" in "\n".join(report.lines())
+
+
+def test_a_wrong_digit_in_a_full_precision_print_is_named(tmp_path):
+    text = full_precision_transcript()
+    value = repr(float(text.split("as a list:\n[[")[1].split(",")[0]))
+    wrong = value[:6] + str((int(value[6]) + 3) % 10) + value[7:]
+    path = tmp_path / "p17bad.txt"
+    path.write_text(text.replace(value, wrong, 1))
+    report = check(path)
+    assert [(m.step, m.row, m.col, m.printed) for m in report.mismatches] == [("M", 0, 0, wrong)]
+
+
+def test_an_unlabelled_array_is_not_compared_by_resemblance(tmp_path):
+    text = TRANSCRIPT.read_text() + "\nIn [52]:\nprint('Output:')\nprint(np.eye(2))\n\nOutput:\n[[1. 0.]\n [0. 1.]]\n"
+    path = tmp_path / "eye.txt"
+    path.write_text(text)
+    report = check(path)
+    assert report.ok and report.unmatched == ["Output:"]
+    assert "  'Output:': no step matches this label; not checked" in report.lines()
+
+
+def test_ipython_console_transcripts(tmp_path):
+    text = (
+        "In [1]: import numpy as np\n\n"
+        "In [2]: X = np.array([[1, 2],\n   ...:               [3, 4]])\n\n"
+        "In [3]: W_Q1 = np.array([[1, 0], [0, 1]]); W_K1 = np.array([[0, 1], [1, 0]])\n\n"
+        "In [4]: W_V1 = np.array([[1, 0], [0, -1]])\n\n"
+        "In [5]: W_Q2 = np.array([[0, 1], [1, 0]]); W_K2 = np.array([[1, 0], [0, 1]])\n\n"
+        "In [6]: W_V2 = np.array([[0, 1], [-1, 0]])\n\n"
+        "In [7]: W_O = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])\n\n"
+        "In [8]: M\nOut[8]:\narray([[ 6.94333586, -6.94333586],\n       [ 6.99979921, -6.99979921]])\n\n"
+        "In [9]: print(head1)\n[[ 2.97166793 -3.97166793]\n [ 2.9998996  -3.9998996 ]]\n"
+    )
+    path = tmp_path / "console.txt"
+    path.write_text(text)
+    report = check(path)
+    assert report.ok, report.lines()
+    assert [a.step for a in report.arrays] == ["M", "head1"] and report.checked == 8
+    bad = tmp_path / "console_bad.txt"
+    bad.write_text(text.replace("6.99979921, -6.99979921", "6.99979921, -6.99979922"))
+    assert [(m.step, m.row, m.col) for m in check(bad).mismatches] == [("M", 1, 1)]
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ('"not a list"', r"cells\[0\]\.outputs: expected a list, received str$"),
+        ('["a string"]', r"cells\[0\]\.outputs\[0\]: expected a table, received str$"),
+        ('[{"output_type": "stream", "text": 5}]', r"cells\[0\]\.outputs\[0\]\.text: expected text or a list of lines"),
+    ],
+)
+def test_malformed_ipynb_outputs_are_one_line_errors(tmp_path, outputs, message):
+    path = tmp_path / "odd.ipynb"
+    path.write_text('{"cells": [{"cell_type": "code", "source": "M", "outputs": ' + outputs + "}]}")
+    with pytest.raises(SymattnError, match=message):
+        check(path)

@@ -244,3 +244,49 @@ def test_bad_options():
         verify("notebook", [impls.right], dtype="int8")
     with pytest.raises(SymattnError, match=r"^rule: expected one of kappa, differential, both, received 'x'$"):
         verify("notebook", [impls.right], rule="x")
+
+
+def quarter_scale_spec() -> dict:
+    data = random_spec(4, n=4, d_model=3, h=2, d_k=2, d_v=2, d_out=3)
+    data["scale"] = "1/4"  # 1/sqrt(d_k) would be 1/sqrt(2)
+    return data
+
+
+@pytest.mark.parametrize("rule", ["kappa", "differential", "both"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_spec_scale_reaches_the_implementation(rule, dtype):
+    spec = quarter_scale_spec()
+    for fn in (impls.right_scaled, impls.right_kwargs):
+        r = result(fn, spec, dtype, rule)
+        assert r.verdict == "PASS", r.lines()
+    wrong = result(impls.default_scale_only, spec, dtype, rule)
+    assert wrong.verdict == "FAIL", wrong.lines()
+
+
+def test_an_implementation_without_the_spec_option_is_unsupported(tmp_path):
+    spec = tmp_path / "quarter.json"
+    spec.write_text(json.dumps(quarter_scale_spec()))
+    r = result(impls.right, quarter_scale_spec())
+    assert r.verdict == "UNSUPPORTED" and not r.passed
+    assert r.reasons == ["the spec sets scale = 0.25, which right does not accept"]
+    done = cli(str(spec), "--impl", "tests.impls:right", "--impl", "tests.impls:right_scaled")
+    assert done.returncode == 1
+    first, second = done.stdout.split("\n\n")
+    assert first == (
+        "UNSUPPORTED tests.impls:right on random4 in float64: the spec sets scale = 0.25, which tests.impls:right "
+        "does not accept"
+    )
+    assert second.startswith("PASS tests.impls:right_scaled")
+    with pytest.raises(SymattnError, match=r"^right on random4: the spec sets scale = 0.25, which right does not"):
+        assert_attention_close(impls.right, quarter_scale_spec())
+
+
+def test_options_are_passed_only_where_accepted():
+    seen = {}
+
+    def spy(x, wq, wk, wv, wo, *, scale, causal=False):
+        seen.update(scale=scale, causal=causal)
+        return impls.right(x, wq, wk, wv, wo)
+
+    assert result(spy, "notebook").passed
+    assert seen == {"scale": pytest.approx(2**-0.5), "causal": False}
