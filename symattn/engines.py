@@ -223,9 +223,6 @@ class MpmathEngine:
     def is_nan(self, x) -> bool:
         return self.ctx.isnan(x)
 
-    def strings(self, balls: list, digits: int) -> list:
-        return [None] * len(balls)  # everything through the careful path
-
     def to_arb(self, x):
         """The interval as an Arb ball containing it: its ends (mantissa, exponent) read exactly by Arb, never
         expanded into integers (an exponent may be near 2**64)."""

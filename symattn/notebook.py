@@ -100,8 +100,9 @@ class Report:
             out.append(f"  {printable(repr(label))}: no step matches this label; not checked")
         if self.by_bound:
             out.append(
-                f"  {self.by_bound} numbers are printed with more digits than {self.dtype} carries ({CARRIED[self.dtype]}) "
-                f"or than its computation can get right: each was judged within {self.dtype}'s error bound for "
+                f"  {self.by_bound} numbers are printed with more digits than {self.dtype} carries "
+                f"({CARRIED[self.dtype]}) or than its computation can get right: each was judged within "
+                f"{self.dtype}'s error bound for "
                 "its step plus half a unit of its last digit"
             )
         out.extend(f"MISMATCH {m}" for m in self.mismatches)

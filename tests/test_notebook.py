@@ -288,7 +288,10 @@ def full_precision_transcript(corrupt=None) -> str:
     h2 = attention(x @ w2[0], x @ w2[1], x @ w2[2])
     m = np.hstack((h1, h2)) @ np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])
     with np.printoptions(precision=17):
-        printed = f"Head 1 Output:\n{h1}\n\nFinal Multi-Head Self-Attention Output (M):\n{m}\nFinal output M, as a list:\n{m.tolist()}"
+        printed = (
+            f"Head 1 Output:\n{h1}\n\nFinal Multi-Head Self-Attention Output (M):\n{m}\n"
+            f"Final output M, as a list:\n{m.tolist()}"
+        )
     if corrupt:
         printed = printed.replace(*corrupt)
     return head + "In [51]:\nnp.set_printoptions(precision=17)\nprint(...)\n\n" + printed + "\n"
