@@ -9,6 +9,38 @@ maximum over its allowed keys, so large logits do not overflow in float32 and fl
 where an exponent's argument itself does).
 """
 import numpy
+
+def _floating(a, shape, name, dtype=None):
+    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
+    a = numpy.asarray(a)
+    if a.dtype.kind == 'c':
+        raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
+    if dtype is not None:
+        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
+    elif a.dtype.name == 'bfloat16':
+        dtype, a = (a.dtype, a.astype(numpy.float32))
+    elif numpy.issubdtype(a.dtype, numpy.floating):
+        dtype = a.dtype
+    else:
+        a = a.astype(numpy.float64)
+        dtype = a.dtype
+    if a.shape[a.ndim - len(shape):] != shape:
+        raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
+    return (a, dtype)
+
+def _result(a, dtype):
+    return numpy.asarray(a).astype(dtype, copy=False)
+
+def _stack(rows, dtype, unbatched=False):
+    """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
+    flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
+    columns = len(rows[0])
+    out = numpy.stack([numpy.stack(flat[i:i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
+    return _unbatched(out, 2) if unbatched else out
+
+def _unbatched(g, ndim):
+    """A shared weight's gradient: the sum over the batch axes."""
+    return g.sum(axis=tuple(range(g.ndim - ndim))) if g.ndim > ndim else g
 _CHUNK = 4096
 
 def forward(x):
@@ -494,35 +526,3 @@ def intermediates(x):
     out3_2 = head1_3_0 + 2 * head2_3_0 + head2_3_1
     steps = {'Q1': _stack([[q1_0_0, q1_0_1], [q1_1_0, q1_1_1], [q1_2_0, q1_2_1], [q1_3_0, q1_3_1]], x.dtype), 'K1': _stack([[q1_0_1, k1_0_1], [q1_1_1, k1_1_1], [q1_2_1, k1_2_1], [q1_3_1, k1_3_1]], x.dtype), 'V1': _stack([[v1_0_0, v1_0_1], [v1_1_0, v1_1_1], [v1_2_0, v1_2_1], [v1_3_0, v1_3_1]], x.dtype), 'scores1': _stack([[s1_0_0, s1_0_1, s1_0_2, s1_0_3], [s1_1_0, s1_1_1, s1_1_2, s1_1_3], [s1_2_0, s1_2_1, s1_2_2, s1_2_3], [s1_3_0, s1_3_1, s1_3_2, s1_3_3]], x.dtype), 'weights1': _stack([[w1_0_0, w1_0_1, w1_0_2, w1_0_3], [w1_1_0, w1_1_1, w1_1_2, w1_1_3], [w1_2_0, w1_2_1, w1_2_2, w1_2_3], [w1_3_0, w1_3_1, w1_3_2, w1_3_3]], x.dtype), 'head1': _stack([[head1_0_0, head1_0_1], [head1_1_0, head1_1_1], [head1_2_0, head1_2_1], [head1_3_0, head1_3_1]], x.dtype), 'Q2': _stack([[x0_1, q2_0_1], [x1_1, q2_1_1], [x2_1, q2_2_1], [x3_1, q2_3_1]], x.dtype), 'K2': _stack([[x0_0, x0_1], [x1_0, x1_1], [x2_0, x2_1], [x3_0, x3_1]], x.dtype), 'V2': _stack([[v1_0_1, q1_0_0], [v1_1_1, q1_1_0], [v1_2_1, q1_2_0], [v1_3_1, q1_3_0]], x.dtype), 'scores2': _stack([[s2_0_0, s2_0_1, s2_0_2, s2_0_3], [s2_1_0, s2_1_1, s2_1_2, s2_1_3], [s2_2_0, s2_2_1, s2_2_2, s2_2_3], [s2_3_0, s2_3_1, s2_3_2, s2_3_3]], x.dtype), 'weights2': _stack([[w2_0_0, w2_0_1, w2_0_2, w2_0_3], [w2_1_0, w2_1_1, w2_1_2, w2_1_3], [w2_2_0, w2_2_1, w2_2_2, w2_2_3], [w2_3_0, w2_3_1, w2_3_2, w2_3_3]], x.dtype), 'head2': _stack([[head2_0_0, head2_0_1], [head2_1_0, head2_1_1], [head2_2_0, head2_2_1], [head2_3_0, head2_3_1]], x.dtype), 'concat_heads': _stack([[head1_0_0, head1_0_1, head2_0_0, head2_0_1], [head1_1_0, head1_1_1, head2_1_0, head2_1_1], [head1_2_0, head1_2_1, head2_2_0, head2_2_1], [head1_3_0, head1_3_1, head2_3_0, head2_3_1]], x.dtype), 'M': _stack([[out0_0, out0_1, out0_2], [out1_0, out1_1, out1_2], [out2_0, out2_1, out2_2], [out3_0, out3_1, out3_2]], x.dtype)}
     return {name: _result(value, dtype) for name, value in steps.items()}
-
-def _floating(a, shape, name, dtype=None):
-    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
-    a = numpy.asarray(a)
-    if a.dtype.kind == 'c':
-        raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
-    if dtype is not None:
-        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
-    elif a.dtype.name == 'bfloat16':
-        dtype, a = (a.dtype, a.astype(numpy.float32))
-    elif numpy.issubdtype(a.dtype, numpy.floating):
-        dtype = a.dtype
-    else:
-        a = a.astype(numpy.float64)
-        dtype = a.dtype
-    if a.shape[a.ndim - len(shape):] != shape:
-        raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
-    return (a, dtype)
-
-def _result(a, dtype):
-    return numpy.asarray(a).astype(dtype, copy=False)
-
-def _stack(rows, dtype, unbatched=False):
-    """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
-    flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
-    columns = len(rows[0])
-    out = numpy.stack([numpy.stack(flat[i:i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
-    return _unbatched(out, 2) if unbatched else out
-
-def _unbatched(g, ndim):
-    """A shared weight's gradient: the sum over the batch axes."""
-    return g.sum(axis=tuple(range(g.ndim - ndim))) if g.ndim > ndim else g

@@ -9,6 +9,27 @@ maximum over its allowed keys, so large logits do not overflow in float32 and fl
 where an exponent's argument itself does).
 """
 import numpy
+
+def _floating(a, shape, name, dtype=None):
+    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
+    a = numpy.asarray(a)
+    if a.dtype.kind == 'c':
+        raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
+    if dtype is not None:
+        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
+    elif a.dtype.name == 'bfloat16':
+        dtype, a = (a.dtype, a.astype(numpy.float32))
+    elif numpy.issubdtype(a.dtype, numpy.floating):
+        dtype = a.dtype
+    else:
+        a = a.astype(numpy.float64)
+        dtype = a.dtype
+    if a.shape[a.ndim - len(shape):] != shape:
+        raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
+    return (a, dtype)
+
+def _result(a, dtype):
+    return numpy.asarray(a).astype(dtype, copy=False)
 _WQ1 = numpy.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 _WK1 = numpy.array([[0.0, 1.0], [1.0, 0.0], [1.0, -1.0]])
 _WV1 = numpy.array([[1.0, 0.0], [0.0, -1.0], [2.0, 1.0]])
@@ -75,24 +96,3 @@ def intermediates(x):
     m = concat_heads @ _WO.astype(x.dtype)
     steps = {'Q1': q1, 'K1': k1, 'V1': v1, 'scores1': scores1, 'weights1': weights1, 'head1': head1, 'Q2': q2, 'K2': k2, 'V2': v2, 'scores2': scores2, 'weights2': weights2, 'head2': head2, 'concat_heads': concat_heads, 'M': m}
     return {name: _result(value, dtype) for name, value in steps.items()}
-
-def _floating(a, shape, name, dtype=None):
-    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
-    a = numpy.asarray(a)
-    if a.dtype.kind == 'c':
-        raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
-    if dtype is not None:
-        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
-    elif a.dtype.name == 'bfloat16':
-        dtype, a = (a.dtype, a.astype(numpy.float32))
-    elif numpy.issubdtype(a.dtype, numpy.floating):
-        dtype = a.dtype
-    else:
-        a = a.astype(numpy.float64)
-        dtype = a.dtype
-    if a.shape[a.ndim - len(shape):] != shape:
-        raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
-    return (a, dtype)
-
-def _result(a, dtype):
-    return numpy.asarray(a).astype(dtype, copy=False)

@@ -15,6 +15,38 @@ Exact output:
     M[1, 1] = -(3 + 7*exp(7*sqrt(2)))/(1 + exp(7*sqrt(2)))
 """
 import numpy
+
+def _floating(a, shape, name, dtype=None):
+    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
+    a = numpy.asarray(a)
+    if a.dtype.kind == 'c':
+        raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
+    if dtype is not None:
+        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
+    elif a.dtype.name == 'bfloat16':
+        dtype, a = (a.dtype, a.astype(numpy.float32))
+    elif numpy.issubdtype(a.dtype, numpy.floating):
+        dtype = a.dtype
+    else:
+        a = a.astype(numpy.float64)
+        dtype = a.dtype
+    if a.shape[a.ndim - len(shape):] != shape:
+        raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
+    return (a, dtype)
+
+def _result(a, dtype):
+    return numpy.asarray(a).astype(dtype, copy=False)
+
+def _stack(rows, dtype, unbatched=False):
+    """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
+    flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
+    columns = len(rows[0])
+    out = numpy.stack([numpy.stack(flat[i:i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
+    return _unbatched(out, 2) if unbatched else out
+
+def _unbatched(g, ndim):
+    """A shared weight's gradient: the sum over the batch axes."""
+    return g.sum(axis=tuple(range(g.ndim - ndim))) if g.ndim > ndim else g
 _CHUNK = 4096
 
 def forward(x):
@@ -92,35 +124,3 @@ def intermediates(x):
     out1_0 = head1_1_0 - head1_1_1
     steps = {'Q1': _stack([[x0_0, x0_1], [x1_0, x1_1]], x.dtype), 'K1': _stack([[x0_1, x0_0], [x1_1, x1_0]], x.dtype), 'V1': _stack([[x0_0, -x0_1], [x1_0, -x1_1]], x.dtype), 'scores1': _stack([[s1_0_0, s1_0_1], [s1_0_1, s1_1_1]], x.dtype), 'weights1': _stack([[w1_0_0, w1_0_1], [w1_1_0, w1_1_1]], x.dtype), 'head1': _stack([[head1_0_0, head1_0_1], [head1_1_0, head1_1_1]], x.dtype), 'Q2': _stack([[x0_1, x0_0], [x1_1, x1_0]], x.dtype), 'K2': _stack([[x0_0, x0_1], [x1_0, x1_1]], x.dtype), 'V2': _stack([[-x0_1, x0_0], [-x1_1, x1_0]], x.dtype), 'scores2': _stack([[s1_0_0, s1_0_1], [s1_0_1, s1_1_1]], x.dtype), 'weights2': _stack([[w1_0_0, w1_0_1], [w1_1_0, w1_1_1]], x.dtype), 'head2': _stack([[head1_0_1, head1_0_0], [head1_1_1, head1_1_0]], x.dtype), 'concat_heads': _stack([[head1_0_0, head1_0_1, head1_0_1, head1_0_0], [head1_1_0, head1_1_1, head1_1_1, head1_1_0]], x.dtype), 'M': _stack([[out0_0, -out0_0], [out1_0, -out1_0]], x.dtype)}
     return {name: _result(value, dtype) for name, value in steps.items()}
-
-def _floating(a, shape, name, dtype=None):
-    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
-    a = numpy.asarray(a)
-    if a.dtype.kind == 'c':
-        raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
-    if dtype is not None:
-        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
-    elif a.dtype.name == 'bfloat16':
-        dtype, a = (a.dtype, a.astype(numpy.float32))
-    elif numpy.issubdtype(a.dtype, numpy.floating):
-        dtype = a.dtype
-    else:
-        a = a.astype(numpy.float64)
-        dtype = a.dtype
-    if a.shape[a.ndim - len(shape):] != shape:
-        raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
-    return (a, dtype)
-
-def _result(a, dtype):
-    return numpy.asarray(a).astype(dtype, copy=False)
-
-def _stack(rows, dtype, unbatched=False):
-    """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
-    flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
-    columns = len(rows[0])
-    out = numpy.stack([numpy.stack(flat[i:i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
-    return _unbatched(out, 2) if unbatched else out
-
-def _unbatched(g, ndim):
-    """A shared weight's gradient: the sum over the batch axes."""
-    return g.sum(axis=tuple(range(g.ndim - ndim))) if g.ndim > ndim else g

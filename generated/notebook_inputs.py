@@ -10,6 +10,38 @@ maximum over its allowed keys, so large logits do not overflow in float32 and fl
 where an exponent's argument itself does).
 """
 import numpy
+
+def _floating(a, shape, name, dtype=None):
+    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
+    a = numpy.asarray(a)
+    if a.dtype.kind == 'c':
+        raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
+    if dtype is not None:
+        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
+    elif a.dtype.name == 'bfloat16':
+        dtype, a = (a.dtype, a.astype(numpy.float32))
+    elif numpy.issubdtype(a.dtype, numpy.floating):
+        dtype = a.dtype
+    else:
+        a = a.astype(numpy.float64)
+        dtype = a.dtype
+    if a.shape[a.ndim - len(shape):] != shape:
+        raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
+    return (a, dtype)
+
+def _result(a, dtype):
+    return numpy.asarray(a).astype(dtype, copy=False)
+
+def _stack(rows, dtype, unbatched=False):
+    """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
+    flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
+    columns = len(rows[0])
+    out = numpy.stack([numpy.stack(flat[i:i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
+    return _unbatched(out, 2) if unbatched else out
+
+def _unbatched(g, ndim):
+    """A shared weight's gradient: the sum over the batch axes."""
+    return g.sum(axis=tuple(range(g.ndim - ndim))) if g.ndim > ndim else g
 _CHUNK = 4096
 
 def forward(x, wq, wk, wv, wo, *, scale=0.7071067811865476):
@@ -263,35 +295,3 @@ def intermediates(x, wq, wk, wv, wo, *, scale=0.7071067811865476):
     out1_1 = head1_1_0 * wo_0_1 + head1_1_1 * wo_1_1 + head2_1_0 * wo_2_1 + head2_1_1 * wo_3_1
     steps = {'Q1': _stack([[q1_0_0, q1_0_1], [q1_1_0, q1_1_1]], x.dtype), 'K1': _stack([[k1_0_0, k1_0_1], [k1_1_0, k1_1_1]], x.dtype), 'V1': _stack([[v1_0_0, v1_0_1], [v1_1_0, v1_1_1]], x.dtype), 'scores1': _stack([[s1_0_0, s1_0_1], [s1_1_0, s1_1_1]], x.dtype), 'weights1': _stack([[w1_0_0, w1_0_1], [w1_1_0, w1_1_1]], x.dtype), 'head1': _stack([[head1_0_0, head1_0_1], [head1_1_0, head1_1_1]], x.dtype), 'Q2': _stack([[q2_0_0, q2_0_1], [q2_1_0, q2_1_1]], x.dtype), 'K2': _stack([[k2_0_0, k2_0_1], [k2_1_0, k2_1_1]], x.dtype), 'V2': _stack([[v2_0_0, v2_0_1], [v2_1_0, v2_1_1]], x.dtype), 'scores2': _stack([[s2_0_0, s2_0_1], [s2_1_0, s2_1_1]], x.dtype), 'weights2': _stack([[w2_0_0, w2_0_1], [w2_1_0, w2_1_1]], x.dtype), 'head2': _stack([[head2_0_0, head2_0_1], [head2_1_0, head2_1_1]], x.dtype), 'concat_heads': _stack([[head1_0_0, head1_0_1, head2_0_0, head2_0_1], [head1_1_0, head1_1_1, head2_1_0, head2_1_1]], x.dtype), 'M': _stack([[out0_0, out0_1], [out1_0, out1_1]], x.dtype)}
     return {name: _result(value, dtype) for name, value in steps.items()}
-
-def _floating(a, shape, name, dtype=None):
-    """a as an array of a float dtype, checked against its shape: (a, the dtype the result is returned in)."""
-    a = numpy.asarray(a)
-    if a.dtype.kind == 'c':
-        raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
-    if dtype is not None:
-        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
-    elif a.dtype.name == 'bfloat16':
-        dtype, a = (a.dtype, a.astype(numpy.float32))
-    elif numpy.issubdtype(a.dtype, numpy.floating):
-        dtype = a.dtype
-    else:
-        a = a.astype(numpy.float64)
-        dtype = a.dtype
-    if a.shape[a.ndim - len(shape):] != shape:
-        raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, shape))}), received {a.shape}")
-    return (a, dtype)
-
-def _result(a, dtype):
-    return numpy.asarray(a).astype(dtype, copy=False)
-
-def _stack(rows, dtype, unbatched=False):
-    """Rows of arrays (or numbers) of the batch shape, as one array (..., rows, columns)."""
-    flat = numpy.broadcast_arrays(*(numpy.asarray(v, dtype=dtype) for row in rows for v in row))
-    columns = len(rows[0])
-    out = numpy.stack([numpy.stack(flat[i:i + columns], axis=-1) for i in range(0, len(flat), columns)], axis=-2)
-    return _unbatched(out, 2) if unbatched else out
-
-def _unbatched(g, ndim):
-    """A shared weight's gradient: the sum over the batch axes."""
-    return g.sum(axis=tuple(range(g.ndim - ndim))) if g.ndim > ndim else g

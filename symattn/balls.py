@@ -55,7 +55,10 @@ class BallXP:
         return canonical(p.value)
 
     def const(self, c):
-        return c.value
+        """Masks stay bool arrays; numeric constants (ALiBi's distances) are exact integer matrices."""
+        if c.value.dtype == bool:
+            return c.value
+        return RatMat(np.array(c.value.tolist(), dtype=object), 1)
 
     def _rational(self, p: int, q: int):
         key = (p, q)

@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
 
     nb = sub.add_parser("notebook", help="check every number a notebook printed against the exact values")
     nb.add_argument("file", help="a text transcript ('In [N]:' cells) or an .ipynb file")
+    nb.add_argument(
+        "--spec",
+        metavar="SPEC",
+        help="check against this spec (masks and other variants) instead of the one read from the notebook's arrays",
+    )
     return parser
 
 
@@ -267,7 +272,8 @@ def _verify(args) -> int:
 
 def default_impls(spec) -> list:
     """What ``symattn verify`` checks when no --impl is given: the module symattn generates for the spec
-    (weights and options as inputs), and, for the projection form, the seed notebook's own algorithm."""
+    (weights and options as inputs), and, for a projection-form spec without options, the seed notebook's own
+    algorithm."""
     import importlib.util
     import tempfile
 
@@ -280,7 +286,9 @@ def default_impls(spec) -> list:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     impls = [("generated", module.forward)]
-    if spec.form == "projection":
+    from .verifier import arguments
+
+    if spec.form == "projection" and not arguments(spec, "float64").nondefault:  # it takes no options
         impls.append(("notebook algorithm", notebook_algorithm))
     return impls
 
@@ -302,6 +310,6 @@ def notebook_algorithm(x, wq, wk, wv, wo):
 def _notebook(args) -> int:
     from .notebook import check
 
-    report = check(args.file)
+    report = check(args.file, spec=args.spec)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1

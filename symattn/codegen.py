@@ -683,13 +683,14 @@ def _module(layout: _Layout, strategy: str, body) -> str:
     kinds = ["forward", "intermediates"] + (["backward"] if layout.grad else [])
     functions = [body.function(kind) for kind in kinds]
     constants = _option_constants(layout) + body.constants()
+    # helpers before the constants that call them (a folded mask is computed by the package's own function)
     text = "\n".join(
         [
             _module_docstring(layout, strategy, name),
             "import numpy",
+            *_helpers("\n".join("\n".join(f) for f in functions) + "\n".join(constants)),
             *constants,
             *(_indent(f) for f in functions),
-            *_helpers("\n".join("\n".join(f) for f in functions) + "\n".join(constants)),
         ]
     )
     return ast.unparse(ast.parse(text)) + "\n"

@@ -304,8 +304,9 @@ class ScalarEmitXP:
 
     def _product(self, a, b):
         """a·b, naming both first when both are computed values (no polynomial blow-up)."""
+        zero = self.named.sympy.S.Zero
         if a == 0 or b == 0:
-            return 0
+            return zero
         if a.is_number or b.is_number:
             return a * b
         return self.named.atomic(a) * self.named.atomic(b)
@@ -347,7 +348,8 @@ class ScalarEmitXP:
 
     def div(self, a, z):
         named = self.named
-        return self._map(lambda p, q: named.atomic(p / named.atomic(q)) if p != 0 else 0, a, z)
+        zero = named.sympy.S.Zero
+        return self._map(lambda p, q: named.atomic(p / named.atomic(q)) if p != 0 else zero, a, z)
 
     def one_minus(self, a):
         return self._map(lambda p: 1 - p, a)
@@ -364,7 +366,7 @@ class ScalarEmitXP:
         forms = a.forms.copy()
         for idx in self.np.ndindex(forms.shape):
             if a.excluded is not None and a.excluded[idx]:
-                forms[idx] = 0
+                forms[idx] = named.sympy.S.Zero
             else:
                 forms[idx] = named.call("exp", named.sympy.expand(forms[idx]))
         return SMat(forms)
@@ -381,7 +383,7 @@ class ScalarEmitXP:
         for i in range(a.shape[0]):
             row = [a.forms[i, j] for j in range(a.shape[1]) if a.excluded is None or not a.excluded[i, j]]
             if not row:
-                out[i, 0] = 0
+                out[i, 0] = named.sympy.S.Zero
                 continue
             top = row[0]
             for other in row[1:]:

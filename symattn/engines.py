@@ -94,6 +94,9 @@ class ArbEngine:
     def is_exact_zero(self, x) -> bool:
         return x.is_zero() and x.is_exact()
 
+    def is_exact(self, x) -> bool:
+        return x.is_exact()
+
     def is_nan(self, x) -> bool:
         return x.is_nan()
 
@@ -219,6 +222,9 @@ class MpmathEngine:
 
     def is_exact_zero(self, x) -> bool:
         return x.a == 0 and x.b == 0
+
+    def is_exact(self, x) -> bool:
+        return x.a == x.b
 
     def is_nan(self, x) -> bool:
         return self.ctx.isnan(x)

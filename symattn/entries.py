@@ -461,8 +461,13 @@ def to_text(entry: Entry) -> str:
     if entry.op == "add":
         return "(" + " + ".join(to_text(a) for a in entry.args) + ")"
     if entry.op == "mul":
-        if entry.args[0] == -1:
-            return "-" + _factor(entry.args[1])
+        rational = [a for a in entry.args if isinstance(a, Fraction)]
+        others = [a for a in entry.args if not isinstance(a, Fraction)]
+        if len(rational) == 1 and others:  # q·x reads as x/n, p*x/n or -x
+            q, text = rational[0], "*".join(_factor(a) for a in others)
+            sign, q = ("-" if q < 0 else ""), abs(q)
+            head = text if q.numerator == 1 else f"{q.numerator}*{text}"
+            return sign + (head if q.denominator == 1 else f"{head}/{q.denominator}")
         return "*".join(_factor(a) for a in entry.args)
     if entry.op == "pow":
         return f"({to_text(entry.args[0])})**({to_text(entry.args[1])})"

@@ -372,7 +372,10 @@ class ExactXP:
         return canonical(p.value)
 
     def const(self, c):
-        return c.value
+        """Masks stay bool arrays; numeric constants (ALiBi's distances) are exact integer matrices."""
+        if c.value.dtype == bool:
+            return c.value
+        return RatMat(np.array(c.value.tolist(), dtype=object), 1)
 
     def _scalar_element(self, s) -> dict:
         if isinstance(s, Fraction):
@@ -500,6 +503,8 @@ class ExactXP:
         def tanh(e):
             if e is NANF:
                 return NANF
+            if not e:  # tanh(0) = 0
+                return {}
             g = self.alg.gen("opaque", ("tanh", _key(e)), ("tanh", e))
             return {(): {((g, 1),): Fraction(1)}}
 
@@ -531,6 +536,8 @@ class ExactXP:
     def _exp_element(self, e):
         if e is NANF:
             return NANF
+        if not e:  # exp(0) = 1
+            return self.alg.const(1)
         if list(e) == [()]:
             poly = e[()]
             mono = []

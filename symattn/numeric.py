@@ -71,7 +71,7 @@ class FloatXP:
         return self.compute.type(np.array(exact_float(p.value)).astype(self.dtype))
 
     def const(self, c):
-        return c.value
+        return c.value if c.value.dtype == bool else c.value.astype(self.compute)
 
     def matmul(self, a, b):
         return self._out(a @ b)

@@ -898,13 +898,8 @@ def _unstack(data: dict) -> dict:
             data[key] = a.item()
     if "name" in data and not isinstance(data["name"], str):
         data["name"] = str(data["name"])
-    if "window" in data:
-        w = as_array(data["window"])
-        w = w.tolist() if isinstance(w, np.ndarray) else w
-        if isinstance(w, (list, tuple)):
-            data["window"] = [
-                None if (isinstance(v, (int, float)) and not isinstance(v, bool) and v == -1) else v for v in w
-            ]
+    if "window" in data and isinstance(as_array(data["window"]), np.ndarray):  # arrays (.npz): -1 is unbounded
+        data["window"] = [None if v == -1 else v for v in as_array(data["window"]).tolist()]
     if "alibi_slopes" in data:
         if "alibi" in data:
             raise SymattnError("alibi_slopes: give either alibi or alibi_slopes, not both")

@@ -398,13 +398,23 @@ def build(spec, grad: bool = False) -> Trace:
     return Trace(load_spec(spec), grad)
 
 
+class _Masked(sympy.Symbol):
+    """A masked score: not a number.  Prints as -inf (and as -\\infty in LaTeX)."""
+
+    def _latex(self, printer):
+        return r"-\infty"
+
+
+MASKED = _Masked("-inf")
+
+
 def render(matrix, fmt: str) -> str:
     """A matrix in one of FORMATS, with SymPy's own printers; masked scores (-oo) print as -inf."""
+    if fmt not in FORMATS:
+        raise SymattnError(f"format: expected one of {', '.join(FORMATS)}, received {fmt!r}")
+    matrix = matrix.xreplace({-sympy.oo: MASKED})
     if fmt == "pretty":
-        text = sympy.pretty(matrix, use_unicode=True, wrap_line=False)
-        return text.replace("-∞", "-inf")
+        return sympy.pretty(matrix, use_unicode=True, wrap_line=False)
     if fmt == "latex":
         return sympy.latex(matrix)
-    if fmt == "str":
-        return sympy.sstr(matrix.tolist()).replace("-oo", "-inf")
-    raise SymattnError(f"format: expected one of {', '.join(FORMATS)}, received {fmt!r}")
+    return sympy.sstr(matrix.tolist())

@@ -178,7 +178,8 @@ class Truth:
                     i, j = divmod(k, cols)
                     if (i, j) not in known.decided:
                         text = _ball_string(engine, ball, digits)
-                        text, is_exact = (text, False) if text is not None else self._escalate(name, i, j)
+                        exact_ball = engine.is_exact(ball)  # an exact ball (a masked weight's 0) is a decided value
+                        text, is_exact = (text, exact_ball) if text is not None else self._escalate(name, i, j)
                         seen[id(ball)] = (text, is_exact)
                 texts[k], exact[k] = text, is_exact
         certified = [digits] * len(texts)

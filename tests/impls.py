@@ -100,3 +100,92 @@ def right_kwargs(x, wq, wk, wv, wo, **options):
 def default_scale_only(x, wq, wk, wv, wo, *, scale):
     """Takes the scale but uses 1/sqrt(d_k) anyway."""
     return right(x, wq, wk, wv, wo)
+
+
+# A general attention, written apart from symattn (its own mask and ALiBi code), and the classic bugs of each
+# variant as switches of it.  All take the --impl convention: inputs positionally, every option by keyword.
+
+
+def _allowed(L, S, mask, causal, window, align, bug):
+    offset = 0 if align == "top_left" else S - L
+    if bug == "wrong alignment":
+        offset = S - L - offset
+    i = np.arange(L)[:, None] + offset
+    j = np.arange(S)[None, :]
+    ok = np.ones((L, S), bool)
+    if mask is not None:
+        ok = ok & (~np.asarray(mask, bool) if bug == "inverted mask" else np.asarray(mask, bool))
+    if causal:
+        ok = ok & (j <= i + (1 if bug == "causal off by one" else 0))
+    if window is not None:
+        left, right = window
+        if left is not None:
+            ok = ok & (j >= i - left + (1 if bug == "window off by one" else 0))
+        if right is not None:
+            ok = ok & (j <= i + right)
+    return ok
+
+
+def _attention(x, wq, wk, wv, wo, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
+               alibi_slopes=None, softcap=None, x_kv=None, bq=None, bk=None, bv=None, bo=None, empty_row="zero",
+               bug=None):  # fmt: skip
+    H, H_kv = wq.shape[0], wk.shape[0]
+    kv_input = x if x_kv is None else x_kv
+    L, S = x.shape[0], kv_input.shape[0]
+    heads = []
+    for h in range(H):
+        g = h % H_kv if bug == "gqa tiled" else h // (H // H_kv)
+        q = x @ wq[h] + (0 if bq is None else bq[h])
+        k = kv_input @ wk[g] + (0 if bk is None else bk[g])
+        v = kv_input @ wv[g] + (0 if bv is None else bv[g])
+        s = q @ k.T
+        if softcap is not None:
+            s = (
+                softcap * np.tanh(s / softcap) * scale
+                if bug == "softcap before scaling"
+                else (softcap * np.tanh(s * scale / softcap))
+            )
+        else:
+            s = s * scale
+        if bias is not None:
+            s = s + (bias if bias.ndim == 2 else bias[h])
+        if alibi_slopes is not None:
+            offset = 0 if align == "top_left" else S - L
+            distance = np.abs(np.arange(L)[:, None] + offset - np.arange(S)[None, :])
+            s = s + alibi_slopes[h] * distance if bug == "alibi sign" else s - alibi_slopes[h] * distance
+        m = mask if mask is None or np.ndim(mask) == 2 else mask[h]
+        ok = _allowed(L, S, m, causal, window, align, bug)
+        s = np.where(ok, s, -np.inf)
+        top = s.max(axis=-1, keepdims=True)
+        empty = ~ok.any(axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore"):
+            e = np.exp(s - np.where(empty, 0, top))
+            p = e / e.sum(axis=-1, keepdims=True)
+        if bug != "nan on empty rows":
+            fill = {"zero": 0.0, "uniform": 1.0 / S, "nan": np.nan}[empty_row]
+            p = np.where(empty, x.dtype.type(fill), p)
+        heads.append(p.astype(x.dtype) @ v)
+    out = np.concatenate(heads, axis=-1) @ wo
+    return out if bo is None else out + bo
+
+
+def general(x, wq, wk, wv, wo, **options):
+    """Right, for every variant."""
+    return _attention(x, wq, wk, wv, wo, **options)
+
+
+def _bug(name):
+    def implementation(x, wq, wk, wv, wo, **options):
+        return _attention(x, wq, wk, wv, wo, bug=name, **options)
+
+    implementation.__name__ = name.replace(" ", "_")
+    return implementation
+
+
+VARIANT_BUGS = [
+    _bug(name)
+    for name in (
+        "causal off by one", "wrong alignment", "inverted mask", "gqa tiled", "softcap before scaling", "alibi sign",
+        "window off by one", "nan on empty rows",
+    )
+]  # fmt: skip

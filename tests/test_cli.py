@@ -97,7 +97,7 @@ def test_notebook_command_exit_codes(tmp_path):
     [
         (
             ["show", "missing.json"],
-            "spec: expected a built-in name (four_tokens, notebook, overflow32, overflow64) or a path to a .json, "
+            "spec: expected a built-in name (causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, softcap) or a path to a .json, "
             ".toml or .npz file, "
             "received 'missing.json', which is neither",
         ),

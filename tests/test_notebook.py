@@ -359,3 +359,28 @@ def test_malformed_ipynb_outputs_are_one_line_errors(tmp_path, outputs, message)
     path.write_text('{"cells": [{"cell_type": "code", "source": "M", "outputs": ' + outputs + "}]}")
     with pytest.raises(SymattnError, match=message):
         check(path)
+
+
+def test_a_notebook_of_a_variant_is_checked_against_a_given_spec(tmp_path):
+    # the seed notebook's arrays, computed causally: checked against the causal spec, not the one its arrays give
+    spec = json.loads((resources.files("symattn") / "examples" / "notebook.json").read_text())
+    spec["causal"] = True
+    spec_path = tmp_path / "causal.json"
+    spec_path.write_text(json.dumps(spec))
+    import symattn
+
+    truth = symattn.evaluate(spec, digits=9, steps=["head1", "M"])
+    head = truth["head1"].to_numpy()
+    m = truth["M"].to_numpy()
+    text = TRANSCRIPT.read_text().split("In [51]:")[0]
+    text += (
+        f"In [51]:\nprint(...)\n\nHead 1 Output:\n{np.round(head, 8)}\n\nFinal Multi-Head Self-Attention Output (M):\n"
+    )
+    text += f"{np.round(m, 8)}\n"
+    path = tmp_path / "causal.txt"
+    path.write_text(text)
+    assert check(path, spec=str(spec_path)).ok
+    assert not check(path).ok  # the arrays alone describe the unmasked computation
+    from symattn.cli import main
+
+    assert main(["notebook", str(path), "--spec", str(spec_path)]) == 0
