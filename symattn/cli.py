@@ -76,11 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         "--impl",
         action="append",
         metavar="MODULE:FUNCTION",
-        help="f(x, wq, wk, wv, wo) -> M (repeatable); default: the generated code and the notebook's",
+        help="MODULE:FUNCTION taking the inputs positionally and the options by keyword, or a built-in adapter "
+        "(torch_sdpa, torch_mha, jax_dpa); repeatable; default: the generated code (and the notebook's own algorithm)",
     )
     ver.add_argument("--dtype", choices=("float64", "float32", "float16", "bfloat16"), default="float64")
     ver.add_argument("--rule", choices=("kappa", "differential", "both"), default="kappa")
-    ver.add_argument("--json", action="store_true")
+    ver.add_argument("--json", action="store_true", help="strict JSON, one result per implementation")
+    ver.add_argument("--plot", metavar="FILE", help="a PNG heatmap of error / bound per entry per implementation")
 
     nb = sub.add_parser("notebook", help="check every number a notebook printed against the exact values")
     nb.add_argument("file", help="a text transcript ('In [N]:' cells) or an .ipynb file")
@@ -247,6 +249,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would make the module private
         os.replace(temporary, path)
     except OSError as e:
         os.unlink(temporary)
@@ -256,6 +259,14 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _verify(args) -> int:
     from .spec import load_spec
     from .verifier import report_json, verify
@@ -263,6 +274,10 @@ def _verify(args) -> int:
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     spec = load_spec(args.spec)
     results = verify(spec, args.impl or default_impls(spec), dtype=args.dtype, rule=args.rule)
+    if args.plot:
+        from .verifier import plot
+
+        plot(results, args.plot)
     if args.json:
         sys.stdout.write(report_json(results) + "\n")
     else:

@@ -269,19 +269,26 @@ def div(a: Entry, b: Entry) -> Entry:
     return mul(a, Expr("pow", (b, Fraction(-1))))
 
 
+def _brief(q: Fraction) -> str:
+    """A rational for a message: its digits, or how many it has (an error never prints 5000 of them)."""
+    if max(q.numerator.bit_length(), q.denominator.bit_length()) <= 200:
+        return str(q)
+    return f"a number of about {int(q.numerator.bit_length() * 0.30103)} digits"
+
+
 def power(base: Entry, exponent: Entry) -> Entry:
     if isinstance(exponent, Fraction) and exponent.denominator == 1 and abs(exponent) > MAX_POWER:
-        raise _Refused(f"the exponent {exponent} is larger than {MAX_POWER}")
+        raise _Refused(f"the exponent {_brief(exponent)} is larger than {MAX_POWER}")
     if isinstance(base, Fraction) and isinstance(exponent, Fraction):
         if exponent.denominator == 1:
             if base == 0 and exponent < 0:
                 raise ZeroDivisionError
             bits = max(base.numerator.bit_length(), base.denominator.bit_length())
             if bits * abs(exponent) > MAX_BITS:
-                raise _Refused(f"{base} ** {exponent} has more than {MAX_BITS} bits")
+                raise _Refused(f"{_brief(base)} ** {_brief(exponent)} has more than {MAX_BITS} bits")
             return base ** int(exponent)
         if base < 0:
-            raise _Refused(f"{base} ** {exponent} is not a real number")
+            raise _Refused(f"{_brief(base)} ** {_brief(exponent)} is not a real number")
         if exponent.denominator == 2:
             return power(sqrt_fraction(base), Fraction(exponent.numerator))
     if exponent == 1:
@@ -322,18 +329,18 @@ def function(name: str, arg: Entry) -> Entry:
     if isinstance(arg, Fraction):
         if name == "sqrt":
             if arg < 0:
-                raise _Refused(f"sqrt({arg}) is not a real number")
+                raise _Refused(f"sqrt({_brief(arg)}) is not a real number")
             return sqrt_fraction(arg)
         if name == "log":
             if arg <= 0:
-                raise _Refused(f"log({arg}) is not a real number")
+                raise _Refused(f"log({_brief(arg)}) is not a real number")
             if arg == 1:
                 return Fraction(0)
         if name == "exp":
             if arg == 0:
                 return Fraction(1)
             if arg >= EXP_LIMIT:
-                raise _Refused(f"exp({arg}) is larger than 2**{MAX_EXPONENT}")
+                raise _Refused(f"exp({_brief(arg)}) is larger than 2**{MAX_EXPONENT}")
     elif not symbols(arg):
         if name in ("sqrt", "log"):
             s = sign(arg)

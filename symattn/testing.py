@@ -1,46 +1,178 @@
 """A pytest helper: assert that an attention implementation is close to the certified truth.
 
-from symattn.testing import assert_attention_close
-assert_attention_close(my_attention, "myspec.json", dtype="float32")
+    from symattn.testing import assert_attention_close
+
+    assert_attention_close(my_kernel, q=q, k=k, v=v, causal=True, dtype="bfloat16")   # tensors
+    assert_attention_close(my_attention, "myspec.json", dtype="float32")                # a spec file
+
+With tensors (torch, JAX or NumPy), the implementation is fed the same framework's tensors, in their dtype
+unless ``dtype`` says otherwise (cast by that framework, as it would cast them), options by keyword as in the
+``--impl`` convention; the truth is certified on exactly those values.  A leading batch axis is allowed: each
+element is verified.  A failed verdict raises AssertionError naming the worst entries; an option the
+implementation cannot take (UNSUPPORTED) or bad usage raises SymattnError; what the implementation raises is
+raised again.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from .errors import SymattnError
-from .verifier import RULES, Context, call, measure
+from .numeric import DTYPES
+from .verifier import RULES, Context, call, measure, output_array
+
+KERNEL = ("q", "k", "v")
+PROJECTION = ("x", "wq", "wk", "wv", "wo")
 
 
-def assert_attention_close(fn, spec, dtype: str = "float64", rule: str = "kappa") -> None:
-    """Raise AssertionError, naming the worst entries' float values, exact values, errors and bounds, unless
-    ``fn`` passes ``symattn verify`` on the spec (a name, a path, a dict or an AttentionSpec).
-
-    ``fn`` is called as the ``--impl`` convention says (inputs positionally, options by keyword).  A spec
-    option that ``fn`` cannot take raises SymattnError (UNSUPPORTED); what ``fn`` raises is re-raised.
-    """
-    from .spec import load_spec
-
+def assert_attention_close(fn, spec=None, *, dtype: str | None = None, rule: str = "kappa", **given) -> None:
+    """Raise AssertionError unless ``fn`` passes ``symattn verify`` (see the module's docstring)."""
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
-    spec = load_spec(spec)
-    context = Context(spec, dtype)
+    if dtype is not None and dtype not in DTYPES:
+        raise SymattnError(f"dtype: expected one of {', '.join(DTYPES)}, received {dtype!r}")
     name = getattr(fn, "__name__", "implementation")
-    output, result = call(fn, name, context)
-    if result is not None:
-        if result.verdict == "ERROR":
-            raise result.raised
-        raise SymattnError(f"{name} on {spec.display_name}: " + "; ".join(result.reasons))
-    from .verifier import output_array
+    if spec is not None:
+        if any(key in given for key in KERNEL + PROJECTION):
+            raise SymattnError("assert_attention_close: give a spec or the input tensors, not both")
+        from .spec import load_spec
 
-    result = measure(name, output_array(output), context, rule)
-    if not result.passed:
-        message = (
-            f"{result.name} is not close to the exact attention on {spec.display_name} in {dtype} "
-            f"(rule {rule}): " + "; ".join(result.reasons)
+        _check(fn, name, Context(load_spec(spec), dtype or "float64"), rule, None)
+        return
+    form = KERNEL if "q" in given else PROJECTION
+    missing = [key for key in form if key not in given]
+    if missing:
+        raise SymattnError(
+            f"assert_attention_close: expected a spec or the tensors q, k, v (or x, wq, wk, wv, wo); "
+            f"missing {', '.join(missing)}"
         )
-        if result.entries:
-            worst = result.entries[0]
-            message += (
-                f". Worst entry {worst.where}: float {worst.value!r}, exact {worst.exact}, "
-                f"error {worst.abs_error:.3g} ({worst.ulps:.3g} ulps), bound {worst.kappa_bound:.3g}"
+    framework = _Framework(given[form[0]])
+    dtype = dtype or framework.dtype_name(given[form[0]])
+    inputs = {key: framework.cast(given[key], dtype) for key in form}
+    options = {key: value for key, value in given.items() if key not in form}
+    batched = np.ndim(framework.numpy(inputs[form[0]])) == (4 if form is KERNEL else 3)
+    count = framework.numpy(inputs[form[0]]).shape[0] if batched else 1
+    contexts = []
+    for b in range(count):
+        data = {key: framework.numpy(value)[b] if batched else framework.numpy(value) for key, value in inputs.items()}
+        if form is PROJECTION:
+            data = {"x": data["x"], "wq": data["wq"], "wk": data["wk"], "wv": data["wv"], "wo": data["wo"]}
+        data.update({key: framework.numpy(value) if _array_like(value) else value for key, value in options.items()})
+        from .spec import from_dict
+
+        contexts.append(Context(from_dict(data), dtype))
+
+    def feed(positional, opts):
+        """The framework's tensors (the cast inputs, whole batch) and the options, arrays in that framework."""
+        fed = [framework.clone(inputs[key]) for key in form]
+        return fed, {k: framework.like(v, inputs[form[0]]) if isinstance(v, np.ndarray) else v for k, v in opts.items()}
+
+    output, result = call(fn, name, contexts[0], feed)
+    if result is not None:
+        _raise(result)
+    output = output_array(output)
+    for b, context in enumerate(contexts):
+        element = output[b] if batched and output.ndim == context.exact.ndim + 1 else output
+        if batched and output.ndim != context.exact.ndim + 1:
+            raise AssertionError(
+                f"{name} returned shape {output.shape} for a batch of {count}: expected a leading batch axis"
             )
-        raise AssertionError(message)
+        _report(measure(name, element, context, rule), context, rule, f" (batch element {b})" if batched else "")
+
+
+def _check(fn, name, context, rule, feed) -> None:
+    output, result = call(fn, name, context, feed)
+    if result is not None:
+        _raise(result)
+    _report(measure(name, output_array(output), context, rule), context, rule, "")
+
+
+def _raise(result) -> None:
+    if result.verdict == "ERROR":
+        raise result.raised
+    raise SymattnError(f"{result.name} on {result.spec}: " + "; ".join(result.reasons))
+
+
+def _report(result, context, rule: str, where: str) -> None:
+    if result.passed:
+        return
+    message = (
+        f"{result.name} is not close to the exact attention on {context.spec.display_name}{where} in "
+        f"{context.dtype} (rule {rule}): " + "; ".join(result.reasons)
+    )
+    if result.entries:
+        worst = result.entries[0]
+        message += (
+            f". Worst entry {worst.where}: float {worst.value!r}, exact {worst.exact}, "
+            f"error {worst.abs_error:.3g} ({worst.ulps:.3g} ulps), bound {worst.kappa_bound:.3g}"
+        )
+        others = [
+            f"{e.where}: float {e.value!r}, exact {e.exact[:20]}, error {e.abs_error:.3g}, bound {e.kappa_bound:.3g}"
+            for e in result.entries[1:3]
+            if e.abs_error > e.kappa_bound
+        ]
+        if others:
+            message += "; next: " + "; ".join(others)
+    raise AssertionError(message)
+
+
+def _array_like(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") or isinstance(value, (list, tuple)) and False
+
+
+class _Framework:
+    """The tensors' framework: torch, JAX or NumPy."""
+
+    def __init__(self, sample):
+        module = type(sample).__module__
+        self.kind = (
+            "torch" if module.startswith("torch") else "jax" if module.startswith(("jax", "jaxlib")) else "numpy"
+        )
+
+    def dtype_name(self, t) -> str:
+        name = str(t.dtype).replace("torch.", "")
+        if name not in DTYPES:
+            raise SymattnError(f"dtype: expected tensors of {', '.join(DTYPES)}, received {name}")
+        return name
+
+    def numpy(self, t) -> np.ndarray:
+        """Exact float64 values (or the bools of a mask)."""
+        from .spec import as_array
+
+        return as_array(t)
+
+    def cast(self, t, dtype: str):
+        """t in ``dtype``, cast by its own framework (detached from any gradient graph)."""
+        if self.kind == "torch":
+            import torch
+
+            target = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                      "bfloat16": torch.bfloat16}[dtype]  # fmt: skip
+            return t.detach().to(target)
+        if self.kind == "jax":
+            import jax.numpy as jnp
+
+            return jnp.asarray(t).astype({"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16,
+                                          "bfloat16": jnp.bfloat16}[dtype])  # fmt: skip
+        from .numeric import dtype_of
+
+        return np.asarray(t).astype(dtype_of(dtype))
+
+    def clone(self, t):
+        if self.kind == "torch":
+            return t.detach().clone()
+        return t.copy() if self.kind == "numpy" else t
+
+    def like(self, a: np.ndarray, sample):
+        """A NumPy option array (mask, bias, slopes) as the framework's: bools stay bools, numbers take the
+        inputs' dtype."""
+        if self.kind == "torch":
+            import torch
+
+            t = torch.from_numpy(np.array(a))
+            return t if a.dtype == bool else t.to(torch.float32).to(sample.dtype)
+        if self.kind == "jax":
+            import jax.numpy as jnp
+
+            return jnp.asarray(a) if a.dtype == bool else jnp.asarray(a.astype(np.float32)).astype(sample.dtype)
+        return a

@@ -41,8 +41,9 @@ def to_mpf(entry, dps: int):
         return mpmath.mpf(entry)
     if isinstance(entry, Fraction):
         return mpmath.mpf(entry.numerator) / entry.denominator
-    if isinstance(entry, Decimal):
-        return mpmath.mpf(str(entry))
+    if isinstance(entry, Decimal):  # exactly: 0.01 in binary would leave 1e-140 where the exact value is 0
+        q = Fraction(entry)
+        return mpmath.mpf(q.numerator) / q.denominator
     try:  # a rational string ("5e-30", "3/4", "3/7*1e12") exactly: sympify reads "5e-30" as a 15-digit Float
         q = Fraction(1)
         for factor in str(entry).replace(" ", "").split("*"):
@@ -54,15 +55,45 @@ def to_mpf(entry, dps: int):
     return mpmath.mpf(str(sympy.N(sympy.sympify(entry), dps + 20)))
 
 
+def _fraction(entry):
+    """An entry as an exact Fraction, or None when it is irrational."""
+    if isinstance(entry, (int, Fraction, Decimal)) and not isinstance(entry, bool):
+        return Fraction(entry)
+    try:
+        q = Fraction(1)
+        for factor in str(entry).replace(" ", "").split("*"):
+            q *= Fraction(factor)
+        return q
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _product(x_rows, w_rows, dps):
+    """x·w, exactly in Fractions when both are rational (a binary reference cannot see that 1000·0.01 - 10 is
+    0), else in mpmath."""
+    fx = [[_fraction(e) for e in row] for row in x_rows]
+    fw = [[_fraction(e) for e in row] for row in w_rows]
+    if all(e is not None for row in fx + fw for e in row):
+        out = mpmath.matrix(len(fx), len(fw[0]))
+        for i, row in enumerate(fx):
+            for j in range(len(fw[0])):
+                q = sum((a * fw[k][j] for k, a in enumerate(row)), Fraction(0))
+                out[i, j] = mpmath.mpf(q.numerator) / q.denominator
+        return out
+    mat = lambda rows: mpmath.matrix([[to_mpf(e, dps) for e in row] for row in rows])  # noqa: E731
+    return mat(x_rows) * mat(w_rows)
+
+
 def reference(data: dict, dps: int = 120) -> dict:
-    """Every step of the attention described by a spec dict, at ``dps`` digits, naively."""
+    """Every step of the attention described by a spec dict, at ``dps`` digits, naively (the projections
+    exactly where the inputs are rational)."""
     out = {}
     with mpmath.workdps(dps + 20):
         mat = lambda rows: mpmath.matrix([[to_mpf(e, dps) for e in row] for row in rows])  # noqa: E731
         x = mat(data["x"])
         heads = []
         for i, head in enumerate(data["heads"], 1):
-            q, k, v = x * mat(head["wq"]), x * mat(head["wk"]), x * mat(head["wv"])
+            q, k, v = (_product(data["x"], head[w], dps) for w in ("wq", "wk", "wv"))
             scale = to_mpf(data["scale"], dps) if "scale" in data else 1 / mpmath.sqrt(q.cols)
             s = q * k.T * scale
             e = s.apply(mpmath.exp)

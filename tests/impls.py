@@ -189,3 +189,137 @@ VARIANT_BUGS = [
         "window off by one", "nan on empty rows",
     )
 ]  # fmt: skip
+
+
+# Kernel-form implementations f(q, k, v, *, scale, mask, causal, ...) for the calibration of the verdict:
+# right ones with different rounding patterns, and wrong ones.  In bfloat16 (NumPy has no bfloat16 matmul)
+# products are computed in float32 and stored back, as the arithmetic of every other op is.
+
+
+def _kernel_mask(L, S, mask, causal, window, align, h):
+    offset = 0 if align == "top_left" else S - L
+    i = np.arange(L)[:, None] + offset
+    j = np.arange(S)[None, :]
+    ok = np.ones((L, S), bool) if mask is None else np.asarray(mask if np.ndim(mask) == 2 else mask[h], bool)
+    if causal:
+        ok = ok & (j <= i)
+    if window is not None:
+        left, right = window
+        ok = ok & ((j >= i - left) if left is not None else True) & ((j <= i + right) if right is not None else True)
+    return ok
+
+
+def _store(a, dtype):
+    return np.asarray(a).astype(dtype)
+
+
+def kernel_straightforward(q, k, v, *, scale, mask=None, causal=False, window=None, align="top_left", order="plain",
+                           precision=None, drop_key=False, flip=False, blocked=0, alibi_slopes=None, bias=None,
+                           **ignored):  # fmt: skip
+    dt = q.dtype if precision is None else np.dtype(precision)
+    out_dtype = q.dtype
+    q, k, v = (a.astype(dt) for a in (q, k, v))
+    H, L, _ = q.shape
+    H_kv, S, _ = k.shape
+    heads = []
+    for h in range(H):
+        g = h // (H // H_kv)
+        kk, vv = k[g], v[g]
+        ok = _kernel_mask(L, S, mask, causal, window, align, h)
+        if flip:
+            ok = ok.T if L == S else ok[::-1, ::-1]
+        if drop_key:
+            kk, vv, ok = kk[:-1], vv[:-1], ok[:, :-1]
+        if order == "scale first":
+            s = _store(_store(q[h] * dt.type(scale), dt) @ kk.T, dt)
+        elif order == "einsum":  # NumPy's einsum refuses bfloat16: float32 then stored
+            wide = np.float32 if dt.name == "bfloat16" else dt
+            s = _store(_store(np.einsum("le,se->ls", q[h].astype(wide), kk.astype(wide)), dt) * dt.type(scale), dt)
+        else:
+            s = _store(_store(q[h] @ kk.T, dt) * dt.type(scale), dt)
+        if bias is not None:
+            s = _store(s + (bias if np.ndim(bias) == 2 else bias[h]).astype(dt)[:, : s.shape[1]], dt)
+        if alibi_slopes is not None:
+            offset = 0 if align == "top_left" else S - L
+            distance = np.abs(np.arange(L)[:, None] + offset - np.arange(S)[None, :])[:, : s.shape[1]]
+            s = _store(s - _store(np.asarray(alibi_slopes).astype(dt)[h] * distance.astype(dt), dt), dt)
+        s = np.where(ok, s, -np.inf).astype(dt)
+        if blocked:
+            heads.append(_online(s, vv, dt, blocked))
+            continue
+        top = s.max(axis=-1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0).astype(dt)
+        e = np.exp(_store(s - top, dt))
+        z = _store(e.sum(axis=-1, keepdims=True), dt)
+        p = _store(e / np.where(z == 0, dt.type(1), z), dt)
+        heads.append(_store(p @ vv, dt))
+    return np.stack(heads).astype(out_dtype)
+
+
+def _online(s, v, dt, block):
+    """FlashAttention's online softmax over blocks of keys: running max, rescaled sum and accumulator."""
+    L, S = s.shape
+    m = np.full((L, 1), -np.inf, dtype=np.float64).astype(dt)
+    total = np.zeros((L, 1), dt)
+    acc = np.zeros((L, v.shape[1]), dt)
+    for start in range(0, S, block):
+        part = s[:, start : start + block]
+        m_new = np.maximum(m, part.max(axis=-1, keepdims=True))
+        safe = np.where(np.isfinite(m_new), m_new, 0).astype(dt)
+        correction = np.exp(_store(np.where(np.isfinite(m), m - safe, -np.inf), dt))
+        e = np.exp(_store(part - safe, dt))
+        total = _store(total * correction + _store(e.sum(axis=-1, keepdims=True), dt), dt)
+        acc = _store(acc * correction + _store(e @ v[start : start + block], dt), dt)
+        m = m_new
+    return _store(acc / np.where(total == 0, dt.type(1), total), dt)
+
+
+def kernel_scale_first(q, k, v, **options):
+    return kernel_straightforward(q, k, v, order="scale first", **options)
+
+
+def kernel_einsum(q, k, v, **options):
+    return kernel_straightforward(q, k, v, order="einsum", **options)
+
+
+def kernel_online(q, k, v, **options):
+    return kernel_straightforward(q, k, v, blocked=4, **options)
+
+
+def kernel_upcast(q, k, v, **options):
+    """Computed in float32 (float64 stays float64), the output rounded once: what torch's math backend does."""
+    wide = "float64" if q.dtype == np.float64 else "float32"
+    return kernel_straightforward(q, k, v, precision=wide, **options).astype(q.dtype)
+
+
+KERNEL_RIGHT = [kernel_straightforward, kernel_scale_first, kernel_einsum, kernel_online, kernel_upcast]
+
+
+def kernel_zeros(q, k, v, **options):
+    return np.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
+
+
+def kernel_negated(q, k, v, **options):
+    return -kernel_straightforward(q, k, v, **options)
+
+
+def kernel_wrong_scale(q, k, v, *, scale, **options):
+    return kernel_straightforward(q, k, v, scale=scale * np.sqrt(2), **options)
+
+
+def kernel_causal_flip(q, k, v, **options):
+    return kernel_straightforward(q, k, v, flip=True, **options)
+
+
+def kernel_dropped_key(q, k, v, **options):
+    return kernel_straightforward(q, k, v, drop_key=True, **options)
+
+
+def kernel_lower_precision(q, k, v, **options):
+    """float16 arithmetic passed off as float32 (and float32 as float64)."""
+    lower = {np.dtype("float64"): "float32", np.dtype("float32"): "float16"}.get(q.dtype)
+    return kernel_straightforward(q, k, v, precision=lower, **options) if lower else kernel_zeros(q, k, v)
+
+
+KERNEL_WRONG = [kernel_zeros, kernel_negated, kernel_wrong_scale, kernel_causal_flip, kernel_dropped_key,
+                kernel_lower_precision]  # fmt: skip

@@ -97,9 +97,8 @@ def test_notebook_command_exit_codes(tmp_path):
     [
         (
             ["show", "missing.json"],
-            "spec: expected a built-in name (causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, softcap) or a path to a .json, "
-            ".toml or .npz file, "
-            "received 'missing.json', which is neither",
+            "spec: expected a built-in name (causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, "
+            "softcap) or a path to a .json, .toml or .npz file, received 'missing.json', which is neither",
         ),
         (["eval", "notebook", "--digits", "0"], "digits: expected an integer from 1 to 100000, received 0"),
         (

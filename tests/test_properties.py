@@ -167,7 +167,7 @@ def test_notebooks_raise_no_false_alarm_and_name_a_corrupted_digit(case, tmp_pat
     # a digit that a wrong number can be told by: one of the first three significant ones of an entry that is not
     # tiny next to the largest printed (a float64 result may be off by far more than its own size there)
     largest = max((abs(float(m.group())) for m in numbers), default=0.0)
-    numbers = [m for m in numbers if abs(float(m.group())) >= 1e-6 * largest > 0]
+    numbers = [m for m in numbers if abs(float(m.group())) >= max(1e-6 * largest, 1e-9)]
     if not numbers:
         return
     chosen = rng.choice(numbers)

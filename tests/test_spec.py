@@ -79,8 +79,8 @@ def test_digest_is_stable_and_sees_changes(notebook_data):
 def test_missing_file():
     with pytest.raises(
         SymattnError,
-        match=r"^spec: expected a built-in name \(causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, softcap\) or a path to a "
-        r"\.json, \.toml or \.npz file, received 'nope\.json', which is neither$",
+        match=r"^spec: expected a built-in name \(causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, "
+        r"softcap\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', which is neither$",
     ):
         load_spec("nope.json")
 

@@ -144,7 +144,7 @@ def reference(data: dict, dps: int = 60) -> np.ndarray:
             q = x * mat(heads[h]["wq"])
             k = kv_x * mat(kv[g]["wk"])
             v = kv_x * mat(kv[g]["wv"])
-            for name, matrix, vec in (
+            for _, matrix, vec in (
                 ("bq", q, heads[h].get("bq")),
                 ("bk", k, kv[g].get("bk")),
                 ("bv", v, kv[g].get("bv")),

@@ -1,0 +1,172 @@
+"""A right implementation's rounding-error budget, propagated through the op graph (first order).
+
+``BudgetXP`` runs the graph on pairs (value, error budget) of float64 arrays.
+Each operation's result is taken as stored in the dtype under test (one
+rounding, ``u``) after being accumulated in the compute dtype (float32 for
+float16 and bfloat16, as kernels do; ``u_c``); a dot product or sum of n terms
+adds λ·√n·u_c·Σ|terms| (the probabilistic bound of Higham and Mary, "A new
+approach to probabilistic rounding error analysis", SIAM J. Sci. Comput.
+41(5), 2019, instead of the worst case n·u), and errors already present
+propagate through each op's derivative in magnitude.  The result bounds what a
+right implementation (straightforward, reordered, blocked online softmax, in
+that dtype) is off by, entry by entry, with high probability; the verifier's
+default rule allows twice it (or twice the error of its reference runs, if
+larger).  It is a model, not a certificate: certificates come from ``truth``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .graph import NAN
+from .numeric import exact_float, unit_roundoff
+
+LAMBDA = 4.0  # Higham–Mary's λ: a bound that fails with probability about 2·exp(-λ²/2) per dot product
+
+
+class Budget:
+    """A value (float64, the graph's own arithmetic at the rounded inputs) and its error budget (>= 0).
+    A row sum remembers what it summed (``source``) and the part of its budget that is the terms' own
+    (``carried``): dividing the terms by it then cancels what they share (the softmax's normalisation)."""
+
+    __slots__ = ("value", "error", "source", "carried")
+
+    def __init__(self, value, error, source=None, carried=None):
+        self.value = value
+        self.error = error
+        self.source = source
+        self.carried = carried
+
+
+class BudgetXP:
+    """The graph's ``xp`` over Budgets, for a dtype under test."""
+
+    def __init__(self, dtype: str, arrays: dict):
+        self.u = unit_roundoff(dtype)
+        self.u_c = min(self.u, unit_roundoff("float32"))  # half types accumulate in float32
+        self.arrays = arrays
+
+    def _stored(self, value, error):
+        """One more rounding: the result stored in the dtype."""
+        with np.errstate(invalid="ignore"):
+            return Budget(value, error + self.u * np.abs(np.where(np.isfinite(value), value, 0)))
+
+    def leaf(self, name, matrix):
+        value = np.asarray(self.arrays[name], dtype=np.float64) if name in self.arrays else matrix.float64()
+        return Budget(value, np.zeros_like(value))
+
+    def param(self, p):
+        v = exact_float(p.value)
+        return Budget(v, self.u_c * abs(v))  # the scalar rounded to the compute dtype
+
+    def const(self, c):
+        return c.value if c.value.dtype == bool else Budget(c.value.astype(np.float64), np.zeros(c.value.shape))
+
+    def _dot(self, a, b, n):
+        value = a.value @ b.value
+        error = np.abs(a.value) @ b.error + a.error @ np.abs(b.value) + a.error @ b.error
+        error = error + LAMBDA * math.sqrt(n) * self.u_c * (np.abs(a.value) @ np.abs(b.value))
+        return self._stored(value, error)
+
+    def matmul(self, a, b):
+        return self._dot(a, b, a.value.shape[-1])
+
+    def matmul_nt(self, a, b):
+        return self._dot(a, _t(b), b.value.shape[-1])
+
+    def matmul_tn(self, a, b):
+        return self._dot(_t(a), b, a.value.shape[-2])
+
+    def add(self, a, b):
+        return self._stored(a.value + b.value, a.error + b.error)
+
+    def sub(self, a, b):
+        with np.errstate(invalid="ignore"):
+            value = a.value - b.value
+        return self._stored(value, a.error + b.error)
+
+    def mul(self, a, b):
+        return self._stored(a.value * b.value, np.abs(a.value) * b.error + a.error * np.abs(b.value))
+
+    def one_minus(self, a):
+        return self._stored(1 - a.value, a.error)
+
+    def scale(self, a, s):
+        value = a.value * s.value
+        return self._stored(value, abs(s.value) * a.error + np.abs(a.value) * s.error)
+
+    def tanh(self, a):
+        value = np.tanh(a.value)
+        return self._stored(value, (1 - value**2) * a.error + self.u_c * np.abs(value))
+
+    def exp(self, a):
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = np.exp(a.value)
+            error = value * np.expm1(np.minimum(a.error, 700)) + 2 * self.u_c * value
+        return self._stored(value, np.where(np.isfinite(a.value), error, 0))
+
+    def mask(self, a, allowed):
+        return Budget(np.where(allowed, a.value, -np.inf), np.where(allowed, a.error, 0))
+
+    def shift(self, a):
+        # the softmax does not depend on its shift: an error in it cancels between numerator and denominator
+        top = a.value.max(axis=-1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0)
+        return Budget(top, np.zeros_like(top))
+
+    def rowsum(self, a):
+        value = a.value.sum(axis=-1, keepdims=True)
+        n = a.value.shape[-1]
+        carried = a.error.sum(axis=-1, keepdims=True)
+        own = LAMBDA * math.sqrt(n) * self.u_c * np.abs(a.value).sum(axis=-1, keepdims=True)
+        total = self._stored(value, carried + own)
+        return Budget(total.value, total.error, source=a, carried=carried)
+
+    def colsum(self, a):
+        value = a.value.sum(axis=-2, keepdims=True)
+        n = a.value.shape[-2]
+        error = a.error.sum(axis=-2, keepdims=True) + LAMBDA * math.sqrt(n) * self.u_c * np.abs(a.value).sum(
+            axis=-2, keepdims=True
+        )
+        return self._stored(value, error)
+
+    def div(self, a, z):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = a.value / z.value
+            w = np.abs(value)
+            if z.source is a:  # terms over their own sum: δw_j = ((1 - w_j)·δe_j - w_j·Σ_{k≠j} δe_k) / z
+                own = z.error - z.carried
+                error = (np.abs(1 - value) * a.error + w * (z.carried - a.error) + w * own) / np.abs(z.value)
+            else:
+                error = (a.error + w * z.error) / np.abs(z.value)
+            error = error + self.u_c * w
+        return self._stored(value, np.where(np.isfinite(error), error, 0))
+
+    def fill_rows(self, a, rows, value):
+        fill = np.nan if value == NAN else float(value)
+        out = Budget(np.where(rows, fill, a.value), np.where(rows, 0, a.error))
+        if a.source is not None:  # a row sum with its empty rows set to 1: still the sum of its terms
+            out.source, out.carried = a.source, np.where(rows, 0, a.carried)
+        return out
+
+    def hstack(self, parts):
+        return Budget(np.concatenate([p.value for p in parts], -1), np.concatenate([p.error for p in parts], -1))
+
+    def cols(self, a, start, stop):
+        return Budget(a.value[..., start:stop], a.error[..., start:stop])
+
+    def unbroadcast(self, g, like):
+        return g
+
+
+def _t(a: Budget) -> Budget:
+    return Budget(np.swapaxes(a.value, -1, -2), np.swapaxes(a.error, -1, -2))
+
+
+def budgets(graph, arrays: dict, dtype: str, names=None) -> dict:
+    """Every step's error budget (by name) for a right implementation in ``dtype`` at the given inputs."""
+    xp = BudgetXP(dtype, arrays)
+    values = graph.forward(xp, names)
+    return {name: v.error for name, v in values.items()}

@@ -1,0 +1,166 @@
+"""PyTorch and JAX: their semantics against the certified truth, the built-in adapters, the pytest helper on
+tensors, and their casts.  Skipped where the frameworks are not installed (they are not test dependencies)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import symattn
+from symattn.testing import assert_attention_close
+from symattn.verifier import verify
+from tests import impls
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = ["float64", "float32", "float16", "bfloat16"]
+
+
+def random_qkv(seed=0, H=4, H_kv=2, L=12, S=12, E=8):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((H, L, E), (H_kv, S, E), (H_kv, S, E))
+    )
+
+
+def exact(spec) -> np.ndarray:
+    truth = symattn.evaluate(spec, digits=20)
+    return np.stack([truth[f"head{i}"].to_numpy() for i in range(1, spec.h + 1)])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "is_causal", "attn_mask", "scale", "gqa", "causal_lower_right", "bias"],
+)
+def test_torch_float64_agrees_with_the_truth_where_semantics_coincide(case):
+    q, k, v = random_qkv(L=6, S=9 if case == "causal_lower_right" else 6)
+    L, S = q.shape[1], k.shape[1]
+    mask = torch.rand(L, S, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[:, 0] = True
+    bias = torch.randn(L, S, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    data = {"q": q, "k": k, "v": v}
+    kwargs = {"enable_gqa": True}
+    if case == "is_causal":
+        data["causal"], kwargs["is_causal"] = True, True
+    if case == "attn_mask":
+        data["mask"], kwargs["attn_mask"] = mask.numpy(), mask
+    if case == "scale":
+        data["scale"], kwargs["scale"] = "1/3", 1 / 3
+    if case == "causal_lower_right":
+        from torch.nn.attention.bias import causal_lower_right
+
+        data["causal"], data["align"] = True, "bottom_right"
+        kwargs["attn_mask"] = causal_lower_right(L, S)
+    if case == "bias":
+        data["bias"], kwargs["attn_mask"] = bias.numpy(), bias
+    expected = exact(symattn.load_spec(data))
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], **kwargs)[0].numpy()
+    assert np.allclose(out, expected, rtol=1e-13, atol=1e-14), np.abs(out - expected).max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", ["notebook", "four_tokens", "causal", "gqa", "cross"])
+def test_torch_adapters_pass_where_they_can_express_the_spec(spec, dtype):
+    for r in verify(spec, ["torch_sdpa", "torch_mha"], dtype=dtype):
+        if r.name == "torch_mha" and spec in ("gqa", "cross"):
+            assert r.verdict == "UNSUPPORTED", r.lines()
+        else:
+            assert r.passed, r.lines()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"window": [3, 1]}, {"alibi": True}], ids=str)
+def test_torch_sdpa_on_the_kernel_form(dtype, options):
+    q, k, v = random_qkv()
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, **options})
+    (r,) = verify(spec, ["torch_sdpa"], dtype=dtype)
+    assert r.passed, r.lines()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wrong_kernels_fail_on_torch_tensors(dtype):
+    q, k, v = random_qkv(seed=1)
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "causal": True})
+    results = verify(spec, impls.KERNEL_WRONG, dtype=dtype)
+    for r in results:
+        if r.name == "kernel_lower_precision" and dtype in ("float16", "bfloat16"):
+            continue  # nothing lower to fall to
+        assert r.verdict == "FAIL", r.lines()
+
+
+def test_pytest_helper_on_torch_tensors():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8)
+
+    def sdpa(q, k, v, *, scale, causal=False):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+    for dtype in DTYPES:
+        assert_attention_close(sdpa, q=q, k=k, v=v, causal=True, dtype=dtype)
+    assert_attention_close(sdpa, q=q.to(torch.bfloat16), k=k.to(torch.bfloat16), v=v.to(torch.bfloat16), causal=True)
+
+    def flipped(q, k, v, *, scale, causal=False):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=not causal, scale=scale)
+
+    message = (
+        r"^flipped is not close to the exact attention on spec \(batch element 0\) in bfloat16 \(rule kappa\): "
+        r".*Worst entry head\d+\[\d+, \d+\]: float .*, exact .*, error .*, bound .*"
+    )
+    with pytest.raises(AssertionError, match=message):
+        assert_attention_close(flipped, q=q, k=k, v=v, causal=True, dtype="bfloat16")
+
+
+def test_torch_rounds_float64_to_bfloat16_through_float32_and_the_truth_follows():
+    x = 1 + 2**-8 + 2**-30  # correctly rounded to bfloat16 it is 1.0078125; through float32 it is 1.0
+    q = np.full((1, 2, 2), x)
+    k = np.ones((1, 2, 2))
+    v = np.array([[[1.0, 0.0], [0.0, 1.0]]])
+    spec = symattn.load_spec({"q": q, "k": k, "v": v})
+    (r,) = verify(spec, ["torch_sdpa"], dtype="bfloat16")
+    assert r.passed, r.lines()
+    from symattn.adapters import torch_cast
+
+    assert torch_cast(np.array([x]), "bfloat16").astype(np.float64)[0] == 1.0
+
+
+def test_cli_with_adapters_and_strict_json():
+    done = subprocess.run(
+        [sys.executable, "-m", "symattn", "verify", "gqa", "--impl", "torch_sdpa", "--impl", "torch_mha", "--json",
+         "--dtype", "bfloat16"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr  # torch_mha is UNSUPPORTED: not a pass
+    doc = json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"non-strict JSON: {name}"))
+    assert doc["passed"] is False
+    assert [(r["name"], r["verdict"]) for r in doc["results"]] == [("torch_sdpa", "PASS"), ("torch_mha", "UNSUPPORTED")]
+
+
+def test_jax_adapter():
+    pytest.importorskip("jax")
+    q, k, v = (a.numpy() for a in random_qkv(L=16, S=16))
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "causal": True})
+    for dtype in ("float32", "float16", "bfloat16"):
+        (r,) = verify(spec, ["jax_dpa"], dtype=dtype)
+        assert r.passed, r.lines()
+    (r,) = verify(spec, ["jax_dpa"], dtype="float64")
+    assert r.verdict == "FAIL" and r.max_ulps > 1e6  # its softmax runs in float32 even for float64 inputs
+
+
+def test_jax_empty_rows_are_the_mean_of_v():
+    pytest.importorskip("jax")
+    q, k, v = (a.numpy() for a in random_qkv(L=4, S=4))
+    mask = np.ones((4, 4), bool)
+    mask[1] = False
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "mask": mask})
+    (r,) = verify(spec, ["jax_dpa"], dtype="float32")
+    assert r.verdict == "UNSUPPORTED" and "mean of V" in r.reasons[0]
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "mask": mask, "empty_row": "uniform"})
+    (r,) = verify(spec, ["jax_dpa"], dtype="float32")
+    assert r.passed, r.lines()
