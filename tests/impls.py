@@ -166,7 +166,7 @@ def _attention(x, wq, wk, wv, wo, *, scale, mask=None, causal=False, window=None
             p = np.where(empty, x.dtype.type(fill), p)
         heads.append(p.astype(x.dtype) @ v)
     out = np.concatenate(heads, axis=-1) @ wo
-    return out if bo is None else out + bo
+    return (out if bo is None else out + bo).astype(x.dtype)  # bfloat16 products come back as float32
 
 
 def general(x, wq, wk, wv, wo, **options):

@@ -40,12 +40,33 @@ def specs():
 def main() -> None:
     names = [f.__name__ for f in impls.KERNEL_RIGHT + impls.KERNEL_WRONG]
     frameworks = []
-    for name in ("torch_sdpa", "jax_dpa"):
-        try:
-            __import__("torch" if name.startswith("torch") else "jax")
-            frameworks.append(name)
-        except ImportError:
-            pass
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from symattn.adapters import torch_sdpa
+
+        def backend(kind):
+            def run(q, k, v, **options):
+                with sdpa_kernel(kind):
+                    return torch_sdpa(q, k, v, **options)
+
+            run.__name__ = f"torch_sdpa_{kind.name.lower()}"
+            run.__signature__ = __import__("inspect").signature(torch_sdpa)
+            run.cast = torch_sdpa.cast
+            return run
+
+        frameworks += [backend(SDPBackend.MATH), backend(SDPBackend.FLASH_ATTENTION)]
+        del torch
+    except ImportError:
+        pass
+    try:
+        import jax  # noqa: F401
+
+        frameworks.append("jax_dpa")
+    except ImportError:
+        pass
+    names_of = [f if isinstance(f, str) else f.__name__ for f in frameworks]
     table: dict = {}
     for label, data in specs():
         spec = symattn.load_spec(data)
@@ -55,11 +76,11 @@ def main() -> None:
                              dtype=dtype)  # fmt: skip
             for r in results:
                 table.setdefault((r.name, dtype), Counter())[r.verdict] += 1
-                if r.name in [f.__name__ for f in impls.KERNEL_RIGHT] + ["generated"] + frameworks and not r.passed:
+                if r.name in [f.__name__ for f in impls.KERNEL_RIGHT] + ["generated"] + names_of and not r.passed:
                     print(f"  right implementation not passing: {r.name} on {label} in {dtype}: {r.reasons[:1]}")
             print(f"{label} {dtype}: done", file=sys.stderr, flush=True)
     print(f"{'implementation':26}" + "".join(f"{d:>18}" for d in DTYPES))
-    for name in names + ["generated"] + frameworks:
+    for name in names + ["generated"] + names_of:
         cells = []
         for dtype in DTYPES:
             c = table.get((name, dtype), Counter())
