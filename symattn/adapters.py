@@ -12,6 +12,9 @@ missing one is a one-line error naming the install.
     torch_mha    torch.nn.MultiheadAttention (projection form; the spec's weights in in_proj_weight and
                  out_proj, masks inverted into its True-means-ignore convention, need_weights=False)
     jax_dpa      jax.nn.dot_product_attention (layout (B, T, N, H); x64 switched on for float64)
+
+Each has a ``backward`` (``verify --backward``): the same computation differentiated by torch's autograd or
+``jax.vjp``, returning the input gradients by name.
 """
 
 from __future__ import annotations
@@ -98,32 +101,58 @@ def _mask_and_bias(L, S, H, mask, causal, window, align, bias, alibi_slopes, xp,
     return ok, additive
 
 
-def torch_sdpa(*inputs, scale, mask=None, causal=False, window=None, align="top_left", bias=None, alibi_slopes=None,
-               x_kv=None, bq=None, bk=None, bv=None, bo=None):  # fmt: skip
-    """torch's scaled_dot_product_attention; the projection form's projections in torch too."""
-    torch = _torch()
+class _Leaves:
+    """The torch tensors of an adapter's inputs; with ``grad``, each floating one records its gradient."""
+
+    def __init__(self, torch, grad: bool):
+        self.torch, self.grad, self.tensors = torch, grad, {}
+
+    def __call__(self, name, a):
+        if a is None:
+            return None
+        t = _tensor(self.torch, a)
+        if self.grad and t.is_floating_point():
+            t.requires_grad_(True)
+            self.tensors[name] = t
+        return t
+
+    def gradients(self, out, dout) -> dict:
+        """Backpropagate ``dout`` (NumPy, the dtype under test) from ``out``: every input's gradient by name."""
+        out.backward(_tensor(self.torch, dout))
+        return {
+            "d" + name: _to_numpy(t.grad if t.grad is not None else self.torch.zeros_like(t))
+            for name, t in self.tensors.items()
+        }
+
+
+def _sdpa(torch, inputs, leaf, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
+          alibi_slopes=None, x_kv=None, bq=None, bk=None, bv=None, bo=None):  # fmt: skip
     F = torch.nn.functional
     kernel = len(inputs) == 3
     dtype = _dtype_name(np.asarray(inputs[0]))
     if kernel:
-        q, k, v = (_tensor(torch, a) for a in inputs)
+        q, k, v = (leaf(name, a) for name, a in zip(("q", "k", "v"), inputs, strict=True))
     else:
-        x, wq, wk, wv, wo = (_tensor(torch, a) for a in inputs)
-        source = x if x_kv is None else _tensor(torch, x_kv)
+        x, wq, wk, wv, wo = (leaf(name, a) for name, a in zip(("x", "wq", "wk", "wv", "wo"), inputs, strict=True))
+        source = x if x_kv is None else leaf("x_kv", x_kv)
         q = torch.einsum("ld,hde->hle", x, wq)
         k = torch.einsum("sd,hde->hse", source, wk)
         v = torch.einsum("sd,hde->hse", source, wv)
         if bq is not None:
-            q = q + _tensor(torch, bq)[:, None, :]
+            q = q + leaf("bq", bq)[:, None, :]
         if bk is not None:
-            k = k + _tensor(torch, bk)[:, None, :]
+            k = k + leaf("bk", bk)[:, None, :]
         if bv is not None:
-            v = v + _tensor(torch, bv)[:, None, :]
+            v = v + leaf("bv", bv)[:, None, :]
     H, L, S = q.shape[0], q.shape[1], k.shape[1]
-    ok, additive = _mask_and_bias(L, S, H, mask, causal, window, align, bias, alibi_slopes, np, dtype)
+    ok, ramp = _mask_and_bias(L, S, H, mask, causal, window, align, None, alibi_slopes, np, dtype)
     kwargs = {"scale": float(scale), "enable_gqa": k.shape[0] != H}
-    if additive is not None:
-        attn = torch.from_numpy(additive).to(q.dtype)
+    if bias is not None or ramp is not None:
+        attn = torch.zeros((H, L, S), dtype=q.dtype)
+        if bias is not None:
+            attn = attn + leaf("bias", bias)  # a shared (L, S) bias broadcasts: its gradient sums over the heads
+        if ramp is not None:
+            attn = attn + torch.from_numpy(ramp).to(q.dtype)
         if ok is not None:
             attn = attn.masked_fill(~torch.from_numpy(ok.copy()), float("-inf"))
         kwargs["attn_mask"] = attn
@@ -132,21 +161,43 @@ def torch_sdpa(*inputs, scale, mask=None, causal=False, window=None, align="top_
             kwargs["is_causal"] = True
         else:
             kwargs["attn_mask"] = torch.from_numpy(ok.copy())
-    with torch.no_grad():
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], **kwargs)[0]
-        if not kernel:
-            out = out.permute(1, 0, 2).reshape(L, -1) @ wo
-            if bo is not None:
-                out = out + _tensor(torch, bo)
-    return _to_numpy(out)
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], **kwargs)[0]
+    if not kernel:
+        out = out.permute(1, 0, 2).reshape(L, -1) @ wo
+        if bo is not None:
+            out = out + leaf("bo", bo)
+    return out
 
 
-torch_sdpa.cast = torch_cast
-
-
-def torch_mha(x, wq, wk, wv, wo, *, mask=None, causal=False, x_kv=None, bq=None, bk=None, bv=None, bo=None):
-    """torch.nn.MultiheadAttention with the spec's weights (its scale is 1/sqrt(d_k), fixed)."""
+def torch_sdpa(*inputs, scale, mask=None, causal=False, window=None, align="top_left", bias=None, alibi_slopes=None,
+               x_kv=None, bq=None, bk=None, bv=None, bo=None):  # fmt: skip
+    """torch's scaled_dot_product_attention; the projection form's projections in torch too."""
     torch = _torch()
+    options = dict(scale=scale, mask=mask, causal=causal, window=window, align=align, bias=bias,
+                   alibi_slopes=alibi_slopes, x_kv=x_kv, bq=bq, bk=bk, bv=bv, bo=bo)  # fmt: skip
+    with torch.no_grad():
+        return _to_numpy(_sdpa(torch, inputs, _Leaves(torch, False), **options))
+
+
+def torch_sdpa_backward(*inputs, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
+                        alibi_slopes=None, x_kv=None, bq=None, bk=None, bv=None, bo=None):  # fmt: skip
+    """The input gradients of torch_sdpa by torch's autograd, for the cotangent given after the inputs."""
+    torch = _torch()
+    *inputs, dout = inputs
+    options = dict(scale=scale, mask=mask, causal=causal, window=window, align=align, bias=bias,
+                   alibi_slopes=alibi_slopes, x_kv=x_kv, bq=bq, bk=bk, bv=bv, bo=bo)  # fmt: skip
+    leaf = _Leaves(torch, True)
+    return leaf.gradients(_sdpa(torch, inputs, leaf, **options), dout)
+
+
+torch_sdpa.cast = torch_sdpa_backward.cast = torch_cast
+torch_sdpa.backward = torch_sdpa_backward
+
+
+def _mha(torch, leaf, x, wq, wk, wv, wo, *, mask=None, causal=False, x_kv=None, bq=None, bk=None, bv=None, bo=None):
+    """torch's multi-head attention (what nn.MultiheadAttention.forward calls) with the spec's weights placed
+    in its in-projection and out-projection, padded to embed_dim = H·d_k."""
+    F = torch.nn.functional
     H, d_model, d_k = wq.shape
     d_v = wv.shape[2]
     d_out = wo.shape[1]
@@ -158,46 +209,59 @@ def torch_mha(x, wq, wk, wv, wo, *, mask=None, causal=False, x_kv=None, bq=None,
             "nn.MultiheadAttention needs d_v = d_k and d_model, d_out <= embed_dim = H·d_k "
             f"(the spec has d_k {d_k}, d_v {d_v}, d_model {d_model}, d_out {d_out}, H {H})"
         )
-    source = x if x_kv is None else x_kv
-    d_kv = source.shape[1]
-    t = lambda a: _tensor(torch, a)  # noqa: E731
-    dt = t(x).dtype
-    pad = lambda a, cols: torch.nn.functional.pad(a, (0, cols - a.shape[-1]))  # noqa: E731
-    query = pad(t(x), E)
-    key = pad(t(source), E) if x_kv is None else t(source)
+    if mask is not None and np.ndim(mask) == 3:
+        raise Unsupported("nn.MultiheadAttention takes one mask for every head here")
     same = x_kv is None
-    mha = torch.nn.MultiheadAttention(E, H, bias=True, batch_first=True, kdim=None if same else d_kv,
-                                      vdim=None if same else d_kv, dtype=dt)  # fmt: skip
+    tx = leaf("x", x)
+    source = tx if same else leaf("x_kv", x_kv)
+    d_kv = source.shape[1]
+    dt = tx.dtype
+    pad = lambda a, cols: F.pad(a, (0, cols - a.shape[-1]))  # noqa: E731
+    query = pad(tx, E)
+    key = pad(source, E) if same else source
+    q_w = pad(leaf("wq", wq).permute(0, 2, 1).reshape(E, d_model), E)
+    k_w = leaf("wk", wk).permute(0, 2, 1).reshape(E, d_kv)
+    v_w = leaf("wv", wv).permute(0, 2, 1).reshape(E, d_kv)
+    if same:
+        k_w, v_w = pad(k_w, E), pad(v_w, E)
+    zeros = torch.zeros(E, dtype=dt)
+    in_bias = torch.cat([zeros if b is None else leaf(name, b).reshape(E) for name, b in (("bq", bq), ("bk", bk),
+                                                                                         ("bv", bv))])  # fmt: skip
+    out_w = F.pad(leaf("wo", wo).T, (0, 0, 0, E - d_out))
+    out_b = pad(torch.zeros(0, dtype=dt) if bo is None else leaf("bo", bo), E)
+    L, S = x.shape[0], source.shape[0]
+    attn_mask = None
+    if mask is not None or causal:
+        attn_mask = torch.from_numpy(~allowed(L, S, mask, causal, None, 0))  # MultiheadAttention: True = ignore
+    out, _ = F.multi_head_attention_forward(
+        query[:, None], key[:, None], key[:, None], E, H, None, in_bias, None, None, False, 0.0, out_w, out_b,
+        training=False, need_weights=False, attn_mask=attn_mask, use_separate_proj_weight=True,
+        q_proj_weight=q_w, k_proj_weight=k_w, v_proj_weight=v_w,
+    )  # fmt: skip
+    return out[:, 0, :d_out]
+
+
+def torch_mha(x, wq, wk, wv, wo, *, mask=None, causal=False, x_kv=None, bq=None, bk=None, bv=None, bo=None):
+    """torch.nn.MultiheadAttention's computation with the spec's weights (its scale is 1/sqrt(d_k), fixed)."""
+    torch = _torch()
     with torch.no_grad():
-        q_w = torch.zeros(E, E, dtype=dt)
-        q_w[:, :d_model] = t(wq).permute(0, 2, 1).reshape(E, d_model)
-        k_w = t(wk).permute(0, 2, 1).reshape(E, d_kv)
-        v_w = t(wv).permute(0, 2, 1).reshape(E, d_kv)
-        if same:
-            k_w, v_w = pad(k_w, E), pad(v_w, E)
-            mha.in_proj_weight.copy_(torch.cat([q_w, k_w, v_w]))
-        else:
-            mha.q_proj_weight.copy_(q_w)
-            mha.k_proj_weight.copy_(k_w)
-            mha.v_proj_weight.copy_(v_w)
-        biases = [torch.zeros(E, dtype=dt) if b is None else t(b).reshape(E) for b in (bq, bk, bv)]
-        mha.in_proj_bias.copy_(torch.cat(biases))
-        out_w = torch.zeros(E, E, dtype=dt)
-        out_w[:d_out, :] = t(wo).T
-        mha.out_proj.weight.copy_(out_w)
-        mha.out_proj.bias.copy_(pad(torch.zeros(0, dtype=dt) if bo is None else t(bo), E))
-        L, S = x.shape[0], source.shape[0]
-        attn_mask = None
-        if mask is not None or causal:
-            ok = allowed(L, S, None if mask is None else (mask if np.ndim(mask) == 2 else None), causal, None, 0)
-            if mask is not None and np.ndim(mask) == 3:
-                raise Unsupported("nn.MultiheadAttention takes one mask for every head here")
-            attn_mask = torch.from_numpy(~ok)  # MultiheadAttention: True = ignore
-        out, _ = mha(query[None], key[None], key[None], attn_mask=attn_mask, need_weights=False)
-    return _to_numpy(out[0, :, :d_out])
+        out = _mha(torch, _Leaves(torch, False), x, wq, wk, wv, wo, mask=mask, causal=causal, x_kv=x_kv, bq=bq,
+                   bk=bk, bv=bv, bo=bo)  # fmt: skip
+    return _to_numpy(out)
 
 
-torch_mha.cast = torch_cast
+def torch_mha_backward(x, wq, wk, wv, wo, dout, *, mask=None, causal=False, x_kv=None, bq=None, bk=None, bv=None,
+                       bo=None):  # fmt: skip
+    """The input gradients of torch_mha by torch's autograd."""
+    torch = _torch()
+    leaf = _Leaves(torch, True)
+    out = _mha(torch, leaf, x, wq, wk, wv, wo, mask=mask, causal=causal, x_kv=x_kv, bq=bq, bk=bk, bv=bv, bo=bo)
+    return leaf.gradients(out, dout)
+
+
+torch_mha.cast = torch_mha_backward.cast = torch_cast
+torch_mha.backward = torch_mha_backward
+torch_mha.forms = torch_mha_backward.forms = ("projection",)
 
 
 def jax_cast(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -212,34 +276,63 @@ def _jax_dtype(jnp, name: str):
     return {"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}[name]
 
 
-def jax_dpa(q, k, v, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
-            alibi_slopes=None, empty_row="zero"):  # fmt: skip
-    """jax.nn.dot_product_attention (a row with no allowed key gives the mean of V: empty_row 'uniform')."""
+def _jax_prepare(q, k, scale, mask, causal, window, align, alibi_slopes, empty_row):
     jax, jnp = _jax()
     if _dtype_name(q) == "float64":
         jax.config.update("jax_enable_x64", True)
     H, L, _ = q.shape
     S = k.shape[1]
-    ok, additive = _mask_and_bias(L, S, H, mask, causal, window, align, bias, alibi_slopes, np, None)
+    ok, ramp = _mask_and_bias(L, S, H, mask, causal, window, align, None, alibi_slopes, np, None)
     if ok is not None and not ok.any(axis=-1).all() and empty_row != "uniform":
         raise Unsupported(
             "jax.nn.dot_product_attention gives a row with no allowed key the mean of V (empty_row 'uniform'); "
             f"the spec asks for {empty_row!r}"
         )
     dt = _jax_dtype(jnp, _dtype_name(q))
-    arrays = [jnp.asarray(np.asarray(a).astype(np.float64)).astype(dt).transpose(1, 0, 2)[None] for a in (q, k, v)]
-    kwargs = {"scale": float(scale)}
-    if ok is not None:
-        kwargs["mask"] = jnp.asarray(ok)[None]
-    if additive is not None:
-        kwargs["bias"] = jnp.asarray(additive).astype(dt)[None]
-    out = jax.nn.dot_product_attention(*arrays, **kwargs)
-    return np.asarray(out[0].transpose(1, 0, 2))
+
+    def attention(q, k, v, bias=None):
+        """(H, L, E) arrays of dt, and the spec's bias ((L, S) or (H, L, S)) -> (H, L, E_v)."""
+        kwargs = {"scale": float(scale)}
+        if ok is not None:
+            kwargs["mask"] = jnp.asarray(ok)[None]
+        additive = None if ramp is None else jnp.asarray(ramp).astype(dt)
+        if bias is not None:
+            additive = jnp.broadcast_to(bias, (H, L, S)) if additive is None else additive + bias
+        if additive is not None:
+            kwargs["bias"] = additive[None]
+        layout = [a.transpose(1, 0, 2)[None] for a in (q, k, v)]  # (B, T, N, H)
+        return jax.nn.dot_product_attention(*layout, **kwargs)[0].transpose(1, 0, 2)
+
+    def array(a):
+        return jnp.asarray(np.asarray(a).astype(np.float64)).astype(dt)
+
+    return attention, array
 
 
-jax_dpa.cast = jax_cast
+def jax_dpa(q, k, v, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
+            alibi_slopes=None, empty_row="zero"):  # fmt: skip
+    """jax.nn.dot_product_attention (a row with no allowed key gives the mean of V: empty_row 'uniform')."""
+    attention, array = _jax_prepare(q, k, scale, mask, causal, window, align, alibi_slopes, empty_row)
+    return np.asarray(attention(array(q), array(k), array(v), None if bias is None else array(bias)))
 
 
-def resolve(name: str):
-    """A built-in adapter by name."""
-    return {"torch_sdpa": torch_sdpa, "torch_mha": torch_mha, "jax_dpa": jax_dpa}[name]
+def jax_dpa_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
+                     alibi_slopes=None, empty_row="zero"):  # fmt: skip
+    """The input gradients of jax_dpa by jax.vjp, for the cotangent dout."""
+    jax, _ = _jax()
+    attention, array = _jax_prepare(q, k, scale, mask, causal, window, align, alibi_slopes, empty_row)
+    primals = [array(q), array(k), array(v)] + ([] if bias is None else [array(bias)])
+    _, pullback = jax.vjp(attention, *primals)
+    grads = pullback(array(dout))
+    return {name: np.asarray(g) for name, g in zip(("dq", "dk", "dv", "dbias"), grads, strict=False)}
+
+
+jax_dpa.cast = jax_dpa_backward.cast = jax_cast
+jax_dpa.backward = jax_dpa_backward
+jax_dpa.forms = jax_dpa_backward.forms = ("kernel",)
+
+
+def resolve(name: str, backward: bool = False):
+    """A built-in adapter by name (its backward: the input gradients by the framework's autodiff)."""
+    adapter = {"torch_sdpa": torch_sdpa, "torch_mha": torch_mha, "jax_dpa": jax_dpa}[name]
+    return adapter.backward if backward else adapter

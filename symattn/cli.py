@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--strategy", choices=("auto", "unrolled", "vectorized"), default="auto")
     gen.add_argument("--check", action="store_true", help="exit 1 if FILE differs from what would be generated now")
+    gen.add_argument(
+        "--grad", action="store_true", help="also backward(..., dout): the input gradients (and backward steps)"
+    )
 
     ver = sub.add_parser("verify", help="measure attention implementations against the certified truth")
     ver.add_argument("spec")
@@ -83,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--rule", choices=("kappa", "differential", "both"), default="kappa")
     ver.add_argument("--json", action="store_true", help="strict JSON, one result per implementation")
     ver.add_argument("--plot", metavar="FILE", help="a PNG heatmap of error / bound per entry per implementation")
+    ver.add_argument(
+        "--backward",
+        action="store_true",
+        help="verify backward implementations: they take the inputs and dout (the spec's, else all ones) and "
+        "return the input gradients (a dict by name, or a tuple in input order)",
+    )
 
     nb = sub.add_parser("notebook", help="check every number a notebook printed against the exact values")
     nb.add_argument("file", help="a text transcript ('In [N]:' cells) or an .ipynb file")
@@ -116,11 +125,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _steps(requested, names) -> list[str]:
+def _steps(requested, names, also=()) -> list[str]:
+    """The steps asked for by --step (all of ``names`` when none), each one of ``names`` or ``also`` (the
+    backward steps, which --step may name without --grad)."""
     if not requested:
         return list(names)
     for name in requested:
-        if name not in names:
+        if name not in names and name not in also:
             raise SymattnError(f"--step: expected one of {', '.join(names)}, received {name!r}")
     return list(requested)
 
@@ -129,9 +140,15 @@ def _show(args) -> int:
     from .spec import load_spec
     from .trace import build, render
 
-    trace = build(load_spec(args.spec), grad=args.grad)
+    spec = load_spec(args.spec)
+    from .graph import build as build_graph
+
+    graph = build_graph(spec)
+    forward, backward = [s.name for s in graph.steps], [s.name for s in graph.backward_steps]
+    names = _steps(args.step, forward + (backward if args.grad else []), also=backward)
+    trace = build(spec, grad=any(name in backward for name in names))
     out = []
-    for name in _steps(args.step, trace.names):
+    for name in names:
         rows, cols = trace.shape(name)
         matrix = trace[name] if args.closed else trace.structure(name)
         if args.format == "latex":
@@ -163,9 +180,9 @@ def _eval(args) -> int:
 
     spec = load_spec(args.spec)
     graph = build_graph(spec)
-    known = [s.name for s in graph.steps] + ([s.name for s in graph.backward_steps] if args.grad else [])
-    names = _steps(args.step, known)
-    truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names, grad=args.grad)
+    forward, backward = [s.name for s in graph.steps], [s.name for s in graph.backward_steps]
+    names = _steps(args.step, forward + (backward if args.grad else []), also=backward)
+    truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names)
     trace = None
     if args.exact:
         from .trace import build
@@ -215,7 +232,7 @@ def _generate(args) -> int:
     from .codegen import generate
     from .spec import load_spec
 
-    source = generate(load_spec(args.spec), weights=args.weights, strategy=args.strategy)
+    source = generate(load_spec(args.spec), weights=args.weights, strategy=args.strategy, grad=args.grad)
     if args.check:
         if not args.output:
             raise SymattnError("--check: expected -o FILE to compare with, received no file")
@@ -273,7 +290,8 @@ def _verify(args) -> int:
 
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     spec = load_spec(args.spec)
-    results = verify(spec, args.impl or default_impls(spec), dtype=args.dtype, rule=args.rule)
+    impls = args.impl or default_impls(spec, args.backward)
+    results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward)
     if args.plot:
         from .verifier import plot
 
@@ -285,10 +303,10 @@ def _verify(args) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
-def default_impls(spec) -> list:
+def default_impls(spec, backward: bool = False) -> list:
     """What ``symattn verify`` checks when no --impl is given: the module symattn generates for the spec
-    (weights and options as inputs), and, for a projection-form spec without options, the seed notebook's own
-    algorithm."""
+    (weights and options as inputs; its backward with ``backward``), and, for a projection-form spec without
+    options, the seed notebook's own algorithm (forward only)."""
     import importlib.util
     import tempfile
 
@@ -296,10 +314,12 @@ def default_impls(spec) -> list:
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "symattn_generated.py"
-        path.write_text(generate(spec, weights="inputs"), encoding="utf-8")
+        path.write_text(generate(spec, weights="inputs", grad=backward), encoding="utf-8")
         module_spec = importlib.util.spec_from_file_location("symattn_generated", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
+    if backward:
+        return [("generated", module.backward)]
     impls = [("generated", module.forward)]
     from .verifier import arguments
 

@@ -184,8 +184,8 @@ class _Sources:
                 return f"{kind}[{index}][None, :]", False
             if kind == "bo":
                 return "bo[None, :]", False
-            if kind == "bias":
-                return f"bias[{index}]", False
+            if kind == "bias":  # broadcast to (H, L, S) by the prologue: a shared bias reads head 0's copy
+                return f"bias[{index if index is not None else 0}]", False
         value = layout.graph.leaves[name].float64()
         return f"{self.constant('_' + name.upper(), _array_text(value))}.astype({layout.compute})", False
 
@@ -238,7 +238,14 @@ def _gradient_names(layout: _Layout) -> list:
     """The input gradients' step names (dx, dwq1, ... or dq1, ...), in leaf order."""
     graph = layout.graph
     backward = {s.name for s in graph.backward_steps}
-    return ["d" + name for name in graph.leaves if "d" + name in backward]
+    names = ["d" + name for name in graph.leaves if "d" + name in backward]
+    # a projection bias some heads lack: theirs is still the column sum of their dQ, dK or dV
+    for key, step, count in (("dbq", "dQ", layout.spec.h), ("dbk", "dK", layout.spec.h_kv),
+                             ("dbv", "dV", layout.spec.h_kv)):  # fmt: skip
+        present = [f"{key}{i}" in names for i in range(1, count + 1)]
+        if any(present) and not all(present):
+            names += [f"{step}{i}" for i in range(1, count + 1) if not present[i - 1]]
+    return names
 
 
 class _Vectorized:
@@ -354,27 +361,27 @@ def _gradient_dict(layout: _Layout, names: dict) -> list:
         for key in ("dx", "dx_kv"):
             if key in names:
                 entries.append(f"{key!r}: {names[key]}")
-        for key, count, row in (
-            ("dwq", spec.h, False),
-            ("dwk", spec.h_kv, False),
-            ("dwv", spec.h_kv, False),
-            ("dbq", spec.h, True),
-            ("dbk", spec.h_kv, True),
-            ("dbv", spec.h_kv, True),
-        ):
-            if f"{key}1" in names:
-                parts = ", ".join(names[f"{key}{i}"] + ("[..., 0, :]" if row else "") for i in range(1, count + 1))
-                entries.append(f"{key!r}: numpy.stack([{parts}], axis={-2 if row else -3})")
+        for key, count in (("dwq", spec.h), ("dwk", spec.h_kv), ("dwv", spec.h_kv)):
+            parts = ", ".join(names[f"{key}{i}"] for i in range(1, count + 1))
+            entries.append(f"{key!r}: numpy.stack([{parts}], axis=-3)")
+        for key, step, count in (("dbq", "dQ", spec.h), ("dbk", "dK", spec.h_kv), ("dbv", "dV", spec.h_kv)):
+            if any(f"{key}{i}" in names for i in range(1, count + 1)):
+                parts = ", ".join(
+                    f"{names[f'{key}{i}']}[..., 0, :]"
+                    if f"{key}{i}" in names
+                    else f"_unbatched({names[f'{step}{i}']}.sum(axis=-2), 1)"
+                    for i in range(1, count + 1)
+                )
+                entries.append(f"{key!r}: numpy.stack([{parts}], axis=-2)")
         if "dwo" in names:
             entries.append(f"'dwo': {names['dwo']}")
         if "dbo" in names:
             entries.append(f"'dbo': {names['dbo']}[..., 0, :]")
-        if "dbias1" in names:
+        if "dbias" in names:  # a bias every head shares: one gradient, already summed over the heads
+            entries.append(f"'dbias': {names['dbias']}")
+        elif "dbias1" in names:
             parts = [names[f"dbias{i}"] for i in range(1, spec.h + 1)]
-            if spec.shared_bias:
-                entries.append(f"'dbias': {' + '.join(parts)}")
-            else:
-                entries.append(f"'dbias': numpy.stack([{', '.join(parts)}], axis=-3)")
+            entries.append(f"'dbias': numpy.stack([{', '.join(parts)}], axis=-3)")
     return ["grads = {" + ", ".join(entries) + "}", "return {name: _result(g, dtype) for name, g in grads.items()}"]
 
 

@@ -252,6 +252,16 @@ class Graph:
                 out["d" + name] = grads[name]
         return out
 
+    def values(self, xp, names) -> dict:
+        """The values of the steps ``names``, forward or backward (a backward one runs the whole forward pass
+        and the backward pass from ``douts``)."""
+        names = list(names)
+        if all(name in self._by_name for name in names):
+            return self.forward(xp, names)
+        values = self.forward(xp, keep=[n.name for n in self.nodes])
+        grads = self.backward(xp, values, self.douts(xp))
+        return {name: values[name] if name in self._by_name else grads[name] for name in names}
+
     def douts(self, xp) -> dict:
         """The output cotangents as leaves of ``xp``: the spec's ``dout``, or all ones (the loss is then the
         sum of the outputs)."""
@@ -356,15 +366,16 @@ def build(spec, rows=None) -> Graph:
             allowed,
         )
         inputs = (q_name, k_name)
-        if spec.bias is not None:
-            leaves[f"bias{i}"] = select(spec.bias[i - 1])
-            inputs += (f"bias{i}",)
+        if spec.bias is not None:  # one leaf for a bias every head shares: its gradient sums over the heads
+            bias_name = "bias" if spec.shared_bias else f"bias{i}"
+            leaves[bias_name] = select(spec.bias[i - 1])
+            inputs += (bias_name,)
         nodes.append(Node(f"scores{i}", op, inputs))
         text = f"{q_name}·{k_name}ᵀ·scale"
         if softcap is not None:
             text = f"softcap({text})"
         if spec.bias is not None:
-            text += f" + bias{i}"
+            text += f" + bias{i}"  # the bias as head i sees it (a shared one is the same matrix for every head)
         if distance is not None:
             text += f" - alibi{i}"
         details = [f"scale = {scale_text}"]
@@ -464,7 +475,7 @@ def _backward_steps(graph: Graph) -> list:
             terms = " + ".join(f"weights{j}ᵀ·dhead{j}" for j in heads)
             add(f"{'dv' if kernel else 'dV'}{g}", "dv" if kernel else "dV", g, (spec.S, spec.d_v), terms)
     if kernel:
-        return steps
+        return steps + _bias_steps(spec, L)
     x_kv = "x_kv" if spec.x_kv is not None else "x"
     q_terms = " + ".join(f"dQ{i}·wq{i}ᵀ" for i in range(1, spec.h + 1))
     kv_terms = " + ".join(f"dK{g}·wk{g}ᵀ + dV{g}·wv{g}ᵀ" for g in range(1, spec.h_kv + 1))
@@ -492,7 +503,14 @@ def _backward_steps(graph: Graph) -> list:
             add(f"dbv{g}", "dbv", g, (1, spec.d_v), f"colsum(dV{g})")
     if spec.bo is not None:
         add("dbo", "dbo", None, (1, spec.d_out), "colsum(dM)")
-    if spec.bias is not None:
-        for i in range(1, spec.h + 1):
-            add(f"dbias{i}", "dbias", i, (L, spec.S), f"dscores{i}")
-    return steps
+    return steps + _bias_steps(spec, L)
+
+
+def _bias_steps(spec, L) -> list:
+    """dbias (a bias every head shares: the sum of the heads' dscores) or dbias1, ... (one per head)."""
+    if spec.bias is None:
+        return []
+    if spec.shared_bias:
+        text = "dbias = " + " + ".join(f"dscores{i}" for i in range(1, spec.h + 1))
+        return [Step("dbias", None, (L, spec.S), text, backward=True)]
+    return [Step("dbias", i, (L, spec.S), f"dbias{i} = dscores{i}", backward=True) for i in range(1, spec.h + 1)]

@@ -168,5 +168,5 @@ def _t(a: Budget) -> Budget:
 def budgets(graph, arrays: dict, dtype: str, names=None) -> dict:
     """Every step's error budget (by name) for a right implementation in ``dtype`` at the given inputs."""
     xp = BudgetXP(dtype, arrays)
-    values = graph.forward(xp, names)
+    values = graph.values(xp, [n.name for n in graph.nodes] if names is None else names)
     return {name: v.error for name, v in values.items()}

@@ -25,8 +25,12 @@ KERNEL = ("q", "k", "v")
 PROJECTION = ("x", "wq", "wk", "wv", "wo")
 
 
-def assert_attention_close(fn, spec=None, *, dtype: str | None = None, rule: str = "kappa", **given) -> None:
-    """Raise AssertionError unless ``fn`` passes ``symattn verify`` (see the module's docstring)."""
+def assert_attention_close(
+    fn, spec=None, *, dtype: str | None = None, rule: str = "kappa", backward: bool = False, **given
+) -> None:
+    """Raise AssertionError unless ``fn`` passes ``symattn verify`` (see the module's docstring).  With
+    ``backward``, ``fn`` takes ``dout`` after the inputs (a ``dout=`` tensor, else all ones) and returns the
+    input gradients (``symattn verify --backward``)."""
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     if dtype is not None and dtype not in DTYPES:
@@ -37,7 +41,7 @@ def assert_attention_close(fn, spec=None, *, dtype: str | None = None, rule: str
             raise SymattnError("assert_attention_close: give a spec or the input tensors, not both")
         from .spec import load_spec
 
-        _check(fn, name, Context(load_spec(spec), dtype or "float64"), rule, None)
+        _check(fn, name, Context(load_spec(spec), dtype or "float64", backward=backward), rule, None)
         return
     form = KERNEL if "q" in given else PROJECTION
     missing = [key for key in form if key not in given]
@@ -48,43 +52,62 @@ def assert_attention_close(fn, spec=None, *, dtype: str | None = None, rule: str
         )
     framework = _Framework(given[form[0]])
     dtype = dtype or framework.dtype_name(given[form[0]])
-    inputs = {key: framework.cast(given[key], dtype) for key in form}
-    options = {key: value for key, value in given.items() if key not in form}
+    if "dout" in given and not backward:
+        raise SymattnError("dout: a cotangent is for backward=True, received one with backward=False")
+    tensors = form + (("dout",) if backward and "dout" in given else ())
+    inputs = {key: framework.cast(given[key], dtype) for key in tensors}
+    options = {key: value for key, value in given.items() if key not in tensors}
     batched = np.ndim(framework.numpy(inputs[form[0]])) == (4 if form is KERNEL else 3)
     count = framework.numpy(inputs[form[0]]).shape[0] if batched else 1
     contexts = []
     for b in range(count):
         data = {key: framework.numpy(value)[b] if batched else framework.numpy(value) for key, value in inputs.items()}
         if form is PROJECTION:
-            data = {"x": data["x"], "wq": data["wq"], "wk": data["wk"], "wv": data["wv"], "wo": data["wo"]}
+            data = {key: data[key] for key in PROJECTION + (("dout",) if "dout" in data else ())}
         data.update({key: framework.numpy(value) if _array_like(value) else value for key, value in options.items()})
         from .spec import from_dict
 
-        contexts.append(Context(from_dict(data), dtype))
+        contexts.append(Context(from_dict(data), dtype, backward=backward))
 
     def feed(positional, opts):
-        """The framework's tensors (the cast inputs, whole batch) and the options, arrays in that framework."""
+        """The framework's tensors (the cast inputs and dout, whole batch) and the options, arrays in that
+        framework."""
         fed = [framework.clone(inputs[key]) for key in form]
+        if backward:
+            fed.append(
+                framework.clone(inputs["dout"])
+                if "dout" in inputs
+                else framework.ones(positional[-1], count, batched, fed[0])
+            )
         return fed, {k: framework.like(v, inputs[form[0]]) if isinstance(v, np.ndarray) else v for k, v in opts.items()}
 
     output, result = call(fn, name, contexts[0], feed)
     if result is not None:
         _raise(result)
-    output = output_array(output)
     for b, context in enumerate(contexts):
-        element = output[b] if batched and output.ndim == context.exact.ndim + 1 else output
-        if batched and output.ndim != context.exact.ndim + 1:
-            raise AssertionError(
-                f"{name} returned shape {output.shape} for a batch of {count}: expected a leading batch axis"
-            )
+        element = _element(output, b, name, count, len(context.shape)) if batched else output
         _report(measure(name, element, context, rule), context, rule, f" (batch element {b})" if batched else "")
+
+
+def _element(output, b: int, name: str, count: int, rank: int):
+    """Batch element ``b`` of what ``fn`` returned (an array, or a dict or tuple of gradients)."""
+    if isinstance(output, dict):
+        return {key: _element(value, b, f"{name}'s {key}", count, None) for key, value in output.items()}
+    if isinstance(output, (tuple, list)):
+        return type(output)(_element(value, b, name, count, None) for value in output)
+    array = output_array(output)
+    if array.ndim == 0 or array.shape[0] != count or (rank is not None and array.ndim != rank + 1):
+        raise AssertionError(
+            f"{name} returned shape {array.shape} for a batch of {count}: expected a leading batch axis"
+        )
+    return array[b]
 
 
 def _check(fn, name, context, rule, feed) -> None:
     output, result = call(fn, name, context, feed)
     if result is not None:
         _raise(result)
-    _report(measure(name, output_array(output), context, rule), context, rule, "")
+    _report(measure(name, output, context, rule), context, rule, "")
 
 
 def _raise(result) -> None:
@@ -97,7 +120,8 @@ def _report(result, context, rule: str, where: str) -> None:
     if result.passed:
         return
     message = (
-        f"{result.name} is not close to the exact attention on {context.spec.display_name}{where} in "
+        f"{result.name} is not close to the exact attention{' gradients' if context.backward else ''} on "
+        f"{context.spec.display_name}{where} in "
         f"{context.dtype} (rule {rule}): " + "; ".join(result.reasons)
     )
     if result.entries:
@@ -157,6 +181,11 @@ class _Framework:
         from .numeric import dtype_of
 
         return np.asarray(t).astype(dtype_of(dtype))
+
+    def ones(self, like: np.ndarray, count: int, batched: bool, sample):
+        """All ones shaped like ``like`` (with the batch axis), as the framework's tensor of sample's dtype."""
+        shape = ((count,) if batched else ()) + like.shape
+        return self.like(np.ones(shape), sample)
 
     def clone(self, t):
         if self.kind == "torch":

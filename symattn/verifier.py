@@ -64,10 +64,11 @@ class Arguments:
     rounded: AttentionSpec  # the spec with its arrays replaced by their rounded values
 
 
-def arguments(spec: AttentionSpec, dtype: str, cast=None) -> Arguments:
+def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False) -> Arguments:
     """The spec's arrays rounded to ``dtype`` (by ``cast(float64 array, dtype)``: NumPy's, or a framework's,
     which may round differently: torch and JAX round float64 to bfloat16 through float32), stacked as the
-    convention stacks them."""
+    convention stacks them; with ``backward``, the output's cotangent ``dout`` follows the positional inputs
+    (the spec's, or all ones)."""
     dt = dtype_of(dtype)
 
     def rounded(m) -> np.ndarray:
@@ -89,11 +90,23 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None) -> Arguments:
     }
     leaves: dict = {}
     fields: dict = {}
+    dout = None
+    if backward:
+        shape = (spec.h, spec.L, spec.d_v) if spec.form == "kernel" else (spec.L, spec.d_out)
+        if spec.dout is None:
+            dout = np.ones(shape, dt)
+        else:
+            dout = stack(spec.dout) if spec.form == "kernel" else rounded(spec.dout[0])
+        for k, d in enumerate(dout if spec.form == "kernel" else [dout], 1):
+            leaves[f"dout{k}"] = d
+        fields["dout"] = dout.astype(np.float64)
     if spec.bias is not None:
         options["bias"] = rounded(spec.bias[0]) if spec.shared_bias else stack(spec.bias)
-        biases = [options["bias"]] * spec.h if spec.shared_bias else list(options["bias"])
-        for i, b in enumerate(biases, 1):
-            leaves[f"bias{i}"] = b
+        if spec.shared_bias:
+            leaves["bias"] = options["bias"]
+        else:
+            for i, b in enumerate(options["bias"], 1):
+                leaves[f"bias{i}"] = b
         fields["bias"] = options["bias"].astype(np.float64)
     if spec.alibi is not None:
         slopes = np.array([exact_float(s) for s in spec.alibi_slopes])
@@ -109,7 +122,11 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None) -> Arguments:
             leaves[f"k{g + 1}"], leaves[f"v{g + 1}"] = k[g], v[g]
         names = KERNEL_OPTIONS
         exact = AttentionSpec(
-            spec.name, q=q.astype(np.float64), k=k.astype(np.float64), v=v.astype(np.float64), **_kept(spec), **fields
+            spec.name,
+            q=q.astype(np.float64),
+            k=k.astype(np.float64),
+            v=v.astype(np.float64),
+            **{**_kept(spec), **fields},
         )
     else:
         x = rounded(spec.x)
@@ -152,8 +169,10 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None) -> Arguments:
         names = PROJECTION_OPTIONS
         exact = AttentionSpec(
             spec.name, x.astype(np.float64), heads, wo.astype(np.float64), spec.scale,
-            kv_heads=kv, **_kept(spec, scale=False), **fields,
+            kv_heads=kv, **{**_kept(spec, scale=False), **fields},
         )  # fmt: skip
+    if dout is not None:
+        positional += (dout,)
     nondefault = [name for name in names if _nondefault(spec, name)]
     return Arguments(positional, {k: options[k] for k in names}, nondefault, leaves, exact)
 
@@ -222,14 +241,6 @@ class _Reordered(FloatXP):
     def div(self, a, z):
         with np.errstate(divide="ignore", invalid="ignore"):
             return self._out(a * self._out(1 / z))
-
-
-def reference(graph, leaves: dict, dtype: str, reordered: bool = False) -> np.ndarray:
-    """The graph run in ``dtype`` on the given leaves (straightforwardly, or reordered): the output."""
-    xp = (_Reordered if reordered else FloatXP)(dtype, leaves)
-    with np.errstate(all="ignore"):
-        values = graph.forward(xp, graph.outputs)
-    return _stacked(graph, {name: xp.result(values[name]) for name in graph.outputs})
 
 
 def _stacked(graph, values: dict) -> np.ndarray:
@@ -322,10 +333,13 @@ class Result:
     kappa_passed: bool = False
     differential_passed: bool = False
     differential_bound: float = math.nan
-    reference_error: float = math.nan  # the reference runs' largest max error
+    reference_error: float = math.nan  # the reference runs' largest max error (on differential_on)
     input_rounding_effect: float = math.nan  # max |truth(rounded inputs) - truth(exact inputs)|
     normwise_error: float = math.nan  # ||out - exact|| / ||exact|| (2-norms over the finite entries)
     entries: list = field(default_factory=list)  # of Entry, worst first
+    notes: list = field(default_factory=list)  # what was not verified, and why (not failures)
+    backward: bool = False  # the input gradients were verified, not the output
+    differential_on: str = "output"  # the returned array the differential bound is that of (backward: the worst)
 
     @property
     def passed(self) -> bool:
@@ -335,26 +349,29 @@ class Result:
         doc = {
             k: _json_number(getattr(self, k))
             for k in (
-                "name", "spec", "dtype", "rule", "verdict", "passed", "reasons", "max_abs_error", "max_ulps",
-                "max_bits", "normwise_error", "kappa_passed", "differential_passed", "differential_bound",
-                "reference_error", "input_rounding_effect",
+                "name", "spec", "dtype", "backward", "rule", "verdict", "passed", "reasons", "max_abs_error",
+                "max_ulps", "max_bits", "normwise_error", "kappa_passed", "differential_passed", "differential_bound",
+                "differential_on", "reference_error", "input_rounding_effect", "notes",
             )
         }  # fmt: skip
         doc["entries"] = [{k: _json_number(v) for k, v in e.__dict__.items()} for e in self.entries]
         return doc
 
     def lines(self, worst: int = 5) -> list[str]:
+        what = f"{self.name}{' backward' if self.backward else ''} on {self.spec} in {self.dtype}"
         if self.verdict in ("UNSUPPORTED", "ERROR") or not self.entries:
-            return [f"{self.verdict} {self.name} on {self.spec} in {self.dtype}: " + "; ".join(self.reasons)]
+            return [f"{self.verdict} {what}: " + "; ".join(self.reasons)]
+        where = f"on {self.differential_on}: " if self.backward else ""
         out = [
-            f"{self.verdict} {self.name} on {self.spec} in {self.dtype} (rule {self.rule}): "
+            f"{self.verdict} {what} (rule {self.rule}): "
             f"max error {self.max_abs_error:.3g} = {self.max_ulps:.3g} ulps ({self.max_bits:.1f} bits), normwise "
             f"{self.normwise_error:.3g}; kappa {'pass' if self.kappa_passed else 'fail'}, differential "
-            f"{'pass' if self.differential_passed else 'fail'} (bound {self.differential_bound:.3g}, "
-            f"reference runs {self.reference_error:.3g}); input rounding moves the output by "
-            f"{self.input_rounding_effect:.3g}"
+            f"{'pass' if self.differential_passed else 'fail'} ({where}bound {self.differential_bound:.3g}, "
+            f"reference runs {self.reference_error:.3g}); input rounding moves the "
+            f"{'gradients' if self.backward else 'output'} by {self.input_rounding_effect:.3g}"
         ]
         out += [f"  {reason}" for reason in self.reasons]
+        out += [f"  note: {note}" for note in self.notes]
         out.append(f"  {'entry':>14} {'value':>24} {'exact':>28} {'error':>10} {'ulps':>8} {'bound':>10}")
         for e in self.entries[:worst]:
             out.append(
@@ -380,10 +397,56 @@ def _ordinal(a: np.ndarray) -> np.ndarray:
     return np.where(ints < 0, np.iinfo(kind).min - ints, ints)
 
 
-class Context:
-    """What every implementation on one spec and dtype is measured against, computed once."""
+@dataclass(frozen=True)
+class Target:
+    """One array an implementation returns: its name, the graph steps it stacks and its shape."""
 
-    def __init__(self, spec: AttentionSpec, dtype: str, cast=None):
+    name: str  # "output", or a gradient's name (dq, dx, dwq, ...)
+    steps: tuple
+    shape: tuple
+
+
+POSITIONAL_GRADIENTS = {"kernel": ("dq", "dk", "dv"), "projection": ("dx", "dwq", "dwk", "dwv", "dwo")}
+
+
+def targets(graph, backward: bool = False) -> list[Target]:
+    """What an implementation returns, as graph steps: the output (heads stacked in the kernel form), or with
+    ``backward`` the input gradients (DESIGN.md's names, each stacked like its input), positional ones first."""
+    spec = graph.spec
+    if not backward:
+        rows, cols = graph.step(graph.outputs[0]).shape
+        shape = (rows, cols) if graph.outputs == ["M"] else (spec.h, rows, cols)
+        return [Target("output", tuple(graph.outputs), shape)]
+    known = {s.name: s.shape for s in graph.backward_steps}
+    out = []
+
+    def add(name, count=None):
+        if count is None:
+            if name in known:
+                rows, cols = known[name]
+                out.append(Target(name, (name,), (cols,) if name == "dbo" else (rows, cols)))
+            return
+        steps = tuple(f"{name}{n}" for n in range(1, count + 1))
+        if steps[0] in known:
+            rows, cols = known[steps[0]]
+            out.append(Target(name, steps, (count, cols) if name in ("dbq", "dbk", "dbv") else (count, rows, cols)))
+
+    if spec.form == "kernel":
+        add("dq", spec.h), add("dk", spec.h_kv), add("dv", spec.h_kv)
+    else:
+        add("dx"), add("dwq", spec.h), add("dwk", spec.h_kv), add("dwv", spec.h_kv), add("dwo"), add("dx_kv")
+        add("dbq", spec.h), add("dbk", spec.h_kv), add("dbv", spec.h_kv), add("dbo")
+    if spec.bias is not None:
+        add("dbias") if spec.shared_bias else add("dbias", spec.h)
+    return out
+
+
+class Context:
+    """What every implementation on one spec and dtype is measured against, computed once: the certified
+    truth of every returned entry (flattened, target after target), the error budget and reference errors
+    there, and the ulp floors."""
+
+    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False):
         from .rounding import budgets
         from .truth import evaluate
 
@@ -392,39 +455,85 @@ class Context:
             raise SymattnError(
                 f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
             )
-        self.spec, self.dtype = spec, dtype
-        self.args = arguments(spec, dtype, cast)
+        self.spec, self.dtype, self.backward = spec, dtype, backward
+        self.args = arguments(spec, dtype, cast, backward)
         self.graph = build_graph(self.args.rounded)
-        outputs = self.graph.outputs
-        self.truth = evaluate(self.args.rounded, digits=DIGITS, progress=False, steps=outputs)
-        self.exact = _stacked(self.graph, {n: np.array(self.truth[n].tolist(), dtype=object) for n in outputs})
-        self.text = _stacked(self.graph, {n: np.array(self.truth[n].values, dtype=object) for n in outputs})
-        if self.args.rounded != spec and not spec.symbols:
-            original = evaluate(spec, digits=DIGITS, progress=False, steps=outputs)
-            other = _stacked(self.graph, {n: np.array(original[n].tolist(), dtype=object) for n in outputs})
+        self.targets = targets(self.graph, backward)
+        names = [step for t in self.targets for step in t.steps]
+        self.truth = evaluate(self.args.rounded, digits=DIGITS, progress=False, steps=names)
+        self.exact = self._flat({n: np.array(self.truth[n].tolist(), dtype=object) for n in names})
+        self.text = self._flat({n: np.array(self.truth[n].values, dtype=object) for n in names})
+        if self.args.rounded != spec:
+            # the steps the original spec has too (a projection bias given for some heads is zero for the others)
+            graph = build_graph(spec)
+            both = [n for n in names if n in {s.name for s in graph.steps + graph.backward_steps}]
+            original = evaluate(spec, digits=DIGITS, progress=False, steps=both)
             self.input_effect = max(
-                _difference(a, b) for a, b in zip(self.exact.reshape(-1), other.reshape(-1), strict=True)
+                (
+                    _difference(a, b)
+                    for n in both
+                    for a, b in zip(
+                        np.array(self.truth[n].tolist(), dtype=object).reshape(-1).tolist(),
+                        np.array(original[n].tolist(), dtype=object).reshape(-1).tolist(),
+                        strict=True,
+                    )
+                ),
+                default=0.0,
             )
         else:
             self.input_effect = 0.0
         leaves = self.args.leaves
-        budget = budgets(self.graph, leaves, dtype, outputs)
-        self.budget = _stacked(self.graph, budget).reshape(-1)
-        runs = [reference(self.graph, leaves, dtype), reference(self.graph, leaves, dtype, reordered=True)]
-        errors = [_errors(run, self.exact) for run in runs]
+        self.budget = self._flat(budgets(self.graph, leaves, dtype, names))
+        runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, reordered=True)]
+        errors = [_errors(self._flat(run), self.exact) for run in runs]
         self.reference_errors = np.maximum(*errors)  # per entry, the larger of the two runs' errors
-        self.reference_error = float(np.max(self.reference_errors)) if self.reference_errors.size else 0.0
-        finite = [abs(float(v)) for v in self.exact.reshape(-1) if _finite(v)]
-        scale = max(finite, default=0.0)
-        self.floor = FLOOR_SCALE * scale
-        self.one_rounding = float(np.spacing(np.array(scale).astype(dtype_of(dtype))).astype(np.float64))
-        self.step_names = _entry_names(self.graph)
+        self.step_names = [
+            (step, i, j) for t in self.targets for step in t.steps for i, j in np.ndindex(*self.graph.step(step).shape)
+        ]
+        # per target: where its entries are, its largest reference error, its ulp floor and one rounding there
+        self.slices, self.target_reference_error, self.one_rounding = [], [], []
+        self.floor = np.zeros(self.exact.size)
+        start = 0
+        for t in self.targets:
+            size = int(np.prod(t.shape))
+            part = slice(start, start + size)
+            self.slices.append(part)
+            start += size
+            errors_here = self.reference_errors[part]
+            self.target_reference_error.append(float(errors_here.max()) if errors_here.size else 0.0)
+            scale = max((abs(float(v)) for v in self.exact[part] if _finite(v)), default=0.0)
+            self.floor[part] = FLOOR_SCALE * scale
+            self.one_rounding.append(float(np.spacing(np.array(scale).astype(dtype_of(dtype))).astype(np.float64)))
+        self.reference_error = max(self.target_reference_error, default=0.0)
         self.kappa = None
-        if self.exact.size <= KAPPA_LIMIT:
+        if not backward and self.exact.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
                 sens = np.asarray(sensitivity(self.graph, leaves)).reshape(-1)
-                magnitude = np.array([abs(float(v)) if _finite(v) else 0.0 for v in self.exact.reshape(-1)])
+                magnitude = np.array([abs(float(v)) if _finite(v) else 0.0 for v in self.exact])
                 self.kappa = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
+
+    @property
+    def shape(self) -> tuple:
+        """The output's shape (forward)."""
+        return self.targets[0].shape
+
+    @property
+    def differential_factor(self) -> int:
+        """FlashAttention's tests allow 2× the reference's error forward, 3× backward."""
+        return 3 if self.backward else 2
+
+    def _flat(self, values: dict) -> np.ndarray:
+        parts = [np.asarray(values[step]).reshape(-1) for t in self.targets for step in t.steps]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def runs_of(graph, leaves: dict, dtype: str, names, reordered: bool = False) -> dict:
+    """The steps ``names`` (forward or backward) of the graph run in ``dtype`` on the given leaves,
+    straightforwardly or reordered, as float64 arrays."""
+    xp = (_Reordered if reordered else FloatXP)(dtype, leaves)
+    with np.errstate(all="ignore"):
+        values = graph.values(xp, names)
+    return {name: np.asarray(xp.result(values[name]), dtype=np.float64) for name in names}
 
 
 def _errors(output: np.ndarray, exact: np.ndarray) -> np.ndarray:
@@ -467,35 +576,95 @@ def _entry_names(graph) -> list:
     return out
 
 
+def _arrays(output, context: Context) -> tuple[dict, list, list]:
+    """What an implementation returned, by target name: (arrays, reasons it fails, notes).  Forward: one
+    array.  Backward: a dict keyed by gradient name, or a tuple of the positional inputs' gradients in order."""
+    if not context.backward:
+        return {"output": output_array(output)}, [], []
+    names = [t.name for t in context.targets]
+    positional = POSITIONAL_GRADIENTS[context.spec.form]
+    if isinstance(output, dict):
+        given = {str(k): output_array(v) for k, v in output.items()}
+    elif isinstance(output, (tuple, list)):
+        if len(output) != len(positional):
+            return (
+                {},
+                [
+                    f"expected a dict of gradients or a tuple ({', '.join(positional)}), received a "
+                    f"{type(output).__name__} of {len(output)}"
+                ],
+                [],
+            )
+        given = {k: output_array(v) for k, v in zip(positional, output, strict=True)}
+    else:
+        return (
+            {},
+            [f"expected a dict of gradients or a tuple ({', '.join(positional)}), received {type(output).__name__}"],
+            [],
+        )
+    reasons, notes = [], []
+    missing = [n for n in positional if n in names and n not in given]
+    if missing:
+        reasons.append(f"did not return {', '.join(missing)}")
+    unverified = [n for n in names if n not in positional and n not in given]
+    if unverified:
+        notes.append(f"not returned, so not verified: {', '.join(unverified)}")
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        notes.append(f"ignored gradients of inputs the spec does not have: {', '.join(unknown)}")
+    return {n: given[n] for n in names if n in given}, reasons, notes
+
+
 def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
-    """Measure one output array against the truth for the spec's inputs rounded to the dtype."""
+    """Measure what an implementation returned (an output array; backward: its gradients) against the truth
+    for the spec's inputs rounded to the dtype."""
     spec, dtype = context.spec, context.dtype
     dt = dtype_of(dtype)
-    out = np.asarray(output)
-    shape = context.exact.shape
-    base = Result(name, spec.display_name, dtype, rule, "FAIL", [])
-    if out.shape != shape:
-        base.reasons.append(f"expected an output of shape {'×'.join(map(str, shape))}, received shape {out.shape}")
+    arrays, reasons, notes = _arrays(output, context)
+    base = Result(name, spec.display_name, dtype, rule, "FAIL", reasons, notes=notes, backward=context.backward)
+    if reasons and not arrays:
         return base
-    reasons = []
-    if out.dtype != dt:
-        reasons.append(f"returned dtype {out.dtype}, not the {dtype} it was given")
-    values = out.astype(dt).astype(np.float64).reshape(-1)
-    exact, text = context.exact.reshape(-1), context.text.reshape(-1)
-    bad = [k for k, v in enumerate(values) if not math.isfinite(v) and _finite(exact[k])]
+    checked = np.zeros(context.exact.size, dtype=bool)
+    values = np.full(context.exact.size, np.nan)
+    for t, part in zip(context.targets, context.slices, strict=True):
+        if t.name not in arrays:
+            continue
+        out = arrays[t.name]
+        label = "an output" if t.name == "output" else t.name
+        if out.shape != t.shape:
+            reasons.append(f"expected {label} of shape {'×'.join(map(str, t.shape))}, received shape {out.shape}")
+            continue
+        if out.dtype != dt:
+            what = "" if t.name == "output" else f"{t.name} in "
+            reasons.append(f"returned {what}dtype {out.dtype}, not the {dtype} it was given")
+        values[part] = out.astype(dt).astype(np.float64).reshape(-1)
+        checked[part] = True
+    if not checked.any():
+        return base
+    exact, text = context.exact, context.text
+    bad = [k for k in np.flatnonzero(checked) if not math.isfinite(values[k]) and _finite(exact[k])]
     if bad:
         step, i, j = context.step_names[bad[0]]
-        reasons.append(f"output is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {len(bad) - 1} more entries")
-    floor_spacing = float(np.spacing(np.array(context.floor).astype(dt)).astype(np.float64)) if context.floor else 0.0
+        what = "output" if not context.backward else "the gradient"
+        reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {len(bad) - 1} more entries")
+    floors = {}
     entries, squares, norms = [], 0.0, 0.0
-    for k, value in enumerate(values.tolist()):
+    target_errors = [0.0] * len(context.targets)
+    owner = np.zeros(exact.size, dtype=int)
+    for n, part in enumerate(context.slices):
+        owner[part] = n
+    for k in np.flatnonzero(checked).tolist():
+        value = float(values[k])
         step, i, j = context.step_names[k]
         e = exact[k]
         error = _error(value, e)
+        floor = float(context.floor[k])
+        if floor not in floors:
+            floors[floor] = float(np.spacing(np.array(floor).astype(dt)).astype(np.float64)) if floor else 0.0
         if _finite(e):
             magnitude = abs(float(e))
             rounded = np.array(float(e)).astype(dt)
-            spacing = max(float(np.spacing(np.abs(rounded)).astype(np.float64)), floor_spacing)
+            spacing = max(float(np.spacing(np.abs(rounded)).astype(np.float64)), floors[floor])
             ulps = error / spacing if spacing else math.inf
             if math.isfinite(value):
                 between = int(_ordinal(np.array([value]).astype(dt))[0]) - int(_ordinal(rounded.reshape(1))[0])
@@ -509,13 +678,25 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         else:
             ulps = bits = rel = 0.0 if error == 0 else math.inf
             allowance = 0.0
+        target_errors[owner[k]] = max(target_errors[owner[k]], error)
         kappa = None if context.kappa is None else float(context.kappa[k])
         entries.append(Entry(step, i, j, value, str(text[k]), error, rel, ulps, bits, allowance, kappa))
     entries.sort(key=lambda e: (-_ratio(e), -e.ulps, e.step, e.row, e.col))
     max_err = max((e.abs_error for e in entries), default=0.0)
     kappa_ok = all(e.abs_error <= e.kappa_bound for e in entries)
-    differential_bound = 2 * context.reference_error + context.one_rounding
-    differential_ok = max_err <= differential_bound
+    factor = context.differential_factor
+    bounds = [factor * ref + one for ref, one in zip(context.target_reference_error, context.one_rounding, strict=True)]
+    over = [
+        (n, err / bound if bound else math.inf)
+        for n, (err, bound) in enumerate(zip(target_errors, bounds, strict=True))
+        if err > bound
+    ]
+    differential_ok = not over
+    worst_target = (
+        max(over, key=lambda t: t[1])[0]
+        if over
+        else max(range(len(bounds)), key=lambda n: target_errors[n] / bounds[n] if bounds[n] else 0.0)
+    )
     if not kappa_ok and rule in ("kappa", "both"):
         worst = entries[0]
         reasons.append(
@@ -523,9 +704,11 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
             f"{worst.exact[:22]}, beyond the kappa bound {worst.kappa_bound:.3g}"
         )
     if not differential_ok and rule in ("differential", "both"):
+        n = worst_target
+        what = "" if context.targets[n].name == "output" else f" in {context.targets[n].name}"
         reasons.append(
-            f"max error {max_err:.3g} exceeds 2 × the reference runs' {context.reference_error:.3g} "
-            f"+ one rounding {context.one_rounding:.3g}"
+            f"max error{what} {target_errors[n]:.3g} exceeds {factor} × the reference runs' "
+            f"{context.target_reference_error[n]:.3g} + one rounding {context.one_rounding[n]:.3g}"
         )
     return Result(
         name,
@@ -539,11 +722,14 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         max((e.bits for e in entries), default=0.0),
         kappa_ok,
         differential_ok,
-        differential_bound,
-        context.reference_error,
+        bounds[worst_target],
+        context.target_reference_error[worst_target],
         context.input_effect,
         math.sqrt(squares / norms) if norms else (0.0 if squares == 0 else math.inf),
         entries,
+        notes,
+        context.backward,
+        context.targets[worst_target].name,
     )
 
 
@@ -553,13 +739,13 @@ def _ratio(e: Entry) -> float:
     return e.abs_error / e.kappa_bound if e.kappa_bound else math.inf
 
 
-def load_impl(text: str):
-    """MODULE:FUNCTION, or a built-in adapter's name (torch_sdpa, torch_mha, jax_dpa) -> the callable, with
-    one-line errors."""
+def load_impl(text: str, backward: bool = False):
+    """MODULE:FUNCTION, or a built-in adapter's name (torch_sdpa, torch_mha, jax_dpa; with ``backward``, its
+    backward) -> the callable, with one-line errors."""
     from .adapters import NAMES, resolve
 
     if text in NAMES:
-        return resolve(text)
+        return resolve(text, backward)
     module_name, sep, function = text.partition(":")
     if not sep or not module_name or not function.isidentifier():
         raise SymattnError(
@@ -599,10 +785,17 @@ def call(fn, name: str, context: Context, feed=None):
     """fn called by the convention: (output, None), or (None, Result) for UNSUPPORTED or ERROR.  ``feed``
     maps (inputs, options) to what fn gets instead (the pytest helper feeds a framework's tensors)."""
     args = context.args
+    forms = getattr(fn, "forms", None)  # a built-in adapter's library takes one form only
+    if forms is not None and context.spec.form not in forms:
+        return None, Result(
+            name, context.spec.display_name, context.dtype, "", "UNSUPPORTED",
+            [f"{name} takes the {' or '.join(forms)} form; the spec has the {context.spec.form} form"],
+        )  # fmt: skip
     names = args.options.keys()
     takes = accepted(fn, names)
     missing = [option for option in args.nondefault if option not in takes]
-    positional = "(" + ", ".join(KERNEL_POSITIONAL if context.spec.form == "kernel" else PROJECTION_POSITIONAL) + ")"
+    names_in = KERNEL_POSITIONAL if context.spec.form == "kernel" else PROJECTION_POSITIONAL
+    positional = "(" + ", ".join(names_in + (("dout",) if context.backward else ())) + ")"
     if missing:
         reason = ", ".join(f"{option} = {_brief(args.options[option])}" for option in missing)
         return None, Result(
@@ -613,8 +806,9 @@ def call(fn, name: str, context: Context, feed=None):
     try:
         inspect.signature(fn).bind(*args.positional, **options)
     except TypeError:
+        returns = "gradients" if context.backward else "output"
         raise SymattnError(
-            f"{name}: expected a function f{positional} -> output taking its options by keyword, "
+            f"{name}: expected a function f{positional} -> {returns} taking its options by keyword, "
             f"received one with signature {_signature(fn)}"
         ) from None
     except ValueError:
@@ -651,9 +845,9 @@ def run(fn, name: str, context: Context, rule: str) -> Result:
     """Call fn by the convention and measure its output."""
     output, result = call(fn, name, context)
     if result is not None:
-        result.rule = rule
+        result.rule, result.backward = rule, context.backward
         return result
-    return measure(name, output_array(output), context, rule)
+    return measure(name, output, context, rule)
 
 
 def output_array(value) -> np.ndarray:
@@ -675,8 +869,11 @@ def _signature(fn) -> str:
         return "(unknown)"
 
 
-def verify(spec, impls, dtype: str = "float64", rule: str = "kappa") -> list[Result]:
+def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False) -> list[Result]:
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
+    With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
+    gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
+    dbias) or a tuple of the positional inputs' gradients in order.
 
     >>> from symattn.cli import notebook_algorithm
     >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]
@@ -693,7 +890,7 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa") -> list[Res
         if isinstance(f, tuple):
             named.append(f)
         elif isinstance(f, str):
-            named.append((f, load_impl(f)))
+            named.append((f, load_impl(f, backward)))
         else:
             named.append((getattr(f, "__name__", "implementation"), f))
     contexts: dict = {}  # one truth per way of casting the inputs (NumPy's, torch's, JAX's)
@@ -701,7 +898,7 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa") -> list[Res
     for name, fn in named:
         cast = getattr(fn, "cast", None)
         if cast not in contexts:
-            contexts[cast] = Context(spec, dtype, cast)
+            contexts[cast] = Context(spec, dtype, cast, backward)
         results.append(run(fn, name, contexts[cast], rule))
     return results
 

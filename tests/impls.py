@@ -323,3 +323,132 @@ def kernel_lower_precision(q, k, v, **options):
 
 KERNEL_WRONG = [kernel_zeros, kernel_negated, kernel_wrong_scale, kernel_causal_flip, kernel_dropped_key,
                 kernel_lower_precision]  # fmt: skip
+
+
+# Backward kernels f(q, k, v, dout, *, scale, ...) -> {"dq", "dk", "dv"(, "dbias")}, FlashAttention's algorithm
+# written apart from symattn: recompute P, dP = dO·Vᵀ, D = rowsum(dO ∘ O), dS = P ∘ (dP − D), then
+# dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO, summed over each kv head's group; and the classic bugs.
+
+
+def _mm(a, b, dt):
+    """A product in dt (bfloat16 and float16: accumulated in float32, stored back)."""
+    wide = np.float32 if dt.name in ("bfloat16", "float16") else dt
+    return _store(a.astype(wide) @ b.astype(wide), dt)
+
+
+def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
+                   alibi_slopes=None, softcap=None, empty_row="zero", bug=None, want_output=False):  # fmt: skip
+    dt = q.dtype
+    H, L, _ = q.shape
+    H_kv, S, _ = k.shape
+    dq = np.zeros(q.shape, dt)
+    dk = np.zeros(k.shape, dt)
+    dv = np.zeros(v.shape, dt)
+    dbias, outs = [], []
+    for h in range(H):
+        g = h // (H // H_kv)
+        ok = _kernel_mask(L, S, mask, causal, window, align, h)
+        raw = _store(_mm(q[h], k[g].T, dt) * dt.type(scale), dt)
+        t = None
+        if softcap is not None:
+            t = _store(np.tanh(_store(raw / dt.type(softcap), dt)), dt)
+            s = _store(dt.type(softcap) * t, dt)
+        else:
+            s = raw
+        if bias is not None:
+            s = _store(s + np.asarray(bias if np.ndim(bias) == 2 else bias[h]).astype(dt), dt)
+        if alibi_slopes is not None:
+            offset = 0 if align == "top_left" else S - L
+            distance = np.abs(np.arange(L)[:, None] + offset - np.arange(S)[None, :]).astype(dt)
+            s = _store(s - _store(np.asarray(alibi_slopes).astype(dt)[h] * distance, dt), dt)
+        s = np.where(ok, s, -np.inf).astype(dt)
+        top = s.max(axis=-1, keepdims=True)
+        empty = ~ok.any(axis=-1, keepdims=True)
+        e = np.exp(_store(s - np.where(empty, 0, top).astype(dt), dt))
+        z = _store(e.sum(axis=-1, keepdims=True), dt)
+        p = _store(e / np.where(z == 0, dt.type(1), z), dt)
+        fill = {"zero": 0.0, "uniform": 1.0 / S, "nan": np.nan}[empty_row]
+        p = np.where(empty, dt.type(fill), p).astype(dt)
+        o = _mm(p, v[g], dt)
+        outs.append(o)
+        dp = _mm(dout[h], v[g].T, dt)
+        if bug == "missing rowsum":
+            ds = _store(p * dp, dt)
+        else:
+            D = _store((dout[h].astype(np.float64) * o).sum(axis=-1, keepdims=True), dt)
+            ds = _store(p * _store(dp - D, dt), dt)
+        ds = np.where(empty, dt.type(np.nan if empty_row == "nan" else 0), ds).astype(dt)
+        dbias.append(ds)
+        if t is not None:
+            ds = _store(ds * _store(1 - t * t, dt), dt)
+        dq[h] = _store(_mm(ds, k[g], dt) * dt.type(scale), dt)
+        dk_h = _mm(ds.T, q[h], dt)
+        if bug != "scale forgotten in dK":
+            dk_h = _store(dk_h * dt.type(scale), dt)
+        dv_h = _mm((e if bug == "dV with unnormalised weights" else p).T, dout[h], dt)
+        if bug == "GQA gradients not summed":  # each head overwrites its group's gradient: only the last counts
+            dk[g], dv[g] = dk_h, dv_h
+        else:
+            dk[g] = _store(dk[g] + dk_h, dt)
+            dv[g] = _store(dv[g] + dv_h, dt)
+    grads = {"dq": dq, "dk": dk, "dv": dv}
+    if bias is not None:
+        grads["dbias"] = _store(sum(d.astype(np.float64) for d in dbias), dt) if np.ndim(bias) == 2 else np.stack(dbias)
+    return (grads, np.stack(outs)) if want_output else grads
+
+
+def projection_backward(x, wq, wk, wv, wo, dout, *, scale, x_kv=None, bq=None, bk=None, bv=None, bo=None,
+                        bug=None, **options):  # fmt: skip
+    """The projection form's gradients by the chain rule around flash_backward."""
+    dt = x.dtype
+    source = x if x_kv is None else x_kv
+    H, H_kv = wq.shape[0], wk.shape[0]
+    q = np.stack([_mm(x, wq[h], dt) + (0 if bq is None else bq[h]) for h in range(H)]).astype(dt)
+    k = np.stack([_mm(source, wk[g], dt) + (0 if bk is None else bk[g]) for g in range(H_kv)]).astype(dt)
+    v = np.stack([_mm(source, wv[g], dt) + (0 if bv is None else bv[g]) for g in range(H_kv)]).astype(dt)
+    d_v = v.shape[2]
+    dconcat = _mm(dout, wo.T, dt)
+    d_heads = np.stack([dconcat[:, h * d_v : (h + 1) * d_v] for h in range(H)])
+    grads, o = flash_backward(q, k, v, d_heads, scale=scale, bug=bug, want_output=True, **options)
+    concat = np.concatenate(list(o), axis=-1)
+    dq, dk, dv = grads["dq"], grads["dk"], grads["dv"]
+    dx_q = sum(_mm(dq[h], wq[h].T, dt).astype(np.float64) for h in range(H))
+    dx_kv = sum(_mm(dk[g], wk[g].T, dt).astype(np.float64) + _mm(dv[g], wv[g].T, dt) for g in range(H_kv))
+    out = {
+        "dwq": np.stack([_mm(x.T, dq[h], dt) for h in range(H)]),
+        "dwk": np.stack([_mm(source.T, dk[g], dt) for g in range(H_kv)]),
+        "dwv": np.stack([_mm(source.T, dv[g], dt) for g in range(H_kv)]),
+        "dwo": _mm(concat.T, dout, dt),
+    }
+    if x_kv is None:
+        out["dx"] = _store(dx_q + dx_kv, dt)
+    else:
+        out["dx"], out["dx_kv"] = _store(dx_q, dt), _store(dx_kv, dt)
+    for name, given, grad in (("dbq", bq, dq), ("dbk", bk, dk), ("dbv", bv, dv)):
+        if given is not None:
+            out[name] = _store(grad.astype(np.float64).sum(axis=1), dt)
+    if bo is not None:
+        out["dbo"] = _store(dout.astype(np.float64).sum(axis=0), dt)
+    if "dbias" in grads:
+        out["dbias"] = grads["dbias"]
+    return out
+
+
+def _backward_bug(name, projection=False):
+    def implementation(*args, **options):
+        return (projection_backward if projection else flash_backward)(*args, bug=name, **options)
+
+    implementation.__name__ = ("projection_" if projection else "") + name.replace(" ", "_")
+    return implementation
+
+
+BACKWARD_BUG_NAMES = ("missing rowsum", "scale forgotten in dK", "dV with unnormalised weights",
+                      "GQA gradients not summed")  # fmt: skip
+BACKWARD_BUGS = [_backward_bug(name) for name in BACKWARD_BUG_NAMES]
+PROJECTION_BACKWARD_BUGS = [_backward_bug(name, projection=True) for name in BACKWARD_BUG_NAMES]
+
+
+def flash_backward_tuple(q, k, v, dout, **options):
+    """The same gradients as a tuple (dq, dk, dv)."""
+    grads = flash_backward(q, k, v, dout, **options)
+    return grads["dq"], grads["dk"], grads["dv"]

@@ -164,3 +164,84 @@ def test_jax_empty_rows_are_the_mean_of_v():
     spec = symattn.load_spec({"q": q, "k": k, "v": v, "mask": mask, "empty_row": "uniform"})
     (r,) = verify(spec, ["jax_dpa"], dtype="float32")
     assert r.passed, r.lines()
+
+
+# Backward (issue 12): torch's autograd and jax.vjp against the exact gradients.
+
+
+def exact_gradients(spec) -> dict:
+    """The exact dq, dk, dv (kernel form) for dout all ones, stacked by head."""
+    truth = symattn.evaluate(spec, digits=20, grad=True)
+    return {
+        name: np.stack([truth[f"{name}{n}"].to_numpy() for n in range(1, count + 1)])
+        for name, count in (("dq", spec.h), ("dk", spec.h_kv), ("dv", spec.h_kv))
+    }
+
+
+@pytest.mark.parametrize("case", ["plain", "is_causal", "gqa", "bias"])
+def test_torch_autograd_in_float64_agrees_with_the_exact_gradients_to_its_precision(case):
+    q, k, v = (t.requires_grad_(True) for t in random_qkv(seed=5, L=8, S=8))
+    data = {"q": q.detach(), "k": k.detach(), "v": v.detach()}
+    kwargs = {"enable_gqa": True}
+    if case == "is_causal":
+        data["causal"], kwargs["is_causal"] = True, True
+    if case == "bias":
+        bias = torch.randn(8, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        data["bias"], kwargs["attn_mask"] = bias.numpy(), bias
+    F.scaled_dot_product_attention(q[None], k[None], v[None], **kwargs).sum().backward()
+    expected = exact_gradients(symattn.load_spec(data))
+    for name, t in (("dq", q), ("dk", k), ("dv", v)):
+        scale = np.abs(expected[name]).max()
+        assert np.abs(t.grad.numpy() - expected[name]).max() <= 1e-13 * scale, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", ["notebook", "causal", "gqa", "cross"])
+def test_torch_backward_adapters_pass_where_they_can_express_the_spec(spec, dtype):
+    for r in verify(spec, ["torch_sdpa", "torch_mha"], dtype=dtype, backward=True):
+        if r.name == "torch_mha" and spec in ("gqa", "cross"):
+            assert r.verdict == "UNSUPPORTED", r.lines()
+        else:
+            assert r.passed, r.lines()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_sdpa_backward_on_the_kernel_form_with_a_bias(dtype):
+    q, k, v = (a.numpy() for a in random_qkv(seed=2, L=10, S=10))
+    bias = np.random.default_rng(1).standard_normal((4, 10, 10))
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "causal": True, "bias": bias})
+    (r,) = verify(spec, ["torch_sdpa"], dtype=dtype, backward=True)
+    assert r.passed and not r.notes, r.lines()
+
+
+def test_jax_backward_adapter():
+    pytest.importorskip("jax")
+    q, k, v = (a.numpy() for a in random_qkv(L=12, S=12))
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "causal": True, "bias": np.eye(12)})
+    for dtype in ("float32", "bfloat16"):
+        (r,) = verify(spec, ["jax_dpa"], dtype=dtype, backward=True)
+        assert r.passed and r.backward, r.lines()
+
+
+def test_the_pytest_helper_on_a_torch_autograd_backward():
+    q, k, v = random_qkv(seed=7, L=6, S=6)
+
+    def backward(q, k, v, dout, *, scale, causal=False):
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale, is_causal=causal,
+                                             enable_gqa=True)[0]  # fmt: skip
+        out.backward(dout)
+        return {"dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+    assert_attention_close(backward, q=q, k=k, v=v, causal=True, backward=True)
+    assert_attention_close(backward, q=q, k=k, v=v, causal=True, backward=True, dtype="bfloat16")
+    dout = torch.randn(4, 6, 8, dtype=torch.float64)
+    assert_attention_close(backward, q=q, k=k, v=v, dout=dout, backward=True, dtype="float32")
+
+    def forgets_scale_in_dk(q, k, v, dout, *, scale, causal=False):
+        grads = backward(q, k, v, dout, scale=scale, causal=causal)
+        grads["dk"] = grads["dk"] / scale
+        return grads
+
+    with pytest.raises(AssertionError, match="dk"):
+        assert_attention_close(forgets_scale_in_dk, q=q, k=k, v=v, causal=True, backward=True, dtype="float32")
