@@ -44,6 +44,7 @@ class BallXP:
         self._rationals: dict = {}  # (p, q) -> ball
         self._generators: dict = {}  # generator key -> ball
         self._exps: dict = {}  # exact exponent key -> exp ball, shared by every entry with that exponent
+        self.careful = False  # slower enclosures that do not cancel (entries recomputed on their rows)
 
     # Conversions.
     def leaf(self, name, matrix):
@@ -208,6 +209,51 @@ class BallXP:
             return a.rowsum()
         values = self.balls(a).values
         return Balls(np.array([[_sum(row, self.engine)] for row in values], dtype=object).reshape(-1, 1))
+
+    def centered(self, g, p):
+        """g − rowsum(g∘p) (rows of p summing to 1) as g_j·Σ_{k≠j} p_k − Σ_{k≠j} p_k·g_k: the sums of the
+        others by prefix and suffix sums, so that no enclosure cancels where p_j is nearly 1."""
+        if isinstance(g, RatMat) and isinstance(p, RatMat):
+            return g - g.mul(p).rowsum()
+        if self.careful and isinstance(g, RatMat):
+            return self._centered_grouped(g, p)
+        G, P = self.balls(g).values, self.balls(p).values
+        out = np.empty(G.shape, dtype=object)
+        zero = self.engine.zero()
+        for i in range(G.shape[0]):
+            gs, ps = G[i].tolist(), P[i].tolist()
+            gp = [a * b for a, b in zip(gs, ps, strict=True)]
+            n = len(ps)
+            before_p, before_gp = [zero] * n, [zero] * n
+            acc_p = acc_gp = zero
+            for j in range(n):
+                before_p[j], before_gp[j] = acc_p, acc_gp
+                acc_p, acc_gp = acc_p + ps[j], acc_gp + gp[j]
+            acc_p = acc_gp = zero
+            for j in range(n - 1, -1, -1):
+                out[i, j] = gs[j] * (before_p[j] + acc_p) - (before_gp[j] + acc_gp)
+                acc_p, acc_gp = acc_p + ps[j], acc_gp + gp[j]
+        return Balls(out)
+
+    def _centered_grouped(self, g: RatMat, p):
+        """With g exact: Σ_v (g_j − v)·P_v over the distinct values v of the row's g, P_v the sum of the weights
+        where g is v.  Keys with g_k = g_j add exactly nothing, so a value that is tiny because g_j equals the
+        g of the dominant key is enclosed relatively (the prefix and suffix sums cancel there)."""
+        P = self.balls(p).values
+        out = np.empty(g.shape, dtype=object)
+        den = g.den
+        for i in range(g.shape[0]):
+            row = g.num[i].tolist()
+            groups: dict = {}
+            for value, weight in zip(row, P[i].tolist(), strict=True):
+                groups[value] = weight if value not in groups else groups[value] + weight
+            for j, value in enumerate(row):
+                total = self.engine.zero()
+                for other, weight in groups.items():
+                    if other != value:
+                        total = total + weight * self._rational(value - other, den)
+                out[i, j] = total
+        return Balls(out)
 
     def colsum(self, a):
         if isinstance(a, RatMat):

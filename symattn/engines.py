@@ -94,6 +94,9 @@ class ArbEngine:
     def is_exact_zero(self, x) -> bool:
         return x.is_zero() and x.is_exact()
 
+    def contains_zero(self, x) -> bool:
+        return x.contains(0)
+
     def is_exact(self, x) -> bool:
         return x.is_exact()
 
@@ -222,6 +225,9 @@ class MpmathEngine:
 
     def is_exact_zero(self, x) -> bool:
         return x.a == 0 and x.b == 0
+
+    def contains_zero(self, x) -> bool:
+        return 0 in x
 
     def is_exact(self, x) -> bool:
         return x.a == x.b

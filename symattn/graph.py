@@ -14,7 +14,7 @@ here, in one place, and every layer has it.
     Linear       y = x·w (+ b)                        dx = g·wᵀ, dw = xᵀ·g, db = colsum g
     Scores       s = mask(c·tanh(scale·q·kᵀ/c)        dq = g'·k, dk = g'ᵀ·q, dbias = g,
                       + bias − slope·|i+δ−j|)         g' = scale·g·(1 − tanh²) (softcap)
-    Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows
+    Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows (``centered``)
                  rows filled (0, 1/S or nan)
     WeightedSum  o = p·v                              dp = g·vᵀ, dv = pᵀ·g
     Concat       [o1 … oH]                            column blocks of g
@@ -49,6 +49,7 @@ class Const:
 
 
 NAN = "nan"  # the fill of an empty row under empty_row "nan"
+ALL = (True, True, True)  # a vjp's default: every input's contribution
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,13 @@ class Linear:
         y = xp.matmul(x, w)
         return y if b is None else xp.add(y, b)
 
-    def vjp(self, xp, args, out, g):
+    def vjp(self, xp, args, out, g, needs=ALL):
         x, w, *b = args
-        grads = [xp.matmul_nt(g, w), xp.unbroadcast(xp.matmul_tn(x, g), w)]
-        return tuple(grads + [xp.unbroadcast(xp.colsum(g), b[0])] if b else grads)
+        grads = [
+            xp.matmul_nt(g, w) if needs[0] else None,
+            xp.unbroadcast(xp.matmul_tn(x, g), w) if needs[1] else None,
+        ]
+        return tuple(grads + [xp.unbroadcast(xp.colsum(g), b[0]) if needs[2] else None] if b else grads)
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,16 @@ class Scores:
             s = xp.sub(s, xp.scale(xp.const(self.distance), xp.param(self.slope)))
         return s if self.allowed is None else xp.mask(s, xp.const(self.allowed))
 
-    def vjp(self, xp, args, out, g):
+    def vjp(self, xp, args, out, g, needs=ALL):
         q, k, *bias = args
-        grad_bias = [xp.unbroadcast(g, bias[0])] if bias else []
+        grad_bias = [xp.unbroadcast(g, bias[0]) if needs[2] else None] if bias else []
+        if not (needs[0] or needs[1]):
+            return (None, None, *grad_bias)
         if self.softcap is not None:  # d(c·tanh(r/c))/dr = 1 − tanh²(r/c)
             t = xp.tanh(xp.scale(xp.scale(xp.matmul_nt(q, k), xp.param(self.scale)), xp.param(self.inverse_softcap)))
             g = xp.mul(g, xp.one_minus(xp.mul(t, t)))
         g = xp.scale(g, xp.param(self.scale))
-        return (xp.matmul(g, k), xp.matmul_tn(g, q), *grad_bias)
+        return (xp.matmul(g, k) if needs[0] else None, xp.matmul_tn(g, q) if needs[1] else None, *grad_bias)
 
 
 @dataclass(frozen=True)
@@ -117,11 +123,20 @@ class Softmax:
         empty = xp.const(self.empty)
         return xp.fill_rows(xp.div(e, xp.fill_rows(z, empty, 1)), empty, self.fill)
 
-    def vjp(self, xp, args, p, g):
-        ds = xp.mul(p, xp.sub(g, xp.rowsum(xp.mul(g, p))))
+    def vjp(self, xp, args, p, g, needs=ALL):
+        ds = xp.mul(p, centered(xp, g, p))
         if self.empty is not None:  # an empty row's weights do not depend on its scores
             ds = xp.fill_rows(ds, xp.const(self.empty), NAN if self.fill == NAN else 0)
         return (ds,)
+
+
+def centered(xp, g, p):
+    """g − rowsum(g∘p) for weights p that sum to 1 by rows: the softmax's cotangent, centred.  A backend may
+    compute it as g_j·Σ_{k≠j} p_k − Σ_{k≠j} p_k·g_k (``xp.centered``), the same number without the
+    cancellation of g_j − rowsum when p_j is nearly 1 (balls would need hundreds of bits more)."""
+    if hasattr(xp, "centered"):
+        return xp.centered(g, p)
+    return xp.sub(g, xp.rowsum(xp.mul(g, p)))
 
 
 @dataclass(frozen=True)
@@ -131,9 +146,9 @@ class WeightedSum:
     def forward(self, xp, p, v):
         return xp.matmul(p, v)
 
-    def vjp(self, xp, args, out, g):
+    def vjp(self, xp, args, out, g, needs=ALL):
         p, v = args
-        return xp.matmul_nt(g, v), xp.matmul_tn(p, g)
+        return xp.matmul_nt(g, v) if needs[0] else None, xp.matmul_tn(p, g) if needs[1] else None
 
 
 @dataclass(frozen=True)
@@ -145,7 +160,7 @@ class Concat:
     def forward(self, xp, *heads):
         return xp.hstack(list(heads))
 
-    def vjp(self, xp, args, out, g):
+    def vjp(self, xp, args, out, g, needs=ALL):
         starts = np.cumsum((0,) + self.widths).tolist()
         return tuple(xp.cols(g, a, b) for a, b in zip(starts[:-1], starts[1:], strict=True))
 
@@ -223,9 +238,16 @@ class Graph:
                     del values[name]
         return {name: values[name] for name in wanted if name in values}
 
-    def backward(self, xp, values: dict, douts: dict) -> dict:
+    def backward(self, xp, values: dict, douts: dict, wanted=None) -> dict:
         """Every backward step and input gradient (names with a ``d`` prefix), from the forward ``values`` of
-        every node and the output cotangents ``douts`` (by output node name)."""
+        every node and the output cotangents ``douts`` (by output node name); with ``wanted`` (backward step
+        names), only what those need."""
+        needed = None
+        if wanted is not None:  # a gradient is needed for a wanted one's node, and for every node downstream
+            needed = {name[1:] for name in wanted}
+            for node in self.nodes:
+                if any(name in needed for name in node.inputs):
+                    needed.add(node.name)
         grads = dict(douts)
         out = {"d" + name: g for name, g in douts.items()}
         leaves = {}
@@ -242,8 +264,12 @@ class Graph:
             if g is None:
                 continue
             out["d" + node.name] = g
+            if needed is not None and not any(name in needed for name in node.inputs):
+                continue
             args = [value(name) for name in node.inputs]
-            for name, contribution in zip(node.inputs, node.op.vjp(xp, args, values[node.name], g), strict=True):
+            needs = ALL if needed is None else tuple(name in needed for name in node.inputs) + (False,) * 3
+            contributions = node.op.vjp(xp, args, values[node.name], g, needs)
+            for name, contribution in zip(node.inputs, contributions, strict=True):
                 if contribution is None:
                     continue
                 grads[name] = contribution if name not in grads else xp.add(grads[name], contribution)
@@ -259,7 +285,7 @@ class Graph:
         if all(name in self._by_name for name in names):
             return self.forward(xp, names)
         values = self.forward(xp, keep=[n.name for n in self.nodes])
-        grads = self.backward(xp, values, self.douts(xp))
+        grads = self.backward(xp, values, self.douts(xp), [n for n in names if n not in self._by_name])
         return {name: values[name] if name in self._by_name else grads[name] for name in names}
 
     def douts(self, xp) -> dict:
@@ -270,7 +296,10 @@ class Graph:
         out = {}
         for k, name in enumerate(self.outputs):
             rows, cols = self.step(name).shape
-            m = self.spec.dout[k] if self.spec.dout is not None else Matrix([[1] * cols] * rows)
+            if self.spec.dout is None:
+                m = Matrix([[1] * cols] * rows)
+            else:
+                m = self.spec.dout[k] if self.rows is None else self.spec.dout[k].select_rows(self.rows)
             out[name] = xp.leaf(f"dout{k + 1}", m)
         return out
 

@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+ROW_LOCAL = frozenset(
+    ("Q", "scores", "weights", "head", "concat_heads", "M", "dM", "dconcat_heads", "dhead", "dweights", "dscores",
+     "dQ", "dq", "dbias")
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Step:
     """One named step: ``kind`` (Q, K, V, scores, weights, head, concat_heads, M, or a backward kind such as
@@ -22,6 +28,12 @@ class Step:
     definition: str
     backward: bool = False
     excluded: object = field(default=None, compare=False, repr=False)  # bool L × S: masked scores (not numbers)
+
+    @property
+    def row_local(self) -> bool:
+        """Row i depends on query row i alone (and every key): computable on that row's graph.  Not so for K
+        and V, nor for the gradients of keys, values and weights (sums over every query)."""
+        return self.kind in ROW_LOCAL
 
     @property
     def name(self) -> str:

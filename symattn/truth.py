@@ -42,6 +42,7 @@ MAX_RISES = 5  # precision doubles at most this often before giving up
 MAX_BITS = 1 << 22  # the working precision never exceeds this (about 1.26 million digits)
 MAX_ESCALATION = 1 << 16  # one entry just off a rounding tie is recomputed (its row alone) up to this precision
 EXACT_LIMIT = 200_000  # exact decisions only for graphs with at most this many score entries
+WHOLE_EXACT_LIMIT = 4096  # and of K, V and the weights' and keys' gradients (the whole graph's exact form)
 ACCURACY_MARGIN = 6  # bits of relative accuracy beyond the digits asked, so that most entries certify at once
 
 
@@ -335,9 +336,9 @@ def _recompute(truth: Truth, name: str, i: int, j: int, bits: int):
     engine = engine_class(truth.engine)(bits)
     xp = BallXP(engine)
     step = graph.step(name)
-    if not step.backward and step.kind not in ("K", "V"):
+    if step.row_local:
         g = build_graph(spec, rows=[i] if graph.rows is None else [graph.rows[i]])
-        value = g.forward(xp, [name])[name]
+        value = g.values(xp, [name])[name]
         row = 0
     else:
         values = graph.forward(xp)
@@ -363,6 +364,23 @@ class _Decider:
         self.whole = None
         size = spec.h * spec.L * spec.S
         self.enabled = size <= EXACT_LIMIT
+        self.whole_enabled = size <= WHOLE_EXACT_LIMIT
+
+    def _row(self, i: int, backward: bool):
+        """The exact backend's values on query row i's graph (forward steps, and backward ones if asked)."""
+        from .exact import ExactXP
+
+        row = i if self.graph.rows is None else self.graph.rows[i]
+        if row not in self.rows:
+            g = build_graph(self.spec, rows=[row])
+            xp = ExactXP()
+            self.rows[row] = (xp, g, g.forward(xp, keep=[n.name for n in g.nodes]), False)
+        xp, g, values, has_backward = self.rows[row]
+        if backward and not has_backward:
+            local = [s.name for s in g.backward_steps if s.row_local]
+            values.update(g.backward(xp, values, g.douts(xp), local))
+            self.rows[row] = (xp, g, values, True)
+        return xp, values
 
     def __call__(self, name, i, j):
         if not self.enabled:
@@ -371,14 +389,11 @@ class _Decider:
 
         step = self.graph.step(name)
         try:
-            if not step.backward and step.kind not in ("K", "V"):
-                row = i if self.graph.rows is None else self.graph.rows[i]
-                if row not in self.rows:
-                    g = build_graph(self.spec, rows=[row])
-                    xp = ExactXP()
-                    self.rows[row] = (xp, g.forward(xp, [s.name for s in g.steps]))
-                xp, values = self.rows[row]
+            if step.row_local:
+                xp, values = self._row(i, step.backward)
                 return xp.alg.value(xp.entry(values[name], 0, j))
+            if not self.whole_enabled:
+                return None
             if self.whole is None:
                 xp = ExactXP()
                 values = self.graph.forward(xp)
@@ -397,12 +412,14 @@ class _Decider:
         if not self.enabled or self(name, i, j) is not None:  # computes the exact form (and is no constant)
             return None
         step = self.graph.step(name)
-        if not step.backward and step.kind not in ("K", "V"):
-            xp, values = self.rows[i if self.graph.rows is None else self.graph.rows[i]]
+        if step.row_local:
+            xp, values = self._row(i, step.backward)
             element = xp.entry(values[name], 0, j)
-        else:
+        elif self.whole is not None:
             xp, values = self.whole
             element = xp.entry(values[name], i, j)
+        else:
+            return None
         difference = xp.alg.add(element, xp.alg.const(boundary), -1)
         for precision in (bits, 4 * bits, 16 * bits):
             try:
@@ -531,19 +548,31 @@ def evaluate(
         for rise in range(MAX_RISES + 1):
             report(f"{engine_name} at {bits} bits: computing")
             xp = BallXP(Engine(bits))
-            values = graph.forward(xp, forward_names if backward else forward_wanted)
-            if backward:
-                values.update(graph.backward(xp, values, graph.douts(xp)))
-            done, total = 0, sum(len(c) if c is not None else 0 for c in pending.values())
-            for name in names:
-                report(f"{engine_name} at {bits} bits: checking", done, total)
-                _collect(truth, name, values[name], xp, pending, needed)
-                done += len(pending[name])
+            if rise and all(graph.step(name).row_local for name, cells in pending.items() if cells):
+                _recollect_rows(truth, pending, xp, needed)  # only the rows of the entries left: far cheaper
+            else:
+                values = graph.forward(xp, forward_names if backward else forward_wanted)
+                if backward:
+                    wanted = [n for n in names if n in backward_names]
+                    values.update(graph.backward(xp, values, graph.douts(xp), wanted))
+                done, total = 0, sum(len(c) if c is not None else 0 for c in pending.values())
+                for name in names:
+                    report(f"{engine_name} at {bits} bits: checking", done, total)
+                    _collect(truth, name, values[name], xp, pending, needed)
+                    done += len(pending[name])
             undecided = [(name, i, j) for name, cells in pending.items() for i, j in cells]
-            # still too wide: ask the exact form (a rational never certifies by enclosures), once per entry
+            # still too wide: ask the exact form (a rational never certifies by enclosures), once per entry: a
+            # possible zero of a forward step at once (its row's exact form is cheap), any other possible zero
+            # once precision has risen twice, and every entry left at the last chance (a rational on a rounding
+            # tie); most entries are merely cancelling, and more precision settles them sooner
             left = []
+            engine = xp.engine
+            final = rise == MAX_RISES or 2 * bits > MAX_BITS
             for name, i, j in undecided:
-                if (name, i, j) in truth._asked:
+                step = graph.step(name)
+                zero = engine.contains_zero(truth._known[name].balls[i, j])
+                ask = final or (zero and (rise >= 2 or (step.row_local and not step.backward)))
+                if (name, i, j) in truth._asked or not ask:
                     left.append((name, i, j))
                     continue
                 truth._asked.add((name, i, j))
@@ -634,6 +663,29 @@ def _collect(truth: Truth, name: str, value, xp: BallXP, pending: dict, needed: 
         else:
             left.append((i, j))
     pending[name] = left
+
+
+def _recollect_rows(truth: Truth, pending: dict, xp: BallXP, needed: int) -> None:
+    """The entries left (all of row-local steps) recomputed on their query rows' graphs at xp's precision."""
+    by_row: dict = {}
+    for name, cells in pending.items():
+        for i, j in cells:
+            by_row.setdefault(i, []).append((name, j))
+    accurate, is_nan = _accuracy(xp.engine, needed), xp.engine.is_nan
+    xp.careful = True
+    graph = truth.graph
+    left = {name: [] for name in pending}
+    for i, entries in sorted(by_row.items()):
+        g = build_graph(truth.spec, rows=[i] if graph.rows is None else [graph.rows[i]])
+        values = g.values(xp, sorted({name for name, _ in entries}))
+        for name, j in entries:
+            known = truth._known[name]
+            ball = known.balls[i, j] = _ball_at(xp, values[name], 0, j)
+            if is_nan(ball):
+                known.decided[i, j] = "nan"
+            elif not accurate(ball):
+                left[name].append((i, j))
+    pending.update(left)
 
 
 def _accuracy(engine, needed: int):

@@ -12,6 +12,9 @@
    digits) in the same process, and the whole ``symattn eval SPEC --json``
    process (start-up, every entry certified and printed) timed from outside.
 
+3. Backward (issue 12, ``--backward``): every backward step certified (``evaluate(grad=True)``) against the
+   forward steps alone, n = 64, h = 8, in the same process.
+
 Specs are random integers in [-3, 3], seeded, the same for every contender.
 Times are the best of --repeat runs (the naive way runs once: it is slow).
 Nothing here uses BLAS, so OPENBLAS_* settings are left as they are.
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--naive-sizes", type=int, nargs="*", default=[8])
     parser.add_argument("--scaling-sizes", type=int, nargs="*", default=[8, 16, 32, 64])
     parser.add_argument("--large", action="store_true", help="also time symattn alone at n=16, h=4 (issue 2 target)")
+    parser.add_argument("--backward", action="store_true", help="time the backward steps against the forward, n=64")
     args = parser.parse_args()
     print(f"symattn {symattn.__version__}, python {sys.version.split()[0]}, mpmath {mpmath.__version__}")
     if args.naive_sizes:
@@ -171,6 +175,15 @@ def main() -> None:
         print(f"  (every step's structure and closed form materialised as SymPy matrices too: {t:.3f} s)")
     if args.scaling_sizes:
         scaling_table(args.scaling_sizes, args.digits, args.repeat)
+    if args.backward:
+        data = random_spec(64, 64, 8)
+        forward = best(lambda: symattn.evaluate(data, digits=args.digits, progress=False), args.repeat)
+        both = best(lambda: symattn.evaluate(data, digits=args.digits, progress=False, grad=True), args.repeat)
+        print(
+            f"\n3. {args.digits}-digit truth, n = d_model = 64, h = 8: forward steps {forward:.3f} s, forward and "
+            f"backward steps {both:.3f} s (backward alone {both - forward:.3f} s, {(both - forward) / forward:.2f}× "
+            "the forward)"
+        )
 
 
 if __name__ == "__main__":
