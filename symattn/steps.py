@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 ROW_LOCAL = frozenset(
     ("Q", "scores", "weights", "head", "concat_heads", "M", "dM", "dconcat_heads", "dhead", "dweights", "dscores",
      "dQ", "dq", "dbias")
