@@ -35,11 +35,37 @@ class Balls:
         return self.values.shape
 
 
+class FloatMat:
+    """A float matrix taken exactly (``BallXP(floats=True)``): products go through one Arb matrix, made once."""
+
+    __slots__ = ("array", "_mat", "excluded")
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self._mat = None
+        self.excluded = None
+
+    @property
+    def shape(self) -> tuple:
+        return self.array.shape
+
+    def mat(self):
+        if self._mat is None:
+            import flint
+
+            self._mat = flint.arb_mat(self.array.tolist())  # every float is an exact ball
+        return self._mat
+
+
 class BallXP:
     """The graph's ``xp`` over an engine at its working precision."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, floats: bool = False, float_products: bool = False):
         self.engine = engine
+        self.floats = floats  # float inputs as balls at once (no exact rational forms: fast, for few rows)
+        # products of float matrices from their double-float enclosures (about 2**-100 relatively: the first
+        # try; Arb's own products, exact to the working precision, once more precision is needed)
+        self.float_products = float_products
         engine.activate()  # Arb's precision is global: the caller saves and restores it
         self._rationals: dict = {}  # (p, q) -> ball
         self._generators: dict = {}  # generator key -> ball
@@ -48,6 +74,8 @@ class BallXP:
 
     # Conversions.
     def leaf(self, name, matrix):
+        if self.floats and matrix.is_float and self.engine.name == "arb":
+            return FloatMat(matrix.float64())
         if matrix.is_rational:
             return matrix.ratmat
         return Balls(np.array([[to_ball(e, self.engine) for e in row] for row in matrix.rows], dtype=object))
@@ -81,6 +109,11 @@ class BallXP:
         """Any value as balls."""
         if isinstance(a, Balls):
             return a
+        if isinstance(a, FloatMat):
+            values = np.empty(a.shape, dtype=object)
+            if values.size:
+                values[:] = a.mat().tolist()
+            return Balls(values)
         if isinstance(a, RatMat):
             out = np.empty(a.shape, dtype=object)
             flat, den = out.reshape(-1), a.den
@@ -108,6 +141,17 @@ class BallXP:
     def matmul(self, a, b):
         if isinstance(a, RatMat) and isinstance(b, RatMat):
             return a @ b
+        if isinstance(a, FloatMat) and isinstance(b, FloatMat) and self.float_products:
+            return self._float_product(a.array, b.array)
+        if isinstance(a, FloatMat) or isinstance(b, FloatMat):
+            import flint
+
+            left = a.mat() if isinstance(a, FloatMat) else flint.arb_mat(self.balls(a).values.tolist())
+            right = b.mat() if isinstance(b, FloatMat) else flint.arb_mat(self.balls(b).values.tolist())
+            out = np.empty((a.shape[0], b.shape[1]), dtype=object)
+            if out.size:
+                out[:] = (left * right).tolist()
+            return Balls(out)
         return Balls(self.engine.matmul(self.balls(a).values, self.balls(b).values))
 
     def matmul_nt(self, a, b):
@@ -116,9 +160,28 @@ class BallXP:
     def matmul_tn(self, a, b):
         return self.matmul(self.transpose(a), b)
 
+    def _float_product(self, a: np.ndarray, b: np.ndarray) -> Balls:
+        """The product of two float matrices as balls: its double-float enclosure (``intervals.split_product``,
+        within about 2**-100 relatively) read into Arb, instead of an Arb matrix product."""
+        import flint
+
+        from .intervals import split_product
+
+        with np.errstate(all="ignore"):
+            hi, lo, rad = split_product(a, None, b, None)
+        out = np.empty(hi.shape, dtype=object)
+        flat = out.reshape(-1)
+        arb = flint.arb
+        for k, (h, low, r) in enumerate(zip(hi.reshape(-1).tolist(), lo.reshape(-1).tolist(),
+                                            rad.reshape(-1).tolist(), strict=True)):  # fmt: skip
+            flat[k] = arb(h) + arb(low) + arb(0, r) if r else arb(h) + arb(low)
+        return Balls(out)
+
     def transpose(self, a):
         if isinstance(a, RatMat):
             return a.T
+        if isinstance(a, FloatMat):
+            return FloatMat(a.array.T)
         return Balls(self.balls(a).values.T)
 
     # Elementwise.

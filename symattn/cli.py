@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--json", action="store_true", help="strict JSON, one result per implementation")
     ver.add_argument("--plot", metavar="FILE", help="a PNG heatmap of error / bound per entry per implementation")
     ver.add_argument(
+        "--digits",
+        default="auto",
+        help="certified digits of the truth: auto (25; 12 for a large spec in a dtype other than float64) or N",
+    )
+    ver.add_argument(
         "--backward",
         action="store_true",
         help="verify backward implementations: they take the inputs and dout (the spec's, else all ones) and "
@@ -209,7 +214,11 @@ def _eval(args) -> int:
         return 0
     out = [
         f"{spec.display_name}: {truth.digits} certified significant digits "
-        f"({truth.engine} engine, up to {truth.bits} bits)"
+        + (
+            f"({truth.engine} engine, up to {truth.bits} bits)"
+            if truth.method == "balls"
+            else f"(double-float enclosures; Arb up to {truth.bits} bits for the entries they left)"
+        )
     ]
     for name in names:
         step = truth[name]
@@ -291,7 +300,13 @@ def _verify(args) -> int:
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     spec = load_spec(args.spec)
     impls = args.impl or default_impls(spec, args.backward)
-    results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward)
+    digits = args.digits
+    if digits != "auto":
+        try:
+            digits = int(digits)
+        except ValueError:
+            raise SymattnError(f"--digits: expected auto or an integer, received {digits!r}") from None
+    results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits)
     if args.plot:
         from .verifier import plot
 

@@ -210,9 +210,10 @@ class Graph:
             stack.extend(self._by_name[name].inputs)
         return need
 
-    def forward(self, xp, wanted=None, keep=None) -> dict:
+    def forward(self, xp, wanted=None, keep=None, progress=None) -> dict:
         """The values of the nodes in ``wanted`` (all when None).  Values nothing later reads are dropped as
-        soon as possible (memory stays near one step's), except those named in ``keep``."""
+        soon as possible (memory stays near one step's), except those named in ``keep``.  ``progress(done,
+        total)`` is called before each node."""
         wanted = [n.name for n in self.nodes] if wanted is None else list(wanted)
         need = self.needed(wanted)
         keep = set(wanted) | set(keep or ())
@@ -224,6 +225,8 @@ class Graph:
         for k, node in enumerate(self.nodes):
             if node.name not in need:
                 continue
+            if progress is not None:
+                progress(k, len(self.nodes))
             args = []
             for name in node.inputs:
                 if name in self.leaves:
@@ -310,12 +313,19 @@ class Graph:
         return self._backward_steps
 
 
-def build(spec, rows=None) -> Graph:
-    """The graph of a spec; ``rows`` restricts the queries to those positions (keys stay whole)."""
+def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
+    """The graph of a spec; ``rows`` restricts the queries to those positions, and ``keys`` (kernel form) the
+    keys to those: the caller keeps every key any of those queries may attend to, so that nothing changes
+    but the scores' and weights' columns (a row with no allowed key must not be filled with 1/S then)."""
     L = spec.L if rows is None else len(rows)
     select = (lambda m: m) if rows is None else (lambda m: m.select_rows(rows))
+    if (keys is not None or value_columns is not None) and spec.form != "kernel":
+        raise ValueError("keys, value_columns: only the kernel form's keys and values can be restricted")
+    select_values = (lambda m: m) if value_columns is None else (lambda m: _columns(m, value_columns))
+    columns = (lambda a: a) if keys is None else (lambda a: a[:, list(keys)])
+    select_keys = (lambda m: m) if keys is None else (lambda m: m.select_rows(keys))
     leaves, nodes, steps = {}, [], []
-    H, S = spec.h, spec.S
+    H, S = spec.h, (spec.S if keys is None else len(keys))
     scale = Param("scale", spec.effective_scale)
     scale_text = to_text(spec.effective_scale)
     softcap = inverse = None
@@ -324,22 +334,23 @@ def build(spec, rows=None) -> Graph:
         inverse = Param("inverse_softcap", div(Fraction(1), spec.softcap))
     distance = None
     if spec.alibi_slopes is not None:
-        d = alibi_distance(spec.L, S, spec.delta)
-        distance = Const("distance", d if rows is None else d[list(rows)])
+        d = alibi_distance(spec.L, spec.S, spec.delta)
+        distance = Const("distance", columns(d if rows is None else d[list(rows)]))
     masks, empties = {}, {}
     for i in range(H):
         a = spec.allowed(i)
-        if a.all():
-            continue
         if rows is not None:
             a = a[list(rows)]
+        a = columns(a)
+        if a.all():
+            continue
         key = id(spec.allowed(i))
         if key not in masks:
             suffix = "" if spec.mask is None or spec.shared_mask else str(i + 1)
             masks[key] = Const("allowed" + suffix, a)
             empty = ~a.any(axis=1, keepdims=True)
             empties[key] = Const("empty" + suffix, empty) if empty.any() else None
-    fill = {"zero": 0, "uniform": Fraction(1, S), "nan": NAN}[spec.empty_row]
+    fill = {"zero": 0, "uniform": Fraction(1, spec.S), "nan": NAN}[spec.empty_row]
     masking = _mask_text(spec)
     kernel = spec.form == "kernel"
     if kernel:
@@ -347,7 +358,7 @@ def build(spec, rows=None) -> Graph:
         for i, m in enumerate(spec.q, 1):
             leaves[f"q{i}"] = select(m)
         for g, (k, v) in enumerate(zip(spec.k, spec.v, strict=True), 1):
-            leaves[f"k{g}"], leaves[f"v{g}"] = k, v
+            leaves[f"k{g}"], leaves[f"v{g}"] = select_keys(k), select_values(select_keys(v))
     else:
         d_k = spec.d_k
         x_q = "x" if rows is None else "x_rows"
@@ -397,7 +408,7 @@ def build(spec, rows=None) -> Graph:
         inputs = (q_name, k_name)
         if spec.bias is not None:  # one leaf for a bias every head shares: its gradient sums over the heads
             bias_name = "bias" if spec.shared_bias else f"bias{i}"
-            leaves[bias_name] = select(spec.bias[i - 1])
+            leaves[bias_name] = select(spec.bias[i - 1]) if keys is None else _columns(select(spec.bias[i - 1]), keys)
             inputs += (bias_name,)
         nodes.append(Node(f"scores{i}", op, inputs))
         text = f"{q_name}·{k_name}ᵀ·scale"
@@ -418,7 +429,8 @@ def build(spec, rows=None) -> Graph:
         nodes.append(Node(f"weights{i}", Softmax(empty, fill), (f"scores{i}",)))
         steps.append(Step("weights", i, (L, S), f"weights{i} = softmax(scores{i}{masking}) by rows"))
         nodes.append(Node(f"head{i}", WeightedSum(), (f"weights{i}", v_name)))
-        steps.append(Step("head", i, (L, spec.d_v), f"head{i} = weights{i}·{v_name}"))
+        d_v = spec.d_v if value_columns is None else len(value_columns)
+        steps.append(Step("head", i, (L, d_v), f"head{i} = weights{i}·{v_name}"))
     if kernel:
         outputs = [f"head{i}" for i in range(1, H + 1)]
     else:
@@ -440,6 +452,11 @@ def build(spec, rows=None) -> Graph:
         steps.append(Step("M", None, (L, spec.d_out), "M = concat_heads·wo" + (" + bo" if spec.bo is not None else "")))
         outputs = ["M"]
     return Graph(spec, nodes, leaves, steps, outputs, rows)
+
+
+def _columns(m, keys):
+    """A Matrix restricted to the given columns."""
+    return m.transpose().select_rows(keys).transpose()
 
 
 def _offset(spec) -> str:

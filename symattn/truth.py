@@ -27,6 +27,7 @@ import numpy as np
 
 from . import certify
 from .balls import Balls, BallXP
+from .engines import ArbEngine as ArbEngine_
 from .engines import engine_class
 from .errors import SymattnError
 from .graph import build as build_graph
@@ -90,8 +91,34 @@ class CertifiedMatrix:
         return [[certify.to_decimal(v) for v in row] for row in self.values]
 
     def to_numpy(self, dtype="float64"):
-        """The values as floats ("-inf" and "nan" as themselves, bounds "<1e-N" as 0)."""
+        """The values as floats ("-inf" and "nan" as themselves, bounds "<1e-N" as 0).  On the large path,
+        the enclosures' float64 midpoints (within their radii, far below a float64 ulp of the value) where
+        they certify, without making strings."""
+        known = self._truth._known.get(self.name)
+        if known is not None and known.mid is not None and self._values is None:
+            out = known.mid.copy()
+            for (i, j), text in known.decided.items():
+                out[i, j] = _float(text)
+            if known.excluded is not None:
+                out[known.excluded] = -np.inf
+            return out.astype(dtype)
         return np.array([[_float(v) for v in row] for row in self.values], dtype=dtype)
+
+    def text(self, i: int, j: int) -> str:
+        """One entry's certified string (on the large path without making the others)."""
+        known = self._truth._known.get(self.name)
+        if known is not None and known.mid is not None and self._values is None:
+            if (i, j) in known.decided:
+                return known.decided[i, j]
+            if known.excluded is not None and known.excluded[i, j]:
+                return "-inf"
+            if known.mid[i, j] == 0 and known.rad[i, j] == 0:
+                return "0"
+            if known.ok[i, j]:
+                from .intervals import strings
+
+                return strings(known.mid[i : i + 1, j : j + 1], self._truth.digits)[0]
+        return self.values[i][j]
 
     def __str__(self) -> str:
         width = max(len(v) for row in self.values for v in row)
@@ -111,12 +138,14 @@ class _Known:
     """What is known of one step's entries: exact rationals or balls (whole arrays), masked entries, and the
     entries settled otherwise (exact decisions, "nan", bounds) by (i, j)."""
 
-    __slots__ = ("exact", "balls", "excluded", "decided", "bounds")
+    __slots__ = ("exact", "balls", "excluded", "decided", "bounds", "mid", "rad", "ok")
 
-    def __init__(self, exact=None, balls=None, excluded=None):
+    def __init__(self, exact=None, balls=None, excluded=None, mid=None, rad=None, ok=None):
         self.exact = exact  # RatMat or None
         self.balls = balls  # object array of balls or None
         self.excluded = excluded  # bool array or None
+        self.mid, self.rad = mid, rad  # float64 enclosures (the large path), or None
+        self.ok = ok  # bools: the enclosures that certify the digits asked (strings from mid)
         self.decided: dict = {}  # (i, j) -> string
         self.bounds: set = set()  # (i, j) of the decided strings that are bounds, not values
 
@@ -137,6 +166,7 @@ class Truth:
         self._seen: dict = {}  # id(ball) -> (string, exact): equal balls (shared scores) are converted once
         self._asked: set = set()  # entries whose exact form was asked already
         self._shapes = {s.name: s.shape for s in graph.steps + graph.backward_steps}
+        self.method = "balls"  # or "intervals": float64 enclosures, Arb for the rest (the large path)
 
     @property
     def names(self) -> list[str]:
@@ -161,7 +191,15 @@ class Truth:
         known = self._known[name]
         rows, cols = self._shapes[name]
         digits = self.digits
-        if known.exact is not None:
+        if known.mid is not None:
+            from .intervals import strings
+
+            zero = (known.mid == 0) & (known.rad == 0)
+            texts = strings(np.where(known.ok, known.mid, 0.0), digits)
+            exact = zero.reshape(-1).tolist()
+            for k in np.flatnonzero(zero).tolist():
+                texts[k] = "0"
+        elif known.exact is not None:
             den = known.exact.den
             texts = [certify.exact_string((n, den), digits) for n in known.exact.num.reshape(-1).tolist()]
             exact = [True] * len(texts)
@@ -267,6 +305,13 @@ class Truth:
             return value if value is not None and value == "nan" else certify.round_places(value, places)
         if known.exact is not None:
             return certify.round_places((known.exact.num[i, j], known.exact.den), places)
+        if known.mid is not None:
+            mid, rad = float(known.mid[i, j]), float(known.rad[i, j])
+            lo, hi = np.nextafter(mid - rad, -np.inf), np.nextafter(mid + rad, np.inf)
+            if math.isfinite(lo) and math.isfinite(hi):
+                a = certify.round_places(Fraction(float(lo)), places)
+                if a == certify.round_places(Fraction(float(hi)), places):
+                    return a
 
         def settle(engine, ball):
             if engine.is_nan(ball):
@@ -279,11 +324,14 @@ class Truth:
             return a if a == b and a is not None else None
 
         engine = engine_class(self.engine)(self.bits)
-        result = settle(engine, known.balls[i, j])
-        if result is not None:
-            return result
+        if known.balls is not None:
+            result = settle(engine, known.balls[i, j])
+            if result is not None:
+                return result
 
         def side(sign_of):
+            if known.balls is None:
+                return None
             ends = engine.decimal(known.balls[i, j], self.digits)
             if ends is None:
                 return None
@@ -538,6 +586,11 @@ def evaluate(
         )
     Engine = engine_class(engine_name)
     report = Progress(progress)
+    if large(spec, digits, engine, names, graph):
+        try:
+            return _evaluate_large(spec, digits, graph, names, bits, report)
+        finally:
+            report.close()
     needed = math.ceil(digits * math.log2(10)) + ACCURACY_MARGIN
     forward_wanted = [n for n in names if n in forward_names]
     backward = bool(backward_names) and any(n in backward_names for n in names)
@@ -617,6 +670,223 @@ def evaluate(
             f"({len(stuck)} entries undecided); ask for fewer digits"
         )
     return truth
+
+
+LARGE = 1 << 16  # score entries (H·L·S) from which 15 digits or fewer come from float64 enclosures
+FLOAT_DIGITS = 15  # the most digits the float64 enclosures are asked for
+NEAR_ZERO = 1e-15  # an entry whose enclosure stays below this × the step's largest |entry| may be a bound
+
+
+def large(spec, digits: int, engine: str, names, graph) -> bool:
+    """Whether ``evaluate`` takes the large path: float64 enclosures of whole matrices (``intervals.py``),
+    Arb for the entries they do not certify.  For the forward steps of specs of at least LARGE score
+    entries, FLOAT_DIGITS digits or fewer, and the default engine."""
+    backward = {s.name for s in graph.backward_steps}
+    return (
+        engine == "auto"
+        and digits <= FLOAT_DIGITS
+        and spec.h * spec.L * spec.S >= LARGE
+        and not any(name in backward for name in names)
+    )
+
+
+BLOCK = 1 << 17  # score entries per head in one block of query rows on the large path
+
+
+def _blocks(spec, L: int) -> list:
+    """(rows, keys) blocks of the large path: query rows in blocks of about BLOCK score entries per head, each
+    with only the keys some of its queries may attend to (the kernel form; all of them else)."""
+    size = max(1, BLOCK // max(spec.S, 1))
+    out = []
+    for start in range(0, L, size):
+        rows = list(range(start, min(L, start + size)))
+        keys = None
+        if spec.form == "kernel":
+            allowed = np.zeros(spec.S, dtype=bool)
+            empty = False
+            for i in range(spec.h):
+                a = spec.allowed(i)[start : start + size]
+                allowed |= a.any(axis=0)
+                empty |= not a.any(axis=1).all()
+            if not allowed.all() and not (empty and spec.empty_row != "zero"):
+                keys = np.flatnonzero(allowed).tolist()
+        out.append((rows, keys))
+    return out
+
+
+def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
+    """The large path: every step enclosed in double-float intervals (vectorized, ``intervals.py``), by blocks
+    of query rows (and of the keys they may see); the enclosures that certify the digits kept as they are
+    (strings made when read), the others settled from their exact double-float ends, near-zeros below
+    NEAR_ZERO × the step's scale given as bounds, and every entry left computed again in Arb on its query row
+    (a step that is not row-local on the whole graph), with precision doubling until it certifies."""
+    from .intervals import certifiable, enclose, exact_string
+
+    truth = Truth(spec, digits, "arb", graph, names, bits)
+    truth.method = "intervals"
+    local = [n for n in names if graph.step(n).row_local]
+    whole = [n for n in names if n not in local]  # K and V of the projection form
+    store = {}
+    for name in names:
+        shape = graph.step(name).shape
+        step = graph.step(name)
+        store[name] = _Known(
+            excluded=None if step.kind != "scores" or step.excluded is None else step.excluded.copy(),
+            mid=np.full(shape, -np.inf if step.kind == "scores" else 0.0),
+            rad=np.zeros(shape),
+            ok=np.zeros(shape, dtype=bool),
+        )
+        truth._known[name] = store[name]
+    blocks = _blocks(spec, spec.L)
+
+    def compute(b: int):
+        rows, keys = blocks[b]
+        g = build_graph(spec, rows=rows, keys=keys) if len(blocks) > 1 or keys is not None else graph
+        return enclose(g, local + (whole if b == 0 else []))
+
+    for b, (rows, keys) in enumerate(blocks):
+        report("float64 enclosures: query rows", rows[0], spec.L)
+        _store_block(store, compute(b), rows, keys, whole, graph, digits, certifiable, exact_string)
+    left = []
+
+    for name in names:
+        known = store[name]
+        mid, rad = known.mid, known.rad
+        nan = np.isnan(mid)
+        for i, j in zip(*np.nonzero(nan), strict=True):
+            known.decided[int(i), int(j)] = "nan"
+        bad = ~known.ok & ~nan & ~((mid == 0) & (rad == 0))
+        if known.excluded is not None:
+            bad &= ~known.excluded
+        for i, j in known.decided:
+            bad[i, j] = False
+        if not bad.any():
+            continue
+        finite = np.abs(mid[np.isfinite(mid)])
+        scale = float(finite.max()) if finite.size else 0.0
+        with np.errstate(invalid="ignore"):
+            tiny = bad & (np.abs(mid) + rad <= NEAR_ZERO * scale)
+        for i, j in zip(*np.nonzero(tiny), strict=True):
+            known.decided[int(i), int(j)] = _bound_text(float(abs(mid[i, j]) + rad[i, j]))
+            known.bounds.add((int(i), int(j)))
+        left += [(name, int(i), int(j)) for i, j in zip(*np.nonzero(bad & ~tiny), strict=True)]
+    if left:
+        log.debug("%d entries not certified by the enclosures: computed again in Arb", len(left))
+        _settle_in_arb(truth, left, bits, report)
+    return truth
+
+
+def _store_block(store, values, rows, keys, whole, graph, digits, certifiable, exact_string) -> None:
+    for name, iv in values.items():
+        if name in whole:
+            target, block_rows = (slice(None), slice(None)), None
+        else:
+            restricted = keys is not None and graph.step(name).kind in ("scores", "weights")
+            target = np.ix_(rows, keys) if restricted else (np.array(rows), slice(None))
+            block_rows = rows
+        _settle_block(store[name], iv, target, digits, certifiable, exact_string, block_rows)
+
+
+def _settle_block(known, iv, target, digits, certifiable, exact_string, rows) -> None:
+    """One block's enclosures of a step into its _Known: midpoints, radii, which certify, and the exact strings
+    of those that certify only from the exact double-float ends."""
+    mid, rad = iv.collapsed()
+    ok = certifiable(mid, rad, digits)
+    known.mid[target] = mid
+    known.rad[target] = rad
+    known.ok[target] = ok
+    bad = ~ok & np.isfinite(mid) & ~((mid == 0) & (rad == 0))
+    if iv.excluded is not None:
+        bad &= ~iv.excluded
+    if not bad.any():
+        return
+    lo, full = iv.low(), iv.radius()
+    row_of = (lambda i: i) if rows is None else (lambda i: rows[i])
+    columns = target[1].reshape(-1) if isinstance(target[1], np.ndarray) else None
+    for i, j in zip(*np.nonzero(bad), strict=True):
+        text = exact_string(float(iv.hi[i, j]), float(lo[i, j]), float(full[i, j]), digits)
+        if text is not None:
+            col = int(columns[j]) if columns is not None else int(j)
+            known.decided[row_of(int(i)), col] = text
+
+
+def _bound_text(top: float) -> str:
+    """ "<1e-N" with 10**-N > top (a float upper bound of |x|)."""
+    if top == 0:
+        return "0"
+    power = math.floor(math.log10(top)) + 1
+    while 10.0**power <= top * (1 + 1e-15):  # log10 may be off by one near a power of ten
+        power += 1
+    return f"<1e{power:+d}" if power > 0 else f"<1e{power}"
+
+
+def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
+    """Certified strings in Arb for the entries the enclosures did not settle: row-local steps on their query
+    rows' graphs (grouped by row), others on the whole graph; precision doubles up to MAX_ESCALATION."""
+    digits = truth.digits
+    start = bits
+    saved = _flint_precision()
+    try:
+        while cells:
+            engine = ArbEngine_(bits)
+            xp = BallXP(engine, floats=True, float_products=bits == start)
+            by_step: dict = {}
+            whole = []
+            for name, i, j in cells:
+                if truth.graph.step(name).row_local:
+                    by_step.setdefault(name, {}).setdefault(i, []).append(j)
+                else:
+                    whole.append((name, i, j))
+            balls = {}
+            for name, by_row in by_step.items():  # one graph per step, of the rows left in it: one head's work
+                report(f"arb at {bits} bits: {len(by_row)} query rows of {name}")
+                rows = sorted(by_row)
+                keys, columns = _restriction(truth.spec, truth.graph.step(name), rows, by_row)
+                g = build_graph(truth.spec, rows=rows, keys=keys, value_columns=columns)
+                value = g.forward(xp, [name])[name]
+                for position, i in enumerate(rows):
+                    for j in by_row[i]:
+                        balls[name, i, j] = _ball_at(xp, value, position, j if columns is None else columns.index(j))
+            if whole:
+                report(f"arb at {bits} bits: the whole graph")
+                all_values = truth.graph.forward(xp, sorted({name for name, _, _ in whole}))
+                for name, i, j in whole:
+                    balls[name, i, j] = _ball_at(xp, all_values[name], i, j)
+            left = []
+            for (name, i, j), ball in balls.items():
+                known = truth._known[name]
+                text = _ball_string(engine, ball, digits)
+                if text is not None:
+                    known.decided[i, j] = text
+                    continue
+                ends = engine.decimal(ball, digits)
+                if ends is not None and ends[0] <= 0 <= ends[1] and bits >= 4 * start:
+                    known.decided[i, j] = certify.bound_string(*ends)  # still around zero: a bound
+                    known.bounds.add((i, j))
+                    continue
+                left.append((name, i, j))
+            if left and 2 * bits > MAX_ESCALATION:
+                name, i, j = left[0]
+                raise SymattnError(
+                    f"{name}[{i}, {j}]: could not certify {digits} digits at up to {bits} bits of precision "
+                    f"({len(left)} entries undecided); ask for fewer digits"
+                )
+            cells, bits = left, 2 * bits
+            truth.bits = max(truth.bits, bits // 2)
+    finally:
+        _restore_precision(saved)
+
+
+def _restriction(spec, step, rows, by_row) -> tuple:
+    """(keys, value columns) a kernel-form head's rows need: the keys they may attend to, and the columns of V
+    asked (None: all)."""
+    if spec.form != "kernel" or step.kind != "head":
+        return None, None
+    columns = sorted({j for i in rows for j in by_row[i]})
+    allowed = spec.allowed(step.head - 1)[rows].any(axis=0)
+    empty = not spec.allowed(step.head - 1)[rows].any(axis=1).all()
+    keys = None if allowed.all() or (empty and spec.empty_row != "zero") else np.flatnonzero(allowed).tolist()
+    return keys, columns
 
 
 def _asks_backward(steps, graph) -> bool:

@@ -39,7 +39,21 @@ RULES = ("kappa", "differential", "both")
 FLOOR_ULPS = 2
 FLOOR_SCALE = 2.0**-10  # ulps are measured at max(|exact|, this × the largest |exact|): zeros do not dominate
 KAPPA_LIMIT = 4096  # condition numbers are reported for outputs up to this many entries
+ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else the worst this many
 DIGITS = 25  # of the truth: far more than any float dtype has
+LARGE_DIGITS = 12  # of the truth of a large spec in a half or single dtype: the enclosures certify them fast
+
+
+def auto_digits(spec, dtype: str, names, graph) -> int:
+    """The truth's digits for ``--digits auto``: DIGITS, or LARGE_DIGITS for a large spec (``truth.large``)
+    verified in a dtype other than float64 (its errors are 10**4 and more above 10**-12)."""
+    from .truth import large
+
+    if dtype != "float64" and large(spec, LARGE_DIGITS, "auto", names, graph):
+        return LARGE_DIGITS
+    return DIGITS
+
+
 VERDICTS = ("PASS", "FAIL", "UNSUPPORTED", "ERROR")
 PROJECTION_POSITIONAL = ("x", "wq", "wk", "wv", "wo")
 KERNEL_POSITIONAL = ("q", "k", "v")
@@ -446,7 +460,7 @@ class Context:
     truth of every returned entry (flattened, target after target), the error budget and reference errors
     there, and the ulp floors."""
 
-    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False):
+    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None):
         from .rounding import budgets
         from .truth import evaluate
 
@@ -460,39 +474,35 @@ class Context:
         self.graph = build_graph(self.args.rounded)
         self.targets = targets(self.graph, backward)
         names = [step for t in self.targets for step in t.steps]
-        self.truth = evaluate(self.args.rounded, digits=DIGITS, progress=False, steps=names)
-        self.exact = self._flat({n: np.array(self.truth[n].tolist(), dtype=object) for n in names})
-        self.text = self._flat({n: np.array(self.truth[n].values, dtype=object) for n in names})
-        if self.args.rounded != spec:
-            # the steps the original spec has too (a projection bias given for some heads is zero for the others)
-            graph = build_graph(spec)
-            both = [n for n in names if n in {s.name for s in graph.steps + graph.backward_steps}]
-            original = evaluate(spec, digits=DIGITS, progress=False, steps=both)
-            self.input_effect = max(
-                (
-                    _difference(a, b)
-                    for n in both
-                    for a, b in zip(
-                        np.array(self.truth[n].tolist(), dtype=object).reshape(-1).tolist(),
-                        np.array(original[n].tolist(), dtype=object).reshape(-1).tolist(),
-                        strict=True,
-                    )
-                ),
-                default=0.0,
-            )
-        else:
-            self.input_effect = 0.0
-        leaves = self.args.leaves
-        self.budget = self._flat(budgets(self.graph, leaves, dtype, names))
-        runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, reordered=True)]
-        errors = [_errors(self._flat(run), self.exact) for run in runs]
-        self.reference_errors = np.maximum(*errors)  # per entry, the larger of the two runs' errors
+        self.digits = auto_digits(self.args.rounded, dtype, names, self.graph) if digits in (None, "auto") else digits
+        self.truth = evaluate(self.args.rounded, digits=self.digits, progress=None, steps=names)
+        self.exact_f = self._flat({n: self.truth[n].to_numpy() for n in names})  # the truth rounded to float64
+        # float64 results are measured against the certified decimals exactly; lower precisions against
+        # float64 roundings of them (their error is far above float64's): vectorized
+        self.exact = self._flat({n: np.array(self.truth[n].tolist(), dtype=object) for n in names}) if (
+            dtype == "float64"
+        ) else None  # fmt: skip
         self.step_names = [
             (step, i, j) for t in self.targets for step in t.steps for i, j in np.ndindex(*self.graph.step(step).shape)
         ]
+        self.input_effect = self._input_effect(spec, names)
+        leaves = self.args.leaves
+        if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
+            rounded = self.args.rounded
+            self.budget = self._flat(_by_blocks(rounded, self.graph, names, lambda g: budgets(g, {}, dtype, names)))
+            runs = [
+                _by_blocks(rounded, self.graph, names, lambda g, r=reordered: runs_of(g, {}, dtype, names, r))
+                for reordered in (False, True)
+            ]
+        else:
+            self.budget = self._flat(budgets(self.graph, leaves, dtype, names))
+            runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
+        errors = [self.errors(self._flat(run)) for run in runs]
+        self.reference_errors = np.maximum(*errors)  # per entry, the larger of the two runs' errors
         # per target: where its entries are, its largest reference error, its ulp floor and one rounding there
         self.slices, self.target_reference_error, self.one_rounding = [], [], []
-        self.floor = np.zeros(self.exact.size)
+        self.floor = np.zeros(self.exact_f.size)
+        finite = np.isfinite(self.exact_f)
         start = 0
         for t in self.targets:
             size = int(np.prod(t.shape))
@@ -501,16 +511,63 @@ class Context:
             start += size
             errors_here = self.reference_errors[part]
             self.target_reference_error.append(float(errors_here.max()) if errors_here.size else 0.0)
-            scale = max((abs(float(v)) for v in self.exact[part] if _finite(v)), default=0.0)
+            values = np.abs(self.exact_f[part][finite[part]])
+            scale = float(values.max()) if values.size else 0.0
             self.floor[part] = FLOOR_SCALE * scale
             self.one_rounding.append(float(np.spacing(np.array(scale).astype(dtype_of(dtype))).astype(np.float64)))
         self.reference_error = max(self.target_reference_error, default=0.0)
         self.kappa = None
-        if not backward and self.exact.size <= KAPPA_LIMIT:
+        if not backward and self.exact_f.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
                 sens = np.asarray(sensitivity(self.graph, leaves)).reshape(-1)
-                magnitude = np.array([abs(float(v)) if _finite(v) else 0.0 for v in self.exact])
+                magnitude = np.where(finite, np.abs(self.exact_f), 0.0)
                 self.kappa = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
+
+    def _input_effect(self, spec, names) -> float:
+        """max |truth(rounded inputs) − truth(exact inputs)|: certified at small sizes, from float64 forward
+        passes of both (an estimate good to float64's precision) on the large path."""
+        from .truth import evaluate, large
+
+        if self.args.rounded == spec:
+            return 0.0
+        graph = build_graph(spec)  # the steps the original spec has too (a projection bias some heads lack)
+        both = [n for n in names if n in {s.name for s in graph.steps + graph.backward_steps}]
+        if large(spec, self.digits, "auto", both, graph):
+            with np.errstate(all="ignore"):
+                a = runs_of(self.graph, self.args.leaves, "float64", both)
+                b = runs_of(graph, {}, "float64", both)
+            return max((float(np.nanmax(np.abs(a[n] - b[n]), initial=0.0)) for n in both), default=0.0)
+        original = evaluate(spec, digits=self.digits, progress=False, steps=both)
+        return max(
+            (
+                _difference(x, y)
+                for n in both
+                for x, y in zip(
+                    np.array(self.truth[n].tolist(), dtype=object).reshape(-1).tolist(),
+                    np.array(original[n].tolist(), dtype=object).reshape(-1).tolist(),
+                    strict=True,
+                )
+            ),
+            default=0.0,
+        )
+
+    def errors(self, values: np.ndarray) -> np.ndarray:
+        """|value − exact| per entry (flat), inf where one is not finite and the other differs."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if self.exact is not None:
+            return np.array([_error(v, e) for v, e in zip(values.tolist(), self.exact.tolist(), strict=True)])
+        e = self.exact_f
+        with np.errstate(invalid="ignore"):
+            out = np.abs(values - e)
+            special = ~np.isfinite(e) | ~np.isfinite(values)
+            same = (np.isnan(e) & np.isnan(values)) | (values == e)
+            out[special] = np.where(same[special], 0.0, np.inf)
+        return out
+
+    def text(self, k: int) -> str:
+        """The certified decimal of entry k."""
+        step, i, j = self.step_names[k]
+        return self.truth[step].text(i, j)
 
     @property
     def shape(self) -> tuple:
@@ -525,6 +582,26 @@ class Context:
     def _flat(self, values: dict) -> np.ndarray:
         parts = [np.asarray(values[step]).reshape(-1) for t in self.targets for step in t.steps]
         return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _by_blocks(spec, graph, names, compute) -> dict:
+    """compute(block graph) -> {name: array} over the large path's blocks (``truth._blocks``), assembled into
+    whole steps (scores outside a block's keys −inf, weights there 0, as masked entries are)."""
+    from .truth import _blocks
+
+    out = {}
+    for rows, keys in _blocks(spec, spec.L):
+        values = compute(build_graph(spec, rows=rows, keys=keys))
+        for name in names:
+            step = graph.step(name)
+            if name not in out:
+                out[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)
+            restricted = keys is not None and step.kind in ("scores", "weights")
+            target = np.ix_(rows, keys) if restricted else (np.array(rows), slice(None))
+            if not step.row_local:
+                target = (slice(None), slice(None))
+            out[name][target] = values[name]
+    return out
 
 
 def runs_of(graph, leaves: dict, dtype: str, names, reordered: bool = False) -> dict:
@@ -624,8 +701,9 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     base = Result(name, spec.display_name, dtype, rule, "FAIL", reasons, notes=notes, backward=context.backward)
     if reasons and not arrays:
         return base
-    checked = np.zeros(context.exact.size, dtype=bool)
-    values = np.full(context.exact.size, np.nan)
+    size = context.exact_f.size
+    checked = np.zeros(size, dtype=bool)
+    values = np.full(size, np.nan)
     for t, part in zip(context.targets, context.slices, strict=True):
         if t.name not in arrays:
             continue
@@ -641,49 +719,62 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         checked[part] = True
     if not checked.any():
         return base
-    exact, text = context.exact, context.text
-    bad = [k for k in np.flatnonzero(checked) if not math.isfinite(values[k]) and _finite(exact[k])]
-    if bad:
+    e = context.exact_f
+    finite = np.isfinite(e)
+    bad = np.flatnonzero(checked & finite & ~np.isfinite(values))
+    if bad.size:
         step, i, j = context.step_names[bad[0]]
         what = "output" if not context.backward else "the gradient"
-        reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {len(bad) - 1} more entries")
-    floors = {}
-    entries, squares, norms = [], 0.0, 0.0
-    target_errors = [0.0] * len(context.targets)
-    owner = np.zeros(exact.size, dtype=int)
+        reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {bad.size - 1} more entries")
+    error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
+    with np.errstate(all="ignore"):
+        floors = np.spacing(context.floor.astype(dt)).astype(np.float64)
+        nearest = np.where(finite, e, 0.0).astype(dt)
+        spacing = np.maximum(np.spacing(np.abs(nearest)).astype(np.float64), floors)
+        ulps = np.where(finite, error / spacing, np.where(error == 0, 0.0, np.inf))
+        got = np.where(np.isfinite(values), values, 0.0).astype(dt)
+        between = np.abs(_ordinal(got) - _ordinal(nearest)).astype(np.float64)
+        bits = np.where(finite, np.where(np.isfinite(values), np.log2(1 + between), np.inf), ulps)
+        magnitude = np.abs(np.where(finite, e, 0.0))
+        rel = np.where(magnitude > 0, error / magnitude, np.where(error == 0, 0.0, np.inf))
+        allowance = np.where(
+            finite, 2 * np.maximum(context.budget, context.reference_errors) + FLOOR_ULPS * spacing, 0.0
+        )
+        ratio = np.where(error == 0, 0.0, error / allowance)
+    owner = np.zeros(size, dtype=int)
     for n, part in enumerate(context.slices):
         owner[part] = n
-    for k in np.flatnonzero(checked).tolist():
-        value = float(values[k])
+    target_errors = [float(error[part][checked[part]].max(initial=0.0)) for part in context.slices]
+    ratio = np.where(checked, ratio, -1.0)
+    kappa_ok = bool(np.all(error[checked] <= allowance[checked]))
+    squares = float(np.sum(np.where(checked & finite, error * error, 0.0)))
+    norms = float(np.sum(np.where(checked & finite, magnitude * magnitude, 0.0)))
+    # the entries reported: every one of a small output, else the worst ENTRY_LIMIT
+    order = np.lexsort((np.arange(size), -ulps, -ratio))
+    order = order[checked[order]]
+    if order.size > ENTRY_LIMIT:
+        notes.append(f"entries: the {ENTRY_LIMIT} worst of {order.size} are listed")
+        order = order[:ENTRY_LIMIT]
+    entries = []
+    for k in order.tolist():
         step, i, j = context.step_names[k]
-        e = exact[k]
-        error = _error(value, e)
-        floor = float(context.floor[k])
-        if floor not in floors:
-            floors[floor] = float(np.spacing(np.array(floor).astype(dt)).astype(np.float64)) if floor else 0.0
-        if _finite(e):
-            magnitude = abs(float(e))
-            rounded = np.array(float(e)).astype(dt)
-            spacing = max(float(np.spacing(np.abs(rounded)).astype(np.float64)), floors[floor])
-            ulps = error / spacing if spacing else math.inf
-            if math.isfinite(value):
-                between = int(_ordinal(np.array([value]).astype(dt))[0]) - int(_ordinal(rounded.reshape(1))[0])
-                bits = math.log2(1 + abs(between))
-            else:
-                bits = math.inf
-            rel = error / magnitude if magnitude else (0.0 if error == 0 else math.inf)
-            allowance = 2 * max(float(context.budget[k]), float(context.reference_errors[k])) + FLOOR_ULPS * spacing
-            squares += error * error if math.isfinite(error) else math.inf
-            norms += magnitude * magnitude
-        else:
-            ulps = bits = rel = 0.0 if error == 0 else math.inf
-            allowance = 0.0
-        target_errors[owner[k]] = max(target_errors[owner[k]], error)
         kappa = None if context.kappa is None else float(context.kappa[k])
-        entries.append(Entry(step, i, j, value, str(text[k]), error, rel, ulps, bits, allowance, kappa))
-    entries.sort(key=lambda e: (-_ratio(e), -e.ulps, e.step, e.row, e.col))
-    max_err = max((e.abs_error for e in entries), default=0.0)
-    kappa_ok = all(e.abs_error <= e.kappa_bound for e in entries)
+        entries.append(
+            Entry(
+                step,
+                i,
+                j,
+                float(values[k]),
+                context.text(k),
+                float(error[k]),
+                float(rel[k]),
+                float(ulps[k]),
+                float(bits[k]),
+                float(allowance[k]),
+                kappa,
+            )  # fmt: skip
+        )
+    max_err = float(error[checked].max(initial=0.0))
     factor = context.differential_factor
     bounds = [factor * ref + one for ref, one in zip(context.target_reference_error, context.one_rounding, strict=True)]
     over = [
@@ -718,8 +809,8 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         "FAIL" if reasons else "PASS",
         reasons,
         max_err,
-        max((e.ulps for e in entries), default=0.0),
-        max((e.bits for e in entries), default=0.0),
+        float(ulps[checked].max(initial=0.0)),
+        float(bits[checked].max(initial=0.0)),
         kappa_ok,
         differential_ok,
         bounds[worst_target],
@@ -869,11 +960,13 @@ def _signature(fn) -> str:
         return "(unknown)"
 
 
-def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False) -> list[Result]:
+def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
+           digits="auto") -> list[Result]:  # fmt: skip
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
-    dbias) or a tuple of the positional inputs' gradients in order.
+    dbias) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
+    "auto" (25, or 12 for a large spec verified in a dtype other than float64) or a number.
 
     >>> from symattn.cli import notebook_algorithm
     >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]
@@ -883,6 +976,10 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     dtype_of(dtype)
+    if digits != "auto":
+        from .truth import check_digits
+
+        digits = check_digits(digits)
     if not impls:
         raise SymattnError("impls: expected at least one implementation to verify, received none")
     named = []
@@ -898,7 +995,7 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     for name, fn in named:
         cast = getattr(fn, "cast", None)
         if cast not in contexts:
-            contexts[cast] = Context(spec, dtype, cast, backward)
+            contexts[cast] = Context(spec, dtype, cast, backward, digits)
         results.append(run(fn, name, contexts[cast], rule))
     return results
 

@@ -1,0 +1,210 @@
+"""The large path (issue 13): double-float enclosures of whole matrices, checked against Arb.
+
+- the exp and its error bound, and the platform tanh the certificate assumes, on many random arguments;
+- split products, sums and divisions enclose the exact results;
+- every certified digit of the large path agrees with an independent Arb computation at 40 digits on
+  sampled entries (the cancelling and near-zero ones included), variants too;
+- steps=[...] computes only those, progress shows on stderr, and the verifier uses the path."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import flint
+import numpy as np
+import pytest
+
+import symattn
+import symattn.truth as truth_module
+from symattn import intervals
+from symattn.intervals import TANH_ULPS_ASSUMED, Iv, certifiable, split_product
+
+RNG = np.random.default_rng(2026)
+
+
+def arb_of(x: float):
+    return flint.arb(float(x))
+
+
+def contains(hi, lo, rad, exact) -> bool:
+    """exact (an arb) within rad of hi + lo, proven in Arb (ball arithmetic at 300 bits)."""
+    center = arb_of(hi) + arb_of(lo)
+    return bool(abs(exact - center) <= flint.arb(float(rad)))
+
+
+@pytest.fixture(autouse=True)
+def _precision():
+    saved = flint.ctx.prec
+    flint.ctx.prec = 300
+    yield
+    flint.ctx.prec = saved
+
+
+def test_the_exp_encloses_arbs_exp_on_many_random_arguments():
+    x = np.concatenate([-RNG.random(20000) * 745, -RNG.random(5000) * 1e-3, -RNG.random(2000) * 1e-12, [0.0]])
+    lo = RNG.standard_normal(x.size) * 1e-17 * np.abs(x)
+    e = intervals._exp(Iv(x, lo))
+    for k in range(0, x.size, 7):
+        exact = (arb_of(x[k]) + arb_of(lo[k])).exp()
+        assert contains(e.hi[k], e.lo[k], e.rad[k], exact), (x[k], lo[k])
+    # the radius is tight: relative 2**-60 or so, not a blanket bound
+    assert np.all(e.rad <= 2.0**-58 * e.hi + 1e-300)
+
+
+def test_the_shifted_exp_and_masked_entries():
+    x = RNG.standard_normal((30, 40)) * 20
+    x[3, :5] = -np.inf  # masked
+    top = np.max(x, axis=1, keepdims=True)
+    e = intervals._exp(Iv(x, np.zeros_like(x), np.full(x.shape, 1e-25)), top)
+    assert np.all(e.hi[3, :5] == 0) and np.all(e.rad[3, :5] == 0)
+    for i in range(30):
+        for j in range(0, 40, 3):
+            if np.isfinite(x[i, j]):
+                exact = (arb_of(x[i, j]) - arb_of(top[i, 0])).exp()
+                # the input's radius widens the output's: exact at the centre lies within
+                assert contains(e.hi[i, j], e.lo[i, j], e.rad[i, j], exact)
+
+
+def test_the_platform_tanh_is_within_its_assumed_error_on_many_random_arguments():
+    x = np.concatenate([RNG.standard_normal(20000) * 3, RNG.standard_normal(5000) * 1e-5, [0.0, 20.0, -40.0]])
+    t = np.tanh(x)
+    worst = 0.0
+    for k in range(0, x.size, 5):
+        exact = arb_of(x[k]).tanh()
+        ulp = float(np.spacing(abs(t[k]))) if t[k] else 5e-324
+        error = abs(exact - arb_of(t[k]))
+        worst = max(worst, float(error.upper()) / ulp)
+    assert worst <= TANH_ULPS_ASSUMED, worst  # the certificate uses 4× this
+
+
+@pytest.mark.parametrize("shape", [(7, 64, 33), (40, 1024, 9), (5, 3, 300)])
+def test_split_products_enclose_the_exact_product(shape):
+    m, n, p = shape
+    a = RNG.standard_normal((m, n)).astype(np.float32).astype(np.float64) * 10.0 ** RNG.integers(-3, 4, (m, 1))
+    b = RNG.standard_normal((n, p)) * 10.0 ** RNG.integers(-3, 4, (1, p))
+    lo = RNG.standard_normal((m, n)) * 1e-17 * np.abs(a)
+    hi, low, rad = split_product(a, lo, b, None)
+    fa, fb = flint.arb_mat((a.astype(object) + 0).tolist()), flint.arb_mat(b.tolist())
+    exact = (fa + flint.arb_mat(lo.tolist())) * fb
+    for i in range(0, m, max(1, m // 5)):
+        for j in range(0, p, max(1, p // 5)):
+            assert contains(hi[i, j], low[i, j], rad[i, j], exact[i, j])
+    assert np.all(rad <= 1e-18 * (np.abs(a) @ np.abs(b)) + 1e-300)  # far tighter than float64 (1e-16)
+
+
+def test_certifiable_only_when_both_ends_round_alike():
+    mid = np.array([1.23456789012345, 0.5, 9.999999999999e5, 1e-300, 2.5e-7, 0.0])
+    rad = np.array([1e-15, 0.0, 1e-10, 1e-310, 1e-40, 0.0])
+    assert certifiable(mid, rad, 12).tolist() == [True, True, True, False, True, False]
+    tie = np.array([0.1234567890125])  # on a 12-digit tie: a radius across it never certifies
+    assert not certifiable(tie, np.array([1e-16]), 12)[0]
+
+
+@pytest.fixture
+def large_everywhere(monkeypatch):
+    """The large path for small specs too (its threshold is about size only)."""
+    monkeypatch.setattr(truth_module, "LARGE", 0)
+
+
+def spot_check(truth, data: dict, names, samples: int = 60, seed: int = 0) -> int:
+    """Compare sampled entries (and the smallest ones) with an independent 40-digit Arb evaluation."""
+    reference = symattn.evaluate(data, digits=40, steps=list(names), engine="arb")
+    rng = np.random.default_rng(seed)
+    checked = 0
+    for name in names:
+        got, ref = truth[name], reference[name]
+        rows, cols = got.shape
+        magnitude = np.abs(got.to_numpy())
+        smallest = np.argsort(np.where(np.isfinite(magnitude), magnitude, np.inf), axis=None)[:8]
+        picks = [divmod(int(k), cols) for k in smallest] + [
+            (int(rng.integers(rows)), int(rng.integers(cols))) for _ in range(samples)
+        ]
+        for i, j in picks:
+            text, exact = got.values[i][j], ref.values[i][j]
+            if text.startswith("<"):
+                bound = float(text[1:])
+                assert exact.startswith("<") or abs(float(exact)) < bound, (name, i, j, text, exact)
+            elif text in ("0", "-inf", "nan"):
+                assert exact == text, (name, i, j, text, exact)
+            else:  # 12 correctly rounded digits of the 40-digit value
+                assert text == symattn.certify.exact_string(Fraction(exact), 12), (name, i, j, text, exact)
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"causal": True},
+        {"causal": True, "align": "bottom_right"},
+        {"window": [6, 2]},
+        {"softcap": 2},
+        {"alibi": True, "causal": True},
+        {"bias": "random"},
+        {"mask": "random", "empty_row": "uniform"},
+        {"mask": "random", "empty_row": "nan"},
+    ],
+)
+def test_large_path_digits_agree_with_arb_at_40_digits(options, large_everywhere):
+    rng = np.random.default_rng(7)
+    H, H_kv, L, S, E = 4, 2, 24, 30, 16
+    data = {
+        "q": rng.standard_normal((H, L, E)).astype(np.float32),
+        "k": rng.standard_normal((H_kv, S, E)).astype(np.float32),
+        "v": rng.standard_normal((H_kv, S, 8)).astype(np.float32),
+    }
+    for key, value in options.items():
+        if value == "random":
+            value = rng.standard_normal((L, S)) if key == "bias" else rng.random((L, S)) > 0.6
+        data[key] = value
+    names = ["scores2", "weights3", "head1", "head4"]
+    truth = symattn.evaluate(data, digits=12, steps=names)
+    assert truth.method == "intervals"
+    assert spot_check(truth, data, names) > 200
+
+
+def test_large_path_on_the_projection_form_and_cancelling_outputs(large_everywhere):
+    # two identical heads subtracted: M is about 0 everywhere (a bound), Q, K, V exact
+    rng = np.random.default_rng(3)
+    head = {"wq": rng.standard_normal((6, 4)), "wk": rng.standard_normal((6, 4)), "wv": rng.standard_normal((6, 4))}
+    data = {"x": rng.standard_normal((20, 6)), "heads": [head, head], "wo": np.vstack([np.eye(4), -np.eye(4)])}
+    truth = symattn.evaluate(data, digits=12)
+    assert truth.method == "intervals"
+    top = np.abs(truth["head1"].to_numpy()).max()
+    for row in truth["M"].values:
+        for v in row:
+            assert v.startswith("<") and float(v[1:]) <= 1e-15 * top * 10
+    assert spot_check(truth, data, ["Q1", "K2", "scores1", "weights2", "head2"]) > 100
+
+
+def test_at_size_the_large_path_is_taken_and_only_the_steps_asked(monkeypatch):
+    rng = np.random.default_rng(5)
+    L, E = 256, 32
+    data = {"q": rng.standard_normal((1, L, E)), "k": rng.standard_normal((1, L, E)),
+            "v": rng.standard_normal((1, L, E)), "causal": True}  # fmt: skip
+    stream = io.StringIO()
+    stream.isatty = lambda: True  # progress shows on a terminal
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setattr("symattn.progress.Progress.__init__.__defaults__", (None, None, 0.0))
+    truth = symattn.evaluate(data, digits=12, steps=["head1"])
+    assert truth.method == "intervals" and truth.names == ["head1"]
+    assert set(truth._known) == {"head1"}
+    assert "float64 enclosures" in stream.getvalue()
+    assert spot_check(truth, data, ["head1"], samples=40) >= 40
+    # more than 15 digits, or an explicit engine: the Arb path
+    assert symattn.evaluate(data, digits=16, steps=["head1"]).method == "balls"
+
+
+def test_the_verifier_uses_the_large_path_with_digits_auto():
+    from tests import impls
+
+    rng = np.random.default_rng(9)
+    L, E = 256, 32
+    data = {"q": rng.standard_normal((1, L, E)), "k": rng.standard_normal((1, L, E)),
+            "v": rng.standard_normal((1, L, E)), "causal": True}  # fmt: skip
+    right, wrong = symattn.verify(data, [impls.kernel_straightforward, impls.kernel_causal_flip], dtype="float32")
+    assert right.passed and wrong.verdict == "FAIL", (right.lines(), wrong.lines())
+    context = symattn.verifier.Context(symattn.load_spec(data), "float32")
+    assert context.digits == 12 and context.truth.method == "intervals"
+    assert len(right.entries) == 4096 and "4096 worst" in right.notes[0]

@@ -1,0 +1,202 @@
+"""Benchmark: the certified truth at kernel sizes (issue 13), every ratio measured in one run.
+
+    python tools/bench_scale.py                  # all four targets
+    python tools/bench_scale.py --skip-4096      # without the 4,096-token run (minutes)
+
+1. L = S = 1024, E = 64, h = 8, random float32 q, k, v, causal: ``symattn.evaluate`` of
+   every head at 12 digits (certified: every entry to 12 digits, or a bound below 1e-15·max|out|)
+   against a straightforward uncertified float64 NumPy computation of the same attention
+   (per head: q·kᵀ·scale, mask, max-shifted exp, row sums, division, ·v).  Target ≤ 5×.
+2. ``symattn verify`` of torch's SDPA in bfloat16 on that spec (truth included), against the
+   same float64 NumPy computation.  Target ≤ 10×.  Skipped without torch.
+3. L = S = 4096, E = 128, h = 8, causal: runs to completion; time, ratio and peak memory.
+4. The 64-token, 8-head projection spec of bench_truth at 50 digits: ``evaluate()`` against the
+   raw Arb computation of the same balls (the graph run in Arb alone, no decimals, no checks).
+   Target ≤ 2×.
+
+Times are the best of --repeat runs, contenders interleaved.  OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE are left as the machine sets them (they slow BLAS in both contenders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import symattn  # noqa: E402
+from symattn.graph import build  # noqa: E402
+from symattn.intervals import exp_table  # noqa: E402
+
+
+def kernel_spec(L: int, E: int, H: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((H, L, E)).astype(np.float32) for _ in range(3))
+    return {"name": f"kernel_L{L}_E{E}_h{H}", "q": q, "k": k, "v": v, "causal": True}
+
+
+def numpy_float64(data: dict) -> np.ndarray:
+    """The straightforward uncertified float64 attention."""
+    q, k, v = (np.asarray(data[key], dtype=np.float64) for key in ("q", "k", "v"))
+    L, S, E = q.shape[1], k.shape[1], q.shape[2]
+    allowed = np.tril(np.ones((L, S), dtype=bool))
+    out = []
+    for h in range(q.shape[0]):
+        s = (q[h] @ k[h].T) * (1 / np.sqrt(E))
+        s = np.where(allowed, s, -np.inf)
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        out.append((e / e.sum(axis=-1, keepdims=True)) @ v[h])
+    return np.stack(out)
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def interleaved(a, b, repeat: int) -> tuple[float, float]:
+    """Best times of a and b, run alternately (the machine's load hits both alike)."""
+    ta, tb = [], []
+    for _ in range(repeat):
+        ta.append(best(a, 1))
+        tb.append(best(b, 1))
+    return min(ta), min(tb)
+
+
+def certified_output(data: dict, digits: int = 12):
+    spec = symattn.load_spec(data)
+    heads = [f"head{i}" for i in range(1, spec.h + 1)]
+    truth = symattn.evaluate(spec, digits=digits, steps=heads, progress=False)
+    return truth, heads
+
+
+def check_certificate(truth, heads) -> str:
+    """Every entry: 12 certified digits, or a bound below 1e-15·max|out|."""
+    top = max(float(np.nanmax(np.abs(truth[h].to_numpy()))) for h in heads)
+    counts = {"digits": 0, "bounds": 0}
+    for h in heads:
+        known = truth._known[h]
+        for (i, j), text in known.decided.items():
+            if text.startswith("<"):
+                counts["bounds"] += 1
+                assert float(text[1:]) <= 1e-15 * top, (h, i, j, text)
+        counts["digits"] += int(known.ok.sum()) + sum(1 for t in known.decided.values() if not t.startswith("<"))
+    return f"{counts['digits']} entries to 12 digits, {counts['bounds']} bounds below 1e-15·max|out|"
+
+
+def target_1(repeat: int) -> None:
+    data = kernel_spec(1024, 64, 8)
+    exp_table()  # built once per process (Arb, about 0.1 s): not part of one evaluation
+    spec = symattn.load_spec(data)
+    holder = {}
+
+    def ours():
+        holder["truth"] = certified_output(spec)
+
+    t_numpy, t_ours = interleaved(lambda: numpy_float64(data), ours, repeat)
+    truth, heads = holder["truth"]
+    print(
+        f"1. L = S = 1024, E = 64, h = 8, causal, float32 inputs: float64 NumPy {t_numpy:.3f} s, certified "
+        f"12 digits {t_ours:.3f} s: {t_ours / t_numpy:.2f}× (target ≤ 5×)\n   {check_certificate(truth, heads)}; "
+        f"Arb for {sum(len(truth._known[h].decided) for h in heads)} entries",
+        flush=True,
+    )
+
+
+def target_2(repeat: int) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("2. skipped: torch is not installed", flush=True)
+        return
+    data = kernel_spec(1024, 64, 8)
+    spec = symattn.load_spec(data)
+    holder = {}
+
+    def ours():
+        holder["result"] = symattn.verify(spec, ["torch_sdpa"], dtype="bfloat16")[0]
+
+    t_numpy, t_ours = interleaved(lambda: numpy_float64(data), ours, repeat)
+    r = holder["result"]
+    print(
+        f"2. symattn verify torch_sdpa in bfloat16 at that size: {t_ours:.3f} s against float64 NumPy "
+        f"{t_numpy:.3f} s: {t_ours / t_numpy:.2f}× (target ≤ 10×); verdict {r.verdict}, max error "
+        f"{r.max_abs_error:.3g} ({r.max_ulps:.3g} ulps)",
+        flush=True,
+    )
+
+
+def target_3() -> None:
+    data = kernel_spec(4096, 128, 8)
+    spec = symattn.load_spec(data)
+    start = time.perf_counter()
+    numpy_float64(data)
+    t_numpy = time.perf_counter() - start
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    truth, heads = certified_output(spec)
+    t_ours = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        f"3. L = S = 4096, E = 128, h = 8, causal: float64 NumPy {t_numpy:.2f} s, certified 12 digits "
+        f"{t_ours:.2f} s: {t_ours / t_numpy:.2f}×; peak memory {peak / 1024:.0f} MB (before: {before / 1024:.0f} MB)"
+        f"\n   {check_certificate(truth, heads)}",
+        flush=True,
+    )
+
+
+def target_4(repeat: int) -> None:
+    from bench_truth import random_spec
+
+    from symattn.balls import BallXP
+    from symattn.engines import ArbEngine
+    from symattn.truth import _flint_precision, _restore_precision, initial_bits
+
+    data = random_spec(64, 64, 8)
+    spec = symattn.load_spec(data)
+    bits = initial_bits(spec, 50)
+
+    def raw():
+        saved = _flint_precision()
+        try:
+            graph = build(spec)
+            xp = BallXP(ArbEngine(bits))
+            values = graph.forward(xp)
+            for value in values.values():
+                xp.balls(value)
+        finally:
+            _restore_precision(saved)
+
+    t_raw, t_ours = interleaved(raw, lambda: symattn.evaluate(spec, digits=50, progress=False), repeat)
+    print(
+        f"4. n = d_model = 64, h = 8, 50 digits: raw Arb balls {t_raw:.3f} s, evaluate() {t_ours:.3f} s: "
+        f"{t_ours / t_raw:.2f}× (target ≤ 2×)",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-4096", action="store_true")
+    args = parser.parse_args()
+    print(f"symattn {symattn.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}", flush=True)
+    target_1(args.repeat)
+    target_2(args.repeat)
+    if not args.skip_4096:
+        target_3()
+    target_4(args.repeat)
+
+
+if __name__ == "__main__":
+    main()
