@@ -167,6 +167,7 @@ class Truth:
         self._asked: set = set()  # entries whose exact form was asked already
         self._shapes = {s.name: s.shape for s in graph.steps + graph.backward_steps}
         self.method = "balls"  # or "intervals": float64 enclosures, Arb for the rest (the large path)
+        self.escalated = 0  # on the large path, the entries computed again in Arb
 
     @property
     def names(self) -> list[str]:
@@ -770,6 +771,7 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
             known.decided[int(i), int(j)] = _bound_text(float(abs(mid[i, j]) + rad[i, j]))
             known.bounds.add((int(i), int(j)))
         left += [(name, int(i), int(j)) for i, j in zip(*np.nonzero(bad & ~tiny), strict=True)]
+    truth.escalated = len(left)
     if left:
         log.debug("%d entries not certified by the enclosures: computed again in Arb", len(left))
         _settle_in_arb(truth, left, bits, report)
