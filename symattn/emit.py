@@ -225,8 +225,8 @@ class Named:
     def atomic(self, form):
         """A number, a name, or a number times a name, for the form (named if it is none of those)."""
         sympy = self.sympy
-        if not isinstance(form, sympy.Basic):
-            form = sympy.sympify(form)
+        if not isinstance(form, sympy.Basic):  # a number the graph computed (never text)
+            form = _sympy_number(sympy, form)
         if form.is_Number or form.is_Symbol or form is sympy.nan:
             return form
         if form.is_Mul and sum(not f.is_number for f in form.args) == 1:
@@ -433,3 +433,15 @@ def _either(a, b):
 
 def no_rule(what: str):
     raise SymattnError(f"code generation: no emission rule for {what}")
+
+
+def _sympy_number(sympy, value):
+    """A Python number as SymPy's: ints and Fractions exactly, floats as Floats; anything else is refused."""
+    from fractions import Fraction
+
+    if isinstance(value, bool) or not isinstance(value, (int, Fraction, float)):
+        raise TypeError(f"expected a number, received {type(value).__name__}")
+    if isinstance(value, float):
+        return sympy.Float(value)
+    value = Fraction(value)
+    return sympy.Rational(value.numerator, value.denominator)

@@ -210,10 +210,9 @@ class Graph:
             stack.extend(self._by_name[name].inputs)
         return need
 
-    def forward(self, xp, wanted=None, keep=None, progress=None) -> dict:
+    def forward(self, xp, wanted=None, keep=None) -> dict:
         """The values of the nodes in ``wanted`` (all when None).  Values nothing later reads are dropped as
-        soon as possible (memory stays near one step's), except those named in ``keep``.  ``progress(done,
-        total)`` is called before each node."""
+        soon as possible (memory stays near one step's), except those named in ``keep``."""
         wanted = [n.name for n in self.nodes] if wanted is None else list(wanted)
         need = self.needed(wanted)
         keep = set(wanted) | set(keep or ())
@@ -225,8 +224,6 @@ class Graph:
         for k, node in enumerate(self.nodes):
             if node.name not in need:
                 continue
-            if progress is not None:
-                progress(k, len(self.nodes))
             args = []
             for name in node.inputs:
                 if name in self.leaves:

@@ -215,13 +215,8 @@ TABLE_ERROR = 2.0**-100
 class IntervalXP:
     """The graph's ``xp`` over Iv (see the module docstring for what the radii bound)."""
 
-    def __init__(self, arrays: dict | None = None):
-        self.arrays = arrays or {}
-
     # Conversions.
     def leaf(self, name, matrix):
-        if name in self.arrays:
-            return Iv(np.asarray(self.arrays[name], dtype=np.float64))
         hi = np.asarray(matrix.float64(), dtype=np.float64)
         if matrix.is_float or (matrix.is_rational and _dyadic(matrix)):
             return Iv(hi)
@@ -628,11 +623,11 @@ def _dyadic(matrix) -> bool:
     return all(Fraction(float(Fraction(n, den))) == Fraction(n, den) for n in r.num.reshape(-1).tolist())
 
 
-def enclose(graph, names, arrays=None, progress=None) -> dict:
+def enclose(graph, names) -> dict:
     """Enclosures (Iv) of the steps ``names`` (forward steps) of the graph."""
-    xp = IntervalXP(arrays)
+    xp = IntervalXP()
     with np.errstate(all="ignore"):
-        values = graph.forward(xp, names, progress=progress)
+        values = graph.forward(xp, names)
         return {name: result(v) for name, v in values.items()}
 
 

@@ -141,7 +141,7 @@ def _report(result, context, rule: str, where: str) -> None:
 
 
 def _array_like(value) -> bool:
-    return hasattr(value, "shape") and hasattr(value, "dtype") or isinstance(value, (list, tuple)) and False
+    return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
 class _Framework:

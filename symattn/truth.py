@@ -721,7 +721,7 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
     (strings made when read), the others settled from their exact double-float ends, near-zeros below
     NEAR_ZERO × the step's scale given as bounds, and every entry left computed again in Arb on its query row
     (a step that is not row-local on the whole graph), with precision doubling until it certifies."""
-    from .intervals import certifiable, enclose, exact_string
+    from .intervals import enclose
 
     truth = Truth(spec, digits, "arb", graph, names, bits)
     truth.method = "intervals"
@@ -729,8 +729,8 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
     whole = [n for n in names if n not in local]  # K and V of the projection form
     store = {}
     for name in names:
-        shape = graph.step(name).shape
         step = graph.step(name)
+        shape = step.shape
         store[name] = _Known(
             excluded=None if step.kind != "scores" or step.excluded is None else step.excluded.copy(),
             mid=np.full(shape, -np.inf if step.kind == "scores" else 0.0),
@@ -747,7 +747,9 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
 
     for b, (rows, keys) in enumerate(blocks):
         report("float64 enclosures: query rows", rows[0], spec.L)
-        _store_block(store, compute(b), rows, keys, whole, graph, digits, certifiable, exact_string)
+        for name, iv in compute(b).items():
+            step = graph.step(name)
+            _settle_block(store[name], iv, block_target(step, rows, keys), digits, rows if step.row_local else None)
     left = []
 
     for name in names:
@@ -778,20 +780,21 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
     return truth
 
 
-def _store_block(store, values, rows, keys, whole, graph, digits, certifiable, exact_string) -> None:
-    for name, iv in values.items():
-        if name in whole:
-            target, block_rows = (slice(None), slice(None)), None
-        else:
-            restricted = keys is not None and graph.step(name).kind in ("scores", "weights")
-            target = np.ix_(rows, keys) if restricted else (np.array(rows), slice(None))
-            block_rows = rows
-        _settle_block(store[name], iv, target, digits, certifiable, exact_string, block_rows)
+def block_target(step, rows, keys):
+    """Where a block's values of a step go in the whole step: its rows (and, for scores and weights, the keys it
+    kept); all of a step that is not row-local (the block computed it whole)."""
+    if not step.row_local:
+        return slice(None), slice(None)
+    if keys is not None and step.kind in ("scores", "weights"):
+        return np.ix_(rows, keys)
+    return np.array(rows), slice(None)
 
 
-def _settle_block(known, iv, target, digits, certifiable, exact_string, rows) -> None:
+def _settle_block(known, iv, target, digits, rows) -> None:
     """One block's enclosures of a step into its _Known: midpoints, radii, which certify, and the exact strings
     of those that certify only from the exact double-float ends."""
+    from .intervals import certifiable, exact_string
+
     mid, rad = iv.collapsed()
     ok = certifiable(mid, rad, digits)
     known.mid[target] = mid

@@ -488,12 +488,17 @@ class Context:
         self.input_effect = self._input_effect(spec, names)
         leaves = self.args.leaves
         if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
-            rounded = self.args.rounded
-            self.budget = self._flat(_by_blocks(rounded, self.graph, names, lambda g: budgets(g, {}, dtype, names)))
-            runs = [
-                _by_blocks(rounded, self.graph, names, lambda g, r=reordered: runs_of(g, {}, dtype, names, r))
-                for reordered in (False, True)
-            ]
+            budget, *runs = _by_blocks(
+                self.args.rounded,
+                self.graph,
+                names,
+                [
+                    lambda g: budgets(g, {}, dtype, names),
+                    lambda g: runs_of(g, {}, dtype, names),
+                    lambda g: runs_of(g, {}, dtype, names, reordered=True),
+                ],
+            )
+            self.budget = self._flat(budget)
         else:
             self.budget = self._flat(budgets(self.graph, leaves, dtype, names))
             runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
@@ -584,23 +589,22 @@ class Context:
         return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def _by_blocks(spec, graph, names, compute) -> dict:
-    """compute(block graph) -> {name: array} over the large path's blocks (``truth._blocks``), assembled into
-    whole steps (scores outside a block's keys −inf, weights there 0, as masked entries are)."""
-    from .truth import _blocks
+def _by_blocks(spec, graph, names, computes) -> list[dict]:
+    """Each compute(block graph) -> {name: array} over the large path's blocks (``truth._blocks``, each block's
+    graph built once), assembled into whole steps (scores outside a block's keys −inf, weights there 0, as
+    masked entries are)."""
+    from .truth import _blocks, block_target
 
-    out = {}
+    out = [{} for _ in computes]
     for rows, keys in _blocks(spec, spec.L):
-        values = compute(build_graph(spec, rows=rows, keys=keys))
-        for name in names:
-            step = graph.step(name)
-            if name not in out:
-                out[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)
-            restricted = keys is not None and step.kind in ("scores", "weights")
-            target = np.ix_(rows, keys) if restricted else (np.array(rows), slice(None))
-            if not step.row_local:
-                target = (slice(None), slice(None))
-            out[name][target] = values[name]
+        block = build_graph(spec, rows=rows, keys=keys)
+        for assembled, compute in zip(out, computes, strict=True):
+            values = compute(block)
+            for name in names:
+                step = graph.step(name)
+                if name not in assembled:
+                    assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)
+                assembled[name][block_target(step, rows, keys)] = values[name]
     return out
 
 
@@ -613,11 +617,6 @@ def runs_of(graph, leaves: dict, dtype: str, names, reordered: bool = False) -> 
     return {name: np.asarray(xp.result(values[name]), dtype=np.float64) for name in names}
 
 
-def _errors(output: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    values = np.asarray(output, dtype=np.float64).reshape(-1).tolist()
-    return np.array([_error(v, e) for v, e in zip(values, exact.reshape(-1), strict=True)])
-
-
 def _finite(v) -> bool:
     return isinstance(v, Decimal) and v.is_finite()
 
@@ -626,11 +625,6 @@ def _difference(a, b) -> float:
     if _finite(a) and _finite(b):
         return float(abs(a - b))
     return 0.0 if str(a) == str(b) else math.inf
-
-
-def max_error(output: np.ndarray, exact: np.ndarray) -> float:
-    errors = _errors(output, exact)
-    return float(errors.max()) if errors.size else 0.0
 
 
 def _error(v: float, e) -> float:
