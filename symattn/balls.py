@@ -161,14 +161,14 @@ class BallXP:
         return self.matmul(self.transpose(a), b)
 
     def _float_product(self, a: np.ndarray, b: np.ndarray) -> Balls:
-        """The product of two float matrices as balls: its double-float enclosure (``intervals.split_product``,
+        """The product of two float matrices as balls: its double-float enclosure (``intervals.sliced_product``,
         within about 2**-100 relatively) read into Arb, instead of an Arb matrix product."""
         import flint
 
-        from .intervals import split_product
+        from .intervals import sliced_product
 
         with np.errstate(all="ignore"):
-            hi, lo, rad = split_product(a, None, b, None)
+            hi, lo, rad = sliced_product(a, b)
         out = np.empty(hi.shape, dtype=object)
         flat = out.reshape(-1)
         arb = flint.arb

@@ -9,11 +9,13 @@ and a float64 radius).  The arithmetic is vectorized NumPy:
   Rump, "Error-free transformations of matrix multiplication", Numer. Algorithms
   59, 2012): the product of the integer parts is exact in float64 whatever the
   order of summation, and the rest is 2⁻²¹ smaller, so its a-priori error
-  γ_n·Σ|terms| is negligible;
+  γ·Σ|terms| is negligible (the rest is summed by chunks of 128 terms, so γ is
+  γ_130 + γ_{n/128+2} rather than γ_{n+2});
 - sums (a softmax's row sum) are products with a column of ones, split the same way;
-- ``exp`` reduces its argument to r = x − k/1024 (exact) and multiplies a
-  double-float table value exp(k/1024) (from Arb) by 1 + expm1(r), expm1(r)
-  by its Taylor polynomial of degree 5 (|r| ≤ 2⁻¹¹: truncation < 2⁻⁶⁴·|r|);
+- ``exp`` reduces its argument to r = x − k/2048 (exact) and multiplies a
+  double-float table value exp(k/2048) (from Arb) by 1 + expm1(r), expm1(r)
+  by its Taylor polynomial of degree 5 (|r| ≤ 2⁻¹² + |lo|); a softmax's shift,
+  a multiple of 1/2048, only moves the table's index;
 - elementwise sums and products use the error-free TwoSum and Dekker's
   TwoProduct; the radii bound everything not carried exactly, by the standard
   bounds (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1: a
@@ -51,7 +53,8 @@ TANH_ULPS = 4 * TANH_ULPS_ASSUMED
 ULP = 2.0**-52  # one ulp relative to a value's magnitude, at most
 INFLATE = 1 + 2.0**-44  # each radius formula's own roundings, with a large margin
 SPLIT = 134217729.0  # 2**27 + 1: Dekker's splitter
-STEPS = 1024  # exp's table: exp(k / STEPS)
+STEPS = 2048  # exp's table: exp(k / STEPS)
+CHUNK = 128  # the terms of a product's rest summed in one matrix product (its rounding error is γ_CHUNK)
 EXP_LOW, EXP_HIGH = -746, 3  # the table's range: exp underflows below, and the softmax's arguments are ≤ 0
 
 
@@ -66,12 +69,13 @@ def _up(r):
 
 
 class Iv:
-    """Entries within ``rad`` of hi + lo (lo, rad None: zero).  ``excluded``: masked score entries (hi −inf)."""
+    """Entries within ``rad`` of hi + lo (lo, rad None: zero).  ``excluded``: masked score entries (hi −inf).
+    ``below``: a bound 0 <= hi < below when one is known (a softmax's exponentials), else None."""
 
-    __slots__ = ("hi", "lo", "rad", "excluded")
+    __slots__ = ("hi", "lo", "rad", "excluded", "below")
 
-    def __init__(self, hi, lo=None, rad=None, excluded=None):
-        self.hi, self.lo, self.rad, self.excluded = hi, lo, rad, excluded
+    def __init__(self, hi, lo=None, rad=None, excluded=None, below=None):
+        self.hi, self.lo, self.rad, self.excluded, self.below = hi, lo, rad, excluded, below
 
     @property
     def shape(self) -> tuple:
@@ -132,52 +136,166 @@ def _exponents(m) -> np.ndarray:
     return e
 
 
-def split_product(a_hi, a_lo, b_hi, b_lo):
-    """(a_hi + a_lo)·(b_hi + b_lo) as (hi, lo, rad) with hi + lo within rad of the exact product (see the
-    module docstring); the low parts (at most a few ulps of the high ones) join the fractions."""
-    n = a_hi.shape[-1]
+def _scaled(x, e, uniform: bool):
+    """x·2**e, exactly (barring underflow): one multiplication when e is the same everywhere."""
+    return x * 2.0 ** float(e.flat[0]) if uniform else np.ldexp(x, e)
+
+
+def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
+    """(a_hi + a_lo ± a_rad)·(b_hi + b_lo ± b_rad) as (hi, lo, rad): hi + lo lies within rad of every product
+    of points of the operands (see the module docstring).  hi is the product of the operands' integer parts,
+    exact; lo the rest, much smaller than the product's scale but not normalised against hi.  The low parts
+    (at most a few ulps of the high ones) join the fractions.  ``a_below``: a bound 0 <= a_hi < a_below
+    known beforehand (a softmax's exponentials): one scaling for every row, no pass to find their maxima."""
+    m, n = a_hi.shape[-2:]
+    p = b_hi.shape[-1]
     beta = (52 - max(1, math.ceil(math.log2(max(n, 2))))) // 2
-    ea = beta - _exponents(np.abs(a_hi).max(axis=-1, keepdims=True))  # rows of a, columns of b below 2**beta
+    nonnegative = a_below is not None
+    if nonnegative:
+        mantissa, e = math.frexp(a_below)  # a_below <= 2**e
+        ea = np.full(a_hi.shape[:-1] + (1,), beta - (e - 1 if mantissa == 0.5 else e))
+        a_s = a_hi * 2.0 ** float(ea.flat[0])
+    else:
+        ea = beta - _exponents(np.abs(a_hi).max(axis=-1, keepdims=True))  # rows of a, columns of b below 2**beta
+        a_s = np.ldexp(a_hi, ea)
     eb = beta - _exponents(np.abs(b_hi).max(axis=-2, keepdims=True))
-    a_s, b_s = np.ldexp(a_hi, ea), np.ldexp(b_hi, eb)
+    b_s = np.ldexp(b_hi, eb)
     a_int, b_int = np.rint(a_s), np.rint(b_s)
-    a_frac, b_frac = a_s - a_int, b_s - b_int  # exact
+    a_frac = np.subtract(a_s, a_int, out=a_s)  # exact
+    b_frac = b_s - b_int
     if a_lo is not None:
-        a_frac += np.ldexp(a_lo, ea)  # rounded: within u·|a_frac|, covered below
+        a_frac += _scaled(a_lo, ea, nonnegative)  # rounded: within u·|a_frac|, covered below
     if b_lo is not None:
         b_frac += np.ldexp(b_lo, eb)
         b_s = b_int + b_frac  # rounded: within u·|b_s|
-    exact = a_int @ b_int  # integers below n·2**(2·beta) <= 2**52: every partial sum exact
-    rest = a_int @ b_frac
-    rest += a_frac @ b_s
-    hi, lo = two_sum(exact, rest)
-    # the rest's error: γ_n·T for T = |a_int|·|b_frac| + |a_frac|·|b_s|, plus the fractions' and the final
-    # sum's roundings (3u·T), the radius formula's own roundings (INFLATE) and underflows (η each); T by
-    # products of absolute values when the output is narrow, else by Cauchy–Schwarz from row and column norms,
-    # scaled back to the product's units before the outer product
-    coefficient = (gamma(n + 2) + 3 * U) * INFLATE * (1 + gamma(2 * n + 4))
-    shift = -ea - eb  # undo the scalings: exact powers of two
-    floor = 10 * n * ETA * 2.0 ** float(np.max(shift, initial=0)) + 4 * ETA
-    if b_hi.shape[-1] * 4 <= n:
-        total = np.abs(a_int) @ np.abs(b_frac)
-        total += np.abs(a_frac) @ np.abs(b_s)
-        rad = np.ldexp(total * coefficient, shift) + floor
+    shift = -ea - eb  # undo the scalings: exact powers of two (the integer part is below 2**52)
+    # Where the operands are smaller than the output, the scalings are undone on the operands' parts: each
+    # entry's terms then carry the same power of two, so the integer part stays exact, and nothing is
+    # scaled back afterwards (possible while no unit 2**shift falls below the subnormals or overflows).
+    on_operands = (
+        n * (2 * m + 3 * p) <= 4 * m * p  # ldexp on m×n and n×p parts against two on the m×p outputs
+        and min(int(np.min(shift)), int(np.min(-ea)), int(np.min(-eb))) >= -1074
+        and max(int(np.max(shift)), int(np.max(-ea)), int(np.max(-eb))) <= 1023 - 53
+    )
+    if on_operands:
+        a_int, a_frac = np.ldexp(a_int, -ea), np.ldexp(a_frac, -ea)
+        b_int, b_frac, b_u = np.ldexp(b_int, -eb), np.ldexp(b_frac, -eb), np.ldexp(b_s, -eb)
+    exact = a_int @ b_int  # integers below n·2**(2·beta) <= 2**52 (times 2**shift): every partial sum exact
+    # The rest, by chunks of CHUNK terms summed in turn: its error is then (γ_{c+2} + γ_{n/c+2})·T for
+    # T = |a_int|·|b_frac| + |a_frac|·|b_s|, against γ_{n+2}·T in one product, plus the fractions' and the
+    # final sum's roundings (3u·T), the radius formula's own roundings (INFLATE) and underflows (η each).
+    b_rest = b_u if on_operands else b_s
+    chunks = range(0, n, CHUNK)
+    lo = None
+    for start in chunks:
+        part = slice(start, start + CHUNK)
+        term = a_int[..., part] @ b_frac[..., part, :]
+        term += a_frac[..., part] @ b_rest[..., part, :]
+        lo = term if lo is None else np.add(lo, term, out=lo)
+    width = min(n, CHUNK)
+    coefficient = (gamma(width + 2) + gamma(len(chunks) + 2) + 3 * U) * INFLATE * (1 + gamma(2 * n + 4))
+    if on_operands:  # each part scaled back is exact unless it underflows (η each, times the other's size)
+        sizes = 2.0 ** float(beta + np.max(-ea, initial=0)) + 2.0 ** float(beta + np.max(-eb, initial=0))
+        floor = 10 * n * ETA * (1 + sizes) + 4 * ETA
     else:
-        row_scale, col_scale = np.ldexp(coefficient, -ea)[..., 0], np.ldexp(1.0, -eb)[..., 0, :]
-        rad = np.multiply.outer(_norms(a_int) * row_scale, _norms(b_frac, axis=-2) * col_scale)
-        rad += np.multiply.outer(_norms(a_frac) * row_scale, _norms(b_s, axis=-2) * col_scale)
-        rad += floor
-    if a_hi.ndim == 2:  # a row of a and a column of b of nothing but integer parts: exact there
-        rows, cols = ~a_frac.any(axis=-1), ~b_frac.any(axis=-2)
-        if rows.any() and cols.any():
-            rad[np.ix_(rows, cols)] = 0.0
-    return np.ldexp(hi, shift), np.ldexp(lo, shift), rad
+        floor = 10 * n * ETA * 2.0 ** float(np.max(shift, initial=0)) + 4 * ETA
+    narrow = p * 4 <= n  # a softmax's weights times V: products of absolute values, else Cauchy–Schwarz
+    fused = narrow and a_rad is not None and b_lo is None and b_rad is None
+    if narrow:  # in the scaled units, with a's radius (in them: a_rad·2**ea against |b_s| = |b|·2**eb) fused
+        sums = (a_int if nonnegative else np.abs(a_int)).sum(axis=-1, keepdims=True)
+        weights = np.abs(a_frac)
+        weights *= coefficient
+        if fused:
+            weights += _scaled(a_rad, ea, nonnegative) * ((1 + gamma(n + 4)) * INFLATE)
+        rad = weights @ np.abs(b_s)
+        rad += sums * (np.abs(b_frac).max(axis=-2, keepdims=True) * coefficient)  # |b_frac| <= 1/2: small
+        rad = np.ldexp(_up(rad), shift)
+    else:  # in the product's units: one rank-2 product of row and column norms
+        ua, ub = (0, 0) if on_operands else (-ea, -eb)
+        rows = np.stack([_norms(a_int), _norms(a_frac)], axis=-1) * coefficient
+        cols = np.stack([_norms(b_frac, axis=-2), _norms(b_s if not on_operands else b_u, axis=-2)], axis=-2)
+        rad = _up(np.ldexp(rows, ua) @ np.ldexp(cols, ub))
+    if not on_operands:
+        exact, lo = np.ldexp(exact, shift), np.ldexp(lo, shift)
+    rad += floor
+    if a_hi.ndim == 2 and (m * n <= 1 << 16 or not nonnegative):  # rows and columns of integer parts only
+        exact_rows, exact_cols = ~a_frac.any(axis=-1), ~b_frac.any(axis=-2)
+        if exact_rows.any() and exact_cols.any():
+            rad[np.ix_(exact_rows, exact_cols)] = 0.0
+    if (a_rad is not None and not fused) or b_rad is not None:
+        rad += _carried(a_hi, a_lo, None if fused else a_rad, b_hi, b_lo, b_rad, narrow)
+    return exact, lo, rad
+
+
+def sliced_product(a, b, slices: int = 3):
+    """a·b for float matrices a (m × n, few rows) and b (n × p), as (hi, lo, rad) good to about 2**-100
+    relatively: each operand cut into ``slices`` slices of beta bits (Ozaki's scheme again), every product
+    of slices exact, summed as a double-float; what the slices leave (nothing, for float32 entries within
+    2**-45 of their row's largest) bounded by products of absolute values."""
+    n = a.shape[-1]
+    beta = (52 - max(1, math.ceil(math.log2(max(n, 2))))) // 2
+    ea = beta - _exponents(np.abs(a).max(axis=-1, keepdims=True))
+    eb = beta - _exponents(np.abs(b).max(axis=-2, keepdims=True))
+
+    def cut(x):
+        parts, rest = [], x
+        for k in range(slices):
+            whole = np.ldexp(np.rint(np.ldexp(rest, beta * k)), -beta * k)  # integers times 2**-(beta·k)
+            parts.append(whole)
+            rest = rest - whole  # exact
+        return parts, rest
+
+    a_parts, a_rest = cut(np.ldexp(a, ea))
+    b_parts, b_rest = cut(np.ldexp(b, eb))
+    hi = lo = spread = None
+    for total in range(2 * slices - 1):  # the largest products first
+        for i in range(max(0, total - slices + 1), min(total, slices - 1) + 1):
+            term = a_parts[i] @ b_parts[total - i]  # integers below n·2**(2·beta), times a power of two: exact
+            if hi is None:
+                hi, lo, spread = term, np.zeros_like(term), np.zeros_like(term)
+                continue
+            hi, e = two_sum(hi, term)
+            lo += e
+            spread += np.abs(lo)  # each addition to lo is off by at most u·|lo|
+    rad = spread * (2 * U)
+    if a_rest.any() or b_rest.any():
+        abs_a = sum(np.abs(p) for p in a_parts)
+        rad += (np.abs(a_rest) @ (np.abs(np.ldexp(b, eb)) + np.abs(b_rest)) + abs_a @ np.abs(b_rest)) * (
+            1 + gamma(n + 4)
+        )
+    shift = -ea - eb
+    floor = 10 * n * ETA * 2.0 ** float(np.max(shift, initial=0)) + 4 * ETA
+    return np.ldexp(hi, shift), np.ldexp(lo, shift), _up(np.ldexp(rad, shift)) + floor
+
+
+def _carried(a_hi, a_lo, a_rad, b_hi, b_lo, b_rad, narrow):
+    """The radii carried in: a_rad·(|b| + b_rad) + |a|·b_rad, by products when the output is narrow, else by
+    Cauchy–Schwarz."""
+    n = a_hi.shape[-1]
+    abs_a = np.abs(a_hi) if a_lo is None else np.abs(a_hi) + np.abs(a_lo)
+    abs_b = np.abs(b_hi) if b_lo is None else np.abs(b_hi) + np.abs(b_lo)
+    if narrow:
+        bound = 0.0
+        if a_rad is not None:
+            bound = a_rad @ (abs_b if b_rad is None else abs_b + b_rad)
+        if b_rad is not None:
+            bound = bound + abs_a @ b_rad
+        return _up(bound * (1 + gamma(n + 2)))
+    rows, cols = [], []
+    if a_rad is not None:
+        rows.append(_norms(a_rad))
+        cols.append(_norms(abs_b if b_rad is None else abs_b + b_rad, axis=-2))
+    if b_rad is not None:
+        rows.append(_norms(abs_a))
+        cols.append(_norms(b_rad, axis=-2))
+    return _up(np.stack(rows, axis=-1) @ np.stack(cols, axis=-2) * (1 + gamma(4)))
 
 
 @lru_cache(maxsize=1)
 def exp_table():
-    """exp(k / STEPS) for k from EXP_LOW·STEPS to EXP_HIGH·STEPS as double-floats (hi, lo), from Arb at 160 bits:
-    a table of exp(k1) times one of exp(k2 / STEPS), multiplied as double-floats and checked against Arb."""
+    """0, then exp(k / STEPS) for k from EXP_LOW·STEPS to EXP_HIGH·STEPS, as double-floats (hi, lo) from Arb at
+    160 bits (the 0 is what every argument below the table reads): a table of exp(k1) times one of
+    exp(k2 / STEPS), multiplied as double-floats."""
     import flint
 
     saved = flint.ctx.prec
@@ -204,7 +322,7 @@ def exp_table():
         p, e = two_prod(a_hi, b_hi)
         lo = e + (a_hi * b_lo + a_lo * b_hi)
         hi, lo = two_sum(p, lo)
-    return hi, lo
+    return np.concatenate([[0.0], hi]), np.concatenate([[0.0], lo])
 
 
 # relative error of a table entry: the two Arb roundings (2**-106 each), the cross terms' roundings and the
@@ -231,32 +349,10 @@ class IntervalXP:
         return Iv(c.value.astype(np.float64))  # ALiBi's integer distances: exact
 
     # Products.
-    def _product(self, a: Iv, b: Iv):
+    def _product(self, a, b) -> Iv:
         """a·b for a (…, m, n) and b (…, n, p)."""
-        hi, lo, rad = split_product(a.hi, a.lo, b.hi, b.lo)
-        if a.rad is None and b.rad is None:
-            return Iv(hi, lo, rad)
-        # the radii carried in: ra·(|b| + rb) + |a|·rb, by products when the output is narrow (a softmax's
-        # weights times V), else by Cauchy–Schwarz
-        n = a.hi.shape[-1]
-        if b.hi.shape[-1] * 4 <= n:
-            abs_b = np.abs(b.hi) if b.lo is None else np.abs(b.hi) + np.abs(b.lo)
-            bound = 0.0
-            if a.rad is not None:
-                bound = a.rad @ (abs_b if b.rad is None else abs_b + b.rad)
-            if b.rad is not None:
-                bound = bound + (np.abs(a.hi) if a.lo is None else np.abs(a.hi) + np.abs(a.lo)) @ b.rad
-            rad += bound * (1 + gamma(n + 2))
-            return Iv(hi, lo, _up(rad))
-        na = _norms(np.abs(a.hi) if a.lo is None else np.abs(a.hi) + np.abs(a.lo))
-        nb = _norms(np.abs(b.hi) if b.lo is None else np.abs(b.hi) + np.abs(b.lo), axis=-2)
-        bound = 0.0
-        if a.rad is not None:
-            bound = np.multiply.outer(_norms(a.rad), nb if b.rad is None else nb + _norms(b.rad, axis=-2))
-        if b.rad is not None:
-            bound = bound + np.multiply.outer(na, _norms(b.rad, axis=-2))
-        rad += bound
-        return Iv(hi, lo, _up(rad))
+        a, b = _materialized(a), _materialized(b)
+        return Iv(*split_product(a.hi, a.lo, b.hi, b.lo, a.rad, b.rad, a.below))
 
     def matmul(self, a, b):
         if isinstance(a, _Quotient):
@@ -264,7 +360,8 @@ class IntervalXP:
         return self._product(a, b)
 
     def matmul_nt(self, a, b):
-        return self._product(a, _transposed(b))
+        """Kept as its factors until read: a scale that follows is folded into a (``scale``)."""
+        return _Product(_materialized(a), _transposed(_materialized(b)))
 
     def matmul_tn(self, a, b):
         return self._product(_transposed(_materialized(a)), b)
@@ -282,6 +379,8 @@ class IntervalXP:
         return _mul(_materialized(a), _materialized(b))
 
     def scale(self, a, s):
+        if isinstance(a, _Product):  # on the factor a (m × n) rather than the product (m × p)
+            return _Product(self.scale(a.a, s), a.b)
         a = _materialized(a)
         if s.lo is not None and not s.lo and not s.rad and s.hi and math.frexp(float(s.hi))[0] == 0.5:
             f = float(s.hi)  # a power of two (1/8 for d_k = 64): exact, unless it underflows
@@ -312,9 +411,11 @@ class IntervalXP:
         return Iv(np.where(excluded, -np.inf, a.hi), a.lo, a.rad, _union(a.excluded, excluded))
 
     def shift(self, a):
-        """The row maxima of hi, taken as exact: the softmax does not depend on its shift."""
-        top = a.hi.max(axis=-1, keepdims=True)
-        return _RowConstant(np.where(np.isfinite(top), top, 0.0))
+        """The row maxima of hi rounded up to multiples of 1/STEPS, taken as exact: the softmax does not depend
+        on its shift, and the exp reads it without subtracting it (``_exp``)."""
+        top = _materialized(a).hi.max(axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore"):
+            return _RowConstant(np.where(top == -np.inf, 0.0, np.ceil(top * STEPS) / STEPS))
 
     def rowsum(self, a):
         """A row sum, kept with its terms: dividing the terms by it then multiplying by V (a softmax and its
@@ -442,75 +543,98 @@ def _divide(a: Iv, z: Iv) -> Iv:
 
 
 def _exp(a: Iv, shift=None) -> Iv:
-    """exp(a − shift) by the table and a degree-5 polynomial (module docstring); −inf (excluded) gives 0
-    exactly.  ``shift``: exact row constants, subtracted by TwoSum."""
+    """exp(a − shift) by the table and a degree-5 polynomial (module docstring), for ``shift`` (one per row)
+    a multiple of 1/STEPS at least the row's largest hi (``IntervalXP.shift``), or None: 0, for arguments
+    below EXP_HIGH − 1 (above them the radius is inf).  Excluded entries (−inf) give 0 exactly, arguments
+    below the table an enclosure [0, 20η]; rows whose shift is not finite (nan or overflowing scores) get
+    an infinite radius, for Arb to settle.
+
+    With x = a.hi and k = rint(x·STEPS), x − k/STEPS is exact, so exp(a − shift) is the table's
+    exp((k − shift·STEPS)/STEPS) times exp(r) for r = x − k/STEPS + a.lo: the shift is never subtracted."""
     hi_table, lo_table = exp_table()
-    low = a.lo
-    low_bound = 0.0  # a bound of |low|'s rounding error / u, below
+    x, lo = a.hi, a.lo
+    rows = x.shape[:-1] + (1,)
+    top = np.zeros(rows) if shift is None else np.broadcast_to(np.asarray(shift, dtype=np.float64), rows)
     with np.errstate(invalid="ignore"):
-        if shift is None:
-            x = a.hi
-        else:
-            x, err = two_sum(a.hi, -shift)
-            if low is not None:  # rounded: within u·|low| <= u·(u·|x| + max|a.lo|)
-                low_bound = U * 1024 + float(np.abs(low).max(initial=0.0))
-                err += low
-            low = err
-        inside = x >= EXP_LOW
-        if shift is None:
-            inside &= x <= EXP_HIGH - 1  # False for −inf and nan; a shifted argument is <= 0
-        outside = ~inside
-        everywhere = not outside.any()
-        xs = x if everywhere else np.where(inside, x, 0.0)
-        t = np.rint(xs * STEPS)
-        r = xs - t * (1.0 / STEPS)  # exact: |r| <= 2**-11 and a multiple of ulp(x)
-        if low is not None:
-            if not everywhere:
-                low[outside] = 0.0
-            r += low  # rounded: within u·|r|, in `own` below
-    q = r * (1 / 120)
-    q += 1 / 24
-    q *= r
-    q += 1 / 6
-    q *= r
-    q += 0.5
-    q *= r
-    q += 1
-    q *= r  # expm1(r) to degree 5
-    t -= EXP_LOW * STEPS
-    index = t.astype(np.intp)
-    table = np.take(hi_table, index)
-    d = table * q  # |d| <= 2**-11·table: its rounding (u·|d|) is in `own` below
-    hi = table + d
-    lo = table - hi
-    lo += d  # Fast2Sum: table + d = hi + lo exactly
-    lo += np.take(lo_table, index)  # rounded: u·|lo|, with |lo| <= 2u·hi
-    # relative to the table value, for |r| <= 2**-11 + |low|: the truncation |r|**6/720·e**|r| < 2**-64·|r|,
-    # Horner's roundings (q within 2.01u·|q|), d's rounding (u·|q|), |q| <= 1.001|r|, the rounding of r + low
-    # (u·|r|), low's own rounding, and the table's error; then the input's radius through
-    # e**rad − 1 <= rad·(1 + rad) (rad <= 1/2) times e**|r| <= 1 + 2|r|: for rad <= 2**-20 that is at most
-    # 1.002·rad
-    rad = np.abs(r)
+        bad = ~(np.abs(top) <= 2.0**40)  # nan, inf: not computed here
+    if bad.any():
+        top = np.where(bad, 0.0, top)
+    low = 0.0 if lo is None else max(float(np.max(lo, initial=0.0)), -float(np.min(lo, initial=0.0)))
+    if not low <= 2.0**-9:  # a far from normalised double-float (nan included): normalised first
+        x, lo = two_sum(x, lo)
+        low = max(float(np.max(lo, initial=0.0)), -float(np.min(lo, initial=0.0)))
+    # every argument below the table's first entry is raised to the lowest integer there (−inf too): its
+    # index then clips to the table's 0, and its r stays finite
+    lowest = math.floor(float(np.min(top, initial=0.0))) + EXP_LOW - 2
+    with np.errstate(invalid="ignore"):
+        x = np.maximum(x, lowest)
+        t = x * STEPS
+        np.rint(t, out=t)
+        r = t * (-1.0 / STEPS)
+        r += x  # exact: |r| <= 2**-12 and a multiple of ulp(x)
+        if lo is not None:
+            r += lo  # rounded: within u·|r|, in the radius below
+        q = r * (1 / 120)
+        q += 1 / 24
+        q *= r
+        q += 1 / 6
+        q *= r
+        q += 0.5
+        q *= r
+        q += 1
+        q *= r  # expm1(r) to degree 5
+        t -= top * STEPS + (EXP_LOW * STEPS - 1)  # the table's index (k − shift·STEPS − EXP_LOW·STEPS + 1)
+        index = t.astype(np.intp)
+    if shift is None:
+        above = (index >= len(hi_table) - STEPS) | np.isnan(a.hi)
+    table = hi_table.take(index, mode="clip")
+    q *= table  # d: |d| <= 2**-10·table, its rounding (u·|d|) in the radius below
+    hi = table + q
+    lo = np.subtract(table, hi, out=table)
+    lo += q  # Fast2Sum: table + d = hi + lo exactly
+    lo += lo_table.take(index, mode="clip")  # rounded: u·|lo|, with |lo| <= 2u·hi
+    # Relative to hi, for |r| <= R = 2**-12 + max|a.lo| <= 2**-8: Horner's roundings (q within 2.01u·|q|),
+    # d's rounding (u·|q|), |q| <= 1.002|r|, the rounding of r (u·|r|): 4.2u·|r| per entry; the truncation
+    # R**6/720·e**R and the table's error; then the input's radius through e**rad − 1 <= rad·(1 + rad)
+    # (rad <= 1/2) times e**|r| <= 1 + 2|r|: for rad <= 2**-20 at most 1.002·rad (all of it times 1.002).
+    big_r = 2.0**-12 + low
+    rad = np.abs(r, out=r)
     rad *= 4.2 * U
-    rad += TABLE_ERROR + U * low_bound
+    rad += TABLE_ERROR + big_r**6 / 720 * 1.01
     if a.rad is not None:
-        rad_in = a.rad if everywhere else np.where(inside, a.rad, 0.0)
-        if float(rad_in.max(initial=0.0)) <= 2.0**-20:
-            rad += rad_in * 1.002
+        rad_in = a.rad
+        if float(np.max(rad_in, initial=0.0)) <= 2.0**-20:
+            rad += rad_in
         else:
-            growth = rad_in * (1 + rad_in) * (1 + 2 * np.abs(r) + rad)
-            growth[rad_in > 0.5] = np.inf
+            with np.errstate(invalid="ignore", over="ignore"):
+                growth = rad_in * (1 + rad_in) * (1 + 2 * big_r + rad)
+                growth[~(rad_in <= 0.5)] = np.inf
             rad += growth
     rad *= hi
-    rad *= INFLATE
+    rad *= 1.002 * INFLATE
     rad += 20 * ETA
-    if not everywhere:  # below the table exp < 2**-1076 (an enclosure [0, ETA]); above it, no certificate
-        with np.errstate(invalid="ignore"):
-            hi[outside] = np.where(np.isnan(x[outside]), np.nan, 0.0)
-            lo[outside] = 0.0
-            xo = x[outside]
-            rad[outside] = np.where((xo < EXP_LOW) & np.isfinite(xo), 2 * ETA, np.where(xo > 0, np.inf, 0.0))
-    return Iv(hi, lo, rad)
+    if a.excluded is not None:  # exactly 0
+        np.copyto(rad, 0.0, where=a.excluded)
+    if shift is None and above.any():
+        rad[above] = np.inf
+    if bad.any():
+        bad = np.broadcast_to(bad, hi.shape)
+        hi[bad], lo[bad], rad[bad] = 0.0, 0.0, np.inf
+    return Iv(hi, lo, rad, below=2.0 if shift is not None else 2.0 ** (EXP_HIGH * 1.5))
+
+
+class _Product:
+    """a·b, computed when read (``IntervalXP.matmul_nt``)."""
+
+    def __init__(self, a: Iv, b: Iv):
+        self.a, self.b = a, b
+        self.excluded = None
+        self._value = None
+
+    def value(self) -> Iv:
+        if self._value is None:
+            self._value = IntervalXP()._product(self.a, self.b)
+        return self._value
 
 
 class _RowConstant(Iv):
@@ -571,14 +695,14 @@ class _Quotient:
             None if v.lo is None else np.concatenate([v.lo, ones.lo], axis=-1),
             None if v.rad is None else np.concatenate([v.rad, np.zeros(ones.hi.shape)], axis=-1),
         )
-        product = self.xp._product(self.terms, extended)
+        product = self.xp._product(self.terms, extended)  # the terms' bound (below) saves a pass
         numerator = Iv(product.hi[..., :-1], _slice(product.lo, 0, -1), _slice(product.rad, 0, -1))
         z = Iv(product.hi[..., -1:], _slice(product.lo, -1, None), _slice(product.rad, -1, None))
         return _divide(numerator, z)
 
 
 def _materialized(a):
-    if isinstance(a, (_Quotient, _RowSum, _Shifted)):
+    if isinstance(a, (_Quotient, _RowSum, _Shifted, _Product)):
         return a.value()
     return a
 
@@ -635,8 +759,13 @@ def certifiable(mid: np.ndarray, rad: np.ndarray, digits: int) -> np.ndarray:
     """Bools: every number in [mid − rad, mid + rad] has the same ``digits``-digit decimal rounding (decided
     in floats where that is safe, else by Python's correctly rounded formatting of both ends)."""
     with np.errstate(all="ignore"):
-        lo = np.nextafter(np.nextafter(mid - rad, -np.inf), -np.inf)  # outward: the subtraction rounded
-        hi = np.nextafter(np.nextafter(mid + rad, np.inf), np.inf)
+        # outward: each end's rounding (at most u·(|mid| + rad)) is below the margin when rad <= 7|mid|, and
+        # for a wider radius both ends have opposite signs anyway
+        width = np.abs(mid)
+        width *= 2.0**-50
+        width += rad
+        width += 2.0**-1070
+        lo, hi = mid - width, mid + width
         ok = np.isfinite(lo) & np.isfinite(hi) & ((lo > 0) | (hi < 0))  # an enclosure of zero never certifies
         small = np.where(ok, np.minimum(np.abs(lo), np.abs(hi)), 1.0)
         large = np.where(ok, np.maximum(np.abs(lo), np.abs(hi)), 1.0)

@@ -216,7 +216,12 @@ class Matrix:
     def select_rows(self, rows) -> Matrix:
         """The matrix restricted to the given row indices."""
         if self._rows is None:
-            return Matrix.from_array(self._array[list(rows)])
+            rows = list(rows)
+            if rows and rows == list(range(rows[0], rows[-1] + 1)):  # a block of rows: a view, no copy
+                m = Matrix.__new__(Matrix)
+                m._rows, m._array, m.shape = None, self._array[rows[0] : rows[-1] + 1], (len(rows), self.shape[1])
+                return m
+            return Matrix.from_array(self._array[rows])
         return Matrix([self._rows[i] for i in rows])
 
     def transpose(self) -> Matrix:

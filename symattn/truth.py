@@ -692,6 +692,8 @@ def large(spec, digits: int, engine: str, names, graph) -> bool:
 
 
 BLOCK = 1 << 17  # score entries per head in one block of query rows on the large path
+ESCALATION_BITS = 128  # Arb's first precision for what the enclosures (relative error about 2**-62) left:
+# those entries cancel, and the double-float products read into Arb are good to about 2**-100
 
 
 def _blocks(spec, L: int) -> list:
@@ -776,7 +778,7 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
     truth.escalated = len(left)
     if left:
         log.debug("%d entries not certified by the enclosures: computed again in Arb", len(left))
-        _settle_in_arb(truth, left, bits, report)
+        _settle_in_arb(truth, left, max(bits, ESCALATION_BITS), report)
     return truth
 
 

@@ -54,14 +54,21 @@ def test_the_exp_encloses_arbs_exp_on_many_random_arguments():
 
 def test_the_shifted_exp_and_masked_entries():
     x = RNG.standard_normal((30, 40)) * 20
-    x[3, :5] = -np.inf  # masked
-    top = np.max(x, axis=1, keepdims=True)
-    e = intervals._exp(Iv(x, np.zeros_like(x), np.full(x.shape, 1e-25)), top)
-    assert np.all(e.hi[3, :5] == 0) and np.all(e.rad[3, :5] == 0)
+    x[4] *= 30  # arguments below the table: enclosures [0, 20η]
+    excluded = np.zeros(x.shape, dtype=bool)
+    excluded[3, :5] = True
+    x[excluded] = -np.inf  # masked
+    lo = RNG.standard_normal(x.shape) * 1e-16 * np.abs(x)
+    lo[excluded] = 0.0
+    shift = intervals.IntervalXP().shift(Iv(x)).hi  # row maxima rounded up to multiples of 1/STEPS
+    assert np.all(shift >= x.max(axis=1, keepdims=True)) and np.all(shift * intervals.STEPS % 1 == 0)
+    e = intervals._exp(Iv(x, lo, np.full(x.shape, 1e-25), excluded), shift)
+    assert np.all(e.hi[3, :5] == 0) and np.all(e.lo[3, :5] == 0) and np.all(e.rad[3, :5] == 0)
+    assert np.all(e.hi < e.below) and np.all(e.hi >= 0)
     for i in range(30):
         for j in range(0, 40, 3):
             if np.isfinite(x[i, j]):
-                exact = (arb_of(x[i, j]) - arb_of(top[i, 0])).exp()
+                exact = (arb_of(x[i, j]) + arb_of(lo[i, j]) - arb_of(shift[i, 0])).exp()
                 # the input's radius widens the output's: exact at the centre lies within
                 assert contains(e.hi[i, j], e.lo[i, j], e.rad[i, j], exact)
 
