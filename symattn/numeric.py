@@ -105,7 +105,7 @@ class FloatXP:
             return self._out(np.exp(a))
 
     def mask(self, a, allowed):
-        return np.where(allowed, a, -np.inf).astype(self.compute)
+        return np.where(allowed, a, -np.inf).astype(self.compute, copy=False)
 
     def shift(self, a):
         m = a.max(axis=-1, keepdims=True)
@@ -123,7 +123,7 @@ class FloatXP:
 
     def fill_rows(self, a, rows, value):
         value = np.nan if value == NAN else float(value)
-        return np.where(rows, self.compute.type(value), a).astype(self.compute)
+        return np.where(rows, self.compute.type(value), a).astype(self.compute, copy=False)
 
     def hstack(self, parts):
         return np.concatenate(parts, axis=-1)

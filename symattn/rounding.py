@@ -1,6 +1,7 @@
 """A right implementation's rounding-error budget, propagated through the op graph (first order).
 
-``BudgetXP`` runs the graph on pairs (value, error budget) of float64 arrays.
+``BudgetXP`` runs the graph on pairs (value, error budget) of float64 arrays (float32
+ones at kernel sizes: a budget needs its magnitudes, not its last digits).
 Each operation's result is taken as stored in the dtype under test (one
 rounding, ``u``) after being accumulated in the compute dtype (float32 for
 float16 and bfloat16, as kernels do; ``u_c``); a dot product or sum of n terms
@@ -43,10 +44,11 @@ class Budget:
 class BudgetXP:
     """The graph's ``xp`` over Budgets, for a dtype under test."""
 
-    def __init__(self, dtype: str, arrays: dict):
+    def __init__(self, dtype: str, arrays: dict, working=np.float64):
         self.u = unit_roundoff(dtype)
         self.u_c = min(self.u, unit_roundoff("float32"))  # half types accumulate in float32
         self.arrays = arrays
+        self.working = working
 
     def _stored(self, value, error):
         """One more rounding: the result stored in the dtype."""
@@ -54,7 +56,8 @@ class BudgetXP:
             return Budget(value, error + self.u * np.abs(np.where(np.isfinite(value), value, 0)))
 
     def leaf(self, name, matrix):
-        value = np.asarray(self.arrays[name], dtype=np.float64) if name in self.arrays else matrix.float64()
+        value = self.arrays[name] if name in self.arrays else matrix.float64()
+        value = np.asarray(value, dtype=self.working)
         return Budget(value, np.zeros_like(value))
 
     def param(self, p):
@@ -62,12 +65,19 @@ class BudgetXP:
         return Budget(v, self.u_c * abs(v))  # the scalar rounded to the compute dtype
 
     def const(self, c):
-        return c.value if c.value.dtype == bool else Budget(c.value.astype(np.float64), np.zeros(c.value.shape))
+        if c.value.dtype == bool:
+            return c.value
+        return Budget(c.value.astype(self.working), np.zeros(c.value.shape, dtype=self.working))
 
     def _dot(self, a, b, n):
         value = a.value @ b.value
-        error = np.abs(a.value) @ b.error + a.error @ np.abs(b.value) + a.error @ b.error
-        error = error + LAMBDA * math.sqrt(n) * self.u_c * (np.abs(a.value) @ np.abs(b.value))
+        abs_a, abs_b = np.abs(a.value), np.abs(b.value)
+        error = (LAMBDA * math.sqrt(n) * self.u_c) * (abs_a @ abs_b)
+        a_err, b_err = a.error.any(), b.error.any()  # exact inputs (the leaves): no product of their errors
+        if b_err:
+            error += abs_a @ b.error
+        if a_err:
+            error += a.error @ (abs_b + b.error if b_err else abs_b)
         return self._stored(value, error)
 
     def matmul(self, a, b):
@@ -104,7 +114,10 @@ class BudgetXP:
     def exp(self, a):
         with np.errstate(over="ignore", invalid="ignore"):
             value = np.exp(a.value)
-            error = value * np.expm1(np.minimum(a.error, 700)) + 2 * self.u_c * value
+            if float(np.max(a.error, initial=0.0)) <= 2.0**-10:  # e**err − 1 <= err·(1 + err) <= 1.001·err
+                error = value * (1.001 * a.error + 2 * self.u_c)
+            else:
+                error = value * np.expm1(np.minimum(a.error, 700)) + 2 * self.u_c * value
         return self._stored(value, np.where(np.isfinite(a.value), error, 0))
 
     def mask(self, a, allowed):
@@ -165,8 +178,9 @@ def _t(a: Budget) -> Budget:
     return Budget(np.swapaxes(a.value, -1, -2), np.swapaxes(a.error, -1, -2))
 
 
-def budgets(graph, arrays: dict, dtype: str, names=None) -> dict:
-    """Every step's error budget (by name) for a right implementation in ``dtype`` at the given inputs."""
-    xp = BudgetXP(dtype, arrays)
+def budgets(graph, arrays: dict, dtype: str, names=None, working=np.float64) -> dict:
+    """Every step's error budget (by name) for a right implementation in ``dtype`` at the given inputs,
+    computed in ``working`` precision."""
+    xp = BudgetXP(dtype, arrays, working)
     values = graph.values(xp, [n.name for n in graph.nodes] if names is None else names)
     return {name: v.error for name, v in values.items()}

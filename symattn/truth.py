@@ -120,6 +120,27 @@ class CertifiedMatrix:
                 return strings(known.mid[i : i + 1, j : j + 1], self._truth.digits)[0]
         return self.values[i][j]
 
+    def texts(self, places) -> list:
+        """The certified strings of entries (i, j), the plain ones made in one batch on the large path."""
+        known = self._truth._known.get(self.name)
+        if known is None or known.mid is None or self._values is not None:
+            return [self.values[i][j] for i, j in places]
+        from .intervals import strings
+
+        out, plain = [], []
+        for n, (i, j) in enumerate(places):
+            special = (i, j) in known.decided or (known.excluded is not None and known.excluded[i, j])
+            if not special and known.ok[i, j] and not (known.mid[i, j] == 0 and known.rad[i, j] == 0):
+                plain.append(n)
+                out.append(None)
+            else:
+                out.append(self.text(i, j))
+        if plain:
+            mids = np.array([known.mid[places[n]] for n in plain])
+            for n, text in zip(plain, strings(mids, self._truth.digits), strict=True):
+                out[n] = text
+        return out
+
     def __str__(self) -> str:
         width = max(len(v) for row in self.values for v in row)
         return "\n".join("  ".join(v.rjust(width) for v in row) for row in self.values)

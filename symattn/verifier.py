@@ -21,6 +21,7 @@ function raised).  Two rules decide (both are always reported):
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import inspect
 import json
@@ -32,7 +33,7 @@ import numpy as np
 
 from .errors import SymattnError
 from .graph import build as build_graph
-from .numeric import FloatXP, dtype_of, exact_float
+from .numeric import FloatXP, dtype_of, exact_float, unit_roundoff
 from .spec import AttentionSpec, load_spec
 
 RULES = ("kappa", "differential", "both")
@@ -41,16 +42,19 @@ FLOOR_SCALE = 2.0**-10  # ulps are measured at max(|exact|, this × the largest 
 KAPPA_LIMIT = 4096  # condition numbers are reported for outputs up to this many entries
 ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else the worst this many
 DIGITS = 25  # of the truth: far more than any float dtype has
-LARGE_DIGITS = 12  # of the truth of a large spec in a half or single dtype: the enclosures certify them fast
+LARGE_DIGITS = 12  # at most, of the truth of a large spec in a half or single dtype (the enclosures certify them)
+BEYOND_DTYPE = 6  # digits of the truth beyond the dtype's unit roundoff, for such a spec
 
 
 def auto_digits(spec, dtype: str, names, graph) -> int:
-    """The truth's digits for ``--digits auto``: DIGITS, or LARGE_DIGITS for a large spec (``truth.large``)
-    verified in a dtype other than float64 (its errors are 10**4 and more above 10**-12)."""
+    """The truth's digits for ``--digits auto``: DIGITS, or for a large spec (``truth.large``) verified in a
+    dtype other than float64, BEYOND_DTYPE digits past its unit roundoff, at most LARGE_DIGITS: 9 for
+    bfloat16, 10 for float16, 12 for float32 (their errors are 10**3 and more above the truth's last digit;
+    fewer digits, fewer entries whose enclosures straddle a rounding boundary)."""
     from .truth import large
 
     if dtype != "float64" and large(spec, LARGE_DIGITS, "auto", names, graph):
-        return LARGE_DIGITS
+        return min(LARGE_DIGITS, math.ceil(-math.log10(unit_roundoff(dtype))) + BEYOND_DTYPE)
     return DIGITS
 
 
@@ -404,6 +408,18 @@ def _json_number(v):
     return v
 
 
+def _worst(ratio: np.ndarray, ulps: np.ndarray, checked: np.ndarray) -> np.ndarray:
+    """The checked entries' indices by decreasing ratio, then ulps, then index: all of them, or the first
+    ENTRY_LIMIT (found by a partition first when there are many)."""
+    candidates = np.flatnonzero(checked)
+    if candidates.size > 4 * ENTRY_LIMIT:
+        key = -ratio[candidates]
+        cut = np.partition(key, ENTRY_LIMIT - 1)[ENTRY_LIMIT - 1]
+        candidates = candidates[key <= cut]  # every entry that can be among the first (ties included)
+    order = candidates[np.lexsort((candidates, -ulps[candidates], -ratio[candidates]))]
+    return order[:ENTRY_LIMIT]
+
+
 def _ordinal(a: np.ndarray) -> np.ndarray:
     """Floats as integers in the same order, so that neighbours differ by one."""
     kind = {8: np.int64, 4: np.int32, 2: np.int16}[a.dtype.itemsize]
@@ -482,9 +498,13 @@ class Context:
         self.exact = self._flat({n: np.array(self.truth[n].tolist(), dtype=object) for n in names}) if (
             dtype == "float64"
         ) else None  # fmt: skip
-        self.step_names = [
-            (step, i, j) for t in self.targets for step in t.steps for i, j in np.ndindex(*self.graph.step(step).shape)
-        ]
+        self._starts, self._steps = [], []  # where each step's entries start in the flat order
+        start = 0
+        for t in self.targets:
+            for step in t.steps:
+                self._starts.append(start)
+                self._steps.append((step, self.graph.step(step).shape[1]))
+                start += int(np.prod(self.graph.step(step).shape))
         self.input_effect = self._input_effect(spec, names)
         leaves = self.args.leaves
         if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
@@ -493,7 +513,7 @@ class Context:
                 self.graph,
                 names,
                 [
-                    lambda g: budgets(g, {}, dtype, names),
+                    lambda g: budgets(g, {}, dtype, names, working=np.float32),  # not float64's: far coarser
                     lambda g: runs_of(g, {}, dtype, names),
                     lambda g: runs_of(g, {}, dtype, names, reordered=True),
                 ],
@@ -537,11 +557,13 @@ class Context:
             return 0.0
         graph = build_graph(spec)  # the steps the original spec has too (a projection bias some heads lack)
         both = [n for n in names if n in {s.name for s in graph.steps + graph.backward_steps}]
-        if large(spec, self.digits, "auto", both, graph):
+        if large(spec, self.digits, "auto", both, graph):  # the truth against a float64 run, by blocks
+            (b,) = _by_blocks(spec, graph, both, [lambda g: runs_of(g, {}, "float64", both)])
             with np.errstate(all="ignore"):
-                a = runs_of(self.graph, self.args.leaves, "float64", both)
-                b = runs_of(graph, {}, "float64", both)
-            return max((float(np.nanmax(np.abs(a[n] - b[n]), initial=0.0)) for n in both), default=0.0)
+                return max(
+                    (float(np.nanmax(np.abs(self.truth[n].to_numpy() - b[n]), initial=0.0)) for n in both),
+                    default=0.0,
+                )
         original = evaluate(spec, digits=self.digits, progress=False, steps=both)
         return max(
             (
@@ -569,10 +591,23 @@ class Context:
             out[special] = np.where(same[special], 0.0, np.inf)
         return out
 
-    def text(self, k: int) -> str:
-        """The certified decimal of entry k."""
-        step, i, j = self.step_names[k]
-        return self.truth[step].text(i, j)
+    def where(self, k: int) -> tuple:
+        """(step, row, column) of flat entry k."""
+        n = bisect.bisect_right(self._starts, k) - 1
+        step, cols = self._steps[n]
+        return (step, *divmod(k - self._starts[n], cols))
+
+    def texts(self, ks) -> list:
+        """The certified decimals of flat entries ks."""
+        places = [self.where(k) for k in ks]
+        out = [None] * len(places)
+        by_step: dict = {}
+        for n, (step, i, j) in enumerate(places):
+            by_step.setdefault(step, []).append((n, i, j))
+        for step, group in by_step.items():
+            for (n, _, _), text in zip(group, self.truth[step].texts([(i, j) for _, i, j in group]), strict=True):
+                out[n] = text
+        return out
 
     @property
     def shape(self) -> tuple:
@@ -717,7 +752,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     finite = np.isfinite(e)
     bad = np.flatnonzero(checked & finite & ~np.isfinite(values))
     if bad.size:
-        step, i, j = context.step_names[bad[0]]
+        step, i, j = context.where(int(bad[0]))
         what = "output" if not context.backward else "the gradient"
         reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {bad.size - 1} more entries")
     error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
@@ -744,14 +779,13 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     squares = float(np.sum(np.where(checked & finite, error * error, 0.0)))
     norms = float(np.sum(np.where(checked & finite, magnitude * magnitude, 0.0)))
     # the entries reported: every one of a small output, else the worst ENTRY_LIMIT
-    order = np.lexsort((np.arange(size), -ulps, -ratio))
-    order = order[checked[order]]
-    if order.size > ENTRY_LIMIT:
-        notes.append(f"entries: the {ENTRY_LIMIT} worst of {order.size} are listed")
-        order = order[:ENTRY_LIMIT]
+    order = _worst(ratio, ulps, checked)
+    if int(checked.sum()) > ENTRY_LIMIT:
+        notes.append(f"entries: the {ENTRY_LIMIT} worst of {int(checked.sum())} are listed")
     entries = []
-    for k in order.tolist():
-        step, i, j = context.step_names[k]
+    texts = context.texts(order.tolist())
+    for k, text in zip(order.tolist(), texts, strict=True):
+        step, i, j = context.where(k)
         kappa = None if context.kappa is None else float(context.kappa[k])
         entries.append(
             Entry(
@@ -759,7 +793,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
                 i,
                 j,
                 float(values[k]),
-                context.text(k),
+                text,
                 float(error[k]),
                 float(rel[k]),
                 float(ulps[k]),
@@ -960,7 +994,7 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
     dbias) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
-    "auto" (25, or 12 for a large spec verified in a dtype other than float64) or a number.
+    "auto" (25, or for a large spec verified in a dtype other than float64 9 to 12: ``auto_digits``) or a number.
 
     >>> from symattn.cli import notebook_algorithm
     >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]

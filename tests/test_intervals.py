@@ -215,3 +215,14 @@ def test_the_verifier_uses_the_large_path_with_digits_auto():
     context = symattn.verifier.Context(symattn.load_spec(data), "float32")
     assert context.digits == 12 and context.truth.method == "intervals"
     assert len(right.entries) == 4096 and "4096 worst" in right.notes[0]
+    # listed worst first: by the error against the kappa rule's allowance
+    ratios = [e.abs_error / e.kappa_bound if e.abs_error else 0.0 for e in right.entries]
+    assert ratios == sorted(ratios, reverse=True)
+    # 6 digits past the dtype's unit roundoff: 9 for bfloat16, 10 for float16; the float64 default otherwise
+    spec = symattn.load_spec(data)
+    graph, names = context.graph, ["head1"]
+    assert [symattn.verifier.auto_digits(spec, d, names, graph) for d in ("bfloat16", "float16", "float64")] == [
+        9,
+        10,
+        symattn.verifier.DIGITS,
+    ]
