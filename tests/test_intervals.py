@@ -100,6 +100,17 @@ def test_split_products_enclose_the_exact_product(shape):
     assert np.all(rad <= 1e-18 * (np.abs(a) @ np.abs(b)) + 1e-300)  # far tighter than float64 (1e-16)
 
 
+def test_sliced_products_of_float32_entries_are_good_to_2_to_the_minus_100():
+    a = RNG.standard_normal((3, 64)).astype(np.float32).astype(np.float64) * 10.0 ** RNG.integers(-3, 4, (3, 1))
+    b = RNG.standard_normal((64, 200)).astype(np.float32).astype(np.float64) * 10.0 ** RNG.integers(-3, 4, (1, 200))
+    hi, low, rad = intervals.sliced_product(a, b)
+    exact = flint.arb_mat(a.tolist()) * flint.arb_mat(b.tolist())
+    for i in range(3):
+        for j in range(0, 200, 7):
+            assert contains(hi[i, j], low[i, j], rad[i, j], exact[i, j])
+    assert np.all(rad <= 2.0**-100 * (np.abs(a) @ np.abs(b)) + 1e-300)
+
+
 def test_certifiable_only_when_both_ends_round_alike():
     mid = np.array([1.23456789012345, 0.5, 9.999999999999e5, 1e-300, 2.5e-7, 0.0])
     rad = np.array([1e-15, 0.0, 1e-10, 1e-310, 1e-40, 0.0])
