@@ -136,6 +136,16 @@ def _exponents(m) -> np.ndarray:
     return e
 
 
+def _beta(n: int) -> int:
+    """Bits of an integer part: n products of two of them sum exactly in float64 (below 2**52)."""
+    return (52 - max(1, math.ceil(math.log2(max(n, 2))))) // 2
+
+
+def _scalings(m, axis: int, beta: int) -> np.ndarray:
+    """Exponents putting every row (axis −1) or column (axis −2) of m below 2**beta."""
+    return beta - _exponents(np.abs(m).max(axis=axis, keepdims=True))
+
+
 def _scaled(x, e, uniform: bool):
     """x·2**e, exactly (barring underflow): one multiplication when e is the same everywhere."""
     return x * 2.0 ** float(e.flat[0]) if uniform else np.ldexp(x, e)
@@ -149,17 +159,15 @@ def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
     known beforehand (a softmax's exponentials): one scaling for every row, no pass to find their maxima."""
     m, n = a_hi.shape[-2:]
     p = b_hi.shape[-1]
-    beta = (52 - max(1, math.ceil(math.log2(max(n, 2))))) // 2
+    beta = _beta(n)
     nonnegative = a_below is not None
     if nonnegative:
         mantissa, e = math.frexp(a_below)  # a_below <= 2**e
         ea = np.full(a_hi.shape[:-1] + (1,), beta - (e - 1 if mantissa == 0.5 else e))
-        a_s = a_hi * 2.0 ** float(ea.flat[0])
     else:
-        ea = beta - _exponents(np.abs(a_hi).max(axis=-1, keepdims=True))  # rows of a, columns of b below 2**beta
-        a_s = np.ldexp(a_hi, ea)
-    eb = beta - _exponents(np.abs(b_hi).max(axis=-2, keepdims=True))
-    b_s = np.ldexp(b_hi, eb)
+        ea = _scalings(a_hi, -1, beta)  # rows of a, columns of b below 2**beta
+    eb = _scalings(b_hi, -2, beta)
+    a_s, b_s = _scaled(a_hi, ea, nonnegative), np.ldexp(b_hi, eb)
     a_int, b_int = np.rint(a_s), np.rint(b_s)
     a_frac = np.subtract(a_s, a_int, out=a_s)  # exact
     b_frac = b_s - b_int
@@ -233,9 +241,8 @@ def sliced_product(a, b, slices: int = 3):
     of slices exact, summed as a double-float; what the slices leave (nothing, for float32 entries within
     2**-45 of their row's largest) bounded by products of absolute values."""
     n = a.shape[-1]
-    beta = (52 - max(1, math.ceil(math.log2(max(n, 2))))) // 2
-    ea = beta - _exponents(np.abs(a).max(axis=-1, keepdims=True))
-    eb = beta - _exponents(np.abs(b).max(axis=-2, keepdims=True))
+    beta = _beta(n)
+    ea, eb = _scalings(a, -1, beta), _scalings(b, -2, beta)
 
     def cut(x):
         parts, rest = [], x
@@ -475,10 +482,6 @@ def _union(a, b):
     return a | b
 
 
-def _finite_abs(a):
-    return np.where(np.isfinite(a), np.abs(a), 0.0)
-
-
 def _add(a: Iv, b: Iv, sign: int) -> Iv:
     with np.errstate(invalid="ignore"):
         hi, err = two_sum(a.hi, b.hi if sign > 0 else -b.hi)
@@ -620,7 +623,7 @@ def _exp(a: Iv, shift=None) -> Iv:
     if bad.any():
         bad = np.broadcast_to(bad, hi.shape)
         hi[bad], lo[bad], rad[bad] = 0.0, 0.0, np.inf
-    return Iv(hi, lo, rad, below=2.0 if shift is not None else 2.0 ** (EXP_HIGH * 1.5))
+    return Iv(hi, lo, rad, below=2.0 if shift is not None else math.exp(EXP_HIGH) * 1.01)  # e**|r| <= 1.001
 
 
 class _Product:

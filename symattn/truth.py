@@ -714,7 +714,7 @@ def large(spec, digits: int, engine: str, names, graph) -> bool:
 
 BLOCK = 1 << 17  # score entries per head in one block of query rows on the large path
 ESCALATION_BITS = 128  # Arb's first precision for what the enclosures (relative error about 2**-62) left:
-# those entries cancel, and the double-float products read into Arb are good to about 2**-100
+# entries near a rounding boundary or cancelling, from double-float products good to about 2**-100
 
 
 def _blocks(spec, L: int) -> list:
