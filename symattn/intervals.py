@@ -70,12 +70,13 @@ def _up(r):
 
 class Iv:
     """Entries within ``rad`` of hi + lo (lo, rad None: zero).  ``excluded``: masked score entries (hi −inf).
-    ``below``: a bound 0 <= hi < below when one is known (a softmax's exponentials), else None."""
+    ``below``: a bound 0 <= hi < below when one is known (a softmax's exponentials), else None.  ``one_key``:
+    (rows, columns) of a softmax's exponentials whose row has that one entry not excluded, or None."""
 
-    __slots__ = ("hi", "lo", "rad", "excluded", "below")
+    __slots__ = ("hi", "lo", "rad", "excluded", "below", "one_key")
 
-    def __init__(self, hi, lo=None, rad=None, excluded=None, below=None):
-        self.hi, self.lo, self.rad, self.excluded, self.below = hi, lo, rad, excluded, below
+    def __init__(self, hi, lo=None, rad=None, excluded=None, below=None, one_key=None):
+        self.hi, self.lo, self.rad, self.excluded, self.below, self.one_key = hi, lo, rad, excluded, below, one_key
 
     @property
     def shape(self) -> tuple:
@@ -623,7 +624,18 @@ def _exp(a: Iv, shift=None) -> Iv:
     if bad.any():
         bad = np.broadcast_to(bad, hi.shape)
         hi[bad], lo[bad], rad[bad] = 0.0, 0.0, np.inf
-    return Iv(hi, lo, rad, below=2.0 if shift is not None else math.exp(EXP_HIGH) * 1.01)  # e**|r| <= 1.001
+    return Iv(hi, lo, rad, below=2.0 if shift is not None else math.exp(EXP_HIGH) * 1.01, one_key=_one_key(a))
+
+
+def _one_key(a: Iv):
+    """(rows, columns) of the rows of a 2-D a with exactly one entry not excluded (a causal mask's first row),
+    whose softmax weight is exactly 1: an enclosure of e/e would only be near it."""
+    if a.excluded is None or a.excluded.ndim != 2:
+        return None
+    rows = np.flatnonzero(np.count_nonzero(~a.excluded, axis=-1) == 1)
+    if not rows.size:
+        return None
+    return rows, np.argmin(a.excluded[rows], axis=-1)
 
 
 class _Product:
@@ -688,7 +700,11 @@ class _Quotient:
     def value(self) -> Iv:
         if self._value is None:
             z = _RowSum(self.terms).value()
-            self._value = _divide(self.terms, z)
+            w = _divide(self.terms, z)
+            if self.terms.one_key is not None:  # exactly 1 there, and exactly 0 beside it (excluded entries)
+                rows, keys = self.terms.one_key
+                w.hi[rows, keys], w.lo[rows, keys], w.rad[rows, keys] = 1.0, 0.0, 0.0
+            self._value = w
         return self._value
 
     def times(self, v: Iv) -> Iv:
@@ -701,7 +717,11 @@ class _Quotient:
         product = self.xp._product(self.terms, extended)  # the terms' bound (below) saves a pass
         numerator = Iv(product.hi[..., :-1], _slice(product.lo, 0, -1), _slice(product.rad, 0, -1))
         z = Iv(product.hi[..., -1:], _slice(product.lo, -1, None), _slice(product.rad, -1, None))
-        return _divide(numerator, z)
+        out = _divide(numerator, z)
+        if self.terms.one_key is not None:  # one weight of exactly 1: that row of V, exactly
+            rows, keys = self.terms.one_key
+            out.hi[rows], out.lo[rows], out.rad[rows] = v.hi[keys], v.low()[keys], v.radius()[keys]
+        return out
 
 
 def _materialized(a):

@@ -196,6 +196,20 @@ def test_large_path_on_the_projection_form_and_cancelling_outputs(large_everywhe
     assert spot_check(truth, data, ["Q1", "K2", "scores1", "weights2", "head2"]) > 100
 
 
+def test_a_row_with_one_key_is_exact_on_the_large_path(large_everywhere):
+    """Causal row 0 attends to one key: weight exactly 1, output exactly that row of v, even where v's
+    entries are decimal ties at the digits asked (5/32 = 0.15625 rounds half-even to 0.1562)."""
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal((1, 6, 3))
+    v[0, 0] = [5 / 32, -3 / 64, 0.0]  # 0.15625 and -0.046875: ties at 4 digits
+    data = {"q": rng.standard_normal((1, 6, 3)), "k": rng.standard_normal((1, 6, 3)), "v": v, "causal": True}
+    truth = symattn.evaluate(data, digits=4, steps=["weights1", "head1"])
+    assert truth.method == "intervals" and truth.escalated == 0
+    assert truth["head1"].values[0] == ("0.1562", "-0.04688", "0")
+    assert truth["weights1"].values[0] == symattn.evaluate(data, digits=4, engine="arb")["weights1"].values[0]
+    assert truth["weights1"].values[0][1:] == ("0",) * 5 and float(truth["weights1"].values[0][0]) == 1
+
+
 def test_at_size_the_large_path_is_taken_and_only_the_steps_asked(monkeypatch):
     rng = np.random.default_rng(5)
     L, E = 256, 32
