@@ -212,11 +212,15 @@ def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
     fused = narrow and a_rad is not None and b_lo is None and b_rad is None
     if narrow:  # in the scaled units, with a's radius (in them: a_rad·2**ea against |b_s| = |b|·2**eb) fused
         sums = (a_int if nonnegative else np.abs(a_int)).sum(axis=-1, keepdims=True)
-        weights = np.abs(a_frac)
-        weights *= coefficient
-        if fused:
-            weights += _scaled(a_rad, ea, nonnegative) * ((1 + gamma(n + 4)) * INFLATE)
+        weights = np.abs(a_frac, out=a_frac)  # the fractions are not read again: |a_frac| in their place
+        if fused:  # the coefficient applied after the product, on the narrow output
+            factor = (1 + gamma(n + 4)) * INFLATE / coefficient
+            if nonnegative:
+                weights += a_rad * (2.0 ** float(ea.flat[0]) * factor)
+            else:
+                weights += np.ldexp(a_rad, ea) * factor
         rad = weights @ np.abs(b_s)
+        rad *= coefficient
         rad += sums * (np.abs(b_frac).max(axis=-2, keepdims=True) * coefficient)  # |b_frac| <= 1/2: small
         rad = np.ldexp(_up(rad), shift)
     else:  # in the product's units: one rank-2 product of row and column norms
