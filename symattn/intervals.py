@@ -27,9 +27,9 @@ and a float64 radius).  The arithmetic is vectorized NumPy:
 What the certificate assumes: IEEE float64 arithmetic in round-to-nearest, and
 BLAS computing each entry of a product as some sequence of float64 operations
 on the operands (OpenBLAS, MKL and Accelerate do; no Strassen-like schemes).
-``tanh`` (softcap) is NumPy's, assumed within TANH_ULPS_ASSUMED ulps and used
-with a safety factor of 4; tests/test_intervals.py checks it and the exp here
-against Arb on many random arguments.
+``tanh`` (softcap) is its Taylor series near 0 and (1 − w)/(1 + w) with the
+table exp beyond; tests/test_intervals.py checks it and the exp against Arb on
+many random arguments.
 
 An enclosure is only as good as its width: ``truth`` certifies from it the
 entries whose enclosure is narrow enough for the digits asked and computes the
@@ -48,9 +48,6 @@ from .graph import NAN
 
 U = 2.0**-53  # unit roundoff of float64
 ETA = 2.0**-1074  # smallest subnormal: the absolute error of an underflow
-TANH_ULPS_ASSUMED = 2.0
-TANH_ULPS = 4 * TANH_ULPS_ASSUMED
-ULP = 2.0**-52  # one ulp relative to a value's magnitude, at most
 INFLATE = 1 + 2.0**-44  # each radius formula's own roundings, with a large margin
 SPLIT = 134217729.0  # 2**27 + 1: Dekker's splitter
 STEPS = 2048  # exp's table: exp(k / STEPS)
@@ -406,10 +403,7 @@ class IntervalXP:
         return _add(one, a, -1)
 
     def tanh(self, a):
-        mid, rad = _materialized(a).collapsed()
-        out = np.tanh(mid)
-        rad = rad + TANH_ULPS * ULP * np.abs(out) + TANH_ULPS * ETA  # |tanh'| <= 1
-        return Iv(out, None, _up(rad), a.excluded)
+        return _tanh(_materialized(a))
 
     def exp(self, a):
         if isinstance(a, _Shifted):
@@ -567,13 +561,17 @@ def _exp(a: Iv, shift=None) -> Iv:
         bad = ~(np.abs(top) <= 2.0**40)  # nan, inf: not computed here
     if bad.any():
         top = np.where(bad, 0.0, top)
-    low = 0.0 if lo is None else max(float(np.max(lo, initial=0.0)), -float(np.min(lo, initial=0.0)))
-    if not low <= 2.0**-9:  # a far from normalised double-float (nan included): normalised first
-        x, lo = two_sum(x, lo)
-        low = max(float(np.max(lo, initial=0.0)), -float(np.min(lo, initial=0.0)))
     # every argument below the table's first entry is raised to the lowest integer there (−inf too): its
     # index then clips to the table's 0, and its r stays finite
     lowest = math.floor(float(np.min(top, initial=0.0))) + EXP_LOW - 2
+    low = _largest(lo)
+    if not low <= 2.0**-9:  # a far from normalised double-float, or huge arguments: normalised first
+        with np.errstate(invalid="ignore"):
+            x, lo = two_sum(x, lo)
+            lo = np.where(x >= lowest, lo, 0.0)  # below the table (|lo| up to half an ulp of x): unread
+        low = _largest(lo)
+        if not low <= 2.0**-9:  # not reached for finite arguments (|lo| <= 2**-12 once |x| < 2**41)
+            return Iv(np.zeros_like(x), np.zeros_like(x), np.full(x.shape, np.inf))
     with np.errstate(invalid="ignore"):
         x = np.maximum(x, lowest)
         t = x * STEPS
@@ -631,6 +629,11 @@ def _exp(a: Iv, shift=None) -> Iv:
     return Iv(hi, lo, rad, below=2.0 if shift is not None else math.exp(EXP_HIGH) * 1.01, one_key=_one_key(a))
 
 
+def _largest(lo) -> float:
+    """max |lo| (0 for None)."""
+    return 0.0 if lo is None else max(float(np.max(lo, initial=0.0)), -float(np.min(lo, initial=0.0)))
+
+
 def _one_key(a: Iv):
     """(rows, columns) of the rows of a 2-D a with exactly one entry not excluded (a causal mask's first row),
     whose softmax weight is exactly 1: an enclosure of e/e would only be near it."""
@@ -640,6 +643,55 @@ def _one_key(a: Iv):
     if not rows.size:
         return None
     return rows, np.argmin(a.excluded[rows], axis=-1)
+
+
+# tanh(y) = y + y·y²·Σ TANH_SERIES[k]·y**(2k) for |y| <= TANH_SMALL (its Taylor series, alternating and
+# decreasing there, so the first term left out, TANH_NEXT·y**19, bounds the rest)
+TANH_SERIES = (
+    -1 / 3,
+    2 / 15,
+    -17 / 315,
+    62 / 2835,
+    -1382 / 155925,
+    21844 / 6081075,
+    -929569 / 638512875,
+    6404582 / 10854718875,
+)
+TANH_NEXT = 2.4e-4  # 443861162 / 1856156927625 < 2.4e-4
+TANH_SMALL = 2.0**-5
+
+
+def _tanh(a: Iv) -> Iv:
+    """tanh(a) as double-floats (softcap): for |y| <= 2**-5 its Taylor series, y plus a correction computed in
+    float64 (its roundings are relative to y³/3, so 2**-60 of y or better); beyond, (1 − w)/(1 + w) for
+    w = exp(−2|y|) from the table exp (1 − w >= 0.06 there: its error stays below 2**-58 relatively).
+    |tanh'| <= 1 carries the input's radius."""
+    rad_in = a.radius()
+    with np.errstate(all="ignore"):
+        hi, lo = two_sum(a.hi, a.low())  # normalised (a product's rest is not): |lo| <= u·|hi|
+        size = np.abs(hi) + np.abs(lo)
+        y2 = hi * hi
+        q = np.full_like(hi, TANH_SERIES[-1])
+        for c in TANH_SERIES[-2::-1]:
+            q *= y2
+            q += c
+        corr = hi * y2 * q
+        s_hi, s_lo = two_sum(hi, corr)
+        s_lo += lo
+        # Horner's (7 steps: 14u of Σ|terms| <= 1.02|q|), y²'s, the two products' and the coefficients'
+        # roundings (20u·|corr| in all), lo left out of the correction (|lo|·y², as |tanh'(y) − 1| <= y²), the
+        # series' rest and the final sum's rounding
+        s_rad = 20 * U * np.abs(corr) + 1.1 * np.abs(lo) * size * size + TANH_NEXT * 1.01 * size**19
+        s_rad += U * np.abs(s_lo) + 4 * ETA
+        sign = np.where(hi < 0, -1.0, 1.0)
+        w = _exp(Iv(-2 * np.abs(hi), -2 * sign * lo, 2 * rad_in))  # e**(−2|y|) <= 1: within the table
+        one = Iv(np.ones_like(hi))
+        t = _divide(_add(one, w, -1), _add(one, w, 1))
+        small = np.abs(hi) <= TANH_SMALL
+        out_hi = np.where(small, s_hi, sign * t.hi)
+        out_lo = np.where(small, s_lo, sign * t.lo)
+        out_rad = np.where(small, s_rad + rad_in, t.rad)
+    return Iv(out_hi, out_lo, _up(out_rad), a.excluded)
 
 
 class _Product:
