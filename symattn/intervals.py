@@ -190,14 +190,8 @@ def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
     # The rest, by chunks of CHUNK terms summed in turn: its error is then (γ_{c+2} + γ_{n/c+2})·T for
     # T = |a_int|·|b_frac| + |a_frac|·|b_s|, against γ_{n+2}·T in one product, plus the fractions' and the
     # final sum's roundings (3u·T), the radius formula's own roundings (INFLATE) and underflows (η each).
-    b_rest = b_u if on_operands else b_s
     chunks = range(0, n, CHUNK)
-    lo = None
-    for start in chunks:
-        part = slice(start, start + CHUNK)
-        term = a_int[..., part] @ b_frac[..., part, :]
-        term += a_frac[..., part] @ b_rest[..., part, :]
-        lo = term if lo is None else np.add(lo, term, out=lo)
+    lo = _rest(a_int, a_frac, b_frac, b_u if on_operands else b_s, nonnegative)
     width = min(n, CHUNK)
     coefficient = (gamma(width + 2) + gamma(len(chunks) + 2) + 3 * U) * INFLATE * (1 + gamma(2 * n + 4))
     if on_operands:  # each part scaled back is exact unless it underflows (η each, times the other's size)
@@ -275,6 +269,35 @@ def sliced_product(a, b, slices: int = 3):
     shift = -ea - eb
     floor = 10 * n * ETA * 2.0 ** float(np.max(shift, initial=0)) + 4 * ETA
     return np.ldexp(hi, shift), np.ldexp(lo, shift), _up(np.ldexp(rad, shift)) + floor
+
+
+def _rest(a_int, a_frac, b_frac, b_rest, dense_a: bool):
+    """a_int·b_frac + a_frac·b_rest by chunks of CHUNK terms summed in turn, each product only over the columns
+    of b_frac and the rows of a_frac that are not all 0 (inputs of few bits, bfloat16's, have many such);
+    ``dense_a``: a_frac's rows are taken as nonzero without looking (a softmax's exponentials)."""
+    m, p = a_int.shape[-2], b_frac.shape[-1]
+    cols = rows = None
+    if a_int.ndim == 2:
+        cols = np.flatnonzero(b_frac.any(axis=0))
+        cols = None if cols.size == p else cols
+        if not dense_a:
+            rows = np.flatnonzero(a_frac.any(axis=1))
+            rows = None if rows.size == m else rows
+    lo = np.zeros(a_int.shape[:-1] + (p,))
+    for start in range(0, a_int.shape[-1], CHUNK):
+        part = slice(start, start + CHUNK)
+        term = np.zeros_like(lo) if start else lo  # the first chunk in place
+        if cols is None:
+            term += a_int[..., part] @ b_frac[..., part, :]
+        elif cols.size:
+            term[:, cols] = a_int[:, part] @ b_frac[part][:, cols]
+        if rows is None:
+            term += a_frac[..., part] @ b_rest[..., part, :]
+        elif rows.size:
+            term[rows] += a_frac[rows, part] @ b_rest[part]
+        if start:
+            lo += term
+    return lo
 
 
 def _carried(a_hi, a_lo, a_rad, b_hi, b_lo, b_rad, narrow):

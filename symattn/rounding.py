@@ -51,9 +51,15 @@ class BudgetXP:
         self.working = working
 
     def _stored(self, value, error):
-        """One more rounding: the result stored in the dtype."""
+        """One more rounding: the result stored in the dtype (none for an infinite or nan value)."""
         with np.errstate(invalid="ignore"):
-            return Budget(value, error + self.u * np.abs(np.where(np.isfinite(value), value, 0)))
+            out = np.abs(np.asarray(value, dtype=np.result_type(value, error)))
+            out *= self.u
+            out = np.add(out, error, out=out if out.shape == np.broadcast_shapes(out.shape, np.shape(error)) else None)
+            if not np.isfinite(out).all():
+                bad = np.broadcast_to(~np.isfinite(value), out.shape)
+                out[bad] = np.broadcast_to(error, out.shape)[bad]
+        return Budget(value, out)
 
     def leaf(self, name, matrix):
         value = self.arrays[name] if name in self.arrays else matrix.float64()

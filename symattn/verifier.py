@@ -408,6 +408,12 @@ def _json_number(v):
     return v
 
 
+def _relative(error: float, magnitude: float) -> float:
+    if magnitude > 0:
+        return error / magnitude
+    return 0.0 if error == 0 else math.inf
+
+
 def _worst(ratio: np.ndarray, ulps: np.ndarray, checked: np.ndarray) -> np.ndarray:
     """The checked entries' indices by decreasing ratio, then ulps, then index: all of them, or the first
     ENTRY_LIMIT (found by a partition first when there are many)."""
@@ -549,8 +555,9 @@ class Context:
                 self.kappa = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
 
     def _input_effect(self, spec, names) -> float:
-        """max |truth(rounded inputs) − truth(exact inputs)|: certified at small sizes, from float64 forward
-        passes of both (an estimate good to float64's precision) on the large path."""
+        """max |truth(rounded inputs) − truth(exact inputs)|: certified at small sizes; on the large path the
+        truth against a forward run of the original inputs, in float64, or in float32 for a half dtype (an
+        estimate good to that precision, far below the half dtype's rounding of the inputs)."""
         from .truth import evaluate, large
 
         if self.args.rounded == spec:
@@ -558,7 +565,8 @@ class Context:
         graph = build_graph(spec)  # the steps the original spec has too (a projection bias some heads lack)
         both = [n for n in names if n in {s.name for s in graph.steps + graph.backward_steps}]
         if large(spec, self.digits, "auto", both, graph):  # the truth against a float64 run, by blocks
-            (b,) = _by_blocks(spec, graph, both, [lambda g: runs_of(g, {}, "float64", both)])
+            working = "float32" if unit_roundoff(self.dtype) > unit_roundoff("float32") else "float64"
+            (b,) = _by_blocks(spec, graph, both, [lambda g: runs_of(g, {}, working, both)])
             with np.errstate(all="ignore"):
                 return max(
                     (float(np.nanmax(np.abs(self.truth[n].to_numpy() - b[n]), initial=0.0)) for n in both),
@@ -765,7 +773,6 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         between = np.abs(_ordinal(got) - _ordinal(nearest)).astype(np.float64)
         bits = np.where(finite, np.where(np.isfinite(values), np.log2(1 + between), np.inf), ulps)
         magnitude = np.abs(np.where(finite, e, 0.0))
-        rel = np.where(magnitude > 0, error / magnitude, np.where(error == 0, 0.0, np.inf))
         allowance = np.where(
             finite, 2 * np.maximum(context.budget, context.reference_errors) + FLOOR_ULPS * spacing, 0.0
         )
@@ -795,7 +802,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
                 float(values[k]),
                 text,
                 float(error[k]),
-                float(rel[k]),
+                _relative(float(error[k]), float(magnitude[k])),
                 float(ulps[k]),
                 float(bits[k]),
                 float(allowance[k]),
