@@ -115,6 +115,22 @@ def test_split_products_enclose_the_exact_product(shape):
     assert np.all(rad <= 1e-18 * (np.abs(a) @ np.abs(b)) + 1e-300)  # far tighter than float64 (1e-16)
 
 
+def test_split_products_of_few_bit_inputs_restrict_the_rest_and_stay_enclosures():
+    """bfloat16-like entries (8 bits) are integers once scaled, except a few tiny ones: the rest is computed
+    only on those rows and columns, and the product is still enclosed (and exact where nothing is left)."""
+    import ml_dtypes
+
+    a = RNG.standard_normal((20, 64)).astype(ml_dtypes.bfloat16).astype(np.float64)
+    b = RNG.standard_normal((64, 90)).astype(ml_dtypes.bfloat16).astype(np.float64)
+    a[3, 7], b[5, 11], b[9, 40] = 1e-9, 3e-10, -7e-11  # fractional parts in row 3 and columns 11, 40
+    hi, low, rad = split_product(a, None, b, None)
+    exact = flint.arb_mat(a.tolist()) * flint.arb_mat(b.tolist())
+    for i in range(20):
+        for j in range(90):
+            assert contains(hi[i, j], low[i, j], rad[i, j], exact[i, j])
+    assert rad[0, 0] == 0 and rad[3, 0] > 0 and rad[0, 11] > 0  # exact where rows and columns have no fraction
+
+
 def test_sliced_products_of_float32_entries_are_good_to_2_to_the_minus_100():
     # float32 entries (rows and columns scaled by powers of two: still float32 numbers)
     a = RNG.standard_normal((3, 64)).astype(np.float32).astype(np.float64) * 2.0 ** RNG.integers(-10, 14, (3, 1))
