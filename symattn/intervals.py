@@ -159,6 +159,7 @@ def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
     p = b_hi.shape[-1]
     beta = _beta(n)
     nonnegative = a_below is not None
+    zero_rows = _zero_rows(a_hi, a_lo, a_rad)  # exactly 0 (an empty row's weights): their products are 0 exactly
     if nonnegative:
         mantissa, e = math.frexp(a_below)  # a_below <= 2**e
         ea = np.full(a_hi.shape[:-1] + (1,), beta - (e - 1 if mantissa == 0.5 else e))
@@ -228,7 +229,22 @@ def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
             rad[np.ix_(exact_rows, exact_cols)] = 0.0
     if (a_rad is not None and not fused) or b_rad is not None:
         rad += _carried(a_hi, a_lo, None if fused else a_rad, b_hi, b_lo, b_rad, narrow)
+    if zero_rows is not None:
+        rad[zero_rows] = 0.0
     return exact, lo, rad
+
+
+def _zero_rows(hi, lo, rad):
+    """The rows (a bool index over hi's leading axes) whose entries are all exactly 0, or None when there are
+    none."""
+    zero = ~hi.any(axis=-1)
+    if not zero.any():
+        return None
+    if lo is not None:
+        zero &= ~lo.any(axis=-1)
+    if rad is not None:
+        zero &= ~np.asarray(rad).any(axis=-1) if np.ndim(rad) == hi.ndim else ~np.any(rad)
+    return zero if zero.any() else None
 
 
 def sliced_product(a, b, slices: int = 3):

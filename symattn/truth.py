@@ -159,7 +159,7 @@ class _Known:
     """What is known of one step's entries: exact rationals or balls (whole arrays), masked entries, and the
     entries settled otherwise (exact decisions, "nan", bounds) by (i, j)."""
 
-    __slots__ = ("exact", "balls", "excluded", "decided", "bounds", "mid", "rad", "ok")
+    __slots__ = ("exact", "balls", "excluded", "decided", "bounds", "fewer", "mid", "rad", "ok")
 
     def __init__(self, exact=None, balls=None, excluded=None, mid=None, rad=None, ok=None):
         self.exact = exact  # RatMat or None
@@ -169,6 +169,7 @@ class _Known:
         self.ok = ok  # bools: the enclosures that certify the digits asked (strings from mid)
         self.decided: dict = {}  # (i, j) -> string
         self.bounds: set = set()  # (i, j) of the decided strings that are bounds, not values
+        self.fewer: dict = {}  # (i, j) -> the digits certified, for decided strings with fewer than asked
 
 
 class Truth:
@@ -249,9 +250,11 @@ class Truth:
                 texts[k], exact[k], certified[k] = "-inf", True, 0
         for (i, j), text in known.decided.items():
             k = i * cols + j
-            texts[k], exact[k] = text, (i, j) not in known.bounds
+            texts[k], exact[k] = text, (i, j) not in known.bounds and (i, j) not in known.fewer
             if text == "nan" or text.startswith("<"):
                 certified[k] = 0
+            elif (i, j) in known.fewer:
+                certified[k] = known.fewer[i, j]
         for k, text in enumerate(texts):
             if text == "nan":
                 certified[k] = 0
@@ -281,12 +284,40 @@ class Truth:
             lambda value: _exact_text(value, digits),
             f"{digits} digits",
             side,
+            lambda engine, ball: self.fewer(name, i, j, engine, ball),
         )  # fmt: skip
 
-    def _settle_entry(self, name, i, j, settle, settle_exact, what: str, side=None):
+    def fewer(self, name: str, i: int, j: int, engine, ball) -> str:
+        """An entry that no precision within the limits certifies to the digits asked (an exact rounding tie
+        whose exact form is out of reach at this size): as many digits as its enclosure does certify, or a
+        bound, never a digit that is not proven; ``notes`` counts these entries."""
+        known = self._known[name]
+        text, digits = fewest(engine, ball, self.digits)
+        known.decided[i, j] = text
+        if digits:
+            known.fewer[i, j] = digits
+        else:
+            known.bounds.add((i, j))
+        return text
+
+    @property
+    def notes(self) -> list[str]:
+        """What a reader of the values should know beyond them: entries certified to fewer digits than asked."""
+        fewer = [(name, i, j, d) for name, known in self._known.items() for (i, j), d in known.fewer.items()]
+        if not fewer:
+            return []
+        name, i, j, d = fewer[0]
+        return [
+            f"{len(fewer)} entries certified to fewer than {self.digits} digits: their enclosures straddle a "
+            f"rounding boundary at the highest precision tried and their exact forms did not decide them (e.g. "
+            f"{name}[{i}, {j}], {d} digits)"
+        ]
+
+    def _settle_entry(self, name, i, j, settle, settle_exact, what: str, side=None, fallback=None):
         """(result, decided exactly): settle(engine, ball) at rising precision, or settle_exact(value) of the
         exact form; ``side(boundary_sign)`` settles an entry that straddles one rounding boundary once the
-        exact form tells which side of the boundary it is on."""
+        exact form tells which side of the boundary it is on; ``fallback(engine, ball)``, when given, settles
+        what the highest precision leaves (else that is an error)."""
         value = self.decide(name, i, j)
         if value is not None:
             return settle_exact(value), True
@@ -296,15 +327,19 @@ class Truth:
                 return result, False
         bits = self.bits
         saved = _flint_precision()
+        last = None
         try:
             while bits < MAX_ESCALATION:  # an irrational value may sit extremely close to a tie: keep doubling
                 bits = min(2 * bits, MAX_ESCALATION)
                 log.debug("raising precision to %d bits for %s[%d, %d], just at a rounding boundary", bits, name, i, j)
                 ball = _recompute(self, name, i, j, bits)
-                result = settle(engine_class(self.engine)(bits), ball)
+                last = (engine_class(self.engine)(bits), ball)
+                result = settle(*last)
                 if result is not None:
                     self.bits = max(self.bits, bits)
                     return result, False
+            if fallback is not None and last is not None:
+                return fallback(*last), False
         finally:
             _restore_precision(saved)
         raise SymattnError(
@@ -385,6 +420,18 @@ class Truth:
 
 def _exact_text(value, digits: int) -> str:
     return "nan" if value == "nan" else certify.exact_string(value, digits)
+
+
+def fewest(engine, ball, digits: int) -> tuple[str, int]:
+    """(text, digits certified): the most digits below ``digits`` that the ball certifies, or a bound "<1e-N"
+    (0 digits) when none does."""
+    for fewer in range(digits - 1, 0, -1):
+        ends = engine.decimal(ball, fewer)
+        text = None if ends is None else certify.certified_decimal(*ends, fewer)
+        if text is not None:
+            return text, fewer
+    ends = engine.decimal(ball, digits)
+    return ("nan" if ends is None else certify.bound_string(*ends)), 0
 
 
 def _ball_string(engine, ball, digits: int) -> str | None:
@@ -674,7 +721,6 @@ def evaluate(
         _restore_precision(saved)
         report.close()
     truth.bits = bits
-    stuck = []
     for name, cells in pending.items():
         known = truth._known[name]
         for i, j in cells:
@@ -683,14 +729,8 @@ def evaluate(
                 # the budget is spent and the exact form cannot decide: a bound, never a digit
                 known.decided[i, j] = certify.bound_string(*ends)
                 known.bounds.add((i, j))
-            else:
-                stuck.append((name, i, j))
-    if stuck:
-        name, i, j = stuck[0]
-        raise SymattnError(
-            f"{name}[{i}, {j}]: could not certify {digits} digits at up to {bits} bits of precision "
-            f"({len(stuck)} entries undecided); ask for fewer digits"
-        )
+            # else its string, made when read, goes on rising for that entry alone (``_escalate``), and settles
+            # for fewer digits only if that fails too
     return truth
 
 
@@ -779,6 +819,8 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
         known = store[name]
         mid, rad = known.mid, known.rad
         nan = np.isnan(mid)
+        rows = _nan_rows(spec, graph.step(name))
+        nan &= False if rows is None else rows[:, None]  # any other nan (an enclosure that overflowed) goes to Arb
         for i, j in zip(*np.nonzero(nan), strict=True):
             known.decided[int(i), int(j)] = "nan"
         bad = ~known.ok & ~nan & ~((mid == 0) & (rad == 0))
@@ -792,15 +834,29 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
         scale = float(finite.max()) if finite.size else 0.0
         with np.errstate(invalid="ignore"):
             tiny = bad & (np.abs(mid) + rad <= NEAR_ZERO * scale)
-        for i, j in zip(*np.nonzero(tiny), strict=True):
-            known.decided[int(i), int(j)] = _bound_text(float(abs(mid[i, j]) + rad[i, j]))
-            known.bounds.add((int(i), int(j)))
+        tiny_cells = _equal_values(truth, [(name, int(i), int(j)) for i, j in zip(*np.nonzero(tiny), strict=True)])
+        for _, i, j in tiny_cells:  # a near-zero that is not exactly 0 by its equal values: a bound
+            known.decided[i, j] = _bound_text(float(abs(mid[i, j]) + rad[i, j]))
+            known.bounds.add((i, j))
         left += [(name, int(i), int(j)) for i, j in zip(*np.nonzero(bad & ~tiny), strict=True)]
+    left = _equal_values(truth, left)
     truth.escalated = len(left)
     if left:
         log.debug("%d entries not certified by the enclosures: computed again in Arb", len(left))
         _settle_in_arb(truth, left, max(bits, ESCALATION_BITS), report)
     return truth
+
+
+def _nan_rows(spec, step) -> np.ndarray | None:
+    """Bools over a step's rows: those that are nan by the spec (empty rows under ``empty_row "nan"``: a head's
+    weights and output, and every row of the steps that read all heads), or None when no row is."""
+    if spec.empty_row != "nan" or step.backward or step.kind not in ("weights", "head", "concat_heads", "M"):
+        return None
+    heads = [step.head - 1] if step.kind in ("weights", "head") else range(spec.h)
+    rows = np.zeros(spec.L, dtype=bool)
+    for h in heads:
+        rows |= ~spec.allowed(h).any(axis=1)
+    return rows
 
 
 def block_target(step, rows, keys):
@@ -823,12 +879,13 @@ def _settle_block(known, iv, target, digits, rows) -> None:
     known.mid[target] = mid
     known.rad[target] = rad
     known.ok[target] = ok
-    bad = ~ok & np.isfinite(mid) & ~((mid == 0) & (rad == 0))
+    lo, full = iv.low(), iv.radius()
+    bad = ~ok & np.isfinite(mid) & np.isfinite(iv.hi) & np.isfinite(lo) & np.isfinite(full)
+    bad &= ~((mid == 0) & (rad == 0))
     if iv.excluded is not None:
         bad &= ~iv.excluded
     if not bad.any():
         return
-    lo, full = iv.low(), iv.radius()
     row_of = (lambda i: i) if rows is None else (lambda i: rows[i])
     columns = target[1].reshape(-1) if isinstance(target[1], np.ndarray) else None
     for i, j in zip(*np.nonzero(bad), strict=True):
@@ -849,15 +906,27 @@ def _bound_text(top: float) -> str:
 
 
 def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
-    """Certified strings in Arb for the entries the enclosures did not settle: row-local steps on their query
-    rows' graphs (grouped by row), others on the whole graph; precision doubles up to MAX_ESCALATION."""
+    """Certified strings for the entries the enclosures did not settle: in Arb, row-local steps on their query rows' graphs (grouped by
+    row), others on the whole graph, precision doubling up to LARGE_ESCALATION; after the first round, the
+    entries left are asked of their rows' exact forms (a rounding tie, which no precision settles); what
+    still straddles a rounding boundary at the last precision gets the digits it does certify (a note)."""
     digits = truth.digits
     start = bits
+    nans: dict = {}
+
+    def nan_rows(name):
+        if name not in nans:
+            rows = _nan_rows(truth.spec, truth.graph.step(name))
+            nans[name] = np.zeros(truth.graph.step(name).shape[0], dtype=bool) if rows is None else rows
+        return nans[name]
+
+    # float products (double-float slices, good to 2**-100) for the first round, unless enclosures overflowed
+    products = all(np.isfinite(truth._known[name].mid[i, j]) for name, i, j in cells)
     saved = _flint_precision()
     try:
         while cells:
             engine = ArbEngine_(bits)
-            xp = BallXP(engine, floats=True, float_products=bits == start)
+            xp = BallXP(engine, floats=True, float_products=products and bits == start)
             by_step: dict = {}
             whole = []
             for name, i, j in cells:
@@ -884,6 +953,8 @@ def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
             for (name, i, j), ball in balls.items():
                 known = truth._known[name]
                 text = _ball_string(engine, ball, digits)
+                if text == "nan" and not nan_rows(name)[i]:  # the first round's float products overflowed
+                    text = None
                 if text is not None:
                     known.decided[i, j] = text
                     continue
@@ -893,16 +964,108 @@ def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
                     known.bounds.add((i, j))
                     continue
                 left.append((name, i, j))
-            if left and 2 * bits > MAX_ESCALATION:
-                name, i, j = left[0]
-                raise SymattnError(
-                    f"{name}[{i}, {j}]: could not certify {digits} digits at up to {bits} bits of precision "
-                    f"({len(left)} entries undecided); ask for fewer digits"
-                )
+            if left and bits == start:
+                left = _exact_rows(truth, left, report)
+            if left and 2 * bits > LARGE_ESCALATION:
+                for name, i, j in left:
+                    truth.fewer(name, i, j, engine, balls[name, i, j])
+                left = []
             cells, bits = left, 2 * bits
             truth.bits = max(truth.bits, bits // 2)
     finally:
         _restore_precision(saved)
+
+
+LARGE_ESCALATION = 1 << 12  # the large path's last precision: past it, an entry on a rounding boundary that its
+# exact form did not decide gets fewer digits (an irrational value within 10**-1200 of a tie is not to be met)
+EXACT_ROW_TERMS = 1 << 20  # a row's exact form is asked for at most this many keys × columns
+
+
+def _equal_values(truth: Truth, cells) -> list:
+    """Settle the cells of heads' outputs whose row's visible values in their column are all equal: the
+    weights of a row sum to 1, so the output is exactly that value (a constant column of V, a row with one
+    key; on a rounding tie no enclosure could settle it).  Returns the cells left."""
+    spec, graph = truth.spec, truth.graph
+    values: dict = {}  # V's name -> exact values as (float64 array, None) or (None, RatMat), or None
+    left = []
+    for name, i, j in cells:
+        step = graph.step(name)
+        if step.kind != "head" or step.backward:
+            left.append((name, i, j))
+            continue
+        v_name = graph.node(name).inputs[1]
+        if v_name not in values:
+            values[v_name] = _exact_values(graph, v_name)
+        if values[v_name] is None:
+            left.append((name, i, j))
+            continue
+        floats, exact = values[v_name]
+        visible = spec.allowed(step.head - 1)[i]
+        if not visible.any():
+            if spec.empty_row != "uniform":
+                left.append((name, i, j))
+                continue
+            visible = np.ones_like(visible)
+        column = (floats if floats is not None else exact.num)[:, j][visible]
+        if not (column == column[0]).all():
+            left.append((name, i, j))
+            continue
+        value = Fraction(float(column[0])) if floats is not None else Fraction(column[0], exact.den)
+        truth._known[name].decided[i, j] = _exact_text(value, truth.digits)
+    return left
+
+
+def _exact_values(graph, name: str):
+    """A leaf's or node's exact values as (float64 array, None) for float inputs, (None, RatMat) for rational
+    ones, or None when they are not rational."""
+    leaf = graph.leaves.get(name)
+    if leaf is not None:
+        if leaf.is_float:
+            return leaf.float64(), None
+        return (None, leaf.ratmat) if leaf.is_rational else None
+    value = graph.forward(BallXP(ArbEngine_(64)), [name])[name]
+    return (None, value) if isinstance(value, RatMat) else None
+
+
+def _exact_rows(truth: Truth, cells, report) -> list:
+    """Settle the cells of row-local forward steps whose exact form, on their query row's graph (its keys and
+    columns alone), is a constant: a rational on a rounding tie.  Returns the cells left."""
+    from .exact import ExactXP
+
+    spec, graph = truth.spec, truth.graph
+    by_row: dict = {}
+    left = []
+    for name, i, j in cells:
+        step = graph.step(name)
+        if step.row_local and not step.backward:
+            by_row.setdefault((name, i), []).append(j)
+        else:
+            left.append((name, i, j))
+    for (name, i), columns_asked in sorted(by_row.items()):
+        step = graph.step(name)
+        keys, columns = _restriction(spec, step, [i], {i: columns_asked})
+        size = (spec.S if keys is None else len(keys)) * (step.shape[1] if columns is None else len(columns))
+        value = None
+        if size <= EXACT_ROW_TERMS:
+            report(f"exact form of {name}, query row {i}")
+            try:
+                g = build_graph(spec, rows=[i], keys=keys, value_columns=columns)
+                xp = ExactXP()
+                value = g.forward(xp, [name])[name]
+            except (RecursionError, MemoryError, _too_big()):
+                value = None
+        for j in columns_asked:
+            exact = None
+            if value is not None:
+                try:
+                    exact = xp.alg.value(xp.entry(value, 0, j if columns is None else columns.index(j)))
+                except (RecursionError, MemoryError, _too_big()):
+                    exact = None
+            if exact is None:
+                left.append((name, i, j))
+            else:
+                truth._known[name].decided[i, j] = _exact_text(exact, truth.digits)
+    return left
 
 
 def _restriction(spec, step, rows, by_row) -> tuple:

@@ -783,8 +783,14 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     target_errors = [float(error[part][checked[part]].max(initial=0.0)) for part in context.slices]
     ratio = np.where(checked, ratio, -1.0)
     kappa_ok = bool(np.all(error[checked] <= allowance[checked]))
-    squares = float(np.sum(np.where(checked & finite, error * error, 0.0)))
-    norms = float(np.sum(np.where(checked & finite, magnitude * magnitude, 0.0)))
+    # the norms scaled by the largest magnitude (a power of two), so that entries near 1e308 do not overflow
+    counted = checked & finite & np.isfinite(error)
+    top = float(np.max(np.where(counted, np.maximum(error, magnitude), np.where(finite, magnitude, 0.0)), initial=0.0))
+    unit = math.ldexp(1.0, -math.frexp(top)[1]) if top > 0 else 1.0
+    squares = float(np.sum(np.square(np.where(counted, error, 0.0) * unit)))
+    if not np.all(np.isfinite(error[checked & finite])):
+        squares = math.inf  # a non-finite value where the truth is finite
+    norms = float(np.sum(np.square(np.where(checked & finite, magnitude, 0.0) * unit)))
     # the entries reported: every one of a small output, else the worst ENTRY_LIMIT
     order = _worst(ratio, ulps, checked)
     if int(checked.sum()) > ENTRY_LIMIT:

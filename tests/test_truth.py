@@ -1,12 +1,14 @@
 import subprocess
 import sys
+from decimal import Decimal
 from fractions import Fraction
 
 import pytest
 
 import symattn
+import symattn.truth
 from symattn import SymattnError
-from tests.conftest import assert_certified, random_spec
+from tests.conftest import assert_certified, random_spec, reference, rounded, significant_digits
 
 ENGINES = ["mpmath", "arb"]
 
@@ -181,14 +183,30 @@ def test_precision_rises_and_says_so(engine, caplog):
     assert_certified(truth, data, 50)
 
 
-def test_precision_limit_is_an_error(monkeypatch):
+def test_rises_left_settle_entry_by_entry(monkeypatch):
+    # no precision rise for the whole computation: the entries it leaves rise on their own rows when read
     monkeypatch.setattr(symattn.truth, "MAX_RISES", 0)
-    with pytest.raises(
-        SymattnError,
-        match=r"^M\[\d, 0\]: could not certify 50 digits at up to \d+ bits of precision "
-        r"\(\d+ entries undecided\); ask for fewer digits$",
-    ):
-        symattn.evaluate(near_cancellation(), digits=50)
+    truth = symattn.evaluate(near_cancellation(), digits=50)
+    assert_certified(truth, near_cancellation(), 50)
+    assert truth.notes == []
+
+
+def test_an_entry_no_precision_settles_gets_fewer_digits(monkeypatch):
+    # the escalation limit below what M needs: M gets the digits its enclosure proves, and a note says so
+    monkeypatch.setattr(symattn.truth, "MAX_RISES", 0)
+    monkeypatch.setattr(symattn.truth, "MAX_ESCALATION", 224)
+    data = near_cancellation()
+    truth = symattn.evaluate(data, digits=50)
+    ref = reference(data, 120)
+    fewer = 0
+    for i, row in enumerate(truth["M"].values):
+        digits = truth["M"].certified_digits[i][0]
+        assert 0 < digits <= 50
+        assert significant_digits(row[0]) == digits
+        assert Decimal(row[0]) == rounded(ref["M"][i, 0], digits, 120)
+        fewer += digits < 50
+    assert fewer
+    assert truth.notes and truth.notes[0].startswith(f"{fewer} entries certified to fewer than 50 digits")
 
 
 def test_progress_only_on_a_terminal():
