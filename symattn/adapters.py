@@ -13,6 +13,14 @@ missing one is a one-line error naming the install.
                  out_proj, masks inverted into its True-means-ignore convention, need_weights=False)
     jax_dpa      jax.nn.dot_product_attention (layout (B, T, N, H); x64 switched on for float64)
 
+UNSUPPORTED (checked before the library is called; tests/test_frameworks.py sweeps them):
+
+    torch_sdpa   softcap; empty_row 'uniform' or 'nan' on a spec with an empty row (torch gives such a row 0)
+    torch_mha    the kernel form; a scale other than 1/sqrt(d_k); windows, align 'bottom_right', bias, ALiBi,
+                 softcap, empty_row; grouped-query heads; d_v != d_k; d_model or d_out > H·d_k; a mask per head
+    jax_dpa      the projection form; softcap; E_v != E; an empty row unless empty_row is 'uniform' (JAX gives
+                 it the mean of V)
+
 Each has a ``backward`` (``verify --backward``): the same computation differentiated by torch's autograd or
 ``jax.vjp``, returning the input gradients by name.
 """
@@ -276,12 +284,16 @@ def _jax_dtype(jnp, name: str):
     return {"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}[name]
 
 
-def _jax_prepare(q, k, scale, mask, causal, window, align, alibi_slopes, empty_row):
+def _jax_prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empty_row):
     jax, jnp = _jax()
+    H, L, E = q.shape
+    S, E_v = k.shape[1], v.shape[2]
+    if E_v != E:  # it checks value.shape == key.shape and raises ValueError
+        raise Unsupported(
+            f"jax.nn.dot_product_attention needs V's head size equal to Q's and K's (the spec has E {E}, E_v {E_v})"
+        )
     if _dtype_name(q) == "float64":
         jax.config.update("jax_enable_x64", True)
-    H, L, _ = q.shape
-    S = k.shape[1]
     ok, ramp = _mask_and_bias(L, S, H, mask, causal, window, align, None, alibi_slopes, np, None)
     if ok is not None and not ok.any(axis=-1).all() and empty_row != "uniform":
         raise Unsupported(
@@ -312,7 +324,7 @@ def _jax_prepare(q, k, scale, mask, causal, window, align, alibi_slopes, empty_r
 def jax_dpa(q, k, v, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
             alibi_slopes=None, empty_row="zero"):  # fmt: skip
     """jax.nn.dot_product_attention (a row with no allowed key gives the mean of V: empty_row 'uniform')."""
-    attention, array = _jax_prepare(q, k, scale, mask, causal, window, align, alibi_slopes, empty_row)
+    attention, array = _jax_prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empty_row)
     return np.asarray(attention(array(q), array(k), array(v), None if bias is None else array(bias)))
 
 
@@ -320,7 +332,7 @@ def jax_dpa_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=No
                      alibi_slopes=None, empty_row="zero"):  # fmt: skip
     """The input gradients of jax_dpa by jax.vjp, for the cotangent dout."""
     jax, _ = _jax()
-    attention, array = _jax_prepare(q, k, scale, mask, causal, window, align, alibi_slopes, empty_row)
+    attention, array = _jax_prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empty_row)
     primals = [array(q), array(k), array(v)] + ([] if bias is None else [array(bias)])
     _, pullback = jax.vjp(attention, *primals)
     grads = pullback(array(dout))

@@ -208,7 +208,8 @@ class BallXP:
     def one_minus(self, a):
         if isinstance(a, RatMat):
             return RatMat(a.den - a.num, a.den)
-        return Balls(self.engine.one() - self.balls(a).values)
+        one = self.engine.one()  # element by element: an mpmath interval minus an array raises, it does not broadcast
+        return Balls(_map(lambda v: one - v, self.balls(a).values))
 
     def scale(self, a, s):
         if isinstance(a, RatMat):

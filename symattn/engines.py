@@ -181,7 +181,10 @@ class MpmathEngine:
         return self.ctx.log(x)
 
     def tanh(self, x):
-        # mpmath.iv has no tanh: tanh(x) = 1 - 2/(exp(2x) + 1), monotone, so the interval stays sharp
+        # mpmath.iv has no tanh: tanh(x) = 1 - 2/(exp(2x) + 1), monotone, so the interval stays sharp; that form
+        # would make a nan's unbounded interval [-1, 1], so a nan stays a nan here, as in Arb
+        if self.is_nan(x):
+            return self.nan()
         return 1 - 2 / (self.ctx.exp(2 * x) + 1)
 
     def integer_power(self, x, n: int):
@@ -196,7 +199,9 @@ class MpmathEngine:
         return self.ctx.mpf(1)
 
     def nan(self):
-        return self.ctx.nan
+        # not mpmath's nan interval, which its arithmetic loses (nan·x gives 0, nan + x gives [-inf, inf]): the
+        # whole line, which every operation keeps unbounded (0·[-inf, inf] too), as Arb keeps its nan a nan
+        return self.ctx.mpf(["-inf", "+inf"])
 
     def point(self, x):
         return self.ctx.mpf(x.mid)
@@ -233,7 +238,10 @@ class MpmathEngine:
         return x.a == x.b
 
     def is_nan(self, x) -> bool:
-        return self.ctx.isnan(x)
+        """An unbounded interval is a nan: mpmath's exponents never overflow, and no divisor of the computation
+        contains 0 (softmax's sums of exponentials, tanh's exp(2x) + 1), so only a nan makes an end infinite."""
+        (_, ma, ea, _), (_, mb, eb, _) = x._mpi_
+        return (ma == 0 and ea != 0) or (mb == 0 and eb != 0)  # mpmath's inf and nan: zero mantissa, exponent ≠ 0
 
     def to_arb(self, x):
         """The interval as an Arb ball containing it: its ends (mantissa, exponent) read exactly by Arb, never

@@ -245,3 +245,106 @@ def test_the_pytest_helper_on_a_torch_autograd_backward():
 
     with pytest.raises(AssertionError, match="dk"):
         assert_attention_close(forgets_scale_in_dk, q=q, k=k, v=v, causal=True, backward=True, dtype="float32")
+
+
+# What each library cannot express (issue 17): UNSUPPORTED with the reason, forward and backward, never the
+# library's own exception (an ERROR).
+
+_rng = np.random.default_rng(17)
+_EMPTY = np.ones((5, 6), bool)
+_EMPTY[1] = False
+
+
+def _r(*shape):
+    return _rng.standard_normal(shape)
+
+
+def _kernel(**options) -> dict:
+    return {"q": _r(4, 5, 3), "k": _r(2, 6, 3), "v": _r(2, 6, 3), **options}
+
+
+def _projection(**options) -> dict:
+    heads = [{"wq": _r(3, 2), "wk": _r(3, 2), "wv": _r(3, 2)} for _ in range(2)]
+    return {"x": _r(5, 3), "heads": heads, "wo": _r(4, 3), **options}
+
+
+# case -> (spec, {adapter: None for a pass, or a phrase of its UNSUPPORTED reason})
+ADAPTER_CASES = {
+    "kernel E_v != E": (_kernel(v=_r(2, 6, 2)), {"torch_sdpa": None, "jax_dpa": "V's head size"}),
+    "kernel E_v != E causal": (_kernel(v=_r(2, 6, 5), causal=True), {"torch_sdpa": None, "jax_dpa": "E_v 5"}),
+    "kernel window bottom-right, ALiBi, bias per head": (
+        _kernel(window=[1, 0], align="bottom_right", alibi=True, bias=_r(4, 5, 6)),
+        {"torch_sdpa": None, "jax_dpa": None, "torch_mha": "takes the projection form"},
+    ),
+    "kernel mask per head": (_kernel(mask=_rng.random((4, 5, 6)) > 0.3), {"torch_sdpa": None, "jax_dpa": None}),
+    "kernel softcap": (_kernel(softcap=2.0), {"torch_sdpa": "softcap", "jax_dpa": "softcap"}),
+    "kernel empty row zero": (_kernel(mask=_EMPTY, bias=_r(5, 6)), {"torch_sdpa": None, "jax_dpa": "mean of V"}),
+    "kernel empty row uniform": (
+        _kernel(mask=_EMPTY, empty_row="uniform"),
+        {"torch_sdpa": "empty_row", "jax_dpa": None},
+    ),
+    "kernel empty row nan": (_kernel(mask=_EMPTY, empty_row="nan"), {"torch_sdpa": "empty_row", "jax_dpa": "'nan'"}),
+    "projection": (_projection(), {"torch_sdpa": None, "torch_mha": None, "jax_dpa": "takes the kernel form"}),
+    "projection d_v != d_k": (
+        _projection(heads=[{"wq": _r(3, 2), "wk": _r(3, 2), "wv": _r(3, 3)} for _ in range(2)], wo=_r(6, 3)),
+        {"torch_sdpa": None, "torch_mha": "d_v = d_k"},
+    ),
+    "projection GQA": (
+        _projection(
+            heads=[{"wq": _r(3, 2)} for _ in range(4)],
+            kv_heads=[{"wk": _r(3, 2), "wv": _r(3, 2)} for _ in range(2)],
+            wo=_r(8, 3),
+        ),
+        {"torch_sdpa": None, "torch_mha": "grouped-query"},
+    ),
+    "projection cross, another d_model": (
+        _projection(x_kv=_r(6, 5), heads=[{"wq": _r(3, 2), "wk": _r(5, 2), "wv": _r(5, 2)} for _ in range(2)]),
+        {"torch_sdpa": None, "torch_mha": None},
+    ),
+    "projection d_out > H·d_k": (_projection(wo=_r(4, 9)), {"torch_mha": "d_out <= embed_dim"}),
+    "projection mask per head": (_projection(mask=_rng.random((2, 5, 5)) > 0.3), {"torch_mha": "one mask"}),
+    "projection window, bias, ALiBi, scale": (
+        _projection(window=[1, 1], bias=_r(5, 5), alibi=True, scale="1/5"),
+        {"torch_sdpa": None, "torch_mha": "does not accept"},
+    ),
+    "projection causal bottom-right cross": (
+        _projection(x_kv=_r(6, 3), causal=True, align="bottom_right"),
+        {"torch_sdpa": None, "torch_mha": "align = 'bottom_right'"},
+    ),
+    "projection empty row nan": (
+        _projection(mask=np.tril(np.ones((5, 5), bool)) & (np.arange(5)[:, None] != 1), empty_row="nan"),
+        {"torch_sdpa": "empty_row", "torch_mha": "empty_row"},
+    ),
+}
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_what_an_adapter_cannot_express_is_unsupported_with_the_reason(case, backward):
+    data, expected = ADAPTER_CASES[case]
+    if "jax_dpa" in expected:
+        pytest.importorskip("jax")
+    spec = symattn.load_spec(data)
+    results = verify(spec, list(expected), dtype="float32", backward=backward)
+    for r in results:
+        phrase = expected[r.name]
+        if phrase is None:
+            assert r.passed, r.lines()
+        else:
+            assert r.verdict == "UNSUPPORTED", r.lines()
+            assert phrase in r.reasons[0], (phrase, r.reasons)
+
+
+def test_jax_dpa_with_another_v_head_size_is_unsupported_through_the_cli(tmp_path, capsys):
+    pytest.importorskip("jax")
+    from symattn.cli import main
+
+    data = {k: v.tolist() for k, v in ADAPTER_CASES["kernel E_v != E"][0].items()}
+    path = tmp_path / "ev.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert main(["verify", str(path), "--impl", "jax_dpa", "--dtype", "bfloat16", "--json"]) == 1
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert r["verdict"] == "UNSUPPORTED"
+    assert r["reasons"] == [
+        "jax.nn.dot_product_attention needs V's head size equal to Q's and K's (the spec has E 3, E_v 2)"
+    ]
