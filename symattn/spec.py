@@ -235,7 +235,7 @@ class AttentionSpec:
         if self.empty_row not in EMPTY_ROWS:
             raise SymattnError(f"empty_row: expected one of {', '.join(EMPTY_ROWS)}, received {_show(self.empty_row)}")
         if self.window is not None:
-            self._set("window", _window(self.window))
+            self._set("window", _window(self.window, L + S))
         if self.mask is not None:
             masks, shared = _masks(self.mask, H, L, S)
             self._set("mask", masks)
@@ -734,7 +734,10 @@ def _masks(value, h: int, L: int, S: int) -> tuple:
     raise SymattnError(f"mask: expected an L × S matrix of booleans or one per head, received shape {array.shape}")
 
 
-def _window(value) -> tuple:
+def _window(value, unbounded: int) -> tuple:
+    """(left, right) with None for an unbounded side; a side of ``unbounded`` (L + S) or more excludes no key, so
+    it is None too: every later stage (truth, generated code, adapters, verifier) sees one form, and no bound
+    reaches int64 arithmetic, however large."""
     value = as_array(value)
     if isinstance(value, np.ndarray):
         value = value.tolist()
@@ -747,11 +750,13 @@ def _window(value) -> tuple:
         if v is None:
             out.append(None)
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
             raise SymattnError(f"window: expected the {side} side to be an integer >= 0 or null, received {_show(v)}")
         if v < 0:
-            raise SymattnError(f"window: expected the {side} side to be >= 0 (null for unbounded), received {v}")
-        out.append(int(v))
+            raise SymattnError(
+                f"window: expected the {side} side to be >= 0 (null for unbounded), received {_show(int(v))}"
+            )
+        out.append(None if v >= unbounded else int(v))
     return tuple(out)
 
 
