@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import KW_ONLY, dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -29,7 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .entries import MAX_LITERAL_DIGITS, Entry, is_algebraic, parse_entry, power, sign, sqrt_fraction, symbols, to_text
+from .entries import (
+    Entry,
+    digit_count,
+    is_algebraic,
+    max_digits,
+    parse_entry,
+    power,
+    sign,
+    sqrt_fraction,
+    symbols,
+    to_text,
+)
 from .errors import SymattnError
 from .matrix import Matrix
 
@@ -524,8 +536,13 @@ def printable(text: str) -> str:
 
 
 def _show(value) -> str:
-    text = printable(repr(value))
-    return text if len(text) <= 60 else text[:57] + "..."
+    try:
+        text = printable(repr(value))
+    except ValueError:  # an integer beyond Python's int-string limit, maybe inside a list
+        if isinstance(value, int):
+            return f"an integer of {digit_count(value)} digits"
+        return f"a {type(value).__name__} holding an integer too long to print"
+    return text if len(text) <= 60 else f"{text[:40]}… ({len(text)} characters)"
 
 
 def _entry(e):
@@ -837,18 +854,29 @@ def _from_text(text: str, suffix: str, source: str) -> AttentionSpec:
             data = tomllib.loads(text, parse_float=Decimal)
         except tomllib.TOMLDecodeError as e:
             raise SymattnError(f"in {where}: broken TOML: {e}") from None
-        except (ValueError, RecursionError) as e:  # e.g. an integer beyond Python's digit limit
-            raise SymattnError(f"in {where}: broken TOML: {e}") from None
+        except ValueError as e:
+            if "int_max_str_digits" not in str(e):
+                raise SymattnError(f"in {where}: broken TOML: {e}") from None
+            # TOML reads integers with int(), which refuses more digits than Python's limit: say where
+            line, digits = max(
+                ((n, len(run.replace("_", ""))) for n, text_line in enumerate(text.splitlines(), 1)
+                 for run in re.findall(r"[0-9_]+", text_line)),
+                key=lambda found: found[1],
+            )  # fmt: skip
+            raise SymattnError(
+                f"in {where}: line {line}: expected integers of at most {max_digits()} digits, received one of {digits}"
+            ) from None
+        except RecursionError:
+            raise SymattnError(f"in {where}: broken TOML: nested too deeply") from None
     return from_dict(data, source)
 
 
 def _json_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_LITERAL_DIGITS:
-        raise SymattnError(
-            f"expected integers of at most {MAX_LITERAL_DIGITS} digits, received one of {len(text)} "
-            f"(starting {text[:12]}…)"
-        )
-    return int(text)
+    if len(text) <= 100:
+        return int(text)
+    # past Python's int-string limit int(text) raises; Decimal converts any length, and the key that holds
+    # the integer then checks it (an entry's digits, a window bound of any size)
+    return int(Decimal(text))
 
 
 def _no_constant(name: str):
@@ -902,7 +930,10 @@ def _unstack(data: dict) -> dict:
         if isinstance(a, np.ndarray) and a.ndim == 0:  # 0-d options from .npz
             data[key] = a.item()
     if "name" in data and not isinstance(data["name"], str):
-        data["name"] = str(data["name"])
+        try:
+            data["name"] = str(data["name"])
+        except ValueError:  # an integer too long to print: AttentionSpec refuses a name that is not a string
+            pass
     if "window" in data and isinstance(as_array(data["window"]), np.ndarray):  # arrays (.npz): -1 is unbounded
         data["window"] = [None if v == -1 else v for v in as_array(data["window"]).tolist()]
     if "alibi_slopes" in data:

@@ -113,3 +113,93 @@ def test_huge_window_on_the_command_line(notebook_data, tmp_path):
     assert " 2.97166792825  -3.97166792825" in huge.stdout
     verdict = run("verify", str(path))
     assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+
+
+# 2, 3. Literals longer than Python converts: the package's limit, the field, the length; never the whole text.
+
+LONG = "9" * 4800
+
+
+def spec_text(data: dict, **raw) -> str:
+    """A spec's JSON with raw JSON text for some keys (integer literals json.dumps cannot write past Python's
+    int-string limit)."""
+    text = json.dumps({**data, **{k: "@" + k for k in raw}})
+    for key, value in raw.items():
+        text = text.replace(json.dumps("@" + key), value)
+    return text
+
+
+AT_MOST = "expected an integer of at most 4300 digits, received one of 4800$"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"x": f"[[{LONG}, 2], [3, 4]]"}, r"x\[0\]\[0\]: " + AT_MOST),
+        (
+            {"x": f'[["{LONG}", 2], [3, 4]]'},
+            r"x\[0\]\[0\]: expected numbers of at most 4300 digits, received '9{40}'… \(4800 characters\), "
+            "with one of 4800 digits$",
+        ),
+        (
+            {"x": f"[[{LONG}.5, 2], [3, 4]]"},
+            r"x\[0\]\[0\]: expected a number of at most 4300 digits, received one of 4801$",
+        ),
+        ({"scale": LONG}, "scale: " + AT_MOST),
+        ({"alibi": f"[1, {LONG}]"}, r"alibi\[1\]: " + AT_MOST),
+        ({"causal": LONG}, r"causal: expected true or false, received an integer of 4800 digits$"),
+        ({"name": LONG}, r"name: expected a non-empty string, received an integer of 4800 digits$"),
+        (
+            {"x": '[["2**10000 * 2**6000 - 1", 2], [3, 4]]'},
+            r"x\[0\]\[0\]: expected a value whose numerator and denominator have at most 4300 digits, "
+            "received one with 4817$",
+        ),
+    ],
+    ids=["int", "string", "decimal", "scale", "alibi", "causal", "name", "folded"],
+)
+def test_long_literals_in_json(notebook_data, tmp_path, raw, message):
+    path = tmp_path / "long.json"
+    path.write_text(spec_text(notebook_data, **raw))
+    with pytest.raises(SymattnError, match=r"^in .*long\.json: " + message) as error:
+        load_spec(path)
+    assert len(str(error.value)) < 300 and "set_int_max_str_digits" not in str(error.value)
+    for command in ("show", "eval"):
+        assert_one_line_error(run(command, str(path)), message)
+
+
+def test_a_window_bound_of_any_length_is_unbounded(notebook_data, tmp_path):
+    path = tmp_path / "window.json"
+    path.write_text(spec_text(notebook_data, window=f"[{LONG}, 0]"))
+    assert load_spec(path).window == (None, 0)
+    shown = run("show", str(path), "--step", "weights1")
+    assert shown.returncode == 0 and "window [∞, 0]" in shown.stdout, shown.stderr[-500:]
+
+
+def test_long_integer_in_toml_names_the_line(tmp_path):
+    path = tmp_path / "long.toml"
+    path.write_text(
+        f'name = "t"\nx = [[{LONG}, 2], [3, 4]]\nwo = [[1, 0], [0, 1]]\n'
+        "[[heads]]\nwq = [[1, 0], [0, 1]]\nwk = [[1, 0], [0, 1]]\nwv = [[1, 0], [0, 1]]\n"
+    )
+    message = r"line 2: expected integers of at most 4300 digits, received one of 4800$"
+    with pytest.raises(SymattnError, match=r"^in .*long\.toml: " + message) as error:
+        load_spec(path)
+    assert "set_int_max_str_digits" not in str(error.value)
+    assert_one_line_error(run("eval", str(path)), message)
+
+
+def test_the_limit_holds_at_its_edge(notebook_data):
+    edge = "9" * 4300
+    assert load_spec({**notebook_data, "x": [[edge, 2], [3, 4]]}).x.rows[0][0] == 10**4300 - 1
+    assert load_spec({**notebook_data, "x": [[10**4300 - 1, 2], [3, 4]]}).to_dict()["x"][0][0] == 10**4300 - 1
+    with pytest.raises(
+        SymattnError, match=r"^x\[0\]\[0\]: expected an integer of at most 4300 digits, received one of 4301$"
+    ):
+        load_spec({**notebook_data, "x": [[10**4300, 2], [3, 4]]})
+
+
+def test_long_command_line_values_are_cut():
+    result = run("verify", "notebook", "--digits", LONG)
+    assert_one_line_error(
+        result, r"^symattn: error: --digits: expected auto or an integer, received '9{39}… \(4802 characters\)$"
+    )
