@@ -884,11 +884,41 @@ def _no_constant(name: str):
 
 
 def _from_npz(path: Path) -> AttentionSpec:
+    where = printable(str(path))
+    expected = "expected a .npz archive (a zip of .npy arrays, as numpy.savez writes)"
+    try:
+        with path.open("rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise SymattnError(f"{where}: cannot read the file: {e.strerror or e}") from None
+    # np.load guesses from these bytes too, and reads anything else as a pickle: tell the user what we see
+    if head == b"\x93NUMPY":
+        raise SymattnError(f"{where}: {expected}, received a single .npy array (numpy.save); save it with numpy.savez")
+    if not head:
+        raise SymattnError(f"{where}: {expected}, received an empty file")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise SymattnError(f"{where}: {expected}, received a file that is not a zip archive")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            data = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise SymattnError(f"{printable(str(path))}: cannot read the .npz file: {e}") from None
+            data = {}
+            for key in archive.files:
+                value = archive[key]
+                if not isinstance(value, np.ndarray):  # NumPy hands back a member that is not .npy as bytes
+                    raise SymattnError(
+                        f"{where}: {expected}, received a member {printable(repr(key))} that is not a .npy array"
+                    )
+                data[key] = value
+    except SymattnError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise SymattnError(
+                f"{where}: {expected} of numbers, received an array of Python objects (pickled), which symattn "
+                "does not load"
+            ) from None
+        raise SymattnError(f"{where}: {expected}, received a damaged archive ({e})") from None
+    except Exception as e:  # zipfile.BadZipFile, zlib.error and the like: a damaged archive
+        raise SymattnError(f"{where}: {expected}, received a damaged archive ({type(e).__name__}: {e})") from None
     return from_dict(data, str(path))
 
 

@@ -203,3 +203,64 @@ def test_long_command_line_values_are_cut():
     assert_one_line_error(
         result, r"^symattn: error: --digits: expected auto or an integer, received '9{39}… \(4802 characters\)$"
     )
+
+
+# 4. Files named .npz that are not .npz archives.
+
+NPZ = r"expected a \.npz archive \(a zip of \.npy arrays, as numpy\.savez writes\)"
+
+
+def _npy(path):
+    np.save(path.with_suffix(".npy"), np.ones((2, 2)))
+    path.with_suffix(".npy").rename(path)
+
+
+def _random(path):
+    path.write_bytes(bytes(range(256)) * 3)
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _foreign_member(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("q.npy", "not an array")
+
+
+def _objects(path):
+    np.savez(path, q=np.array([None, 1], dtype=object))
+
+
+def _truncated(path):
+    np.savez(path, q=np.ones((1, 2, 2)), k=np.ones((1, 2, 2)), v=np.ones((1, 2, 2)))
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize(
+    ("make", "received"),
+    [
+        (_npy, r"received a single \.npy array \(numpy\.save\); save it with numpy\.savez$"),
+        (_random, r"received a file that is not a zip archive$"),
+        (_empty, r"received an empty file$"),
+        (_foreign_member, r"received a member 'q' that is not a \.npy array$"),
+        (_objects, r" of numbers, received an array of Python objects \(pickled\), which symattn does not load$"),
+        (_truncated, r"received a damaged archive \("),
+    ],
+    ids=["npy", "random", "empty", "foreign-member", "objects", "truncated"],
+)
+def test_not_an_npz_archive(tmp_path, make, received):
+    path = tmp_path / "spec.npz"
+    make(path)
+    message = NPZ + ",? ?" + received
+    with pytest.raises(SymattnError, match=r"^.*spec\.npz: " + message):
+        load_spec(path)
+    assert_one_line_error(run("eval", str(path)), r"spec\.npz: " + message)
+
+
+def test_a_valid_npz_still_loads(tmp_path):
+    path = tmp_path / "spec.npz"
+    np.savez(path, q=np.ones((1, 2, 2)), k=np.ones((1, 3, 2)), v=np.ones((1, 3, 1)), window=np.array([-1, 2**40]))
+    assert load_spec(path).window == (None, None)
