@@ -264,3 +264,39 @@ def test_a_valid_npz_still_loads(tmp_path):
     path = tmp_path / "spec.npz"
     np.savez(path, q=np.ones((1, 2, 2)), k=np.ones((1, 3, 2)), v=np.ones((1, 3, 1)), window=np.array([-1, 2**40]))
     assert load_spec(path).window == (None, None)
+
+
+# 5. Notebooks: an np.array call inside another is the array it holds.
+
+
+def test_nested_array_calls_in_a_notebook(tmp_path):
+    from importlib import resources
+
+    from symattn.notebook import check
+
+    text = (resources.files("symattn") / "examples" / "multi_head_attention.txt").read_text()
+    x = "X = np.array([[1, 2],\n              [3, 4]])"
+    wo = "W_O = np.array([[1, 0],\n                [0, 1],\n                [-1, 0],\n                [0, -1]])"
+    assert x in text and wo in text
+    text = text.replace(x, "X = np.array(np.array([[1, 2], [3, 4]], dtype=np.float64))")
+    text = text.replace(wo, "W_O = numpy.asarray(np.array(np.array([[1, 0], [0, 1], [-1, 0], [0, -1]]), dtype=float))")
+    path = tmp_path / "nested.txt"
+    path.write_text(text)
+    report = check(path)
+    assert report.ok and report.checked == 20, report.lines()
+    assert report.spec.x == load_spec("notebook").x and report.spec.wo == load_spec("notebook").wo
+
+    path.write_text(text.replace("[[1, 2], [3, 4]]", "[[1, 2], [3, 5]]"))
+    report = check(path)
+    assert report.spec.x.rows[1][1] == 5 and not report.ok
+
+
+def test_a_notebook_without_arrays_still_says_what_is_missing(tmp_path):
+    from symattn.notebook import check
+
+    path = tmp_path / "empty.txt"
+    path.write_text("In [1]:\nX = np.array(some_list)\n\nIn [2]:\nW_O = np.array(np.zeros((4, 2)))\n")
+    with pytest.raises(
+        SymattnError, match=r"^.*empty\.txt: notebook: expected np\.array literals .*; missing X, W_O, W_Q1/W_K1/W_V1$"
+    ):
+        check(path)
