@@ -128,7 +128,8 @@ def main(argv=None) -> int:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """The message on one line; a word of user text too long to echo (a 4,800-digit number) is cut."""
+    return " ".join(w if len(w) <= 200 else f"{w[:40]}… ({len(w)} characters)" for w in text.split())
 
 
 def _steps(requested, names, also=()) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -34,7 +35,8 @@ ALLOWED = (
 MAX_TEXT = 10_000  # characters of an expression string
 MAX_OPERATORS = 1_000  # operators and parentheses in one expression
 MAX_DEPTH = 100  # nesting of parentheses and calls
-MAX_LITERAL_DIGITS = 4_900  # digits of one integer or decimal literal
+MAX_LITERAL_DIGITS = 4_300  # digits of a literal, and of an integer's or rational's parts: Python's default
+# int-string limit (sys.get_int_max_str_digits), so that every entry converts to and from text
 MAX_EXPONENT = 16_384  # every numeric value has |x| < 2**MAX_EXPONENT, and a non-zero one |x| > 2**-MAX_EXPONENT
 MAX_BITS = 2 * MAX_EXPONENT + 64  # bits of a folded rational's numerator or denominator
 MAX_POWER = 10_000  # |integer exponent| allowed in '**'
@@ -63,6 +65,31 @@ class Expr:
 Entry = Fraction | Expr
 
 
+def max_digits() -> int:
+    """The digits allowed in a literal or an entry's integers: MAX_LITERAL_DIGITS, or less where Python's
+    int-string limit is set lower (PYTHONINTMAXSTRDIGITS)."""
+    limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    return min(MAX_LITERAL_DIGITS, limit) if limit else MAX_LITERAL_DIGITS
+
+
+def digit_count(n: int) -> int:
+    """The decimal digits of |n|, counted without converting it to text (which Python limits)."""
+    return len(Decimal(abs(n)).as_tuple().digits) if n else 1
+
+
+def too_many_digits(n: int) -> int:
+    """The digits of |n| when there are more than ``max_digits()``, else 0."""
+    if n.bit_length() <= 3 * max_digits():  # 2**(3k) < 10**k: short enough without counting
+        return 0
+    digits = digit_count(n)
+    return digits if digits > max_digits() else 0
+
+
+def quoted(text: str) -> str:
+    """User text quoted for a message: a long one cut to its first 40 characters, and its length."""
+    return repr(text) if len(text) <= 60 else f"{text[:40]!r}… ({len(text)} characters)"
+
+
 def parse_entry(value: object, where: str) -> Entry:
     """Read one matrix entry exactly.
 
@@ -76,6 +103,11 @@ def parse_entry(value: object, where: str) -> Entry:
     if isinstance(value, int):
         if -(2**64) < value < 2**64:  # the common case: nothing to check
             return Fraction(value)
+        digits = too_many_digits(value)
+        if digits:
+            raise SymattnError(
+                f"{where}: expected an integer of at most {max_digits()} digits, received one of {digits}"
+            )
         return _checked(Fraction(value), where)
     if isinstance(value, Fraction):
         return _checked(value, where)
@@ -92,16 +124,16 @@ def parse_entry(value: object, where: str) -> Entry:
     if isinstance(value, str):
         return _parse_text(value, where)
     raise SymattnError(
-        f"{where}: expected a number or an exact expression ({ALLOWED}), received {type(value).__name__} {value!r}"
+        f"{where}: expected a number or an exact expression ({ALLOWED}), received {type(value).__name__} {_repr(value)}"
     )
 
 
 def _decimal_fraction(value: Decimal, where: str) -> Fraction:
     """A decimal's exact value, refused before the conversion when it is too large to be useful."""
     sign, digits, exponent = value.as_tuple()
-    if len(digits) > MAX_LITERAL_DIGITS:
+    if len(digits) > max_digits():
         raise SymattnError(
-            f"{where}: expected a number of at most {MAX_LITERAL_DIGITS} digits, received one of {len(digits)}"
+            f"{where}: expected a number of at most {max_digits()} digits, received one of {len(digits)}"
         )
     if any(digits):
         magnitude = len(digits) + exponent - 1  # the decimal exponent of the leading digit
@@ -123,22 +155,29 @@ def _checked(q: Fraction, where: str) -> Fraction:
         )
     if max(q.numerator.bit_length(), q.denominator.bit_length()) > MAX_BITS:
         raise SymattnError(f"{where}: expected a rational of at most {MAX_BITS} bits, received a larger one")
+    digits = max(too_many_digits(q.numerator), too_many_digits(q.denominator))
+    if digits:
+        raise SymattnError(
+            f"{where}: expected a value whose numerator and denominator have at most {max_digits()} digits, "
+            f"received one with {digits}"
+        )
     return q
 
 
 def _parse_text(text: str, where: str) -> Entry:
     if len(text) > MAX_TEXT:
-        raise SymattnError(f"{where}: expected an expression of at most {MAX_TEXT} characters, received {len(text)}")
+        raise SymattnError(f"{where}: expected an expression of at most {MAX_TEXT} characters, received {quoted(text)}")
     text = text.strip()
     operators = sum(text.count(c) for c in "+-*/(")
     if operators > MAX_OPERATORS:
         raise SymattnError(
             f"{where}: expected an expression with at most {MAX_OPERATORS} operators, received {operators}"
         )
-    longest = max((len(run) for run in re.findall(r"[\d_]+", text)), default=0)
-    if longest > MAX_LITERAL_DIGITS:
+    longest = max((len(run.replace("_", "")) for run in re.findall(r"[\d_]+", text)), default=0)
+    if longest > max_digits():
         raise SymattnError(
-            f"{where}: expected numbers of at most {MAX_LITERAL_DIGITS} digits, received one of {longest}"
+            f"{where}: expected numbers of at most {max_digits()} digits, received {quoted(text)}, "
+            f"with one of {longest} digits"
         )
     depth = deepest = 0
     for c in text:
@@ -149,25 +188,29 @@ def _parse_text(text: str, where: str) -> Entry:
     try:
         tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError):
-        raise SymattnError(f"{where}: expected {ALLOWED}; received {text!r}, which does not parse") from None
+        raise SymattnError(f"{where}: expected {ALLOWED}; received {quoted(text)}, which does not parse") from None
     except (RecursionError, MemoryError):
-        raise SymattnError(f"{where}: expression {_short(text)!r} is nested too deeply") from None
+        raise SymattnError(f"{where}: expression {quoted(text)} is nested too deeply") from None
     try:
         entry = _Reader(text, where).read(tree.body)
     except RecursionError:
-        raise SymattnError(f"{where}: expression {_short(text)!r} is nested too deeply") from None
+        raise SymattnError(f"{where}: expression {quoted(text)} is nested too deeply") from None
     if isinstance(entry, Fraction):
         return _checked(entry, where)
     if not symbols(entry):
         try:
             check_magnitude(entry)
         except _Refused as refused:
-            raise SymattnError(f"{where}: {_short(text)!r}: {refused}") from None
+            raise SymattnError(f"{where}: {quoted(text)}: {refused}") from None
     return entry
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= 60 else text[:57] + "..."
+def _repr(value) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's int-string limit, maybe inside a list
+        return "holding an integer too long to print"
+    return text if len(text) <= 60 else f"{text[:40]}… ({len(text)} characters)"
 
 
 class _Reader:
@@ -176,7 +219,7 @@ class _Reader:
         self.where = where
 
     def refuse(self, what: str) -> SymattnError:
-        return SymattnError(f"{self.where}: {what} is not allowed in {_short(self.text)!r}; allowed: {ALLOWED}")
+        return SymattnError(f"{self.where}: {what} is not allowed in {quoted(self.text)}; allowed: {ALLOWED}")
 
     def read(self, node: ast.AST) -> Entry:
         if isinstance(node, ast.Constant):
@@ -204,19 +247,19 @@ class _Reader:
             try:
                 return ops[type(node.op)](left, right)
             except ZeroDivisionError:
-                raise SymattnError(f"{self.where}: {_short(self.text)!r} divides by zero") from None
+                raise SymattnError(f"{self.where}: {quoted(self.text)} divides by zero") from None
             except _Refused as refused:
-                raise SymattnError(f"{self.where}: {_short(self.text)!r}: {refused}") from None
+                raise SymattnError(f"{self.where}: {quoted(self.text)}: {refused}") from None
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
                 raise self.refuse("a call of " + (node.func.id if isinstance(node.func, ast.Name) else "an expression"))
             if len(node.args) != 1 or node.keywords:
-                raise SymattnError(f"{self.where}: {node.func.id} takes exactly one argument, in {_short(self.text)!r}")
+                raise SymattnError(f"{self.where}: {node.func.id} takes exactly one argument, in {quoted(self.text)}")
             argument = self.read(node.args[0])
             try:
                 return function(node.func.id, argument)
             except _Refused as refused:
-                raise SymattnError(f"{self.where}: {_short(self.text)!r}: {refused}") from None
+                raise SymattnError(f"{self.where}: {quoted(self.text)}: {refused}") from None
         raise self.refuse(f"the syntax {type(node).__name__}")
 
 

@@ -18,11 +18,12 @@ def allowed(L, S, mask, causal, window, delta):
     if causal:
         ok = ok & (j <= i)
     if window is not None:
+        far = L + S + abs(delta)  # a side at least this wide excludes no key; capping keeps int64 from wrapping
         left, right = window
         if left is not None:
-            ok = ok & (j >= i - left)
+            ok = ok & (j >= i - min(int(left), far))
         if right is not None:
-            ok = ok & (j <= i + right)
+            ok = ok & (j <= i + min(int(right), far))
     return ok
 
 

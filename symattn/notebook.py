@@ -245,13 +245,16 @@ def _dtype(cells) -> str:
 
 
 def _array_literal(node: ast.AST, code: str):
-    """The literal argument of np.array([...]) / numpy.array / np.asarray, or None."""
+    """The literal argument of np.array([...]) / numpy.array / np.asarray, or of such a call inside one, or None
+    (keywords such as dtype do not change the values read: the notebook's dtype is read from its code)."""
     if not (isinstance(node, ast.Call) and node.args):
         return None
     func = node.func
     if not (isinstance(func, ast.Attribute) and func.attr in ("array", "asarray")):
         return None
     arg = node.args[0]
+    if isinstance(arg, ast.Call):  # np.array(np.array([...], dtype=...)): the array the inner call holds
+        return _array_literal(arg, code)
     try:
         value = ast.literal_eval(arg)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):

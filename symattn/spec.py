@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import KW_ONLY, dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -29,7 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .entries import MAX_LITERAL_DIGITS, Entry, is_algebraic, parse_entry, power, sign, sqrt_fraction, symbols, to_text
+from .entries import (
+    Entry,
+    digit_count,
+    is_algebraic,
+    max_digits,
+    parse_entry,
+    power,
+    sign,
+    sqrt_fraction,
+    symbols,
+    to_text,
+)
 from .errors import SymattnError
 from .matrix import Matrix
 
@@ -235,7 +247,7 @@ class AttentionSpec:
         if self.empty_row not in EMPTY_ROWS:
             raise SymattnError(f"empty_row: expected one of {', '.join(EMPTY_ROWS)}, received {_show(self.empty_row)}")
         if self.window is not None:
-            self._set("window", _window(self.window))
+            self._set("window", _window(self.window, L + S))
         if self.mask is not None:
             masks, shared = _masks(self.mask, H, L, S)
             self._set("mask", masks)
@@ -524,8 +536,13 @@ def printable(text: str) -> str:
 
 
 def _show(value) -> str:
-    text = printable(repr(value))
-    return text if len(text) <= 60 else text[:57] + "..."
+    try:
+        text = printable(repr(value))
+    except ValueError:  # an integer beyond Python's int-string limit, maybe inside a list
+        if isinstance(value, int):
+            return f"an integer of {digit_count(value)} digits"
+        return f"a {type(value).__name__} holding an integer too long to print"
+    return text if len(text) <= 60 else f"{text[:40]}… ({len(text)} characters)"
 
 
 def _entry(e):
@@ -734,7 +751,10 @@ def _masks(value, h: int, L: int, S: int) -> tuple:
     raise SymattnError(f"mask: expected an L × S matrix of booleans or one per head, received shape {array.shape}")
 
 
-def _window(value) -> tuple:
+def _window(value, unbounded: int) -> tuple:
+    """(left, right) with None for an unbounded side; a side of ``unbounded`` (L + S) or more excludes no key, so
+    it is None too: every later stage (truth, generated code, adapters, verifier) sees one form, and no bound
+    reaches int64 arithmetic, however large."""
     value = as_array(value)
     if isinstance(value, np.ndarray):
         value = value.tolist()
@@ -747,11 +767,13 @@ def _window(value) -> tuple:
         if v is None:
             out.append(None)
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
             raise SymattnError(f"window: expected the {side} side to be an integer >= 0 or null, received {_show(v)}")
         if v < 0:
-            raise SymattnError(f"window: expected the {side} side to be >= 0 (null for unbounded), received {v}")
-        out.append(int(v))
+            raise SymattnError(
+                f"window: expected the {side} side to be >= 0 (null for unbounded), received {_show(int(v))}"
+            )
+        out.append(None if v >= unbounded else int(v))
     return tuple(out)
 
 
@@ -832,18 +854,29 @@ def _from_text(text: str, suffix: str, source: str) -> AttentionSpec:
             data = tomllib.loads(text, parse_float=Decimal)
         except tomllib.TOMLDecodeError as e:
             raise SymattnError(f"in {where}: broken TOML: {e}") from None
-        except (ValueError, RecursionError) as e:  # e.g. an integer beyond Python's digit limit
-            raise SymattnError(f"in {where}: broken TOML: {e}") from None
+        except ValueError as e:
+            if "int_max_str_digits" not in str(e):
+                raise SymattnError(f"in {where}: broken TOML: {e}") from None
+            # TOML reads integers with int(), which refuses more digits than Python's limit: say where
+            line, digits = max(
+                ((n, len(run.replace("_", ""))) for n, text_line in enumerate(text.splitlines(), 1)
+                 for run in re.findall(r"[0-9_]+", text_line)),
+                key=lambda found: found[1],
+            )  # fmt: skip
+            raise SymattnError(
+                f"in {where}: line {line}: expected integers of at most {max_digits()} digits, received one of {digits}"
+            ) from None
+        except RecursionError:
+            raise SymattnError(f"in {where}: broken TOML: nested too deeply") from None
     return from_dict(data, source)
 
 
 def _json_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_LITERAL_DIGITS:
-        raise SymattnError(
-            f"expected integers of at most {MAX_LITERAL_DIGITS} digits, received one of {len(text)} "
-            f"(starting {text[:12]}…)"
-        )
-    return int(text)
+    if len(text) <= 100:
+        return int(text)
+    # past Python's int-string limit int(text) raises; Decimal converts any length, and the key that holds
+    # the integer then checks it (an entry's digits, a window bound of any size)
+    return int(Decimal(text))
 
 
 def _no_constant(name: str):
@@ -851,11 +884,41 @@ def _no_constant(name: str):
 
 
 def _from_npz(path: Path) -> AttentionSpec:
+    where = printable(str(path))
+    expected = "expected a .npz archive (a zip of .npy arrays, as numpy.savez writes)"
+    try:
+        with path.open("rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise SymattnError(f"{where}: cannot read the file: {e.strerror or e}") from None
+    # np.load guesses from these bytes too, and reads anything else as a pickle: tell the user what we see
+    if head == b"\x93NUMPY":
+        raise SymattnError(f"{where}: {expected}, received a single .npy array (numpy.save); save it with numpy.savez")
+    if not head:
+        raise SymattnError(f"{where}: {expected}, received an empty file")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise SymattnError(f"{where}: {expected}, received a file that is not a zip archive")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            data = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise SymattnError(f"{printable(str(path))}: cannot read the .npz file: {e}") from None
+            data = {}
+            for key in archive.files:
+                value = archive[key]
+                if not isinstance(value, np.ndarray):  # NumPy hands back a member that is not .npy as bytes
+                    raise SymattnError(
+                        f"{where}: {expected}, received a member {printable(repr(key))} that is not a .npy array"
+                    )
+                data[key] = value
+    except SymattnError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise SymattnError(
+                f"{where}: {expected} of numbers, received an array of Python objects (pickled), which symattn "
+                "does not load"
+            ) from None
+        raise SymattnError(f"{where}: {expected}, received a damaged archive ({e})") from None
+    except Exception as e:  # zipfile.BadZipFile, zlib.error and the like: a damaged archive
+        raise SymattnError(f"{where}: {expected}, received a damaged archive ({type(e).__name__}: {e})") from None
     return from_dict(data, str(path))
 
 
@@ -897,7 +960,10 @@ def _unstack(data: dict) -> dict:
         if isinstance(a, np.ndarray) and a.ndim == 0:  # 0-d options from .npz
             data[key] = a.item()
     if "name" in data and not isinstance(data["name"], str):
-        data["name"] = str(data["name"])
+        try:
+            data["name"] = str(data["name"])
+        except ValueError:  # an integer too long to print: AttentionSpec refuses a name that is not a string
+            pass
     if "window" in data and isinstance(as_array(data["window"]), np.ndarray):  # arrays (.npz): -1 is unbounded
         data["window"] = [None if v == -1 else v for v in as_array(data["window"]).tolist()]
     if "alibi_slopes" in data:
