@@ -54,8 +54,14 @@ def auto_digits(spec, dtype: str, names, graph) -> int:
     from .truth import large
 
     if dtype != "float64" and large(spec, LARGE_DIGITS, "auto", names, graph):
-        return min(LARGE_DIGITS, math.ceil(-math.log10(unit_roundoff(dtype))) + BEYOND_DTYPE)
+        return auto_large_digits(dtype)
     return DIGITS
+
+
+def auto_large_digits(dtype: str) -> int:
+    """``auto_digits`` for a large spec in ``dtype``: BEYOND_DTYPE digits past its unit roundoff, at most
+    LARGE_DIGITS."""
+    return min(LARGE_DIGITS, math.ceil(-math.log10(unit_roundoff(dtype))) + BEYOND_DTYPE)
 
 
 VERDICTS = ("PASS", "FAIL", "UNSUPPORTED", "ERROR")
