@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
+from . import progress
 from ._version import __version__
 from .errors import SymattnError
 from .spec import printable
@@ -241,6 +243,13 @@ def _eval(args) -> int:
     graph = build_graph(spec)
     forward, backward = [s.name for s in graph.steps], [s.name for s in graph.backward_steps]
     names = _steps(args.step, forward + (backward if args.grad else []), also=backward)
+    entries = sum(r * c for r, c in (graph.step(n).shape for n in names))
+    progress.announce(
+        f"certifying {args.digits} digits of {progress.count(entries, 'entry', 'entries')} "
+        f"({progress.count(len(names), 'step')}) of {spec.display_name}: {progress.count(spec.h, 'head')} of "
+        f"{spec.L}×{spec.S} scores",
+        spec.h * spec.L * spec.S + entries,
+    )
     truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names)
     trace = None
     if args.exact:
@@ -360,6 +369,16 @@ def _verify(args) -> int:
             digits = int(digits)
         except ValueError:
             raise SymattnError(f"--digits: expected auto or an integer, received {digits!r}") from None
+    from .graph import build as build_graph
+    from .verifier import targets
+
+    entries = sum(math.prod(t.shape) for t in targets(build_graph(spec), args.backward))
+    progress.announce(
+        f"verifying {progress.count(len(impls), 'implementation')} on {spec.display_name} in {args.dtype}: "
+        f"the truth of {progress.count(entries, 'gradient entry' if args.backward else 'output entry', 'gradient entries' if args.backward else 'output entries')}, "
+        f"{progress.count(spec.h, 'head')} of {spec.L}×{spec.S} scores",
+        spec.h * spec.L * spec.S + entries,
+    )
     results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits)
     if args.plot:
         from .verifier import plot

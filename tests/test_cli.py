@@ -225,3 +225,20 @@ def test_verify_help_explains_the_report(capsys):
         assert term in text
     assert "auto (25; for a large spec in a dtype other than float64, a few past its unit roundoff: 12 for " \
            "float32, 10 for float16, 9 for bfloat16)" in text
+
+
+def test_long_runs_say_what_they_compute_once_even_on_a_pipe(capsys, monkeypatch):
+    import symattn.progress
+
+    assert main(["eval", "notebook", "--digits", "5", "--step", "M"]) == 0
+    assert capsys.readouterr().err == ""  # a short run stays silent
+    monkeypatch.setattr(symattn.progress, "LONG", 8)  # the notebook's 8 score entries count as long now
+    assert main(["eval", "notebook", "--digits", "5", "--step", "M", "--step", "head1"]) == 0
+    assert capsys.readouterr().err == (
+        "symattn: certifying 5 digits of 8 entries (2 steps) of notebook: 2 heads of 2×2 scores\n"
+    )
+    assert main(["verify", "notebook", "--impl", "tests.impls:right"]) == 0
+    assert capsys.readouterr().err == (
+        "symattn: verifying 1 implementation on notebook in float64: the truth of 4 output entries, "
+        "2 heads of 2×2 scores\n"
+    )
