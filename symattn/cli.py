@@ -14,6 +14,7 @@ from ._version import __version__
 from .errors import SymattnError
 from .spec import printable
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for every other user error
         raise SymattnError(f"usage: {message} (see '{self.prog} --help')")
@@ -59,9 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     from .trace import FORMATS
     from .verifier import DIGITS, RULES, auto_large_digits
 
-    spec_help = (
-        f"a built-in example ({', '.join(builtin_names())}) or a path to a .json, .toml or .npz spec file"
-    )
+    spec_help = f"a built-in example ({', '.join(builtin_names())}) or a path to a .json, .toml or .npz spec file"
     grad_help = "the backward steps too (gradients of the sum of outputs, or of the spec's dout)"
     parser = _Parser(
         prog="symattn",
@@ -133,7 +132,9 @@ def _parser() -> argparse.ArgumentParser:
         f"({', '.join(ADAPTERS)}); repeatable; default: the generated code (and the notebook's own algorithm)",
     )
     ver.add_argument("--dtype", choices=DTYPES, default="float64", help="the inputs' dtype under test")
-    ver.add_argument("--rule", choices=RULES, default="kappa", help="the rule that decides the verdict; both are reported")
+    ver.add_argument(
+        "--rule", choices=RULES, default="kappa", help="the rule that decides the verdict; both are reported"
+    )
     ver.add_argument("--json", action="store_true", help="strict JSON, one result per implementation")
     ver.add_argument(
         "--plot", metavar="FILE", help="a PNG heatmap of error / bound per entry per implementation; default: none"
@@ -373,9 +374,10 @@ def _verify(args) -> int:
     from .verifier import targets
 
     entries = sum(math.prod(t.shape) for t in targets(build_graph(spec), args.backward))
+    kind = "gradient" if args.backward else "output"
     progress.announce(
         f"verifying {progress.count(len(impls), 'implementation')} on {spec.display_name} in {args.dtype}: "
-        f"the truth of {progress.count(entries, 'gradient entry' if args.backward else 'output entry', 'gradient entries' if args.backward else 'output entries')}, "
+        f"the truth of {progress.count(entries, f'{kind} entry', f'{kind} entries')}, "
         f"{progress.count(spec.h, 'head')} of {spec.L}×{spec.S} scores",
         spec.h * spec.L * spec.S + entries,
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 import time
 
-
 LONG = 1 << 16  # a run with this much work (score entries plus entries asked for) says what it computes
 
 

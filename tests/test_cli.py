@@ -168,13 +168,30 @@ def test_show_symbolic_spec(tmp_path, notebook_data):
 
 HELP_OPTIONS = {  # every option of every command, with the choices and default its --help must show
     "show": {"--step": None, "--closed": "off", "--format": ("pretty", ("pretty", "str", "latex")), "--grad": "off"},
-    "eval": {"--digits": "50", "--engine": ("auto", ("mpmath", "arb", "auto")), "--step": None, "--json": "off",
-             "--exact": "off", "--grad": "off"},
-    "generate": {"--output": None, "--weights": ("folded", ("folded", "inputs")),
-                 "--strategy": ("auto", ("auto", "unrolled", "vectorized")), "--check": "off", "--grad": "off"},
-    "verify": {"--impl": None, "--dtype": ("float64", ("float64", "float32", "float16", "bfloat16")),
-               "--rule": ("kappa", ("kappa", "differential", "both")), "--json": "off", "--plot": None,
-               "--digits": "auto", "--backward": "off"},
+    "eval": {
+        "--digits": "50",
+        "--engine": ("auto", ("mpmath", "arb", "auto")),
+        "--step": None,
+        "--json": "off",
+        "--exact": "off",
+        "--grad": "off",
+    },
+    "generate": {
+        "--output": None,
+        "--weights": ("folded", ("folded", "inputs")),
+        "--strategy": ("auto", ("auto", "unrolled", "vectorized")),
+        "--check": "off",
+        "--grad": "off",
+    },
+    "verify": {
+        "--impl": None,
+        "--dtype": ("float64", ("float64", "float32", "float16", "bfloat16")),
+        "--rule": ("kappa", ("kappa", "differential", "both")),
+        "--json": "off",
+        "--plot": None,
+        "--digits": "auto",
+        "--backward": "off",
+    },
     "notebook": {"--spec": None},
 }
 
@@ -219,12 +236,19 @@ def test_verify_help_explains_the_report(capsys):
     with pytest.raises(SystemExit):
         main(["verify", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for term in ("error |value - exact|", "ulps the error in units in the last place", "bits log2(1 + how many floats",
-                 "normwise ||out - exact|| / ||exact||", "kappa the default rule: every entry's error <= its bound "
-                 "2 max(E, R) + 2 ulps", "differential FlashAttention's rule: max error <= 2 (backward: 3)"):
+    for term in (
+        "error |value - exact|",
+        "ulps the error in units in the last place",
+        "bits log2(1 + how many floats",
+        "normwise ||out - exact|| / ||exact||",
+        "kappa the default rule: every entry's error <= its bound 2 max(E, R) + 2 ulps",
+        "differential FlashAttention's rule: max error <= 2 (backward: 3)",
+    ):
         assert term in text
-    assert "auto (25; for a large spec in a dtype other than float64, a few past its unit roundoff: 12 for " \
-           "float32, 10 for float16, 9 for bfloat16)" in text
+    assert (
+        "auto (25; for a large spec in a dtype other than float64, a few past its unit roundoff: 12 for "
+        "float32, 10 for float16, 9 for bfloat16)" in text
+    )
 
 
 def test_long_runs_say_what_they_compute_once_even_on_a_pipe(capsys, monkeypatch):

@@ -235,14 +235,20 @@ def _empty_row_spec(form: str, empty_row: str) -> dict:
         return {**arrays, "mask": mask, "empty_row": empty_row}
     x = rng.integers(-3, 4, size=(4, 2)).astype(float)
     head = {key: rng.integers(-2, 3, size=(2, 2)).astype(float) for key in ("wq", "wk", "wv")}
-    return {"x": x, "heads": [head], "wo": np.eye(2), "mask": np.vstack([mask, np.ones((1, 4), bool)]),
-            "empty_row": empty_row}
+    return {
+        "x": x,
+        "heads": [head],
+        "wo": np.eye(2),
+        "mask": np.vstack([mask, np.ones((1, 4), bool)]),
+        "empty_row": empty_row,
+    }
 
 
 @pytest.mark.parametrize("empty_row", ["zero", "uniform", "nan"])
 @pytest.mark.parametrize("form", ["kernel", "projection"])
-@pytest.mark.parametrize(("strategy", "weights"), [("unrolled", "folded"), ("vectorized", "folded"),
-                                                    ("vectorized", "inputs")])
+@pytest.mark.parametrize(
+    ("strategy", "weights"), [("unrolled", "folded"), ("vectorized", "folded"), ("vectorized", "inputs")]
+)
 def test_no_numpy_warnings_from_generated_modules(empty_row, form, strategy, weights, tmp_path):
     """Empty rows (0/0, -inf - -inf) and half-precision overflow give nan and inf quietly, never a
     RuntimeWarning; an empty row still gives what its empty_row rule says."""
@@ -253,8 +259,12 @@ def test_no_numpy_warnings_from_generated_modules(empty_row, form, strategy, wei
     data = [spec.q, spec.k, spec.v] if form == "kernel" else [spec.x]
     data = [np.stack([m.float64() for m in d]) if isinstance(d, tuple) else d.float64() for d in data]
     if weights == "inputs" and form == "projection":
-        data += [np.stack([spec.heads[0].wq.float64()]), np.stack([spec.kv_heads[0].wk.float64()]),
-                 np.stack([spec.kv_heads[0].wv.float64()]), spec.wo.float64()]
+        data += [
+            np.stack([spec.heads[0].wq.float64()]),
+            np.stack([spec.kv_heads[0].wk.float64()]),
+            np.stack([spec.kv_heads[0].wv.float64()]),
+            spec.wo.float64(),
+        ]
     for dtype in ("float64", "float32", "float16", "bfloat16"):
         args = [a.astype(dtype_of(dtype)) for a in data]
         huge = [(a * 1000).astype(dtype_of(dtype)) for a in data]  # scores beyond float16's 65504

@@ -311,8 +311,16 @@ def test_no_numpy_warnings_from_the_verifier_and_budgets(empty_row):
     mask[1] = False
     mask[:, 0] = False
     q, k = (rng.integers(-90, 91, size=(1, n, 2)).astype(float) for n in (3, 4))  # scores up to about 16000
-    spec = symattn.load_spec({"q": q, "k": k, "v": rng.integers(-3, 4, size=(1, 4, 2)).astype(float),
-                              "mask": mask, "empty_row": empty_row, "scale": 1})
+    spec = symattn.load_spec(
+        {
+            "q": q,
+            "k": k,
+            "v": rng.integers(-3, 4, size=(1, 4, 2)).astype(float),
+            "mask": mask,
+            "empty_row": empty_row,
+            "scale": 1,
+        }
+    )
     graph = build(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -338,8 +346,11 @@ def test_budget_beyond_float64_and_inputs_beyond_the_dtype():
         assert np.isinf(budgets(build(spec), {}, "float64")["scores1"][0, 0])
         (result,) = verify(spec, default_impls(spec), dtype="float64")
         assert result.verdict == "FAIL"
-        with pytest.raises(SymattnError, match=r"^q: expected values within float16's range \(\|x\| <= 65504\), "
-                           r"received 1e\+160, which rounds to inf in float16$"):
+        with pytest.raises(
+            SymattnError,
+            match=r"^q: expected values within float16's range \(\|x\| <= 65504\), "
+            r"received 1e\+160, which rounds to inf in float16$",
+        ):
             verify(spec, default_impls(spec), dtype="float16")
         big = {"x": [[1, 2]], "heads": [{"wq": [[1], [1]], "wk": [[1], [1]], "wv": [[1], ["1e40"]]}], "wo": [[1]]}
         with pytest.raises(SymattnError, match=r"^wv: expected values within bfloat16's range .* received 1e\+40"):
