@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     from .engines import ENGINES
     from .numeric import DTYPES
     from .spec import builtin_names
-    from .trace import FORMATS
+    from .steps import FORMATS
     from .verifier import DIGITS, RULES, auto_large_digits
 
     spec_help = f"a built-in example ({', '.join(builtin_names())}) or a path to a .json, .toml or .npz spec file"
