@@ -7,7 +7,7 @@ forward(x, wq, wk, wv, wo, *options) for x (..., 2, 2), wq (2, 2, 2), wk (2, 2, 
 over leading axes; options scale=0.7071067811865476. intermediates(...) returns every named step. Float dtypes are
 preserved (bfloat16 is computed in float32, other inputs become float64); the softmax is shifted by each row's
 maximum over its allowed keys, so large logits do not overflow in float32 and float64 (float16 and bfloat16 overflow
-where an exponent's argument itself does).
+where an exponent's argument itself does). Overflow gives inf and an invalid operation nan, without NumPy warnings.
 """
 import numpy
 
@@ -44,6 +44,7 @@ def _unbatched(g, ndim):
     return g.sum(axis=tuple(range(g.ndim - ndim))) if g.ndim > ndim else g
 _CHUNK = 4096
 
+@numpy.errstate(over='ignore', divide='ignore', invalid='ignore')
 def forward(x, wq, wk, wv, wo, *, scale=0.7071067811865476):
     """The output M (..., 2, 2)."""
     x, dtype = _floating(x, (2, 2), 'x')
@@ -174,6 +175,7 @@ def _output(x, wq, wk, wv, wo, scale):
     out1_1 = head1_1_0 * wo_0_1 + head1_1_1 * wo_1_1 + head2_1_0 * wo_2_1 + head2_1_1 * wo_3_1
     return [out0_0, out0_1, out1_0, out1_1]
 
+@numpy.errstate(over='ignore', divide='ignore', invalid='ignore')
 def intermediates(x, wq, wk, wv, wo, *, scale=0.7071067811865476):
     """Every named step, each (..., rows, columns)."""
     x, dtype = _floating(x, (2, 2), 'x')

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
+from . import progress
 from ._version import __version__
 from .errors import SymattnError
 from .spec import printable
-
-FORMATS = ("pretty", "str", "latex")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,77 +20,132 @@ class _Parser(argparse.ArgumentParser):
         raise SymattnError(f"usage: {message} (see '{self.prog} --help')")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (argparse's ArgumentDefaultsHelpFormatter, but none for options
+    whose help says what their absence means); the epilog as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        if action.default is False and action.nargs == 0:  # a flag
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+VERIFY_TERMS = """\
+what the report says (exact: the truth certified for the inputs as rounded to the dtype):
+  error     |value - exact| per entry; 'max error' is the largest.
+  ulps      the error in units in the last place of the dtype at |exact|, or at 2**-10 of the array's
+            largest |exact| where that is larger (entries near zero do not dominate).
+  bits      log2(1 + how many floats of the dtype apart the value and the exact value rounded to the dtype
+            are): 0 when they are the same float (Herbie's bits of error).
+  normwise  ||out - exact|| / ||exact||, 2-norms over the entries whose exact value is finite; reported only.
+  kappa     the default rule: every entry's error <= its bound 2 max(E, R) + 2 ulps, E the rounding-error
+            budget of a right implementation in the dtype propagated through the graph (first order,
+            growing as sqrt(n) per sum), R the larger error there of two reference runs of the graph in the
+            dtype (straightforward and reordered).
+  differential  FlashAttention's rule: max error <= 2 (backward: 3) x the reference runs' largest error +
+            one rounding at the array's largest |exact|; 'bound' is that, 'reference runs' their error.
+  input rounding moves the output by: max |exact - truth(the inputs before rounding)|.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
+    from .adapters import NAMES as ADAPTERS
+    from .codegen import STRATEGIES, UNROLL_LIMIT, WEIGHTS
+    from .engines import ENGINES
+    from .numeric import DTYPES
+    from .spec import builtin_names
+    from .steps import FORMATS
+    from .verifier import DIGITS, RULES, auto_large_digits
+
+    spec_help = f"a built-in example ({', '.join(builtin_names())}) or a path to a .json, .toml or .npz spec file"
+    grad_help = "the backward steps too (gradients of the sum of outputs, or of the spec's dout)"
     parser = _Parser(
         prog="symattn",
         description="Exact multi-head self-attention: closed forms, certified ground truth, notebook parity.",
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"symattn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log precision rises and timings to stderr")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    show = sub.add_parser("show", help="print the exact trace")
-    show.add_argument("spec", help="a built-in name (notebook) or a .json/.toml spec file")
-    show.add_argument("--step", action="append", metavar="NAME", help="only this step (repeatable)")
+    def command(name, text, **kwargs):
+        return sub.add_parser(name, help=text, description=text, formatter_class=_Formatter, **kwargs)
+
+    show = command("show", "print the exact trace")
+    show.add_argument("spec", metavar="SPEC", help=spec_help)
+    show.add_argument("--step", action="append", metavar="NAME", help="only this step (repeatable); default: all")
     show.add_argument(
         "--closed",
         action="store_true",
         help="fully substituted closed forms instead of the structure over row normalisers",
     )
-    show.add_argument("--format", choices=FORMATS, default="pretty")
-    show.add_argument(
-        "--grad", action="store_true", help="the backward steps too (gradients of the sum of outputs, or of dout)"
-    )
+    show.add_argument("--format", choices=FORMATS, default="pretty", help="SymPy's printer for the matrices")
+    show.add_argument("--grad", action="store_true", help=grad_help)
 
-    ev = sub.add_parser("eval", help="certified decimal values of every step")
-    ev.add_argument("spec")
-    ev.add_argument("--digits", type=int, default=50, help="certified significant digits (default 50)")
+    ev = command("eval", "certified decimal values of every step")
+    ev.add_argument("spec", metavar="SPEC", help=spec_help)
+    ev.add_argument("--digits", type=int, default=50, metavar="N", help="certified significant digits")
     ev.add_argument(
         "--engine",
-        choices=("mpmath", "arb", "auto"),
+        choices=ENGINES,
         default="auto",
         help="ball arithmetic: mpmath intervals or Arb (python-flint); auto picks Arb when installed",
     )
-    ev.add_argument("--step", action="append", metavar="NAME", help="only print this step (repeatable)")
+    ev.add_argument("--step", action="append", metavar="NAME", help="only print this step (repeatable); default: all")
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.add_argument("--exact", action="store_true", help="include the closed forms (needs SymPy; slow for big specs)")
-    ev.add_argument(
-        "--grad", action="store_true", help="the backward steps too (gradients of the sum of outputs, or of dout)"
-    )
+    ev.add_argument("--grad", action="store_true", help=grad_help)
 
-    gen = sub.add_parser("generate", help="emit a standalone NumPy module computing the attention")
-    gen.add_argument("spec")
-    gen.add_argument("-o", "--output", metavar="FILE", help="write the module here (atomically) instead of stdout")
+    gen = command("generate", "emit a standalone NumPy module computing the attention")
+    gen.add_argument("spec", metavar="SPEC", help=spec_help)
+    gen.add_argument(
+        "-o", "--output", metavar="FILE", help="write the module here (atomically); default: standard output"
+    )
     gen.add_argument(
         "--weights",
-        choices=("folded", "inputs"),
+        choices=WEIGHTS,
         default="folded",
         help="folded: the spec's weights are constants, forward(x); inputs: forward(x, wq, wk, wv, wo)",
     )
-    gen.add_argument("--strategy", choices=("auto", "unrolled", "vectorized"), default="auto")
+    gen.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="auto",
+        help="unrolled: one line per scalar from the exact forms; vectorized: one per matrix operation; auto: "
+        f"unrolled while H*L*S*max(d_k, d_v) <= {UNROLL_LIMIT} and the masks are known, else vectorized",
+    )
     gen.add_argument("--check", action="store_true", help="exit 1 if FILE differs from what would be generated now")
     gen.add_argument(
         "--grad", action="store_true", help="also backward(..., dout): the input gradients (and backward steps)"
     )
 
-    ver = sub.add_parser("verify", help="measure attention implementations against the certified truth")
-    ver.add_argument("spec")
+    ver = command("verify", "measure attention implementations against the certified truth", epilog=VERIFY_TERMS)
+    ver.add_argument("spec", metavar="SPEC", help=spec_help)
     ver.add_argument(
         "--impl",
         action="append",
         metavar="MODULE:FUNCTION",
-        help="MODULE:FUNCTION taking the inputs positionally and the options by keyword, or a built-in adapter "
-        "(torch_sdpa, torch_mha, jax_dpa); repeatable; default: the generated code (and the notebook's own algorithm)",
+        help=f"MODULE:FUNCTION taking the inputs positionally and the options by keyword, or a built-in adapter "
+        f"({', '.join(ADAPTERS)}); repeatable; default: the generated code (and the notebook's own algorithm)",
     )
-    ver.add_argument("--dtype", choices=("float64", "float32", "float16", "bfloat16"), default="float64")
-    ver.add_argument("--rule", choices=("kappa", "differential", "both"), default="kappa")
+    ver.add_argument("--dtype", choices=DTYPES, default="float64", help="the inputs' dtype under test")
+    ver.add_argument(
+        "--rule", choices=RULES, default="kappa", help="the rule that decides the verdict; both are reported"
+    )
     ver.add_argument("--json", action="store_true", help="strict JSON, one result per implementation")
-    ver.add_argument("--plot", metavar="FILE", help="a PNG heatmap of error / bound per entry per implementation")
+    ver.add_argument(
+        "--plot", metavar="FILE", help="a PNG heatmap of error / bound per entry per implementation; default: none"
+    )
+    large = ", ".join(f"{auto_large_digits(d)} for {d}" for d in DTYPES if d != "float64")
     ver.add_argument(
         "--digits",
         default="auto",
-        help="certified digits of the truth: auto (25; for a large spec in a dtype other than float64, 6 past its "
-        "unit roundoff: 9 for bfloat16, 10 for float16, 12 for float32) or N",
+        metavar="auto|N",
+        help=f"certified digits of the truth: auto ({DIGITS}; for a large spec in a dtype other than float64, "
+        f"a few past its unit roundoff: {large}) or N",
     )
     ver.add_argument(
         "--backward",
@@ -99,12 +154,13 @@ def _parser() -> argparse.ArgumentParser:
         "return the input gradients (a dict by name, or a tuple in input order)",
     )
 
-    nb = sub.add_parser("notebook", help="check every number a notebook printed against the exact values")
-    nb.add_argument("file", help="a text transcript ('In [N]:' cells) or an .ipynb file")
+    nb = command("notebook", "check every number a notebook printed against the exact values")
+    nb.add_argument("file", metavar="FILE", help="a text transcript ('In [N]:' cells) or an .ipynb file")
     nb.add_argument(
         "--spec",
         metavar="SPEC",
-        help="check against this spec (masks and other variants) instead of the one read from the notebook's arrays",
+        help=f"check against this spec ({spec_help}: masks and other variants); default: the one read from "
+        "the notebook's arrays",
     )
     return parser
 
@@ -189,6 +245,13 @@ def _eval(args) -> int:
     graph = build_graph(spec)
     forward, backward = [s.name for s in graph.steps], [s.name for s in graph.backward_steps]
     names = _steps(args.step, forward + (backward if args.grad else []), also=backward)
+    entries = sum(r * c for r, c in (graph.step(n).shape for n in names))
+    progress.announce(
+        f"certifying {args.digits} digits of {progress.count(entries, 'entry', 'entries')} "
+        f"({progress.count(len(names), 'step')}) of {spec.display_name}: {progress.count(spec.h, 'head')} of "
+        f"{spec.L}×{spec.S} scores",
+        spec.h * spec.L * spec.S + entries,
+    )
     truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names)
     trace = None
     if args.exact:
@@ -308,6 +371,17 @@ def _verify(args) -> int:
             digits = int(digits)
         except ValueError:
             raise SymattnError(f"--digits: expected auto or an integer, received {digits!r}") from None
+    from .graph import build as build_graph
+    from .verifier import targets
+
+    entries = sum(math.prod(t.shape) for t in targets(build_graph(spec), args.backward))
+    kind = "gradient" if args.backward else "output"
+    progress.announce(
+        f"verifying {progress.count(len(impls), 'implementation')} on {spec.display_name} in {args.dtype}: "
+        f"the truth of {progress.count(entries, f'{kind} entry', f'{kind} entries')}, "
+        f"{progress.count(spec.h, 'head')} of {spec.L}×{spec.S} scores",
+        spec.h * spec.L * spec.S + entries,
+    )
     results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits)
     if args.plot:
         from .verifier import plot

@@ -1,9 +1,27 @@
-"""Progress on stderr for long evaluations: only on a terminal, only after about a second."""
+"""Progress on stderr for long evaluations: a live line only on a terminal, only after about a second; one
+line at the start of a long run, terminal or not."""
 
 from __future__ import annotations
 
 import sys
 import time
+
+LONG = 1 << 16  # a run with this much work (score entries plus entries asked for) says what it computes
+
+
+def announce(text: str, work: int, stream=None) -> None:
+    """``symattn: text`` on stderr, once, at the start of a run with at least LONG units of ``work``, terminal
+    or not: a piped or logged run that computes for a minute is not silent, and a short one prints nothing."""
+    if work < LONG:
+        return
+    stream = sys.stderr if stream is None else stream
+    stream.write(f"symattn: {text}\n")
+    stream.flush()
+
+
+def count(n: int, one: str, many: str | None = None) -> str:
+    """'1 head', '2,048 heads'; '1 entry', '3 entries' with ``many``."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
 
 
 class Progress:

@@ -76,14 +76,15 @@ class BudgetXP:
         return Budget(c.value.astype(self.working), np.zeros(c.value.shape, dtype=self.working))
 
     def _dot(self, a, b, n):
-        value = a.value @ b.value
         abs_a, abs_b = np.abs(a.value), np.abs(b.value)
-        error = (LAMBDA * math.sqrt(n) * self.u_c) * (abs_a @ abs_b)
-        a_err, b_err = a.error.any(), b.error.any()  # exact inputs (the leaves): no product of their errors
-        if b_err:
-            error += abs_a @ b.error
-        if a_err:
-            error += a.error @ (abs_b + b.error if b_err else abs_b)
+        with np.errstate(over="ignore", invalid="ignore"):  # products beyond the working range: inf, no warning
+            value = a.value @ b.value
+            error = (LAMBDA * math.sqrt(n) * self.u_c) * (abs_a @ abs_b)
+            a_err, b_err = a.error.any(), b.error.any()  # exact inputs (the leaves): no product of their errors
+            if b_err:
+                error += abs_a @ b.error
+            if a_err:
+                error += a.error @ (abs_b + b.error if b_err else abs_b)
         return self._stored(value, error)
 
     def matmul(self, a, b):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+FORMATS = ("pretty", "str", "latex")  # how a step's matrix prints (trace.render); here, SymPy-free, for the CLI
+
 ROW_LOCAL = frozenset(
     ("Q", "scores", "weights", "head", "concat_heads", "M", "dM", "dconcat_heads", "dhead", "dweights", "dscores",
      "dQ", "dq", "dbias")

@@ -7,8 +7,10 @@
 
 With tensors (torch, JAX or NumPy), the implementation is fed the same framework's tensors, in their dtype
 unless ``dtype`` says otherwise (cast by that framework, as it would cast them), options by keyword as in the
-``--impl`` convention; the truth is certified on exactly those values.  A leading batch axis is allowed: each
-element is verified.  A failed verdict raises AssertionError naming the worst entries; an option the
+``--impl`` convention; the truth is certified on exactly those values.  A leading batch axis is allowed: the
+implementation is called once with the whole batch, then each element's slice of its result is measured against
+the truth for that element's inputs (options are shared by every element), and the first element that fails
+raises.  A failed verdict raises AssertionError naming the worst entries; an option the
 implementation cannot take (UNSUPPORTED) or bad usage raises SymattnError; what the implementation raises is
 raised again.
 """

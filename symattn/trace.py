@@ -26,9 +26,7 @@ from .errors import SymattnError
 from .exact import NANF, ExactXP
 from .graph import build as build_graph
 from .rational import Lin
-
-FORMATS = ("pretty", "str", "latex")
-
+from .steps import FORMATS
 
 _RATIONALS: dict = {}
 

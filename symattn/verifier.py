@@ -54,8 +54,14 @@ def auto_digits(spec, dtype: str, names, graph) -> int:
     from .truth import large
 
     if dtype != "float64" and large(spec, LARGE_DIGITS, "auto", names, graph):
-        return min(LARGE_DIGITS, math.ceil(-math.log10(unit_roundoff(dtype))) + BEYOND_DTYPE)
+        return auto_large_digits(dtype)
     return DIGITS
+
+
+def auto_large_digits(dtype: str) -> int:
+    """``auto_digits`` for a large spec in ``dtype``: BEYOND_DTYPE digits past its unit roundoff, at most
+    LARGE_DIGITS."""
+    return min(LARGE_DIGITS, math.ceil(-math.log10(unit_roundoff(dtype))) + BEYOND_DTYPE)
 
 
 VERDICTS = ("PASS", "FAIL", "UNSUPPORTED", "ERROR")
@@ -89,11 +95,20 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
     (the spec's, or all ones)."""
     dt = dtype_of(dtype)
 
-    def rounded(m) -> np.ndarray:
-        return m.float64().astype(dt) if cast is None else np.asarray(cast(m.float64(), dtype))
+    def rounded(m, name: str) -> np.ndarray:
+        exact = m.float64()
+        with np.errstate(over="ignore"):  # a value beyond the dtype's range is the user's error, said below
+            out = exact.astype(dt) if cast is None else np.asarray(cast(exact, dtype))
+        beyond = np.isfinite(exact) & ~np.isfinite(out.astype(np.float64))
+        if beyond.any():
+            raise SymattnError(
+                f"{name}: expected values within {dtype}'s range (|x| <= {float(np.finfo(dt).max):.5g}), received "
+                f"{exact[beyond].flat[0]:.5g}, which rounds to {out.astype(np.float64)[beyond].flat[0]} in {dtype}"
+            )
+        return out
 
-    def stack(ms) -> np.ndarray:
-        return np.stack([rounded(m) for m in ms])
+    def stack(ms, name: str) -> np.ndarray:
+        return np.stack([rounded(m, name) for m in ms])
 
     options: dict = {
         "scale": exact_float(spec.effective_scale),
@@ -114,12 +129,12 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         if spec.dout is None:
             dout = np.ones(shape, dt)
         else:
-            dout = stack(spec.dout) if spec.form == "kernel" else rounded(spec.dout[0])
+            dout = stack(spec.dout, "dout") if spec.form == "kernel" else rounded(spec.dout[0], "dout")
         for k, d in enumerate(dout if spec.form == "kernel" else [dout], 1):
             leaves[f"dout{k}"] = d
         fields["dout"] = dout.astype(np.float64)
     if spec.bias is not None:
-        options["bias"] = rounded(spec.bias[0]) if spec.shared_bias else stack(spec.bias)
+        options["bias"] = rounded(spec.bias[0], "bias") if spec.shared_bias else stack(spec.bias, "bias")
         if spec.shared_bias:
             leaves["bias"] = options["bias"]
         else:
@@ -132,7 +147,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         options["alibi_slopes"] = slopes
         fields["alibi"] = list(slopes.astype(np.float64))
     if spec.form == "kernel":
-        q, k, v = stack(spec.q), stack(spec.k), stack(spec.v)
+        q, k, v = stack(spec.q, "q"), stack(spec.k, "k"), stack(spec.v, "v")
         positional = (q, k, v)
         for i in range(spec.h):
             leaves[f"q{i + 1}"] = q[i]
@@ -147,11 +162,11 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
             **{**_kept(spec), **fields},
         )
     else:
-        x = rounded(spec.x)
-        wq = stack(h.wq for h in spec.heads)
-        wk = stack(h.wk for h in spec.kv_heads)
-        wv = stack(h.wv for h in spec.kv_heads)
-        wo = rounded(spec.wo)
+        x = rounded(spec.x, "x")
+        wq = stack((h.wq for h in spec.heads), "wq")
+        wk = stack((h.wk for h in spec.kv_heads), "wk")
+        wv = stack((h.wv for h in spec.kv_heads), "wv")
+        wo = rounded(spec.wo, "wo")
         positional = (x, wq, wk, wv, wo)
         leaves.update({"x": x, "wo": wo})
         for i in range(spec.h):
@@ -162,7 +177,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         heads = [{"wq": wq[i].astype(np.float64)} for i in range(spec.h)]
         kv = [{"wk": wk[g].astype(np.float64), "wv": wv[g].astype(np.float64)} for g in range(spec.h_kv)]
         if spec.x_kv is not None:
-            options["x_kv"] = leaves["x_kv"] = rounded(spec.x_kv)
+            options["x_kv"] = leaves["x_kv"] = rounded(spec.x_kv, "x_kv")
             fields["x_kv"] = options["x_kv"].astype(np.float64)
         for key, source, width, target in (
             ("bq", spec.heads, spec.d_k, heads),
@@ -172,7 +187,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
             if any(getattr(h, key) is not None for h in source):
                 rows = np.stack(
                     [
-                        rounded(getattr(h, key))[0] if getattr(h, key) is not None else np.zeros(width, dt)
+                        rounded(getattr(h, key), key)[0] if getattr(h, key) is not None else np.zeros(width, dt)
                         for h in source
                     ]
                 )
@@ -181,7 +196,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
                     leaves[f"{key}{n}"] = row[None, :]
                     target[n - 1][key] = row.astype(np.float64)
         if spec.bo is not None:
-            options["bo"] = rounded(spec.bo)[0]
+            options["bo"] = rounded(spec.bo, "bo")[0]
             leaves["bo"] = options["bo"][None, :]
             fields["bo"] = options["bo"].astype(np.float64)
         names = PROJECTION_OPTIONS

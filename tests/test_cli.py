@@ -164,3 +164,105 @@ def test_show_symbolic_spec(tmp_path, notebook_data):
         assert result.returncode == 0, result.stderr
         assert "a" in result.stdout and "b" in result.stdout
     assert "  where Z1_0 = " in run("show", str(path), "--step", "weights1").stdout
+
+
+HELP_OPTIONS = {  # every option of every command, with the choices and default its --help must show
+    "show": {"--step": None, "--closed": "off", "--format": ("pretty", ("pretty", "str", "latex")), "--grad": "off"},
+    "eval": {
+        "--digits": "50",
+        "--engine": ("auto", ("mpmath", "arb", "auto")),
+        "--step": None,
+        "--json": "off",
+        "--exact": "off",
+        "--grad": "off",
+    },
+    "generate": {
+        "--output": None,
+        "--weights": ("folded", ("folded", "inputs")),
+        "--strategy": ("auto", ("auto", "unrolled", "vectorized")),
+        "--check": "off",
+        "--grad": "off",
+    },
+    "verify": {
+        "--impl": None,
+        "--dtype": ("float64", ("float64", "float32", "float16", "bfloat16")),
+        "--rule": ("kappa", ("kappa", "differential", "both")),
+        "--json": "off",
+        "--plot": None,
+        "--digits": "auto",
+        "--backward": "off",
+    },
+    "notebook": {"--spec": None},
+}
+
+
+def _help_entries(out: str) -> dict:
+    """--help's option entries after 'options:', by long option: the option line and its help, unwrapped."""
+    entries, current = {}, None
+    for line in out.split("options:\n", 1)[1].splitlines():
+        if not line.strip() or not line.startswith(" "):
+            current = None
+        elif line.startswith("  -"):
+            current = re.findall(r"--[a-z-]+", line)[-1]
+            entries[current] = line.strip()
+        elif current is not None:
+            entries[current] += " " + line.strip()
+    return entries
+
+
+@pytest.mark.parametrize("command", list(HELP_OPTIONS))
+def test_help_documents_spec_choices_and_defaults(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    names = "causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, softcap"
+    assert f"a built-in example ({names}) or a path to a .json, .toml or .npz spec file" in " ".join(out.split())
+    entries = _help_entries(out)
+    assert set(entries) == {"--help", *HELP_OPTIONS[command]}  # a new option needs its line above
+    for option, expected in HELP_OPTIONS[command].items():
+        entry = entries[option]
+        if expected is None:
+            assert "default: " in entry, entry  # says what leaving it out means
+        elif isinstance(expected, tuple):
+            default, choices = expected
+            assert f"{option} {{{','.join(choices)}}}" in entry
+            assert entry.endswith(f"(default: {default})"), entry
+        else:
+            assert entry.endswith(f"(default: {expected})"), entry
+
+
+def test_verify_help_explains_the_report(capsys):
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for term in (
+        "error |value - exact|",
+        "ulps the error in units in the last place",
+        "bits log2(1 + how many floats",
+        "normwise ||out - exact|| / ||exact||",
+        "kappa the default rule: every entry's error <= its bound 2 max(E, R) + 2 ulps",
+        "differential FlashAttention's rule: max error <= 2 (backward: 3)",
+    ):
+        assert term in text
+    assert (
+        "auto (25; for a large spec in a dtype other than float64, a few past its unit roundoff: 12 for "
+        "float32, 10 for float16, 9 for bfloat16)" in text
+    )
+
+
+def test_long_runs_say_what_they_compute_once_even_on_a_pipe(capsys, monkeypatch):
+    import symattn.progress
+
+    assert main(["eval", "notebook", "--digits", "5", "--step", "M"]) == 0
+    assert capsys.readouterr().err == ""  # a short run stays silent
+    monkeypatch.setattr(symattn.progress, "LONG", 8)  # the notebook's 8 score entries count as long now
+    assert main(["eval", "notebook", "--digits", "5", "--step", "M", "--step", "head1"]) == 0
+    assert capsys.readouterr().err == (
+        "symattn: certifying 5 digits of 8 entries (2 steps) of notebook: 2 heads of 2×2 scores\n"
+    )
+    assert main(["verify", "notebook", "--impl", "tests.impls:right"]) == 0
+    assert capsys.readouterr().err == (
+        "symattn: verifying 1 implementation on notebook in float64: the truth of 4 output entries, "
+        "2 heads of 2×2 scores\n"
+    )

@@ -221,3 +221,65 @@ def test_notebook_output_is_computed_once_and_negated():
     forward = source.split("def forward")[1].split("def intermediates")[0]
     assert "return [out0_0, -out0_0, out1_0, -out1_0]" in forward  # each second column is the first, negated
     assert forward.count("numpy.exp(") == 4  # head 2's softmax is head 1's: computed once
+
+
+def _empty_row_spec(form: str, empty_row: str) -> dict:
+    """Row 1 of the scores has no allowed key (and column 0 none for any row: the 0/0 and -inf - -inf of an
+    empty row happen wherever masks meet)."""
+    rng = np.random.default_rng(7)
+    mask = np.ones((3, 4), dtype=bool)
+    mask[1] = False
+    mask[:, 0] = False
+    if form == "kernel":
+        arrays = {k: rng.integers(-3, 4, size=(2, n, 2)).astype(float) for k, n in (("q", 3), ("k", 4), ("v", 4))}
+        return {**arrays, "mask": mask, "empty_row": empty_row}
+    x = rng.integers(-3, 4, size=(4, 2)).astype(float)
+    head = {key: rng.integers(-2, 3, size=(2, 2)).astype(float) for key in ("wq", "wk", "wv")}
+    return {
+        "x": x,
+        "heads": [head],
+        "wo": np.eye(2),
+        "mask": np.vstack([mask, np.ones((1, 4), bool)]),
+        "empty_row": empty_row,
+    }
+
+
+@pytest.mark.parametrize("empty_row", ["zero", "uniform", "nan"])
+@pytest.mark.parametrize("form", ["kernel", "projection"])
+@pytest.mark.parametrize(
+    ("strategy", "weights"), [("unrolled", "folded"), ("vectorized", "folded"), ("vectorized", "inputs")]
+)
+def test_no_numpy_warnings_from_generated_modules(empty_row, form, strategy, weights, tmp_path):
+    """Empty rows (0/0, -inf - -inf) and half-precision overflow give nan and inf quietly, never a
+    RuntimeWarning; an empty row still gives what its empty_row rule says."""
+    from symattn.numeric import dtype_of
+
+    spec = symattn.load_spec(_empty_row_spec(form, empty_row))
+    g = load(symattn.generate(spec, weights=weights, strategy=strategy, grad=True), tmp_path)
+    data = [spec.q, spec.k, spec.v] if form == "kernel" else [spec.x]
+    data = [np.stack([m.float64() for m in d]) if isinstance(d, tuple) else d.float64() for d in data]
+    if weights == "inputs" and form == "projection":
+        data += [
+            np.stack([spec.heads[0].wq.float64()]),
+            np.stack([spec.kv_heads[0].wk.float64()]),
+            np.stack([spec.kv_heads[0].wv.float64()]),
+            spec.wo.float64(),
+        ]
+    for dtype in ("float64", "float32", "float16", "bfloat16"):
+        args = [a.astype(dtype_of(dtype)) for a in data]
+        huge = [(a * 1000).astype(dtype_of(dtype)) for a in data]  # scores beyond float16's 65504
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = np.asarray(g.forward(*args), dtype=np.float64)
+            dout = np.ones_like(out).astype(dtype_of(dtype))
+            g.intermediates(*args, dout=dout)
+            g.backward(*args, dout)
+            g.forward(*huge)
+            g.backward(*huge, dout)
+        row = out[:, 1] if form == "kernel" else out[1]
+        if empty_row == "nan":
+            assert np.isnan(row).all()
+        elif empty_row == "zero" and form == "kernel":
+            assert (row == 0).all()
+        else:
+            assert np.isfinite(row).all()

@@ -295,3 +295,63 @@ def test_options_are_passed_only_where_accepted():
 
     assert result(spy, "notebook").passed
     assert seen == {"scale": pytest.approx(2**-0.5), "causal": False}
+
+
+@pytest.mark.parametrize("empty_row", ["zero", "uniform", "nan"])
+def test_no_numpy_warnings_from_the_verifier_and_budgets(empty_row):
+    """Empty rows, masked columns and scores beyond float16's range: no RuntimeWarning from the budget
+    (rounding.py), the reference runs or the measuring, in any dtype, forward or backward."""
+    import warnings
+
+    from symattn.graph import build
+    from symattn.rounding import budgets
+
+    rng = np.random.default_rng(3)
+    mask = np.ones((3, 4), dtype=bool)
+    mask[1] = False
+    mask[:, 0] = False
+    q, k = (rng.integers(-90, 91, size=(1, n, 2)).astype(float) for n in (3, 4))  # scores up to about 16000
+    spec = symattn.load_spec(
+        {
+            "q": q,
+            "k": k,
+            "v": rng.integers(-3, 4, size=(1, 4, 2)).astype(float),
+            "mask": mask,
+            "empty_row": empty_row,
+            "scale": 1,
+        }
+    )
+    graph = build(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in ("float64", "float32", "float16", "bfloat16"):
+            budget = budgets(graph, {}, dtype)
+            assert np.isfinite(budget["head1"][[0, 2]]).all()  # row 1 is empty: nan under "nan"
+            for backward in (False, True):
+                (result,) = verify(spec, default_impls(spec, backward), dtype=dtype, backward=backward)
+                assert result.verdict in ("PASS", "FAIL")
+
+
+def test_budget_beyond_float64_and_inputs_beyond_the_dtype():
+    """Scores beyond float64's range: an infinite budget and a failed verdict, no RuntimeWarning; an input
+    beyond the dtype's range: one error naming it, not a warning and a confusing 'inf'."""
+    import warnings
+
+    from symattn.graph import build
+    from symattn.rounding import budgets
+
+    spec = symattn.load_spec({"q": [[[1e160, 1], [2, 3]]], "k": [[[1e160, 2], [1, 1]]], "v": [[[1, 2], [3, 4]]]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isinf(budgets(build(spec), {}, "float64")["scores1"][0, 0])
+        (result,) = verify(spec, default_impls(spec), dtype="float64")
+        assert result.verdict == "FAIL"
+        with pytest.raises(
+            SymattnError,
+            match=r"^q: expected values within float16's range \(\|x\| <= 65504\), "
+            r"received 1e\+160, which rounds to inf in float16$",
+        ):
+            verify(spec, default_impls(spec), dtype="float16")
+        big = {"x": [[1, 2]], "heads": [{"wq": [[1], [1]], "wk": [[1], [1]], "wv": [[1], ["1e40"]]}], "wo": [[1]]}
+        with pytest.raises(SymattnError, match=r"^wv: expected values within bfloat16's range .* received 1e\+40"):
+            verify(big, default_impls(symattn.load_spec(big)), dtype="bfloat16")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from symattn.cli import main
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's generator, not whichever symattn is installed
+
+from symattn.cli import main  # noqa: E402
 
 # (module file, spec, options): the committed examples
 MODULES = [
