@@ -275,6 +275,8 @@ def _eval(args) -> int:
             "engine": truth.engine,
             "steps": steps,
         }
+        if truth.notes:
+            doc["notes"] = truth.notes
         sys.stdout.write(json.dumps(doc, separators=(", ", ": ")) + "\n")  # one write: much faster than dump
         return 0
     out = [
@@ -292,6 +294,7 @@ def _eval(args) -> int:
         if trace is not None:
             out.append("exact: " + str(trace[name].tolist()))
         out.append(str(step))
+    out += [f"note: {note}" for note in truth.notes]
     print("\n".join(out))
     return 0
 

@@ -101,8 +101,12 @@ class CertifiedMatrix:
                 out[i, j] = _float(text)
             if known.excluded is not None:
                 out[known.excluded] = -np.inf
-            return out.astype(dtype)
-        return np.array([[_float(v) for v in row] for row in self.values], dtype=dtype)
+        else:
+            out = np.array([[_float(v) for v in row] for row in self.values])
+        if known is not None:
+            for (i, j), (_, mid) in known.fewer.items():  # their enclosures' midpoints: far more than their digits
+                out[i, j] = mid
+        return out.astype(dtype)
 
     def text(self, i: int, j: int) -> str:
         """One entry's certified string (on the large path without making the others)."""
@@ -169,7 +173,8 @@ class _Known:
         self.ok = ok  # bools: the enclosures that certify the digits asked (strings from mid)
         self.decided: dict = {}  # (i, j) -> string
         self.bounds: set = set()  # (i, j) of the decided strings that are bounds, not values
-        self.fewer: dict = {}  # (i, j) -> the digits certified, for decided strings with fewer than asked
+        self.fewer: dict = {}  # (i, j) -> (digits certified, the enclosure's float midpoint) for decided strings
+        # with fewer digits than asked
 
 
 class Truth:
@@ -254,7 +259,7 @@ class Truth:
             if text == "nan" or text.startswith("<"):
                 certified[k] = 0
             elif (i, j) in known.fewer:
-                certified[k] = known.fewer[i, j]
+                certified[k] = known.fewer[i, j][0]
         for k, text in enumerate(texts):
             if text == "nan":
                 certified[k] = 0
@@ -295,7 +300,7 @@ class Truth:
         text, digits = fewest(engine, ball, self.digits)
         known.decided[i, j] = text
         if digits:
-            known.fewer[i, j] = digits
+            known.fewer[i, j] = digits, engine.mid_float(ball)
         else:
             known.bounds.add((i, j))
         return text
@@ -303,7 +308,7 @@ class Truth:
     @property
     def notes(self) -> list[str]:
         """What a reader of the values should know beyond them: entries certified to fewer digits than asked."""
-        fewer = [(name, i, j, d) for name, known in self._known.items() for (i, j), d in known.fewer.items()]
+        fewer = [(name, i, j, d) for name, known in self._known.items() for (i, j), (d, _) in known.fewer.items()]
         if not fewer:
             return []
         name, i, j, d = fewer[0]
@@ -906,8 +911,9 @@ def _bound_text(top: float) -> str:
 
 
 def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
-    """Certified strings for the entries the enclosures did not settle: in Arb, row-local steps on their query rows' graphs (grouped by
-    row), others on the whole graph, precision doubling up to LARGE_ESCALATION; after the first round, the
+    """Certified strings for the entries the enclosures did not settle: in Arb, row-local steps on their query
+    rows' graphs (grouped by row), others on the whole graph, precision doubling up to LARGE_ESCALATION; after
+    the first round, the
     entries left are asked of their rows' exact forms (a rounding tie, which no precision settles); what
     still straddles a rounding boundary at the last precision gets the digits it does certify (a note)."""
     digits = truth.digits

@@ -812,6 +812,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         notes.append(f"entries: the {ENTRY_LIMIT} worst of {int(checked.sum())} are listed")
     entries = []
     texts = context.texts(order.tolist())
+    notes += [f"truth: {note}" for note in context.truth.notes]
     for k, text in zip(order.tolist(), texts, strict=True):
         step, i, j = context.where(k)
         kappa = None if context.kappa is None else float(context.kappa[k])

@@ -48,7 +48,9 @@ def reference_heads(q, k, v, causal=False, mask=None, empty_row="zero", softcap=
                     continue
                 scores = []
                 for j in keys:
-                    s = mpmath.fsum(mpmath.mpf(float(a)) * mpmath.mpf(float(b)) for a, b in zip(q[h, i], k[g, j]))
+                    s = mpmath.fsum(
+                        mpmath.mpf(float(a)) * mpmath.mpf(float(b)) for a, b in zip(q[h, i], k[g, j], strict=True)
+                    )
                     s *= scale
                     if softcap is not None:
                         s = softcap * mpmath.tanh(s / softcap)
@@ -57,7 +59,7 @@ def reference_heads(q, k, v, causal=False, mask=None, empty_row="zero", softcap=
                 e = [mpmath.exp(s - top) for s in scores]
                 z = mpmath.fsum(e)
                 rows.append(
-                    [mpmath.fsum(w * mpmath.mpf(float(v[g, j, c])) for w, j in zip(e, keys)) / z
+                    [mpmath.fsum(w * mpmath.mpf(float(v[g, j, c])) for w, j in zip(e, keys, strict=True)) / z
                      for c in range(v.shape[2])]
                 )  # fmt: skip
             out.append(rows)
@@ -132,6 +134,30 @@ def test_a_tie_the_exact_form_cannot_reach_gets_fewer_digits_and_a_note(large_ev
         "precision tried and their exact forms did not decide them (e.g. head1[5, 1], 2 digits)"
     ]
     assert_matches(truth, reference_heads(q, k, v, causal=True), 3)
+    assert abs(truth["head1"].to_numpy()[5, 1] - 0.3125) < 1e-15  # measurements read the midpoint, not 0.31
+
+
+def test_notes_reach_eval_json_and_verify(large_everywhere, monkeypatch, tmp_path, capsys):
+    import json
+
+    from symattn.cli import main
+    from tests import impls
+
+    monkeypatch.setattr(symattn.truth, "EXACT_ROW_TERMS", 0)
+    rng = np.random.default_rng(1)
+    q, k, v = (bf16(rng.standard_normal((1, 12, 4))) for _ in range(3))
+    q[0, 5] = 0
+    v[0, :6, 1] = [0.25, 0.5, 0.75, -0.25, 0.125, 0.5]
+    path = tmp_path / "tie.npz"
+    np.savez(path, q=q, k=k, v=v, causal=np.array(True))
+    assert main(["eval", str(path), "--digits", "3", "--step", "head1"]) == 0
+    out = capsys.readouterr().out
+    assert " 0.31 " in out.splitlines()[8] and out.splitlines()[-1].startswith("note: 1 entries certified to fewer")
+    assert main(["eval", str(path), "--digits", "3", "--step", "head1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["steps"]["head1"]["certified_digits"][5][1] == 2 and len(doc["notes"]) == 1
+    (result,) = symattn.verify(str(path), [impls.kernel_straightforward], dtype="float64", digits=3)
+    assert result.verdict == "PASS" and any(n.startswith("truth: 1 entries certified") for n in result.notes)
 
 
 @pytest.mark.parametrize(
