@@ -8,36 +8,36 @@
 ('6.94333585649', '-6.94333585649')
 """
 
-from ._version import __version__
-from .errors import SymattnError
-from .spec import AttentionSpec, load_spec
+from symattn._version import __version__
+from symattn.errors import SymattnError
+from symattn.spec import AttentionSpec, load_spec
 
 __all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "load_spec", "verify", "__version__"]
 
 
 def evaluate(spec, digits=50, **options):
     """Certified values of every step; see ``symattn.truth.evaluate``."""
-    from .truth import evaluate as _evaluate
+    from symattn.truth.evaluation import evaluate as _evaluate
 
     return _evaluate(spec, digits, **options)
 
 
 def build(spec):
     """The exact trace of a spec; see ``symattn.trace.build``.  (SymPy is imported here, on first use.)"""
-    from .trace import build as _build
+    from symattn.trace import build as _build
 
     return _build(spec)
 
 
 def generate(spec, **options) -> str:
     """The source of a standalone NumPy module for the spec; see ``symattn.codegen.generate``."""
-    from .codegen import generate as _generate
+    from symattn.codegen.module import generate as _generate
 
     return _generate(spec, **options)
 
 
 def verify(spec, impls=None, **options):
     """Measure implementations against the certified truth; see ``symattn.verifier.verify``."""
-    from .verifier import verify as _verify
+    from symattn.verifier.verifier import verify as _verify
 
     return _verify(spec, impls, **options)

@@ -1,3 +1,3 @@
-from .cli import main
+from symattn.cli import main
 
 raise SystemExit(main())

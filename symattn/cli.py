@@ -9,10 +9,10 @@ import math
 import sys
 from pathlib import Path
 
-from . import progress
-from ._version import __version__
-from .errors import SymattnError
-from .spec import printable
+from symattn import progress
+from symattn._version import __version__
+from symattn.errors import SymattnError
+from symattn.spec import printable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,13 +52,13 @@ what the report says (exact: the truth certified for the inputs as rounded to th
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .adapters import NAMES as ADAPTERS
-    from .codegen import STRATEGIES, UNROLL_LIMIT, WEIGHTS
-    from .engines import ENGINES
-    from .numeric import DTYPES
-    from .spec import builtin_names
-    from .steps import FORMATS
-    from .verifier import DIGITS, RULES, auto_large_digits
+    from symattn.backends.engines import ENGINES
+    from symattn.backends.floats import DTYPES
+    from symattn.codegen.module import STRATEGIES, UNROLL_LIMIT, WEIGHTS
+    from symattn.graph.steps import FORMATS
+    from symattn.spec import builtin_names
+    from symattn.verifier.adapters import NAMES as ADAPTERS
+    from symattn.verifier.verifier import DIGITS, RULES, auto_large_digits
 
     spec_help = f"a built-in example ({', '.join(builtin_names())}) or a path to a .json, .toml or .npz spec file"
     grad_help = "the backward steps too (gradients of the sum of outputs, or of the spec's dout)"
@@ -200,11 +200,11 @@ def _steps(requested, names, also=()) -> list[str]:
 
 
 def _show(args) -> int:
-    from .spec import load_spec
-    from .trace import build, render
+    from symattn.spec import load_spec
+    from symattn.trace import build, render
 
     spec = load_spec(args.spec)
-    from .graph import build as build_graph
+    from symattn.graph.graph import build as build_graph
 
     graph = build_graph(spec)
     forward, backward = [s.name for s in graph.steps], [s.name for s in graph.backward_steps]
@@ -237,9 +237,9 @@ def _normaliser_line(z, value, fmt: str) -> str:
 
 
 def _eval(args) -> int:
-    from .graph import build as build_graph
-    from .spec import load_spec
-    from .truth import evaluate
+    from symattn.graph.graph import build as build_graph
+    from symattn.spec import load_spec
+    from symattn.truth.evaluation import evaluate
 
     spec = load_spec(args.spec)
     graph = build_graph(spec)
@@ -255,7 +255,7 @@ def _eval(args) -> int:
     truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names)
     trace = None
     if args.exact:
-        from .trace import build
+        from symattn.trace import build
 
         trace = build(spec, grad=args.grad or any(n.startswith("d") for n in names))
     if args.json:
@@ -306,8 +306,8 @@ def _exact_json(e):
 
 
 def _generate(args) -> int:
-    from .codegen import generate
-    from .spec import load_spec
+    from symattn.codegen.module import generate
+    from symattn.spec import load_spec
 
     source = generate(load_spec(args.spec), weights=args.weights, strategy=args.strategy, grad=args.grad)
     if args.check:
@@ -362,8 +362,8 @@ def _umask() -> int:
 
 
 def _verify(args) -> int:
-    from .spec import load_spec
-    from .verifier import report_json, verify
+    from symattn.spec import load_spec
+    from symattn.verifier.verifier import report_json, verify
 
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     spec = load_spec(args.spec)
@@ -374,8 +374,8 @@ def _verify(args) -> int:
             digits = int(digits)
         except ValueError:
             raise SymattnError(f"--digits: expected auto or an integer, received {digits!r}") from None
-    from .graph import build as build_graph
-    from .verifier import targets
+    from symattn.graph.graph import build as build_graph
+    from symattn.verifier.verifier import targets
 
     entries = sum(math.prod(t.shape) for t in targets(build_graph(spec), args.backward))
     kind = "gradient" if args.backward else "output"
@@ -387,7 +387,7 @@ def _verify(args) -> int:
     )
     results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits)
     if args.plot:
-        from .verifier import plot
+        from symattn.verifier.verifier import plot
 
         plot(results, args.plot)
     if args.json:
@@ -404,7 +404,7 @@ def default_impls(spec, backward: bool = False) -> list:
     import importlib.util
     import tempfile
 
-    from .codegen import generate
+    from symattn.codegen.module import generate
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "symattn_generated.py"
@@ -415,7 +415,7 @@ def default_impls(spec, backward: bool = False) -> list:
     if backward:
         return [("generated", module.backward)]
     impls = [("generated", module.forward)]
-    from .verifier import arguments
+    from symattn.verifier.verifier import arguments
 
     if spec.form == "projection" and not arguments(spec, "float64").nondefault:  # it takes no options
         impls.append(("notebook algorithm", notebook_algorithm))
@@ -437,7 +437,7 @@ def notebook_algorithm(x, wq, wk, wv, wo):
 
 
 def _notebook(args) -> int:
-    from .notebook import check
+    from symattn.notebook import check
 
     report = check(args.file, spec=args.spec)
     print("\n".join(report.lines()))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 
-from .errors import SymattnError
+from symattn.errors import SymattnError
 
 FUNCTIONS = ("sqrt", "exp", "log")
 CONSTANTS = ("pi",)

@@ -17,7 +17,7 @@ from functools import cached_property, reduce
 
 import numpy as np
 
-from .entries import Entry, is_algebraic, symbols
+from symattn.entries import Entry, is_algebraic, symbols
 
 
 class RatMat:
@@ -269,6 +269,6 @@ class Matrix:
 
 def _float(entry) -> float:
     """A float64 approximation of an irrational entry (the ball's midpoint at 128 bits)."""
-    from .entries import ball
+    from symattn.entries import ball
 
     return float(ball(entry, 128).mid())

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from .errors import SymattnError
-from .spec import AttentionSpec, load_spec, printable
+from symattn.errors import SymattnError
+from symattn.spec import AttentionSpec, load_spec, printable
 
 _CELL = re.compile(r"^In \[[ \d]*\]:[ \t]?", re.M)
 _OUT = re.compile(r"^Out\[[ \d]*\]:\s*", re.M)
@@ -392,8 +392,8 @@ def check(path, spec=None) -> Report:
     >>> report.ok, report.checked
     (True, 20)
     """
-    from .graph import build as build_graph
-    from .truth import evaluate
+    from symattn.graph.graph import build as build_graph
+    from symattn.truth.evaluation import evaluate
 
     path = Path(str(path))
     if not path.is_file():
@@ -495,7 +495,7 @@ def _check_shape(printed: Printed, shape: tuple, path) -> None:
 
 def _bounds(spec, graph, steps, dtype: str) -> dict:
     """Per step entry, the verifier's error bound for a float computation in ``dtype``."""
-    from .verifier import arguments, step_bounds
+    from symattn.verifier.verifier import arguments, step_bounds
 
     args = arguments(spec, dtype)
     return step_bounds(graph, args.leaves, steps, dtype, spec)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .entries import (
+from symattn.entries import (
     Entry,
     digit_count,
     is_algebraic,
@@ -42,8 +42,8 @@ from .entries import (
     symbols,
     to_text,
 )
-from .errors import SymattnError
-from .matrix import Matrix
+from symattn.errors import SymattnError
+from symattn.matrix import Matrix
 
 OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "empty_row", "dout")
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
@@ -361,7 +361,7 @@ class AttentionSpec:
 
     @cached_property
     def _allowed(self) -> tuple:
-        from .masks import allowed
+        from symattn.semantics import allowed
 
         out, cache = [], {}
         for head in range(self.h):

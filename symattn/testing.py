@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import SymattnError
-from .numeric import DTYPES
-from .verifier import RULES, Context, call, measure, output_array
+from symattn.backends.floats import DTYPES
+from symattn.errors import SymattnError
+from symattn.verifier.verifier import RULES, Context, call, measure, output_array
 
 KERNEL = ("q", "k", "v")
 PROJECTION = ("x", "wq", "wk", "wv", "wo")
@@ -41,7 +41,7 @@ def assert_attention_close(
     if spec is not None:
         if any(key in given for key in KERNEL + PROJECTION):
             raise SymattnError("assert_attention_close: give a spec or the input tensors, not both")
-        from .spec import load_spec
+        from symattn.spec import load_spec
 
         _check(fn, name, Context(load_spec(spec), dtype or "float64", backward=backward), rule, None)
         return
@@ -67,7 +67,7 @@ def assert_attention_close(
         if form is PROJECTION:
             data = {key: data[key] for key in PROJECTION + (("dout",) if "dout" in data else ())}
         data.update({key: framework.numpy(value) if _array_like(value) else value for key, value in options.items()})
-        from .spec import from_dict
+        from symattn.spec import from_dict
 
         contexts.append(Context(from_dict(data), dtype, backward=backward))
 
@@ -163,7 +163,7 @@ class _Framework:
 
     def numpy(self, t) -> np.ndarray:
         """Exact float64 values (or the bools of a mask)."""
-        from .spec import as_array
+        from symattn.spec import as_array
 
         return as_array(t)
 
@@ -180,7 +180,7 @@ class _Framework:
 
             return jnp.asarray(t).astype({"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16,
                                           "bfloat16": jnp.bfloat16}[dtype])  # fmt: skip
-        from .numeric import dtype_of
+        from symattn.backends.floats import dtype_of
 
         return np.asarray(t).astype(dtype_of(dtype))
 

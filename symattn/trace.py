@@ -21,12 +21,12 @@ from fractions import Fraction
 
 import sympy
 
-from .entries import to_sympy
-from .errors import SymattnError
-from .exact import NANF, ExactXP
-from .graph import build as build_graph
-from .rational import Lin
-from .steps import FORMATS
+from symattn.backends.exact import NANF, ExactXP
+from symattn.backends.rational import Lin
+from symattn.entries import to_sympy
+from symattn.errors import SymattnError
+from symattn.graph.graph import build as build_graph
+from symattn.graph.steps import FORMATS
 
 _RATIONALS: dict = {}
 
@@ -296,7 +296,7 @@ def _reduced(num: dict, den: dict) -> tuple[Fraction, dict, dict]:
     """(c, N, Z) with num/den = c·N/Z, N and Z primitive with integer coefficients, Z's leading coefficient
     positive, and common factors cancelled (python-flint's GCD) when every monomial is a power of one
     generator."""
-    from .exact import _constant_ratio
+    from symattn.backends.exact import _constant_ratio
 
     if not num:
         return Fraction(0), {}, {(): Fraction(1)}
@@ -391,7 +391,7 @@ def build(spec, grad: bool = False) -> Trace:
     >>> build("notebook").names[:6]
     ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1']
     """
-    from .spec import load_spec
+    from symattn.spec import load_spec
 
     return Trace(load_spec(spec), grad)
 

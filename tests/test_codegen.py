@@ -252,7 +252,7 @@ def _empty_row_spec(form: str, empty_row: str) -> dict:
 def test_no_numpy_warnings_from_generated_modules(empty_row, form, strategy, weights, tmp_path):
     """Empty rows (0/0, -inf - -inf) and half-precision overflow give nan and inf quietly, never a
     RuntimeWarning; an empty row still gives what its empty_row rule says."""
-    from symattn.numeric import dtype_of
+    from symattn.backends.floats import dtype_of
 
     spec = symattn.load_spec(_empty_row_spec(form, empty_row))
     g = load(symattn.generate(spec, weights=weights, strategy=strategy, grad=True), tmp_path)

@@ -13,7 +13,7 @@ import pytest
 
 import symattn
 from symattn.testing import assert_attention_close
-from symattn.verifier import verify
+from symattn.verifier.verifier import verify
 from tests import impls
 
 torch = pytest.importorskip("torch")
@@ -125,7 +125,7 @@ def test_torch_rounds_float64_to_bfloat16_through_float32_and_the_truth_follows(
     spec = symattn.load_spec({"q": q, "k": k, "v": v})
     (r,) = verify(spec, ["torch_sdpa"], dtype="bfloat16")
     assert r.passed, r.lines()
-    from symattn.adapters import torch_cast
+    from symattn.verifier.adapters import torch_cast
 
     assert torch_cast(np.array([x]), "bfloat16").astype(np.float64)[0] == 1.0
 

@@ -11,7 +11,7 @@ import pytest
 
 import symattn
 from symattn import SymattnError, load_spec
-from symattn.masks import allowed
+from symattn.semantics import allowed
 from tests.conftest import reference
 from tests.test_codegen import NOTEBOOK_WEIGHTS, NOTEBOOK_X, load
 

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 
 import symattn
-import symattn.truth
+import symattn.truth.evaluation
 from symattn import SymattnError
 from tests.conftest import assert_certified, random_spec, reference, rounded, significant_digits
 
@@ -179,13 +179,13 @@ def test_precision_rises_and_says_so(engine, caplog):
     with caplog.at_level("DEBUG", logger="symattn"):
         truth = symattn.evaluate(data, digits=50, engine=engine)
     assert any(r.getMessage().startswith("raising precision from ") for r in caplog.records)
-    assert truth.bits > symattn.truth.initial_bits(truth.spec, 50, None)
+    assert truth.bits > symattn.truth.evaluation.initial_bits(truth.spec, 50, None)
     assert_certified(truth, data, 50)
 
 
 def test_rises_left_settle_entry_by_entry(monkeypatch):
     # no precision rise for the whole computation: the entries it leaves rise on their own rows when read
-    monkeypatch.setattr(symattn.truth, "MAX_RISES", 0)
+    monkeypatch.setattr(symattn.truth.evaluation, "MAX_RISES", 0)
     truth = symattn.evaluate(near_cancellation(), digits=50)
     assert_certified(truth, near_cancellation(), 50)
     assert truth.notes == []
@@ -193,8 +193,8 @@ def test_rises_left_settle_entry_by_entry(monkeypatch):
 
 def test_an_entry_no_precision_settles_gets_fewer_digits(monkeypatch):
     # the escalation limit below what M needs: M gets the digits its enclosure proves, and a note says so
-    monkeypatch.setattr(symattn.truth, "MAX_RISES", 0)
-    monkeypatch.setattr(symattn.truth, "MAX_ESCALATION", 224)
+    monkeypatch.setattr(symattn.truth.evaluation, "MAX_RISES", 0)
+    monkeypatch.setattr(symattn.truth.evaluation, "MAX_ESCALATION", 224)
     data = near_cancellation()
     truth = symattn.evaluate(data, digits=50)
     ref = reference(data, 120)

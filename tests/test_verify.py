@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import symattn
-import symattn.graph
+import symattn.graph.graph
 from symattn import SymattnError
 from symattn.cli import default_impls
 from symattn.testing import assert_attention_close
-from symattn.verifier import Context, run, sensitivity, verify
+from symattn.verifier.verifier import Context, run, sensitivity, verify
 from tests import impls
 from tests.conftest import random_spec
 
@@ -108,7 +108,7 @@ def test_inputs_are_rounded_and_their_effect_reported():
 
 def test_sensitivity_matches_finite_differences():
     spec = symattn.load_spec(random_spec(8, n=3, d_model=2, h=2, d_k=2, d_v=2, d_out=2, kind="rational"))
-    args = symattn.verifier.arguments(spec, "float64")
+    args = symattn.verifier.verifier.arguments(spec, "float64")
     arrays = list(args.positional)
     base = impls.right(*arrays)
     expected = np.zeros_like(base)
@@ -121,7 +121,7 @@ def test_sensitivity_matches_finite_differences():
             minus[a][index] -= step
             derivative = (impls.right(*plus) - impls.right(*minus)) / (2 * step)
             expected += np.abs(array[index] * derivative)
-    graph = symattn.graph.build(args.rounded)
+    graph = symattn.graph.graph.build(args.rounded)
     assert np.allclose(sensitivity(graph, args.leaves), expected, rtol=1e-5, atol=1e-9)
 
 
@@ -303,8 +303,8 @@ def test_no_numpy_warnings_from_the_verifier_and_budgets(empty_row):
     (rounding.py), the reference runs or the measuring, in any dtype, forward or backward."""
     import warnings
 
-    from symattn.graph import build
-    from symattn.rounding import budgets
+    from symattn.backends.budget import budgets
+    from symattn.graph.graph import build
 
     rng = np.random.default_rng(3)
     mask = np.ones((3, 4), dtype=bool)
@@ -337,8 +337,8 @@ def test_budget_beyond_float64_and_inputs_beyond_the_dtype():
     beyond the dtype's range: one error naming it, not a warning and a confusing 'inf'."""
     import warnings
 
-    from symattn.graph import build
-    from symattn.rounding import budgets
+    from symattn.backends.budget import budgets
+    from symattn.graph.graph import build
 
     spec = symattn.load_spec({"q": [[[1e160, 1], [2, 3]]], "k": [[[1e160, 2], [1, 1]]], "v": [[[1, 2], [3, 4]]]})
     with warnings.catch_warnings():

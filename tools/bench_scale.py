@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import symattn  # noqa: E402
-from symattn.graph import build  # noqa: E402
-from symattn.intervals import exp_table  # noqa: E402
+from symattn.backends.intervals import exp_table  # noqa: E402
+from symattn.graph.graph import build  # noqa: E402
 
 
 def kernel_spec(L: int, E: int, H: int, seed: int = 0) -> dict:
@@ -158,9 +158,9 @@ def target_3() -> None:
 def target_4(repeat: int) -> None:
     from bench_truth import random_spec
 
-    from symattn.balls import BallXP
-    from symattn.engines import ArbEngine
-    from symattn.truth import _flint_precision, _restore_precision, initial_bits
+    from symattn.backends.balls import BallXP
+    from symattn.backends.engines import ArbEngine
+    from symattn.truth.evaluation import _flint_precision, _restore_precision, initial_bits
 
     data = random_spec(64, 64, 8)
     spec = symattn.load_spec(data)

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import SymattnError
-from .masks import alibi_distance, allowed
+from symattn.errors import SymattnError
+from symattn.semantics import alibi_distance, allowed
 
 NAMES = ("torch_sdpa", "torch_mha", "jax_dpa")
 
@@ -77,7 +77,7 @@ def torch_cast(a: np.ndarray, dtype: str) -> np.ndarray:
 
 def _to_numpy(t) -> np.ndarray:
     if str(t.dtype) == "torch.bfloat16":
-        from .numeric import dtype_of
+        from symattn.backends.floats import dtype_of
 
         return t.detach().float().cpu().numpy().astype(dtype_of("bfloat16"))
     return t.detach().cpu().numpy()

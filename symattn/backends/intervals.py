@@ -44,7 +44,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .graph import NAN
+from symattn.graph.graph import NAN
 
 U = 2.0**-53  # unit roundoff of float64
 ETA = 2.0**-1074  # smallest subnormal: the absolute error of an underflow
@@ -838,7 +838,7 @@ def _scalar(value) -> Iv:
         lo = float(rest)
         err = abs(rest - Fraction(lo))
         return Iv(np.array(hi), np.array(lo), np.array(float(err) * 2 + 2 * ETA if err else 0.0))
-    from .entries import ball
+    from symattn.entries import ball
 
     b = ball(value, 160)
     mid = b.mid()
@@ -906,7 +906,7 @@ def certifiable(mid: np.ndarray, rad: np.ndarray, digits: int) -> np.ndarray:
 
 def exact_string(hi: float, lo: float, rad: float, digits: int) -> str | None:
     """The certified string of hi + lo ± rad from its exact ends, or None."""
-    from .certify import certified_string
+    from symattn.certify import certified_string
 
     center = Fraction(hi) + Fraction(lo)
     return certified_string(center - Fraction(rad), center + Fraction(rad), digits)
@@ -914,7 +914,7 @@ def exact_string(hi: float, lo: float, rad: float, digits: int) -> str | None:
 
 def strings(mid: np.ndarray, digits: int) -> list:
     """The ``digits``-digit decimal strings of the midpoints (the decimal module's layout)."""
-    from .certify import layout
+    from symattn.certify import layout
 
     out = []
     for v in mid.reshape(-1).tolist():

@@ -21,8 +21,8 @@ import math
 
 import numpy as np
 
-from .graph import NAN
-from .numeric import exact_float, unit_roundoff
+from symattn.backends.floats import exact_float, unit_roundoff
+from symattn.graph.graph import NAN
 
 LAMBDA = 4.0  # Higham–Mary's λ: a bound that fails with probability about 2·exp(-λ²/2) per dot product
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import SymattnError
-from .graph import NAN
+from symattn.errors import SymattnError
+from symattn.graph.graph import NAN
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -38,7 +38,7 @@ def exact_float(entry) -> float:
 
     if isinstance(entry, Fraction):
         return float(entry)
-    from .entries import ball
+    from symattn.entries import ball
 
     return float(ball(entry, 128).mid())
 

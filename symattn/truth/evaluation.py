@@ -25,15 +25,15 @@ from fractions import Fraction
 
 import numpy as np
 
-from . import certify
-from .balls import Balls, BallXP
-from .engines import ArbEngine as ArbEngine_
-from .engines import engine_class
-from .errors import SymattnError
-from .graph import build as build_graph
-from .matrix import RatMat
-from .progress import Progress
-from .rational import Lin
+from symattn import certify
+from symattn.backends.balls import Balls, BallXP
+from symattn.backends.engines import ArbEngine as ArbEngine_
+from symattn.backends.engines import engine_class
+from symattn.backends.rational import Lin
+from symattn.errors import SymattnError
+from symattn.graph.graph import build as build_graph
+from symattn.matrix import RatMat
+from symattn.progress import Progress
 
 log = logging.getLogger("symattn")
 
@@ -119,7 +119,7 @@ class CertifiedMatrix:
             if known.mid[i, j] == 0 and known.rad[i, j] == 0:
                 return "0"
             if known.ok[i, j]:
-                from .intervals import strings
+                from symattn.backends.intervals import strings
 
                 return strings(known.mid[i : i + 1, j : j + 1], self._truth.digits)[0]
         return self.values[i][j]
@@ -129,7 +129,7 @@ class CertifiedMatrix:
         known = self._truth._known.get(self.name)
         if known is None or known.mid is None or self._values is not None:
             return [self.values[i][j] for i, j in places]
-        from .intervals import strings
+        from symattn.backends.intervals import strings
 
         out, plain = [], []
         for n, (i, j) in enumerate(places):
@@ -220,7 +220,7 @@ class Truth:
         rows, cols = self._shapes[name]
         digits = self.digits
         if known.mid is not None:
-            from .intervals import strings
+            from symattn.backends.intervals import strings
 
             zero = (known.mid == 0) & (known.rad == 0)
             texts = strings(np.where(known.ok, known.mid, 0.0), digits)
@@ -490,7 +490,7 @@ class _Decider:
 
     def _row(self, i: int, backward: bool):
         """The exact backend's values on query row i's graph (forward steps, and backward ones if asked)."""
-        from .exact import ExactXP
+        from symattn.backends.exact import ExactXP
 
         row = i if self.graph.rows is None else self.graph.rows[i]
         if row not in self.rows:
@@ -507,7 +507,7 @@ class _Decider:
     def __call__(self, name, i, j):
         if not self.enabled:
             return None
-        from .exact import ExactXP
+        from symattn.backends.exact import ExactXP
 
         step = self.graph.step(name)
         try:
@@ -603,7 +603,7 @@ def _log2_abs(e) -> float:
         if not e:
             return -math.inf
         return e.numerator.bit_length() - e.denominator.bit_length() + 1  # an upper bound
-    from .entries import ball
+    from symattn.entries import ball
 
     b = ball(e, 64)
     top = b.abs_upper()
@@ -630,7 +630,7 @@ def evaluate(
     of the sum of the outputs, or of the spec's ``dout``).  ``progress`` shows progress on stderr for
     evaluations longer than a second: None (default) only when stderr is a terminal.
     """
-    from .spec import load_spec
+    from symattn.spec import load_spec
 
     spec = load_spec(spec)
     digits = check_digits(digits)
@@ -789,7 +789,7 @@ def _evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth
     (strings made when read), the others settled from their exact double-float ends, near-zeros below
     NEAR_ZERO × the step's scale given as bounds, and every entry left computed again in Arb on its query row
     (a step that is not row-local on the whole graph), with precision doubling until it certifies."""
-    from .intervals import enclose
+    from symattn.backends.intervals import enclose
 
     truth = Truth(spec, digits, "arb", graph, names, bits)
     truth.method = "intervals"
@@ -877,7 +877,7 @@ def block_target(step, rows, keys):
 def _settle_block(known, iv, target, digits, rows) -> None:
     """One block's enclosures of a step into its _Known: midpoints, radii, which certify, and the exact strings
     of those that certify only from the exact double-float ends."""
-    from .intervals import certifiable, exact_string
+    from symattn.backends.intervals import certifiable, exact_string
 
     mid, rad = iv.collapsed()
     ok = certifiable(mid, rad, digits)
@@ -1036,7 +1036,7 @@ def _exact_values(graph, name: str):
 def _exact_rows(truth: Truth, cells, report) -> list:
     """Settle the cells of row-local forward steps whose exact form, on their query row's graph (its keys and
     columns alone), is a constant: a rational on a rounding tie.  Returns the cells left."""
-    from .exact import ExactXP
+    from symattn.backends.exact import ExactXP
 
     spec, graph = truth.spec, truth.graph
     by_row: dict = {}
@@ -1163,7 +1163,7 @@ def _accuracy(engine, needed: int):
 
 
 def _too_big():
-    from .exact import _TooBig
+    from symattn.backends.exact import _TooBig
 
     return _TooBig
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import SymattnError
+from symattn.errors import SymattnError
 
 ENGINES = ("mpmath", "arb", "auto")
 
@@ -52,7 +52,7 @@ class ArbEngine:
         return x.tanh()
 
     def integer_power(self, x, n: int):
-        from .entries import integer_power
+        from symattn.entries import integer_power
 
         return integer_power(x, n)
 
@@ -116,7 +116,7 @@ class ArbEngine:
     def strings(self, balls: list, digits: int) -> list:
         """certify.certified_decimal of each ball converted at digits + 5, in one loop (None where that does not
         settle it: the caller tries harder)."""
-        from .certify import _context, layout
+        from symattn.certify import _context, layout
 
         context = _context(digits)
         create, convert = context.create_decimal, digits + 5
@@ -188,7 +188,7 @@ class MpmathEngine:
         return 1 - 2 / (self.ctx.exp(2 * x) + 1)
 
     def integer_power(self, x, n: int):
-        from .entries import integer_power
+        from symattn.entries import integer_power
 
         return integer_power(x, n)
 

@@ -15,10 +15,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from .entries import to_ball
-from .graph import NAN
-from .matrix import RatMat
-from .rational import Lin, Scalar, canonical
+from symattn.backends.rational import Lin, Scalar, canonical
+from symattn.entries import to_ball
+from symattn.graph.graph import NAN
+from symattn.matrix import RatMat
 
 
 class Balls:
@@ -165,7 +165,7 @@ class BallXP:
         within about 2**-100 relatively) read into Arb, instead of an Arb matrix product."""
         import flint
 
-        from .intervals import sliced_product
+        from symattn.backends.intervals import sliced_product
 
         with np.errstate(all="ignore"):
             hi, lo, rad = sliced_product(a, b)

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from .errors import SymattnError
-from .graph import NAN
+from symattn.errors import SymattnError
+from symattn.graph.graph import NAN
 
 
 @dataclass(eq=False)

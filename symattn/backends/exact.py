@@ -26,10 +26,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from .entries import Expr, to_text
-from .graph import NAN
-from .matrix import RatMat
-from .rational import Lin, Scalar, canonical
+from symattn.backends.rational import Lin, Scalar, canonical
+from symattn.entries import Expr, to_text
+from symattn.graph.graph import NAN
+from symattn.matrix import RatMat
 
 MAX_TERMS = 200_000  # a decision that would expand to more polynomial terms is given up
 
@@ -180,7 +180,7 @@ class Algebra:
         accurate ball), so only monomials that are numerically close can cancel."""
         import flint
 
-        from .entries import ball as entry_ball
+        from symattn.entries import ball as entry_ball
 
         num, den = self.together(a)  # one fraction: what cancels exactly is gone before any ball is made
         saved = flint.ctx.prec

@@ -31,10 +31,10 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
-from .errors import SymattnError
-from .graph import build as build_graph
-from .numeric import FloatXP, dtype_of, exact_float, unit_roundoff
-from .spec import AttentionSpec, load_spec
+from symattn.backends.floats import FloatXP, dtype_of, exact_float, unit_roundoff
+from symattn.errors import SymattnError
+from symattn.graph.graph import build as build_graph
+from symattn.spec import AttentionSpec, load_spec
 
 RULES = ("kappa", "differential", "both")
 FLOOR_ULPS = 2
@@ -51,7 +51,7 @@ def auto_digits(spec, dtype: str, names, graph) -> int:
     dtype other than float64, BEYOND_DTYPE digits past its unit roundoff, at most LARGE_DIGITS: 9 for
     bfloat16, 10 for float16, 12 for float32 (their errors are 10**3 and more above the truth's last digit;
     fewer digits, fewer entries whose enclosures straddle a rounding boundary)."""
-    from .truth import large
+    from symattn.truth.evaluation import large
 
     if dtype != "float64" and large(spec, LARGE_DIGITS, "auto", names, graph):
         return auto_large_digits(dtype)
@@ -318,7 +318,7 @@ class _Batched(FloatXP):
 def step_bounds(graph, leaves: dict, names, dtype: str, spec=None) -> dict:
     """The kappa rule's allowance for every entry of the steps ``names`` where no reference run is at hand:
     twice the error budget of a right computation in ``dtype``, plus two ulps."""
-    from .rounding import budgets
+    from symattn.backends.budget import budgets
 
     budget = budgets(graph, leaves, dtype, names)
     values = graph.forward(FloatXP("float64", leaves), names)
@@ -498,8 +498,8 @@ class Context:
     there, and the ulp floors."""
 
     def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None):
-        from .rounding import budgets
-        from .truth import evaluate
+        from symattn.backends.budget import budgets
+        from symattn.truth.evaluation import evaluate
 
         dtype_of(dtype)
         if spec.symbols:
@@ -573,7 +573,7 @@ class Context:
         """max |truth(rounded inputs) − truth(exact inputs)|: certified at small sizes; on the large path the
         truth against a forward run of the original inputs, in float64, or in float32 for a half dtype (an
         estimate good to that precision, far below the half dtype's rounding of the inputs)."""
-        from .truth import evaluate, large
+        from symattn.truth.evaluation import evaluate, large
 
         if self.args.rounded == spec:
             return 0.0
@@ -651,7 +651,7 @@ def _by_blocks(spec, graph, names, computes) -> list[dict]:
     """Each compute(block graph) -> {name: array} over the large path's blocks (``truth._blocks``, each block's
     graph built once), assembled into whole steps (scores outside a block's keys −inf, weights there 0, as
     masked entries are)."""
-    from .truth import _blocks, block_target
+    from symattn.truth.evaluation import _blocks, block_target
 
     out = [{} for _ in computes]
     for rows, keys in _blocks(spec, spec.L):
@@ -890,7 +890,7 @@ def _ratio(e: Entry) -> float:
 def load_impl(text: str, backward: bool = False):
     """MODULE:FUNCTION, or a built-in adapter's name (torch_sdpa, torch_mha, jax_dpa; with ``backward``, its
     backward) -> the callable, with one-line errors."""
-    from .adapters import NAMES, resolve
+    from symattn.verifier.adapters import NAMES, resolve
 
     if text in NAMES:
         return resolve(text, backward)
@@ -961,7 +961,7 @@ def call(fn, name: str, context: Context, feed=None):
         ) from None
     except ValueError:
         pass
-    from .adapters import Unsupported
+    from symattn.verifier.adapters import Unsupported
 
     inputs = [a.copy() for a in args.positional]
     if feed is not None:
@@ -1034,7 +1034,7 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     dtype_of(dtype)
     if digits != "auto":
-        from .truth import check_digits
+        from symattn.truth.evaluation import check_digits
 
         digits = check_digits(digits)
     if not impls:
@@ -1106,7 +1106,7 @@ def plot(results: list, path) -> None:
 
 def report_json(results: list) -> str:
     """The results as strict JSON (no NaN or Infinity literals), with a top-level "passed"."""
-    from ._version import __version__
+    from symattn._version import __version__
 
     doc = {
         "symattn": __version__,

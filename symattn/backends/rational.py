@@ -18,8 +18,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from .entries import Entry, Expr, to_text
-from .matrix import RatMat
+from symattn.entries import Entry, Expr, to_text
+from symattn.matrix import RatMat
 
 SMALL_PRIMES = [p for p in range(2, 1000) if all(p % d for d in range(2, int(p**0.5) + 1))]
 
@@ -223,6 +223,6 @@ def _approx(m: RatMat) -> np.ndarray:
 
 
 def _float(entry) -> float:
-    from .numeric import exact_float
+    from symattn.backends.floats import exact_float
 
     return exact_float(entry)

@@ -33,13 +33,13 @@ from fractions import Fraction
 
 import numpy as np
 
-from . import masks
-from ._version import __version__
-from .emit import EmitXP, Named, ScalarEmitXP, SMat, Var, needed, optimise
-from .errors import SymattnError
-from .graph import build as build_graph
-from .numeric import exact_float
-from .spec import load_spec
+from symattn import semantics as masks
+from symattn._version import __version__
+from symattn.backends.floats import exact_float
+from symattn.codegen.emit import EmitXP, Named, ScalarEmitXP, SMat, Var, needed, optimise
+from symattn.errors import SymattnError
+from symattn.graph.graph import build as build_graph
+from symattn.spec import load_spec
 
 WEIGHTS = ("folded", "inputs")
 STRATEGIES = ("auto", "unrolled", "vectorized")
@@ -483,7 +483,7 @@ class _Unrolled:
                     else:
                         forms[i, j] = named.input(f"{name}_{i}_{j}", kind, f"{i}, {j}")
             return SMat(forms)
-        from .entries import to_sympy
+        from symattn.entries import to_sympy
 
         for i, row in enumerate(matrix.rows):
             for j, e in enumerate(row):
@@ -495,7 +495,7 @@ class _Unrolled:
             if p.name not in ("scale", "softcap"):
                 raise SymattnError(f"code generation: unrolled code takes no runtime {p.name}")
             return self.sympy.Symbol(p.name)
-        from .entries import to_sympy
+        from symattn.entries import to_sympy
 
         return to_sympy(p.value)
 
@@ -748,7 +748,7 @@ def _module_docstring(layout: _Layout, strategy: str, name: str) -> str:
     for paragraph in prose.split("\n\n"):
         doc += ["", *textwrap.wrap(paragraph, WIDTH, break_on_hyphens=False)]
     if layout.weights == "folded" and not layout.kernel and spec.L * spec.d_out <= 8 and not spec.options:
-        from .trace import build
+        from symattn.trace import build
 
         closed = build(spec)["M"]
         exact = [f"    M[{i}, {j}] = {closed[i, j]}" for i in range(closed.rows) for j in range(closed.cols)]

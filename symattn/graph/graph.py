@@ -27,9 +27,9 @@ from fractions import Fraction
 
 import numpy as np
 
-from .entries import Entry, div, to_text
-from .masks import alibi_distance
-from .steps import Step
+from symattn.entries import Entry, div, to_text
+from symattn.graph.steps import Step
+from symattn.semantics import alibi_distance
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ class Graph:
     def douts(self, xp) -> dict:
         """The output cotangents as leaves of ``xp``: the spec's ``dout``, or all ones (the loss is then the
         sum of the outputs)."""
-        from .matrix import Matrix
+        from symattn.matrix import Matrix
 
         out = {}
         for k, name in enumerate(self.outputs):
