@@ -1,12 +1,33 @@
-"""Which keys a query attends to, and ALiBi's distances: small NumPy functions of the options.
+"""The variant rules, once: which keys a query attends to, the alignment's offset, empty rows, ALiBi.
 
-These functions are the one definition of the mask semantics (DESIGN.md): the
-spec calls them, and generated modules carry their source verbatim (they import
-nothing but ``numpy``), so a module whose options are inputs computes its masks
-exactly as symattn does.
+These are the one definition of the semantics in DESIGN.md: the spec, the graph,
+codegen and the adapters call them.  ``allowed`` and ``alibi_distance`` are small
+NumPy functions that generated modules carry verbatim (they import nothing but
+``numpy``), so a module whose options are inputs computes its masks exactly as
+symattn does.
 """
 
+from fractions import Fraction
+
 import numpy
+
+from symattn.entries import power
+
+ALIGNS = ("top_left", "bottom_right")
+EMPTY_ROWS = ("zero", "uniform", "nan")
+NAN = "nan"  # the fill of an empty row under empty_row "nan"
+
+
+def delta(align, L, S):
+    """The offset of query i's diagonal key (causal: key j is allowed when j <= i + delta): 0 for
+    ``"top_left"`` (torch's is_causal, JAX, MultiheadAttention), S - L for ``"bottom_right"`` (FlashAttention)."""
+    return 0 if align == "top_left" else S - L
+
+
+def empty_fill(empty_row, S):
+    """The weights of a row with no allowed key: 0 (``"zero"``: torch SDPA, flex, FlashAttention), 1/S over
+    every key (``"uniform"``: JAX's finite mask constant) or nan (``"nan"``: MultiheadAttention)."""
+    return {"zero": 0, "uniform": Fraction(1, S), "nan": NAN}[empty_row]
 
 
 def allowed(L, S, mask, causal, window, delta):
@@ -30,3 +51,19 @@ def allowed(L, S, mask, causal, window, delta):
 def alibi_distance(L, S, delta):
     """|i + delta - j|: ALiBi subtracts slope times this from each score (FlashAttention's symmetric form)."""
     return numpy.abs(numpy.arange(L)[:, None] + delta - numpy.arange(S)[None, :])
+
+
+def standard_slopes(h: int) -> tuple:
+    """ALiBi's standard slopes (the paper's reference code), exact.
+
+    >>> [str(s) for s in standard_slopes(3)]
+    ['1/16', '1/256', '1/4']
+    """
+
+    def power_of_two(n: int) -> list:
+        return [power(Fraction(2), Fraction(-8 * (i + 1), n)) for i in range(n)]
+
+    if h & (h - 1) == 0:
+        return tuple(power_of_two(h))
+    p = 1 << (h.bit_length() - 1)
+    return tuple(power_of_two(p) + list(standard_slopes(2 * p)[0::2][: h - p]))

@@ -36,7 +36,6 @@ from symattn.entries import (
     is_algebraic,
     max_digits,
     parse_entry,
-    power,
     sign,
     sqrt_fraction,
     symbols,
@@ -44,6 +43,7 @@ from symattn.entries import (
 )
 from symattn.errors import SymattnError
 from symattn.matrix import Matrix
+from symattn.semantics import ALIGNS, EMPTY_ROWS, delta, standard_slopes
 
 OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "empty_row", "dout")
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
@@ -53,8 +53,6 @@ QUERY_KEYS = ("wq", "bq")
 KV_KEYS = ("wk", "wv", "bk", "bv")
 # stacked array keys (.npz files and dicts of arrays), turned into the keys above
 ARRAY_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv", "alibi_slopes")
-ALIGNS = ("top_left", "bottom_right")
-EMPTY_ROWS = ("zero", "uniform", "nan")
 FORMS = ("projection", "kernel")
 
 
@@ -330,7 +328,7 @@ class AttentionSpec:
     @property
     def delta(self) -> int:
         """The offset of query row i's diagonal key: 0 (top_left) or S - L (bottom_right)."""
-        return 0 if self.align == "top_left" else self.S - self.L
+        return delta(self.align, self.L, self.S)
 
     # Derived options.
     @cached_property
@@ -512,22 +510,6 @@ class AttentionSpec:
         """A hash of the spec's canonical form: equal specs have equal digests."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def standard_slopes(h: int) -> tuple:
-    """ALiBi's standard slopes (the paper's reference code), exact.
-
-    >>> [str(s) for s in standard_slopes(3)]
-    ['1/16', '1/256', '1/4']
-    """
-
-    def power_of_two(n: int) -> list:
-        return [power(Fraction(2), Fraction(-8 * (i + 1), n)) for i in range(n)]
-
-    if h & (h - 1) == 0:
-        return tuple(power_of_two(h))
-    p = 1 << (h.bit_length() - 1)
-    return tuple(power_of_two(p) + list(standard_slopes(2 * p)[0::2][: h - p]))
 
 
 def printable(text: str) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 
 from symattn.entries import Entry, div, to_text
 from symattn.graph.steps import Step
-from symattn.semantics import alibi_distance
+from symattn.semantics import NAN, alibi_distance, empty_fill
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,6 @@ class Const:
     value: np.ndarray = field(compare=False, repr=False)
 
 
-NAN = "nan"  # the fill of an empty row under empty_row "nan"
 ALL = (True, True, True)  # a vjp's default: every input's contribution
 
 
@@ -347,7 +346,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             masks[key] = Const("allowed" + suffix, a)
             empty = ~a.any(axis=1, keepdims=True)
             empties[key] = Const("empty" + suffix, empty) if empty.any() else None
-    fill = {"zero": 0, "uniform": Fraction(1, spec.S), "nan": NAN}[spec.empty_row]
+    fill = empty_fill(spec.empty_row, spec.S)
     masking = _mask_text(spec)
     kernel = spec.form == "kernel"
     if kernel:
