@@ -10,11 +10,33 @@ interval's exact ends are handed to Arb for that.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from symattn.errors import SymattnError
 
 ENGINES = ("mpmath", "arb", "auto")
+
+
+@contextmanager
+def precision(bits: int):
+    """Arb's working precision set to ``bits`` inside the block and restored after it: the one place where
+    python-flint's global precision changes.
+
+    >>> import flint
+    >>> with precision(200):
+    ...     flint.ctx.prec
+    200
+    """
+    import flint
+
+    saved = flint.ctx.prec
+    flint.ctx.prec = bits
+    try:
+        yield
+    finally:
+        flint.ctx.prec = saved
 
 
 class ArbEngine:
