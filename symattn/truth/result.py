@@ -184,7 +184,7 @@ class Truth:
     ``engine`` the engine's name, ``bits`` the highest working precision used, ``method`` "balls" (Arb or
     mpmath throughout) or "intervals" (the large path: float64 enclosures, Arb for what they leave), and
     ``escalated`` how many entries the large path computed again in Arb.  ``notes`` says what a reader of the
-    values should know beyond them.
+    values should know beyond them.  ``known[name]`` (a Known) holds what a step's strings are made from.
     """
 
     def __init__(self, spec, digits, engine, graph, names, bits):
@@ -303,7 +303,7 @@ class Truth:
         whose exact form is out of reach at this size): as many digits as its enclosure does certify, or a
         bound, never a digit that is not proven; ``notes`` counts these entries."""
         known = self.known[name]
-        text, digits = fewest(engine, ball, self.digits)
+        text, digits = _fewest(engine, ball, self.digits)
         known.decided[i, j] = text
         if digits:
             known.fewer[i, j] = digits, engine.mid_float(ball)
@@ -343,7 +343,7 @@ class Truth:
             log.debug("raising precision to %d bits for %s[%d, %d], just at a rounding boundary", bits, name, i, j)
             engine = engine_class(self.engine)(bits)
             with engine.active():
-                last = (engine, recompute(self, name, i, j, engine))
+                last = (engine, _recompute(self, name, i, j, engine))
                 result = settle(*last)
             if result is not None:
                 self.bits = max(self.bits, bits)
@@ -432,7 +432,7 @@ def exact_text(value, digits: int) -> str:
     return "nan" if value == "nan" else certify.exact_string(value, digits)
 
 
-def fewest(engine, ball, digits: int) -> tuple[str, int]:
+def _fewest(engine, ball, digits: int) -> tuple[str, int]:
     """(text, digits certified): the most digits below ``digits`` that the ball certifies, or a bound "<1e-N"
     (0 digits) when none does."""
     for fewer in range(digits - 1, 0, -1):
@@ -457,7 +457,7 @@ def ball_string(engine, ball, digits: int) -> str | None:
     return text
 
 
-def recompute(truth: Truth, name: str, i: int, j: int, engine):
+def _recompute(truth: Truth, name: str, i: int, j: int, engine):
     """Entry (i, j) of step ``name`` as a ball of ``engine`` (inside its ``active()``)."""
     spec, graph = truth.spec, truth.graph
     xp = BallXP(engine)
