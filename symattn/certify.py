@@ -136,7 +136,8 @@ def format_significant(q: int, e: int, digits: int) -> str:
 
 
 @lru_cache(maxsize=64)
-def _context(digits: int) -> Context:
+def decimal_context(digits: int) -> Context:
+    """The decimal module's context that rounds to ``digits`` significant digits, half to even, at any exponent."""
     return Context(prec=digits, rounding=ROUND_HALF_EVEN, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 
@@ -161,7 +162,7 @@ def certified_decimal(lo: int, hi: int, exp10: int, digits: int) -> str | None:
     """Like certified_string for the enclosure [lo, hi]·10**exp10 (integers): the engines' fast path,
     rounding in C through the decimal module.  Only the integers' own (small) exponent goes through the
     module's context; exp10 is added as a Python integer, so no exponent is ever clamped."""
-    context = _context(digits)
+    context = decimal_context(digits)
     a = context.create_decimal(lo)
     if a != context.create_decimal(hi):  # an enclosure around 0 never proves 0: its ends differ in sign
         return None

@@ -402,15 +402,13 @@ def function(name: str, arg: Entry) -> Entry:
 
 
 def ball(entry: Entry, bits: int):
-    """An Arb ball containing the entry, at ``bits`` of working precision (flint's context is restored)."""
+    """An Arb ball containing the entry, at ``bits`` of working precision."""
     import flint
 
-    saved = flint.ctx.prec
-    flint.ctx.prec = bits
-    try:
+    from symattn.backends.engines import precision
+
+    with precision(bits):
         return _arb(entry, flint.arb)
-    finally:
-        flint.ctx.prec = saved
 
 
 def _arb(entry: Entry, arb):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import symattn
-import symattn.truth.evaluation as truth_module
+import symattn.truth.large as large_path
 from symattn.backends import intervals
 from symattn.backends.intervals import Iv, certifiable, split_product
 
@@ -154,7 +154,7 @@ def test_certifiable_only_when_both_ends_round_alike():
 @pytest.fixture
 def large_everywhere(monkeypatch):
     """The large path for small specs too (its threshold is about size only)."""
-    monkeypatch.setattr(truth_module, "LARGE", 0)
+    monkeypatch.setattr(large_path, "LARGE", 0)
 
 
 def spot_check(truth, data: dict, names, samples: int = 60, seed: int = 0) -> int:
@@ -251,7 +251,7 @@ def test_at_size_the_large_path_is_taken_and_only_the_steps_asked(monkeypatch):
     monkeypatch.setattr("symattn.progress.Progress.__init__.__defaults__", (None, None, 0.0))
     truth = symattn.evaluate(data, digits=12, steps=["head1"])
     assert truth.method == "intervals" and truth.names == ["head1"]
-    assert set(truth._known) == {"head1"}
+    assert set(truth.known) == {"head1"}
     assert "float64 enclosures" in stream.getvalue()
     assert spot_check(truth, data, ["head1"], samples=40) >= 40
     # more than 15 digits, or an explicit engine: the Arb path

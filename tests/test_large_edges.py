@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import symattn
-import symattn.truth.evaluation
+import symattn.truth.large
 from symattn import certify
 
 DPS = 400  # weights as close to 1 as 1 - 1e-157 (scores 360 apart) must still round right
@@ -23,7 +23,7 @@ DPS = 400  # weights as close to 1 as 1 - 1e-157 (scores 360 apart) must still r
 @pytest.fixture
 def large_everywhere(monkeypatch):
     """The large path for small specs too (its threshold is about size only)."""
-    monkeypatch.setattr(symattn.truth.evaluation, "LARGE", 0)
+    monkeypatch.setattr(symattn.truth.large, "LARGE", 0)
 
 
 def reference_heads(q, k, v, causal=False, mask=None, empty_row="zero", softcap=None) -> list:
@@ -121,7 +121,7 @@ def test_rounding_ties_are_decided_exactly(large_everywhere):
 
 
 def test_a_tie_the_exact_form_cannot_reach_gets_fewer_digits_and_a_note(large_everywhere, monkeypatch):
-    monkeypatch.setattr(symattn.truth.evaluation, "EXACT_ROW_TERMS", 0)  # no exact forms: only the balls are left
+    monkeypatch.setattr(symattn.truth.large, "EXACT_ROW_TERMS", 0)  # no exact forms: only the balls are left
     rng = np.random.default_rng(1)
     q, k, v = (bf16(rng.standard_normal((1, 12, 4))) for _ in range(3))
     q[0, 5] = 0
@@ -143,7 +143,7 @@ def test_notes_reach_eval_json_and_verify(large_everywhere, monkeypatch, tmp_pat
     from symattn.cli import main
     from tests import impls
 
-    monkeypatch.setattr(symattn.truth.evaluation, "EXACT_ROW_TERMS", 0)
+    monkeypatch.setattr(symattn.truth.large, "EXACT_ROW_TERMS", 0)
     rng = np.random.default_rng(1)
     q, k, v = (bf16(rng.standard_normal((1, 12, 4))) for _ in range(3))
     q[0, 5] = 0

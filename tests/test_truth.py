@@ -7,6 +7,7 @@ import pytest
 
 import symattn
 import symattn.truth.evaluation
+import symattn.truth.result
 from symattn import SymattnError
 from tests.conftest import assert_certified, random_spec, reference, rounded, significant_digits
 
@@ -179,7 +180,7 @@ def test_precision_rises_and_says_so(engine, caplog):
     with caplog.at_level("DEBUG", logger="symattn"):
         truth = symattn.evaluate(data, digits=50, engine=engine)
     assert any(r.getMessage().startswith("raising precision from ") for r in caplog.records)
-    assert truth.bits > symattn.truth.evaluation.initial_bits(truth.spec, 50, None)
+    assert truth.bits > symattn.truth.evaluation.initial_bits(truth.spec, 50)
     assert_certified(truth, data, 50)
 
 
@@ -194,7 +195,7 @@ def test_rises_left_settle_entry_by_entry(monkeypatch):
 def test_an_entry_no_precision_settles_gets_fewer_digits(monkeypatch):
     # the escalation limit below what M needs: M gets the digits its enclosure proves, and a note says so
     monkeypatch.setattr(symattn.truth.evaluation, "MAX_RISES", 0)
-    monkeypatch.setattr(symattn.truth.evaluation, "MAX_ESCALATION", 224)
+    monkeypatch.setattr(symattn.truth.result, "MAX_ESCALATION", 224)
     data = near_cancellation()
     truth = symattn.evaluate(data, digits=50)
     ref = reference(data, 120)

@@ -85,7 +85,7 @@ def check_certificate(truth, heads) -> str:
     top = max(float(np.nanmax(np.abs(truth[h].to_numpy()))) for h in heads)
     counts = {"digits": 0, "bounds": 0}
     for h in heads:
-        known = truth._known[h]
+        known = truth.known[h]
         for (i, j), text in known.decided.items():
             if text.startswith("<"):
                 counts["bounds"] += 1
@@ -160,22 +160,20 @@ def target_4(repeat: int) -> None:
 
     from symattn.backends.balls import BallXP
     from symattn.backends.engines import ArbEngine
-    from symattn.truth.evaluation import _flint_precision, _restore_precision, initial_bits
+    from symattn.truth.evaluation import initial_bits
 
     data = random_spec(64, 64, 8)
     spec = symattn.load_spec(data)
     bits = initial_bits(spec, 50)
 
     def raw():
-        saved = _flint_precision()
-        try:
+        engine = ArbEngine(bits)
+        with engine.active():
             graph = build(spec)
-            xp = BallXP(ArbEngine(bits))
+            xp = BallXP(engine)
             values = graph.forward(xp)
             for value in values.values():
                 xp.balls(value)
-        finally:
-            _restore_precision(saved)
 
     t_raw, t_ours = interleaved(raw, lambda: symattn.evaluate(spec, digits=50, progress=False), repeat)
     print(

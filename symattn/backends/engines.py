@@ -10,7 +10,7 @@ interval's exact ends are handed to Arb for that.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -40,8 +40,8 @@ def precision(bits: int):
 
 
 class ArbEngine:
-    """Arb balls from python-flint (FLINT's certified ball arithmetic).  flint's precision is global:
-    ``activate`` sets it for arithmetic, and the caller saves and restores it (see ``truth.evaluate``)."""
+    """Arb balls from python-flint (FLINT's certified ball arithmetic).  flint's precision is global: the
+    engine's arithmetic runs inside ``with engine.active():``, which sets it to ``bits`` for the block."""
 
     name = "arb"
 
@@ -52,7 +52,13 @@ class ArbEngine:
         self.arb = flint.arb
         self.bits = bits
 
+    def active(self):
+        """A context manager: Arb's working precision is this engine's inside the block."""
+        return precision(self.bits)
+
     def activate(self) -> None:
+        # TODO(r18): BallXP.__init__ still calls this; every caller constructs BallXP inside ``active()`` at the
+        # same bits, so it changes nothing there.  Delete it once BallXP no longer calls it.
         self.flint.ctx.prec = self.bits
 
     def rational(self, p: int, q: int = 1):
@@ -138,9 +144,9 @@ class ArbEngine:
     def strings(self, balls: list, digits: int) -> list:
         """certify.certified_decimal of each ball converted at digits + 5, in one loop (None where that does not
         settle it: the caller tries harder)."""
-        from symattn.certify import _context, layout
+        from symattn.certify import decimal_context, layout
 
-        context = _context(digits)
+        context = decimal_context(digits)
         create, convert = context.create_decimal, digits + 5
         out = []
         for ball in balls:
@@ -184,8 +190,13 @@ class MpmathEngine:
         self.ctx.prec = bits
         self.bits = bits
 
-    def activate(self) -> None:
+    def active(self):
         """mpmath's context here is private: nothing global to set."""
+        return nullcontext()
+
+    def activate(self) -> None:
+        # TODO(r18): as ArbEngine.activate: delete once BallXP no longer calls it.
+        pass
 
     def rational(self, p: int, q: int = 1):
         return self.ctx.mpf(p) / q if q != 1 else self.ctx.mpf(p)
@@ -273,28 +284,18 @@ class MpmathEngine:
         (sa, ma, ea, _), (sb, mb, eb, _) = x._mpi_
         if (ma == 0 and ea != 0) or (mb == 0 and eb != 0):  # inf or nan
             return flint.arb.nan()
-        saved = flint.ctx.prec
-        flint.ctx.prec = max(self.bits, ma.bit_length(), mb.bit_length()) + 8  # the ends exactly
-        try:
+        with precision(max(self.bits, ma.bit_length(), mb.bit_length()) + 8):  # the ends exactly
             lo = flint.arb((-ma if sa else ma, ea))
             hi = flint.arb((-mb if sb else mb, eb))
             return lo.union(hi)
-        finally:
-            flint.ctx.prec = saved
 
     def accuracy(self, x) -> int:
         ball = self.to_arb(x)
         return 1 << 30 if ball.is_exact() else ball.rel_accuracy_bits()
 
     def decimal(self, x, digits: int, convert: int | None = None) -> tuple[int, int, int] | None:
-        import flint
-
-        saved = flint.ctx.prec
-        flint.ctx.prec = max(self.bits, 64)
-        try:
-            return ArbEngine(self.bits).decimal(self.to_arb(x), digits, convert)
-        finally:
-            flint.ctx.prec = saved
+        # Arb's decimal conversion (mid_rad_10exp) does not depend on the working precision
+        return ArbEngine(self.bits).decimal(self.to_arb(x), digits, convert)
 
     def strings(self, balls: list, digits: int) -> list:
         return [None] * len(balls)  # everything through the careful path

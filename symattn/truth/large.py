@@ -1,0 +1,369 @@
+"""The large path: float64 enclosures of whole matrices, by blocks of query rows, and Arb for what they leave.
+
+For the forward steps of specs of at least LARGE score entries, at
+FLOAT_DIGITS digits or fewer, with the default engine, every step is enclosed
+in double-float intervals (vectorized, ``backends/intervals.py``).  The
+enclosures that certify the digits asked are kept as they are (strings made
+when read); the others are settled from their exact double-float ends, by
+equal values (a head's output of a constant column of V), as bounds (near-zeros
+far below the step's scale), or computed again in Arb on their query rows with
+precision doubling, their rows' exact forms deciding rounding ties.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from symattn import certify
+from symattn.backends.balls import BallXP
+from symattn.backends.engines import ArbEngine, precision
+from symattn.graph.graph import build as build_graph
+from symattn.matrix import RatMat
+from symattn.truth.decide import too_big
+from symattn.truth.result import Known, Truth, ball_at, ball_string, exact_text
+
+log = logging.getLogger("symattn")
+
+LARGE = 1 << 16  # score entries (H·L·S) from which 15 digits or fewer come from float64 enclosures
+FLOAT_DIGITS = 15  # the most digits the float64 enclosures are asked for
+NEAR_ZERO = 1e-15  # an entry whose enclosure stays below this × the step's largest |entry| may be a bound
+BLOCK = 1 << 17  # score entries per head in one block of query rows on the large path
+ESCALATION_BITS = 128  # Arb's first precision for what the enclosures (relative error about 2**-62) left:
+# entries near a rounding boundary or cancelling, from double-float products good to about 2**-100
+LARGE_ESCALATION = 1 << 12  # the large path's last precision: past it, an entry on a rounding boundary that its
+# exact form did not decide gets fewer digits (an irrational value within 10**-1200 of a tie is not to be met)
+EXACT_ROW_TERMS = 1 << 20  # a row's exact form is asked for at most this many keys × columns
+
+
+def large(spec, digits: int, engine: str, names, graph) -> bool:
+    """Whether ``evaluate`` takes the large path: float64 enclosures of whole matrices (``intervals.py``),
+    Arb for the entries they do not certify.  For the forward steps of specs of at least LARGE score
+    entries, FLOAT_DIGITS digits or fewer, and the default engine."""
+    backward = {s.name for s in graph.backward_steps}
+    return (
+        engine == "auto"
+        and digits <= FLOAT_DIGITS
+        and spec.h * spec.L * spec.S >= LARGE
+        and not any(name in backward for name in names)
+    )
+
+
+def blocks(spec, L: int) -> list:
+    """(rows, keys) blocks of the large path: query rows in blocks of about BLOCK score entries per head, each
+    with only the keys some of its queries may attend to (the kernel form; all of them else)."""
+    size = max(1, BLOCK // max(spec.S, 1))
+    out = []
+    for start in range(0, L, size):
+        rows = list(range(start, min(L, start + size)))
+        keys = None
+        if spec.form == "kernel":
+            allowed = np.zeros(spec.S, dtype=bool)
+            empty = False
+            for i in range(spec.h):
+                a = spec.allowed(i)[start : start + size]
+                allowed |= a.any(axis=0)
+                empty |= not a.any(axis=1).all()
+            if not allowed.all() and not (empty and spec.empty_row != "zero"):
+                keys = np.flatnonzero(allowed).tolist()
+        out.append((rows, keys))
+    return out
+
+
+def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
+    """The large path: every step enclosed in double-float intervals (vectorized, ``intervals.py``), by blocks
+    of query rows (and of the keys they may see); the enclosures that certify the digits kept as they are
+    (strings made when read), the others settled from their exact double-float ends, near-zeros below
+    NEAR_ZERO × the step's scale given as bounds, and every entry left computed again in Arb on its query row
+    (a step that is not row-local on the whole graph), with precision doubling until it certifies."""
+    from symattn.backends.intervals import enclose
+
+    truth = Truth(spec, digits, "arb", graph, names, bits)
+    truth.method = "intervals"
+    local = [n for n in names if graph.step(n).row_local]
+    whole = [n for n in names if n not in local]  # K and V of the projection form
+    store = {}
+    for name in names:
+        step = graph.step(name)
+        shape = step.shape
+        store[name] = Known(
+            excluded=None if step.kind != "scores" or step.excluded is None else step.excluded.copy(),
+            mid=np.full(shape, -np.inf if step.kind == "scores" else 0.0),
+            rad=np.zeros(shape),
+            ok=np.zeros(shape, dtype=bool),
+        )
+        truth.known[name] = store[name]
+    parts = blocks(spec, spec.L)
+
+    def compute(b: int):
+        rows, keys = parts[b]
+        g = build_graph(spec, rows=rows, keys=keys) if len(parts) > 1 or keys is not None else graph
+        return enclose(g, local + (whole if b == 0 else []))
+
+    for b, (rows, keys) in enumerate(parts):
+        report("float64 enclosures: query rows", rows[0], spec.L)
+        for name, iv in compute(b).items():
+            step = graph.step(name)
+            _settle_block(store[name], iv, block_target(step, rows, keys), digits, rows if step.row_local else None)
+    left = []
+
+    for name in names:
+        known = store[name]
+        mid, rad = known.mid, known.rad
+        nan = np.isnan(mid)
+        rows = _nan_rows(spec, graph.step(name))
+        nan &= False if rows is None else rows[:, None]  # any other nan (an enclosure that overflowed) goes to Arb
+        for i, j in zip(*np.nonzero(nan), strict=True):
+            known.decided[int(i), int(j)] = "nan"
+        bad = ~known.ok & ~nan & ~((mid == 0) & (rad == 0))
+        if known.excluded is not None:
+            bad &= ~known.excluded
+        for i, j in known.decided:
+            bad[i, j] = False
+        if not bad.any():
+            continue
+        finite = np.abs(mid[np.isfinite(mid)])
+        scale = float(finite.max()) if finite.size else 0.0
+        with np.errstate(invalid="ignore"):
+            tiny = bad & (np.abs(mid) + rad <= NEAR_ZERO * scale)
+        tiny_cells = _equal_values(truth, [(name, int(i), int(j)) for i, j in zip(*np.nonzero(tiny), strict=True)])
+        for _, i, j in tiny_cells:  # a near-zero that is not exactly 0 by its equal values: a bound
+            known.decided[i, j] = _bound_text(float(abs(mid[i, j]) + rad[i, j]))
+            known.bounds.add((i, j))
+        left += [(name, int(i), int(j)) for i, j in zip(*np.nonzero(bad & ~tiny), strict=True)]
+    left = _equal_values(truth, left)
+    truth.escalated = len(left)
+    if left:
+        log.debug("%d entries not certified by the enclosures: computed again in Arb", len(left))
+        _settle_in_arb(truth, left, max(bits, ESCALATION_BITS), report)
+    return truth
+
+
+def _nan_rows(spec, step) -> np.ndarray | None:
+    """Bools over a step's rows: those that are nan by the spec (empty rows under ``empty_row "nan"``: a head's
+    weights and output, and every row of the steps that read all heads), or None when no row is."""
+    if spec.empty_row != "nan" or step.backward or step.kind not in ("weights", "head", "concat_heads", "M"):
+        return None
+    heads = [step.head - 1] if step.kind in ("weights", "head") else range(spec.h)
+    rows = np.zeros(spec.L, dtype=bool)
+    for h in heads:
+        rows |= ~spec.allowed(h).any(axis=1)
+    return rows
+
+
+def block_target(step, rows, keys):
+    """Where a block's values of a step go in the whole step: its rows (and, for scores and weights, the keys it
+    kept); all of a step that is not row-local (the block computed it whole)."""
+    if not step.row_local:
+        return slice(None), slice(None)
+    if keys is not None and step.kind in ("scores", "weights"):
+        return np.ix_(rows, keys)
+    return np.array(rows), slice(None)
+
+
+def _settle_block(known, iv, target, digits, rows) -> None:
+    """One block's enclosures of a step into its _Known: midpoints, radii, which certify, and the exact strings
+    of those that certify only from the exact double-float ends."""
+    from symattn.backends.intervals import certifiable, exact_string
+
+    mid, rad = iv.collapsed()
+    ok = certifiable(mid, rad, digits)
+    known.mid[target] = mid
+    known.rad[target] = rad
+    known.ok[target] = ok
+    lo, full = iv.low(), iv.radius()
+    bad = ~ok & np.isfinite(mid) & np.isfinite(iv.hi) & np.isfinite(lo) & np.isfinite(full)
+    bad &= ~((mid == 0) & (rad == 0))
+    if iv.excluded is not None:
+        bad &= ~iv.excluded
+    if not bad.any():
+        return
+    row_of = (lambda i: i) if rows is None else (lambda i: rows[i])
+    columns = target[1].reshape(-1) if isinstance(target[1], np.ndarray) else None
+    for i, j in zip(*np.nonzero(bad), strict=True):
+        text = exact_string(float(iv.hi[i, j]), float(lo[i, j]), float(full[i, j]), digits)
+        if text is not None:
+            col = int(columns[j]) if columns is not None else int(j)
+            known.decided[row_of(int(i)), col] = text
+
+
+def _bound_text(top: float) -> str:
+    """ "<1e-N" with 10**-N > top (a float upper bound of |x|)."""
+    if top == 0:
+        return "0"
+    power = math.floor(math.log10(top)) + 1
+    while 10.0**power <= top * (1 + 1e-15):  # log10 may be off by one near a power of ten
+        power += 1
+    return f"<1e{power:+d}" if power > 0 else f"<1e{power}"
+
+
+def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
+    """Certified strings for the entries the enclosures did not settle: in Arb, row-local steps on their query
+    rows' graphs (grouped by row), others on the whole graph, precision doubling up to LARGE_ESCALATION; after
+    the first round, the entries left are asked of their rows' exact forms (a rounding tie, which no precision
+    settles); what still straddles a rounding boundary at the last precision gets the digits it does certify
+    (a note)."""
+    digits = truth.digits
+    start = bits
+    nans: dict = {}
+
+    def nan_rows(name):
+        if name not in nans:
+            rows = _nan_rows(truth.spec, truth.graph.step(name))
+            nans[name] = np.zeros(truth.graph.step(name).shape[0], dtype=bool) if rows is None else rows
+        return nans[name]
+
+    # float products (double-float slices, good to 2**-100) for the first round, unless enclosures overflowed
+    products = all(np.isfinite(truth.known[name].mid[i, j]) for name, i, j in cells)
+    while cells:
+        engine = ArbEngine(bits)
+        with precision(bits):
+            xp = BallXP(engine, floats=True, float_products=products and bits == start)
+            by_step: dict = {}
+            whole = []
+            for name, i, j in cells:
+                if truth.graph.step(name).row_local:
+                    by_step.setdefault(name, {}).setdefault(i, []).append(j)
+                else:
+                    whole.append((name, i, j))
+            balls = {}
+            for name, by_row in by_step.items():  # one graph per step, of the rows left in it: one head's work
+                report(f"arb at {bits} bits: {len(by_row)} query rows of {name}")
+                rows = sorted(by_row)
+                keys, columns = _restriction(truth.spec, truth.graph.step(name), rows, by_row)
+                g = build_graph(truth.spec, rows=rows, keys=keys, value_columns=columns)
+                value = g.forward(xp, [name])[name]
+                for position, i in enumerate(rows):
+                    for j in by_row[i]:
+                        balls[name, i, j] = ball_at(xp, value, position, j if columns is None else columns.index(j))
+            if whole:
+                report(f"arb at {bits} bits: the whole graph")
+                all_values = truth.graph.forward(xp, sorted({name for name, _, _ in whole}))
+                for name, i, j in whole:
+                    balls[name, i, j] = ball_at(xp, all_values[name], i, j)
+            left = []
+            for (name, i, j), ball in balls.items():
+                known = truth.known[name]
+                text = ball_string(engine, ball, digits)
+                if text == "nan" and not nan_rows(name)[i]:  # the first round's float products overflowed
+                    text = None
+                if text is not None:
+                    known.decided[i, j] = text
+                    continue
+                ends = engine.decimal(ball, digits)
+                if ends is not None and ends[0] <= 0 <= ends[1] and bits >= 4 * start:
+                    known.decided[i, j] = certify.bound_string(*ends)  # still around zero: a bound
+                    known.bounds.add((i, j))
+                    continue
+                left.append((name, i, j))
+            if left and bits == start:
+                left = _exact_rows(truth, left, report)
+            if left and 2 * bits > LARGE_ESCALATION:
+                for name, i, j in left:
+                    truth.fewer(name, i, j, engine, balls[name, i, j])
+                left = []
+        cells, bits = left, 2 * bits
+        truth.bits = max(truth.bits, bits // 2)
+
+
+def _equal_values(truth: Truth, cells) -> list:
+    """Settle the cells of heads' outputs whose row's visible values in their column are all equal: the
+    weights of a row sum to 1, so the output is exactly that value (a constant column of V, a row with one
+    key; on a rounding tie no enclosure could settle it).  Returns the cells left."""
+    spec, graph = truth.spec, truth.graph
+    values: dict = {}  # V's name -> exact values as (float64 array, None) or (None, RatMat), or None
+    left = []
+    for name, i, j in cells:
+        step = graph.step(name)
+        if step.kind != "head" or step.backward:
+            left.append((name, i, j))
+            continue
+        v_name = graph.node(name).inputs[1]
+        if v_name not in values:
+            values[v_name] = _exact_values(graph, v_name)
+        if values[v_name] is None:
+            left.append((name, i, j))
+            continue
+        floats, exact = values[v_name]
+        visible = spec.allowed(step.head - 1)[i]
+        if not visible.any():
+            if spec.empty_row != "uniform":
+                left.append((name, i, j))
+                continue
+            visible = np.ones_like(visible)
+        column = (floats if floats is not None else exact.num)[:, j][visible]
+        if not (column == column[0]).all():
+            left.append((name, i, j))
+            continue
+        value = Fraction(float(column[0])) if floats is not None else Fraction(column[0], exact.den)
+        truth.known[name].decided[i, j] = exact_text(value, truth.digits)
+    return left
+
+
+def _exact_values(graph, name: str):
+    """A leaf's or node's exact values as (float64 array, None) for float inputs, (None, RatMat) for rational
+    ones, or None when they are not rational."""
+    leaf = graph.leaves.get(name)
+    if leaf is not None:
+        if leaf.is_float:
+            return leaf.float64(), None
+        return (None, leaf.ratmat) if leaf.is_rational else None
+    with precision(64):
+        value = graph.forward(BallXP(ArbEngine(64)), [name])[name]
+    return (None, value) if isinstance(value, RatMat) else None
+
+
+def _exact_rows(truth: Truth, cells, report) -> list:
+    """Settle the cells of row-local forward steps whose exact form, on their query row's graph (its keys and
+    columns alone), is a constant: a rational on a rounding tie.  Returns the cells left."""
+    from symattn.backends.exact import ExactXP
+
+    spec, graph = truth.spec, truth.graph
+    by_row: dict = {}
+    left = []
+    for name, i, j in cells:
+        step = graph.step(name)
+        if step.row_local and not step.backward:
+            by_row.setdefault((name, i), []).append(j)
+        else:
+            left.append((name, i, j))
+    for (name, i), columns_asked in sorted(by_row.items()):
+        step = graph.step(name)
+        keys, columns = _restriction(spec, step, [i], {i: columns_asked})
+        size = (spec.S if keys is None else len(keys)) * (step.shape[1] if columns is None else len(columns))
+        value = None
+        if size <= EXACT_ROW_TERMS:
+            report(f"exact form of {name}, query row {i}")
+            try:
+                g = build_graph(spec, rows=[i], keys=keys, value_columns=columns)
+                xp = ExactXP()
+                value = g.forward(xp, [name])[name]
+            except (RecursionError, MemoryError, too_big()):
+                value = None
+        for j in columns_asked:
+            exact = None
+            if value is not None:
+                try:
+                    exact = xp.alg.value(xp.entry(value, 0, j if columns is None else columns.index(j)))
+                except (RecursionError, MemoryError, too_big()):
+                    exact = None
+            if exact is None:
+                left.append((name, i, j))
+            else:
+                truth.known[name].decided[i, j] = exact_text(exact, truth.digits)
+    return left
+
+
+def _restriction(spec, step, rows, by_row) -> tuple:
+    """(keys, value columns) a kernel-form head's rows need: the keys they may attend to, and the columns of V
+    asked (None: all)."""
+    if spec.form != "kernel" or step.kind != "head":
+        return None, None
+    columns = sorted({j for i in rows for j in by_row[i]})
+    allowed = spec.allowed(step.head - 1)[rows].any(axis=0)
+    empty = not spec.allowed(step.head - 1)[rows].any(axis=1).all()
+    keys = None if allowed.all() or (empty and spec.empty_row != "zero") else np.flatnonzero(allowed).tolist()
+    return keys, columns
