@@ -17,8 +17,9 @@ import numpy as np
 
 from symattn.backends.rational import Lin, Scalar, canonical
 from symattn.entries import to_ball
-from symattn.graph.graph import NAN
+from symattn.graph.xp import ArrayXP
 from symattn.matrix import RatMat
+from symattn.semantics import NAN
 
 
 class Balls:
@@ -57,7 +58,7 @@ class FloatMat:
         return self._mat
 
 
-class BallXP:
+class BallXP(ArrayXP):
     """The graph's ``xp`` over an engine at its working precision."""
 
     def __init__(self, engine, floats: bool = False, float_products: bool = False):

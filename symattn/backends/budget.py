@@ -22,7 +22,8 @@ import math
 import numpy as np
 
 from symattn.backends.floats import exact_float, unit_roundoff
-from symattn.graph.graph import NAN
+from symattn.graph.xp import ArrayXP
+from symattn.semantics import NAN
 
 LAMBDA = 4.0  # Higham–Mary's λ: a bound that fails with probability about 2·exp(-λ²/2) per dot product
 
@@ -41,7 +42,7 @@ class Budget:
         self.carried = carried
 
 
-class BudgetXP:
+class BudgetXP(ArrayXP):
     """The graph's ``xp`` over Budgets, for a dtype under test."""
 
     def __init__(self, dtype: str, arrays: dict, working=np.float64):

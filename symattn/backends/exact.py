@@ -28,8 +28,9 @@ import numpy as np
 
 from symattn.backends.rational import Lin, Scalar, canonical
 from symattn.entries import Expr, to_text
-from symattn.graph.graph import NAN
+from symattn.graph.xp import ArrayXP
 from symattn.matrix import RatMat
+from symattn.semantics import NAN
 
 MAX_TERMS = 200_000  # a decision that would expand to more polynomial terms is given up
 
@@ -351,7 +352,7 @@ class Elems:
         return self.values.shape
 
 
-class ExactXP:
+class ExactXP(ArrayXP):
     """The graph's ``xp`` over exact values: RatMat, Lin, and Elems of rational functions."""
 
     def __init__(self, algebra: Algebra | None = None):

@@ -44,7 +44,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from symattn.graph.graph import NAN
+from symattn.graph.xp import ArrayXP
+from symattn.semantics import NAN
 
 U = 2.0**-53  # unit roundoff of float64
 ETA = 2.0**-1074  # smallest subnormal: the absolute error of an underflow
@@ -378,7 +379,7 @@ def exp_table():
 TABLE_ERROR = 2.0**-100
 
 
-class IntervalXP:
+class IntervalXP(ArrayXP):
     """The graph's ``xp`` over Iv (see the module docstring for what the radii bound)."""
 
     # Conversions.
