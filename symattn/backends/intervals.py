@@ -404,8 +404,6 @@ class IntervalXP(ArrayXP):
         return Iv(*split_product(a.hi, a.lo, b.hi, b.lo, a.rad, b.rad, a.below))
 
     def matmul(self, a, b):
-        if isinstance(a, _Quotient):
-            return a.times(b)
         return self._product(a, b)
 
     def matmul_nt(self, a, b):
@@ -420,8 +418,6 @@ class IntervalXP(ArrayXP):
         return _add(_materialized(a), _materialized(b), 1)
 
     def sub(self, a, b):
-        if isinstance(b, _RowConstant):  # a softmax's shift: fused into the exp that follows
-            return _Shifted(_materialized(a), b)
         return _add(_materialized(a), _materialized(b), -1)
 
     def mul(self, a, b):
@@ -446,8 +442,6 @@ class IntervalXP(ArrayXP):
         return _tanh(_materialized(a))
 
     def exp(self, a):
-        if isinstance(a, _Shifted):
-            return _exp(a.terms, a.shift.hi)
         return _exp(_materialized(a))
 
     def mask(self, a, allowed):
@@ -458,15 +452,26 @@ class IntervalXP(ArrayXP):
 
     def shift(self, a):
         """The row maxima of hi rounded up to multiples of 1/STEPS, taken as exact: the softmax does not depend
-        on its shift, and the exp reads it without subtracting it (``_exp``)."""
+        on its shift, and ``softmax``'s exp reads it without subtracting it (``_exp``)."""
         top = _materialized(a).hi.max(axis=-1, keepdims=True)
         with np.errstate(invalid="ignore"):
-            return _RowConstant(np.where(top == -np.inf, 0.0, np.ceil(top * STEPS) / STEPS))
+            return Iv(np.where(top == -np.inf, 0.0, np.ceil(top * STEPS) / STEPS))
 
     def rowsum(self, a):
-        """A row sum, kept with its terms: dividing the terms by it then multiplying by V (a softmax and its
-        weighted sum) makes one split product with V and a column of ones (``_Quotient``)."""
-        return _RowSum(_materialized(a))
+        a = _materialized(a)
+        return self._product(a, Iv(np.ones(a.hi.shape[:-2] + (a.hi.shape[-1], 1))))
+
+    def softmax(self, s, empty=None, fill=0):
+        """The exponentials exp(s − shift) by the table, the shift folded into its index (``_exp``), kept with
+        the empty rows until read (``_Weights``)."""
+        s = _materialized(s)
+        return _Weights(_exp(s, self.shift(s).hi), self, empty, fill)
+
+    def weighted_sum(self, p, v):
+        """Weights from ``softmax`` times V: one split product of their exponentials with [V 1]."""
+        if isinstance(p, _Weights):
+            return p.times(_materialized(v))
+        return self._product(p, v)
 
     def colsum(self, a):
         a = _materialized(a)
@@ -474,8 +479,6 @@ class IntervalXP(ArrayXP):
         return self._product(ones, a)
 
     def div(self, a, z):
-        if isinstance(z, _RowSum) and z.terms is a:
-            return _Quotient(a, self)
         return _divide(_materialized(a), _materialized(z))
 
     def fill_rows(self, a, rows, value):
@@ -748,59 +751,28 @@ class _Product:
         return self._value
 
 
-class _RowConstant(Iv):
-    """Exact row constants (a softmax's shift)."""
+class _Weights:
+    """A softmax's weights terms / rowsum(terms), kept as their exponentials ``terms`` until read
+    (``IntervalXP.softmax``): ``IntervalXP.weighted_sum`` multiplies them by V as (terms·[V 1]) divided by its
+    last column, one split product; anything else reads the weights themselves (``value``).  ``empty``:
+    bools (…, m, 1) of the rows with no allowed key, filled with ``fill``, or None."""
 
-    def __init__(self, hi):
-        super().__init__(hi)
-
-
-class _Shifted:
-    """terms − shift, computed by the exp that reads it (or when anything else does)."""
-
-    def __init__(self, terms: Iv, shift: _RowConstant):
-        self.terms, self.shift = terms, shift
-        self.excluded = terms.excluded
-        self._value = None
-
-    def value(self) -> Iv:
-        if self._value is None:
-            self._value = _add(self.terms, self.shift, -1)
-        return self._value
-
-
-class _RowSum:
-    """rowsum(terms), computed only when something other than a softmax's division reads it."""
-
-    def __init__(self, terms: Iv):
-        self.terms = terms
-        self._value = None
-
-    def value(self) -> Iv:
-        if self._value is None:
-            t = self.terms
-            ones = Iv(np.ones(t.hi.shape[:-2] + (t.hi.shape[-1], 1)))
-            self._value = IntervalXP()._product(t, ones)
-        return self._value
-
-
-class _Quotient:
-    """terms / rowsum(terms): the softmax's weights.  Multiplied by V it is (terms·[V 1]) divided by its last
-    column, one split product; anything else reads the weights themselves."""
-
-    def __init__(self, terms: Iv, xp: IntervalXP):
-        self.terms, self.xp = terms, xp
+    def __init__(self, terms: Iv, xp: IntervalXP, empty=None, fill=0):
+        self.terms, self.xp, self.empty, self.fill = terms, xp, empty, fill
         self._value = None
         self.excluded = None
 
     def value(self) -> Iv:
         if self._value is None:
-            z = _RowSum(self.terms).value()
-            w = _divide(self.terms, z)
-            if self.terms.one_key is not None:  # exactly 1 there, and exactly 0 beside it (excluded entries)
-                rows, keys = self.terms.one_key
+            t, xp = self.terms, self.xp
+            z = xp.rowsum(t)
+            if self.empty is not None:
+                z = xp.fill_rows(z, self.empty, 1)
+            w = _divide(t, z)
+            if t.one_key is not None:  # exactly 1 there, and exactly 0 beside it (excluded entries)
+                rows, keys = t.one_key
                 w.hi[rows, keys], w.lo[rows, keys], w.rad[rows, keys] = 1.0, 0.0, 0.0
-            self._value = w
+            self._value = w if self.empty is None else xp.fill_rows(w, self.empty, self.fill)
         return self._value
 
     def times(self, v: Iv) -> Iv:
@@ -817,11 +789,21 @@ class _Quotient:
         if self.terms.one_key is not None:  # one weight of exactly 1: that row of V, exactly
             rows, keys = self.terms.one_key
             out.hi[rows], out.lo[rows], out.rad[rows] = v.hi[keys], v.low()[keys], v.radius()[keys]
+        if self.empty is not None:  # an empty row's terms are all 0 (z too): its filled weights times V
+            rows = np.broadcast_to(self.empty, out.hi.shape[:-1] + (1,))[..., 0]
+            if rows.any():
+                fill = self.xp.fill_rows(Iv(np.zeros(self.terms.hi[rows].shape)), np.ones((int(rows.sum()), 1), bool),
+                                         self.fill)
+                filled = self.xp._product(fill, v) if out.hi.ndim == 2 else None
+                if filled is None:  # batched: the filled weights of every row, those rows kept
+                    filled = self.xp._product(self.value(), v)
+                    filled = Iv(filled.hi[rows], filled.low()[rows], filled.radius()[rows])
+                out.hi[rows], out.lo[rows], out.rad[rows] = filled.hi, filled.low(), filled.radius()
         return out
 
 
 def _materialized(a):
-    if isinstance(a, (_Quotient, _RowSum, _Shifted, _Product)):
+    if isinstance(a, (_Weights, _Product)):
         return a.value()
     return a
 
