@@ -296,11 +296,11 @@ def _reduced(num: dict, den: dict) -> tuple[Fraction, dict, dict]:
     """(c, N, Z) with num/den = c·N/Z, N and Z primitive with integer coefficients, Z's leading coefficient
     positive, and common factors cancelled (python-flint's GCD) when every monomial is a power of one
     generator."""
-    from symattn.backends.exact import _constant_ratio
+    from symattn.backends.exact import constant_ratio
 
     if not num:
         return Fraction(0), {}, {(): Fraction(1)}
-    ratio = _constant_ratio(num, den)
+    ratio = constant_ratio(num, den)
     if ratio is not None:
         return ratio, {(): Fraction(1)}, {(): Fraction(1)}
     c_num, num = _primitive(num)

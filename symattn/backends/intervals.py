@@ -44,7 +44,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from symattn.graph.xp import ArrayXP
+from symattn.backends.engines import precision
+from symattn.graph.xp import ArrayXP, union
 from symattn.semantics import NAN
 
 U = 2.0**-53  # unit roundoff of float64
@@ -347,23 +348,18 @@ def exp_table():
     exp(k2 / STEPS), multiplied as double-floats."""
     import flint
 
-    saved = flint.ctx.prec
-    flint.ctx.prec = 160
-    try:
+    def pairs(values):
+        hi, lo = [], []
+        for v in values:
+            mid = v.mid()
+            h = float(mid)
+            hi.append(h)
+            lo.append(float(mid - flint.arb(h)))
+        return np.array(hi), np.array(lo)
 
-        def pairs(values):
-            hi, lo = [], []
-            for v in values:
-                mid = v.mid()
-                h = float(mid)
-                hi.append(h)
-                lo.append(float(mid - flint.arb(h)))
-            return np.array(hi), np.array(lo)
-
+    with precision(160):
         big_hi, big_lo = pairs([flint.arb(k).exp() for k in range(EXP_LOW, EXP_HIGH + 1)])
         small_hi, small_lo = pairs([(flint.arb(k) / STEPS).exp() for k in range(STEPS)])
-    finally:
-        flint.ctx.prec = saved
     # every k = k1·STEPS + k2 (0 <= k2 < STEPS): exp(k1)·exp(k2/STEPS) as a double-float
     a_hi, a_lo = np.repeat(big_hi, STEPS), np.repeat(big_lo, STEPS)
     b_hi, b_lo = np.tile(small_hi, len(big_hi)), np.tile(small_lo, len(big_hi))
@@ -448,7 +444,7 @@ class IntervalXP(ArrayXP):
         """Excluded entries get hi −inf (their lo and rad mean nothing)."""
         a = _materialized(a)
         excluded = ~np.broadcast_to(allowed, a.hi.shape)
-        return Iv(np.where(excluded, -np.inf, a.hi), a.lo, a.rad, _union(a.excluded, excluded))
+        return Iv(np.where(excluded, -np.inf, a.hi), a.lo, a.rad, union(a.excluded, excluded))
 
     def shift(self, a):
         """The row maxima of hi rounded up to multiples of 1/STEPS, taken as exact: the softmax does not depend
@@ -516,18 +512,10 @@ def _transposed(a: Iv) -> Iv:
     return Iv(t(a.hi), t(a.lo), t(a.rad))
 
 
-def _union(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a | b
-
-
 def _add(a: Iv, b: Iv, sign: int) -> Iv:
     with np.errstate(invalid="ignore"):
         hi, err = two_sum(a.hi, b.hi if sign > 0 else -b.hi)
-        excluded = _union(a.excluded, b.excluded)
+        excluded = union(a.excluded, b.excluded)
         if excluded is not None:  # −inf − x: TwoSum gives nan; the entry is excluded anyway
             hi = np.where(excluded, -np.inf, hi)
             err = np.where(excluded, 0.0, err)
