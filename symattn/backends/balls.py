@@ -153,11 +153,11 @@ class BallXP(RationalXP):
         return Balls(self.engine.matmul(self.balls(a).values, self.balls(b).values))
 
     def _float_product(self, a: np.ndarray, b: np.ndarray) -> Balls:
-        """The product of two float matrices as balls: its double-float enclosure (``intervals.sliced_product``,
+        """The product of two float matrices as balls: its double-float enclosure (``doublefloat.sliced_product``,
         within about 2**-100 relatively) read into Arb, instead of an Arb matrix product."""
         import flint
 
-        from symattn.backends.intervals import sliced_product
+        from symattn.backends.doublefloat import sliced_product
 
         with np.errstate(all="ignore"):
             hi, lo, rad = sliced_product(a, b)
@@ -301,11 +301,9 @@ class BallXP(RationalXP):
         return Balls(values, x.excluded)
 
 
-
 def _sum(items):
     items = list(items)
     total = items[0]
     for v in items[1:]:
         total = total + v
     return total
-

@@ -579,5 +579,3 @@ def _int(q: Fraction):
 
 def _key(e: dict):
     return tuple(sorted((d, tuple(sorted(p.items()))) for d, p in e.items()))
-
-

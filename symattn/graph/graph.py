@@ -234,6 +234,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         name = Leaf(kind, index).name
         leaves[name], kinds[name] = matrix, Leaf(kind, index)
         return name
+
     H, S = spec.h, (spec.S if keys is None else len(keys))
     scale = Param("scale", spec.effective_scale)
     scale_text = to_text(spec.effective_scale)
@@ -378,8 +379,6 @@ def _mask_text(spec) -> str:
     return "".join(", " + p for p in parts)
 
 
-
-
 # Backward steps: the forward names with a d prefix (DESIGN.md); each definition is the sum of the terms that
 # the ops reading the value give (``grad_terms``, next to their vjp).
 
@@ -453,9 +452,7 @@ def _input_gradients(graph: Graph) -> list:
         else:
             leaves = (by_kind[kind][0],)
         missing = tuple(leaf for leaf in leaves if leaf.name not in graph.leaves)
-        steps = tuple(
-            f"{_COLSUM_OF[kind]}{leaf.index}" if leaf in missing else "d" + leaf.name for leaf in leaves
-        )
+        steps = tuple(f"{_COLSUM_OF[kind]}{leaf.index}" if leaf in missing else "d" + leaf.name for leaf in leaves)
         rows, cols = shapes["d" + next(leaf for leaf in leaves if leaf not in missing).name]
         bias_row = kind in ("bq", "bk", "bv", "bo")
         part = (cols,) if bias_row else (rows, cols)
