@@ -22,11 +22,11 @@ from fractions import Fraction
 import sympy
 
 from symattn.backends.exact import NANF, ExactXP
-from symattn.backends.rational import Lin
 from symattn.entries import to_sympy
 from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 from symattn.graph.steps import FORMATS
+from symattn.matrix import RatMat
 
 _RATIONALS: dict = {}
 
@@ -189,7 +189,7 @@ class Trace:
         value = self._values[name]
         rows, cols = self._steps[name].shape
         xp = self._xp
-        if hasattr(value, "num") and not isinstance(value, Lin):  # a RatMat
+        if isinstance(value, RatMat):
             return sympy.ImmutableMatrix(rows, cols, [_rational(value[i, j]) for i in range(rows) for j in range(cols)])
         out = []
         for i in range(rows):
@@ -270,10 +270,6 @@ class Trace:
             return to_sympy(value)
         inner = self._element(value, closed=True)
         return sympy.tanh(inner) if kind == "tanh" else sympy.exp(inner)
-
-
-def _order(m: tuple) -> tuple:
-    return tuple((g, Fraction(e)) for g, e in m)
 
 
 def _normaliser_order(z: sympy.Symbol) -> tuple:

@@ -122,7 +122,7 @@ class BallXP(RationalXP):
 
     def _lin_balls(self, a: Lin) -> np.ndarray:
         """Σ g·A + B as balls, by matrix operations of the engine (in C for Arb); equal entries share a ball."""
-        cached = getattr(a, "_balls", None)
+        cached = a.balls_cache
         if cached is not None and cached[0] is self:
             return cached[1]
         terms = [(self._generator(k, a.generators[k]), m) for k, m in a.terms.items()]
@@ -132,7 +132,7 @@ class BallXP(RationalXP):
         for k, key in enumerate(a.keys()):
             first = shared.setdefault((signature, key), flat[k])
             flat[k] = first
-        a._balls = (self, values)
+        a.balls_cache = (self, values)
         return values
 
     # Products.

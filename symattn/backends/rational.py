@@ -111,14 +111,14 @@ class Lin:
     """Σ_k g_k·A_k + B with exact rational matrices, one term per generator key; ``excluded`` marks entries
     that are not numbers (masked scores, -inf)."""
 
-    __slots__ = ("terms", "const", "generators", "excluded", "_balls")
+    __slots__ = ("terms", "const", "generators", "excluded", "balls_cache")
 
     def __init__(self, terms: dict, const: RatMat, generators: dict, excluded=None):
         self.terms = terms  # key -> RatMat
         self.const = const
         self.generators = generators  # key -> the generator's exact value
         self.excluded = excluded  # bool array or None
-        self._balls = None  # the ball backend's values, cached
+        self.balls_cache = None  # (the BallXP, its balls of this Lin): made once per backend
 
     @property
     def shape(self) -> tuple:
