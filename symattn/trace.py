@@ -22,11 +22,11 @@ from fractions import Fraction
 import sympy
 
 from symattn.backends.exact import NANF, ExactXP
-from symattn.backends.rational import Lin
 from symattn.entries import to_sympy
 from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 from symattn.graph.steps import FORMATS
+from symattn.matrix import RatMat
 
 _RATIONALS: dict = {}
 
@@ -189,7 +189,7 @@ class Trace:
         value = self._values[name]
         rows, cols = self._steps[name].shape
         xp = self._xp
-        if hasattr(value, "num") and not isinstance(value, Lin):  # a RatMat
+        if isinstance(value, RatMat):
             return sympy.ImmutableMatrix(rows, cols, [_rational(value[i, j]) for i in range(rows) for j in range(cols)])
         out = []
         for i in range(rows):
@@ -272,10 +272,6 @@ class Trace:
         return sympy.tanh(inner) if kind == "tanh" else sympy.exp(inner)
 
 
-def _order(m: tuple) -> tuple:
-    return tuple((g, Fraction(e)) for g, e in m)
-
-
 def _normaliser_order(z: sympy.Symbol) -> tuple:
     head, _, row = z.name[1:].partition("_")
     return (int(head) if head.isdigit() else 10**9, int(row) if row.isdigit() else 0)
@@ -296,11 +292,11 @@ def _reduced(num: dict, den: dict) -> tuple[Fraction, dict, dict]:
     """(c, N, Z) with num/den = c·N/Z, N and Z primitive with integer coefficients, Z's leading coefficient
     positive, and common factors cancelled (python-flint's GCD) when every monomial is a power of one
     generator."""
-    from symattn.backends.exact import _constant_ratio
+    from symattn.backends.exact import constant_ratio
 
     if not num:
         return Fraction(0), {}, {(): Fraction(1)}
-    ratio = _constant_ratio(num, den)
+    ratio = constant_ratio(num, den)
     if ratio is not None:
         return ratio, {(): Fraction(1)}, {(): Fraction(1)}
     c_num, num = _primitive(num)

@@ -17,7 +17,7 @@ import pytest
 
 import symattn
 import symattn.truth.large as large_path
-from symattn.backends import intervals
+from symattn.backends import doublefloat, intervals
 from symattn.backends.intervals import Iv, certifiable, split_product
 
 RNG = np.random.default_rng(2026)
@@ -44,7 +44,7 @@ def _precision():
 def test_the_exp_encloses_arbs_exp_on_many_random_arguments():
     x = np.concatenate([-RNG.random(20000) * 745, -RNG.random(5000) * 1e-3, -RNG.random(2000) * 1e-12, [0.0]])
     lo = RNG.standard_normal(x.size) * 1e-17 * np.abs(x)
-    e = intervals._exp(Iv(x, lo))
+    e = doublefloat.exp(Iv(x, lo))
     for k in range(0, x.size, 7):
         exact = (arb_of(x[k]) + arb_of(lo[k])).exp()
         assert contains(e.hi[k], e.lo[k], e.rad[k], exact), (x[k], lo[k])
@@ -62,7 +62,7 @@ def test_the_shifted_exp_and_masked_entries():
     lo[excluded] = 0.0
     shift = intervals.IntervalXP().shift(Iv(x)).hi  # row maxima rounded up to multiples of 1/STEPS
     assert np.all(shift >= x.max(axis=1, keepdims=True)) and np.all(shift * intervals.STEPS % 1 == 0)
-    e = intervals._exp(Iv(x, lo, np.full(x.shape, 1e-25), excluded), shift)
+    e = doublefloat.exp(Iv(x, lo, np.full(x.shape, 1e-25), excluded), shift)
     assert np.all(e.hi[3, :5] == 0) and np.all(e.lo[3, :5] == 0) and np.all(e.rad[3, :5] == 0)
     assert np.all(e.hi < e.below) and np.all(e.hi >= 0)
     for i in range(30):
@@ -85,7 +85,7 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
     )
     lo = RNG.standard_normal(y.size) * 1e-17 * np.abs(y)
     lo[:3000] *= 1e10  # not normalised, as a product's rest
-    t = intervals._tanh(Iv(y, lo))
+    t = doublefloat.tanh(Iv(y, lo))
     flint.ctx.prec = 1200  # tanh(400) = 1 − 2e**-800...: Arb must resolve radii near 1e-322
     for k in range(0, y.size, 3):
         exact = (arb_of(y[k]) + arb_of(lo[k])).tanh()
@@ -94,7 +94,7 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
     assert np.all(t.rad <= 2.0**-58 * np.abs(t.hi) + 1e-300)
     # the input's radius carries through: the ends of a wide input lie within too
     pick = np.r_[0:40, 8000:8040, 10000:10040]
-    wide = intervals._tanh(Iv(y[pick], lo[pick], np.full(pick.size, 1e-9)))
+    wide = doublefloat.tanh(Iv(y[pick], lo[pick], np.full(pick.size, 1e-9)))
     for k, p in enumerate(pick):
         for end in (arb_of(y[p]) + arb_of(lo[p]) - flint.arb(1e-9), arb_of(y[p]) + arb_of(lo[p]) + flint.arb(1e-9)):
             assert contains(wide.hi[k], wide.lo[k], wide.rad[k], end.tanh()), (y[p], lo[p])
@@ -135,7 +135,7 @@ def test_sliced_products_of_float32_entries_are_good_to_2_to_the_minus_100():
     # float32 entries (rows and columns scaled by powers of two: still float32 numbers)
     a = RNG.standard_normal((3, 64)).astype(np.float32).astype(np.float64) * 2.0 ** RNG.integers(-10, 14, (3, 1))
     b = RNG.standard_normal((64, 200)).astype(np.float32).astype(np.float64) * 2.0 ** RNG.integers(-10, 14, (1, 200))
-    hi, low, rad = intervals.sliced_product(a, b)
+    hi, low, rad = doublefloat.sliced_product(a, b)
     exact = flint.arb_mat(a.tolist()) * flint.arb_mat(b.tolist())
     for i in range(3):
         for j in range(0, 200, 7):

@@ -15,10 +15,11 @@ from fractions import Fraction
 
 import numpy as np
 
-from symattn.backends.rational import Lin, Scalar, canonical
+from symattn.backends.rational import Lin, RationalXP, map_values
 from symattn.entries import to_ball
-from symattn.graph.graph import NAN
+from symattn.graph.xp import union
 from symattn.matrix import RatMat
+from symattn.semantics import NAN
 
 
 class Balls:
@@ -57,10 +58,13 @@ class FloatMat:
         return self._mat
 
 
-class BallXP:
-    """The graph's ``xp`` over an engine at its working precision."""
+class BallXP(RationalXP):
+    """The graph's ``xp`` over an engine at its working precision.  ``careful``: slower enclosures that do not
+    cancel (``centered``), for entries recomputed on their own rows."""
 
-    def __init__(self, engine, floats: bool = False, float_products: bool = False):
+    Array = Balls
+
+    def __init__(self, engine, floats: bool = False, float_products: bool = False, careful: bool = False):
         self.engine = engine
         self.floats = floats  # float inputs as balls at once (no exact rational forms: fast, for few rows)
         # products of float matrices from their double-float enclosures (about 2**-100 relatively: the first
@@ -70,7 +74,7 @@ class BallXP:
         self._rationals: dict = {}  # (p, q) -> ball
         self._generators: dict = {}  # generator key -> ball
         self._exps: dict = {}  # exact exponent key -> exp ball, shared by every entry with that exponent
-        self.careful = False  # slower enclosures that do not cancel (entries recomputed on their rows)
+        self.careful = careful
 
     # Conversions.
     def leaf(self, name, matrix):
@@ -79,15 +83,6 @@ class BallXP:
         if matrix.is_rational:
             return matrix.ratmat
         return Balls(np.array([[to_ball(e, self.engine) for e in row] for row in matrix.rows], dtype=object))
-
-    def param(self, p):
-        return canonical(p.value)
-
-    def const(self, c):
-        """Masks stay bool arrays; numeric constants (ALiBi's distances) are exact integer matrices."""
-        if c.value.dtype == bool:
-            return c.value
-        return RatMat(np.array(c.value.tolist(), dtype=object), 1)
 
     def _rational(self, p: int, q: int):
         key = (p, q)
@@ -104,6 +99,9 @@ class BallXP:
         if isinstance(s, Fraction):
             return self._rational(s.numerator, s.denominator)
         return self._generator(s.key, s.generator) * self._rational(s.coefficient.numerator, s.coefficient.denominator)
+
+    def array(self, a) -> Balls:
+        return self.balls(a)
 
     def balls(self, a) -> Balls:
         """Any value as balls."""
@@ -124,7 +122,7 @@ class BallXP:
 
     def _lin_balls(self, a: Lin) -> np.ndarray:
         """Σ g·A + B as balls, by matrix operations of the engine (in C for Arb); equal entries share a ball."""
-        cached = getattr(a, "_balls", None)
+        cached = a.balls_cache
         if cached is not None and cached[0] is self:
             return cached[1]
         terms = [(self._generator(k, a.generators[k]), m) for k, m in a.terms.items()]
@@ -134,7 +132,7 @@ class BallXP:
         for k, key in enumerate(a.keys()):
             first = shared.setdefault((signature, key), flat[k])
             flat[k] = first
-        a._balls = (self, values)
+        a.balls_cache = (self, values)
         return values
 
     # Products.
@@ -154,18 +152,12 @@ class BallXP:
             return Balls(out)
         return Balls(self.engine.matmul(self.balls(a).values, self.balls(b).values))
 
-    def matmul_nt(self, a, b):
-        return self.matmul(a, self.transpose(b))
-
-    def matmul_tn(self, a, b):
-        return self.matmul(self.transpose(a), b)
-
     def _float_product(self, a: np.ndarray, b: np.ndarray) -> Balls:
-        """The product of two float matrices as balls: its double-float enclosure (``intervals.sliced_product``,
+        """The product of two float matrices as balls: its double-float enclosure (``doublefloat.sliced_product``,
         within about 2**-100 relatively) read into Arb, instead of an Arb matrix product."""
         import flint
 
-        from symattn.backends.intervals import sliced_product
+        from symattn.backends.doublefloat import sliced_product
 
         with np.errstate(all="ignore"):
             hi, lo, rad = sliced_product(a, b)
@@ -185,43 +177,23 @@ class BallXP:
         return Balls(self.balls(a).values.T)
 
     # Elementwise.
-    def add(self, a, b):
-        return self._combine(a, b, 1)
-
-    def sub(self, a, b):
-        return self._combine(a, b, -1)
-
-    def _combine(self, a, b, sign):
-        if isinstance(a, RatMat) and isinstance(b, RatMat):
-            return a + b if sign > 0 else a - b
-        if isinstance(a, (Lin, RatMat)) and isinstance(b, (Lin, RatMat)):
-            return Lin.lift(a).combine(b, sign)
-        x, y = self.balls(a), self.balls(b)
+    def _general_combine(self, x, y, sign):
         values = x.values + y.values if sign > 0 else x.values - y.values
-        return Balls(values, _union(x.excluded, y.excluded))
+        return Balls(values, union(x.excluded, y.excluded))
 
-    def mul(self, a, b):
-        if isinstance(a, RatMat) and isinstance(b, RatMat):
-            return a.mul(b)
-        return Balls(self.balls(a).values * self.balls(b).values)
+    def _general_mul(self, x, y):
+        return Balls(x.values * y.values)
 
-    def one_minus(self, a):
-        if isinstance(a, RatMat):
-            return RatMat(a.den - a.num, a.den)
+    def _general_one_minus(self, x):
         one = self.engine.one()  # element by element: an mpmath interval minus an array raises, it does not broadcast
-        return Balls(_map(lambda v: one - v, self.balls(a).values))
+        return Balls(map_values(lambda v: one - v, x.values))
 
-    def scale(self, a, s):
-        if isinstance(a, RatMat):
-            return Lin.of(a, s)
-        if isinstance(a, Lin) and isinstance(s, Fraction):
-            return a.scaled(s)
-        x = self.balls(a)
+    def _general_scale(self, x, s):
         return Balls(x.values * self.scalar(s), x.excluded)
 
     def tanh(self, a):
         x = self.balls(a)
-        return Balls(_map(self.engine.tanh, x.values), x.excluded)
+        return Balls(map_values(self.engine.tanh, x.values), x.excluded)
 
     def exp(self, a):
         if isinstance(a, RatMat):
@@ -241,17 +213,10 @@ class BallXP:
                     value = exps[signature, key] = exp(arguments[k])
                 flat[k] = value
             return Balls(out)
-        out = _map(self.engine.exp, a.values)
+        out = map_values(self.engine.exp, a.values)
         if a.excluded is not None:
             out[a.excluded] = self.engine.zero()
         return Balls(out)
-
-    def mask(self, a, allowed):
-        if isinstance(a, RatMat):
-            a = Lin.lift(a)
-        if isinstance(a, Lin):
-            return a.masked(allowed)
-        return Balls(a.values, _union(a.excluded, ~allowed))
 
     def shift(self, a):
         if isinstance(a, RatMat):
@@ -268,11 +233,8 @@ class BallXP:
             column[i, 0] = self.engine.point(a.values[i, j]) if ok else self.engine.zero()
         return Balls(column)
 
-    def rowsum(self, a):
-        if isinstance(a, RatMat):
-            return a.rowsum()
-        values = self.balls(a).values
-        return Balls(np.array([[_sum(row, self.engine)] for row in values], dtype=object).reshape(-1, 1))
+    def _general_rowsum(self, values):
+        return Balls(np.array([[_sum(row)] for row in values], dtype=object).reshape(-1, 1))
 
     def centered(self, g, p):
         """g − rowsum(g∘p) (rows of p summing to 1) as g_j·Σ_{k≠j} p_k − Σ_{k≠j} p_k·g_k: the sums of the
@@ -319,11 +281,8 @@ class BallXP:
                 out[i, j] = total
         return Balls(out)
 
-    def colsum(self, a):
-        if isinstance(a, RatMat):
-            return a.colsum()
-        values = self.balls(a).values
-        return Balls(np.array([[_sum(col, self.engine) for col in values.T]], dtype=object))
+    def _general_colsum(self, values):
+        return Balls(np.array([[_sum(col) for col in values.T]], dtype=object))
 
     def div(self, a, z):
         return Balls(self.balls(a).values / self.balls(z).values)
@@ -341,42 +300,10 @@ class BallXP:
         values[np.broadcast_to(rows, values.shape)] = fill
         return Balls(values, x.excluded)
 
-    def hstack(self, parts):
-        if all(isinstance(p, RatMat) for p in parts):
-            return RatMat.hstack(parts)
-        return Balls(np.concatenate([self.balls(p).values for p in parts], axis=1))
 
-    def cols(self, a, start, stop):
-        if isinstance(a, RatMat):
-            return a.cols(start, stop)
-        return Balls(self.balls(a).values[:, start:stop])
-
-    def unbroadcast(self, g, like):
-        return g
-
-
-def _map(fn, values: np.ndarray) -> np.ndarray:
-    out = np.empty(values.shape, dtype=object)
-    flat = out.reshape(-1)
-    for k, v in enumerate(values.reshape(-1).tolist()):
-        flat[k] = fn(v)
-    return out
-
-
-def _sum(items, engine):
+def _sum(items):
     items = list(items)
     total = items[0]
     for v in items[1:]:
         total = total + v
     return total
-
-
-def _union(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a | b
-
-
-__all__ = ["BallXP", "Balls", "Scalar"]

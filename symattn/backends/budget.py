@@ -22,26 +22,23 @@ import math
 import numpy as np
 
 from symattn.backends.floats import exact_float, unit_roundoff
-from symattn.graph.graph import NAN
+from symattn.graph.xp import ArrayXP
+from symattn.semantics import NAN
 
 LAMBDA = 4.0  # Higham–Mary's λ: a bound that fails with probability about 2·exp(-λ²/2) per dot product
 
 
 class Budget:
-    """A value (float64, the graph's own arithmetic at the rounded inputs) and its error budget (>= 0).
-    A row sum remembers what it summed (``source``) and the part of its budget that is the terms' own
-    (``carried``): dividing the terms by it then cancels what they share (the softmax's normalisation)."""
+    """A value (float64, the graph's own arithmetic at the rounded inputs) and its error budget (>= 0)."""
 
-    __slots__ = ("value", "error", "source", "carried")
+    __slots__ = ("value", "error")
 
-    def __init__(self, value, error, source=None, carried=None):
+    def __init__(self, value, error):
         self.value = value
         self.error = error
-        self.source = source
-        self.carried = carried
 
 
-class BudgetXP:
+class BudgetXP(ArrayXP):
     """The graph's ``xp`` over Budgets, for a dtype under test."""
 
     def __init__(self, dtype: str, arrays: dict, working=np.float64):
@@ -136,13 +133,33 @@ class BudgetXP:
         top = np.where(np.isfinite(top), top, 0)
         return Budget(top, np.zeros_like(top))
 
-    def rowsum(self, a):
+    def _rowsum(self, a) -> tuple:
+        """(the row sum, the part of its budget that is the terms' own)."""
         value = a.value.sum(axis=-1, keepdims=True)
         n = a.value.shape[-1]
         carried = a.error.sum(axis=-1, keepdims=True)
         own = LAMBDA * math.sqrt(n) * self.u_c * np.abs(a.value).sum(axis=-1, keepdims=True)
-        total = self._stored(value, carried + own)
-        return Budget(total.value, total.error, source=a, carried=carried)
+        return self._stored(value, carried + own), carried
+
+    def rowsum(self, a):
+        return self._rowsum(a)[0]
+
+    def softmax(self, s, empty=None, fill=0):
+        """The terms over their own sum: what the terms' errors share cancels between numerator and denominator,
+        δw_j = ((1 − w_j)·δe_j − w_j·Σ_{k≠j} δe_k) / z, plus the sum's and the division's own roundings."""
+        e = self.exp(self.sub(s, self.shift(s)))
+        z, carried = self._rowsum(e)
+        if empty is not None:  # an empty row's sum set to 1 (its terms are all 0)
+            z = Budget(np.where(empty, 1.0, z.value), np.where(empty, 0, z.error))
+            carried = np.where(empty, 0, carried)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = e.value / z.value
+            w = np.abs(value)
+            own = z.error - carried
+            error = (np.abs(1 - value) * e.error + w * (carried - e.error) + w * own) / np.abs(z.value)
+            error = error + self.u_c * w
+        p = self._stored(value, np.where(np.isfinite(error), error, 0))
+        return p if empty is None else self.fill_rows(p, empty, fill)
 
     def colsum(self, a):
         value = a.value.sum(axis=-2, keepdims=True)
@@ -156,20 +173,13 @@ class BudgetXP:
         with np.errstate(divide="ignore", invalid="ignore"):
             value = a.value / z.value
             w = np.abs(value)
-            if z.source is a:  # terms over their own sum: δw_j = ((1 - w_j)·δe_j - w_j·Σ_{k≠j} δe_k) / z
-                own = z.error - z.carried
-                error = (np.abs(1 - value) * a.error + w * (z.carried - a.error) + w * own) / np.abs(z.value)
-            else:
-                error = (a.error + w * z.error) / np.abs(z.value)
+            error = (a.error + w * z.error) / np.abs(z.value)
             error = error + self.u_c * w
         return self._stored(value, np.where(np.isfinite(error), error, 0))
 
     def fill_rows(self, a, rows, value):
         fill = np.nan if value == NAN else float(value)
-        out = Budget(np.where(rows, fill, a.value), np.where(rows, 0, a.error))
-        if a.source is not None:  # a row sum with its empty rows set to 1: still the sum of its terms
-            out.source, out.carried = a.source, np.where(rows, 0, a.carried)
-        return out
+        return Budget(np.where(rows, fill, a.value), np.where(rows, 0, a.error))
 
     def hstack(self, parts):
         return Budget(np.concatenate([p.value for p in parts], -1), np.concatenate([p.error for p in parts], -1))

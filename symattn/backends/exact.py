@@ -26,16 +26,21 @@ from fractions import Fraction
 
 import numpy as np
 
-from symattn.backends.rational import Lin, Scalar, canonical
-from symattn.entries import Expr, to_text
-from symattn.graph.graph import NAN
+from symattn.backends.engines import precision
+from symattn.backends.rational import Lin, RationalXP, Scalar, canonical, map_values
+from symattn.entries import Expr
+from symattn.graph.xp import union
 from symattn.matrix import RatMat
+from symattn.semantics import NAN
 
 MAX_TERMS = 200_000  # a decision that would expand to more polynomial terms is given up
 
 
-class _TooBig(Exception):
-    pass
+class TooBig(Exception):
+    """A decision would expand to more than MAX_TERMS polynomial terms: given up."""
+
+
+_TooBig = TooBig  # the name truth.evaluation imports until it reads TooBig
 
 
 NANF = {"nan": None}  # the element of an empty row under empty_row "nan"
@@ -63,7 +68,6 @@ class Algebra:
         self._gen_ids: dict = {}
         self.atoms: list = []  # Polys
         self._atom_ids: dict = {}
-        self.origin: dict = {}  # atom id -> where it was made (step, row), for names such as Z1_0
 
     def gen(self, kind, key, info=None) -> int:
         ident = (kind, key)
@@ -96,7 +100,7 @@ class Algebra:
 
     def poly_mul(self, a: dict, b: dict) -> dict:
         if len(a) * len(b) > MAX_TERMS:
-            raise _TooBig
+            raise TooBig
         out: dict = {}
         for ma, ca in a.items():
             for mb, cb in b.items():
@@ -178,18 +182,13 @@ class Algebra:
     def ball(self, a: dict, bits: int):
         """An Arb ball containing the element's value: each monomial evaluated directly (e**(-10**7) is an
         accurate ball), so only monomials that are numerically close can cancel."""
-        import flint
 
         from symattn.entries import ball as entry_ball
 
         num, den = self.together(a)  # one fraction: what cancels exactly is gone before any ball is made
-        saved = flint.ctx.prec
-        flint.ctx.prec = bits
-        try:
+        with precision(bits):
             cache: dict = {}
             return self._poly_ball(num, cache, entry_ball, bits) / self._poly_ball(den, cache, entry_ball, bits)
-        finally:
-            flint.ctx.prec = saved
 
     def _poly_ball(self, poly: dict, cache: dict, entry_ball, bits: int):
         import flint
@@ -233,9 +232,9 @@ class Algebra:
             return None
         try:
             num, den = self.together(a)
-        except _TooBig:
+        except TooBig:
             return None
-        return _constant_ratio(num, den)
+        return constant_ratio(num, den)
 
     def together(self, a: dict) -> tuple[dict, dict]:
         """(N, D): the entry as one polynomial over the product of its atoms."""
@@ -322,7 +321,7 @@ def _poly_add(a: dict, b: dict) -> dict:
     return out
 
 
-def _constant_ratio(num: dict, den: dict) -> Fraction | None:
+def constant_ratio(num: dict, den: dict) -> Fraction | None:
     """c when num == c·den as polynomials, else None."""
     if not num:
         return Fraction(0)
@@ -351,12 +350,13 @@ class Elems:
         return self.values.shape
 
 
-class ExactXP:
+class ExactXP(RationalXP):
     """The graph's ``xp`` over exact values: RatMat, Lin, and Elems of rational functions."""
+
+    Array = Elems
 
     def __init__(self, algebra: Algebra | None = None):
         self.alg = algebra or Algebra()
-        self.step = None  # the step being computed, for the origin of new atoms (set by the caller)
 
     # Conversions.
     def leaf(self, name, matrix):
@@ -368,15 +368,6 @@ class ExactXP:
                 out[i, j] = self._scalar_element(canonical(e)) if not isinstance(e, Fraction) else self.alg.const(e)
         return Elems(out)
 
-    def param(self, p):
-        return canonical(p.value)
-
-    def const(self, c):
-        """Masks stay bool arrays; numeric constants (ALiBi's distances) are exact integer matrices."""
-        if c.value.dtype == bool:
-            return c.value
-        return RatMat(np.array(c.value.tolist(), dtype=object), 1)
-
     def _scalar_element(self, s) -> dict:
         if isinstance(s, Fraction):
             return self.alg.const(s)
@@ -386,6 +377,9 @@ class ExactXP:
             info = ("entry", s.generator)
             g = self.alg.gen("opaque", ("scalar",) + s.key, info)
         return {(): {((g, 1),): s.coefficient}}
+
+    def array(self, a) -> Elems:
+        return self.elems(a)
 
     def elems(self, a) -> Elems:
         if isinstance(a, Elems):
@@ -441,61 +435,28 @@ class ExactXP:
             return out
         return self.elems(a).values
 
-    def matmul_nt(self, a, b):
-        return self.matmul(a, self.transpose(b))
-
-    def matmul_tn(self, a, b):
-        return self.matmul(self.transpose(a), b)
-
-    def transpose(self, a):
-        if isinstance(a, RatMat):
-            return a.T
-        return Elems(self.elems(a).values.T)
-
     # Elementwise.
-    def add(self, a, b):
-        return self._combine(a, b, 1)
-
-    def sub(self, a, b):
-        return self._combine(a, b, -1)
-
-    def _combine(self, a, b, sign):
-        if isinstance(a, RatMat) and isinstance(b, RatMat):
-            return a + b if sign > 0 else a - b
-        if isinstance(a, (Lin, RatMat)) and isinstance(b, (Lin, RatMat)):
-            return Lin.lift(a).combine(b, sign)
-        x, y = self.elems(a), self.elems(b)
+    def _general_combine(self, x, y, sign):
         xv, yv = np.broadcast_arrays(x.values, y.values)
         out = np.empty(xv.shape, dtype=object)
         for idx in np.ndindex(out.shape):
             out[idx] = self.alg.add(xv[idx], yv[idx], sign)
-        return Elems(out, _union(x.excluded, y.excluded))
+        return Elems(out, union(x.excluded, y.excluded))
 
-    def mul(self, a, b):
-        if isinstance(a, RatMat) and isinstance(b, RatMat):
-            return a.mul(b)
-        x, y = self.elems(a), self.elems(b)
+    def _general_mul(self, x, y):
         xv, yv = np.broadcast_arrays(x.values, y.values)
         out = np.empty(xv.shape, dtype=object)
         for idx in np.ndindex(out.shape):
             out[idx] = self.alg.mul(xv[idx], yv[idx])
         return Elems(out)
 
-    def one_minus(self, a):
-        if isinstance(a, RatMat):
-            return RatMat(a.den - a.num, a.den)
-        x = self.elems(a)
+    def _general_one_minus(self, x):
         one = self.alg.const(1)
-        return Elems(_map(lambda e: self.alg.add(one, e, -1), x.values))
+        return Elems(map_values(lambda e: self.alg.add(one, e, -1), x.values))
 
-    def scale(self, a, s):
-        if isinstance(a, RatMat):
-            return Lin.of(a, s)
-        if isinstance(a, Lin) and isinstance(s, Fraction):
-            return a.scaled(s)
-        x = self.elems(a)
+    def _general_scale(self, x, s):
         factor = self._scalar_element(s)
-        return Elems(_map(lambda e: self.alg.mul(e, factor), x.values), x.excluded)
+        return Elems(map_values(lambda e: self.alg.mul(e, factor), x.values), x.excluded)
 
     def tanh(self, a):
         x = self.elems(a)
@@ -508,7 +469,7 @@ class ExactXP:
             g = self.alg.gen("opaque", ("tanh", _key(e)), ("tanh", e))
             return {(): {((g, 1),): Fraction(1)}}
 
-        return Elems(_map(tanh, x.values), x.excluded)
+        return Elems(map_values(tanh, x.values), x.excluded)
 
     def exp(self, a):
         if isinstance(a, RatMat):
@@ -528,7 +489,7 @@ class ExactXP:
                 flat[k] = {(): {tuple(mono): 1}}
             return Elems(out)
         x = self.elems(a)
-        out = _map(self._exp_element, x.values)
+        out = map_values(self._exp_element, x.values)
         if x.excluded is not None:
             out[x.excluded] = {}
         return Elems(out)
@@ -559,13 +520,6 @@ class ExactXP:
         g = self.alg.gen("opaque", ("exp", _key(e)), ("exp", e))
         return {(): {((g, 1),): Fraction(1)}}
 
-    def mask(self, a, allowed):
-        if isinstance(a, RatMat):
-            a = Lin.lift(a)
-        if isinstance(a, Lin):
-            return a.masked(allowed)
-        return Elems(a.values, _union(a.excluded, ~allowed))
-
     def shift(self, a):
         if isinstance(a, RatMat):
             a = Lin.lift(a)
@@ -573,10 +527,7 @@ class ExactXP:
             return a.lowest()  # non-negative exponents: Z is a polynomial with a constant term
         return RatMat(np.zeros((a.shape[0], 1), dtype=object), 1)
 
-    def rowsum(self, a):
-        if isinstance(a, RatMat):
-            return a.rowsum()
-        x = self.elems(a).values
+    def _general_rowsum(self, x):
         out = np.empty((x.shape[0], 1), dtype=object)
         for i in range(x.shape[0]):
             total: dict = {}
@@ -585,11 +536,8 @@ class ExactXP:
             out[i, 0] = total
         return Elems(out)
 
-    def colsum(self, a):
-        if isinstance(a, RatMat):
-            return a.colsum()
-        x = self.elems(a).values
-        return Elems(self.rowsum(Elems(x.T)).values.T)
+    def _general_colsum(self, x):
+        return Elems(self._general_rowsum(x.T).values.T)
 
     def div(self, a, z):
         x, y = self.elems(a).values, self.elems(z).values
@@ -609,19 +557,6 @@ class ExactXP:
         for idx in zip(*np.nonzero(np.broadcast_to(rows, values.shape)), strict=True):
             values[idx] = fill
         return Elems(values, x.excluded)
-
-    def hstack(self, parts):
-        if all(isinstance(p, RatMat) for p in parts):
-            return RatMat.hstack(parts)
-        return Elems(np.concatenate([self.elems(p).values for p in parts], axis=1))
-
-    def cols(self, a, start, stop):
-        if isinstance(a, RatMat):
-            return a.cols(start, stop)
-        return Elems(self.elems(a).values[:, start:stop])
-
-    def unbroadcast(self, g, like):
-        return g
 
     # Reading values back.
     def entry(self, value, i: int, j: int):
@@ -644,22 +579,3 @@ def _int(q: Fraction):
 
 def _key(e: dict):
     return tuple(sorted((d, tuple(sorted(p.items()))) for d, p in e.items()))
-
-
-def _map(fn, values: np.ndarray) -> np.ndarray:
-    out = np.empty(values.shape, dtype=object)
-    flat = out.reshape(-1)
-    for k, v in enumerate(values.reshape(-1).tolist()):
-        flat[k] = fn(v)
-    return out
-
-
-def _union(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a | b
-
-
-__all__ = ["Algebra", "Elems", "ExactXP", "Expr", "NANF", "to_text"]

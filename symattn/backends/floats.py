@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from symattn.errors import SymattnError
-from symattn.graph.graph import NAN
+from symattn.graph.xp import ArrayXP
+from symattn.semantics import NAN
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -43,7 +44,7 @@ def exact_float(entry) -> float:
     return float(ball(entry, 128).mid())
 
 
-class FloatXP:
+class FloatXP(ArrayXP):
     """NumPy arithmetic in ``dtype``; ``arrays`` gives the leaves' values (else the spec's, rounded)."""
 
     def __init__(self, dtype: str = "float64", arrays: dict | None = None):

@@ -1,35 +1,4 @@
-"""Rigorous enclosures at kernel sizes: double-float intervals over whole matrices, the graph's ``xp``.
-
-Every value is an array triple (hi, lo, rad): the exact value of each entry
-lies within rad of hi + lo (a double-float midpoint, lo much smaller than hi,
-and a float64 radius).  The arithmetic is vectorized NumPy:
-
-- products ``a·b`` split each operand into integers and fractions after
-  scaling rows (columns) by powers of two (the idea of Ozaki, Ogita, Oishi and
-  Rump, "Error-free transformations of matrix multiplication", Numer. Algorithms
-  59, 2012): the product of the integer parts is exact in float64 whatever the
-  order of summation, and the rest is 2⁻²¹ smaller, so its a-priori error
-  γ·Σ|terms| is negligible (the rest is summed by chunks of 128 terms, so γ is
-  γ_130 + γ_{n/128+2} rather than γ_{n+2});
-- sums (a softmax's row sum) are products with a column of ones, split the same way;
-- ``exp`` reduces its argument to r = x − k/2048 (exact) and multiplies a
-  double-float table value exp(k/2048) (from Arb) by 1 + expm1(r), expm1(r)
-  by its Taylor polynomial of degree 5 (|r| ≤ 2⁻¹² + |lo|); a softmax's shift,
-  a multiple of 1/2048, only moves the table's index;
-- elementwise sums and products use the error-free TwoSum and Dekker's
-  TwoProduct; the radii bound everything not carried exactly, by the standard
-  bounds (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1: a
-  dot product of n terms is off by at most γ_n·Σ|terms|, γ_n = n·u/(1 − n·u),
-  u = 2⁻⁵³; one IEEE operation by u·|result|; underflow by η = 2⁻¹⁰⁷⁴ each),
-  with Σ|a_k||b_k| bounded by ‖a‖·‖b‖ (Cauchy–Schwarz) where it is small
-  anyway, and each radius formula's own roundings covered by a relative 2⁻⁴⁴.
-
-What the certificate assumes: IEEE float64 arithmetic in round-to-nearest, and
-BLAS computing each entry of a product as some sequence of float64 operations
-on the operands (OpenBLAS, MKL and Accelerate do; no Strassen-like schemes).
-``tanh`` (softcap) is its Taylor series near 0 and (1 − w)/(1 + w) with the
-table exp beyond; tests/test_intervals.py checks it and the exp against Arb on
-many random arguments.
+"""Rigorous enclosures at kernel sizes: the graph's ``xp`` over double-float intervals (``doublefloat``).
 
 An enclosure is only as good as its width: ``truth`` certifies from it the
 entries whose enclosure is narrow enough for the digits asked and computes the
@@ -40,345 +9,28 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from functools import lru_cache
 
 import numpy as np
 
-from symattn.graph.graph import NAN
-
-U = 2.0**-53  # unit roundoff of float64
-ETA = 2.0**-1074  # smallest subnormal: the absolute error of an underflow
-INFLATE = 1 + 2.0**-44  # each radius formula's own roundings, with a large margin
-SPLIT = 134217729.0  # 2**27 + 1: Dekker's splitter
-STEPS = 2048  # exp's table: exp(k / STEPS)
-CHUNK = 128  # the terms of a product's rest summed in one matrix product (its rounding error is γ_CHUNK)
-EXP_LOW, EXP_HIGH = -746, 3  # the table's range: exp underflows below, and the softmax's arguments are ≤ 0
-
-
-def gamma(n: int) -> float:
-    """γ_n = n·u/(1 − n·u), rounded up generously."""
-    return n * U / (1 - n * U) * (1 + 2.0**-40)
-
-
-def _up(r):
-    """A radius computed in round-to-nearest, made an upper bound of the quantity it estimates."""
-    return r * INFLATE + 4 * ETA
+from symattn.backends.doublefloat import (
+    ETA,
+    STEPS,
+    Iv,
+    U,
+    add,
+    divide,
+    exp,
+    mul,
+    split_product,
+    tanh,
+    up,
+)
+from symattn.backends.doublefloat import exp_table as exp_table  # read here by tools/bench_scale.py
+from symattn.graph.xp import ArrayXP, union
+from symattn.semantics import NAN
 
 
-class Iv:
-    """Entries within ``rad`` of hi + lo (lo, rad None: zero).  ``excluded``: masked score entries (hi −inf).
-    ``below``: a bound 0 <= hi < below when one is known (a softmax's exponentials), else None.  ``one_key``:
-    (rows, columns) of a softmax's exponentials whose row has that one entry not excluded, or None."""
-
-    __slots__ = ("hi", "lo", "rad", "excluded", "below", "one_key")
-
-    def __init__(self, hi, lo=None, rad=None, excluded=None, below=None, one_key=None):
-        self.hi, self.lo, self.rad, self.excluded, self.below, self.one_key = hi, lo, rad, excluded, below, one_key
-
-    @property
-    def shape(self) -> tuple:
-        return self.hi.shape
-
-    def low(self):
-        return np.zeros_like(self.hi) if self.lo is None else self.lo
-
-    def radius(self):
-        return np.zeros_like(self.hi) if self.rad is None else self.rad
-
-    def mid(self):
-        """hi + lo rounded to float64."""
-        return self.hi if self.lo is None else self.hi + self.lo
-
-    def collapsed(self) -> tuple:
-        """(mid, rad) with mid = fl(hi + lo) and rad covering that rounding."""
-        if self.lo is None:
-            return self.hi, self.radius()
-        mid = self.hi + self.lo
-        with np.errstate(invalid="ignore"):
-            rad = _up(self.radius() + U * np.where(np.isfinite(mid), np.abs(mid), 0.0))
-            rad[(self.lo == 0) & (self.radius() == 0)] = 0.0  # hi alone, exactly
-        return mid, rad
-
-
-def two_sum(a, b):
-    """s + e = a + b exactly (Knuth)."""
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
-
-def _split(a):
-    c = SPLIT * a
-    hi = c - (c - a)
-    return hi, a - hi
-
-
-def two_prod(a, b):
-    """p + e = a·b exactly (Dekker; |a|, |b| below 2**995, no underflow in the parts)."""
-    p = a * b
-    ah, al = _split(a)
-    bh, bl = _split(b)
-    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
-
-
-def _norms(a, axis=-1) -> np.ndarray:
-    """Upper bounds of the 2-norms along ``axis``."""
-    n = a.shape[axis]
-    squares = np.einsum("...ij,...ij->...i", a, a) if axis == -1 else np.einsum("...ji,...ji->...i", a, a)
-    return _up(np.sqrt(squares) * (1 + gamma(n + 2)))
-
-
-def _exponents(m) -> np.ndarray:
-    """e with max|row| < 2**e (0 for a zero row)."""
-    _, e = np.frexp(m)
-    return e
-
-
-def _beta(n: int) -> int:
-    """Bits of an integer part: n products of two of them sum exactly in float64 (below 2**52)."""
-    return (52 - max(1, math.ceil(math.log2(max(n, 2))))) // 2
-
-
-def _scalings(m, axis: int, beta: int) -> np.ndarray:
-    """Exponents putting every row (axis −1) or column (axis −2) of m below 2**beta."""
-    return beta - _exponents(np.abs(m).max(axis=axis, keepdims=True))
-
-
-def _scaled(x, e, uniform: bool):
-    """x·2**e, exactly (barring underflow): one multiplication when e is the same everywhere."""
-    return x * 2.0 ** float(e.flat[0]) if uniform else np.ldexp(x, e)
-
-
-def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
-    """(a_hi + a_lo ± a_rad)·(b_hi + b_lo ± b_rad) as (hi, lo, rad): hi + lo lies within rad of every product
-    of points of the operands (see the module docstring).  hi is the product of the operands' integer parts,
-    exact; lo the rest, much smaller than the product's scale but not normalised against hi.  The low parts
-    (at most a few ulps of the high ones) join the fractions.  ``a_below``: a bound 0 <= a_hi < a_below
-    known beforehand (a softmax's exponentials): one scaling for every row, no pass to find their maxima."""
-    m, n = a_hi.shape[-2:]
-    p = b_hi.shape[-1]
-    beta = _beta(n)
-    nonnegative = a_below is not None
-    zero_rows = _zero_rows(a_hi, a_lo, a_rad)  # exactly 0 (an empty row's weights): their products are 0 exactly
-    if nonnegative:
-        mantissa, e = math.frexp(a_below)  # a_below <= 2**e
-        ea = np.full(a_hi.shape[:-1] + (1,), beta - (e - 1 if mantissa == 0.5 else e))
-    else:
-        ea = _scalings(a_hi, -1, beta)  # rows of a, columns of b below 2**beta
-    eb = _scalings(b_hi, -2, beta)
-    a_s, b_s = _scaled(a_hi, ea, nonnegative), np.ldexp(b_hi, eb)
-    a_int, b_int = np.rint(a_s), np.rint(b_s)
-    a_frac = np.subtract(a_s, a_int, out=a_s)  # exact
-    b_frac = b_s - b_int
-    if a_lo is not None:
-        a_frac += _scaled(a_lo, ea, nonnegative)  # rounded: within u·|a_frac|, covered below
-    if b_lo is not None:
-        b_frac += np.ldexp(b_lo, eb)
-        b_s = b_int + b_frac  # rounded: within u·|b_s|
-    shift = -ea - eb  # undo the scalings: exact powers of two (the integer part is below 2**52)
-    # Where the operands are smaller than the output, the scalings are undone on the operands' parts: each
-    # entry's terms then carry the same power of two, so the integer part stays exact, and nothing is
-    # scaled back afterwards (possible while no unit 2**shift falls below the subnormals or overflows).
-    on_operands = (
-        n * (2 * m + 3 * p) <= 4 * m * p  # ldexp on m×n and n×p parts against two on the m×p outputs
-        and min(int(np.min(shift)), int(np.min(-ea)), int(np.min(-eb))) >= -1074
-        and max(int(np.max(shift)), int(np.max(-ea)), int(np.max(-eb))) <= 1023 - 53
-    )
-    if on_operands:
-        a_int, a_frac = np.ldexp(a_int, -ea), np.ldexp(a_frac, -ea)
-        b_int, b_frac, b_u = np.ldexp(b_int, -eb), np.ldexp(b_frac, -eb), np.ldexp(b_s, -eb)
-    exact = a_int @ b_int  # integers below n·2**(2·beta) <= 2**52 (times 2**shift): every partial sum exact
-    # The rest, by chunks of CHUNK terms summed in turn: its error is then (γ_{c+2} + γ_{n/c+2})·T for
-    # T = |a_int|·|b_frac| + |a_frac|·|b_s|, against γ_{n+2}·T in one product, plus the fractions' and the
-    # final sum's roundings (3u·T), the radius formula's own roundings (INFLATE) and underflows (η each).
-    chunks = range(0, n, CHUNK)
-    lo = _rest(a_int, a_frac, b_frac, b_u if on_operands else b_s, nonnegative)
-    width = min(n, CHUNK)
-    coefficient = (gamma(width + 2) + gamma(len(chunks) + 2) + 3 * U) * INFLATE * (1 + gamma(2 * n + 4))
-    if on_operands:  # each part scaled back is exact unless it underflows (η each, times the other's size)
-        sizes = 2.0 ** float(beta + np.max(-ea, initial=0)) + 2.0 ** float(beta + np.max(-eb, initial=0))
-        floor = 10 * n * ETA * (1 + sizes) + 4 * ETA
-    else:
-        floor = 10 * n * ETA * 2.0 ** float(np.max(shift, initial=0)) + 4 * ETA
-    narrow = p * 4 <= n  # a softmax's weights times V: products of absolute values, else Cauchy–Schwarz
-    fused = narrow and a_rad is not None and b_lo is None and b_rad is None
-    if narrow:  # in the scaled units, with a's radius (in them: a_rad·2**ea against |b_s| = |b|·2**eb) fused
-        sums = (a_int if nonnegative else np.abs(a_int)).sum(axis=-1, keepdims=True)
-        weights = np.abs(a_frac, out=a_frac)  # the fractions are not read again: |a_frac| in their place
-        if fused:  # the coefficient applied after the product, on the narrow output
-            factor = (1 + gamma(n + 4)) * INFLATE / coefficient
-            if nonnegative:
-                weights += a_rad * (2.0 ** float(ea.flat[0]) * factor)
-            else:
-                weights += np.ldexp(a_rad, ea) * factor
-        rad = weights @ np.abs(b_s)
-        rad *= coefficient
-        rad += sums * (np.abs(b_frac).max(axis=-2, keepdims=True) * coefficient)  # |b_frac| <= 1/2: small
-        rad = np.ldexp(_up(rad), shift)
-    else:  # in the product's units: one rank-2 product of row and column norms
-        ua, ub = (0, 0) if on_operands else (-ea, -eb)
-        rows = np.stack([_norms(a_int), _norms(a_frac)], axis=-1) * coefficient
-        cols = np.stack([_norms(b_frac, axis=-2), _norms(b_s if not on_operands else b_u, axis=-2)], axis=-2)
-        rad = _up(np.ldexp(rows, ua) @ np.ldexp(cols, ub))
-    if not on_operands:
-        exact, lo = np.ldexp(exact, shift), np.ldexp(lo, shift)
-    rad += floor
-    if a_hi.ndim == 2 and (m * n <= 1 << 16 or not nonnegative):  # rows and columns of integer parts only
-        exact_rows, exact_cols = ~a_frac.any(axis=-1), ~b_frac.any(axis=-2)
-        if exact_rows.any() and exact_cols.any():
-            rad[np.ix_(exact_rows, exact_cols)] = 0.0
-    if (a_rad is not None and not fused) or b_rad is not None:
-        rad += _carried(a_hi, a_lo, None if fused else a_rad, b_hi, b_lo, b_rad, narrow)
-    if zero_rows is not None:
-        rad[zero_rows] = 0.0
-    return exact, lo, rad
-
-
-def _zero_rows(hi, lo, rad):
-    """The rows (a bool index over hi's leading axes) whose entries are all exactly 0, or None when there are
-    none."""
-    zero = ~hi.any(axis=-1)
-    if not zero.any():
-        return None
-    if lo is not None:
-        zero &= ~lo.any(axis=-1)
-    if rad is not None:
-        zero &= ~np.asarray(rad).any(axis=-1) if np.ndim(rad) == hi.ndim else ~np.any(rad)
-    return zero if zero.any() else None
-
-
-def sliced_product(a, b, slices: int = 3):
-    """a·b for float matrices a (m × n, few rows) and b (n × p), as (hi, lo, rad) good to about 2**-100
-    relatively: each operand cut into ``slices`` slices of beta bits (Ozaki's scheme again), every product
-    of slices exact, summed as a double-float; what the slices leave (nothing, for float32 entries within
-    2**-45 of their row's largest) bounded by products of absolute values."""
-    n = a.shape[-1]
-    beta = _beta(n)
-    ea, eb = _scalings(a, -1, beta), _scalings(b, -2, beta)
-
-    def cut(x):
-        parts, rest = [], x
-        for k in range(slices):
-            whole = np.ldexp(np.rint(np.ldexp(rest, beta * k)), -beta * k)  # integers times 2**-(beta·k)
-            parts.append(whole)
-            rest = rest - whole  # exact
-        return parts, rest
-
-    a_parts, a_rest = cut(np.ldexp(a, ea))
-    b_parts, b_rest = cut(np.ldexp(b, eb))
-    hi = lo = spread = None
-    for total in range(2 * slices - 1):  # the largest products first
-        for i in range(max(0, total - slices + 1), min(total, slices - 1) + 1):
-            term = a_parts[i] @ b_parts[total - i]  # integers below n·2**(2·beta), times a power of two: exact
-            if hi is None:
-                hi, lo, spread = term, np.zeros_like(term), np.zeros_like(term)
-                continue
-            hi, e = two_sum(hi, term)
-            lo += e
-            spread += np.abs(lo)  # each addition to lo is off by at most u·|lo|
-    rad = spread * (2 * U)
-    if a_rest.any() or b_rest.any():
-        abs_a = sum(np.abs(p) for p in a_parts)
-        rad += (np.abs(a_rest) @ (np.abs(np.ldexp(b, eb)) + np.abs(b_rest)) + abs_a @ np.abs(b_rest)) * (
-            1 + gamma(n + 4)
-        )
-    shift = -ea - eb
-    floor = 10 * n * ETA * 2.0 ** float(np.max(shift, initial=0)) + 4 * ETA
-    return np.ldexp(hi, shift), np.ldexp(lo, shift), _up(np.ldexp(rad, shift)) + floor
-
-
-def _rest(a_int, a_frac, b_frac, b_rest, dense_a: bool):
-    """a_int·b_frac + a_frac·b_rest by chunks of CHUNK terms summed in turn, each product only over the columns
-    of b_frac and the rows of a_frac that are not all 0 (inputs of few bits, bfloat16's, have many such);
-    ``dense_a``: a_frac's rows are taken as nonzero without looking (a softmax's exponentials)."""
-    m, p = a_int.shape[-2], b_frac.shape[-1]
-    cols = rows = None
-    if a_int.ndim == 2:
-        cols = np.flatnonzero(b_frac.any(axis=0))
-        cols = None if cols.size == p else cols
-        if not dense_a:
-            rows = np.flatnonzero(a_frac.any(axis=1))
-            rows = None if rows.size == m else rows
-    lo = np.zeros(a_int.shape[:-1] + (p,))
-    for start in range(0, a_int.shape[-1], CHUNK):
-        part = slice(start, start + CHUNK)
-        term = np.zeros_like(lo) if start else lo  # the first chunk in place
-        if cols is None:
-            term += a_int[..., part] @ b_frac[..., part, :]
-        elif cols.size:
-            term[:, cols] = a_int[:, part] @ b_frac[part][:, cols]
-        if rows is None:
-            term += a_frac[..., part] @ b_rest[..., part, :]
-        elif rows.size:
-            term[rows] += a_frac[rows, part] @ b_rest[part]
-        if start:
-            lo += term
-    return lo
-
-
-def _carried(a_hi, a_lo, a_rad, b_hi, b_lo, b_rad, narrow):
-    """The radii carried in: a_rad·(|b| + b_rad) + |a|·b_rad, by products when the output is narrow, else by
-    Cauchy–Schwarz."""
-    n = a_hi.shape[-1]
-    abs_a = np.abs(a_hi) if a_lo is None else np.abs(a_hi) + np.abs(a_lo)
-    abs_b = np.abs(b_hi) if b_lo is None else np.abs(b_hi) + np.abs(b_lo)
-    if narrow:
-        bound = 0.0
-        if a_rad is not None:
-            bound = a_rad @ (abs_b if b_rad is None else abs_b + b_rad)
-        if b_rad is not None:
-            bound = bound + abs_a @ b_rad
-        return _up(bound * (1 + gamma(n + 2)))
-    rows, cols = [], []
-    if a_rad is not None:
-        rows.append(_norms(a_rad))
-        cols.append(_norms(abs_b if b_rad is None else abs_b + b_rad, axis=-2))
-    if b_rad is not None:
-        rows.append(_norms(abs_a))
-        cols.append(_norms(b_rad, axis=-2))
-    return _up(np.stack(rows, axis=-1) @ np.stack(cols, axis=-2) * (1 + gamma(4)))
-
-
-@lru_cache(maxsize=1)
-def exp_table():
-    """0, then exp(k / STEPS) for k from EXP_LOW·STEPS to EXP_HIGH·STEPS, as double-floats (hi, lo) from Arb at
-    160 bits (the 0 is what every argument below the table reads): a table of exp(k1) times one of
-    exp(k2 / STEPS), multiplied as double-floats."""
-    import flint
-
-    saved = flint.ctx.prec
-    flint.ctx.prec = 160
-    try:
-
-        def pairs(values):
-            hi, lo = [], []
-            for v in values:
-                mid = v.mid()
-                h = float(mid)
-                hi.append(h)
-                lo.append(float(mid - flint.arb(h)))
-            return np.array(hi), np.array(lo)
-
-        big_hi, big_lo = pairs([flint.arb(k).exp() for k in range(EXP_LOW, EXP_HIGH + 1)])
-        small_hi, small_lo = pairs([(flint.arb(k) / STEPS).exp() for k in range(STEPS)])
-    finally:
-        flint.ctx.prec = saved
-    # every k = k1·STEPS + k2 (0 <= k2 < STEPS): exp(k1)·exp(k2/STEPS) as a double-float
-    a_hi, a_lo = np.repeat(big_hi, STEPS), np.repeat(big_lo, STEPS)
-    b_hi, b_lo = np.tile(small_hi, len(big_hi)), np.tile(small_lo, len(big_hi))
-    with np.errstate(under="ignore"):
-        p, e = two_prod(a_hi, b_hi)
-        lo = e + (a_hi * b_lo + a_lo * b_hi)
-        hi, lo = two_sum(p, lo)
-    return np.concatenate([[0.0], hi]), np.concatenate([[0.0], lo])
-
-
-# relative error of a table entry: the two Arb roundings (2**-106 each), the cross terms' roundings and the
-# dropped a_lo·b_lo; subnormal entries are covered by the absolute ETA terms
-TABLE_ERROR = 2.0**-100
-
-
-class IntervalXP:
+class IntervalXP(ArrayXP):
     """The graph's ``xp`` over Iv (see the module docstring for what the radii bound)."""
 
     # Conversions.
@@ -403,8 +55,6 @@ class IntervalXP:
         return Iv(*split_product(a.hi, a.lo, b.hi, b.lo, a.rad, b.rad, a.below))
 
     def matmul(self, a, b):
-        if isinstance(a, _Quotient):
-            return a.times(b)
         return self._product(a, b)
 
     def matmul_nt(self, a, b):
@@ -416,15 +66,13 @@ class IntervalXP:
 
     # Elementwise.
     def add(self, a, b):
-        return _add(_materialized(a), _materialized(b), 1)
+        return add(_materialized(a), _materialized(b), 1)
 
     def sub(self, a, b):
-        if isinstance(b, _RowConstant):  # a softmax's shift: fused into the exp that follows
-            return _Shifted(_materialized(a), b)
-        return _add(_materialized(a), _materialized(b), -1)
+        return add(_materialized(a), _materialized(b), -1)
 
     def mul(self, a, b):
-        return _mul(_materialized(a), _materialized(b))
+        return mul(_materialized(a), _materialized(b))
 
     def scale(self, a, s):
         if isinstance(a, _Product):  # on the factor a (m × n) rather than the product (m × p)
@@ -432,40 +80,49 @@ class IntervalXP:
         a = _materialized(a)
         if s.lo is not None and not s.lo and not s.rad and s.hi and math.frexp(float(s.hi))[0] == 0.5:
             f = float(s.hi)  # a power of two (1/8 for d_k = 64): exact, unless it underflows
-            rad = None if a.rad is None else np.where(a.rad == 0, 0.0, _up(a.rad * f))
+            rad = None if a.rad is None else np.where(a.rad == 0, 0.0, up(a.rad * f))
             return Iv(a.hi * f, None if a.lo is None else a.lo * f, rad, a.excluded)
-        return _mul(a, s)
+        return mul(a, s)
 
     def one_minus(self, a):
         a = _materialized(a)
         one = Iv(np.ones_like(a.hi))
-        return _add(one, a, -1)
+        return add(one, a, -1)
 
     def tanh(self, a):
-        return _tanh(_materialized(a))
+        return tanh(_materialized(a))
 
     def exp(self, a):
-        if isinstance(a, _Shifted):
-            return _exp(a.terms, a.shift.hi)
-        return _exp(_materialized(a))
+        return exp(_materialized(a))
 
     def mask(self, a, allowed):
         """Excluded entries get hi −inf (their lo and rad mean nothing)."""
         a = _materialized(a)
         excluded = ~np.broadcast_to(allowed, a.hi.shape)
-        return Iv(np.where(excluded, -np.inf, a.hi), a.lo, a.rad, _union(a.excluded, excluded))
+        return Iv(np.where(excluded, -np.inf, a.hi), a.lo, a.rad, union(a.excluded, excluded))
 
     def shift(self, a):
         """The row maxima of hi rounded up to multiples of 1/STEPS, taken as exact: the softmax does not depend
-        on its shift, and the exp reads it without subtracting it (``_exp``)."""
+        on its shift, and ``softmax``'s exp reads it without subtracting it (``_exp``)."""
         top = _materialized(a).hi.max(axis=-1, keepdims=True)
         with np.errstate(invalid="ignore"):
-            return _RowConstant(np.where(top == -np.inf, 0.0, np.ceil(top * STEPS) / STEPS))
+            return Iv(np.where(top == -np.inf, 0.0, np.ceil(top * STEPS) / STEPS))
 
     def rowsum(self, a):
-        """A row sum, kept with its terms: dividing the terms by it then multiplying by V (a softmax and its
-        weighted sum) makes one split product with V and a column of ones (``_Quotient``)."""
-        return _RowSum(_materialized(a))
+        a = _materialized(a)
+        return self._product(a, Iv(np.ones(a.hi.shape[:-2] + (a.hi.shape[-1], 1))))
+
+    def softmax(self, s, empty=None, fill=0):
+        """The exponentials exp(s − shift) by the table, the shift folded into its index (``_exp``), kept with
+        the empty rows until read (``_Weights``)."""
+        s = _materialized(s)
+        return _Weights(exp(s, self.shift(s).hi), self, empty, fill)
+
+    def weighted_sum(self, p, v):
+        """Weights from ``softmax`` times V: one split product of their exponentials with [V 1]."""
+        if isinstance(p, _Weights):
+            return p.times(_materialized(v))
+        return self._product(p, v)
 
     def colsum(self, a):
         a = _materialized(a)
@@ -473,9 +130,7 @@ class IntervalXP:
         return self._product(ones, a)
 
     def div(self, a, z):
-        if isinstance(z, _RowSum) and z.terms is a:
-            return _Quotient(a, self)
-        return _divide(_materialized(a), _materialized(z))
+        return divide(_materialized(a), _materialized(z))
 
     def fill_rows(self, a, rows, value):
         a = _materialized(a)
@@ -512,227 +167,6 @@ def _transposed(a: Iv) -> Iv:
     return Iv(t(a.hi), t(a.lo), t(a.rad))
 
 
-def _union(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a | b
-
-
-def _add(a: Iv, b: Iv, sign: int) -> Iv:
-    with np.errstate(invalid="ignore"):
-        hi, err = two_sum(a.hi, b.hi if sign > 0 else -b.hi)
-        excluded = _union(a.excluded, b.excluded)
-        if excluded is not None:  # −inf − x: TwoSum gives nan; the entry is excluded anyway
-            hi = np.where(excluded, -np.inf, hi)
-            err = np.where(excluded, 0.0, err)
-        lo = err
-        rounding = 0.0
-        for part, s in ((a.lo, 1), (b.lo, sign)):
-            if part is not None:
-                lo = lo + (part if s > 0 else -part)
-                rounding = rounding + U * np.abs(lo)
-        rad = a.radius() + b.radius() + rounding
-    return Iv(hi, lo, _up(rad), excluded)
-
-
-def _mul(a: Iv, b: Iv) -> Iv:
-    """a·b elementwise (b may be a scalar Iv)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        hi, err = two_prod(a.hi, b.hi)
-        lo = err
-        if a.lo is not None:
-            lo = lo + a.lo * b.hi
-        if b.lo is not None:
-            lo = lo + a.hi * b.lo
-        rounding = 3 * U * np.abs(lo)
-        if a.lo is not None and b.lo is not None:
-            rounding = rounding + np.abs(a.lo * b.lo) * (1 + U)
-        mag_a = np.abs(a.hi) + np.abs(a.low())
-        mag_b = np.abs(b.hi) + np.abs(b.low())
-        rad = rounding + mag_a * b.radius() + a.radius() * mag_b + a.radius() * b.radius() + 8 * ETA
-        excluded = a.excluded
-        if excluded is not None:
-            hi = np.where(excluded, -np.inf, hi)
-            lo = np.where(excluded, 0.0, lo)
-            rad = np.where(excluded, 0.0, rad)
-    return Iv(hi, lo, _up(rad), excluded)
-
-
-def _divide(a: Iv, z: Iv) -> Iv:
-    """a / z for z bounded away from zero."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if a.lo is not None:  # normalised (exactly): |lo| <= u·|hi|
-            a = Iv(*two_sum(a.hi, a.lo), a.rad)
-        if z.lo is not None:
-            z = Iv(*two_sum(z.hi, z.lo), z.rad)
-        q = a.hi / z.hi
-        p, e = two_prod(q, z.hi)
-        r = ((a.hi - p) - e + a.low()) - q * z.low()  # a − q·z, each step's rounding bounded below
-        q_lo = r / z.hi
-        rounding = 4 * U * (np.abs(a.hi - p) + np.abs(e) + np.abs(a.low()) + np.abs(q * z.low()))
-        size = np.abs(z.hi) - np.abs(z.low()) - z.radius()  # a lower bound of |z|
-        low = size * (1 - 4 * U)
-        # q + q_lo differs from (a.hi + a.lo)/(z.hi + z.lo) by (rounding + |r|·|z.lo|/|z.hi|) / |z|
-        rad = (rounding + np.abs(r) * np.abs(z.low()) / np.abs(z.hi) + 2 * U * np.abs(r)) / low
-        rad = rad + (a.radius() + (np.abs(q) + np.abs(q_lo)) * z.radius()) / low
-        rad = np.where(low > 0, _up(rad + 8 * ETA), np.inf)
-        zero = (a.hi == 0) & (a.low() == 0) & (a.radius() == 0)  # 0 / z: exactly 0 (a masked weight)
-        rad[np.broadcast_to(zero, rad.shape)] = 0.0
-    return Iv(q, q_lo, rad)
-
-
-def _exp(a: Iv, shift=None) -> Iv:
-    """exp(a − shift) by the table and a degree-5 polynomial (module docstring), for ``shift`` (one per row)
-    a multiple of 1/STEPS at least the row's largest hi (``IntervalXP.shift``), or None: 0, for arguments
-    below EXP_HIGH − 1 (above them the radius is inf).  Excluded entries (−inf) give 0 exactly, arguments
-    below the table an enclosure [0, 20η]; rows whose shift is not finite (nan or overflowing scores) get
-    an infinite radius, for Arb to settle.
-
-    With x = a.hi and k = rint(x·STEPS), x − k/STEPS is exact, so exp(a − shift) is the table's
-    exp((k − shift·STEPS)/STEPS) times exp(r) for r = x − k/STEPS + a.lo: the shift is never subtracted."""
-    hi_table, lo_table = exp_table()
-    x, lo = a.hi, a.lo
-    rows = x.shape[:-1] + (1,)
-    top = np.zeros(rows) if shift is None else np.broadcast_to(np.asarray(shift, dtype=np.float64), rows)
-    with np.errstate(invalid="ignore"):
-        bad = ~(np.abs(top) <= 2.0**40)  # nan, inf: not computed here
-    if bad.any():
-        top = np.where(bad, 0.0, top)
-    # every argument below the table's first entry is raised to the lowest integer there (−inf too): its
-    # index then clips to the table's 0, and its r stays finite
-    lowest = math.floor(float(np.min(top, initial=0.0))) + EXP_LOW - 2
-    low = _largest(lo)
-    if not low <= 2.0**-9:  # a far from normalised double-float, or huge arguments: normalised first
-        with np.errstate(invalid="ignore"):
-            x, lo = two_sum(x, lo)
-            lo = np.where(x >= lowest, lo, 0.0)  # below the table (|lo| up to half an ulp of x): unread
-        low = _largest(lo)
-        if not low <= 2.0**-9:  # not reached for finite arguments (|lo| <= 2**-12 once |x| < 2**41)
-            return Iv(np.zeros_like(x), np.zeros_like(x), np.full(x.shape, np.inf))
-    with np.errstate(invalid="ignore"):
-        x = np.maximum(x, lowest)
-        t = x * STEPS
-        np.rint(t, out=t)
-        r = t * (-1.0 / STEPS)
-        r += x  # exact: |r| <= 2**-12 and a multiple of ulp(x)
-        if lo is not None:
-            r += lo  # rounded: within u·|r|, in the radius below
-        q = r * (1 / 120)
-        q += 1 / 24
-        q *= r
-        q += 1 / 6
-        q *= r
-        q += 0.5
-        q *= r
-        q += 1
-        q *= r  # expm1(r) to degree 5
-        t -= top * STEPS + (EXP_LOW * STEPS - 1)  # the table's index (k − shift·STEPS − EXP_LOW·STEPS + 1)
-        index = t.astype(np.intp)
-    if shift is None:
-        above = (index >= len(hi_table) - STEPS) | np.isnan(a.hi)
-    table = hi_table.take(index, mode="clip")
-    q *= table  # d: |d| <= 2**-10·table, its rounding (u·|d|) in the radius below
-    hi = table + q
-    lo = np.subtract(table, hi, out=table)
-    lo += q  # Fast2Sum: table + d = hi + lo exactly
-    lo += lo_table.take(index, mode="clip")  # rounded: u·|lo|, with |lo| <= 2u·hi
-    # Relative to hi, for |r| <= R = 2**-12 + max|a.lo| <= 2**-8: Horner's roundings (q within 2.01u·|q|),
-    # d's rounding (u·|q|), |q| <= 1.002|r|, the rounding of r (u·|r|): 4.2u·|r| per entry; the truncation
-    # R**6/720·e**R and the table's error; then the input's radius through e**rad − 1 <= rad·(1 + rad)
-    # (rad <= 1/2) times e**|r| <= 1 + 2|r|: for rad <= 2**-20 at most 1.002·rad (all of it times 1.002).
-    big_r = 2.0**-12 + low
-    rad = np.abs(r, out=r)
-    rad *= 4.2 * U
-    rad += TABLE_ERROR + big_r**6 / 720 * 1.01
-    if a.rad is not None:
-        rad_in = a.rad
-        if float(np.max(rad_in, initial=0.0)) <= 2.0**-20:
-            rad += rad_in
-        else:
-            with np.errstate(invalid="ignore", over="ignore"):
-                growth = rad_in * (1 + rad_in) * (1 + 2 * big_r + rad)
-                growth[~(rad_in <= 0.5)] = np.inf
-            rad += growth
-    rad *= hi
-    rad *= 1.002 * INFLATE
-    rad += 20 * ETA
-    if a.excluded is not None:  # exactly 0
-        np.copyto(rad, 0.0, where=a.excluded)
-    if shift is None and above.any():
-        rad[above] = np.inf
-    if bad.any():
-        bad = np.broadcast_to(bad, hi.shape)
-        hi[bad], lo[bad], rad[bad] = 0.0, 0.0, np.inf
-    return Iv(hi, lo, rad, below=2.0 if shift is not None else math.exp(EXP_HIGH) * 1.01, one_key=_one_key(a))
-
-
-def _largest(lo) -> float:
-    """max |lo| (0 for None)."""
-    return 0.0 if lo is None else max(float(np.max(lo, initial=0.0)), -float(np.min(lo, initial=0.0)))
-
-
-def _one_key(a: Iv):
-    """(rows, columns) of the rows of a 2-D a with exactly one entry not excluded (a causal mask's first row),
-    whose softmax weight is exactly 1: an enclosure of e/e would only be near it."""
-    if a.excluded is None or a.excluded.ndim != 2:
-        return None
-    rows = np.flatnonzero(np.count_nonzero(~a.excluded, axis=-1) == 1)
-    if not rows.size:
-        return None
-    return rows, np.argmin(a.excluded[rows], axis=-1)
-
-
-# tanh(y) = y + y·y²·Σ TANH_SERIES[k]·y**(2k) for |y| <= TANH_SMALL (its Taylor series, alternating and
-# decreasing there, so the first term left out, TANH_NEXT·y**19, bounds the rest)
-TANH_SERIES = (
-    -1 / 3,
-    2 / 15,
-    -17 / 315,
-    62 / 2835,
-    -1382 / 155925,
-    21844 / 6081075,
-    -929569 / 638512875,
-    6404582 / 10854718875,
-)
-TANH_NEXT = 2.4e-4  # 443861162 / 1856156927625 < 2.4e-4
-TANH_SMALL = 2.0**-5
-
-
-def _tanh(a: Iv) -> Iv:
-    """tanh(a) as double-floats (softcap): for |y| <= 2**-5 its Taylor series, y plus a correction computed in
-    float64 (its roundings are relative to y³/3, so 2**-60 of y or better); beyond, (1 − w)/(1 + w) for
-    w = exp(−2|y|) from the table exp (1 − w >= 0.06 there: its error stays below 2**-58 relatively).
-    |tanh'| <= 1 carries the input's radius."""
-    rad_in = a.radius()
-    with np.errstate(all="ignore"):
-        hi, lo = two_sum(a.hi, a.low())  # normalised (a product's rest is not): |lo| <= u·|hi|
-        size = np.abs(hi) + np.abs(lo)
-        y2 = hi * hi
-        q = np.full_like(hi, TANH_SERIES[-1])
-        for c in TANH_SERIES[-2::-1]:
-            q *= y2
-            q += c
-        corr = hi * y2 * q
-        s_hi, s_lo = two_sum(hi, corr)
-        s_lo += lo
-        # Horner's (7 steps: 14u of Σ|terms| <= 1.02|q|), y²'s, the two products' and the coefficients'
-        # roundings (20u·|corr| in all), lo left out of the correction (|lo|·y², as |tanh'(y) − 1| <= y²), the
-        # series' rest and the final sum's rounding
-        s_rad = 20 * U * np.abs(corr) + 1.1 * np.abs(lo) * size * size + TANH_NEXT * 1.01 * size**19
-        s_rad += U * np.abs(s_lo) + 4 * ETA
-        sign = np.where(hi < 0, -1.0, 1.0)
-        w = _exp(Iv(-2 * np.abs(hi), -2 * sign * lo, 2 * rad_in))  # e**(−2|y|) <= 1: within the table
-        one = Iv(np.ones_like(hi))
-        t = _divide(_add(one, w, -1), _add(one, w, 1))
-        small = np.abs(hi) <= TANH_SMALL
-        out_hi = np.where(small, s_hi, sign * t.hi)
-        out_lo = np.where(small, s_lo, sign * t.lo)
-        out_rad = np.where(small, s_rad + rad_in, t.rad)
-    return Iv(out_hi, out_lo, _up(out_rad), a.excluded)
-
-
 class _Product:
     """a·b, computed when read (``IntervalXP.matmul_nt``)."""
 
@@ -747,59 +181,28 @@ class _Product:
         return self._value
 
 
-class _RowConstant(Iv):
-    """Exact row constants (a softmax's shift)."""
+class _Weights:
+    """A softmax's weights terms / rowsum(terms), kept as their exponentials ``terms`` until read
+    (``IntervalXP.softmax``): ``IntervalXP.weighted_sum`` multiplies them by V as (terms·[V 1]) divided by its
+    last column, one split product; anything else reads the weights themselves (``value``).  ``empty``:
+    bools (…, m, 1) of the rows with no allowed key, filled with ``fill``, or None."""
 
-    def __init__(self, hi):
-        super().__init__(hi)
-
-
-class _Shifted:
-    """terms − shift, computed by the exp that reads it (or when anything else does)."""
-
-    def __init__(self, terms: Iv, shift: _RowConstant):
-        self.terms, self.shift = terms, shift
-        self.excluded = terms.excluded
-        self._value = None
-
-    def value(self) -> Iv:
-        if self._value is None:
-            self._value = _add(self.terms, self.shift, -1)
-        return self._value
-
-
-class _RowSum:
-    """rowsum(terms), computed only when something other than a softmax's division reads it."""
-
-    def __init__(self, terms: Iv):
-        self.terms = terms
-        self._value = None
-
-    def value(self) -> Iv:
-        if self._value is None:
-            t = self.terms
-            ones = Iv(np.ones(t.hi.shape[:-2] + (t.hi.shape[-1], 1)))
-            self._value = IntervalXP()._product(t, ones)
-        return self._value
-
-
-class _Quotient:
-    """terms / rowsum(terms): the softmax's weights.  Multiplied by V it is (terms·[V 1]) divided by its last
-    column, one split product; anything else reads the weights themselves."""
-
-    def __init__(self, terms: Iv, xp: IntervalXP):
-        self.terms, self.xp = terms, xp
+    def __init__(self, terms: Iv, xp: IntervalXP, empty=None, fill=0):
+        self.terms, self.xp, self.empty, self.fill = terms, xp, empty, fill
         self._value = None
         self.excluded = None
 
     def value(self) -> Iv:
         if self._value is None:
-            z = _RowSum(self.terms).value()
-            w = _divide(self.terms, z)
-            if self.terms.one_key is not None:  # exactly 1 there, and exactly 0 beside it (excluded entries)
-                rows, keys = self.terms.one_key
+            t, xp = self.terms, self.xp
+            z = xp.rowsum(t)
+            if self.empty is not None:
+                z = xp.fill_rows(z, self.empty, 1)
+            w = divide(t, z)
+            if t.one_key is not None:  # exactly 1 there, and exactly 0 beside it (excluded entries)
+                rows, keys = t.one_key
                 w.hi[rows, keys], w.lo[rows, keys], w.rad[rows, keys] = 1.0, 0.0, 0.0
-            self._value = w
+            self._value = w if self.empty is None else xp.fill_rows(w, self.empty, self.fill)
         return self._value
 
     def times(self, v: Iv) -> Iv:
@@ -812,15 +215,26 @@ class _Quotient:
         product = self.xp._product(self.terms, extended)  # the terms' bound (below) saves a pass
         numerator = Iv(product.hi[..., :-1], _slice(product.lo, 0, -1), _slice(product.rad, 0, -1))
         z = Iv(product.hi[..., -1:], _slice(product.lo, -1, None), _slice(product.rad, -1, None))
-        out = _divide(numerator, z)
+        out = divide(numerator, z)
         if self.terms.one_key is not None:  # one weight of exactly 1: that row of V, exactly
             rows, keys = self.terms.one_key
             out.hi[rows], out.lo[rows], out.rad[rows] = v.hi[keys], v.low()[keys], v.radius()[keys]
+        if self.empty is not None:  # an empty row's terms are all 0 (z too): its filled weights times V
+            rows = np.broadcast_to(self.empty, out.hi.shape[:-1] + (1,))[..., 0]
+            if rows.any():
+                fill = self.xp.fill_rows(
+                    Iv(np.zeros(self.terms.hi[rows].shape)), np.ones((int(rows.sum()), 1), bool), self.fill
+                )
+                filled = self.xp._product(fill, v) if out.hi.ndim == 2 else None
+                if filled is None:  # batched: the filled weights of every row, those rows kept
+                    filled = self.xp._product(self.value(), v)
+                    filled = Iv(filled.hi[rows], filled.low()[rows], filled.radius()[rows])
+                out.hi[rows], out.lo[rows], out.rad[rows] = filled.hi, filled.low(), filled.radius()
         return out
 
 
 def _materialized(a):
-    if isinstance(a, (_Quotient, _RowSum, _Shifted, _Product)):
+    if isinstance(a, (_Weights, _Product)):
         return a.value()
     return a
 

@@ -1,6 +1,7 @@
 """Exact scalars in canonical form, and the scores as linear combinations of rational matrices.
 
-Shared by the ball and the exact backends.  An irrational parameter is split
+Shared by the ball and the exact backends, and so is ``RationalXP``: their
+exact fast paths (rational matrices stay ``RatMat``, scores stay ``Lin``).  An irrational parameter is split
 into a rational coefficient and a canonical generator: q·√D with D a square-free
 integer where the value is a rational times a square root (``1/sqrt(8)`` and
 ``sqrt(2)/4`` are both ¼·√2), else the entry itself.  With rational inputs the
@@ -19,6 +20,7 @@ from fractions import Fraction
 import numpy as np
 
 from symattn.entries import Entry, Expr, to_text
+from symattn.graph.xp import ArrayXP, union
 from symattn.matrix import RatMat
 
 SMALL_PRIMES = [p for p in range(2, 1000) if all(p % d for d in range(2, int(p**0.5) + 1))]
@@ -109,14 +111,14 @@ class Lin:
     """Σ_k g_k·A_k + B with exact rational matrices, one term per generator key; ``excluded`` marks entries
     that are not numbers (masked scores, -inf)."""
 
-    __slots__ = ("terms", "const", "generators", "excluded", "_balls")
+    __slots__ = ("terms", "const", "generators", "excluded", "balls_cache")
 
     def __init__(self, terms: dict, const: RatMat, generators: dict, excluded=None):
         self.terms = terms  # key -> RatMat
         self.const = const
         self.generators = generators  # key -> the generator's exact value
         self.excluded = excluded  # bool array or None
-        self._balls = None  # the ball backend's values, cached
+        self.balls_cache = None  # (the BallXP, its balls of this Lin): made once per backend
 
     @property
     def shape(self) -> tuple:
@@ -141,7 +143,7 @@ class Lin:
             m = m if sign > 0 else m.scaled(Fraction(-1))
             terms[key] = terms[key] + m if key in terms else m
         const = self.const + other.const if sign > 0 else self.const - other.const
-        return Lin(terms, const, {**self.generators, **other.generators}, _union(self.excluded, other.excluded))
+        return Lin(terms, const, {**self.generators, **other.generators}, union(self.excluded, other.excluded))
 
     def scaled(self, q: Fraction) -> Lin:
         return Lin(
@@ -149,7 +151,7 @@ class Lin:
         )
 
     def masked(self, allowed: np.ndarray) -> Lin:
-        return Lin(self.terms, self.const, self.generators, _union(self.excluded, ~allowed))
+        return Lin(self.terms, self.const, self.generators, union(self.excluded, ~allowed))
 
     @property
     def signature(self) -> tuple:
@@ -203,14 +205,6 @@ class Lin:
         return Lin({k: low(m) for k, m in self.terms.items()}, low(self.const), self.generators)
 
 
-def _union(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a | b
-
-
 def _approx(m: RatMat) -> np.ndarray:
     out = np.empty(m.shape)
     flat = out.reshape(-1)
@@ -226,3 +220,107 @@ def _float(entry) -> float:
     from symattn.backends.floats import exact_float
 
     return exact_float(entry)
+
+
+class RationalXP(ArrayXP):
+    """The base of ``BallXP`` and ``ExactXP``: rational matrices (``RatMat``) and scores (``Lin``) exact, anything
+    else in the backend's own array type ``Array`` (an object array ``values`` and ``excluded``), made by
+    ``array(a)``; each ``_general_*`` method is the backend's rule for values that are not exact."""
+
+    Array: type
+
+    def array(self, a):
+        raise NotImplementedError
+
+    # Conversions.
+    def param(self, p):
+        return canonical(p.value)
+
+    def const(self, c):
+        """Masks stay bool arrays; numeric constants (ALiBi's distances) are exact integer matrices."""
+        if c.value.dtype == bool:
+            return c.value
+        return RatMat(np.array(c.value.tolist(), dtype=object), 1)
+
+    # Products.
+    def matmul_nt(self, a, b):
+        return self.matmul(a, self.transpose(b))
+
+    def matmul_tn(self, a, b):
+        return self.matmul(self.transpose(a), b)
+
+    def transpose(self, a):
+        if isinstance(a, RatMat):
+            return a.T
+        return self.Array(self.array(a).values.T)
+
+    # Elementwise.
+    def add(self, a, b):
+        return self._combine(a, b, 1)
+
+    def sub(self, a, b):
+        return self._combine(a, b, -1)
+
+    def _combine(self, a, b, sign):
+        if isinstance(a, RatMat) and isinstance(b, RatMat):
+            return a + b if sign > 0 else a - b
+        if isinstance(a, (Lin, RatMat)) and isinstance(b, (Lin, RatMat)):
+            return Lin.lift(a).combine(b, sign)
+        return self._general_combine(self.array(a), self.array(b), sign)
+
+    def mul(self, a, b):
+        if isinstance(a, RatMat) and isinstance(b, RatMat):
+            return a.mul(b)
+        return self._general_mul(self.array(a), self.array(b))
+
+    def one_minus(self, a):
+        if isinstance(a, RatMat):
+            return RatMat(a.den - a.num, a.den)
+        return self._general_one_minus(self.array(a))
+
+    def scale(self, a, s):
+        if isinstance(a, RatMat):
+            return Lin.of(a, s)
+        if isinstance(a, Lin) and isinstance(s, Fraction):
+            return a.scaled(s)
+        return self._general_scale(self.array(a), s)
+
+    # Rows and columns.
+    def mask(self, a, allowed):
+        if isinstance(a, RatMat):
+            a = Lin.lift(a)
+        if isinstance(a, Lin):
+            return a.masked(allowed)
+        return self.Array(a.values, union(a.excluded, ~allowed))
+
+    def rowsum(self, a):
+        if isinstance(a, RatMat):
+            return a.rowsum()
+        return self._general_rowsum(self.array(a).values)
+
+    def colsum(self, a):
+        if isinstance(a, RatMat):
+            return a.colsum()
+        return self._general_colsum(self.array(a).values)
+
+    def hstack(self, parts):
+        if all(isinstance(p, RatMat) for p in parts):
+            return RatMat.hstack(parts)
+        return self.Array(np.concatenate([self.array(p).values for p in parts], axis=1))
+
+    def cols(self, a, start, stop):
+        if isinstance(a, RatMat):
+            return a.cols(start, stop)
+        return self.Array(self.array(a).values[:, start:stop])
+
+    def unbroadcast(self, g, like):
+        return g
+
+
+def map_values(fn, values: np.ndarray) -> np.ndarray:
+    """fn of every entry of an object array, as an object array of the same shape."""
+    out = np.empty(values.shape, dtype=object)
+    flat = out.reshape(-1)
+    for k, v in enumerate(values.reshape(-1).tolist()):
+        flat[k] = fn(v)
+    return out

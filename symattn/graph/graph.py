@@ -1,167 +1,64 @@
 """The attention computation as one graph of operations, built once from a spec; every layer reads it.
 
-Each op's forward rule and vector-Jacobian product are written once, against
-``xp``, a small array interface (matmul, elementwise arithmetic, exp, tanh, row
-sums, masks).  The backends implement ``xp``: NumPy floats in any dtype
-(``numeric.py``: the verifier's reference), Arb or mpmath balls that keep
-rationals exact (``balls.py``: the certified truth), exact rational functions
-(``exact.py``: zero and rounding-tie decisions, closed forms), vectorized
-float64 intervals (``intervals.py``: certified truth at kernel sizes) and code
-emission (``emit.py``: the generated modules).  A variant is an option of an op
-here, in one place, and every layer has it.
+The ops (``ops.py``) are written once against ``xp``, the array interface of
+``xp.py``.  The backends implement it: NumPy floats in any dtype (``floats``:
+the verifier's reference), rounding-error budgets (``budget``), Arb or mpmath
+balls that keep rationals exact (``balls``: the certified truth), exact
+rational functions (``exact``: zero and rounding-tie decisions, closed forms),
+vectorized double-float intervals (``intervals``: certified truth at kernel
+sizes) and code emission (``codegen.emit``).  A variant is an option of an op,
+in one place, and every layer has it.
 
-    op           forward                              vjp
-    Linear       y = x·w (+ b)                        dx = g·wᵀ, dw = xᵀ·g, db = colsum g
-    Scores       s = mask(c·tanh(scale·q·kᵀ/c)        dq = g'·k, dk = g'ᵀ·q, dbias = g,
-                      + bias − slope·|i+δ−j|)         g' = scale·g·(1 − tanh²) (softcap)
-    Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows (``centered``)
-                 rows filled (0, 1/S or nan)
-    WeightedSum  o = p·v                              dp = g·vᵀ, dv = pᵀ·g
-    Concat       [o1 … oH]                            column blocks of g
+The graph also says, once, which input gradients exist: their names, the
+leaves each stacks, shapes and positional order (``Graph.input_gradients``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
-import numpy as np
-
-from symattn.entries import Entry, div, to_text
+from symattn.entries import div, to_text
+from symattn.graph.ops import ALL, Concat, Const, Linear, Param, Scores, Softmax, WeightedSum
 from symattn.graph.steps import Step
-from symattn.semantics import NAN, alibi_distance, empty_fill
+from symattn.semantics import NAN as NAN  # re-exported: codegen.emit reads it here
+from symattn.semantics import alibi_distance, empty_fill
 
 
 @dataclass(frozen=True)
-class Param:
-    """An exact scalar parameter (the scale, the softcap, an ALiBi slope)."""
+class Leaf:
+    """An input of the graph: ``kind`` x, x_rows, x_kv, wq, bq, wk, bk, wv, bv, wo, bo, q, k, v, bias (the
+    leaf's name without its index), and the 1-based head (kv head for k, v, wk, ...) or None."""
+
+    kind: str
+    index: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.index is None else f"{self.kind}{self.index}"
+
+
+@dataclass(frozen=True)
+class InputGradient:
+    """One input gradient as an implementation returns it (DESIGN.md's names).
+
+    ``name``: dq, dk, dv (kernel form), dx, dx_kv, dwq, dwk, dwv, dwo, dbq, dbk, dbv, dbo, dbias.
+    ``leaves``: the Leaf each part is the gradient of, in stacking order (one, unstacked, for dx, dwo, ...).
+    ``steps``: each part's backward step; for a head without the bias others have (``missing``), the step
+    whose column sum its gradient is (dQ2 for bq2: a zero bias's gradient is still colsum(dQ)).
+    ``missing``: the parts' leaves that the spec does not have (biases some heads lack).
+    ``shape``: the returned array's shape; a bias row loses its row axis: (cols,) alone, (h, cols) stacked.
+    ``stacked``: the parts stacked on a new axis (−3 for matrices, −2 for bias rows).
+    ``position``: its index in the positional (tuple) convention, or None when it is returned by name only.
+    """
 
     name: str
-    value: Entry
-
-
-@dataclass(frozen=True)
-class Const:
-    """A constant array of the computation (which keys are allowed, empty rows, ALiBi distances)."""
-
-    name: str
-    value: np.ndarray = field(compare=False, repr=False)
-
-
-ALL = (True, True, True)  # a vjp's default: every input's contribution
-
-
-@dataclass(frozen=True)
-class Linear:
-    """y = x·w (+ b): the projections Q, K, V and the output projection M."""
-
-    def forward(self, xp, x, w, b=None):
-        y = xp.matmul(x, w)
-        return y if b is None else xp.add(y, b)
-
-    def vjp(self, xp, args, out, g, needs=ALL):
-        x, w, *b = args
-        grads = [
-            xp.matmul_nt(g, w) if needs[0] else None,
-            xp.unbroadcast(xp.matmul_tn(x, g), w) if needs[1] else None,
-        ]
-        return tuple(grads + [xp.unbroadcast(xp.colsum(g), b[0]) if needs[2] else None] if b else grads)
-
-
-@dataclass(frozen=True)
-class Scores:
-    """s = scale·q·kᵀ, softcapped, plus the bias, minus ALiBi; keys that are not allowed are excluded (-inf)."""
-
-    scale: Param
-    softcap: Param | None = None
-    inverse_softcap: Param | None = None
-    slope: Param | None = None
-    distance: Const | None = None
-    allowed: Const | None = None  # None: every key
-
-    def raw(self, xp, q, k):
-        """scale·q·kᵀ, softcapped."""
-        s = xp.scale(xp.matmul_nt(q, k), xp.param(self.scale))
-        if self.softcap is not None:
-            s = xp.scale(xp.tanh(xp.scale(s, xp.param(self.inverse_softcap))), xp.param(self.softcap))
-        return s
-
-    def forward(self, xp, q, k, bias=None):
-        s = self.raw(xp, q, k)
-        if bias is not None:
-            s = xp.add(s, bias)
-        if self.slope is not None:
-            s = xp.sub(s, xp.scale(xp.const(self.distance), xp.param(self.slope)))
-        return s if self.allowed is None else xp.mask(s, xp.const(self.allowed))
-
-    def vjp(self, xp, args, out, g, needs=ALL):
-        q, k, *bias = args
-        grad_bias = [xp.unbroadcast(g, bias[0]) if needs[2] else None] if bias else []
-        if not (needs[0] or needs[1]):
-            return (None, None, *grad_bias)
-        if self.softcap is not None:  # d(c·tanh(r/c))/dr = 1 − tanh²(r/c)
-            t = xp.tanh(xp.scale(xp.scale(xp.matmul_nt(q, k), xp.param(self.scale)), xp.param(self.inverse_softcap)))
-            g = xp.mul(g, xp.one_minus(xp.mul(t, t)))
-        g = xp.scale(g, xp.param(self.scale))
-        return (xp.matmul(g, k) if needs[0] else None, xp.matmul_tn(g, q) if needs[1] else None, *grad_bias)
-
-
-@dataclass(frozen=True)
-class Softmax:
-    """p = softmax over the allowed keys of each row, shifted (every float backend shifts by the row's
-    maximum); a row with no allowed key is filled with 0, 1/S or nan (``empty_row``)."""
-
-    empty: Const | None = None  # L × 1 bools: rows with no allowed key; None when there are none
-    fill: object = 0  # 0, Fraction(1, S) or NAN
-
-    def forward(self, xp, s):
-        e = xp.exp(xp.sub(s, xp.shift(s)))  # excluded entries are -inf: exactly 0 here
-        z = xp.rowsum(e)
-        if self.empty is None:
-            return xp.div(e, z)
-        empty = xp.const(self.empty)
-        return xp.fill_rows(xp.div(e, xp.fill_rows(z, empty, 1)), empty, self.fill)
-
-    def vjp(self, xp, args, p, g, needs=ALL):
-        ds = xp.mul(p, centered(xp, g, p))
-        if self.empty is not None:  # an empty row's weights do not depend on its scores
-            ds = xp.fill_rows(ds, xp.const(self.empty), NAN if self.fill == NAN else 0)
-        return (ds,)
-
-
-def centered(xp, g, p):
-    """g − rowsum(g∘p) for weights p that sum to 1 by rows: the softmax's cotangent, centred.  A backend may
-    compute it as g_j·Σ_{k≠j} p_k − Σ_{k≠j} p_k·g_k (``xp.centered``), the same number without the
-    cancellation of g_j − rowsum when p_j is nearly 1 (balls would need hundreds of bits more)."""
-    if hasattr(xp, "centered"):
-        return xp.centered(g, p)
-    return xp.sub(g, xp.rowsum(xp.mul(g, p)))
-
-
-@dataclass(frozen=True)
-class WeightedSum:
-    """o = p·v: each head's output."""
-
-    def forward(self, xp, p, v):
-        return xp.matmul(p, v)
-
-    def vjp(self, xp, args, out, g, needs=ALL):
-        p, v = args
-        return xp.matmul_nt(g, v) if needs[0] else None, xp.matmul_tn(p, g) if needs[1] else None
-
-
-@dataclass(frozen=True)
-class Concat:
-    """The heads side by side."""
-
-    widths: tuple
-
-    def forward(self, xp, *heads):
-        return xp.hstack(list(heads))
-
-    def vjp(self, xp, args, out, g, needs=ALL):
-        starts = np.cumsum((0,) + self.widths).tolist()
-        return tuple(xp.cols(g, a, b) for a, b in zip(starts[:-1], starts[1:], strict=True))
+    leaves: tuple
+    steps: tuple
+    missing: tuple
+    shape: tuple
+    stacked: bool
+    position: int | None
 
 
 @dataclass(frozen=True)
@@ -179,10 +76,11 @@ class Graph:
     (['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1'], Node(name='scores1', op=Scores(...), inputs=('Q1', 'K1')))
     """
 
-    def __init__(self, spec, nodes, leaves, steps, outputs, rows):
+    def __init__(self, spec, nodes, leaves, steps, outputs, rows, kinds=None):
         self.spec = spec
         self.nodes = nodes
         self.leaves = leaves  # name -> Matrix
+        self.kinds = kinds or {}  # name -> Leaf
         self.steps = steps  # forward Steps in trace order
         self.outputs = outputs  # the output's node names: ["M"], or head1 … headH in the kernel form
         self.rows = rows  # the query rows this graph computes (None: all)
@@ -303,6 +201,16 @@ class Graph:
         return out
 
     @property
+    def input_gradients(self) -> list:
+        """The input gradients an implementation returns (``InputGradient``s): positional ones first, in
+        their order, then those returned by name only.
+
+        >>> [(g.name, g.shape, g.position) for g in build(__import__("symattn").load_spec("notebook")).input_gradients]
+        [('dx', (2, 2), 0), ('dwq', (2, 2, 2), 1), ('dwk', (2, 2, 2), 2), ('dwv', (2, 2, 2), 3), ('dwo', (4, 2), 4)]
+        """
+        return _input_gradients(self)
+
+    @property
     def backward_steps(self) -> list:
         if self._backward_steps is None:
             self._backward_steps = _backward_steps(self)
@@ -320,7 +228,13 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
     select_values = (lambda m: m) if value_columns is None else (lambda m: _columns(m, value_columns))
     columns = (lambda a: a) if keys is None else (lambda a: a[:, list(keys)])
     select_keys = (lambda m: m) if keys is None else (lambda m: m.select_rows(keys))
-    leaves, nodes, steps = {}, [], []
+    leaves, kinds, nodes, steps = {}, {}, [], []
+
+    def leaf(kind, index, matrix) -> str:
+        name = Leaf(kind, index).name
+        leaves[name], kinds[name] = matrix, Leaf(kind, index)
+        return name
+
     H, S = spec.h, (spec.S if keys is None else len(keys))
     scale = Param("scale", spec.effective_scale)
     scale_text = to_text(spec.effective_scale)
@@ -342,27 +256,26 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             continue
         key = id(spec.allowed(i))
         if key not in masks:
-            suffix = "" if spec.mask is None or spec.shared_mask else str(i + 1)
-            masks[key] = Const("allowed" + suffix, a)
+            head = None if spec.mask is None or spec.shared_mask else i + 1
+            masks[key] = Const("allowed", a, head)
             empty = ~a.any(axis=1, keepdims=True)
-            empties[key] = Const("empty" + suffix, empty) if empty.any() else None
+            empties[key] = Const("empty", empty, head) if empty.any() else None
     fill = empty_fill(spec.empty_row, spec.S)
     masking = _mask_text(spec)
     kernel = spec.form == "kernel"
     if kernel:
         d_k = spec.d_k
         for i, m in enumerate(spec.q, 1):
-            leaves[f"q{i}"] = select(m)
+            leaf("q", i, select(m))
         for g, (k, v) in enumerate(zip(spec.k, spec.v, strict=True), 1):
-            leaves[f"k{g}"], leaves[f"v{g}"] = select_keys(k), select_values(select_keys(v))
+            leaf("k", g, select_keys(k)), leaf("v", g, select_values(select_keys(v)))
     else:
         d_k = spec.d_k
-        x_q = "x" if rows is None else "x_rows"
-        leaves[x_q] = select(spec.x)
+        x_q = leaf("x" if rows is None else "x_rows", None, select(spec.x))
         if rows is not None and spec.x_kv is None:
-            leaves["x"] = spec.x
+            leaf("x", None, spec.x)
         if spec.x_kv is not None:
-            leaves["x_kv"] = spec.x_kv
+            leaf("x_kv", None, spec.x_kv)
         x_kv = "x_kv" if spec.x_kv is not None else "x"
     seen_kv = set()
     for i in range(1, H + 1):
@@ -371,11 +284,9 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             q_name, k_name, v_name = f"q{i}", f"k{g}", f"v{g}"
         else:
             head = spec.heads[i - 1]
-            leaves[f"wq{i}"] = head.wq
-            inputs = (x_q, f"wq{i}")
+            inputs = (x_q, leaf("wq", i, head.wq))
             if head.bq is not None:
-                leaves[f"bq{i}"] = head.bq
-                inputs += (f"bq{i}",)
+                inputs += (leaf("bq", i, head.bq),)
             nodes.append(Node(f"Q{i}", Linear(), inputs))
             steps.append(Step("Q", i, (L, d_k), f"Q{i} = x·wq{i}" + (f" + bq{i}" if head.bq is not None else "")))
             q_name, k_name, v_name = f"Q{i}", f"K{g}", f"V{g}"
@@ -383,11 +294,9 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
                 kv = spec.kv_heads[g - 1]
                 for kind, w, b, width in (("K", kv.wk, kv.bk, d_k), ("V", kv.wv, kv.bv, spec.d_v)):
                     low = kind.lower()
-                    leaves[f"w{low}{g}"] = w
-                    inputs = (x_kv, f"w{low}{g}")
+                    inputs = (x_kv, leaf(f"w{low}", g, w))
                     if b is not None:
-                        leaves[f"b{low}{g}"] = b
-                        inputs += (f"b{low}{g}",)
+                        inputs += (leaf(f"b{low}", g, b),)
                     nodes.append(Node(f"{kind}{g}", Linear(), inputs))
                     text = f"{kind}{g} = {x_kv}·w{low}{g}" + (f" + b{low}{g}" if b is not None else "")
                     steps.append(Step(kind, g, (S, width), text))
@@ -397,15 +306,14 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             scale,
             softcap,
             inverse,
-            None if distance is None else Param(f"slope{i}", spec.alibi_slopes[i - 1]),
+            None if distance is None else Param("slope", spec.alibi_slopes[i - 1], i),
             distance,
             allowed,
         )
         inputs = (q_name, k_name)
         if spec.bias is not None:  # one leaf for a bias every head shares: its gradient sums over the heads
-            bias_name = "bias" if spec.shared_bias else f"bias{i}"
-            leaves[bias_name] = select(spec.bias[i - 1]) if keys is None else _columns(select(spec.bias[i - 1]), keys)
-            inputs += (bias_name,)
+            bias = select(spec.bias[i - 1]) if keys is None else _columns(select(spec.bias[i - 1]), keys)
+            inputs += (leaf("bias", None if spec.shared_bias else i, bias),)
         nodes.append(Node(f"scores{i}", op, inputs))
         text = f"{q_name}·{k_name}ᵀ·scale"
         if softcap is not None:
@@ -439,15 +347,13 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
                 "concat_heads = [" + " ".join(f"head{i}" for i in range(1, H + 1)) + "]",
             )
         )
-        leaves["wo"] = spec.wo
-        inputs = ("concat_heads", "wo")
+        inputs = ("concat_heads", leaf("wo", None, spec.wo))
         if spec.bo is not None:
-            leaves["bo"] = spec.bo
-            inputs += ("bo",)
+            inputs += (leaf("bo", None, spec.bo),)
         nodes.append(Node("M", Linear(), inputs))
         steps.append(Step("M", None, (L, spec.d_out), "M = concat_heads·wo" + (" + bo" if spec.bo is not None else "")))
         outputs = ["M"]
-    return Graph(spec, nodes, leaves, steps, outputs, rows)
+    return Graph(spec, nodes, leaves, steps, outputs, rows, kinds)
 
 
 def _columns(m, keys):
@@ -473,86 +379,84 @@ def _mask_text(spec) -> str:
     return "".join(", " + p for p in parts)
 
 
-# Backward steps: the forward names with a d prefix (DESIGN.md), and their definitions.
+# Backward steps: the forward names with a d prefix (DESIGN.md); each definition is the sum of the terms that
+# the ops reading the value give (``grad_terms``, next to their vjp).
+
+LEAF_ORDER = {"x": 0, "x_rows": 0, "x_kv": 0, "wq": 1, "wk": 2, "wv": 3, "wo": 4, "bq": 5, "bk": 6, "bv": 7,
+              "bo": 8, "bias": 9}  # fmt: skip
 
 
 def _backward_steps(graph: Graph) -> list:
     spec = graph.spec
-    L = spec.L if graph.rows is None else len(graph.rows)
-    steps = []
-    shapes = {s.name: s.shape for s in graph.steps}
-    forward = {s.name: s for s in graph.steps}
-
-    def add(name, kind, head, shape, text):
-        steps.append(Step(kind, head, shape, f"{name} = {text}", backward=True))
-
     kernel = spec.form == "kernel"
-    if not kernel:
-        add("dM", "dM", None, shapes["M"], "dout")
-        add("dconcat_heads", "dconcat_heads", None, shapes["concat_heads"], "dM·woᵀ")
+    forward = {s.name: s for s in graph.steps}
+    terms: dict = {}
+    for node in graph.nodes:
+        contributions = node.op.grad_terms(node.name, node.inputs, "d" + node.name)
+        for name, text in zip(node.inputs, contributions, strict=True):
+            queries_first = 0 if name in forward or forward[node.name].kind == "Q" else 1
+            terms.setdefault(name, []).append((queries_first, text))
+    for k, name in enumerate(graph.outputs):
+        terms[name] = [(0, "dout" if len(graph.outputs) == 1 else f"dout{k + 1}")]
+
+    order = [] if kernel else ["M", "concat_heads"]
     last_of_group = {spec.group(i): i for i in range(spec.h)}
     for i in range(1, spec.h + 1):
         g = spec.group(i - 1) + 1
-        v = f"v{g}" if kernel else f"V{g}"
-        if kernel:
-            add(f"dhead{i}", "dhead", i, shapes[f"head{i}"], f"dout{i}")
-        else:
-            lo, hi = (i - 1) * spec.d_v, i * spec.d_v
-            add(f"dhead{i}", "dhead", i, shapes[f"head{i}"], f"dconcat_heads[:, {lo}:{hi}]")
-        add(f"dweights{i}", "dweights", i, shapes[f"weights{i}"], f"dhead{i}·{v}ᵀ")
-        text = f"weights{i} ∘ (dweights{i} - rowsum(dweights{i} ∘ weights{i}))"
-        if graph.node(f"weights{i}").op.empty is not None:
-            text += ", 0 on empty rows" if spec.empty_row != "nan" else ", nan on empty rows"
-        add(f"dscores{i}", "dscores", i, shapes[f"scores{i}"], text)
-        factor = "dscores{i}" + ("∘(1 - tanh²)" if spec.softcap is not None else "")
-        factor = factor.format(i=i)
-        k = f"k{g}" if kernel else f"K{g}"
-        q_kind = "dq" if kernel else "dQ"
-        add(f"{q_kind}{i}", q_kind, i, (L, spec.d_k), f"{factor}·{k}·scale")
+        q, k, v = (f"q{i}", f"k{g}", f"v{g}") if kernel else (f"Q{i}", f"K{g}", f"V{g}")
+        order += [f"head{i}", f"weights{i}", f"scores{i}", q]
         if last_of_group[g - 1] == i - 1:
-            heads = [j for j in range(1, spec.h + 1) if spec.group(j - 1) + 1 == g]
-            q = "q" if kernel else "Q"
-            terms = " + ".join(f"({factor.replace(str(i), str(j))})ᵀ·{q}{j}·scale" for j in heads)
-            add(f"{'dk' if kernel else 'dK'}{g}", "dk" if kernel else "dK", g, (spec.S, spec.d_k), terms)
-            terms = " + ".join(f"weights{j}ᵀ·dhead{j}" for j in heads)
-            add(f"{'dv' if kernel else 'dV'}{g}", "dv" if kernel else "dV", g, (spec.S, spec.d_v), terms)
-    if kernel:
-        return steps + _bias_steps(spec, L)
-    x_kv = "x_kv" if spec.x_kv is not None else "x"
-    q_terms = " + ".join(f"dQ{i}·wq{i}ᵀ" for i in range(1, spec.h + 1))
-    kv_terms = " + ".join(f"dK{g}·wk{g}ᵀ + dV{g}·wv{g}ᵀ" for g in range(1, spec.h_kv + 1))
-    x_rows = "x" if graph.rows is None else "x_rows"
-    if spec.x_kv is None and graph.rows is None:
-        add("dx", "dx", None, forward["Q1"].shape[:1] + (spec.d_model,), f"{q_terms} + {kv_terms}")
-    else:
-        add(f"d{x_rows}", f"d{x_rows}", None, (L, spec.d_model), q_terms)
-        add(f"d{x_kv}", f"d{x_kv}", None, (spec.S, spec.d_model_kv), kv_terms)
-    for i in range(1, spec.h + 1):
-        add(f"dwq{i}", "dwq", i, (spec.d_model, spec.d_k), f"{x_rows}ᵀ·dQ{i}")
-    for g in range(1, spec.h_kv + 1):
-        add(f"dwk{g}", "dwk", g, (spec.d_model_kv, spec.d_k), f"{x_kv}ᵀ·dK{g}")
-    for g in range(1, spec.h_kv + 1):
-        add(f"dwv{g}", "dwv", g, (spec.d_model_kv, spec.d_v), f"{x_kv}ᵀ·dV{g}")
-    add("dwo", "dwo", None, (spec.h * spec.d_v, spec.d_out), "concat_headsᵀ·dM")
-    for i, head in enumerate(spec.heads, 1):
-        if head.bq is not None:
-            add(f"dbq{i}", "dbq", i, (1, spec.d_k), f"colsum(dQ{i})")
-    for g, head in enumerate(spec.kv_heads, 1):
-        if head.bk is not None:
-            add(f"dbk{g}", "dbk", g, (1, spec.d_k), f"colsum(dK{g})")
-    for g, head in enumerate(spec.kv_heads, 1):
-        if head.bv is not None:
-            add(f"dbv{g}", "dbv", g, (1, spec.d_v), f"colsum(dV{g})")
-    if spec.bo is not None:
-        add("dbo", "dbo", None, (1, spec.d_out), "colsum(dM)")
-    return steps + _bias_steps(spec, L)
+            order += [k, v]
+    placed = set(order)
+    order += sorted((n for n in graph.leaves if n not in placed), key=lambda n: LEAF_ORDER[graph.kinds[n].kind])
+
+    steps = []
+    for name in order:
+        if name in forward:
+            kind, head, shape = "d" + forward[name].kind, forward[name].head, forward[name].shape
+        else:
+            leaf = graph.kinds[name]
+            kind, head, shape = "d" + leaf.kind, leaf.index, graph.leaves[name].shape
+        text = " + ".join(t for _, t in sorted(terms[name], key=lambda term: term[0]))
+        steps.append(Step(kind, head, shape, f"d{name} = {text}", backward=True))
+    return steps
 
 
-def _bias_steps(spec, L) -> list:
-    """dbias (a bias every head shares: the sum of the heads' dscores) or dbias1, ... (one per head)."""
-    if spec.bias is None:
-        return []
-    if spec.shared_bias:
-        text = "dbias = " + " + ".join(f"dscores{i}" for i in range(1, spec.h + 1))
-        return [Step("dbias", None, (L, spec.S), text, backward=True)]
-    return [Step("dbias", i, (L, spec.S), f"dbias{i} = dscores{i}", backward=True) for i in range(1, spec.h + 1)]
+POSITIONAL = {"kernel": ("dq", "dk", "dv"), "projection": ("dx", "dwq", "dwk", "dwv", "dwo")}
+_BY_NAME = ("dx_kv", "dbq", "dbk", "dbv", "dbo", "dbias")  # returned by name only, in this order
+_STACKED = {"dq", "dk", "dv", "dwq", "dwk", "dwv", "dbq", "dbk", "dbv"}
+_COLSUM_OF = {"bq": "dQ", "bk": "dK", "bv": "dV"}  # a head's bias gradient is the column sum of its dQ, dK, dV
+
+
+def _input_gradients(graph: Graph) -> list:
+    spec = graph.spec
+    counts = {"q": spec.h, "wq": spec.h, "bq": spec.h, "k": spec.h_kv, "v": spec.h_kv, "wk": spec.h_kv,
+              "wv": spec.h_kv, "bk": spec.h_kv, "bv": spec.h_kv}  # fmt: skip
+    shapes = {s.name: s.shape for s in graph.backward_steps}
+    by_kind: dict = {}
+    for leaf in graph.kinds.values():
+        by_kind.setdefault(leaf.kind, []).append(leaf)
+    positional = POSITIONAL[spec.form]
+    out = []
+    for name in positional + _BY_NAME:
+        kind = name[1:]
+        if kind not in by_kind:
+            continue
+        if name == "dbias":
+            stacked = not spec.shared_bias
+            count = spec.h if stacked else None
+        else:
+            stacked, count = name in _STACKED, counts.get(kind)
+        if stacked:
+            leaves = tuple(Leaf(kind, i) for i in range(1, count + 1))
+        else:
+            leaves = (by_kind[kind][0],)
+        missing = tuple(leaf for leaf in leaves if leaf.name not in graph.leaves)
+        steps = tuple(f"{_COLSUM_OF[kind]}{leaf.index}" if leaf in missing else "d" + leaf.name for leaf in leaves)
+        rows, cols = shapes["d" + next(leaf for leaf in leaves if leaf not in missing).name]
+        bias_row = kind in ("bq", "bk", "bv", "bo")
+        part = (cols,) if bias_row else (rows, cols)
+        shape = (len(leaves),) + part if stacked else part
+        position = positional.index(name) if name in positional else None
+        out.append(InputGradient(name, leaves, steps, missing, shape, stacked, position))
+    return out

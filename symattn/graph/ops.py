@@ -1,0 +1,210 @@
+"""The ops of the graph: each one's forward rule, its vector-Jacobian product and the printed definition
+of that product, side by side, written once against ``xp`` (``graph/xp.py``).
+
+    op           forward                              vjp
+    Linear       y = x·w (+ b)                        dx = g·wᵀ, dw = xᵀ·g, db = colsum g
+    Scores       s = mask(c·tanh(scale·q·kᵀ/c)        dq = g'·k, dk = g'ᵀ·q, dbias = g,
+                      + bias − slope·|i+δ−j|)         g' = scale·g·(1 − tanh²) (softcap)
+    Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows (``centered``)
+                 rows filled (0, 1/S or nan)
+    WeightedSum  o = p·v                              dp = g·vᵀ, dv = pᵀ·g
+    Concat       [o1 … oH]                            column blocks of g
+
+``grad_terms(out, inputs, g)`` gives, for each input (by name), its term of that input's gradient as
+``show --grad`` prints it; the graph sums the terms of every op that reads an input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from symattn.entries import Entry
+from symattn.graph.xp import ArrayXP
+from symattn.semantics import NAN
+
+
+@dataclass(frozen=True)
+class Param:
+    """An exact scalar parameter: ``kind`` scale, softcap, inverse_softcap or slope (one per ``head``)."""
+
+    kind: str
+    value: Entry
+    head: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.head is None else f"{self.kind}{self.head}"
+
+
+@dataclass(frozen=True)
+class Const:
+    """A constant array: ``kind`` allowed (which keys), empty (rows with none) or distance (ALiBi's |i+δ−j|);
+    ``head`` for a head's own mask, None for one every head shares."""
+
+    kind: str
+    value: np.ndarray = field(compare=False, repr=False)
+    head: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.head is None else f"{self.kind}{self.head}"
+
+
+ALL = (True, True, True)  # a vjp's default: every input's contribution
+
+
+def _rule(xp, default):
+    """xp's composite rule ``default`` (an ``ArrayXP`` method): its own override, else the base's.  Codegen's
+    emitters do not derive from ArrayXP yet: they get the base's rule, bound to them."""
+    return getattr(xp, default.__name__) if isinstance(xp, ArrayXP) else default.__get__(xp)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """y = x·w (+ b): the projections Q, K, V and the output projection M."""
+
+    params = ()
+    consts = ()
+
+    def forward(self, xp, x, w, b=None):
+        y = xp.matmul(x, w)
+        return y if b is None else xp.add(y, b)
+
+    def vjp(self, xp, args, out, g, needs=ALL):
+        x, w, *b = args
+        grads = [
+            xp.matmul_nt(g, w) if needs[0] else None,
+            xp.unbroadcast(xp.matmul_tn(x, g), w) if needs[1] else None,
+        ]
+        return tuple(grads + [xp.unbroadcast(xp.colsum(g), b[0]) if needs[2] else None] if b else grads)
+
+    def grad_terms(self, out, inputs, g):
+        x, w, *b = inputs
+        return (f"{g}·{w}ᵀ", f"{x}ᵀ·{g}") + ((f"colsum({g})",) if b else ())
+
+
+@dataclass(frozen=True)
+class Scores:
+    """s = scale·q·kᵀ, softcapped, plus the bias, minus ALiBi; keys that are not allowed are excluded (-inf)."""
+
+    scale: Param
+    softcap: Param | None = None
+    inverse_softcap: Param | None = None
+    slope: Param | None = None
+    distance: Const | None = None
+    allowed: Const | None = None  # None: every key
+
+    @property
+    def params(self) -> tuple:
+        return tuple(p for p in (self.scale, self.softcap, self.inverse_softcap, self.slope) if p is not None)
+
+    @property
+    def consts(self) -> tuple:
+        return tuple(c for c in (self.allowed, self.distance) if c is not None)
+
+    def raw(self, xp, q, k):
+        """scale·q·kᵀ, softcapped."""
+        s = xp.scale(xp.matmul_nt(q, k), xp.param(self.scale))
+        if self.softcap is not None:
+            s = xp.scale(xp.tanh(xp.scale(s, xp.param(self.inverse_softcap))), xp.param(self.softcap))
+        return s
+
+    def forward(self, xp, q, k, bias=None):
+        s = self.raw(xp, q, k)
+        if bias is not None:
+            s = xp.add(s, bias)
+        if self.slope is not None:
+            s = xp.sub(s, xp.scale(xp.const(self.distance), xp.param(self.slope)))
+        return s if self.allowed is None else xp.mask(s, xp.const(self.allowed))
+
+    def vjp(self, xp, args, out, g, needs=ALL):
+        q, k, *bias = args
+        grad_bias = [xp.unbroadcast(g, bias[0]) if needs[2] else None] if bias else []
+        if not (needs[0] or needs[1]):
+            return (None, None, *grad_bias)
+        if self.softcap is not None:  # d(c·tanh(r/c))/dr = 1 − tanh²(r/c)
+            t = xp.tanh(xp.scale(xp.scale(xp.matmul_nt(q, k), xp.param(self.scale)), xp.param(self.inverse_softcap)))
+            g = xp.mul(g, xp.one_minus(xp.mul(t, t)))
+        g = xp.scale(g, xp.param(self.scale))
+        return (xp.matmul(g, k) if needs[0] else None, xp.matmul_tn(g, q) if needs[1] else None, *grad_bias)
+
+    def grad_terms(self, out, inputs, g):
+        q, k, *bias = inputs
+        factor = g + ("∘(1 - tanh²)" if self.softcap is not None else "")
+        return (f"{factor}·{k}·scale", f"({factor})ᵀ·{q}·scale") + ((g,) if bias else ())
+
+
+@dataclass(frozen=True)
+class Softmax:
+    """p = softmax over the allowed keys of each row, shifted (every float backend shifts by the row's
+    maximum); a row with no allowed key is filled with 0, 1/S or nan (``empty_row``)."""
+
+    empty: Const | None = None  # L × 1 bools: rows with no allowed key; None when there are none
+    fill: object = 0  # 0, Fraction(1, S) or NAN
+
+    params = ()
+
+    @property
+    def consts(self) -> tuple:
+        return () if self.empty is None else (self.empty,)
+
+    def forward(self, xp, s):
+        empty = None if self.empty is None else xp.const(self.empty)
+        return _rule(xp, ArrayXP.softmax)(s, empty, self.fill)
+
+    def vjp(self, xp, args, p, g, needs=ALL):
+        ds = xp.mul(p, _rule(xp, ArrayXP.centered)(g, p))
+        if self.empty is not None:  # an empty row's weights do not depend on its scores
+            ds = xp.fill_rows(ds, xp.const(self.empty), NAN if self.fill == NAN else 0)
+        return (ds,)
+
+    def grad_terms(self, out, inputs, g):
+        text = f"{out} ∘ ({g} - rowsum({g} ∘ {out}))"
+        if self.empty is not None:
+            text += ", nan on empty rows" if self.fill == NAN else ", 0 on empty rows"
+        return (text,)
+
+
+@dataclass(frozen=True)
+class WeightedSum:
+    """o = p·v: each head's output."""
+
+    params = ()
+    consts = ()
+
+    def forward(self, xp, p, v):
+        return _rule(xp, ArrayXP.weighted_sum)(p, v)
+
+    def vjp(self, xp, args, out, g, needs=ALL):
+        p, v = args
+        return xp.matmul_nt(g, v) if needs[0] else None, xp.matmul_tn(p, g) if needs[1] else None
+
+    def grad_terms(self, out, inputs, g):
+        p, v = inputs
+        return f"{g}·{v}ᵀ", f"{p}ᵀ·{g}"
+
+
+@dataclass(frozen=True)
+class Concat:
+    """The heads side by side."""
+
+    widths: tuple
+
+    params = ()
+    consts = ()
+
+    def _starts(self) -> list:
+        return np.cumsum((0,) + self.widths).tolist()
+
+    def forward(self, xp, *heads):
+        return xp.hstack(list(heads))
+
+    def vjp(self, xp, args, out, g, needs=ALL):
+        starts = self._starts()
+        return tuple(xp.cols(g, a, b) for a, b in zip(starts[:-1], starts[1:], strict=True))
+
+    def grad_terms(self, out, inputs, g):
+        starts = self._starts()
+        return tuple(f"{g}[:, {a}:{b}]" for a, b in zip(starts[:-1], starts[1:], strict=True))

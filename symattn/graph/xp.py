@@ -1,0 +1,135 @@
+"""The array interface the ops are written against (``XP``), and the base every backend derives from.
+
+A value is whatever the backend makes of a matrix: a NumPy array, a pair (value,
+error budget), an enclosure, an exact rational matrix, ...  Shapes are 2-D
+``(rows, cols)``, with leading batch axes where a backend allows them.  Scores
+that are not allowed are excluded: −inf in a float backend, and in any backend
+an entry whose exponential is exactly 0.
+
+``ArrayXP`` writes the composite rules once (``softmax``, ``weighted_sum``,
+``centered``) in terms of the primitives.  A backend that computes one of them
+better (fused, more precisely, faster) overrides it by name; no backend infers
+an op from the order of the calls it receives.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class XP(Protocol):
+    """What an op may ask of a backend.  ``a``, ``b``, ``g``: values; ``s``: a scalar parameter's value."""
+
+    # Conversions.
+    def leaf(self, name: str, matrix):
+        """The input ``name`` (a leaf of the graph, an exact ``Matrix``) as a value."""
+
+    def param(self, p):
+        """An exact scalar parameter (``ops.Param``) as a scalar for ``scale``."""
+
+    def const(self, c):
+        """A constant array (``ops.Const``): bool arrays (allowed keys, empty rows) stay bool arrays; numeric
+        ones (ALiBi's distances, integers) become values, exactly."""
+
+    # Products.
+    def matmul(self, a, b):
+        """(…, m, k)·(…, k, n); exact where the backend is exact."""
+
+    def matmul_nt(self, a, b):
+        """a·bᵀ for a (…, m, k) and b (…, n, k)."""
+
+    def matmul_tn(self, a, b):
+        """aᵀ·b for a (…, k, m) and b (…, k, n)."""
+
+    # Elementwise (b may broadcast: a row constant (…, m, 1), a row (…, 1, n)).
+    def add(self, a, b):
+        """a + b; an entry excluded in either is excluded."""
+
+    def sub(self, a, b):
+        """a − b; an entry excluded in either is excluded."""
+
+    def mul(self, a, b):
+        """a∘b, elementwise."""
+
+    def div(self, a, z):
+        """a / z for z a row constant (…, m, 1)."""
+
+    def one_minus(self, a):
+        """1 − a, elementwise."""
+
+    def scale(self, a, s):
+        """s·a for a scalar ``s`` from ``param``; excluded entries stay excluded."""
+
+    def tanh(self, a):
+        """tanh, elementwise; excluded entries stay excluded."""
+
+    def exp(self, a):
+        """exp, elementwise; an excluded entry gives exactly 0."""
+
+    # Rows and columns.
+    def mask(self, s, allowed):
+        """s where ``allowed`` (bools, broadcast to s), excluded elsewhere (not a number: −inf)."""
+
+    def shift(self, s):
+        """A row constant (…, m, 1), exact in the backend, that the softmax subtracts before its exp: any one
+        gives the same weights; a float backend takes each row's largest allowed entry (so no exp overflows),
+        and a row with no allowed entry gets a finite one (0)."""
+
+    def rowsum(self, a):
+        """Σ over each row: (…, m, 1)."""
+
+    def colsum(self, a):
+        """Σ over each column: (…, 1, n)."""
+
+    def fill_rows(self, a, rows, value):
+        """a with the rows where ``rows`` (bools (…, m, 1)) is True set to ``value`` (0, 1, a Fraction, or
+        ``semantics.NAN``) in every column."""
+
+    def hstack(self, parts):
+        """The parts side by side (concatenated along the last axis)."""
+
+    def cols(self, a, start, stop):
+        """Columns start … stop − 1."""
+
+    def unbroadcast(self, g, like):
+        """A gradient g summed over the leading axes that the value ``like`` was broadcast along (a weight's
+        gradient over a batch), or g itself where the backend keeps no batch axes."""
+
+    # Composite rules (``ArrayXP`` has the defaults).
+    def softmax(self, s, empty=None, fill=0):
+        """exp(s − shift(s)) / rowsum by rows: 0 on excluded entries; the rows where ``empty`` (bools (…, m, 1)
+        from ``const``, or None when no row is empty) is True are filled with ``fill``."""
+
+    def weighted_sum(self, p, v):
+        """p·v for weights p that this backend's ``softmax`` returned."""
+
+    def centered(self, g, p):
+        """g − rowsum(g∘p) for weights p whose rows sum to 1: the softmax's cotangent, centred."""
+
+
+class ArrayXP:
+    """The base of every backend: the composite rules, written once in terms of the primitives."""
+
+    def softmax(self, s, empty=None, fill=0):
+        e = self.exp(self.sub(s, self.shift(s)))  # excluded entries are -inf: exactly 0 here
+        z = self.rowsum(e)
+        if empty is None:
+            return self.div(e, z)
+        return self.fill_rows(self.div(e, self.fill_rows(z, empty, 1)), empty, fill)
+
+    def weighted_sum(self, p, v):
+        return self.matmul(p, v)
+
+    def centered(self, g, p):
+        """A backend may compute it as g_j·Σ_{k≠j} p_k − Σ_{k≠j} p_k·g_k, the same number without the
+        cancellation of g_j − rowsum when p_j is nearly 1 (balls would need hundreds of bits more)."""
+        return self.sub(g, self.rowsum(self.mul(g, p)))
+
+
+def union(a, b):
+    """The excluded entries of a result from those of its operands (bool arrays, or None for none)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
