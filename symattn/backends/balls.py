@@ -59,8 +59,9 @@ class FloatMat:
 
 
 class BallXP(RationalXP):
-    """The graph's ``xp`` over an engine at its working precision.  ``careful``: slower enclosures that do not
-    cancel (``centered``), for entries recomputed on their own rows."""
+    """The graph's ``xp`` over an engine at its working precision (Arb's is global: use it inside the engine's
+    ``active()``).  ``careful``: slower enclosures that do not cancel (``centered``), for entries recomputed on
+    their own rows."""
 
     Array = Balls
 
@@ -70,7 +71,6 @@ class BallXP(RationalXP):
         # products of float matrices from their double-float enclosures (about 2**-100 relatively: the first
         # try; Arb's own products, exact to the working precision, once more precision is needed)
         self.float_products = float_products
-        engine.activate()  # Arb's precision is global: the caller saves and restores it
         self._rationals: dict = {}  # (p, q) -> ball
         self._generators: dict = {}  # generator key -> ball
         self._exps: dict = {}  # exact exponent key -> exp ball, shared by every entry with that exponent

@@ -56,11 +56,6 @@ class ArbEngine:
         """A context manager: Arb's working precision is this engine's inside the block."""
         return precision(self.bits)
 
-    def activate(self) -> None:
-        # TODO(r18): BallXP.__init__ still calls this; every caller constructs BallXP inside ``active()`` at the
-        # same bits, so it changes nothing there.  Delete it once BallXP no longer calls it.
-        self.flint.ctx.prec = self.bits
-
     def rational(self, p: int, q: int = 1):
         return self.arb(p) / q if q != 1 else self.arb(p)
 
@@ -193,10 +188,6 @@ class MpmathEngine:
     def active(self):
         """mpmath's context here is private: nothing global to set."""
         return nullcontext()
-
-    def activate(self) -> None:
-        # TODO(r18): as ArbEngine.activate: delete once BallXP no longer calls it.
-        pass
 
     def rational(self, p: int, q: int = 1):
         return self.ctx.mpf(p) / q if q != 1 else self.ctx.mpf(p)

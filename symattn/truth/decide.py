@@ -98,7 +98,6 @@ class Decider:
 
 def too_big():
     """The exception the exact backend raises for an exact form too large to compute (imported lazily)."""
-    # TODO(r18): backends/exact.py should name it publicly (TooBig); this reads its private name meanwhile
-    from symattn.backends.exact import _TooBig
+    from symattn.backends.exact import TooBig
 
-    return _TooBig
+    return TooBig

@@ -279,7 +279,7 @@ def _recollect_rows(truth: Truth, pending: dict, xp: BallXP, needed: int) -> Non
         for i, j in cells:
             by_row.setdefault(i, []).append((name, j))
     accurate, is_nan = _accuracy(xp.engine, needed), xp.engine.is_nan
-    xp.careful = True  # TODO(r18): pass it in, BallXP(engine, careful=True), once BallXP takes it
+    xp = BallXP(xp.engine, careful=True)
     graph = truth.graph
     left = {name: [] for name in pending}
     for i, entries in sorted(by_row.items()):
