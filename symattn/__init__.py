@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from symattn._version import __version__
 from symattn.errors import SymattnError
-from symattn.spec import AttentionSpec, load_spec
+from symattn.load import load_spec
+from symattn.spec import AttentionSpec
 
 if TYPE_CHECKING:  # what IDEs and type checkers read; at run time __getattr__ below imports the same functions
     from symattn.codegen.module import generate
