@@ -8,36 +8,58 @@
 ('6.94333585649', '-6.94333585649')
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from symattn._version import __version__
 from symattn.errors import SymattnError
-from symattn.spec import AttentionSpec, load_spec
+from symattn.load import load_spec
+from symattn.spec import AttentionSpec
+
+if TYPE_CHECKING:  # what IDEs and type checkers read; at run time __getattr__ below imports the same functions
+    from symattn.codegen.module import generate
+    from symattn.trace import Trace
+    from symattn.truth.evaluation import evaluate
+    from symattn.verifier.verifier import verify
 
 __all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "load_spec", "verify", "__version__"]
 
-
-def evaluate(spec, digits=50, **options):
-    """Certified values of every step; see ``symattn.truth.evaluate``."""
-    from symattn.truth.evaluation import evaluate as _evaluate
-
-    return _evaluate(spec, digits, **options)
-
-
-def build(spec):
-    """The exact trace of a spec; see ``symattn.trace.build``.  (SymPy is imported here, on first use.)"""
-    from symattn.trace import build as _build
-
-    return _build(spec)
+# The front ends, imported on first use: together they double `import symattn` (the CLI's start-up included).
+# `symattn.evaluate` is then the function itself: its signature, docstring and help() are the real ones.
+_FRONT_ENDS = {
+    "evaluate": "symattn.truth.evaluation",
+    "generate": "symattn.codegen.module",
+    "verify": "symattn.verifier.verifier",
+}
 
 
-def generate(spec, **options) -> str:
-    """The source of a standalone NumPy module for the spec; see ``symattn.codegen.generate``."""
-    from symattn.codegen.module import generate as _generate
+def __getattr__(name: str):
+    if name not in _FRONT_ENDS:
+        raise AttributeError(f"module 'symattn' has no attribute {name!r}")
+    function = getattr(import_module(_FRONT_ENDS[name]), name)
+    globals()[name] = function  # later lookups skip this hook
+    return function
 
-    return _generate(spec, **options)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_FRONT_ENDS))
 
 
-def verify(spec, impls=None, **options):
-    """Measure implementations against the certified truth; see ``symattn.verifier.verify``."""
-    from symattn.verifier.verifier import verify as _verify
+def build(spec, grad: bool = False) -> Trace:
+    """The exact trace of a spec: every step's closed form, as a SymPy matrix.
 
-    return _verify(spec, impls, **options)
+    >>> import symattn
+    >>> trace = symattn.build("causal", grad=True)
+    >>> trace.names[:6]
+    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1']
+    >>> trace["weights1"][0, 1]
+    0
+
+    ``spec`` is a built-in name, a path, a dict or an ``AttentionSpec``; ``grad`` adds the backward steps
+    (``dM``, ..., ``dx``).  SymPy is imported here, on the first call, so ``import symattn`` stays light.
+    """
+    from symattn.trace import build as build_trace
+
+    return build_trace(spec, grad)

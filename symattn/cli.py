@@ -11,8 +11,7 @@ from pathlib import Path
 
 from symattn import progress
 from symattn._version import __version__
-from symattn.errors import SymattnError
-from symattn.spec import printable
+from symattn.errors import SymattnError, printable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     from symattn.backends.floats import DTYPES
     from symattn.codegen.module import STRATEGIES, UNROLL_LIMIT, WEIGHTS
     from symattn.graph.steps import FORMATS
-    from symattn.spec import builtin_names
+    from symattn.load import builtin_names
     from symattn.verifier.adapters import NAMES as ADAPTERS
     from symattn.verifier.verifier import DIGITS, RULES, auto_large_digits
 
@@ -200,7 +199,7 @@ def _steps(requested, names, also=()) -> list[str]:
 
 
 def _show(args) -> int:
-    from symattn.spec import load_spec
+    from symattn.load import load_spec
     from symattn.trace import build, render
 
     spec = load_spec(args.spec)
@@ -238,7 +237,7 @@ def _normaliser_line(z, value, fmt: str) -> str:
 
 def _eval(args) -> int:
     from symattn.graph.graph import build as build_graph
-    from symattn.spec import load_spec
+    from symattn.load import load_spec
     from symattn.truth.evaluation import evaluate
 
     spec = load_spec(args.spec)
@@ -307,7 +306,7 @@ def _exact_json(e):
 
 def _generate(args) -> int:
     from symattn.codegen.module import generate
-    from symattn.spec import load_spec
+    from symattn.load import load_spec
 
     source = generate(load_spec(args.spec), weights=args.weights, strategy=args.strategy, grad=args.grad)
     if args.check:
@@ -362,7 +361,7 @@ def _umask() -> int:
 
 
 def _verify(args) -> int:
-    from symattn.spec import load_spec
+    from symattn.load import load_spec
     from symattn.verifier.verifier import report_json, verify
 
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m

@@ -17,7 +17,8 @@ from functools import cached_property, reduce
 
 import numpy as np
 
-from symattn.entries import Entry, is_algebraic, symbols
+from symattn.entries import Entry, ball, parse_entry, symbols
+from symattn.errors import SymattnError, shown
 
 
 class RatMat:
@@ -198,10 +199,6 @@ class Matrix:
             return set()
         return set().union(*(symbols(e) for row in self._rows for e in row))
 
-    @cached_property
-    def is_algebraic(self) -> bool:
-        return self._rows is None or all(is_algebraic(e) for row in self._rows for e in row)
-
     def float64(self) -> np.ndarray:
         """The values as float64: exact for a float array, correctly rounded for rationals, and an
         enclosure's lower end for irrational entries (those are rounded once more by the caller's dtype)."""
@@ -269,6 +266,154 @@ class Matrix:
 
 def _float(entry) -> float:
     """A float64 approximation of an irrational entry (the ball's midpoint at 128 bits)."""
-    from symattn.entries import ball
-
     return float(ball(entry, 128).mid())
+
+
+# Matrices from lists or arrays.
+
+
+def as_array(value):
+    """A NumPy array for a NumPy array, a torch tensor or a JAX array; anything else is returned as it is.
+
+    Floats of every dtype become float64 (exact: float16, bfloat16 and float32 values are float64 values);
+    tensors that track gradients are detached."""
+    module = type(value).__module__
+    if module.startswith("torch"):
+        t = value.detach().cpu()
+        if t.dtype.is_floating_point:
+            t = t.double()  # exact, bfloat16 included (its .numpy() raises)
+        return t.numpy()
+    if module.startswith(("jax", "jaxlib")):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray) or isinstance(value, np.generic):
+        a = np.asarray(value)
+        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+            if a.dtype.itemsize > 8:
+                raise SymattnError(f"expected float16, bfloat16, float32 or float64 arrays, received {a.dtype}")
+            return a.astype(np.float64)
+        if a.dtype.kind == "c":
+            raise SymattnError(f"expected real numbers, received a {a.dtype} array")
+        if a.dtype.kind == "V" or a.dtype.kind == "O":
+            raise SymattnError(f"expected a numeric array, received dtype {a.dtype}")
+        return a
+    return value
+
+
+def as_matrix(rows, where: str) -> Matrix:
+    """A matrix from rows of entries or a 2-D array; ``where`` names the field in messages.
+
+    >>> as_matrix([[1, "1/2"]], "x").rows
+    ((Fraction(1, 1), Fraction(1, 2)),)
+    >>> as_matrix([[1, 2], [3]], "x")
+    Traceback (most recent call last):
+    symattn.errors.SymattnError: x: ragged rows: expected 2 entries in every row (as in row 0), received 1 in row 1
+    """
+    if isinstance(rows, Matrix):
+        return rows
+    rows = as_array(rows)
+    if isinstance(rows, np.ndarray):
+        if rows.ndim != 2 or 0 in rows.shape:
+            raise SymattnError(f"{where}: expected a non-empty 2-D array, received shape {rows.shape}")
+        if rows.dtype.kind == "f" and not np.all(np.isfinite(rows)):
+            raise SymattnError(f"{where}: expected finite numbers, received {rows[~np.isfinite(rows)][0]}")
+        if rows.dtype.kind == "b":
+            raise SymattnError(f"{where}: expected numbers, received a boolean array")
+        return Matrix.from_array(rows)
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise SymattnError(f"{where}: expected a non-empty list of rows, received {shown(rows)}")
+    width = None
+    out = []
+    for i, row in enumerate(rows):
+        row = as_array(row)
+        if isinstance(row, np.ndarray):
+            row = row.tolist()
+        if not isinstance(row, (list, tuple)):
+            raise SymattnError(f"{where}: expected row {i} to be a list of entries, received {shown(row)}")
+        if width is None:
+            width = len(row)
+            if width == 0:
+                raise SymattnError(f"{where}: expected rows with at least one entry, received an empty row 0")
+        elif len(row) != width:
+            raise SymattnError(
+                f"{where}: ragged rows: expected {width} entries in every row (as in row 0), "
+                f"received {len(row)} in row {i}"
+            )
+        out.append(tuple(parse_entry(e, f"{where}[{i}][{j}]") for j, e in enumerate(row)))
+    return Matrix(out)
+
+
+def as_row(value, width: int, where: str, what: str) -> Matrix | None:
+    """A bias row vector (a list of entries, or a 1-D array) as a 1 × width matrix."""
+    if value is None:
+        return None
+    value = as_array(value)
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise SymattnError(f"{where}: expected a row vector of {width} entries, received shape {value.shape}")
+        m = as_matrix(value.reshape(1, -1), where)
+    elif isinstance(value, Matrix):
+        m = value
+    else:
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, (list, tuple)) for v in value):
+            raise SymattnError(f"{where}: expected a row vector (a list of {width} entries), received {shown(value)}")
+        m = as_matrix([value], where)
+    if m.shape != (1, width):
+        raise SymattnError(f"{where}: expected {width} entries ({what}), received {m.shape[1]}")
+    return m
+
+
+def check_shape(matrix: Matrix, expected: tuple, where: str, why: str) -> None:
+    """A SymattnError unless ``matrix`` has the ``expected`` shape; ``why`` says where that shape comes from."""
+    if matrix.shape != expected:
+        received = matrix.shape
+        raise SymattnError(
+            f"{where}: shape mismatch: expected shape {expected[0]}×{expected[1]} ({why}), "
+            f"received {received[0]}×{received[1]}"
+        )
+
+
+def as_stack(value, where: str, shape: str) -> tuple:
+    """A 3-D stack (list of matrices or a 3-D array) as a tuple of matrices."""
+    value = as_array(value)
+    if isinstance(value, np.ndarray):
+        if value.ndim != 3 or 0 in value.shape:
+            raise SymattnError(f"{where}: expected a 3-D array ({shape}), received shape {value.shape}")
+        return tuple(as_matrix(m, f"{where}[{i}]") for i, m in enumerate(value))
+    if isinstance(value, tuple) and value and all(isinstance(m, Matrix) for m in value):
+        return value
+    if not isinstance(value, (list, tuple)) or not value:
+        raise SymattnError(f"{where}: expected a non-empty list of matrices ({shape}), received {shown(value)}")
+    return tuple(as_matrix(m, f"{where}[{i}]") for i, m in enumerate(value))
+
+
+def _depth(value) -> int:
+    value = as_array(value)
+    if isinstance(value, np.ndarray):
+        return value.ndim
+    if isinstance(value, Matrix):
+        return 2
+    depth = 0
+    while isinstance(value, (list, tuple)) and value:
+        depth += 1
+        value = value[0]
+    return depth
+
+
+def per_head(value, h: int, shape: tuple, where: str, what: str, shared_ok: bool = True) -> tuple:
+    """One matrix for every head, or one per head: (tuple of h matrices, shared)."""
+    if isinstance(value, tuple) and len(value) == h and all(isinstance(m, Matrix) for m in value):
+        return value, len(set(map(id, value))) == 1
+    depth = _depth(value)
+    if depth == 2 and shared_ok:
+        m = as_matrix(value, where)
+        check_shape(m, shape, where, what)
+        return (m,) * h, True
+    if depth == 3:
+        ms = as_stack(value, where, f"H × {what}")
+        if len(ms) != h:
+            raise SymattnError(f"{where}: expected one matrix per head ({h}), received {len(ms)}")
+        for i, m in enumerate(ms):
+            check_shape(m, shape, f"{where}[{i}]", what)
+        return ms, False
+    expected = f"an {what} matrix or one per head" if shared_ok else f"one {what} matrix per head"
+    raise SymattnError(f"{where}: expected {expected}, received {shown(value)}")

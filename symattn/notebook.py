@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from symattn.errors import SymattnError
-from symattn.spec import AttentionSpec, load_spec, printable
+from symattn.errors import SymattnError, printable
+from symattn.load import load_spec
+from symattn.spec import AttentionSpec
 
 _CELL = re.compile(r"^In \[[ \d]*\]:[ \t]?", re.M)
 _OUT = re.compile(r"^Out\[[ \d]*\]:\s*", re.M)

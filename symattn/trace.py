@@ -69,7 +69,25 @@ class Step:
 
 
 class Trace:
-    """The exact trace of one spec.  Index by step name for the closed form (a SymPy matrix)."""
+    """The exact trace of one spec: every step's closed form, by name (``symattn.build`` makes one).
+
+    >>> import symattn
+    >>> trace = symattn.build("notebook")
+    >>> trace.names[:6]
+    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1']
+    >>> trace["M"][0, 0]
+    (3 + 7*exp(3*sqrt(2)))/(1 + exp(3*sqrt(2)))
+    >>> trace.definition("scores1")
+    'scores1 = Q1·K1ᵀ·scale, scale = sqrt(2)/2'
+    >>> trace.structure("M")[0, 0], trace.normalisers_of("M")
+    ((3 + 7*exp(3*sqrt(2)))/Z1_0, {Z1_0: 1 + exp(3*sqrt(2)), Z1_1: 1 + exp(7*sqrt(2))})
+
+    ``trace[name]`` is the step's closed form, a ``sympy.ImmutableMatrix`` (a masked score prints as -inf);
+    ``structure(name)`` is the same step over the softmax rows' normalisers ``Z{head}_{row}``, which stays
+    small where the closed form does not.  Iterating gives the step names (``names``: the forward steps in
+    DESIGN.md's order, then the backward steps ``dM``, ..., when built with ``grad=True``).  Values are
+    computed once, on first access, in the exact backend.
+    """
 
     def __init__(self, spec, grad: bool = False):
         self.spec = spec
@@ -133,10 +151,12 @@ class Trace:
         return len(self.names)
 
     def shape(self, name: str) -> tuple[int, int]:
+        """The step's (rows, columns), without computing it."""
         self._check(name)
         return self._steps[name].shape
 
     def step(self, name: str) -> Step:
+        """The step as an object with its definition, structure and closed form (shown as LaTeX in Jupyter)."""
         self._check(name)
         return Step(self, name)
 
@@ -160,6 +180,7 @@ class Trace:
         return dict(sorted(self._atom_values.items(), key=lambda kv: _normaliser_order(kv[0])))
 
     def definition(self, name: str) -> str:
+        """The step's definition in words and symbols, as ``symattn show`` prints it."""
         self._check(name)
         return self._steps[name].definition
 
