@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from symattn.graph.graph import NAN
+from symattn.semantics import NAN
 
 
 @dataclass(eq=False)

@@ -256,7 +256,7 @@ def _variant_text(spec) -> list:
 def _option_constants(layout: Layout) -> list:
     """The spec's arrays behind the inputs-mode defaults (mask, bias, ALiBi slopes, projection biases)."""
     spec, options, out = layout.spec, layout.options, []
-    if options.get("mask") == "_MASK":
+    if "mask" in options and spec.mask is not None:
         out.append(f"_MASK = {array_text(spec.mask[0] if spec.shared_mask else np.stack(spec.mask))}")
     if "bias" in options:
         bias = spec.bias[0].float64() if spec.shared_bias else np.stack([m.float64() for m in spec.bias])
