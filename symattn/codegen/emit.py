@@ -10,7 +10,8 @@ the inputs and names a value only where it must (before a transcendental
 function, a product of two computed values, or a step's entry), which lets
 exact arithmetic fold constants and reuse equal or opposite values.
 
-Both are strict: an operation they have no rule for is an error naming it.
+Each implements the ``xp`` methods the graph's ops call, and only those: an op
+that calls another fails with Python's AttributeError, which names the method.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from symattn.errors import SymattnError
-from symattn.graph.graph import NAN
+from symattn.semantics import NAN
 
 
 @dataclass(eq=False)
@@ -40,6 +40,7 @@ class Line:
     operands: tuple
     inplace: str | None = None  # the in-place form, with the same placeholders
     reads_target: bool = False
+    helpers: tuple = ()  # the module's helper functions the template calls (recorded when the line is written)
 
     def text(self) -> str:
         names = [v.name if isinstance(v, Var) else v for v in self.operands]
@@ -69,11 +70,11 @@ class EmitXP:
         self.params = params  # param name -> text
         self.consts = consts  # const name -> Var
 
-    def _emit(self, shape, template, operands, inplace=None, batched=None, masked=False) -> Var:
+    def _emit(self, shape, template, operands, inplace=None, batched=None, masked=False, helpers=()) -> Var:
         if batched is None:
             batched = any(isinstance(v, Var) and v.batched for v in operands)
         target = self.program.temp(shape, batched, masked)
-        self.program.lines.append(Line(target, template, tuple(operands), inplace))
+        self.program.lines.append(Line(target, template, tuple(operands), inplace, helpers=helpers))
         return target
 
     def leaf(self, name, matrix):
@@ -127,7 +128,8 @@ class EmitXP:
 
     def shift(self, a):
         if a.masked:  # a row with no allowed key has max -inf: shift it by 0 instead
-            return self._emit((a.shape[0], 1), "_finite(numpy.max({0}, axis=-1, keepdims=True))", (a,))
+            template = "_finite(numpy.max({0}, axis=-1, keepdims=True))"
+            return self._emit((a.shape[0], 1), template, (a,), helpers=("_finite",))
         return self._emit((a.shape[0], 1), "numpy.max({0}, axis=-1, keepdims=True)", (a,))
 
     def rowsum(self, a):
@@ -151,7 +153,7 @@ class EmitXP:
     def unbroadcast(self, g, like):
         if like.batched or not g.batched:
             return g
-        return self._emit(g.shape, "_unbatched({0}, 2)", (g,), batched=False)
+        return self._emit(g.shape, "_unbatched({0}, 2)", (g,), batched=False, helpers=("_unbatched",))
 
 
 def optimise(lines: list, keep: set) -> tuple[list, dict]:
@@ -180,9 +182,9 @@ def optimise(lines: list, keep: set) -> tuple[list, dict]:
             and not any(v is first for v in operands[1:])
         ):
             storage[id(line.target)] = first
-            out.append(Line(first, line.inplace, operands, reads_target=True))
+            out.append(Line(first, line.inplace, operands, reads_target=True, helpers=line.helpers))
         else:
-            out.append(Line(line.target, line.template, operands))
+            out.append(Line(line.target, line.template, operands, helpers=line.helpers))
     return out, storage
 
 
@@ -209,18 +211,20 @@ class Named:
         self.sympy = sympy
         self.table: dict = {}  # key (a SymPy form, or (function, argument forms)) -> atomic form
         self.assignments: list = []  # (symbol, "poly", form) or (symbol, "call", (function, argument forms))
-        self.count = 0
-        self.inputs: dict = {}  # input symbol -> (argument name, index text)
+        self.values: set = set()  # the symbols of the assignments
+        self.inputs: dict = {}  # input symbol -> (argument name, index text, batched)
 
-    def input(self, name: str, source: str, index: str):
+    def input(self, name: str, source: str, index: str, batched: bool):
+        """An entry of an argument: ``source[..., index]`` when it is batched, else ``source[index]``."""
         symbol = self.sympy.Symbol(name)
-        self.inputs[symbol] = (source, index)
+        self.inputs[symbol] = (source, index, batched)
         self.table[symbol] = symbol
         return symbol
 
     def _new(self):
-        self.count += 1
-        return self.sympy.Symbol(f"_v{self.count}")
+        symbol = self.sympy.Symbol(f"_v{len(self.values) + 1}")
+        self.values.add(symbol)
+        return symbol
 
     def atomic(self, form):
         """A number, a name, or a number times a name, for the form (named if it is none of those)."""
@@ -431,14 +435,8 @@ def _either(a, b):
     return a | b
 
 
-def no_rule(what: str):
-    raise SymattnError(f"code generation: no emission rule for {what}")
-
-
 def _sympy_number(sympy, value):
     """A Python number as SymPy's: ints and Fractions exactly, floats as Floats; anything else is refused."""
-    from fractions import Fraction
-
     if isinstance(value, bool) or not isinstance(value, (int, Fraction, float)):
         raise TypeError(f"expected a number, received {type(value).__name__}")
     if isinstance(value, float):

@@ -1,0 +1,276 @@
+"""The generated module's text around the computation: its docstring, header, constants, and each public
+function's signature, docstring and prologue (argument checks, the options' masks).
+
+The text goes through Python's ``ast`` (``ast.unparse`` lays it out), so it is
+always valid Python; it is deterministic (nothing hash-ordered, no timestamps)
+and names from the spec never reach the code.  The helpers a module carries are
+those its text called (``Helpers``), recorded while the text was written.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import textwrap
+
+import numpy as np
+
+from symattn import semantics
+from symattn._version import __version__
+from symattn.backends.floats import exact_float
+from symattn.codegen.helpers import Helpers
+from symattn.codegen.sources import array_text, roles
+from symattn.graph.graph import build as build_graph
+
+WIDTH = 116  # the width docstrings are wrapped to
+QUIET = "@numpy.errstate(over='ignore', divide='ignore', invalid='ignore')"  # before each public function
+
+
+class Layout:
+    """What the module's functions take and return, and the record of the helpers their text calls."""
+
+    def __init__(self, spec, weights: str, grad: bool):
+        self.spec, self.weights, self.grad = spec, weights, grad
+        self.inputs = weights == "inputs"
+        self.graph = build_graph(spec)
+        self.roles = roles(self.graph)
+        self.helpers = Helpers()
+        self.kernel = spec.form == "kernel"
+        H, L, S = spec.h, spec.L, spec.S
+        if self.kernel:
+            self.data = ["q", "k", "v"]
+            self.shapes = {"q": (H, L, spec.d_k), "k": (spec.h_kv, S, spec.d_k), "v": (spec.h_kv, S, spec.d_v)}
+        else:
+            self.data = ["x"] + (["x_kv"] if spec.x_kv is not None and not self.inputs else [])
+            self.shapes = {"x": (L, spec.d_model), "x_kv": (S, spec.d_model_kv)}
+        self.weights_args = []
+        if self.inputs and not self.kernel:
+            self.weights_args = ["wq", "wk", "wv", "wo"]
+            self.shapes.update(
+                {
+                    "wq": (H, spec.d_model, spec.d_k),
+                    "wk": (spec.h_kv, spec.d_model_kv, spec.d_k),
+                    "wv": (spec.h_kv, spec.d_model_kv, spec.d_v),
+                    "wo": (H * spec.d_v, spec.d_out),
+                }
+            )
+        self.args = self.data + self.weights_args
+        self.options = self._options() if self.inputs else {}
+        self.compute = f"{self.args[0]}.dtype"  # the dtype computations run in (float32 for bfloat16)
+
+    def _options(self) -> dict:
+        """Keyword options of the inputs-mode functions, with their defaults (the spec's)."""
+        spec = self.spec
+        out = {"scale": repr(exact_float(spec.effective_scale))}
+        if spec.has_mask or spec.alibi is not None:
+            out["mask"] = "_MASK" if spec.mask is not None else "None"
+            out["causal"] = repr(spec.causal)
+            out["window"] = repr(spec.window)
+            out["align"] = repr(spec.align)
+            out["empty_row"] = repr(spec.empty_row)
+        if spec.bias is not None:
+            out["bias"] = "_BIAS"
+        if spec.alibi is not None:
+            out["alibi_slopes"] = "_ALIBI_SLOPES"
+        if spec.softcap is not None:
+            out["softcap"] = repr(exact_float(spec.softcap))
+        if not self.kernel:
+            if spec.x_kv is not None:
+                out["x_kv"] = "None"
+            for key, present in (
+                ("bq", any(h.bq is not None for h in spec.heads)),
+                ("bk", any(h.bk is not None for h in spec.kv_heads)),
+                ("bv", any(h.bv is not None for h in spec.kv_heads)),
+                ("bo", spec.bo is not None),
+            ):
+                if present:
+                    out[key] = f"_{key.upper()}"
+        return out
+
+    def signature(self, kind: str = "forward") -> str:
+        """The arguments of ``forward``, ``intermediates`` or ``backward``."""
+        extra = {"backward": ", dout", "intermediates": ", dout=None" if self.grad else ""}.get(kind, "")
+        args = ", ".join(self.args) + extra
+        if self.options:
+            args += ", *, " + ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return args
+
+    def docstring(self, kind: str) -> str:
+        spec = self.spec
+        shape = f"(..., {spec.h}, {spec.L}, {spec.d_v})" if self.kernel else f"(..., {spec.L}, {spec.d_out})"
+        text = {
+            "forward": f"The output {'(the heads stacked) ' if self.kernel else 'M '}{shape}.",
+            "intermediates": "Every named step, each (..., rows, columns)"
+            + ("; the backward steps too when dout is given." if self.grad else "."),
+            "backward": "The input gradients for the output cotangent dout, by name (stacked like their inputs).",
+        }[kind]
+        return f'"""{text}"""'
+
+    def result(self) -> str:
+        """The name of the helper that returns a value in the caller's dtype."""
+        return self.helpers.call("_result")
+
+    def prologue(self, kind: str) -> list[str]:
+        """Checks and casts of the arguments, and the options' masks and distances."""
+        spec, options, call = self.spec, self.options, self.helpers.call
+        first = self.args[0]
+        lines = [f"{first}, dtype = {call('_floating')}({first}, {self.shapes[first]}, {first!r})"]
+        for name in self.args[1:]:
+            lines.append(f"{name} = {call('_floating')}({name}, {self.shapes[name]}, {name!r}, dtype)[0]")
+        if "x_kv" in options:
+            lines.append(
+                f"x_kv = x if x_kv is None else {call('_floating')}(x_kv, {self.shapes['x_kv']}, 'x_kv', dtype)[0]"
+            )
+        for key, count, width in (("bq", spec.h, spec.d_k), ("bk", spec.h_kv, spec.d_k), ("bv", spec.h_kv, spec.d_v)):
+            if key in options:
+                lines.append(f"{key} = {call('_floating')}({key}, ({count}, {width}), {key!r}, dtype)[0]")
+        if "bo" in options:
+            lines.append(f"bo = {call('_floating')}(bo, ({spec.d_out},), 'bo', dtype)[0]")
+        if "bias" in options:
+            lines.append(
+                f"bias = numpy.broadcast_to({call('_floating')}(bias, ({spec.L}, {spec.S}), 'bias', dtype)[0], "
+                f"({spec.h}, {spec.L}, {spec.S}))"
+            )
+        if "alibi_slopes" in options:
+            lines.append(f"alibi_slopes = {call('_floating')}(alibi_slopes, ({spec.h},), 'alibi_slopes', dtype)[0]")
+        if "causal" in options:
+            lines.append(f"delta = {_delta_text(spec.L, spec.S)}")
+            lines.append(
+                f"allowed = numpy.broadcast_to({call('_allowed')}({spec.L}, {spec.S}, mask, causal, window, delta), "
+                f"({spec.h}, {spec.L}, {spec.S}))"
+            )
+            lines.append("empty = ~allowed.any(axis=-1, keepdims=True)")
+        if "alibi_slopes" in options:
+            lines.append(f"distance = {call('_alibi_distance')}({spec.L}, {spec.S}, delta).astype({self.compute})")
+        if kind == "backward" or (kind == "intermediates" and self.grad):
+            shape = (spec.h, spec.L, spec.d_v) if self.kernel else (spec.L, spec.d_out)
+            check = f"dout = {call('_floating')}(dout, {shape}, 'dout', dtype)[0]"
+            lines += [check] if kind == "backward" else ["if dout is not None:", "    " + check]
+        return lines
+
+
+def _delta_text(L: int, S: int) -> str:
+    """The alignment's delta as an expression in the ``align`` option: ``semantics.delta`` for each alignment
+    (its value for the last one when ``align`` is none of the others)."""
+    *first, last = semantics.ALIGNS
+    text = repr(semantics.delta(last, L, S))
+    for align in reversed(first):
+        text = f"{semantics.delta(align, L, S)!r} if align == {align!r} else {text}"
+    return text
+
+
+def module_text(layout: Layout, strategy: str, body) -> str:
+    """The whole module: docstring, import, the helpers its text calls, constants, functions."""
+    spec = layout.spec
+    name = spec.name if re.fullmatch(r"[\w.\- ]{1,80}", spec.name) else "(unnamed)"
+    kinds = ["forward", "intermediates"] + (["backward"] if layout.grad else [])
+    # the public functions run with NumPy's floating-point warnings off: an empty row's 0/0 and -inf - -inf, and
+    # overflow in a half dtype, give nan and inf in the output (as a kernel does), not a RuntimeWarning
+    functions = [[QUIET, *body.function(kind)] for kind in kinds]
+    constants = _option_constants(layout) + body.constants()
+    # the helpers go before the constants, which may call them (a folded ALiBi distance)
+    text = "\n".join(
+        [
+            _module_docstring(layout, strategy, name),
+            "import numpy",
+            *layout.helpers.sources(),
+            *constants,
+            *(_indent(f) for f in functions),
+        ]
+    )
+    return ast.unparse(ast.parse(text)) + "\n"
+
+
+def _indent(function: list) -> str:
+    """A function's lines: the def, then its body one level in (nested blocks keep their own indentation)."""
+    out, inner = [], False
+    for line in function:
+        if line.startswith("def "):
+            out.append(line)
+            inner = True
+        elif line == "":
+            out.append("")
+            inner = False
+        else:
+            out.append(("    " if inner else "") + line)
+    return "\n".join(out)
+
+
+def _module_docstring(layout: Layout, strategy: str, name: str) -> str:
+    spec = layout.spec
+    options = ", ".join(f"{k}={v}" for k, v in layout.options.items())
+    variant = ", ".join(_variant_text(spec)) or "no masks"
+    shapes = ", ".join(
+        f"{a} (..., {', '.join(map(str, layout.shapes[a]))})" if a in layout.data else f"{a} {layout.shapes[a]}"
+        for a in layout.args
+    )
+    prose = (
+        f"Spec digest {spec.digest()}; {spec.h} heads"
+        + (f" ({spec.h_kv} kv heads)" if spec.h_kv != spec.h else "")
+        + f", L={spec.L}, S={spec.S}, d_k={spec.d_k}, d_v={spec.d_v}"
+        + ("" if layout.kernel else f", d_model={spec.d_model}, d_out={spec.d_out}")
+        + f"; {variant}; weights {layout.weights}; strategy {strategy}.\n\n"
+        + f"forward({', '.join(layout.args)}{', *options' if options else ''}) for {shapes}, batched over leading axes"
+        + (f"; options {options}" if options else "")
+        + ". intermediates(...) returns every named step"
+        + (" (and the backward steps, given dout); backward(..., dout) the input gradients" if layout.grad else "")
+        + ". Float dtypes are preserved (bfloat16 is computed in float32, other inputs become float64); the "
+        "softmax is shifted by each row's maximum over its allowed keys, so large logits do not overflow in "
+        "float32 and float64 (float16 and bfloat16 overflow where an exponent's argument itself does). Overflow "
+        "gives inf and an invalid operation nan, without NumPy warnings."
+    )
+    doc = [f"Attention for the spec {name!r}, generated by symattn {__version__}; do not edit."]
+    for paragraph in prose.split("\n\n"):
+        doc += ["", *textwrap.wrap(paragraph, WIDTH, break_on_hyphens=False)]
+    if layout.weights == "folded" and not layout.kernel and spec.L * spec.d_out <= 8 and not spec.options:
+        from symattn.trace import build
+
+        closed = build(spec)["M"]
+        exact = [f"    M[{i}, {j}] = {closed[i, j]}" for i in range(closed.rows) for j in range(closed.cols)]
+        if max(map(len, exact)) <= WIDTH:
+            doc += ["", "Exact output:", *exact]
+    return '"""' + "\n".join(doc) + '\n"""'
+
+
+def _variant_text(spec) -> list:
+    out = []
+    if spec.mask is not None:
+        out.append("mask")
+    if spec.causal:
+        out.append(f"causal {spec.align}")
+    if spec.window is not None:
+        out.append(f"window {list(spec.window)}")
+    if spec.bias is not None:
+        out.append("bias")
+    if spec.alibi is not None:
+        out.append("ALiBi")
+    if spec.softcap is not None:
+        out.append("softcap")
+    if spec.x_kv is not None:
+        out.append("cross-attention")
+    if spec.empty_row != "zero":
+        out.append(f"empty rows {spec.empty_row}")
+    return out
+
+
+def _option_constants(layout: Layout) -> list:
+    """The spec's arrays behind the inputs-mode defaults (mask, bias, ALiBi slopes, projection biases)."""
+    spec, options, out = layout.spec, layout.options, []
+    if "mask" in options and spec.mask is not None:
+        out.append(f"_MASK = {array_text(spec.mask[0] if spec.shared_mask else np.stack(spec.mask))}")
+    if "bias" in options:
+        bias = spec.bias[0].float64() if spec.shared_bias else np.stack([m.float64() for m in spec.bias])
+        out.append(f"_BIAS = {array_text(bias)}")
+    if "alibi_slopes" in options:
+        out.append(f"_ALIBI_SLOPES = {array_text(np.array([exact_float(s) for s in spec.alibi_slopes]))}")
+    for key, heads, width in (
+        ("bq", spec.heads, spec.d_k),
+        ("bk", spec.kv_heads, spec.d_k),
+        ("bv", spec.kv_heads, spec.d_v),
+    ):
+        if key in options:
+            rows = [getattr(h, key).float64()[0] if getattr(h, key) is not None else np.zeros(width) for h in heads]
+            out.append(f"_{key.upper()} = {array_text(np.stack(rows))}")
+    if "bo" in options:
+        out.append(f"_BO = {array_text(spec.bo.float64()[0])}")
+    return out
