@@ -255,7 +255,7 @@ def test_long_runs_say_what_they_compute_once_even_on_a_pipe(capsys, monkeypatch
     assert capsys.readouterr().err == (
         "symattn: certifying 5 digits of 8 entries (2 steps) of notebook: 2 heads of 2×2 scores\n"
     )
-    assert main(["verify", "notebook", "--impl", "tests.impls:right"]) == 0
+    assert main(["verify", "notebook", "--impl", "tools.impls:right"]) == 0
     assert capsys.readouterr().err == (
         "symattn: verifying 1 implementation on notebook in float64: the truth of 4 output entries, "
         "2 heads of 2×2 scores\n"

@@ -12,7 +12,7 @@ import pytest
 import symattn
 from symattn.testing import assert_attention_close
 from symattn.verifier.verifier import verify
-from tests import impls
+from tools import impls
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -259,7 +259,7 @@ def test_at_size_the_large_path_is_taken_and_only_the_steps_asked(monkeypatch):
 
 
 def test_the_verifier_uses_the_large_path_with_digits_auto():
-    from tests import impls
+    from tools import impls
 
     rng = np.random.default_rng(9)
     L, E = 256, 32

@@ -11,8 +11,9 @@ import pytest
 import symattn
 from symattn import SymattnError
 from symattn.cli import main
-from tests import impls, oracle
+from tests import oracle
 from tests.test_verify import result
+from tools import impls
 
 
 def base(**options) -> dict:
