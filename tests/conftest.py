@@ -251,3 +251,12 @@ def cli(capsys, monkeypatch):
         return Ran(code, out, err)
 
     return run
+
+
+@pytest.fixture
+def large_everywhere(monkeypatch):
+    """The large path (float64 enclosures) for small specs too: its threshold is about size only.  The one
+    place that names where the threshold lives."""
+    import symattn.truth.evaluation
+
+    monkeypatch.setattr(symattn.truth.evaluation, "LARGE", 0)

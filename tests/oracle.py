@@ -103,7 +103,7 @@ def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None) -> tuple
             if not ok[i][j]:
                 scores[i, j] = -mpmath.inf
                 continue
-            s = scale * mpmath.fsum(q[i, c] * k[j, c] for c in range(q.cols))
+            s = scale * mpmath.fdot((q[i, c], k[j, c]) for c in range(q.cols))
             if cap is not None:
                 s = cap * mpmath.tanh(s / cap)
             if bias is not None:
@@ -122,7 +122,7 @@ def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None) -> tuple
     out = mpmath.matrix(L, v.cols)
     for i in rows:
         for c in range(v.cols):
-            out[i, c] = mpmath.fsum(weights[i, j] * v[j, c] for j in range(S))
+            out[i, c] = mpmath.fdot((weights[i, j], v[j, c]) for j in range(S))
     return scores, weights, out
 
 

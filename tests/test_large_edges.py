@@ -20,12 +20,6 @@ from symattn import certify
 DPS = 400  # weights as close to 1 as 1 - 1e-157 (scores 360 apart) must still round right
 
 
-@pytest.fixture
-def large_everywhere(monkeypatch):
-    """The large path for small specs too (its threshold is about size only)."""
-    monkeypatch.setattr(symattn.truth.evaluation, "LARGE", 0)
-
-
 def reference_heads(q, k, v, causal=False, mask=None, empty_row="zero", softcap=None) -> list:
     """Each head's output (H lists of L × E_v mpf rows), from the float inputs' exact values, at DPS digits."""
     with mpmath.workdps(DPS):
