@@ -20,6 +20,8 @@ def entry(e, dps: int):
     """An input entry as an mpf: floats (NumPy's of any width too) exactly, the rest as conftest reads them."""
     if isinstance(e, (bool, np.bool_)):
         raise TypeError(f"a boolean is not a number: {e!r}")
+    if isinstance(e, mpmath.mpf):
+        return e
     if isinstance(e, (float, np.floating)):
         return mpmath.mpf(float(e))  # float32 and float16 values are float64 values exactly
     if isinstance(e, np.integer):
@@ -95,7 +97,7 @@ def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None) -> tuple
         slope = entry(slopes[h], dps)
     delta = S - L if data.get("align") == "bottom_right" else 0
     ok = allowed(data, per_head(data.get("mask"), H)[h], L, S)
-    scores, weights = mpmath.matrix(L, S), mpmath.matrix(L, S)
+    scores = mpmath.matrix(L, S)
     fill = {"zero": mpmath.mpf(0), "uniform": mpmath.mpf(1) / S, "nan": mpmath.nan}[data.get("empty_row", "zero")]
     rows = range(L) if rows is None else sorted(set(rows))
     for i in rows:
@@ -111,19 +113,29 @@ def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None) -> tuple
             if slope is not None:
                 s -= slope * abs(i + delta - j)
             scores[i, j] = s
+    weights = softmax(scores, ok, fill, rows)
+    out = mpmath.matrix(L, v.cols)
+    for i in rows:
+        for c in range(v.cols):
+            out[i, c] = mpmath.fdot((weights[i, j], v[j, c]) for j in range(S))
+    return scores, weights, out
+
+
+def softmax(scores, ok, fill, rows=None):
+    """The textbook softmax over the allowed keys of each row (``ok``: L × S booleans); a row with none is
+    ``fill`` throughout."""
+    L, S = scores.rows, scores.cols
+    weights = mpmath.matrix(L, S)
+    for i in range(L) if rows is None else rows:
         keys = [j for j in range(S) if ok[i][j]]
         if not keys:
             for j in range(S):
                 weights[i, j] = fill
             continue
         z = mpmath.fsum(mpmath.exp(scores[i, j]) for j in keys)
-        for j in range(S):
-            weights[i, j] = mpmath.exp(scores[i, j]) / z if ok[i][j] else 0
-    out = mpmath.matrix(L, v.cols)
-    for i in rows:
-        for c in range(v.cols):
-            out[i, c] = mpmath.fdot((weights[i, j], v[j, c]) for j in range(S))
-    return scores, weights, out
+        for j in keys:
+            weights[i, j] = mpmath.exp(scores[i, j]) / z
+    return weights
 
 
 def _plus_row(m, vec, dps: int):
