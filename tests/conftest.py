@@ -8,6 +8,7 @@ softmax without any shift, inputs converted by SymPy's evalf.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_EVEN, Decimal, localcontext
 from fractions import Fraction
 
@@ -221,3 +222,41 @@ def notebook_data() -> dict:
         ],
         "wo": [[1, 0], [0, 1], [-1, 0], [0, -1]],
     }
+
+
+@dataclass
+class Ran:
+    """What a command printed and returned, as subprocess.run reports it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """The command line in this process: ``cli("eval", "notebook", cwd=...)`` runs ``symattn.cli.main`` and
+    returns its exit code and what it wrote (no interpreter launch; a few tests keep real processes)."""
+    from symattn.cli import main
+
+    def run(*args, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # --help, --version: argparse exits
+            code = e.code
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def large_everywhere(monkeypatch):
+    """The large path (float64 enclosures) for small specs too: its threshold is about size only.  The one
+    place that names where the threshold lives."""
+    import symattn.truth.large
+
+    monkeypatch.setattr(symattn.truth.large, "LARGE", 0)

@@ -19,10 +19,10 @@ from symattn import SymattnError
 from symattn.cli import main
 from symattn.codegen.module import generate
 from symattn.testing import assert_attention_close
-from tests import impls
+from tests import oracle
 from tests.conftest import to_mpf
 from tests.test_variants import CASES, base
-from tests.test_variants import reference as forward_reference
+from tools import impls
 
 DPS = 90
 H = Fraction(1, 10**30)  # an exact perturbation: central differences are then good to about 1e-58
@@ -31,7 +31,7 @@ DIGITS = 25
 
 def _loss(data: dict, dout) -> mpmath.mpf:
     """Σ dout ∘ M by the independent forward reference (all ones without a dout)."""
-    m = forward_reference(data, DPS)
+    m = oracle.steps(data, DPS)["M"]
     with mpmath.workdps(DPS):
         total = mpmath.mpf(0)
         for i in range(m.rows):
@@ -421,7 +421,7 @@ def test_what_a_backward_returns_is_checked():
 
 def test_verify_backward_through_the_cli(tmp_path, monkeypatch, capsys):
     (tmp_path / "kernels.py").write_text(
-        "from tests.impls import flash_backward, BACKWARD_BUGS\nmissing_rowsum = BACKWARD_BUGS[0]\n"
+        "from tools.impls import flash_backward, BACKWARD_BUGS\nmissing_rowsum = BACKWARD_BUGS[0]\n"
     )
     spec = tmp_path / "k.json"
     spec.write_text(json.dumps(BUG_SPECS["kernel causal"]))
@@ -472,6 +472,6 @@ def test_the_pytest_helper_verifies_backward_kernels():
 
 
 def test_a_backward_kernel_in_another_module_is_found_by_name(tmp_path, monkeypatch):
-    assert "tests.impls" in sys.modules
-    results = symattn.verify(BUG_SPECS["kernel causal"], ["tests.impls:flash_backward"], backward=True)
+    assert "tools.impls" in sys.modules
+    results = symattn.verify(BUG_SPECS["kernel causal"], ["tools.impls:flash_backward"], backward=True)
     assert results[0].passed

@@ -1,7 +1,6 @@
 import json
 import re
 import subprocess
-import sys
 from importlib import resources
 
 import pytest
@@ -10,11 +9,6 @@ from symattn.cli import main
 from tests.conftest import NOTEBOOK_STEPS
 
 TRANSCRIPT = str(resources.files("symattn") / "examples" / "multi_head_attention.txt")
-
-
-def run(*args, stdin=None):
-    """The CLI as a user runs it: a fresh process."""
-    return subprocess.run([sys.executable, "-m", "symattn", *args], capture_output=True, text=True, input=stdin)
 
 
 def test_show_pretty_structure_and_normalisers(capsys):
@@ -48,8 +42,8 @@ def test_eval_text(capsys):
 
 
 @pytest.mark.parametrize("engine", ["mpmath", "arb"])
-def test_eval_json_schema(engine):
-    result = run("eval", "notebook", "--json", "--exact", "--digits", "50", "--engine", engine)
+def test_eval_json_schema(engine, cli):
+    result = cli("eval", "notebook", "--json", "--exact", "--digits", "50", "--engine", engine)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert list(doc) == ["symattn", "spec", "digits", "engine", "steps"]
@@ -63,15 +57,15 @@ def test_eval_json_schema(engine):
     assert m["certified_digits"] == [[50, 50], [50, 50]]
 
 
-def test_eval_json_without_exact_has_no_closed_forms():
-    doc = json.loads(run("eval", "notebook", "--json", "--digits", "5").stdout)
+def test_eval_json_without_exact_has_no_closed_forms(cli):
+    doc = json.loads(cli("eval", "notebook", "--json", "--digits", "5").stdout)
     assert "exact" not in doc["steps"]["M"]
 
 
-def test_exact_strings_parse_back_in_sympy():
+def test_exact_strings_parse_back_in_sympy(cli):
     import sympy
 
-    doc = json.loads(run("eval", "notebook", "--json", "--exact", "--digits", "30").stdout)
+    doc = json.loads(cli("eval", "notebook", "--json", "--exact", "--digits", "30").stdout)
     for step in doc["steps"].values():
         for exact_row, value_row in zip(step["exact"], step["values"], strict=True):
             for exact, value in zip(exact_row, value_row, strict=True):
@@ -80,12 +74,12 @@ def test_exact_strings_parse_back_in_sympy():
                 )
 
 
-def test_notebook_command_exit_codes(tmp_path):
-    ok = run("notebook", TRANSCRIPT)
+def test_notebook_command_exit_codes(tmp_path, cli):
+    ok = cli("notebook", TRANSCRIPT)
     assert ok.returncode == 0 and ok.stdout.splitlines()[-1] == "all printed numbers match the exact values"
     bad = tmp_path / "bad.txt"
     bad.write_text(open(TRANSCRIPT).read().replace("6.94333586 -6.94333586", "6.94333586 -6.94333596"))
-    failed = run("notebook", str(bad))
+    failed = cli("notebook", str(bad))
     assert failed.returncode == 1
     assert (
         "MISMATCH M[0, 1]: printed -6.94333596, exact -6.9433358564932463888 (rounds to -6.94333586)" in failed.stdout
@@ -117,15 +111,15 @@ def test_notebook_command_exit_codes(tmp_path):
         ),
     ],
 )
-def test_user_errors_are_one_line_exit_2(args, message):
-    result = run(*args)
+def test_user_errors_are_one_line_exit_2(args, message, cli):
+    result = cli(*args)
     assert result.returncode == 2
     assert result.stderr == f"symattn: error: {message}\n"
     assert result.stdout == ""
 
 
-def test_usage_errors_are_one_line_exit_2():
-    result = run("frob")
+def test_usage_errors_are_one_line_exit_2(cli):
+    result = cli("frob")
     assert result.returncode == 2
     # argparse's own wording (quoting varies across Python versions), on one line
     assert re.fullmatch(
@@ -135,10 +129,10 @@ def test_usage_errors_are_one_line_exit_2():
     )
 
 
-def test_bad_spec_file_one_line(tmp_path):
+def test_bad_spec_file_one_line(tmp_path, cli):
     path = tmp_path / "s.json"
     path.write_text('{"x": [[1, 2], [3]], "heads": [], "wo": [[1]]}')
-    result = run("eval", str(path))
+    result = cli("eval", str(path))
     assert result.returncode == 2
     assert result.stderr == (
         f"symattn: error: in {path}: x: ragged rows: expected 2 entries in every row "
@@ -155,15 +149,15 @@ def test_console_script_is_installed():
     assert result.stdout.strip() == "symattn 0.1.0"
 
 
-def test_show_symbolic_spec(tmp_path, notebook_data):
+def test_show_symbolic_spec(tmp_path, notebook_data, cli):
     path = tmp_path / "symbolic.json"
     notebook_data["x"] = [["a", 2], [3, "b"]]
     path.write_text(json.dumps(notebook_data))
     for args in ([], ["--closed"]):
-        result = run("show", str(path), "--step", "M", "--format", "str", *args)
+        result = cli("show", str(path), "--step", "M", "--format", "str", *args)
         assert result.returncode == 0, result.stderr
         assert "a" in result.stdout and "b" in result.stdout
-    assert "  where Z1_0 = " in run("show", str(path), "--step", "weights1").stdout
+    assert "  where Z1_0 = " in cli("show", str(path), "--step", "weights1").stdout
 
 
 HELP_OPTIONS = {  # every option of every command, with the choices and default its --help must show
@@ -261,7 +255,7 @@ def test_long_runs_say_what_they_compute_once_even_on_a_pipe(capsys, monkeypatch
     assert capsys.readouterr().err == (
         "symattn: certifying 5 digits of 8 entries (2 steps) of notebook: 2 heads of 2×2 scores\n"
     )
-    assert main(["verify", "notebook", "--impl", "tests.impls:right"]) == 0
+    assert main(["verify", "notebook", "--impl", "tools.impls:right"]) == 0
     assert capsys.readouterr().err == (
         "symattn: verifying 1 implementation on notebook in float64: the truth of 4 output entries, "
         "2 heads of 2×2 scores\n"

@@ -4,8 +4,6 @@ tensors, and their casts.  Skipped where the frameworks are not installed (they 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 import symattn
 from symattn.testing import assert_attention_close
 from symattn.verifier.verifier import verify
-from tests import impls
+from tools import impls
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -130,12 +128,8 @@ def test_torch_rounds_float64_to_bfloat16_through_float32_and_the_truth_follows(
     assert torch_cast(np.array([x]), "bfloat16").astype(np.float64)[0] == 1.0
 
 
-def test_cli_with_adapters_and_strict_json():
-    done = subprocess.run(
-        [sys.executable, "-m", "symattn", "verify", "gqa", "--impl", "torch_sdpa", "--impl", "torch_mha", "--json",
-         "--dtype", "bfloat16"],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+def test_cli_with_adapters_and_strict_json(cli):
+    done = cli("verify", "gqa", "--impl", "torch_sdpa", "--impl", "torch_mha", "--json", "--dtype", "bfloat16")
     assert done.returncode == 1, done.stderr  # torch_mha is UNSUPPORTED: not a pass
     doc = json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"non-strict JSON: {name}"))
     assert doc["passed"] is False

@@ -3,8 +3,6 @@ expected and what was received, and on the command line exit 2 without a traceba
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,11 +14,6 @@ from tests.conftest import reference
 from tests.test_codegen import NOTEBOOK_WEIGHTS, NOTEBOOK_X, load
 
 HUGE = [2**63 - 1, 2**63, 10**29, 2**200]
-
-
-def run(*args):
-    """The CLI as a user runs it: a fresh process."""
-    return subprocess.run([sys.executable, "-m", "symattn", *args], capture_output=True, text=True)
 
 
 def assert_one_line_error(result, pattern: str):
@@ -101,17 +94,17 @@ def test_huge_window_equals_no_window_in_eval_generate_and_verify(notebook_data,
         assert seen == [(None, None)] * len(seen) and seen
 
 
-def test_huge_window_on_the_command_line(notebook_data, tmp_path):
+def test_huge_window_on_the_command_line(notebook_data, tmp_path, cli):
     path = tmp_path / "huge.json"
     path.write_text(json.dumps({**notebook_data, "window": [2**63 - 1, 2**63 - 1]}))
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps(notebook_data))
-    huge = run("eval", str(path), "--digits", "12", "--step", "head1")
+    huge = cli("eval", str(path), "--digits", "12", "--step", "head1")
     assert huge.returncode == 0, huge.stderr
-    unbounded = run("eval", str(plain), "--digits", "12", "--step", "head1")
+    unbounded = cli("eval", str(plain), "--digits", "12", "--step", "head1")
     assert huge.stdout.splitlines()[2:] == unbounded.stdout.splitlines()[2:]
     assert " 2.97166792825  -3.97166792825" in huge.stdout
-    verdict = run("verify", str(path))
+    verdict = cli("verify", str(path))
     assert verdict.returncode == 0, verdict.stdout + verdict.stderr
 
 
@@ -157,25 +150,25 @@ AT_MOST = "expected an integer of at most 4300 digits, received one of 4800$"
     ],
     ids=["int", "string", "decimal", "scale", "alibi", "causal", "name", "folded"],
 )
-def test_long_literals_in_json(notebook_data, tmp_path, raw, message):
+def test_long_literals_in_json(notebook_data, tmp_path, raw, message, cli):
     path = tmp_path / "long.json"
     path.write_text(spec_text(notebook_data, **raw))
     with pytest.raises(SymattnError, match=r"^in .*long\.json: " + message) as error:
         load_spec(path)
     assert len(str(error.value)) < 300 and "set_int_max_str_digits" not in str(error.value)
     for command in ("show", "eval"):
-        assert_one_line_error(run(command, str(path)), message)
+        assert_one_line_error(cli(command, str(path)), message)
 
 
-def test_a_window_bound_of_any_length_is_unbounded(notebook_data, tmp_path):
+def test_a_window_bound_of_any_length_is_unbounded(notebook_data, tmp_path, cli):
     path = tmp_path / "window.json"
     path.write_text(spec_text(notebook_data, window=f"[{LONG}, 0]"))
     assert load_spec(path).window == (None, 0)
-    shown = run("show", str(path), "--step", "weights1")
+    shown = cli("show", str(path), "--step", "weights1")
     assert shown.returncode == 0 and "window [∞, 0]" in shown.stdout, shown.stderr[-500:]
 
 
-def test_long_integer_in_toml_names_the_line(tmp_path):
+def test_long_integer_in_toml_names_the_line(tmp_path, cli):
     path = tmp_path / "long.toml"
     path.write_text(
         f'name = "t"\nx = [[{LONG}, 2], [3, 4]]\nwo = [[1, 0], [0, 1]]\n'
@@ -185,7 +178,7 @@ def test_long_integer_in_toml_names_the_line(tmp_path):
     with pytest.raises(SymattnError, match=r"^in .*long\.toml: " + message) as error:
         load_spec(path)
     assert "set_int_max_str_digits" not in str(error.value)
-    assert_one_line_error(run("eval", str(path)), message)
+    assert_one_line_error(cli("eval", str(path)), message)
 
 
 def test_the_limit_holds_at_its_edge(notebook_data):
@@ -198,8 +191,8 @@ def test_the_limit_holds_at_its_edge(notebook_data):
         load_spec({**notebook_data, "x": [[10**4300, 2], [3, 4]]})
 
 
-def test_long_command_line_values_are_cut():
-    result = run("verify", "notebook", "--digits", LONG)
+def test_long_command_line_values_are_cut(cli):
+    result = cli("verify", "notebook", "--digits", LONG)
     assert_one_line_error(
         result, r"^symattn: error: --digits: expected auto or an integer, received '9{39}… \(4802 characters\)$"
     )
@@ -251,13 +244,13 @@ def _truncated(path):
     ],
     ids=["npy", "random", "empty", "foreign-member", "objects", "truncated"],
 )
-def test_not_an_npz_archive(tmp_path, make, received):
+def test_not_an_npz_archive(tmp_path, make, received, cli):
     path = tmp_path / "spec.npz"
     make(path)
     message = NPZ + ",? ?" + received
     with pytest.raises(SymattnError, match=r"^.*spec\.npz: " + message):
         load_spec(path)
-    assert_one_line_error(run("eval", str(path)), r"spec\.npz: " + message)
+    assert_one_line_error(cli("eval", str(path)), r"spec\.npz: " + message)
 
 
 def test_a_valid_npz_still_loads(tmp_path):

@@ -12,7 +12,7 @@ import symattn
 from symattn import SymattnError
 from symattn.backends.floats import dtype_of
 from symattn.cli import main
-from tests import impls
+from tools import impls
 
 RNG = np.random.default_rng(7)
 Q, K, V = RNG.normal(size=(4, 5, 3)), RNG.normal(size=(2, 6, 3)), RNG.normal(size=(2, 6, 2))
@@ -89,8 +89,8 @@ def test_bfloat16_arrays_are_exact_and_generated_code_returns_bfloat16(tmp_path)
 
 
 def test_verify_in_bfloat16_from_the_cli(capsys):
-    assert main(["verify", "gqa", "--dtype", "bfloat16", "--impl", "tests.impls:general"]) == 0
-    assert capsys.readouterr().out.startswith("PASS tests.impls:general on gqa in bfloat16")
+    assert main(["verify", "gqa", "--dtype", "bfloat16", "--impl", "tools.impls:general"]) == 0
+    assert capsys.readouterr().out.startswith("PASS tools.impls:general on gqa in bfloat16")
 
 
 def test_strict_json_with_non_finite_values():
@@ -103,7 +103,7 @@ def test_strict_json_with_non_finite_values():
 def test_plot_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "errors.png"
-    assert main(["verify", "notebook", "--impl", "tests.impls:right", "--plot", str(path)]) == 0
+    assert main(["verify", "notebook", "--impl", "tools.impls:right", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -20,12 +20,6 @@ from symattn import certify
 DPS = 400  # weights as close to 1 as 1 - 1e-157 (scores 360 apart) must still round right
 
 
-@pytest.fixture
-def large_everywhere(monkeypatch):
-    """The large path for small specs too (its threshold is about size only)."""
-    monkeypatch.setattr(symattn.truth.large, "LARGE", 0)
-
-
 def reference_heads(q, k, v, causal=False, mask=None, empty_row="zero", softcap=None) -> list:
     """Each head's output (H lists of L × E_v mpf rows), from the float inputs' exact values, at DPS digits."""
     with mpmath.workdps(DPS):
@@ -141,7 +135,7 @@ def test_notes_reach_eval_json_and_verify(large_everywhere, monkeypatch, tmp_pat
     import json
 
     from symattn.cli import main
-    from tests import impls
+    from tools import impls
 
     monkeypatch.setattr(symattn.truth.large, "EXACT_ROW_TERMS", 0)
     rng = np.random.default_rng(1)
@@ -185,7 +179,7 @@ def test_empty_rows_follow_the_spec_exactly(large_everywhere, empty_row):
 
 
 def test_verify_fails_non_finite_output_where_the_truth_is_finite(large_everywhere):
-    from tests import impls
+    from tools import impls
 
     rng = np.random.default_rng(4)
     q, k, v = rng.standard_normal((2, 10, 4)), rng.standard_normal((2, 10, 4)), rng.standard_normal((2, 10, 4)) * 1e302
@@ -203,7 +197,7 @@ def test_verify_fails_non_finite_output_where_the_truth_is_finite(large_everywhe
 
 
 def test_a_right_bfloat16_kernel_passes_on_ties(large_everywhere):
-    from tests import impls
+    from tools import impls
 
     rng = np.random.default_rng(5)
     q, k, v = (bf16(rng.standard_normal((2, 32, 16))) for _ in range(3))

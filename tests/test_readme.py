@@ -2,8 +2,6 @@
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,11 +17,9 @@ def console_examples():
 
 
 @pytest.mark.parametrize(("command", "output"), list(console_examples()))
-def test_console_example(command, output):
+def test_console_example(command, output, cli):
     args = shlex.split(command)
     assert args[0] == "symattn"
-    result = subprocess.run(
-        [sys.executable, "-m", "symattn", *args[1:]], capture_output=True, text=True, cwd=README.parent
-    )
+    result = cli(*args[1:], cwd=README.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout == output

@@ -228,12 +228,8 @@ def test_progress_only_on_a_terminal():
     assert hidden.getvalue() == ""
 
 
-def test_cli_json_stays_clean_on_a_pipe():
-    result = subprocess.run(
-        [sys.executable, "-m", "symattn", "eval", "notebook", "--json", "--digits", "300"],
-        capture_output=True,
-        text=True,
-    )
+def test_cli_json_stays_clean_on_a_pipe(cli):
+    result = cli("eval", "notebook", "--json", "--digits", "300")
     assert result.returncode == 0 and result.stderr == ""
 
 

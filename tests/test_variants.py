@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import mpmath
-import numpy as np
 import pytest
 
 import symattn
 from symattn import SymattnError
 from symattn.cli import main
-from tests import impls
+from tests import oracle
 from tests.test_verify import result
+from tools import impls
 
 
 def base(**options) -> dict:
@@ -119,108 +119,46 @@ def test_json_prints_masked_scores_as_null(tmp_path, capsys):
     assert doc["steps"]["scores1"]["certified_digits"][0][1] == 0
 
 
-def reference(data: dict, dps: int = 60) -> np.ndarray:
-    """M of a variant spec at ``dps`` digits with mpmath, written apart from symattn (and from impls)."""
-    from tests.conftest import to_mpf
-
-    with mpmath.workdps(dps):
-
-        def mat(rows):
-            return mpmath.matrix([[to_mpf(e, dps) for e in row] for row in rows])
-
-        x = mat(data["x"])
-        kv_x = mat(data["x_kv"]) if "x_kv" in data else x
-        heads = data["heads"]
-        kv = data.get("kv_heads", heads)
-        H, H_kv = len(heads), len(kv)
-        L, S = x.rows, kv_x.rows
-        d_k = len(heads[0]["wq"][0])
-        scale = to_mpf(data["scale"], dps) if "scale" in data else 1 / mpmath.sqrt(d_k)
-        offset = S - L if data.get("align") == "bottom_right" else 0
-        slopes = [mpmath.mpf(2) ** (-8 * (h + 1) / H) for h in range(H)] if data.get("alibi") is True else None
-        outs = []
-        for h in range(H):
-            g = h * H_kv // H
-            q = x * mat(heads[h]["wq"])
-            k = kv_x * mat(kv[g]["wk"])
-            v = kv_x * mat(kv[g]["wv"])
-            for _, matrix, vec in (
-                ("bq", q, heads[h].get("bq")),
-                ("bk", k, kv[g].get("bk")),
-                ("bv", v, kv[g].get("bv")),
-            ):
-                if vec is not None:
-                    for r in range(matrix.rows):
-                        for c in range(matrix.cols):
-                            matrix[r, c] += to_mpf(vec[c], dps)
-            head = mpmath.matrix(L, v.cols)
-            for i in range(L):
-                row = []
-                for j in range(S):
-                    ok = True
-                    if "mask" in data:
-                        ok = ok and data["mask"][i][j]
-                    if data.get("causal"):
-                        ok = ok and j <= i + offset
-                    if "window" in data:
-                        left, right = data["window"]
-                        ok = (
-                            ok
-                            and (left is None or j >= i + offset - left)
-                            and (right is None or j <= i + offset + right)
-                        )
-                    if not ok:
-                        continue
-                    s = scale * sum(q[i, c] * k[j, c] for c in range(q.cols))
-                    if "softcap" in data:
-                        c = to_mpf(data["softcap"], dps)
-                        s = c * mpmath.tanh(s / c)
-                    if "bias" in data:
-                        s += to_mpf(data["bias"][i][j], dps)
-                    if slopes:
-                        s -= slopes[h] * abs(i + offset - j)
-                    row.append((j, s))
-                if not row:
-                    fill = {"zero": None, "uniform": mpmath.mpf(1) / S, "nan": mpmath.nan}[
-                        data.get("empty_row", "zero")
-                    ]
-                    for c in range(v.cols):
-                        head[i, c] = (
-                            0 if fill is None else (fill * sum(v[j, c] for j in range(S)) if fill == fill else fill)
-                        )
-                    continue
-                z = mpmath.fsum(mpmath.exp(s) for _, s in row)
-                for c in range(v.cols):
-                    head[i, c] = mpmath.fsum(mpmath.exp(s) * v[j, c] for j, s in row) / z
-            outs.append(head)
-        concat = mpmath.matrix(L, sum(o.cols for o in outs))
-        for h, o in enumerate(outs):
-            for i in range(L):
-                for c in range(o.cols):
-                    concat[i, h * o.cols + c] = o[i, c]
-        m = concat * mat(data["wo"])
-        if "bo" in data:
-            for i in range(m.rows):
-                for c in range(m.cols):
-                    m[i, c] += to_mpf(data["bo"][c], dps)
-        return m
+# the kernel form (q, k, v given) with the same options: GQA, masks per head, empty rows, alignment
+Q3 = [[[1, 0], [0, 1], [1, 1]], [[0, 1], ["1/2", 0], [1, -1]], [[2, 0], [0, 0], [-1, 1]], [[0, 0], [1, 1], [0, 2]]]
+K4 = [[[1, 0], [0, 1], [1, -1], [0, 0]], [[0, 1], [1, 1], [-1, 0], [2, 1]]]
+V4 = [[[1, 2, 0], [0, -1, 1], [3, 0, 1], [1, 1, 1]], [[0, 1, 1], [-1, 0, 2], [1, 1, 0], [0, 0, "1/4"]]]
+PER_HEAD_MASK = [[[True, True, False, False]] * 3, [[False] * 4, [True] * 4, [True, False, True, False]],
+                 [[True] * 4] * 3, [[False, False, False, True]] * 3]  # fmt: skip
+KERNEL_CASES = {
+    "kernel gqa causal bottom_right": {"q": Q3, "k": K4, "v": V4, "causal": True, "align": "bottom_right"},
+    "kernel window alibi softcap": {"q": Q3, "k": K4, "v": V4, "window": [0, 1], "alibi": True, "softcap": 2},
+    "kernel per-head mask and bias, uniform": {"q": Q3, "k": K4, "v": V4, "mask": PER_HEAD_MASK,
+                                               "bias": [[[0, 1, "-1/2", 0]] * 3] * 4, "empty_row": "uniform"},
+    "kernel alibi slopes, nan rows": {"q": Q3, "k": K4, "v": V4, "alibi": [1, "1/2", 0, 2], "scale": "1/3",
+                                      "mask": PER_HEAD_MASK, "empty_row": "nan"},
+}  # fmt: skip
+EVERY_CASE = {**{case: data for case, (data, _) in CASES.items()}, **KERNEL_CASES}
+EVERY_CASE["nan rows, alibi of 3 heads"] = base(
+    heads=base()["heads"] + [base()["heads"][0]], wo=[[1, 0], [0, 1]] * 3, alibi=True,
+    mask=[[True] * 4, [False] * 4, [True, True, False, False], [True] * 4], empty_row="nan",
+)  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_certified_digits_agree_with_an_independent_reference(case):
-    data, _ = CASES[case]
-    truth = symattn.evaluate(data, digits=30, steps=["M"])
-    ref = reference(data, 80)
-    with mpmath.workdps(80):
-        for i, row in enumerate(truth["M"].values):
-            for j, text in enumerate(row):
-                value = ref[i, j]
-                if text == "nan":
-                    assert mpmath.isnan(value)
-                elif text == "0":
-                    assert abs(value) < mpmath.mpf(10) ** -70
-                else:  # 30 correctly rounded digits: within half a unit of the 30th
-                    assert abs(mpmath.mpf(text) - value) <= abs(value) * mpmath.mpf(10) ** -29, (case, i, j, text)
+@pytest.mark.parametrize("case", list(EVERY_CASE))
+def test_every_step_agrees_with_an_independent_reference(case):
+    data = EVERY_CASE[case]
+    truth = symattn.evaluate(data, digits=30)
+    ref = oracle.steps(data, 80)
+    assert sorted(truth.names) == sorted(ref)  # every step named as DESIGN.md says, none missing
+    assert oracle.agree(truth, ref, truth.names, 80) == sum(r.rows * r.cols for r in ref.values())
+
+
+def test_the_reference_knows_the_rules():
+    """The reference's own rules, pinned on hand-checked values (so a shared misreading cannot pass)."""
+    assert [mpmath.mpf(1) / s for s in oracle.standard_slopes(3)] == [16, 256, 4]  # DESIGN.md: H = 3
+    assert [mpmath.mpf(1) / s for s in oracle.standard_slopes(4)] == [4, 16, 64, 256]
+    rules = {"causal": True, "align": "bottom_right", "window": [1, 0]}
+    assert oracle.allowed(rules, None, 2, 4) == [[False, True, True, False], [False, False, True, True]]
+    ref = oracle.steps(EVERY_CASE["empty"])
+    assert ref["scores1"][1, 0] == -mpmath.inf and ref["weights1"][1, 3] == 0 and ref["M"][1, 0] == 0
+    ref = oracle.steps(EVERY_CASE["uniform and nan"])
+    assert ref["weights2"][1, 2] == mpmath.mpf(1) / 4
 
 
 def test_exact_decisions_with_rational_bias_and_alibi():

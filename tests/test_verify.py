@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +10,8 @@ from symattn import SymattnError
 from symattn.cli import default_impls
 from symattn.testing import assert_attention_close
 from symattn.verifier.verifier import Context, run, sensitivity, verify
-from tests import impls
 from tests.conftest import random_spec
+from tools import impls
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,28 +157,24 @@ def test_pytest_helper():
     assert_attention_close(impls.right, "notebook")
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "symattn", "verify", *args], capture_output=True, text=True, cwd=ROOT)
-
-
-def test_cli_verdicts_agree_with_the_helper(tmp_path):
+def test_cli_verdicts_agree_with_the_helper(tmp_path, cli):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(random_spec(4, n=4, d_model=3, h=2, d_k=2, d_v=2, d_out=3)))
-    ok = cli(str(spec), "--impl", "tests.impls:right", "--dtype", "float32")
-    assert ok.returncode == 0 and ok.stdout.startswith("PASS tests.impls:right on random4 in float32"), ok.stderr
-    bad = cli(str(spec), "--impl", "tests.impls:key_dropped")
-    assert bad.returncode == 1 and bad.stdout.startswith("FAIL tests.impls:key_dropped")
+    ok = cli("verify", str(spec), "--impl", "tools.impls:right", "--dtype", "float32")
+    assert ok.returncode == 0 and ok.stdout.startswith("PASS tools.impls:right on random4 in float32"), ok.stderr
+    bad = cli("verify", str(spec), "--impl", "tools.impls:key_dropped")
+    assert bad.returncode == 1 and bad.stdout.startswith("FAIL tools.impls:key_dropped")
     with pytest.raises(AssertionError):
         assert_attention_close(impls.key_dropped, spec)
 
 
-def test_cli_json():
-    result = cli("notebook", "--impl", "tests.impls:right", "--impl", "tests.impls:heads_reversed", "--json")
+def test_cli_json(cli):
+    result = cli("verify", "notebook", "--impl", "tools.impls:right", "--impl", "tools.impls:heads_reversed", "--json")
     assert result.returncode == 1
     doc = json.loads(result.stdout)
     assert doc["symattn"] == "0.1.0" and [r["name"] for r in doc["results"]] == [
-        "tests.impls:right",
-        "tests.impls:heads_reversed",
+        "tools.impls:right",
+        "tools.impls:heads_reversed",
     ]
     first = doc["results"][0]
     assert first["passed"] and first["dtype"] == "float64" and first["rule"] == "kappa"
@@ -207,38 +201,38 @@ def test_cli_json():
             "nosuchmodule:f",
             "--impl nosuchmodule:f: cannot import nosuchmodule: ModuleNotFoundError: No module named 'nosuchmodule'",
         ),
-        ("tests.impls:nope", "--impl tests.impls:nope: tests.impls has no function 'nope'"),
+        ("tools.impls:nope", "--impl tools.impls:nope: tools.impls has no function 'nope'"),
         (
-            "tests.impls",
+            "tools.impls",
             "--impl: expected MODULE:FUNCTION such as mypkg.attn:forward, or one of torch_sdpa, torch_mha, jax_dpa, "
-            "received 'tests.impls'",
+            "received 'tools.impls'",
         ),
         (
-            "tests.impls:wrong_signature",
-            "tests.impls:wrong_signature: expected a function f(x, wq, wk, wv, wo) -> output taking its options "
+            "tools.impls:wrong_signature",
+            "tools.impls:wrong_signature: expected a function f(x, wq, wk, wv, wo) -> output taking its options "
             "by keyword, received one with signature (x)",
         ),
     ],
 )
-def test_bad_impls_exit_2_on_one_line(impl, message):
-    result = cli("notebook", "--impl", impl)
+def test_bad_impls_exit_2_on_one_line(impl, message, cli):
+    result = cli("verify", "notebook", "--impl", impl)
     assert result.returncode == 2 and result.stderr == f"symattn: error: {message}\n"
 
 
-def test_an_implementation_that_raises_is_an_error_verdict_and_the_others_are_still_measured():
+def test_an_implementation_that_raises_is_an_error_verdict_and_the_others_are_still_measured(cli):
     # DESIGN.md: verdicts PASS, FAIL, UNSUPPORTED, ERROR; exit 0 only when all pass (this supersedes exit 2)
-    result = cli("notebook", "--impl", "tests.impls:crashes", "--impl", "tests.impls:right")
+    result = cli("verify", "notebook", "--impl", "tools.impls:crashes", "--impl", "tools.impls:right")
     assert result.returncode == 1 and result.stderr == ""
     first, second = result.stdout.split("\n\n")
-    assert first == "ERROR tests.impls:crashes on notebook in float64: raised RuntimeError: kernel failed"
-    assert second.startswith("PASS tests.impls:right on notebook in float64")
+    assert first == "ERROR tools.impls:crashes on notebook in float64: raised RuntimeError: kernel failed"
+    assert second.startswith("PASS tools.impls:right on notebook in float64")
 
 
-def test_a_wrong_shape_is_a_failure():
-    result = cli("notebook", "--impl", "tests.impls:wrong_shape")
+def test_a_wrong_shape_is_a_failure(cli):
+    result = cli("verify", "notebook", "--impl", "tools.impls:wrong_shape")
     assert result.returncode == 1
     assert result.stdout == (
-        "FAIL tests.impls:wrong_shape on notebook in float64: expected an output of shape 2×2, received shape (2, 1)\n"
+        "FAIL tools.impls:wrong_shape on notebook in float64: expected an output of shape 2×2, received shape (2, 1)\n"
     )
 
 
@@ -268,20 +262,20 @@ def test_a_spec_scale_reaches_the_implementation(rule, dtype):
     assert wrong.verdict == "FAIL", wrong.lines()
 
 
-def test_an_implementation_without_the_spec_option_is_unsupported(tmp_path):
+def test_an_implementation_without_the_spec_option_is_unsupported(tmp_path, cli):
     spec = tmp_path / "quarter.json"
     spec.write_text(json.dumps(quarter_scale_spec()))
     r = result(impls.right, quarter_scale_spec())
     assert r.verdict == "UNSUPPORTED" and not r.passed
     assert r.reasons == ["the spec sets scale = 0.25, which right does not accept"]
-    done = cli(str(spec), "--impl", "tests.impls:right", "--impl", "tests.impls:right_scaled")
+    done = cli("verify", str(spec), "--impl", "tools.impls:right", "--impl", "tools.impls:right_scaled")
     assert done.returncode == 1
     first, second = done.stdout.split("\n\n")
     assert first == (
-        "UNSUPPORTED tests.impls:right on random4 in float64: the spec sets scale = 0.25, which tests.impls:right "
+        "UNSUPPORTED tools.impls:right on random4 in float64: the spec sets scale = 0.25, which tools.impls:right "
         "does not accept"
     )
-    assert second.startswith("PASS tests.impls:right_scaled")
+    assert second.startswith("PASS tools.impls:right_scaled")
     with pytest.raises(SymattnError, match=r"^right on random4: the spec sets scale = 0.25, which right does not"):
         assert_attention_close(impls.right, quarter_scale_spec())
 

@@ -1,6 +1,6 @@
 """Calibration of the verifier's default rule: right implementations must pass, wrong ones fail.
 
-    python tools/calibrate.py            # NumPy implementations (tests/impls.py), and torch/JAX if installed
+    python tools/calibrate.py            # NumPy implementations (tools/impls.py), and torch/JAX if installed
 
 Runs every implementation on kernel-form specs (random normal q, k, v; plain, causal, windowed, ALiBi,
 large logits; 16 and 64 tokens) in float64, float32, float16 and bfloat16, and prints, per implementation and
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import symattn  # noqa: E402
 from symattn.cli import default_impls  # noqa: E402
 from symattn.verifier.verifier import verify  # noqa: E402
-from tests import impls  # noqa: E402
+from tools import impls  # noqa: E402
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 

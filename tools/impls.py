@@ -1,4 +1,5 @@
-"""Attention implementations for the verifier's tests: right ones, and the bugs people really ship.
+"""Attention implementations for the verifier's tests and tools/calibrate.py: right ones, and the bugs people
+really ship (here, not in tests/, so that tools do not import the tests).
 
 All take f(x, wq, wk, wv, wo) with stacked per-head weights, in the dtype under test."""
 
