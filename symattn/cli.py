@@ -418,22 +418,10 @@ def default_impls(spec, backward: bool = False) -> list:
     from symattn.verifier.verifier import arguments
 
     if spec.form == "projection" and not arguments(spec, "float64").nondefault:  # it takes no options
+        from symattn.verifier.seed import notebook_algorithm
+
         impls.append(("notebook algorithm", notebook_algorithm))
     return impls
-
-
-def notebook_algorithm(x, wq, wk, wv, wo):
-    """The seed notebook's algorithm: softmax without the max shift (overflows on large logits)."""
-    import numpy as np
-
-    heads = []
-    for i in range(wq.shape[0]):
-        q, k, v = x @ wq[i], x @ wk[i], x @ wv[i]
-        s = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(np.array(q.shape[-1], dtype=x.dtype))
-        with np.errstate(over="ignore", invalid="ignore"):
-            e = np.exp(s)
-            heads.append((e / e.sum(axis=-1, keepdims=True)) @ v)
-    return np.concatenate(heads, axis=-1) @ wo
 
 
 def _notebook(args) -> int:

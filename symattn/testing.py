@@ -21,10 +21,11 @@ import numpy as np
 
 from symattn.backends.floats import DTYPES
 from symattn.errors import SymattnError
-from symattn.verifier.verifier import RULES, Context, call, measure, output_array
-
-KERNEL = ("q", "k", "v")
-PROJECTION = ("x", "wq", "wk", "wv", "wo")
+from symattn.verifier.convention import KERNEL_POSITIONAL as KERNEL
+from symattn.verifier.convention import PROJECTION_POSITIONAL as PROJECTION
+from symattn.verifier.convention import call, output_array
+from symattn.verifier.measure import RULES, measure
+from symattn.verifier.reference import Context
 
 
 def assert_attention_close(
