@@ -13,7 +13,7 @@ import pytest
 
 import symattn
 from symattn.testing import assert_attention_close
-from symattn.verifier.verifier import verify
+from symattn.verifier import verify
 from tests import impls
 
 torch = pytest.importorskip("torch")
