@@ -499,7 +499,7 @@ def _bounds(spec, graph, steps, dtype: str) -> dict:
     from symattn.verifier.reference import step_bounds
 
     args = arguments(spec, dtype)
-    return step_bounds(graph, args.leaves, steps, dtype, spec)
+    return step_bounds(graph, args.leaves, steps, dtype)
 
 
 def _within(token: str, truth, step: str, i: int, j: int, places: int, bound: float) -> bool:

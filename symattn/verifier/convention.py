@@ -188,6 +188,8 @@ def _kept(spec, scale=True) -> dict:
 
 
 def _nondefault(spec, name: str) -> bool:
+    """Whether the spec sets option ``name`` to something other than its default, in a way that can change the
+    output (an alignment without causal, window or ALiBi does not; empty_row only where a row is empty)."""
     if name == "scale":
         return spec.scale is not None and spec.scale != spec.default_scale
     if name == "mask":

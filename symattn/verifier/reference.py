@@ -100,7 +100,7 @@ class _Batched(FloatXP):
         return g
 
 
-def step_bounds(graph, leaves: dict, names, dtype: str, spec=None) -> dict:
+def step_bounds(graph, leaves: dict, names, dtype: str) -> dict:
     """The kappa rule's allowance for every entry of the steps ``names`` where no reference run is at hand:
     twice the error budget of a right computation in ``dtype``, plus two ulps."""
     from symattn.backends.budget import budgets
@@ -185,7 +185,6 @@ class Context:
             scale = float(values.max()) if values.size else 0.0
             self.floor[part] = FLOOR_SCALE * scale
             self.one_rounding.append(float(np.spacing(np.array(scale).astype(dtype_of(dtype))).astype(np.float64)))
-        self.reference_error = max(self.target_reference_error, default=0.0)
         self.kappa = None
         if not backward and self.exact_f.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
