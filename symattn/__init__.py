@@ -19,10 +19,10 @@ from symattn.load import load_spec
 from symattn.spec import AttentionSpec
 
 if TYPE_CHECKING:  # what IDEs and type checkers read; at run time __getattr__ below imports the same functions
-    from symattn.codegen.module import generate
+    from symattn.codegen import generate
     from symattn.trace import Trace
     from symattn.truth.evaluation import evaluate
-    from symattn.verifier.verifier import verify
+    from symattn.verifier.measure import verify
 
 __all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "load_spec", "verify", "__version__"]
 
@@ -30,8 +30,8 @@ __all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "lo
 # `symattn.evaluate` is then the function itself: its signature, docstring and help() are the real ones.
 _FRONT_ENDS = {
     "evaluate": "symattn.truth.evaluation",
-    "generate": "symattn.codegen.module",
-    "verify": "symattn.verifier.verifier",
+    "generate": "symattn.codegen.generator",
+    "verify": "symattn.verifier.measure",
 }
 
 

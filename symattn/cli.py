@@ -53,11 +53,12 @@ what the report says (exact: the truth certified for the inputs as rounded to th
 def _parser() -> argparse.ArgumentParser:
     from symattn.backends.engines import ENGINES
     from symattn.backends.floats import DTYPES
-    from symattn.codegen.module import STRATEGIES, UNROLL_LIMIT, WEIGHTS
+    from symattn.codegen import STRATEGIES, UNROLL_LIMIT, WEIGHTS
     from symattn.graph.steps import FORMATS
     from symattn.load import builtin_names
     from symattn.verifier.adapters import NAMES as ADAPTERS
-    from symattn.verifier.verifier import DIGITS, RULES, auto_large_digits
+    from symattn.verifier.measure import RULES
+    from symattn.verifier.reference import DIGITS, auto_large_digits
 
     spec_help = f"a built-in example ({', '.join(builtin_names())}) or a path to a .json, .toml or .npz spec file"
     grad_help = "the backward steps too (gradients of the sum of outputs, or of the spec's dout)"
@@ -305,7 +306,7 @@ def _exact_json(e):
 
 
 def _generate(args) -> int:
-    from symattn.codegen.module import generate
+    from symattn.codegen import generate
     from symattn.load import load_spec
 
     source = generate(load_spec(args.spec), weights=args.weights, strategy=args.strategy, grad=args.grad)
@@ -362,7 +363,8 @@ def _umask() -> int:
 
 def _verify(args) -> int:
     from symattn.load import load_spec
-    from symattn.verifier.verifier import report_json, verify
+    from symattn.verifier.measure import verify
+    from symattn.verifier.report import report_json
 
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     spec = load_spec(args.spec)
@@ -374,7 +376,7 @@ def _verify(args) -> int:
         except ValueError:
             raise SymattnError(f"--digits: expected auto or an integer, received {digits!r}") from None
     from symattn.graph.graph import build as build_graph
-    from symattn.verifier.verifier import targets
+    from symattn.verifier.convention import targets
 
     entries = sum(math.prod(t.shape) for t in targets(build_graph(spec), args.backward))
     kind = "gradient" if args.backward else "output"
@@ -386,7 +388,7 @@ def _verify(args) -> int:
     )
     results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits)
     if args.plot:
-        from symattn.verifier.verifier import plot
+        from symattn.verifier.report import plot
 
         plot(results, args.plot)
     if args.json:
@@ -403,7 +405,7 @@ def default_impls(spec, backward: bool = False) -> list:
     import importlib.util
     import tempfile
 
-    from symattn.codegen.module import generate
+    from symattn.codegen import generate
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "symattn_generated.py"
@@ -414,25 +416,13 @@ def default_impls(spec, backward: bool = False) -> list:
     if backward:
         return [("generated", module.backward)]
     impls = [("generated", module.forward)]
-    from symattn.verifier.verifier import arguments
+    from symattn.verifier.convention import arguments
 
     if spec.form == "projection" and not arguments(spec, "float64").nondefault:  # it takes no options
+        from symattn.verifier.seed import notebook_algorithm
+
         impls.append(("notebook algorithm", notebook_algorithm))
     return impls
-
-
-def notebook_algorithm(x, wq, wk, wv, wo):
-    """The seed notebook's algorithm: softmax without the max shift (overflows on large logits)."""
-    import numpy as np
-
-    heads = []
-    for i in range(wq.shape[0]):
-        q, k, v = x @ wq[i], x @ wk[i], x @ wv[i]
-        s = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(np.array(q.shape[-1], dtype=x.dtype))
-        with np.errstate(over="ignore", invalid="ignore"):
-            e = np.exp(s)
-            heads.append((e / e.sum(axis=-1, keepdims=True)) @ v)
-    return np.concatenate(heads, axis=-1) @ wo
 
 
 def _notebook(args) -> int:

@@ -496,10 +496,11 @@ def _check_shape(printed: Printed, shape: tuple, path) -> None:
 
 def _bounds(spec, graph, steps, dtype: str) -> dict:
     """Per step entry, the verifier's error bound for a float computation in ``dtype``."""
-    from symattn.verifier.verifier import arguments, step_bounds
+    from symattn.verifier.convention import arguments
+    from symattn.verifier.reference import step_bounds
 
     args = arguments(spec, dtype)
-    return step_bounds(graph, args.leaves, steps, dtype, spec)
+    return step_bounds(graph, args.leaves, steps, dtype)
 
 
 def _within(token: str, truth, step: str, i: int, j: int, places: int, bound: float) -> bool:

@@ -611,16 +611,3 @@ def _alibi(value, h: int):
             f"alibi: expected true or a list of {h} slopes (one per query head), received {shown(value)}"
         )
     return tuple(parse_entry(e, f"alibi[{i}]") for i, e in enumerate(value))
-
-
-# Loading lives in symattn.load (which imports this module).  These names are still read from here by modules
-# written before the split; resolving them on first use keeps that working without an import cycle.
-_MOVED_TO_LOAD = ("builtin_names", "from_dict", "load_spec")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_LOAD:
-        from symattn import load
-
-        return getattr(load, name)
-    raise AttributeError(f"module 'symattn.spec' has no attribute {name!r}")

@@ -21,10 +21,11 @@ import numpy as np
 
 from symattn.backends.floats import DTYPES
 from symattn.errors import SymattnError
-from symattn.verifier.verifier import RULES, Context, call, measure, output_array
-
-KERNEL = ("q", "k", "v")
-PROJECTION = ("x", "wq", "wk", "wv", "wo")
+from symattn.verifier.convention import KERNEL_POSITIONAL as KERNEL
+from symattn.verifier.convention import PROJECTION_POSITIONAL as PROJECTION
+from symattn.verifier.convention import call, output_array
+from symattn.verifier.measure import RULES, measure
+from symattn.verifier.reference import Context
 
 
 def assert_attention_close(
@@ -41,7 +42,7 @@ def assert_attention_close(
     if spec is not None:
         if any(key in given for key in KERNEL + PROJECTION):
             raise SymattnError("assert_attention_close: give a spec or the input tensors, not both")
-        from symattn.spec import load_spec
+        from symattn.load import load_spec
 
         _check(fn, name, Context(load_spec(spec), dtype or "float64", backward=backward), rule, None)
         return
@@ -67,7 +68,7 @@ def assert_attention_close(
         if form is PROJECTION:
             data = {key: data[key] for key in PROJECTION + (("dout",) if "dout" in data else ())}
         data.update({key: framework.numpy(value) if _array_like(value) else value for key, value in options.items()})
-        from symattn.spec import from_dict
+        from symattn.load import from_dict
 
         contexts.append(Context(from_dict(data), dtype, backward=backward))
 
@@ -163,7 +164,7 @@ class _Framework:
 
     def numpy(self, t) -> np.ndarray:
         """Exact float64 values (or the bools of a mask)."""
-        from symattn.spec import as_array
+        from symattn.matrix import as_array
 
         return as_array(t)
 

@@ -408,7 +408,7 @@ def build(spec, grad: bool = False) -> Trace:
     >>> build("notebook").names[:6]
     ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1']
     """
-    from symattn.spec import load_spec
+    from symattn.load import load_spec
 
     return Trace(load_spec(spec), grad)
 

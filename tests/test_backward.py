@@ -17,8 +17,9 @@ import pytest
 import symattn
 from symattn import SymattnError
 from symattn.cli import main
-from symattn.codegen.module import generate
+from symattn.codegen import generate
 from symattn.testing import assert_attention_close
+from symattn.verifier import convention
 from tests import oracle
 from tests.conftest import to_mpf
 from tests.test_variants import CASES, base
@@ -292,9 +293,9 @@ def test_generated_backward_matches_the_truth(case, strategy):
     module = _module(generate(spec, strategy=strategy, grad=True))
     args = [np.array(spec.x.float64())] + ([np.array(spec.x_kv.float64())] if spec.x_kv is not None else [])
     grads = module.backward(*args, np.ones((spec.L, spec.d_out)))
-    full = symattn.verifier.verifier.arguments(spec, "float64").rounded  # a bias some heads lack is zero for the others
+    full = convention.arguments(spec, "float64").rounded  # a bias some heads lack is zero for the others
     truth = symattn.evaluate(full, digits=20, grad=True)
-    targets = symattn.verifier.verifier.targets(symattn.graph.graph.build(full), backward=True)
+    targets = convention.targets(symattn.graph.graph.build(full), backward=True)
     assert set(grads) == {t.name for t in targets}  # every input gradient, the folded weights' included
     for t in targets:
         exact = np.array([[[float(v) for v in row] for row in truth[step].values] for step in t.steps])
@@ -308,8 +309,8 @@ def test_generated_backward_with_weights_as_inputs_is_verified_and_batched(tmp_p
     (r,) = symattn.verify(spec, symattn.cli.default_impls(spec, backward=True), backward=True)
     assert r.passed and r.backward, r.lines()
     module = _module(generate(spec, weights="inputs", grad=True))
-    args = symattn.verifier.verifier.arguments(spec, "float32", backward=True)
-    takes = symattn.verifier.verifier.accepted(module.backward, args.options)
+    args = convention.arguments(spec, "float32", backward=True)
+    takes = convention.accepted(module.backward, args.options)
     options = {k: v for k, v in args.options.items() if k in takes}
     one = module.backward(*args.positional, **options)
     assert all(g.dtype == np.float32 for g in one.values())  # dtype-preserving

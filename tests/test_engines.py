@@ -12,7 +12,7 @@ import pytest
 
 import symattn
 from symattn.backends.engines import ArbEngine, MpmathEngine
-from symattn.spec import builtin_names
+from symattn.load import builtin_names
 from tests.test_backward import KERNEL, KERNEL_CASES, _assert_agree, _finite_differences, _kernel_fd
 from tests.test_variants import CASES
 

@@ -11,7 +11,7 @@ import pytest
 
 import symattn
 from symattn.testing import assert_attention_close
-from symattn.verifier.verifier import verify
+from symattn.verifier import verify
 from tools import impls
 
 torch = pytest.importorskip("torch")

@@ -12,6 +12,7 @@ import symattn
 from symattn import SymattnError
 from symattn.backends.floats import dtype_of
 from symattn.cli import main
+from symattn.verifier.report import report_json
 from tools import impls
 
 RNG = np.random.default_rng(7)
@@ -95,7 +96,7 @@ def test_verify_in_bfloat16_from_the_cli(capsys):
 
 def test_strict_json_with_non_finite_values():
     results = symattn.verify("overflow32", [impls.unshifted], dtype="float32")
-    text = symattn.verifier.verifier.report_json(results)
+    text = report_json(results)
     doc = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON literal {name}"))
     assert doc["passed"] is False and doc["results"][0]["max_abs_error"] == "inf"
 

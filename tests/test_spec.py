@@ -4,7 +4,7 @@ from fractions import Fraction
 import pytest
 
 from symattn import AttentionSpec, SymattnError, load_spec
-from symattn.spec import builtin_names
+from symattn.load import builtin_names
 
 KEYS = (
     "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, empty_row, dout"

@@ -9,7 +9,9 @@ import symattn.graph.graph
 from symattn import SymattnError
 from symattn.cli import default_impls
 from symattn.testing import assert_attention_close
-from symattn.verifier.verifier import Context, run, sensitivity, verify
+from symattn.verifier import convention
+from symattn.verifier.measure import run, verify
+from symattn.verifier.reference import Context, sensitivity
 from tests.conftest import random_spec
 from tools import impls
 
@@ -106,7 +108,7 @@ def test_inputs_are_rounded_and_their_effect_reported():
 
 def test_sensitivity_matches_finite_differences():
     spec = symattn.load_spec(random_spec(8, n=3, d_model=2, h=2, d_k=2, d_v=2, d_out=2, kind="rational"))
-    args = symattn.verifier.verifier.arguments(spec, "float64")
+    args = convention.arguments(spec, "float64")
     arrays = list(args.positional)
     base = impls.right(*arrays)
     expected = np.zeros_like(base)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import symattn  # noqa: E402
 from symattn.cli import default_impls  # noqa: E402
-from symattn.verifier.verifier import verify  # noqa: E402
+from symattn.verifier import verify  # noqa: E402
 from tools import impls  # noqa: E402
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")

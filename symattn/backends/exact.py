@@ -40,8 +40,6 @@ class TooBig(Exception):
     """A decision would expand to more than MAX_TERMS polynomial terms: given up."""
 
 
-
-
 NANF = {"nan": None}  # the element of an empty row under empty_row "nan"
 
 

@@ -6,7 +6,7 @@ from symattn.codegen.layout import Layout, module_text
 from symattn.codegen.unrolled import Unrolled
 from symattn.codegen.vectorized import Vectorized
 from symattn.errors import SymattnError
-from symattn.spec import load_spec
+from symattn.load import load_spec
 
 WEIGHTS = ("folded", "inputs")
 STRATEGIES = ("auto", "unrolled", "vectorized")

@@ -117,7 +117,7 @@ def evaluate(
     of the sum of the outputs, or of the spec's ``dout``).  ``progress`` shows progress on stderr for
     evaluations longer than a second: None (default) only when stderr is a terminal.
     """
-    from symattn.spec import load_spec
+    from symattn.load import load_spec
 
     spec = load_spec(spec)
     digits = check_digits(digits)
@@ -301,10 +301,5 @@ def _accuracy(engine, needed: int):
         return lambda ball: ball.is_exact() or ball.rel_accuracy_bits() >= needed
     return lambda ball: engine.accuracy(ball) >= needed
 
-
-# Old names, importable from here until the verifier's imports are re-pointed to symattn.truth.large (r18).
-large = large_path.large
-block_target = large_path.block_target
-_blocks = large_path.blocks
 
 __all__ = ["check_digits", "evaluate"]

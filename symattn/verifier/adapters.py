@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from symattn import semantics
 from symattn.errors import SymattnError
 from symattn.semantics import alibi_distance, allowed
 
@@ -93,20 +94,17 @@ def _tensor(torch, a):
     return torch.from_numpy(a)
 
 
-def _mask_and_bias(L, S, H, mask, causal, window, align, bias, alibi_slopes, xp, dtype):
-    """The boolean mask (H, L, S) of allowed keys, or None, and the additive bias (H, L, S), or None."""
-    delta = 0 if align == "top_left" else S - L
+def _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes):
+    """The boolean mask (H, L, S) of allowed keys, or None, and ALiBi's additive ramp (H, L, S), or None."""
+    delta = semantics.delta(align, L, S)
     ok = None
     if mask is not None or causal or window is not None:
         ok = np.broadcast_to(allowed(L, S, mask, causal, window, delta), (H, L, S))
-    additive = None
-    if bias is not None:
-        additive = np.broadcast_to(np.asarray(bias, dtype=np.float64), (H, L, S)).copy()
+    ramp = None
     if alibi_slopes is not None:
         slopes = np.asarray(alibi_slopes, dtype=np.float64)
         ramp = -slopes[:, None, None] * alibi_distance(L, S, delta)[None]
-        additive = ramp if additive is None else additive + ramp
-    return ok, additive
+    return ok, ramp
 
 
 class _Leaves:
@@ -137,7 +135,6 @@ def _sdpa(torch, inputs, leaf, *, scale, mask=None, causal=False, window=None, a
           alibi_slopes=None, x_kv=None, bq=None, bk=None, bv=None, bo=None):  # fmt: skip
     F = torch.nn.functional
     kernel = len(inputs) == 3
-    dtype = _dtype_name(np.asarray(inputs[0]))
     if kernel:
         q, k, v = (leaf(name, a) for name, a in zip(("q", "k", "v"), inputs, strict=True))
     else:
@@ -153,7 +150,7 @@ def _sdpa(torch, inputs, leaf, *, scale, mask=None, causal=False, window=None, a
         if bv is not None:
             v = v + leaf("bv", bv)[:, None, :]
     H, L, S = q.shape[0], q.shape[1], k.shape[1]
-    ok, ramp = _mask_and_bias(L, S, H, mask, causal, window, align, None, alibi_slopes, np, dtype)
+    ok, ramp = _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes)
     kwargs = {"scale": float(scale), "enable_gqa": k.shape[0] != H}
     if bias is not None or ramp is not None:
         attn = torch.zeros((H, L, S), dtype=q.dtype)
@@ -240,7 +237,8 @@ def _mha(torch, leaf, x, wq, wk, wv, wo, *, mask=None, causal=False, x_kv=None, 
     L, S = x.shape[0], source.shape[0]
     attn_mask = None
     if mask is not None or causal:
-        attn_mask = torch.from_numpy(~allowed(L, S, mask, causal, None, 0))  # MultiheadAttention: True = ignore
+        top_left = semantics.delta("top_left", L, S)  # MultiheadAttention's causal mask (it takes no align)
+        attn_mask = torch.from_numpy(~allowed(L, S, mask, causal, None, top_left))  # MultiheadAttention: True = ignore
     out, _ = F.multi_head_attention_forward(
         query[:, None], key[:, None], key[:, None], E, H, None, in_bias, None, None, False, 0.0, out_w, out_b,
         training=False, need_weights=False, attn_mask=attn_mask, use_separate_proj_weight=True,
@@ -294,7 +292,7 @@ def _jax_prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empt
         )
     if _dtype_name(q) == "float64":
         jax.config.update("jax_enable_x64", True)
-    ok, ramp = _mask_and_bias(L, S, H, mask, causal, window, align, None, alibi_slopes, np, None)
+    ok, ramp = _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes)
     if ok is not None and not ok.any(axis=-1).all() and empty_row != "uniform":
         raise Unsupported(
             "jax.nn.dot_product_attention gives a row with no allowed key the mean of V (empty_row 'uniform'); "

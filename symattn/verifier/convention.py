@@ -1,0 +1,422 @@
+"""The ``--impl`` calling convention (DESIGN.md): what an implementation is called with, which options it
+accepts, how it is called, what it returns, and which graph steps each returned array holds.
+
+An implementation gets the spec's arrays rounded to the dtype under test, positionally (``x, wq, wk, wv, wo``
+or ``q, k, v``; ``dout`` after them with ``backward``), and every option it accepts by keyword, with the spec's
+value or its default.  A spec that sets an option the implementation cannot take gets UNSUPPORTED; what the
+implementation raises, ERROR.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from symattn.backends.floats import dtype_of, exact_float
+from symattn.errors import SymattnError
+from symattn.semantics import empty_fill
+from symattn.spec import AttentionSpec
+from symattn.verifier.adapters import NAMES, Unsupported, resolve
+from symattn.verifier.report import Result
+
+if TYPE_CHECKING:
+    from symattn.verifier.reference import Context
+
+PROJECTION_POSITIONAL = ("x", "wq", "wk", "wv", "wo")
+KERNEL_POSITIONAL = ("q", "k", "v")
+PROJECTION_OPTIONS = (
+    "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
+    "x_kv", "bq", "bk", "bv", "bo", "empty_row",
+)  # fmt: skip
+KERNEL_OPTIONS = ("scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "empty_row")
+
+
+# What an implementation gets.
+
+
+@dataclass
+class Arguments:
+    """What an implementation is called with, and the spec whose truth matches it."""
+
+    positional: tuple  # arrays in the dtype under test
+    options: dict  # every option of the convention, with the spec's value or its default
+    nondefault: list  # the options the spec sets to something other than their default
+    leaves: dict  # graph leaf name -> array (the same values), for the reference computations
+    rounded: AttentionSpec  # the spec with its arrays replaced by their rounded values
+
+
+def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False) -> Arguments:
+    """The spec's arrays rounded to ``dtype`` (by ``cast(float64 array, dtype)``: NumPy's, or a framework's,
+    which may round differently: torch and JAX round float64 to bfloat16 through float32), stacked as the
+    convention stacks them; with ``backward``, the output's cotangent ``dout`` follows the positional inputs
+    (the spec's, or all ones)."""
+    dt = dtype_of(dtype)
+
+    def rounded(m, name: str) -> np.ndarray:
+        exact = m.float64()
+        with np.errstate(over="ignore"):  # a value beyond the dtype's range is the user's error, said below
+            out = exact.astype(dt) if cast is None else np.asarray(cast(exact, dtype))
+        beyond = np.isfinite(exact) & ~np.isfinite(out.astype(np.float64))
+        if beyond.any():
+            raise SymattnError(
+                f"{name}: expected values within {dtype}'s range (|x| <= {float(np.finfo(dt).max):.5g}), received "
+                f"{exact[beyond].flat[0]:.5g}, which rounds to {out.astype(np.float64)[beyond].flat[0]} in {dtype}"
+            )
+        return out
+
+    def stack(ms, name: str) -> np.ndarray:
+        return np.stack([rounded(m, name) for m in ms])
+
+    options: dict = {
+        "scale": exact_float(spec.effective_scale),
+        "mask": None if spec.mask is None else (spec.mask[0] if spec.shared_mask else np.stack(spec.mask)),
+        "causal": spec.causal,
+        "window": spec.window,
+        "align": spec.align,
+        "bias": None,
+        "alibi_slopes": None,
+        "softcap": None if spec.softcap is None else exact_float(spec.softcap),
+        "empty_row": spec.empty_row,
+    }
+    leaves: dict = {}
+    fields: dict = {}
+    dout = None
+    if backward:
+        shape = (spec.h, spec.L, spec.d_v) if spec.form == "kernel" else (spec.L, spec.d_out)
+        if spec.dout is None:
+            dout = np.ones(shape, dt)
+        else:
+            dout = stack(spec.dout, "dout") if spec.form == "kernel" else rounded(spec.dout[0], "dout")
+        for k, d in enumerate(dout if spec.form == "kernel" else [dout], 1):
+            leaves[f"dout{k}"] = d
+        fields["dout"] = dout.astype(np.float64)
+    if spec.bias is not None:
+        options["bias"] = rounded(spec.bias[0], "bias") if spec.shared_bias else stack(spec.bias, "bias")
+        if spec.shared_bias:
+            leaves["bias"] = options["bias"]
+        else:
+            for i, b in enumerate(options["bias"], 1):
+                leaves[f"bias{i}"] = b
+        fields["bias"] = options["bias"].astype(np.float64)
+    if spec.alibi is not None:
+        slopes = np.array([exact_float(s) for s in spec.alibi_slopes])
+        slopes = slopes.astype(dt) if cast is None else np.asarray(cast(slopes, dtype))
+        options["alibi_slopes"] = slopes
+        fields["alibi"] = list(slopes.astype(np.float64))
+    if spec.form == "kernel":
+        q, k, v = stack(spec.q, "q"), stack(spec.k, "k"), stack(spec.v, "v")
+        positional = (q, k, v)
+        for i in range(spec.h):
+            leaves[f"q{i + 1}"] = q[i]
+        for g in range(spec.h_kv):
+            leaves[f"k{g + 1}"], leaves[f"v{g + 1}"] = k[g], v[g]
+        names = KERNEL_OPTIONS
+        exact = AttentionSpec(
+            spec.name,
+            q=q.astype(np.float64),
+            k=k.astype(np.float64),
+            v=v.astype(np.float64),
+            **{**_kept(spec), **fields},
+        )
+    else:
+        x = rounded(spec.x, "x")
+        wq = stack((h.wq for h in spec.heads), "wq")
+        wk = stack((h.wk for h in spec.kv_heads), "wk")
+        wv = stack((h.wv for h in spec.kv_heads), "wv")
+        wo = rounded(spec.wo, "wo")
+        positional = (x, wq, wk, wv, wo)
+        leaves.update({"x": x, "wo": wo})
+        for i in range(spec.h):
+            leaves[f"wq{i + 1}"] = wq[i]
+        for g in range(spec.h_kv):
+            leaves[f"wk{g + 1}"], leaves[f"wv{g + 1}"] = wk[g], wv[g]
+        options.update({"x_kv": None, "bq": None, "bk": None, "bv": None, "bo": None})
+        heads = [{"wq": wq[i].astype(np.float64)} for i in range(spec.h)]
+        kv = [{"wk": wk[g].astype(np.float64), "wv": wv[g].astype(np.float64)} for g in range(spec.h_kv)]
+        if spec.x_kv is not None:
+            options["x_kv"] = leaves["x_kv"] = rounded(spec.x_kv, "x_kv")
+            fields["x_kv"] = options["x_kv"].astype(np.float64)
+        for key, source, width, target in (
+            ("bq", spec.heads, spec.d_k, heads),
+            ("bk", spec.kv_heads, spec.d_k, kv),
+            ("bv", spec.kv_heads, spec.d_v, kv),
+        ):
+            if any(getattr(h, key) is not None for h in source):
+                rows = np.stack(
+                    [
+                        rounded(getattr(h, key), key)[0] if getattr(h, key) is not None else np.zeros(width, dt)
+                        for h in source
+                    ]
+                )
+                options[key] = rows
+                for n, row in enumerate(rows, 1):
+                    leaves[f"{key}{n}"] = row[None, :]
+                    target[n - 1][key] = row.astype(np.float64)
+        if spec.bo is not None:
+            options["bo"] = rounded(spec.bo, "bo")[0]
+            leaves["bo"] = options["bo"][None, :]
+            fields["bo"] = options["bo"].astype(np.float64)
+        names = PROJECTION_OPTIONS
+        exact = AttentionSpec(
+            spec.name, x.astype(np.float64), heads, wo.astype(np.float64), spec.scale,
+            kv_heads=kv, **{**_kept(spec, scale=False), **fields},
+        )  # fmt: skip
+    if dout is not None:
+        positional += (dout,)
+    nondefault = [name for name in names if _nondefault(spec, name)]
+    return Arguments(positional, {k: options[k] for k in names}, nondefault, leaves, exact)
+
+
+def _kept(spec, scale=True) -> dict:
+    """The options that are not arrays: they keep their exact values."""
+    out = {
+        "mask": spec.mask,
+        "causal": spec.causal,
+        "window": spec.window,
+        "align": spec.align,
+        "softcap": spec.softcap,
+        "empty_row": spec.empty_row,
+        "dout": spec.dout,
+    }
+    if scale:
+        out["scale"] = spec.scale
+    return out
+
+
+def _nondefault(spec, name: str) -> bool:
+    """Whether the spec sets option ``name`` to something other than its default, in a way that can change the
+    output (an alignment without causal, window or ALiBi does not; empty_row only where a row is empty)."""
+    if name == "scale":
+        return spec.scale is not None and spec.scale != spec.default_scale
+    if name == "mask":
+        return spec.mask is not None
+    if name == "causal":
+        return spec.causal
+    if name == "window":
+        return spec.window is not None
+    if name == "align":
+        return spec.delta != 0 and (spec.causal or spec.window is not None or spec.alibi is not None)
+    if name == "bias":
+        return spec.bias is not None
+    if name == "alibi_slopes":
+        return spec.alibi is not None
+    if name == "softcap":
+        return spec.softcap is not None
+    if name == "x_kv":
+        return spec.x_kv is not None
+    if name in ("bq", "bk", "bv"):
+        heads = spec.heads if name == "bq" else spec.kv_heads
+        return any(getattr(h, name) is not None for h in heads)
+    if name == "bo":
+        return spec.bo is not None
+    if name == "empty_row":  # it fills only rows with no allowed key; the default fills them with zeros
+        return empty_fill(spec.empty_row, spec.S) != 0 and any(
+            not spec.allowed(i).any(axis=1).all() for i in range(spec.h)
+        )
+    raise ValueError(name)
+
+
+# Loading and calling an implementation.
+
+
+def load_impl(text: str, backward: bool = False):
+    """MODULE:FUNCTION, or a built-in adapter's name (torch_sdpa, torch_mha, jax_dpa; with ``backward``, its
+    backward) -> the callable, with one-line errors."""
+    if text in NAMES:
+        return resolve(text, backward)
+    module_name, sep, function = text.partition(":")
+    if not sep or not module_name or not function.isidentifier():
+        raise SymattnError(
+            f"--impl: expected MODULE:FUNCTION such as mypkg.attn:forward, or one of {', '.join(NAMES)}, "
+            f"received {text!r}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module: any failure to import is theirs to see, in one line
+        raise SymattnError(f"--impl {text}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise SymattnError(f"--impl {text}: {module_name} has no function {function!r}")
+    return fn
+
+
+def accepted(fn, names) -> set:
+    """The options ``fn`` can take by keyword (all of them with **kwargs)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set(names)
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return set(names)
+    return {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} & set(names)
+
+
+def call(fn, name: str, context: Context, feed=None):
+    """fn called by the convention: (output, None), or (None, Result) for UNSUPPORTED or ERROR.  ``feed``
+    maps (inputs, options) to what fn gets instead (the pytest helper feeds a framework's tensors)."""
+    args = context.args
+    forms = getattr(fn, "forms", None)  # a built-in adapter's library takes one form only
+    if forms is not None and context.spec.form not in forms:
+        return None, Result(
+            name, context.spec.display_name, context.dtype, "", "UNSUPPORTED",
+            [f"{name} takes the {' or '.join(forms)} form; the spec has the {context.spec.form} form"],
+        )  # fmt: skip
+    names = args.options.keys()
+    takes = accepted(fn, names)
+    missing = [option for option in args.nondefault if option not in takes]
+    names_in = KERNEL_POSITIONAL if context.spec.form == "kernel" else PROJECTION_POSITIONAL
+    positional = "(" + ", ".join(names_in + (("dout",) if context.backward else ())) + ")"
+    if missing:
+        reason = ", ".join(f"{option} = {_brief(args.options[option])}" for option in missing)
+        return None, Result(
+            name, context.spec.display_name, context.dtype, "", "UNSUPPORTED",
+            [f"the spec sets {reason}, which {name} does not accept"],
+        )  # fmt: skip
+    options = {k: _copy(v) for k, v in args.options.items() if k in takes}
+    try:
+        inspect.signature(fn).bind(*args.positional, **options)
+    except TypeError:
+        returns = "gradients" if context.backward else "output"
+        raise SymattnError(
+            f"{name}: expected a function f{positional} -> {returns} taking its options by keyword, "
+            f"received one with signature {_signature(fn)}"
+        ) from None
+    except ValueError:
+        pass
+    inputs = [a.copy() for a in args.positional]
+    if feed is not None:
+        inputs, options = feed(inputs, options)
+    try:
+        with np.errstate(all="ignore"):
+            return fn(*inputs, **options), None
+    except Unsupported as e:  # an adapter whose library cannot express the spec
+        return None, Result(name, context.spec.display_name, context.dtype, "", "UNSUPPORTED", [str(e)])
+    except Exception as e:  # the implementation's own failure, reported with it
+        reasons = [f"raised {type(e).__name__}: {e}"]
+        return None, Result(name, context.spec.display_name, context.dtype, "", "ERROR", reasons, raised=e)
+
+
+def _copy(v):
+    return v.copy() if isinstance(v, np.ndarray) else v
+
+
+def _brief(v) -> str:
+    if isinstance(v, np.ndarray):
+        return f"an array of shape {v.shape}"
+    return repr(v)
+
+
+def _signature(fn) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(unknown)"
+
+
+# What an implementation returns.
+
+
+def output_array(value) -> np.ndarray:
+    """What an implementation returned as a NumPy array of its own dtype (torch and JAX tensors included;
+    a bfloat16 tensor becomes an ml_dtypes bfloat16 array, exactly)."""
+    module = type(value).__module__
+    if module.startswith("torch"):
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            return t.float().numpy().astype(dtype_of("bfloat16"))
+        return t.numpy()
+    return np.asarray(value)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One array an implementation returns: its name, the graph steps it stacks and its shape."""
+
+    name: str  # "output", or a gradient's name (dq, dx, dwq, ...)
+    steps: tuple
+    shape: tuple
+
+
+def targets(graph, backward: bool = False) -> list[Target]:
+    """What an implementation returns, as graph steps: the output (heads stacked in the kernel form), or with
+    ``backward`` the input gradients (``input_gradients``)."""
+    if backward:
+        return input_gradients(graph)[0]
+    rows, cols = graph.step(graph.outputs[0]).shape
+    shape = (rows, cols) if graph.outputs == ["M"] else (graph.spec.h, rows, cols)
+    return [Target("output", tuple(graph.outputs), shape)]
+
+
+def input_gradients(graph) -> tuple[list[Target], tuple]:
+    """The input gradients a backward implementation returns, as graph steps (DESIGN.md's names, each stacked
+    like its input, positional ones first), and the names, in order, of those it may return as a tuple (the
+    positional inputs' gradients).  The verifier reads the graph's input gradients here only."""
+    # lead: switch to the graph's input-gradient API (names, shapes, stacking) here
+    spec = graph.spec
+    known = {s.name: s.shape for s in graph.backward_steps}
+    out = []
+
+    def add(name, count=None):
+        if count is None:
+            if name in known:
+                rows, cols = known[name]
+                out.append(Target(name, (name,), (cols,) if name == "dbo" else (rows, cols)))
+            return
+        steps = tuple(f"{name}{n}" for n in range(1, count + 1))
+        if steps[0] in known:
+            rows, cols = known[steps[0]]
+            out.append(Target(name, steps, (count, cols) if name in ("dbq", "dbk", "dbv") else (count, rows, cols)))
+
+    if spec.form == "kernel":
+        positional = ("dq", "dk", "dv")
+        add("dq", spec.h), add("dk", spec.h_kv), add("dv", spec.h_kv)
+    else:
+        positional = ("dx", "dwq", "dwk", "dwv", "dwo")
+        add("dx"), add("dwq", spec.h), add("dwk", spec.h_kv), add("dwv", spec.h_kv), add("dwo"), add("dx_kv")
+        add("dbq", spec.h), add("dbk", spec.h_kv), add("dbv", spec.h_kv), add("dbo")
+    if spec.bias is not None:
+        add("dbias") if spec.shared_bias else add("dbias", spec.h)
+    return out, positional
+
+
+def returned_arrays(output, context: Context) -> tuple[dict, list, list]:
+    """What an implementation returned, by target name: (arrays, reasons it fails, notes).  Forward: one
+    array.  Backward: a dict keyed by gradient name, or a tuple of the positional inputs' gradients in order."""
+    if not context.backward:
+        return {"output": output_array(output)}, [], []
+    names = [t.name for t in context.targets]
+    positional = input_gradients(context.graph)[1]
+    if isinstance(output, dict):
+        given = {str(k): output_array(v) for k, v in output.items()}
+    elif isinstance(output, (tuple, list)):
+        if len(output) != len(positional):
+            return (
+                {},
+                [
+                    f"expected a dict of gradients or a tuple ({', '.join(positional)}), received a "
+                    f"{type(output).__name__} of {len(output)}"
+                ],
+                [],
+            )
+        given = {k: output_array(v) for k, v in zip(positional, output, strict=True)}
+    else:
+        return (
+            {},
+            [f"expected a dict of gradients or a tuple ({', '.join(positional)}), received {type(output).__name__}"],
+            [],
+        )
+    reasons, notes = [], []
+    missing = [n for n in positional if n in names and n not in given]
+    if missing:
+        reasons.append(f"did not return {', '.join(missing)}")
+    unverified = [n for n in names if n not in positional and n not in given]
+    if unverified:
+        notes.append(f"not returned, so not verified: {', '.join(unverified)}")
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        notes.append(f"ignored gradients of inputs the spec does not have: {', '.join(unknown)}")
+    return {n: given[n] for n in names if n in given}, reasons, notes

@@ -1,0 +1,247 @@
+"""The verdict rules: how far a float attention implementation is from the certified truth, and whether
+that is acceptable.
+
+The implementation gets the spec's arrays rounded to the dtype under test, and its options by keyword
+(DESIGN.md, the ``--impl`` convention); the truth is certified for exactly those rounded arrays (scalar
+options keep their exact values), so the error measures the implementation.  How much the rounding of
+the inputs alone moves the output is reported on its own.
+
+Verdicts: PASS, FAIL, UNSUPPORTED (the spec sets an option the function cannot take) and ERROR (the
+function raised).  Two rules decide (both are always reported):
+
+- ``kappa`` (default): per output entry, |error| <= 2·max(E, R) + 2 ulps(max(|exact|, floor)), where E is
+  the error budget of a right implementation in that dtype (``backends/budget.py``: every op stored in the dtype,
+  accumulated in float32 for half types, probabilistic √n growth — first order, so about κ·u with κ the
+  entry's condition number), and R the largest error at that entry of the graph run straightforwardly in
+  the dtype and reordered (einsum products, reciprocal multiplication).  Twice the largest error of right
+  implementations is what no verifier can tell from right (DESIGN.md); below that a pass is right.
+- ``differential``: the rule of FlashAttention's and PyTorch's tests: max error <= 2 × the largest max error
+  of the reference runs + one rounding at the output's scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from symattn.backends.floats import dtype_of
+from symattn.errors import SymattnError
+from symattn.load import load_spec
+from symattn.verifier.convention import call, load_impl, returned_arrays
+from symattn.verifier.reference import FLOOR_ULPS, Context
+from symattn.verifier.report import Entry, Result
+
+RULES = ("kappa", "differential", "both")
+ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else the worst this many
+
+
+def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
+           digits="auto") -> list[Result]:  # fmt: skip
+    """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
+    With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
+    gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
+    dbias) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
+    "auto" (25, or for a large spec verified in a dtype other than float64 9 to 12: ``auto_digits``) or a number.
+
+    >>> from symattn.verifier.seed import notebook_algorithm
+    >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]
+    ['PASS']
+    """
+    spec = load_spec(spec)
+    if rule not in RULES:
+        raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
+    dtype_of(dtype)
+    if digits != "auto":
+        from symattn.truth.evaluation import check_digits
+
+        digits = check_digits(digits)
+    if not impls:
+        raise SymattnError("impls: expected at least one implementation to verify, received none")
+    named = []
+    for f in impls:
+        if isinstance(f, tuple):
+            named.append(f)
+        elif isinstance(f, str):
+            named.append((f, load_impl(f, backward)))
+        else:
+            named.append((getattr(f, "__name__", "implementation"), f))
+    contexts: dict = {}  # one truth per way of casting the inputs (NumPy's, torch's, JAX's)
+    results = []
+    for name, fn in named:
+        cast = getattr(fn, "cast", None)
+        if cast not in contexts:
+            contexts[cast] = Context(spec, dtype, cast, backward, digits)
+        results.append(run(fn, name, contexts[cast], rule))
+    return results
+
+
+def run(fn, name: str, context: Context, rule: str) -> Result:
+    """Call fn by the convention and measure its output."""
+    output, result = call(fn, name, context)
+    if result is not None:
+        result.rule, result.backward = rule, context.backward
+        return result
+    return measure(name, output, context, rule)
+
+
+def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
+    """Measure what an implementation returned (an output array; backward: its gradients) against the truth
+    for the spec's inputs rounded to the dtype."""
+    spec, dtype = context.spec, context.dtype
+    dt = dtype_of(dtype)
+    arrays, reasons, notes = returned_arrays(output, context)
+    base = Result(name, spec.display_name, dtype, rule, "FAIL", reasons, notes=notes, backward=context.backward)
+    if reasons and not arrays:
+        return base
+    size = context.exact_f.size
+    checked = np.zeros(size, dtype=bool)
+    values = np.full(size, np.nan)
+    for t, part in zip(context.targets, context.slices, strict=True):
+        if t.name not in arrays:
+            continue
+        out = arrays[t.name]
+        label = "an output" if t.name == "output" else t.name
+        if out.shape != t.shape:
+            reasons.append(f"expected {label} of shape {'×'.join(map(str, t.shape))}, received shape {out.shape}")
+            continue
+        if out.dtype != dt:
+            what = "" if t.name == "output" else f"{t.name} in "
+            reasons.append(f"returned {what}dtype {out.dtype}, not the {dtype} it was given")
+        values[part] = out.astype(dt).astype(np.float64).reshape(-1)
+        checked[part] = True
+    if not checked.any():
+        return base
+    e = context.exact_f
+    finite = np.isfinite(e)
+    bad = np.flatnonzero(checked & finite & ~np.isfinite(values))
+    if bad.size:
+        step, i, j = context.where(int(bad[0]))
+        what = "output" if not context.backward else "the gradient"
+        reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {bad.size - 1} more entries")
+    error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
+    with np.errstate(all="ignore"):
+        floors = np.spacing(context.floor.astype(dt)).astype(np.float64)
+        nearest = np.where(finite, e, 0.0).astype(dt)
+        spacing = np.maximum(np.spacing(np.abs(nearest)).astype(np.float64), floors)
+        ulps = np.where(finite, error / spacing, np.where(error == 0, 0.0, np.inf))
+        got = np.where(np.isfinite(values), values, 0.0).astype(dt)
+        between = np.abs(_ordinal(got) - _ordinal(nearest)).astype(np.float64)
+        bits = np.where(finite, np.where(np.isfinite(values), np.log2(1 + between), np.inf), ulps)
+        magnitude = np.abs(np.where(finite, e, 0.0))
+        allowance = np.where(
+            finite, 2 * np.maximum(context.budget, context.reference_errors) + FLOOR_ULPS * spacing, 0.0
+        )
+        ratio = np.where(error == 0, 0.0, error / allowance)
+    owner = np.zeros(size, dtype=int)
+    for n, part in enumerate(context.slices):
+        owner[part] = n
+    target_errors = [float(error[part][checked[part]].max(initial=0.0)) for part in context.slices]
+    ratio = np.where(checked, ratio, -1.0)
+    kappa_ok = bool(np.all(error[checked] <= allowance[checked]))
+    # the norms scaled by the largest magnitude (a power of two), so that entries near 1e308 do not overflow
+    counted = checked & finite & np.isfinite(error)
+    top = float(np.max(np.where(counted, np.maximum(error, magnitude), np.where(finite, magnitude, 0.0)), initial=0.0))
+    unit = math.ldexp(1.0, -math.frexp(top)[1]) if top > 0 else 1.0
+    squares = float(np.sum(np.square(np.where(counted, error, 0.0) * unit)))
+    if not np.all(np.isfinite(error[checked & finite])):
+        squares = math.inf  # a non-finite value where the truth is finite
+    norms = float(np.sum(np.square(np.where(checked & finite, magnitude, 0.0) * unit)))
+    # the entries reported: every one of a small output, else the worst ENTRY_LIMIT
+    order = _worst(ratio, ulps, checked)
+    if int(checked.sum()) > ENTRY_LIMIT:
+        notes.append(f"entries: the {ENTRY_LIMIT} worst of {int(checked.sum())} are listed")
+    entries = []
+    texts = context.texts(order.tolist())
+    notes += [f"truth: {note}" for note in context.truth.notes]
+    for k, text in zip(order.tolist(), texts, strict=True):
+        step, i, j = context.where(k)
+        kappa = None if context.kappa is None else float(context.kappa[k])
+        entries.append(
+            Entry(
+                step,
+                i,
+                j,
+                float(values[k]),
+                text,
+                float(error[k]),
+                _relative(float(error[k]), float(magnitude[k])),
+                float(ulps[k]),
+                float(bits[k]),
+                float(allowance[k]),
+                kappa,
+            )  # fmt: skip
+        )
+    max_err = float(error[checked].max(initial=0.0))
+    factor = context.differential_factor
+    bounds = [factor * ref + one for ref, one in zip(context.target_reference_error, context.one_rounding, strict=True)]
+    over = [
+        (n, err / bound if bound else math.inf)
+        for n, (err, bound) in enumerate(zip(target_errors, bounds, strict=True))
+        if err > bound
+    ]
+    differential_ok = not over
+    worst_target = (
+        max(over, key=lambda t: t[1])[0]
+        if over
+        else max(range(len(bounds)), key=lambda n: target_errors[n] / bounds[n] if bounds[n] else 0.0)
+    )
+    if not kappa_ok and rule in ("kappa", "both"):
+        worst = entries[0]
+        reasons.append(
+            f"{worst.where} = {worst.value!r} is {worst.abs_error:.3g} from the exact "
+            f"{worst.exact[:22]}, beyond the kappa bound {worst.kappa_bound:.3g}"
+        )
+    if not differential_ok and rule in ("differential", "both"):
+        n = worst_target
+        what = "" if context.targets[n].name == "output" else f" in {context.targets[n].name}"
+        reasons.append(
+            f"max error{what} {target_errors[n]:.3g} exceeds {factor} × the reference runs' "
+            f"{context.target_reference_error[n]:.3g} + one rounding {context.one_rounding[n]:.3g}"
+        )
+    return Result(
+        name,
+        spec.display_name,
+        dtype,
+        rule,
+        "FAIL" if reasons else "PASS",
+        reasons,
+        max_err,
+        float(ulps[checked].max(initial=0.0)),
+        float(bits[checked].max(initial=0.0)),
+        kappa_ok,
+        differential_ok,
+        bounds[worst_target],
+        context.target_reference_error[worst_target],
+        context.input_effect,
+        math.sqrt(squares / norms) if norms else (0.0 if squares == 0 else math.inf),
+        entries,
+        notes,
+        context.backward,
+        context.targets[worst_target].name,
+    )
+
+
+def _relative(error: float, magnitude: float) -> float:
+    if magnitude > 0:
+        return error / magnitude
+    return 0.0 if error == 0 else math.inf
+
+
+def _worst(ratio: np.ndarray, ulps: np.ndarray, checked: np.ndarray) -> np.ndarray:
+    """The checked entries' indices by decreasing ratio, then ulps, then index: all of them, or the first
+    ENTRY_LIMIT (found by a partition first when there are many)."""
+    candidates = np.flatnonzero(checked)
+    if candidates.size > 4 * ENTRY_LIMIT:
+        key = -ratio[candidates]
+        cut = np.partition(key, ENTRY_LIMIT - 1)[ENTRY_LIMIT - 1]
+        candidates = candidates[key <= cut]  # every entry that can be among the first (ties included)
+    order = candidates[np.lexsort((candidates, -ulps[candidates], -ratio[candidates]))]
+    return order[:ENTRY_LIMIT]
+
+
+def _ordinal(a: np.ndarray) -> np.ndarray:
+    """Floats as integers in the same order, so that neighbours differ by one."""
+    kind = {8: np.int64, 4: np.int32, 2: np.int16}[a.dtype.itemsize]
+    ints = a.view(kind).astype(np.int64)
+    return np.where(ints < 0, np.iinfo(kind).min - ints, ints)

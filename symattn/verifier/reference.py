@@ -1,0 +1,320 @@
+"""What every implementation on one spec and dtype is measured against: the certified truth, the error budget
+of a right implementation in the dtype (``backends/budget.py``), the graph run straightforwardly and reordered
+in the dtype (the reference runs), and the entries' condition numbers.
+
+The kappa rule allows each entry twice the larger of its budget and its reference runs' error, plus FLOOR_ULPS
+ulps; ulps are measured at max(|exact|, FLOOR_SCALE × the largest |exact|) so that zeros do not dominate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from decimal import Decimal, localcontext
+
+import numpy as np
+
+from symattn.backends.floats import FloatXP, dtype_of, unit_roundoff
+from symattn.errors import SymattnError
+from symattn.graph.graph import build as build_graph
+from symattn.spec import AttentionSpec
+from symattn.verifier.convention import arguments, targets
+
+FLOOR_ULPS = 2
+FLOOR_SCALE = 2.0**-10  # ulps are measured at max(|exact|, this × the largest |exact|): zeros do not dominate
+KAPPA_LIMIT = 4096  # condition numbers are reported for outputs up to this many entries
+DIGITS = 25  # of the truth: far more than any float dtype has
+LARGE_DIGITS = 12  # at most, of the truth of a large spec in a half or single dtype (the enclosures certify them)
+BEYOND_DTYPE = 6  # digits of the truth beyond the dtype's unit roundoff, for such a spec
+
+
+def auto_digits(spec, dtype: str, names, graph) -> int:
+    """The truth's digits for ``--digits auto``: DIGITS, or for a large spec (``truth.large``) verified in a
+    dtype other than float64, BEYOND_DTYPE digits past its unit roundoff, at most LARGE_DIGITS: 9 for
+    bfloat16, 10 for float16, 12 for float32 (their errors are 10**3 and more above the truth's last digit;
+    fewer digits, fewer entries whose enclosures straddle a rounding boundary)."""
+    from symattn.truth.large import large
+
+    if dtype != "float64" and large(spec, LARGE_DIGITS, "auto", names, graph):
+        return auto_large_digits(dtype)
+    return DIGITS
+
+
+def auto_large_digits(dtype: str) -> int:
+    """``auto_digits`` for a large spec in ``dtype``: BEYOND_DTYPE digits past its unit roundoff, at most
+    LARGE_DIGITS."""
+    return min(LARGE_DIGITS, math.ceil(-math.log10(unit_roundoff(dtype))) + BEYOND_DTYPE)
+
+
+# The graph's reference runs, the error budget, and the condition numbers.
+
+
+class _Reordered(FloatXP):
+    """The graph in the dtype with another rounding pattern: products summed by einsum (in another order than
+    BLAS), division as multiplication by the reciprocal."""
+
+    def matmul(self, a, b):
+        return self._out(np.einsum("...ik,...kj->...ij", a, b))
+
+    def matmul_nt(self, a, b):
+        return self._out(np.einsum("...ik,...jk->...ij", a, b))
+
+    def matmul_tn(self, a, b):
+        return self._out(np.einsum("...ki,...kj->...ij", a, b))
+
+    def div(self, a, z):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._out(a * self._out(1 / z))
+
+
+def sensitivity(graph, leaves: dict, names=None):
+    """Σ over every input p of |p·∂out/∂p| for each entry of the output (or of the steps ``names``, a dict
+    of arrays then), in float64: a backward pass of the graph per step with every unit cotangent at once.
+    Over |out| it is the entry's componentwise condition number κ."""
+    xp = FloatXP("float64", leaves)
+    values = graph.forward(xp)
+    batched = _Batched("float64", leaves)
+    out = {}
+    for name in graph.outputs if names is None else names:
+        r, c = graph.step(name).shape
+        d = np.zeros((r * c, r, c))
+        rows, cols = np.unravel_index(np.arange(r * c), (r, c))
+        d[np.arange(r * c), rows, cols] = 1
+        grads = graph.backward(batched, values, {name: d})
+        total = np.zeros(r * c)
+        for leaf in graph.leaves:
+            g = grads.get("d" + leaf)
+            if g is not None:
+                value = xp.leaf(leaf, graph.leaves[leaf])
+                total += np.nan_to_num(np.abs(value * g)).reshape(r * c, -1).sum(axis=1)
+        out[name] = total.reshape(r, c)
+    if names is not None:
+        return out
+    return out["M"] if graph.outputs == ["M"] else np.stack([out[n] for n in graph.outputs])
+
+
+class _Batched(FloatXP):
+    """Float64 with one gradient per batch element (a weight's gradient is not summed over the batch)."""
+
+    def unbroadcast(self, g, like):
+        return g
+
+
+def step_bounds(graph, leaves: dict, names, dtype: str) -> dict:
+    """The kappa rule's allowance for every entry of the steps ``names`` where no reference run is at hand:
+    twice the error budget of a right computation in ``dtype``, plus two ulps."""
+    from symattn.backends.budget import budgets
+
+    budget = budgets(graph, leaves, dtype, names)
+    values = graph.forward(FloatXP("float64", leaves), names)
+    dt = dtype_of(dtype)
+    out = {}
+    for name in names:
+        magnitude = np.abs(np.where(np.isfinite(values[name]), values[name], 0))
+        spacing = np.spacing(magnitude.astype(dt)).astype(np.float64)
+        out[name] = 2 * budget[name] + FLOOR_ULPS * spacing
+    return out
+
+
+class Context:
+    """What every implementation on one spec and dtype is measured against, computed once: the certified
+    truth of every returned entry (flattened, target after target), the error budget and reference errors
+    there, and the ulp floors."""
+
+    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None):
+        from symattn.backends.budget import budgets
+        from symattn.truth.evaluation import evaluate
+
+        dtype_of(dtype)
+        if spec.symbols:
+            raise SymattnError(
+                f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
+            )
+        self.spec, self.dtype, self.backward = spec, dtype, backward
+        self.args = arguments(spec, dtype, cast, backward)
+        self.graph = build_graph(self.args.rounded)
+        self.targets = targets(self.graph, backward)
+        names = [step for t in self.targets for step in t.steps]
+        self.digits = auto_digits(self.args.rounded, dtype, names, self.graph) if digits in (None, "auto") else digits
+        self.truth = evaluate(self.args.rounded, digits=self.digits, progress=None, steps=names)
+        self.exact_f = self._flat({n: self.truth[n].to_numpy() for n in names})  # the truth rounded to float64
+        # float64 results are measured against the certified decimals exactly; lower precisions against
+        # float64 roundings of them (their error is far above float64's): vectorized
+        self.exact = self._flat({n: np.array(self.truth[n].tolist(), dtype=object) for n in names}) if (
+            dtype == "float64"
+        ) else None  # fmt: skip
+        self._starts, self._steps = [], []  # where each step's entries start in the flat order
+        start = 0
+        for t in self.targets:
+            for step in t.steps:
+                self._starts.append(start)
+                self._steps.append((step, self.graph.step(step).shape[1]))
+                start += int(np.prod(self.graph.step(step).shape))
+        self.input_effect = self._input_effect(spec, names)
+        leaves = self.args.leaves
+        if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
+            budget, *runs = _by_blocks(
+                self.args.rounded,
+                self.graph,
+                names,
+                [
+                    lambda g: budgets(g, {}, dtype, names, working=np.float32),  # not float64's: far coarser
+                    lambda g: runs_of(g, {}, dtype, names),
+                    lambda g: runs_of(g, {}, dtype, names, reordered=True),
+                ],
+            )
+            self.budget = self._flat(budget)
+        else:
+            self.budget = self._flat(budgets(self.graph, leaves, dtype, names))
+            runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
+        errors = [self.errors(self._flat(run)) for run in runs]
+        self.reference_errors = np.maximum(*errors)  # per entry, the larger of the two runs' errors
+        # per target: where its entries are, its largest reference error, its ulp floor and one rounding there
+        self.slices, self.target_reference_error, self.one_rounding = [], [], []
+        self.floor = np.zeros(self.exact_f.size)
+        finite = np.isfinite(self.exact_f)
+        start = 0
+        for t in self.targets:
+            size = int(np.prod(t.shape))
+            part = slice(start, start + size)
+            self.slices.append(part)
+            start += size
+            errors_here = self.reference_errors[part]
+            self.target_reference_error.append(float(errors_here.max()) if errors_here.size else 0.0)
+            values = np.abs(self.exact_f[part][finite[part]])
+            scale = float(values.max()) if values.size else 0.0
+            self.floor[part] = FLOOR_SCALE * scale
+            self.one_rounding.append(float(np.spacing(np.array(scale).astype(dtype_of(dtype))).astype(np.float64)))
+        self.kappa = None
+        if not backward and self.exact_f.size <= KAPPA_LIMIT:
+            with np.errstate(all="ignore"):
+                sens = np.asarray(sensitivity(self.graph, leaves)).reshape(-1)
+                magnitude = np.where(finite, np.abs(self.exact_f), 0.0)
+                self.kappa = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
+
+    def _input_effect(self, spec, names) -> float:
+        """max |truth(rounded inputs) − truth(exact inputs)|: certified at small sizes; on the large path the
+        truth against a forward run of the original inputs, in float64, or in float32 for a half dtype (an
+        estimate good to that precision, far below the half dtype's rounding of the inputs)."""
+        from symattn.truth.evaluation import evaluate
+        from symattn.truth.large import large
+
+        if self.args.rounded == spec:
+            return 0.0
+        graph = build_graph(spec)  # the steps the original spec has too (a projection bias some heads lack)
+        both = [n for n in names if n in {s.name for s in graph.steps + graph.backward_steps}]
+        if large(spec, self.digits, "auto", both, graph):  # the truth against a float64 run, by blocks
+            working = "float32" if unit_roundoff(self.dtype) > unit_roundoff("float32") else "float64"
+            (b,) = _by_blocks(spec, graph, both, [lambda g: runs_of(g, {}, working, both)])
+            with np.errstate(all="ignore"):
+                return max(
+                    (float(np.nanmax(np.abs(self.truth[n].to_numpy() - b[n]), initial=0.0)) for n in both),
+                    default=0.0,
+                )
+        original = evaluate(spec, digits=self.digits, progress=False, steps=both)
+        return max(
+            (
+                _difference(x, y)
+                for n in both
+                for x, y in zip(
+                    np.array(self.truth[n].tolist(), dtype=object).reshape(-1).tolist(),
+                    np.array(original[n].tolist(), dtype=object).reshape(-1).tolist(),
+                    strict=True,
+                )
+            ),
+            default=0.0,
+        )
+
+    def errors(self, values: np.ndarray) -> np.ndarray:
+        """|value − exact| per entry (flat), inf where one is not finite and the other differs."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if self.exact is not None:
+            return np.array([_error(v, e) for v, e in zip(values.tolist(), self.exact.tolist(), strict=True)])
+        e = self.exact_f
+        with np.errstate(invalid="ignore"):
+            out = np.abs(values - e)
+            special = ~np.isfinite(e) | ~np.isfinite(values)
+            same = (np.isnan(e) & np.isnan(values)) | (values == e)
+            out[special] = np.where(same[special], 0.0, np.inf)
+        return out
+
+    def where(self, k: int) -> tuple:
+        """(step, row, column) of flat entry k."""
+        n = bisect.bisect_right(self._starts, k) - 1
+        step, cols = self._steps[n]
+        return (step, *divmod(k - self._starts[n], cols))
+
+    def texts(self, ks) -> list:
+        """The certified decimals of flat entries ks."""
+        places = [self.where(k) for k in ks]
+        out = [None] * len(places)
+        by_step: dict = {}
+        for n, (step, i, j) in enumerate(places):
+            by_step.setdefault(step, []).append((n, i, j))
+        for step, group in by_step.items():
+            for (n, _, _), text in zip(group, self.truth[step].texts([(i, j) for _, i, j in group]), strict=True):
+                out[n] = text
+        return out
+
+    @property
+    def shape(self) -> tuple:
+        """The output's shape (forward)."""
+        return self.targets[0].shape
+
+    @property
+    def differential_factor(self) -> int:
+        """FlashAttention's tests allow 2× the reference's error forward, 3× backward."""
+        return 3 if self.backward else 2
+
+    def _flat(self, values: dict) -> np.ndarray:
+        parts = [np.asarray(values[step]).reshape(-1) for t in self.targets for step in t.steps]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _by_blocks(spec, graph, names, computes) -> list[dict]:
+    """Each compute(block graph) -> {name: array} over the large path's blocks (the truth's, each block's
+    graph built once), assembled into whole steps (scores outside a block's keys −inf, weights there 0, as
+    masked entries are)."""
+    from symattn.truth.large import block_target, blocks
+
+    out = [{} for _ in computes]
+    for rows, keys in blocks(spec, spec.L):
+        block = build_graph(spec, rows=rows, keys=keys)
+        for assembled, compute in zip(out, computes, strict=True):
+            values = compute(block)
+            for name in names:
+                step = graph.step(name)
+                if name not in assembled:
+                    assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)
+                assembled[name][block_target(step, rows, keys)] = values[name]
+    return out
+
+
+def runs_of(graph, leaves: dict, dtype: str, names, reordered: bool = False) -> dict:
+    """The steps ``names`` (forward or backward) of the graph run in ``dtype`` on the given leaves,
+    straightforwardly or reordered, as float64 arrays."""
+    xp = (_Reordered if reordered else FloatXP)(dtype, leaves)
+    with np.errstate(all="ignore"):
+        values = graph.values(xp, names)
+    return {name: np.asarray(xp.result(values[name]), dtype=np.float64) for name in names}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, Decimal) and v.is_finite()
+
+
+def _difference(a, b) -> float:
+    if _finite(a) and _finite(b):
+        return float(abs(a - b))
+    return 0.0 if str(a) == str(b) else math.inf
+
+
+def _error(v: float, e) -> float:
+    if not _finite(e):
+        same = (isinstance(e, Decimal) and e.is_nan() and v != v) or str(e) == repr(v)
+        return 0.0 if same else math.inf
+    if not math.isfinite(v):
+        return math.inf
+    with localcontext() as dec:
+        dec.prec = 60
+        return float(abs(Decimal(v) - e))

@@ -1,0 +1,183 @@
+"""What a verification reports: ``Result`` (one implementation's verdict and its worst entries), as text,
+as strict JSON, and as a heatmap."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from symattn.errors import SymattnError
+
+VERDICTS = ("PASS", "FAIL", "UNSUPPORTED", "ERROR")
+
+
+@dataclass
+class Entry:
+    """One entry of what an implementation returned, against its certified truth."""
+
+    step: str
+    row: int
+    col: int
+    value: float  # what the implementation returned
+    exact: str  # the certified truth, for the rounded inputs
+    abs_error: float
+    rel_error: float
+    ulps: float  # against max(|exact|, a floor at the output's scale)
+    bits: float  # Herbie's bits of error: log2 of 1 + the floats between value and the rounded truth
+    kappa_bound: float  # the kappa rule's allowance for this entry
+    kappa: float | None = None  # the entry's condition number (small outputs only)
+
+    @property
+    def where(self) -> str:
+        """``step[row, col]``, as reports print it."""
+        return f"{self.step}[{self.row}, {self.col}]"
+
+
+@dataclass
+class Result:
+    """One implementation's verification: its verdict, why, the errors measured and the worst entries.
+
+    >>> import symattn
+    >>> from symattn.verifier.seed import notebook_algorithm
+    >>> (result,) = symattn.verify("notebook", [notebook_algorithm])
+    >>> result.verdict, result.passed, result.entries[0].step
+    ('PASS', True, 'M')
+
+    ``verdict`` is one of VERDICTS: PASS, FAIL, UNSUPPORTED (the spec sets an option the implementation cannot
+    take) or ERROR (it raised; ``raised`` holds the exception).  ``lines()`` is the text ``symattn verify``
+    prints, ``to_json()`` one result of ``--json``.
+    """
+
+    name: str
+    spec: str
+    dtype: str
+    rule: str
+    verdict: str
+    reasons: list  # why it did not pass (empty when it passed)
+    max_abs_error: float = math.nan
+    max_ulps: float = math.nan
+    max_bits: float = math.nan
+    kappa_passed: bool = False
+    differential_passed: bool = False
+    differential_bound: float = math.nan
+    reference_error: float = math.nan  # the reference runs' largest max error (on differential_on)
+    input_rounding_effect: float = math.nan  # max |truth(rounded inputs) - truth(exact inputs)|
+    normwise_error: float = math.nan  # ||out - exact|| / ||exact|| (2-norms over the finite entries)
+    entries: list = field(default_factory=list)  # of Entry, worst first
+    notes: list = field(default_factory=list)  # what was not verified, and why (not failures)
+    backward: bool = False  # the input gradients were verified, not the output
+    differential_on: str = "output"  # the returned array the differential bound is that of (backward: the worst)
+    raised: BaseException | None = field(default=None, repr=False, compare=False)  # ERROR: for the pytest helper
+
+    @property
+    def passed(self) -> bool:
+        """The verdict is PASS."""
+        return self.verdict == "PASS"
+
+    def to_json(self) -> dict:
+        """The result as a JSON-ready dict (non-finite numbers as strings)."""
+        doc = {
+            k: _json_number(getattr(self, k))
+            for k in (
+                "name", "spec", "dtype", "backward", "rule", "verdict", "passed", "reasons", "max_abs_error",
+                "max_ulps", "max_bits", "normwise_error", "kappa_passed", "differential_passed", "differential_bound",
+                "differential_on", "reference_error", "input_rounding_effect", "notes",
+            )
+        }  # fmt: skip
+        doc["entries"] = [{k: _json_number(v) for k, v in e.__dict__.items()} for e in self.entries]
+        return doc
+
+    def lines(self, worst: int = 5) -> list[str]:
+        """The report as text lines: the verdict and the measures, reasons and notes, the ``worst`` entries."""
+        what = f"{self.name}{' backward' if self.backward else ''} on {self.spec} in {self.dtype}"
+        if self.verdict in ("UNSUPPORTED", "ERROR") or not self.entries:
+            return [f"{self.verdict} {what}: " + "; ".join(self.reasons)]
+        where = f"on {self.differential_on}: " if self.backward else ""
+        out = [
+            f"{self.verdict} {what} (rule {self.rule}): "
+            f"max error {self.max_abs_error:.3g} = {self.max_ulps:.3g} ulps ({self.max_bits:.1f} bits), normwise "
+            f"{self.normwise_error:.3g}; kappa {'pass' if self.kappa_passed else 'fail'}, differential "
+            f"{'pass' if self.differential_passed else 'fail'} ({where}bound {self.differential_bound:.3g}, "
+            f"reference runs {self.reference_error:.3g}); input rounding moves the "
+            f"{'gradients' if self.backward else 'output'} by {self.input_rounding_effect:.3g}"
+        ]
+        out += [f"  {reason}" for reason in self.reasons]
+        out += [f"  note: {note}" for note in self.notes]
+        out.append(f"  {'entry':>14} {'value':>24} {'exact':>28} {'error':>10} {'ulps':>8} {'bound':>10}")
+        for e in self.entries[:worst]:
+            out.append(
+                f"  {e.where:>14} {e.value!r:>24} {e.exact[:28]:>28} {e.abs_error:>10.3g} "
+                f"{e.ulps:>8.3g} {e.kappa_bound:>10.3g}"
+            )
+        return out
+
+
+def _json_number(v):
+    """Strict JSON: non-finite floats as strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (np.floating, np.integer)):
+        return _json_number(v.item())
+    return v
+
+
+def plot(results: list, path) -> None:
+    """A heatmap per implementation of log10(error / bound) per output entry (above 0: beyond the bound), written
+    atomically to ``path`` (PNG)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SymattnError("--plot: matplotlib is not installed (pip install 'symattn[plot]')") from None
+    measured = [r for r in results if r.entries]
+    if not measured:
+        raise SymattnError("--plot: no implementation was measured (all unsupported or raising)")
+    path = Path(path)
+    figure, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], measured, strict=True):
+        rows = max(e.row for e in r.entries) + 1
+        cols = max(e.col for e in r.entries) + 1
+        steps = sorted({e.step for e in r.entries}, key=lambda n: (len(n), n))
+        grid = np.full((rows * len(steps), cols), np.nan)
+        for e in r.entries:
+            ratio = e.abs_error / e.kappa_bound if e.kappa_bound else (0.0 if e.abs_error == 0 else np.inf)
+            grid[steps.index(e.step) * rows + e.row, e.col] = np.log10(max(ratio, 1e-6)) if np.isfinite(ratio) else 3
+        image = ax.imshow(grid, cmap="coolwarm", vmin=-3, vmax=3, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{r.verdict} {r.name}\n{r.spec}, {r.dtype}", fontsize=9)
+        ax.set_xlabel("column")
+        ax.set_ylabel("row" + (" (heads stacked)" if len(steps) > 1 else ""))
+    figure.colorbar(image, ax=axes[0].tolist(), label="log10(error / bound)")
+    handle, temporary = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=110)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temporary, 0o666 & ~mask)
+        os.replace(temporary, path)
+    except OSError as e:
+        os.unlink(temporary)
+        raise SymattnError(f"--plot: cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(figure)
+
+
+def report_json(results: list) -> str:
+    """The results as strict JSON (no NaN or Infinity literals), with a top-level "passed"."""
+    from symattn._version import __version__
+
+    doc = {
+        "symattn": __version__,
+        "passed": all(r.passed for r in results),
+        "results": [r.to_json() for r in results],
+    }
+    return json.dumps(doc, allow_nan=False)
