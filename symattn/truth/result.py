@@ -338,8 +338,9 @@ class Truth:
                 return result, False
         bits = self.bits
         last = None
-        while bits < MAX_ESCALATION:  # an irrational value may sit extremely close to a tie: keep doubling
-            bits = min(2 * bits, MAX_ESCALATION)
+        while last is None or bits < MAX_ESCALATION:  # an irrational value may sit extremely close to a tie:
+            # keep doubling up to the limit (once past it when the truth's own precision is there already)
+            bits = min(2 * bits, MAX_ESCALATION) if bits < MAX_ESCALATION else 2 * bits
             log.debug("raising precision to %d bits for %s[%d, %d], just at a rounding boundary", bits, name, i, j)
             engine = engine_class(self.engine)(bits)
             with engine.active():
