@@ -1,9 +1,8 @@
 """The input gradients that ``backward`` returns: which, from which steps, stacked how.
 
-``input_gradients`` is the only place codegen knows the gradient contract of
-DESIGN.md (names, stacking, a bias some heads lack); ``gradient_lines`` writes
-what it says without knowing any name.  When the graph states its input gradients
-itself, ``input_gradients`` becomes a reader of that.
+``input_gradients`` reads the gradient contract from the graph
+(``Graph.input_gradients``: names, parts, stacking, a bias some heads lack);
+``gradient_lines`` writes what it says without knowing any name.
 """
 
 from __future__ import annotations
@@ -32,46 +31,25 @@ class InputGradient:
     returned: bool = True  # False: computed by backward, not returned
 
 
-# The contract, written here once for codegen: the gradients' names in the order they are returned, and the
-# axis one per head stack along (a bias's rows -2, matrices -3).  The kernel form's backward computes dbias
-# and does not return it (today's behaviour, kept: generated/ stays byte-identical).
-_KERNEL = ("dq", "dk", "dv", "dbias")
-_PROJECTION = ("dx", "dx_kv", "dwq", "dwk", "dwv", "dbq", "dbk", "dbv", "dwo", "dbo", "dbias")
+# The order the generated ``backward`` returns the gradients in (kept as it was: generated/ stays byte-identical),
+# and those it computes without returning (the kernel form's dbias, today's behaviour, kept for the same reason).
+_ORDER = ("dq", "dk", "dv", "dx", "dx_kv", "dwq", "dwk", "dwv", "dbq", "dbk", "dbv", "dwo", "dbo", "dbias")
 _NOT_RETURNED = {"kernel": ("dbias",), "projection": ()}
-_BIAS_OF = {"dbq": "dQ", "dbk": "dK", "dbv": "dV", "dbo": "dM"}  # a bias's gradient is the column sum of these
 
 
 def input_gradients(graph) -> list:
-    """The input gradients ``backward`` returns, read from the graph's backward steps (kind and head).
-
-    Today's logic, in one place: the kernel form returns dq, dk, dv (stacked per head); the projection form
-    dx (and dx_kv), dwq, dwk, dwv, the projection biases' gradients, dwo, dbo and dbias, where those leaves
-    exist.  A projection bias that some heads have and others lack has a gradient for every head: for a
-    head without one, the column sums of its dQ, dK or dV (Linear's bias gradient, written again here
-    because the graph has no leaf for it).
-    """
-    by_kind: dict = {}
-    for step in graph.backward_steps:
-        by_kind.setdefault(step.kind, []).append(step)
-    out = []
+    """The input gradients ``backward`` returns, as the graph states them (``Graph.input_gradients``: names,
+    parts, stacking); a bias a head lacks while another has one reads the column sums of that head's step."""
     form = graph.spec.form
-    for name in _KERNEL if form == "kernel" else _PROJECTION:
-        steps = by_kind.get(name, [])
-        if not steps:
-            continue
-        row = "row" if name in _BIAS_OF else "all"
-        axis = -2 if name in _BIAS_OF else -3
-        returned = name not in _NOT_RETURNED[form]
-        if steps[0].head is None:  # one step (dx, dwo, dbo, a bias every head shares)
-            out.append(InputGradient(name, (Part(steps[0].name, row),), None, returned))
-            continue
-        mine = {s.head: s for s in steps}
-        source = by_kind[_BIAS_OF[name]] if name in _BIAS_OF else steps
+    out = []
+    for g in sorted(graph.input_gradients, key=lambda g: _ORDER.index(g.name)):
+        bias_row = len(g.shape) == (2 if g.stacked else 1)  # a bias's 1 × n step, returned as its one row
         parts = tuple(
-            Part(mine[s.head].name, row) if s.head in mine else Part(s.name, "colsum")
-            for s in sorted(source, key=lambda s: s.head)
+            Part(step, "colsum" if leaf in g.missing else "row" if bias_row else "all")
+            for leaf, step in zip(g.leaves, g.steps, strict=True)
         )
-        out.append(InputGradient(name, parts, axis, returned))
+        axis = (-2 if bias_row else -3) if g.stacked else None
+        out.append(InputGradient(g.name, parts, axis, g.name not in _NOT_RETURNED[form]))
     return out
 
 

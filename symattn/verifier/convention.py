@@ -354,33 +354,12 @@ def targets(graph, backward: bool = False) -> list[Target]:
 def input_gradients(graph) -> tuple[list[Target], tuple]:
     """The input gradients a backward implementation returns, as graph steps (DESIGN.md's names, each stacked
     like its input, positional ones first), and the names, in order, of those it may return as a tuple (the
-    positional inputs' gradients).  The verifier reads the graph's input gradients here only."""
-    # lead: switch to the graph's input-gradient API (names, shapes, stacking) here
-    spec = graph.spec
-    known = {s.name: s.shape for s in graph.backward_steps}
-    out = []
-
-    def add(name, count=None):
-        if count is None:
-            if name in known:
-                rows, cols = known[name]
-                out.append(Target(name, (name,), (cols,) if name == "dbo" else (rows, cols)))
-            return
-        steps = tuple(f"{name}{n}" for n in range(1, count + 1))
-        if steps[0] in known:
-            rows, cols = known[steps[0]]
-            out.append(Target(name, steps, (count, cols) if name in ("dbq", "dbk", "dbv") else (count, rows, cols)))
-
-    if spec.form == "kernel":
-        positional = ("dq", "dk", "dv")
-        add("dq", spec.h), add("dk", spec.h_kv), add("dv", spec.h_kv)
-    else:
-        positional = ("dx", "dwq", "dwk", "dwv", "dwo")
-        add("dx"), add("dwq", spec.h), add("dwk", spec.h_kv), add("dwv", spec.h_kv), add("dwo"), add("dx_kv")
-        add("dbq", spec.h), add("dbk", spec.h_kv), add("dbv", spec.h_kv), add("dbo")
-    if spec.bias is not None:
-        add("dbias") if spec.shared_bias else add("dbias", spec.h)
-    return out, positional
+    positional inputs' gradients): the graph's ``input_gradients``, less a bias gradient that some heads'
+    missing biases leave without a step of its own."""
+    records = graph.input_gradients
+    targets = [Target(g.name, g.steps, g.shape) for g in records if not g.missing]
+    positional = tuple(g.name for g in sorted((g for g in records if g.position is not None), key=lambda g: g.position))
+    return targets, positional
 
 
 def returned_arrays(output, context: Context) -> tuple[dict, list, list]:
