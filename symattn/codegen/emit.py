@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from symattn.graph.xp import ArrayXP
 from symattn.semantics import NAN
 
 
@@ -60,7 +61,7 @@ class Program:
         return Var(f"t{self.counter}", shape, batched, True, masked)
 
 
-class EmitXP:
+class EmitXP(ArrayXP):
     """The graph's ``xp`` that writes vectorized NumPy code.  ``leaves``, ``params`` and ``consts`` map names
     to the expressions the code reads them from."""
 
@@ -277,7 +278,7 @@ class SMat:
         return self.forms.shape
 
 
-class ScalarEmitXP:
+class ScalarEmitXP(ArrayXP):
     """The graph's ``xp`` that writes unrolled code: one form per entry (see ``Named``)."""
 
     def __init__(self, named: Named, leaves: dict, params: dict, consts: dict):

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from symattn.entries import Entry
-from symattn.graph.xp import ArrayXP
 from symattn.semantics import NAN
 
 
@@ -53,12 +52,6 @@ class Const:
 
 
 ALL = (True, True, True)  # a vjp's default: every input's contribution
-
-
-def _rule(xp, default):
-    """xp's composite rule ``default`` (an ``ArrayXP`` method): its own override, else the base's.  Codegen's
-    emitters do not derive from ArrayXP yet: they get the base's rule, bound to them."""
-    return getattr(xp, default.__name__) if isinstance(xp, ArrayXP) else default.__get__(xp)
 
 
 @dataclass(frozen=True)
@@ -152,10 +145,10 @@ class Softmax:
 
     def forward(self, xp, s):
         empty = None if self.empty is None else xp.const(self.empty)
-        return _rule(xp, ArrayXP.softmax)(s, empty, self.fill)
+        return xp.softmax(s, empty, self.fill)
 
     def vjp(self, xp, args, p, g, needs=ALL):
-        ds = xp.mul(p, _rule(xp, ArrayXP.centered)(g, p))
+        ds = xp.mul(p, xp.centered(g, p))
         if self.empty is not None:  # an empty row's weights do not depend on its scores
             ds = xp.fill_rows(ds, xp.const(self.empty), NAN if self.fill == NAN else 0)
         return (ds,)
@@ -175,7 +168,7 @@ class WeightedSum:
     consts = ()
 
     def forward(self, xp, p, v):
-        return _rule(xp, ArrayXP.weighted_sum)(p, v)
+        return xp.weighted_sum(p, v)
 
     def vjp(self, xp, args, out, g, needs=ALL):
         p, v = args
