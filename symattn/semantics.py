@@ -24,6 +24,12 @@ def delta(align, L, S):
     return 0 if align == "top_left" else S - L
 
 
+def row_shift(top):
+    """A softmax row's shift from its largest score: that score, or 0 for a row whose keys are all excluded
+    (its largest score is -inf, and exp(-inf - 0) = 0 where exp(-inf - -inf) would be nan)."""
+    return numpy.where(numpy.isfinite(top), top, 0)
+
+
 def empty_fill(empty_row, S):
     """The weights of a row with no allowed key: 0 (``"zero"``: torch SDPA, flex, FlashAttention), 1/S over
     every key (``"uniform"``: JAX's finite mask constant) or nan (``"nan"``: MultiheadAttention)."""

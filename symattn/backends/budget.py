@@ -23,7 +23,7 @@ import numpy as np
 
 from symattn.backends.floats import exact_float, unit_roundoff
 from symattn.graph.xp import ArrayXP
-from symattn.semantics import NAN
+from symattn.semantics import NAN, row_shift
 
 LAMBDA = 4.0  # Higham–Mary's λ: a bound that fails with probability about 2·exp(-λ²/2) per dot product
 
@@ -129,8 +129,7 @@ class BudgetXP(ArrayXP):
 
     def shift(self, a):
         # the softmax does not depend on its shift: an error in it cancels between numerator and denominator
-        top = a.value.max(axis=-1, keepdims=True)
-        top = np.where(np.isfinite(top), top, 0)
+        top = row_shift(a.value.max(axis=-1, keepdims=True))
         return Budget(top, np.zeros_like(top))
 
     def _rowsum(self, a) -> tuple:

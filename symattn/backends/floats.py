@@ -13,7 +13,7 @@ import numpy as np
 
 from symattn.errors import SymattnError
 from symattn.graph.xp import ArrayXP
-from symattn.semantics import NAN
+from symattn.semantics import NAN, row_shift
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -109,8 +109,7 @@ class FloatXP(ArrayXP):
         return np.where(allowed, a, -np.inf).astype(self.compute, copy=False)
 
     def shift(self, a):
-        m = a.max(axis=-1, keepdims=True)
-        return np.where(np.isfinite(m), m, 0).astype(self.compute)  # a row with no allowed key: any finite shift
+        return row_shift(a.max(axis=-1, keepdims=True)).astype(self.compute)
 
     def rowsum(self, a):
         return self._out(a.sum(axis=-1, keepdims=True))
