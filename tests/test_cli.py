@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -260,3 +261,24 @@ def test_long_runs_say_what_they_compute_once_even_on_a_pipe(capsys, monkeypatch
         "symattn: verifying 1 implementation on notebook in float64: the truth of 4 output entries, "
         "2 heads of 2×2 scores\n"
     )
+
+
+def test_every_subpackage_is_packaged():
+    # a non-editable install ships what setuptools finds with pyproject's include patterns: every folder of the
+    # package that holds Python modules must be among them (a missing one imports fine only from a checkout)
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the package's own dependency
+        import tomli as tomllib
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parent.parent
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = set(find_packages(where=str(root), include=include))
+    folders = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in (root / "symattn").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert folders <= found, folders - found
+    assert {"symattn.graph", "symattn.backends", "symattn.truth", "symattn.codegen", "symattn.verifier"} <= found
