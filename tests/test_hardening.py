@@ -293,3 +293,13 @@ def test_a_notebook_without_arrays_still_says_what_is_missing(tmp_path):
         SymattnError, match=r"^.*empty\.txt: notebook: expected np\.array literals .*; missing X, W_O, W_Q1/W_K1/W_V1$"
     ):
         check(path)
+
+
+def test_an_exact_input_beyond_float64_is_a_one_line_error_for_verify(notebook_data, tmp_path, cli):
+    # eval certifies it (1e3000 is an exact decimal); an implementation cannot be fed it in any float dtype
+    data = json.loads(json.dumps(notebook_data))
+    data["x"][0][0] = "1e3000"
+    path = tmp_path / "beyond.json"
+    path.write_text(json.dumps(data))
+    assert cli("eval", str(path), "--digits", "5", "--step", "M").returncode == 0
+    assert_one_line_error(cli("verify", str(path)), "x: expected values within float64's range")

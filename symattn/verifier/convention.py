@@ -57,7 +57,13 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
     dt = dtype_of(dtype)
 
     def rounded(m, name: str) -> np.ndarray:
-        exact = m.float64()
+        try:
+            exact = m.float64()
+        except OverflowError:  # an exact input beyond float64 (a string entry such as "1e3000")
+            raise SymattnError(
+                f"{name}: expected values within float64's range (|x| <= 1.7977e+308) to feed an implementation, "
+                "received an entry beyond it"
+            ) from None
         with np.errstate(over="ignore"):  # a value beyond the dtype's range is the user's error, said below
             out = exact.astype(dt) if cast is None else np.asarray(cast(exact, dtype))
         beyond = np.isfinite(exact) & ~np.isfinite(out.astype(np.float64))
