@@ -266,3 +266,26 @@ def test_the_verifier_uses_the_large_path_with_digits_auto():
         10,
         verifier_reference.DIGITS,
     ]
+
+
+SCALARS = {
+    "1/sqrt(3)": lambda m: 1 / m.sqrt(3),
+    "sqrt(2)/7": lambda m: m.sqrt(2) / 7,
+    "3*sqrt(5)": lambda m: 3 * m.sqrt(5),
+    "1/sqrt(96)": lambda m: 1 / m.sqrt(96),
+    "-2/3": lambda m: m.mpf(-2) / 3,
+    "1/10": lambda m: m.mpf(1) / 10,
+}
+
+
+@pytest.mark.parametrize("text", SCALARS)
+def test_an_exact_scalar_is_enclosed_with_its_double_float_rounding(text):
+    # hi + lo ± rad must contain the value: lo's own rounding (about 2**-106 of it) counts, not only Arb's radius
+    import mpmath
+
+    from symattn.entries import parse_entry
+
+    iv = intervals.scalar(parse_entry(text, "scale"))
+    with mpmath.workdps(80):
+        exact = SCALARS[text](mpmath)
+        assert abs(exact - (mpmath.mpf(float(iv.hi)) + mpmath.mpf(float(iv.lo)))) <= mpmath.mpf(float(iv.rad))

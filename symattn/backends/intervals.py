@@ -41,7 +41,7 @@ class IntervalXP(ArrayXP):
         return _entries(matrix)
 
     def param(self, p):
-        return _scalar(p.value)
+        return scalar(p.value)
 
     def const(self, c):
         if c.value.dtype == bool:
@@ -138,7 +138,7 @@ class IntervalXP(ArrayXP):
         if value == NAN:
             fill = Iv(np.full(a.hi.shape, np.nan))
         else:
-            fill = _scalar(Fraction(value))
+            fill = scalar(Fraction(value))
         hi = np.where(rows, fill.hi, a.hi)
         lo = np.where(rows, fill.low(), a.low())
         rad = np.where(rows, fill.radius(), a.radius())
@@ -244,7 +244,7 @@ def result(value) -> Iv:
     return _materialized(value)
 
 
-def _scalar(value) -> Iv:
+def scalar(value) -> Iv:
     """An exact scalar as a double-float with its radius (Arb at 160 bits)."""
     if isinstance(value, Fraction):
         hi = float(value)
@@ -252,20 +252,25 @@ def _scalar(value) -> Iv:
         lo = float(rest)
         err = abs(rest - Fraction(lo))
         return Iv(np.array(hi), np.array(lo), np.array(float(err) * 2 + 2 * ETA if err else 0.0))
-    from symattn.entries import ball
-
-    b = ball(value, 160)
-    mid = b.mid()
-    hi = float(mid)
     import flint
 
-    lo = float(mid - flint.arb(hi))
-    return Iv(np.array(hi), np.array(lo), np.array(float(b.rad()) * 2 + abs(hi) * 2.0**-150 + 2 * ETA))
+    from symattn.backends.engines import precision
+    from symattn.entries import ball
+
+    with precision(160):
+        b = ball(value, 160)
+        mid = b.mid()
+        hi = float(mid)
+        rest = mid - flint.arb(hi)  # exact: mid's 160 bits less its own leading 53
+        lo = float(rest)
+        err = abs(rest - flint.arb(lo))  # lo's own rounding (exact in Arb), which the radius must cover too
+        rad = (float(b.rad()) + float(err.upper())) * 2 + abs(hi) * 2.0**-150 + 2 * ETA
+    return Iv(np.array(hi), np.array(lo), np.array(rad))
 
 
 def _entries(matrix) -> Iv:
     """A matrix of exact entries that are not all float64 numbers, as double-floats."""
-    rows = [[_scalar(e) for e in row] for row in matrix.rows]
+    rows = [[scalar(e) for e in row] for row in matrix.rows]
     pick = lambda f: np.array([[float(f(v)) for v in row] for row in rows])  # noqa: E731
     return Iv(pick(lambda v: v.hi), pick(lambda v: v.lo), pick(lambda v: v.rad))
 
