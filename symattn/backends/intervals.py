@@ -58,8 +58,12 @@ class IntervalXP(ArrayXP):
         return self._product(a, b)
 
     def matmul_nt(self, a, b):
-        """Kept as its factors until read: a scale that follows is folded into a (``scale``)."""
-        return _Product(_materialized(a), _transposed(_materialized(b)))
+        return self._product(a, _transposed(_materialized(b)))
+
+    def scaled_scores(self, q, k, scale):
+        """The scale applied to q (m × n) rather than to the product (m × p): the same exactness (a power of
+        two) or the same product of enclosures, on the smaller operand."""
+        return self.matmul_nt(self.scale(q, scale), k)
 
     def matmul_tn(self, a, b):
         return self._product(_transposed(_materialized(a)), b)
@@ -75,8 +79,6 @@ class IntervalXP(ArrayXP):
         return mul(_materialized(a), _materialized(b))
 
     def scale(self, a, s):
-        if isinstance(a, _Product):  # on the factor a (m × n) rather than the product (m × p)
-            return _Product(self.scale(a.a, s), a.b)
         a = _materialized(a)
         if s.lo is not None and not s.lo and not s.rad and s.hi and math.frexp(float(s.hi))[0] == 0.5:
             f = float(s.hi)  # a power of two (1/8 for d_k = 64): exact, unless it underflows
@@ -167,20 +169,6 @@ def _transposed(a: Iv) -> Iv:
     return Iv(t(a.hi), t(a.lo), t(a.rad))
 
 
-class _Product:
-    """a·b, computed when read (``IntervalXP.matmul_nt``)."""
-
-    def __init__(self, a: Iv, b: Iv):
-        self.a, self.b = a, b
-        self.excluded = None
-        self._value = None
-
-    def value(self) -> Iv:
-        if self._value is None:
-            self._value = IntervalXP()._product(self.a, self.b)
-        return self._value
-
-
 class _Weights:
     """A softmax's weights terms / rowsum(terms), kept as their exponentials ``terms`` until read
     (``IntervalXP.softmax``): ``IntervalXP.weighted_sum`` multiplies them by V as (terms·[V 1]) divided by its
@@ -234,7 +222,7 @@ class _Weights:
 
 
 def _materialized(a):
-    if isinstance(a, (_Weights, _Product)):
+    if isinstance(a, _Weights):
         return a.value()
     return a
 

@@ -99,7 +99,7 @@ class Scores:
 
     def raw(self, xp, q, k):
         """scale·q·kᵀ, softcapped."""
-        s = xp.scale(xp.matmul_nt(q, k), xp.param(self.scale))
+        s = xp.scaled_scores(q, k, xp.param(self.scale))
         if self.softcap is not None:
             s = xp.scale(xp.tanh(xp.scale(s, xp.param(self.inverse_softcap))), xp.param(self.softcap))
         return s
@@ -118,7 +118,7 @@ class Scores:
         if not (needs[0] or needs[1]):
             return (None, None, *grad_bias)
         if self.softcap is not None:  # d(c·tanh(r/c))/dr = 1 − tanh²(r/c)
-            t = xp.tanh(xp.scale(xp.scale(xp.matmul_nt(q, k), xp.param(self.scale)), xp.param(self.inverse_softcap)))
+            t = xp.tanh(xp.scale(xp.scaled_scores(q, k, xp.param(self.scale)), xp.param(self.inverse_softcap)))
             g = xp.mul(g, xp.one_minus(xp.mul(t, t)))
         g = xp.scale(g, xp.param(self.scale))
         return (xp.matmul(g, k) if needs[0] else None, xp.matmul_tn(g, q) if needs[1] else None, *grad_bias)

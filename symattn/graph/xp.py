@@ -96,6 +96,9 @@ class XP(Protocol):
         gradient over a batch), or g itself where the backend keeps no batch axes."""
 
     # Composite rules (``ArrayXP`` has the defaults).
+    def scaled_scores(self, q, k, scale):
+        """scale·q·kᵀ for q (…, m, n), k (…, p, n) and a scalar from ``param``."""
+
     def softmax(self, s, empty=None, fill=0):
         """exp(s − shift(s)) / rowsum by rows: 0 on excluded entries; the rows where ``empty`` (bools (…, m, 1)
         from ``const``, or None when no row is empty) is True are filled with ``fill``."""
@@ -109,6 +112,9 @@ class XP(Protocol):
 
 class ArrayXP:
     """The base of every backend: the composite rules, written once in terms of the primitives."""
+
+    def scaled_scores(self, q, k, scale):
+        return self.scale(self.matmul_nt(q, k), scale)
 
     def softmax(self, s, empty=None, fill=0):
         e = self.exp(self.sub(s, self.shift(s)))  # excluded entries are -inf: exactly 0 here
