@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import symattn  # noqa: E402
-from symattn.backends.intervals import exp_table  # noqa: E402
+from symattn.backends.doublefloat import exp_table  # noqa: E402
 from symattn.graph.graph import build  # noqa: E402
 
 

@@ -25,7 +25,6 @@ from symattn.backends.doublefloat import (
     tanh,
     up,
 )
-from symattn.backends.doublefloat import exp_table as exp_table  # read here by tools/bench_scale.py
 from symattn.graph.xp import ArrayXP, union
 from symattn.semantics import NAN
 
@@ -105,7 +104,7 @@ class IntervalXP(ArrayXP):
 
     def shift(self, a):
         """The row maxima of hi rounded up to multiples of 1/STEPS, taken as exact: the softmax does not depend
-        on its shift, and ``softmax``'s exp reads it without subtracting it (``_exp``)."""
+        on its shift, and ``softmax``'s exp reads it without subtracting it (``doublefloat.exp``)."""
         top = _materialized(a).hi.max(axis=-1, keepdims=True)
         with np.errstate(invalid="ignore"):
             return Iv(np.where(top == -np.inf, 0.0, np.ceil(top * STEPS) / STEPS))
@@ -115,7 +114,7 @@ class IntervalXP(ArrayXP):
         return self._product(a, Iv(np.ones(a.hi.shape[:-2] + (a.hi.shape[-1], 1))))
 
     def softmax(self, s, empty=None, fill=0):
-        """The exponentials exp(s − shift) by the table, the shift folded into its index (``_exp``), kept with
+        """The exponentials exp(s − shift) by the table, the shift folded into its index (``doublefloat.exp``), kept with
         the empty rows until read (``_Weights``)."""
         s = _materialized(s)
         return _Weights(exp(s, self.shift(s).hi), self, empty, fill)

@@ -21,7 +21,6 @@ from fractions import Fraction
 from symattn.entries import div, to_text
 from symattn.graph.ops import ALL, Concat, Const, Linear, Param, Scores, Softmax, WeightedSum
 from symattn.graph.steps import Step
-from symattn.semantics import NAN as NAN  # re-exported: codegen.emit reads it here
 from symattn.semantics import alibi_distance, empty_fill
 
 

@@ -300,6 +300,3 @@ def _accuracy(engine, needed: int):
     if engine.name == "arb":
         return lambda ball: ball.is_exact() or ball.rel_accuracy_bits() >= needed
     return lambda ball: engine.accuracy(ball) >= needed
-
-
-__all__ = ["check_digits", "evaluate"]
