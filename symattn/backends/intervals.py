@@ -114,8 +114,8 @@ class IntervalXP(ArrayXP):
         return self._product(a, Iv(np.ones(a.hi.shape[:-2] + (a.hi.shape[-1], 1))))
 
     def softmax(self, s, empty=None, fill=0):
-        """The exponentials exp(s − shift) by the table, the shift folded into its index (``doublefloat.exp``), kept with
-        the empty rows until read (``_Weights``)."""
+        """The exponentials exp(s − shift) by the table, the shift folded into its index (``doublefloat.exp``),
+        kept with the empty rows until read (``_Weights``)."""
         s = _materialized(s)
         return _Weights(exp(s, self.shift(s).hi), self, empty, fill)
 
