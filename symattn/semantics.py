@@ -24,6 +24,11 @@ def delta(align, L, S):
     return 0 if align == "top_left" else S - L
 
 
+def empty_rows(allowed):
+    """(..., L, 1) bools: the query rows with no allowed key (``empty_row`` then decides their weights)."""
+    return ~numpy.asarray(allowed, dtype=bool).any(axis=-1, keepdims=True)
+
+
 def row_shift(top):
     """A softmax row's shift from its largest score: that score, or 0 for a row whose keys are all excluded
     (its largest score is -inf, and exp(-inf - 0) = 0 where exp(-inf - -inf) would be nan)."""

@@ -21,7 +21,7 @@ from fractions import Fraction
 from symattn.entries import div, to_text
 from symattn.graph.ops import ALL, Concat, Const, Linear, Param, Scores, Softmax, WeightedSum
 from symattn.graph.steps import Step
-from symattn.semantics import alibi_distance, empty_fill
+from symattn.semantics import alibi_distance, empty_fill, empty_rows
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         if key not in masks:
             head = None if spec.mask is None or spec.shared_mask else i + 1
             masks[key] = Const("allowed", a, head)
-            empty = ~a.any(axis=1, keepdims=True)
+            empty = empty_rows(a)
             empties[key] = Const("empty", empty, head) if empty.any() else None
     fill = empty_fill(spec.empty_row, spec.S)
     masking = _mask_text(spec)

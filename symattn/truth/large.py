@@ -23,6 +23,7 @@ from symattn.backends.balls import BallXP
 from symattn.backends.engines import ArbEngine, precision
 from symattn.graph.graph import build as build_graph
 from symattn.matrix import RatMat
+from symattn.semantics import empty_rows
 from symattn.truth.decide import too_big
 from symattn.truth.result import Known, Truth, ball_at, ball_string, exact_text
 
@@ -66,7 +67,7 @@ def blocks(spec, L: int) -> list:
             for i in range(spec.h):
                 a = spec.allowed(i)[start : start + size]
                 allowed |= a.any(axis=0)
-                empty |= not a.any(axis=1).all()
+                empty |= bool(empty_rows(a).any())
             if not allowed.all() and not (empty and spec.empty_row != "zero"):
                 keys = np.flatnonzero(allowed).tolist()
         out.append((rows, keys))
@@ -150,7 +151,7 @@ def _nan_rows(spec, step) -> np.ndarray | None:
     heads = [step.head - 1] if step.kind in ("weights", "head") else range(spec.h)
     rows = np.zeros(spec.L, dtype=bool)
     for h in heads:
-        rows |= ~spec.allowed(h).any(axis=1)
+        rows |= empty_rows(spec.allowed(h))[:, 0]
     return rows
 
 
@@ -364,6 +365,6 @@ def _restriction(spec, step, rows, by_row) -> tuple:
         return None, None
     columns = sorted({j for i in rows for j in by_row[i]})
     allowed = spec.allowed(step.head - 1)[rows].any(axis=0)
-    empty = not spec.allowed(step.head - 1)[rows].any(axis=1).all()
+    empty = bool(empty_rows(spec.allowed(step.head - 1)[rows]).any())
     keys = None if allowed.all() or (empty and spec.empty_row != "zero") else np.flatnonzero(allowed).tolist()
     return keys, columns

@@ -18,7 +18,7 @@ import numpy as np
 
 from symattn.backends.floats import dtype_of, exact_float
 from symattn.errors import SymattnError
-from symattn.semantics import empty_fill
+from symattn.semantics import empty_fill, empty_rows
 from symattn.spec import AttentionSpec
 from symattn.verifier.adapters import NAMES, Unsupported, resolve
 from symattn.verifier.report import Result
@@ -220,9 +220,7 @@ def _nondefault(spec, name: str) -> bool:
     if name == "bo":
         return spec.bo is not None
     if name == "empty_row":  # it fills only rows with no allowed key; the default fills them with zeros
-        return empty_fill(spec.empty_row, spec.S) != 0 and any(
-            not spec.allowed(i).any(axis=1).all() for i in range(spec.h)
-        )
+        return empty_fill(spec.empty_row, spec.S) != 0 and any(empty_rows(spec.allowed(i)).any() for i in range(spec.h))
     raise ValueError(name)
 
 
