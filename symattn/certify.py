@@ -190,8 +190,8 @@ def settle_by_side(lo: int, hi: int, exp10: int, digits: int, sign_of) -> str | 
     # exactly before this is asked)
     low = Fraction(a[0]) * Fraction(10) ** (a[1] - digits + 1)
     high = Fraction(b[0]) * Fraction(10) ** (b[1] - digits + 1)
-    if high - low != Fraction(10) ** (min(a[1], b[1]) - digits + 1):
-        return None  # not neighbours: the enclosure crosses more than one boundary, more precision must narrow it
+    if not a[0] or not b[0] or high - low != Fraction(10) ** (min(a[1], b[1]) - digits + 1):
+        return None  # not neighbours (0 has none: every decade lies between): more precision must narrow it
     boundary = (low + high) / 2
     if not (Fraction(lo * scale[0], scale[1]) <= boundary <= Fraction(hi * scale[0], scale[1])):
         return None

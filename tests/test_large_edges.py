@@ -118,8 +118,8 @@ def test_a_tie_the_exact_form_cannot_reach_gets_fewer_digits_and_a_note(large_ev
     monkeypatch.setattr(symattn.truth.large, "EXACT_ROW_TERMS", 0)  # no exact forms: only the balls are left
     rng = np.random.default_rng(1)
     q, k, v = (bf16(rng.standard_normal((1, 12, 4))) for _ in range(3))
-    q[0, 5] = 0
-    v[0, :6, 1] = [0.25, 0.5, 0.75, -0.25, 0.125, 0.5]  # uniform weights over 6 keys: mean 0.3125, a tie at 3
+    k[0, :6] = k[0, 0]  # rows 0-5 see equal keys: uniform weights (q is not 0: only their exact forms could tell)
+    v[0, :6, 1] = [0.5, 0.25, 0.75, 0.5, 0.125, -0.25]  # row 5's mean 0.3125, a tie at 3 (rows 0-4 are not)
     spec = {"q": q, "k": k, "v": v, "causal": True}
     truth = symattn.evaluate(spec, digits=3, steps=["head1"])
     assert truth["head1"].values[5][1] == "0.31" and truth["head1"].certified_digits[5][1] == 2
@@ -140,8 +140,8 @@ def test_notes_reach_eval_json_and_verify(large_everywhere, monkeypatch, tmp_pat
     monkeypatch.setattr(symattn.truth.large, "EXACT_ROW_TERMS", 0)
     rng = np.random.default_rng(1)
     q, k, v = (bf16(rng.standard_normal((1, 12, 4))) for _ in range(3))
-    q[0, 5] = 0
-    v[0, :6, 1] = [0.25, 0.5, 0.75, -0.25, 0.125, 0.5]
+    k[0, :6] = k[0, 0]
+    v[0, :6, 1] = [0.5, 0.25, 0.75, 0.5, 0.125, -0.25]
     path = tmp_path / "tie.npz"
     np.savez(path, q=q, k=k, v=v, causal=np.array(True))
     assert main(["eval", str(path), "--digits", "3", "--step", "head1"]) == 0
@@ -155,7 +155,9 @@ def test_notes_reach_eval_json_and_verify(large_everywhere, monkeypatch, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "scaling", [(1, 1, 1e302), (1e155, 1e155, 1), (1, 1, 1e-300), (2.0**500, 2.0**-520, 1e307)], ids=str
+    "scaling",
+    [(1, 1, 1e302), (1e155, 1e155, 1), (1e200, 1e200, 1), (1, 1, 1e-300), (2.0**500, 2.0**-520, 1e307)],
+    ids=str,
 )
 def test_magnitudes_near_float64_limits_are_never_nan(large_everywhere, scaling):
     rng = np.random.default_rng(2)
@@ -243,3 +245,69 @@ def test_settle_by_side_needs_neighbouring_roundings():
     assert certify.settle_by_side(1234, 1236, -4, 3, lambda boundary: 1) == "0.124"
     assert certify.settle_by_side(9994, 9996, -4, 3, lambda boundary: -1) == "0.999"
     assert certify.settle_by_side(9994, 9996, -4, 3, lambda boundary: 1) == "1.00"
+    # 0 has no neighbour: [0, 0.001] at 1 digit must not settle as "0" (nor [-0.001, 0])
+    assert certify.settle_by_side(0, 10, -4, 1, lambda boundary: -1) is None
+    assert certify.settle_by_side(-10, 0, -4, 1, lambda boundary: 1) is None
+
+
+def test_a_nan_row_of_one_head_leaves_the_other_heads_columns_of_concat_heads_finite(large_everywhere):
+    # head 1 has an empty row under "nan"; head 2's values are near 1e305, so its enclosures overflow and go to Arb:
+    # only head 1's columns of concat_heads are nan
+    eye = [[1, 0], [0, 1]]
+    mask = [[False, False, False], [True, True, True], [True, True, True]]
+    data = {
+        "x": [[1, 0], [0, 1], [1, 1]],
+        "heads": [{"wq": eye, "wk": eye, "wv": eye}, {"wq": eye, "wk": eye, "wv": [[1e305, 0], [0, 1e305]]}],
+        "wo": [[1, 0], [0, 1], [0, 0], [0, 0]],
+        "mask": [mask, [[True] * 3] * 3],
+        "empty_row": "nan",
+    }
+    large = symattn.evaluate(data, digits=6, steps=["concat_heads"])
+    small = symattn.evaluate(data, digits=6, steps=["concat_heads"], engine="arb")
+    assert large["concat_heads"].values == small["concat_heads"].values
+    assert large["concat_heads"].values[0][:2] == ("nan", "nan") and "nan" not in large["concat_heads"].values[0][2:]
+
+
+def test_blocks_whose_rows_see_no_key(large_everywhere, monkeypatch):
+    # L > S, causal, bottom_right: the first L - S rows are empty; with small blocks some blocks see no key at all
+    monkeypatch.setattr(symattn.truth.large, "BLOCK", 8)
+    rng = np.random.default_rng(8)
+    q, k, v = rng.standard_normal((1, 12, 3)), rng.standard_normal((1, 4, 3)), rng.standard_normal((1, 4, 2))
+    truth = symattn.evaluate({"q": q, "k": k, "v": v, "causal": True, "align": "bottom_right"}, digits=9)
+    mask = [[j <= i - 8 for j in range(4)] for i in range(12)]
+    assert_matches(truth, reference_heads(q, k, v, mask=mask), 9)
+
+
+def test_a_power_of_two_scale_that_underflows_is_enclosed(large_everywhere):
+    # scale 1/8 on subnormal q: the products are not exact, and must not print a wrong digit or a false 0
+    q = np.zeros((1, 1, 64))
+    q[0, 0, :2] = 9 * 2.0**-1074, 2.0**-1074
+    k = np.zeros((1, 2, 64))
+    k[0, 0, 0] = k[0, 1, 1] = 1.0
+    spec = {"q": q, "k": k, "v": np.array([[[1.0], [2.0]]])}
+    large = symattn.evaluate(spec, digits=6, steps=["scores1"])
+    assert (
+        large["scores1"].values == symattn.evaluate(spec, digits=6, steps=["scores1"], engine="arb")["scores1"].values
+    )
+    assert large["scores1"].values == (("5.55824e-324", "6.17582e-325"),)
+
+
+def test_fixed_places_of_an_entry_settled_as_a_bound(large_everywhere):
+    # head1[0, 0] ≈ -5e-21 is given as a bound on the large path; rounding it to places still works
+    q, k = np.array([[[1.0]]]), np.array([[[0.0], [1e-20]]])
+    truth = symattn.evaluate({"q": q, "k": k, "v": np.array([[[1.0, 1.0], [-1.0, 3.0]]]), "scale": 1}, digits=6)
+    assert truth["head1"].values[0][0].startswith("<")
+    assert truth.fixed("head1", 0, 0, 5) == 0 and truth.fixed("head1", 0, 1, 5) == 200000
+
+
+def test_rows_of_equal_scores_output_the_mean_of_their_values(large_everywhere):
+    # zero query rows: every visible score is 0, the weights 1/n, the output V's mean (a tie at 7 digits here),
+    # decided from the inputs, without each row's exact form
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((1, 16, 4))
+    q[0, :12] = 0
+    k = rng.standard_normal((1, 16, 4))
+    v = np.where(np.arange(16)[:, None] % 2 == 0, 1.0, 1.015625) * np.ones((1, 16, 3))
+    truth = symattn.evaluate({"q": q, "k": k, "v": v}, digits=7, steps=["head1"])
+    assert truth["head1"].values[0] == ("1.007812",) * 3 and truth.notes == []
+    assert_matches(truth, reference_heads(q, k, v), 7)

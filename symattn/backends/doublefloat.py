@@ -146,7 +146,9 @@ def _scalings(m, axis: int, beta: int) -> np.ndarray:
 
 def _scaled(x, e, uniform: bool):
     """x·2**e, exactly (barring underflow): one multiplication when e is the same everywhere."""
-    return x * 2.0 ** float(e.flat[0]) if uniform else np.ldexp(x, e)
+    if uniform and abs(int(e.flat[0])) < 1000:
+        return x * math.ldexp(1.0, int(e.flat[0]))  # one scalar: faster than ldexp over the array
+    return np.ldexp(x, e)
 
 
 def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
@@ -196,10 +198,10 @@ def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
     width = min(n, CHUNK)
     coefficient = (gamma(width + 2) + gamma(len(chunks) + 2) + 3 * U) * INFLATE * (1 + gamma(2 * n + 4))
     if on_operands:  # each part scaled back is exact unless it underflows (η each, times the other's size)
-        sizes = 2.0 ** float(beta + np.max(-ea, initial=0)) + 2.0 ** float(beta + np.max(-eb, initial=0))
+        sizes = _pow2(beta + np.max(-ea, initial=0)) + _pow2(beta + np.max(-eb, initial=0))
         floor = 10 * n * ETA * (1 + sizes) + 4 * ETA
     else:
-        floor = 10 * n * ETA * 2.0 ** float(np.max(shift, initial=0)) + 4 * ETA
+        floor = 10 * n * ETA * _pow2(np.max(shift, initial=0)) + 4 * ETA
     narrow = p * 4 <= n  # a softmax's weights times V: products of absolute values, else Cauchy–Schwarz
     fused = narrow and a_rad is not None and b_lo is None and b_rad is None
     if narrow:  # in the scaled units, with a's radius (in them: a_rad·2**ea against |b_s| = |b|·2**eb) fused
@@ -208,7 +210,7 @@ def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
         if fused:  # the coefficient applied after the product, on the narrow output
             factor = (1 + gamma(n + 4)) * INFLATE / coefficient
             if nonnegative:
-                weights += a_rad * (2.0 ** float(ea.flat[0]) * factor)
+                weights += np.ldexp(a_rad * factor, int(ea.flat[0]))
             else:
                 weights += np.ldexp(a_rad, ea) * factor
         rad = weights @ np.abs(b_s)
@@ -283,8 +285,13 @@ def sliced_product(a, b, slices: int = 3):
             1 + gamma(n + 4)
         )
     shift = -ea - eb
-    floor = 10 * n * ETA * 2.0 ** float(np.max(shift, initial=0)) + 4 * ETA
+    floor = 10 * n * ETA * _pow2(np.max(shift, initial=0)) + 4 * ETA
     return np.ldexp(hi, shift), np.ldexp(lo, shift), up(np.ldexp(rad, shift)) + floor
+
+
+def _pow2(e) -> float:
+    """2**e as a float, inf past float64's range (then the radius is infinite and the entries go to Arb)."""
+    return math.inf if e > 1023 else math.ldexp(1.0, int(e))
 
 
 def _rest(a_int, a_frac, b_frac, b_rest, dense_a: bool):

@@ -82,7 +82,14 @@ class IntervalXP(ArrayXP):
         if s.lo is not None and not s.lo and not s.rad and s.hi and math.frexp(float(s.hi))[0] == 0.5:
             f = float(s.hi)  # a power of two (1/8 for d_k = 64): exact, unless it underflows
             rad = None if a.rad is None else np.where(a.rad == 0, 0.0, up(a.rad * f))
-            return Iv(a.hi * f, None if a.lo is None else a.lo * f, rad, a.excluded)
+            hi, lo = a.hi * f, None if a.lo is None else a.lo * f
+            with np.errstate(over="ignore", invalid="ignore"):
+                inexact = hi / f != a.hi  # dividing by a power of two undoes an exact product exactly
+                if lo is not None:
+                    inexact |= lo / f != a.lo
+            if inexact.any():  # an underflow: within η of the product, each part
+                rad = (np.zeros_like(hi) if rad is None else rad) + np.where(inexact, 2 * ETA, 0.0)
+            return Iv(hi, lo, rad, a.excluded)
         return mul(a, s)
 
     def one_minus(self, a):

@@ -38,6 +38,8 @@ ESCALATION_BITS = 128  # Arb's first precision for what the enclosures (relative
 LARGE_ESCALATION = 1 << 12  # the large path's last precision: past it, an entry on a rounding boundary that its
 # exact form did not decide gets fewer digits (an irrational value within 10**-1200 of a tie is not to be met)
 EXACT_ROW_TERMS = 1 << 20  # a row's exact form is asked for at most this many keys × columns
+EXACT_ROWS = 64  # and for at most this many rows of one evaluation (about 0.1 s each at 512 keys × 16 columns);
+# the rest rise in Arb and, if still on a boundary, get the digits they prove (with a note)
 
 
 def large(spec, digits: int, engine: str, names, graph) -> bool:
@@ -68,8 +70,8 @@ def blocks(spec, L: int) -> list:
                 a = spec.allowed(i)[start : start + size]
                 allowed |= a.any(axis=0)
                 empty |= bool(empty_rows(a).any())
-            if not allowed.all() and not (empty and spec.empty_row != "zero"):
-                keys = np.flatnonzero(allowed).tolist()
+            if allowed.any() and not allowed.all() and not (empty and spec.empty_row != "zero"):
+                keys = np.flatnonzero(allowed).tolist()  # (a block whose rows see no key keeps them all)
         out.append((rows, keys))
     return out
 
@@ -115,8 +117,8 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
         known = store[name]
         mid, rad = known.mid, known.rad
         nan = np.isnan(mid)
-        rows = _nan_rows(spec, graph.step(name))
-        nan &= False if rows is None else rows[:, None]  # any other nan (an enclosure that overflowed) goes to Arb
+        legit = _nan_entries(spec, graph.step(name))
+        nan &= False if legit is None else legit  # any other nan (an enclosure that overflowed) goes to Arb
         for i, j in zip(*np.nonzero(nan), strict=True):
             known.decided[int(i), int(j)] = "nan"
         bad = ~known.ok & ~nan & ~((mid == 0) & (rad == 0))
@@ -143,16 +145,23 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
     return truth
 
 
-def _nan_rows(spec, step) -> np.ndarray | None:
-    """Bools over a step's rows: those that are nan by the spec (empty rows under ``empty_row "nan"``: a head's
-    weights and output, and every row of the steps that read all heads), or None when no row is."""
+def _nan_entries(spec, step) -> np.ndarray | None:
+    """Bools over a step's entries: those that are nan by the spec (empty rows under ``empty_row "nan"``: a
+    head's weights and output, those columns of concat_heads, and every column of M), or None when none is."""
     if spec.empty_row != "nan" or step.backward or step.kind not in ("weights", "head", "concat_heads", "M"):
         return None
-    heads = [step.head - 1] if step.kind in ("weights", "head") else range(spec.h)
-    rows = np.zeros(spec.L, dtype=bool)
-    for h in heads:
-        rows |= empty_rows(spec.allowed(h))[:, 0]
-    return rows
+    out = np.zeros(step.shape, dtype=bool)
+    if step.kind in ("weights", "head"):
+        out |= empty_rows(spec.allowed(step.head - 1))
+        return out
+    width = spec.d_v if step.kind == "concat_heads" else None
+    for h in range(spec.h):
+        rows = empty_rows(spec.allowed(h))[:, 0]
+        if width is None:
+            out[rows] = True
+        else:
+            out[rows, h * width : (h + 1) * width] = True
+    return out
 
 
 def block_target(step, rows, keys):
@@ -211,10 +220,10 @@ def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
     start = bits
     nans: dict = {}
 
-    def nan_rows(name):
+    def nan_entries(name):
         if name not in nans:
-            rows = _nan_rows(truth.spec, truth.graph.step(name))
-            nans[name] = np.zeros(truth.graph.step(name).shape[0], dtype=bool) if rows is None else rows
+            legit = _nan_entries(truth.spec, truth.graph.step(name))
+            nans[name] = np.zeros(truth.graph.step(name).shape, dtype=bool) if legit is None else legit
         return nans[name]
 
     # float products (double-float slices, good to 2**-100) for the first round, unless enclosures overflowed
@@ -249,7 +258,7 @@ def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
             for (name, i, j), ball in balls.items():
                 known = truth.known[name]
                 text = ball_string(engine, ball, digits)
-                if text == "nan" and not nan_rows(name)[i]:  # the first round's float products overflowed
+                if text == "nan" and not nan_entries(name)[i, j]:  # the first round's float products overflowed
                     text = None
                 if text is not None:
                     known.decided[i, j] = text
@@ -296,12 +305,28 @@ def _equal_values(truth: Truth, cells) -> list:
                 continue
             visible = np.ones_like(visible)
         column = (floats if floats is not None else exact.num)[:, j][visible]
-        if not (column == column[0]).all():
+        if (column == column[0]).all():
+            value = Fraction(float(column[0])) if floats is not None else Fraction(column[0], exact.den)
+        elif _uniform(spec, step, i):  # every visible score equal: the weights are 1/n, the output V's mean
+            if exact is None:  # V's exact integers over one power of two, made once
+                exact = RatMat.from_float(floats)
+                values[v_name] = floats, exact
+            value = Fraction(sum(exact.num[:, j][visible].tolist()), exact.den * int(visible.sum()))
+        else:
             left.append((name, i, j))
             continue
-        value = Fraction(float(column[0])) if floats is not None else Fraction(column[0], exact.den)
         truth.known[name].decided[i, j] = exact_text(value, truth.digits)
     return left
+
+
+def _uniform(spec, step, i: int) -> bool:
+    """Whether every visible score of row i of a kernel-form head is the same number: its query row is 0 and
+    nothing is added per key (no bias, no ALiBi; softcap keeps tanh(0) = 0)."""
+    if spec.form != "kernel" or spec.bias is not None or spec.alibi is not None:
+        return False
+    q = spec.q[step.head - 1]
+    row = q.float64()[i] if q.is_float else q.select_rows([i]).float64()[0]
+    return not row.any()
 
 
 def _exact_values(graph, name: str):
@@ -331,12 +356,12 @@ def _exact_rows(truth: Truth, cells, report) -> list:
             by_row.setdefault((name, i), []).append(j)
         else:
             left.append((name, i, j))
-    for (name, i), columns_asked in sorted(by_row.items()):
+    for count, ((name, i), columns_asked) in enumerate(sorted(by_row.items())):
         step = graph.step(name)
         keys, columns = _restriction(spec, step, [i], {i: columns_asked})
         size = (spec.S if keys is None else len(keys)) * (step.shape[1] if columns is None else len(columns))
         value = None
-        if size <= EXACT_ROW_TERMS:
+        if size <= EXACT_ROW_TERMS and count < EXACT_ROWS:
             report(f"exact form of {name}, query row {i}")
             try:
                 g = build_graph(spec, rows=[i], keys=keys, value_columns=columns)
@@ -366,5 +391,5 @@ def _restriction(spec, step, rows, by_row) -> tuple:
     columns = sorted({j for i in rows for j in by_row[i]})
     allowed = spec.allowed(step.head - 1)[rows].any(axis=0)
     empty = bool(empty_rows(spec.allowed(step.head - 1)[rows]).any())
-    keys = None if allowed.all() or (empty and spec.empty_row != "zero") else np.flatnonzero(allowed).tolist()
-    return keys, columns
+    every = allowed.all() or not allowed.any() or (empty and spec.empty_row != "zero")
+    return (None if every else np.flatnonzero(allowed).tolist()), columns

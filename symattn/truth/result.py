@@ -369,7 +369,8 @@ class Truth:
             if text == "nan":
                 return "nan"
             value = self.decide(name, i, j)
-            return value if value is not None and value == "nan" else certify.round_places(value, places)
+            if value is not None:  # decided from its exact form; else (a bound, fewer digits, settled from an
+                return value if value == "nan" else certify.round_places(value, places)  # enclosure): below
         if known.exact is not None:
             return certify.round_places((known.exact.num[i, j], known.exact.den), places)
         if known.mid is not None:
