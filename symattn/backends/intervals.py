@@ -148,7 +148,12 @@ class IntervalXP(ArrayXP):
         parts = [_materialized(p) for p in parts]
         hi = np.concatenate([p.hi for p in parts], axis=-1)
         lo = np.concatenate([p.low() for p in parts], axis=-1)
-        return Iv(hi, lo, np.concatenate([p.radius() for p in parts], axis=-1))
+        excluded = None
+        if any(p.excluded is not None for p in parts):  # excluded entries stay excluded (a sink beside scores)
+            excluded = np.concatenate(
+                [np.zeros(p.hi.shape, bool) if p.excluded is None else p.excluded for p in parts], axis=-1
+            )
+        return Iv(hi, lo, np.concatenate([p.radius() for p in parts], axis=-1), excluded)
 
     def cols(self, a, start, stop):
         a = _materialized(a)

@@ -1,0 +1,101 @@
+"""Attention sinks (``"sinks"``, gpt-oss / TransformerEngine) through every layer, against an independent
+mpmath reference written here the way gpt-oss computes them: a column of the sink's logit appended to each
+row of scores, a softmax, the column dropped."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import pytest
+
+import symattn
+from symattn import SymattnError
+
+DPS = 40
+
+
+def mp(e):
+    e = Fraction(e) if not isinstance(e, float) else Fraction(e)
+    return mpmath.mpf(e.numerator) / e.denominator
+
+
+def reference(q, k, v, sinks, scale, allowed):
+    """Every step of the kernel form with sinks: q (H, L, E), k, v (H_kv, S, ·), sinks (H,), allowed (H, L, S)
+    bools; mpmath values as nested lists, by step name."""
+    with mpmath.workdps(DPS):
+        H, H_kv = len(q), len(k)
+        out = {}
+        for h in range(H):
+            g = h * H_kv // H
+            L, S = len(q[h]), len(k[g])
+            scores = [[scale * mpmath.fsum(a * b for a, b in zip(q[h][i], k[g][j])) for j in range(S)] for i in range(L)]
+            weights = []
+            for i in range(L):
+                row = [scores[i][j] if allowed[h][i][j] else -mpmath.inf for j in range(S)] + [sinks[h]]
+                top = max(row)
+                e = [mpmath.exp(x - top) if x != -mpmath.inf else mpmath.mpf(0) for x in row]
+                z = mpmath.fsum(e)
+                weights.append([x / z for x in e][:-1])  # the sink's column dropped
+            head = [[mpmath.fsum(weights[i][j] * v[g][j][c] for j in range(S)) for c in range(len(v[g][0]))]
+                    for i in range(L)]  # fmt: skip
+            out[f"scores{h + 1}"] = [[x if allowed[h][i][j] else None for j, x in enumerate(r)] for i, r in enumerate(scores)]
+            out[f"weights{h + 1}"], out[f"head{h + 1}"] = weights, head
+        return out
+
+
+def kernel_inputs(spec):
+    """The mpmath inputs of a kernel-form spec dict."""
+    q = [[[mp(e) for e in r] for r in m] for m in spec["q"]]
+    k = [[[mp(e) for e in r] for r in m] for m in spec["k"]]
+    v = [[[mp(e) for e in r] for r in m] for m in spec["v"]]
+    return q, k, v, [mp(e) for e in spec["sinks"]]
+
+
+def allowed_of(s):
+    return [s.allowed(h).tolist() for h in range(s.h)]
+
+
+def loss(q, k, v, sinks, scale, allowed):
+    """Σ of every head's output (the cotangent symattn uses when dout is absent)."""
+    heads = reference(q, k, v, sinks, scale, allowed)
+    return mpmath.fsum(x for name, m in heads.items() if name.startswith("head") for r in m for x in r)
+
+
+KERNEL = {
+    "name": "sinks_test",
+    "q": [[[1, 2], [0, 1], ["1/2", -1]], [[0, 1], [2, 1], [1, 1]], [[1, 0], [0, 0], [-1, 2]], [[2, 2], [1, 0], [0, 3]]],
+    "k": [[[1, 0], [0, 1], [1, 1], [-1, 2]], [[0, 1], [1, 1], [2, 0], [1, -1]]],
+    "v": [[[1, 2], [3, 4], [5, 6], [0, 1]], [[-1, 0], [2, 1], [0, 3], [1, 1]]],
+    "sinks": ["1/2", -1, 3, 0],
+    "scale": "1/2",
+    "causal": True,
+    "align": "bottom_right",
+    "mask": [[False, False, False, False], [True, True, False, True], [True, True, True, True]],
+}
+
+
+def close(a, b, tol=1e-12):
+    return abs(float(a) - float(b)) <= tol * max(1.0, abs(float(b)))
+
+
+def check_steps(truth, ref, names):
+    for name in names:
+        got, want = truth[name].to_numpy(), ref[name]
+        for i, row in enumerate(want):
+            for j, x in enumerate(row):
+                if x is None:
+                    continue
+                assert close(got[i][j], x), (name, i, j, got[i][j], x)
+
+
+def test_every_forward_step_of_the_kernel_form_with_causal_a_fully_masked_row_and_gqa():
+    spec = symattn.load_spec(KERNEL)
+    truth = symattn.evaluate(spec, digits=20)
+    ref = reference(*kernel_inputs(KERNEL), mp(Fraction(spec.effective_scale)), allowed_of(spec))
+    check_steps(truth, ref, [n for n in truth.names if n[0] in "swh"])
+    # the fully masked row: weights and output exactly 0, not the empty-row fill
+    for h in range(1, 5):
+        assert truth[f"weights{h}"].values[0] == ("0", "0", "0", "0")
+        assert truth[f"head{h}"].values[0] == ("0", "0")
