@@ -99,3 +99,55 @@ def test_every_forward_step_of_the_kernel_form_with_causal_a_fully_masked_row_an
     for h in range(1, 5):
         assert truth[f"weights{h}"].values[0] == ("0", "0", "0", "0")
         assert truth[f"head{h}"].values[0] == ("0", "0")
+
+
+def central(f, x, h=mpmath.mpf(10) ** -12):
+    """d f / d x by a central difference (mpmath at DPS digits: truncation ~h², far below the checks)."""
+    return (f(x + h) - f(x - h)) / (2 * h)
+
+
+def test_dsinks_and_dq_dk_dv_against_finite_differences_of_the_reference():
+    spec = symattn.load_spec(KERNEL)
+    truth = symattn.evaluate(spec, digits=20, grad=True)
+    q, k, v, sinks = kernel_inputs(KERNEL)
+    scale, allowed = mp(Fraction(spec.effective_scale)), allowed_of(spec)
+    with mpmath.workdps(DPS):
+        for h in range(4):
+
+            def f(x, h=h):
+                return loss(q, k, v, sinks[:h] + [x] + sinks[h + 1 :], scale, allowed)
+
+            assert close(truth["dsinks"].to_numpy()[0][h], central(f, sinks[h]), 1e-9)
+        assert float(truth["dsinks"].to_numpy()[0][0]) != 0
+        for name, array, i, r, c in (("dq", q, 1, 1, 0), ("dq", q, 3, 2, 1), ("dk", k, 1, 0, 1), ("dv", v, 2, 3, 0)):
+
+            def g(x, array=array, i=i, r=r, c=c):
+                saved = array[i - 1][r][c]
+                array[i - 1][r][c] = x
+                try:
+                    return loss(q, k, v, sinks, scale, allowed)
+                finally:
+                    array[i - 1][r][c] = saved
+
+            assert close(truth[f"{name}{i}"].to_numpy()[r][c], central(g, array[i - 1][r][c]), 1e-9), (name, i, r, c)
+
+
+def test_the_large_path_against_the_reference(monkeypatch):
+    monkeypatch.setattr(symattn.truth.large, "LARGE", 0)
+    spec = symattn.load_spec(KERNEL)
+    truth = symattn.evaluate(spec, digits=15)
+    ref = reference(*kernel_inputs(KERNEL), mp(Fraction(spec.effective_scale)), allowed_of(spec))
+    check_steps(truth, ref, [n for n in truth.names if n[0] in "swh"])
+    assert truth["weights1"].values[0] == ("0", "0", "0", "0")
+    assert truth["head2"].values[0] == ("0", "0")
+
+
+@pytest.mark.parametrize("empty_row", ["uniform", "nan"])
+def test_empty_row_does_not_apply_to_a_fully_masked_row_with_a_sink(monkeypatch, empty_row):
+    spec = symattn.load_spec({**KERNEL, "empty_row": empty_row})
+    for large in (False, True):
+        if large:
+            monkeypatch.setattr(symattn.truth.large, "LARGE", 0)
+        truth = symattn.evaluate(spec, digits=15, grad=not large)
+        assert truth["weights3"].values[0] == ("0", "0", "0", "0")
+        assert truth["head3"].values[0] == ("0", "0")

@@ -112,10 +112,11 @@ class IntervalXP(ArrayXP):
         a = _materialized(a)
         return self._product(a, Iv(np.ones(a.hi.shape[:-2] + (a.hi.shape[-1], 1))))
 
-    def softmax(self, s, empty=None, fill=0):
+    def softmax(self, s, empty=None, fill=0, sink=None):
         """The exponentials exp(s − shift) by the table, the shift folded into its index (``_exp``), kept with
-        the empty rows until read (``_Weights``)."""
-        s = _materialized(s)
+        the empty rows until read (``_Weights``).  A sink is one more entry of each row: it joins the shift and
+        the row sum, and a row whose scores are all excluded gets weights exactly 0 (its sink is its one key)."""
+        s = _materialized(s) if sink is None else self.hstack([s, sink])
         return _Weights(exp(s, self.shift(s).hi), self, empty, fill)
 
     def weighted_sum(self, p, v):

@@ -67,7 +67,7 @@ def blocks(spec, L: int) -> list:
                 a = spec.allowed(i)[start : start + size]
                 allowed |= a.any(axis=0)
                 empty |= not a.any(axis=1).all()
-            if not allowed.all() and not (empty and spec.empty_row != "zero"):
+            if not allowed.all() and not (empty and (spec.empty_row != "zero" or spec.sinks is not None)):
                 keys = np.flatnonzero(allowed).tolist()
         out.append((rows, keys))
     return out
@@ -144,8 +144,9 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
 
 def _nan_rows(spec, step) -> np.ndarray | None:
     """Bools over a step's rows: those that are nan by the spec (empty rows under ``empty_row "nan"``: a head's
-    weights and output, and every row of the steps that read all heads), or None when no row is."""
-    if spec.empty_row != "nan" or step.backward or step.kind not in ("weights", "head", "concat_heads", "M"):
+    weights and output, and every row of the steps that read all heads), or None when no row is (with sinks
+    no row is empty)."""
+    if spec.empty_row != "nan" or spec.sinks is not None or step.backward or step.kind not in ("weights", "head", "concat_heads", "M"):
         return None
     heads = [step.head - 1] if step.kind in ("weights", "head") else range(spec.h)
     rows = np.zeros(spec.L, dtype=bool)
@@ -272,8 +273,11 @@ def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
 def _equal_values(truth: Truth, cells) -> list:
     """Settle the cells of heads' outputs whose row's visible values in their column are all equal: the
     weights of a row sum to 1, so the output is exactly that value (a constant column of V, a row with one
-    key; on a rounding tie no enclosure could settle it).  Returns the cells left."""
+    key; on a rounding tie no enclosure could settle it).  Returns the cells left: all of them with sinks,
+    whose weights sum to less than 1."""
     spec, graph = truth.spec, truth.graph
+    if spec.sinks is not None:
+        return list(cells)
     values: dict = {}  # V's name -> exact values as (float64 array, None) or (None, RatMat), or None
     left = []
     for name, i, j in cells:
@@ -365,5 +369,6 @@ def _restriction(spec, step, rows, by_row) -> tuple:
     columns = sorted({j for i in rows for j in by_row[i]})
     allowed = spec.allowed(step.head - 1)[rows].any(axis=0)
     empty = not spec.allowed(step.head - 1)[rows].any(axis=1).all()
-    keys = None if allowed.all() or (empty and spec.empty_row != "zero") else np.flatnonzero(allowed).tolist()
+    whole = allowed.all() or (empty and (spec.empty_row != "zero" or spec.sinks is not None))
+    keys = None if whole else np.flatnonzero(allowed).tolist()
     return keys, columns
