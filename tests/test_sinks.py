@@ -151,3 +151,61 @@ def test_empty_row_does_not_apply_to_a_fully_masked_row_with_a_sink(monkeypatch,
         truth = symattn.evaluate(spec, digits=15, grad=not large)
         assert truth["weights3"].values[0] == ("0", "0", "0", "0")
         assert truth["head3"].values[0] == ("0", "0")
+
+
+# Implementations in NumPy, as a kernel author writes them (gpt-oss: the sink appended as a column).
+
+
+def _attention(q, k, v, scale, mask, causal, align, sinks, drop_sink=False):
+    H, L, _ = q.shape
+    H_kv, S, _ = k.shape
+    k, v = np.repeat(k, H // H_kv, axis=0), np.repeat(v, H // H_kv, axis=0)
+    s = np.einsum("hle,hse->hls", q, k) * q.dtype.type(scale)
+    ok = np.ones((L, S), bool) if mask is None else np.asarray(mask, bool)
+    if causal:
+        delta = 0 if align == "top_left" else S - L
+        ok = ok & (np.arange(S)[None, :] <= np.arange(L)[:, None] + delta)
+    s = np.where(ok, s, -np.inf)
+    sink = np.broadcast_to(sinks.astype(q.dtype)[:, None, None], (H, L, 1))
+    full = np.concatenate([s, sink], axis=-1)
+    top = full.max(axis=-1, keepdims=True)
+    e = np.exp(full - top)
+    z = e[..., :-1].sum(axis=-1, keepdims=True) if drop_sink else e.sum(axis=-1, keepdims=True)
+    p = (e / z)[..., :-1]
+    return p, p @ v, k, v, ok
+
+
+def right(q, k, v, *, scale, mask=None, causal=False, align="top_left", sinks=None, **_):
+    return _attention(q, k, v, scale, mask, causal, align, sinks)[1]
+
+
+def sink_dropped(q, k, v, *, scale, mask=None, causal=False, align="top_left", sinks=None, **_):
+    out = _attention(q, k, v, scale, mask, causal, align, sinks, drop_sink=True)[1]
+    return np.nan_to_num(out)  # the masked row: 0/0
+
+
+def backward(q, k, v, dout, *, scale, mask=None, causal=False, align="top_left", sinks=None, zero_dsinks=False, **_):
+    H, H_kv = q.shape[0], k.shape[0]
+    p, _, kr, vr, ok = _attention(q, k, v, scale, mask, causal, align, sinks)
+    dp = dout @ np.swapaxes(vr, -1, -2)
+    rowdot = (dp * p).sum(axis=-1, keepdims=True)
+    ds = p * (dp - rowdot)
+    dsinks = -((1 - p.sum(axis=-1, keepdims=True)) * rowdot).sum(axis=(-1, -2))
+    dq = ds @ kr * q.dtype.type(scale)
+    dk = (np.swapaxes(ds, -1, -2) @ q * q.dtype.type(scale)).reshape(H_kv, H // H_kv, *k.shape[1:]).sum(axis=1)
+    dv = (np.swapaxes(p, -1, -2) @ dout).reshape(H_kv, H // H_kv, *v.shape[1:]).sum(axis=1)
+    return {"dq": dq, "dk": dk, "dv": dv, "dsinks": np.zeros_like(dsinks) if zero_dsinks else dsinks.astype(q.dtype)}
+
+
+def zero_dsinks(*args, **kwargs):
+    return backward(*args, zero_dsinks=True, **kwargs)
+
+
+def verdicts(impls, dtype, backward=False, spec=KERNEL):
+    return [r.verdict for r in symattn.verify(symattn.load_spec(spec), impls, dtype=dtype, backward=backward)]
+
+
+def test_verify_passes_a_right_float32_implementation_and_fails_the_classic_bugs():
+    assert verdicts([right, sink_dropped], "float32") == ["PASS", "FAIL"]
+    assert verdicts([right, sink_dropped], "float64") == ["PASS", "FAIL"]
+    assert verdicts([backward, zero_dsinks], "float32", backward=True) == ["PASS", "FAIL"]

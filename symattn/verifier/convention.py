@@ -30,9 +30,11 @@ PROJECTION_POSITIONAL = ("x", "wq", "wk", "wv", "wo")
 KERNEL_POSITIONAL = ("q", "k", "v")
 PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
-    "x_kv", "bq", "bk", "bv", "bo", "empty_row",
+    "x_kv", "bq", "bk", "bv", "bo", "sinks", "empty_row",
 )  # fmt: skip
-KERNEL_OPTIONS = ("scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "empty_row")
+KERNEL_OPTIONS = (
+    "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "empty_row",
+)  # fmt: skip
 
 
 # What an implementation gets.
@@ -86,6 +88,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         "bias": None,
         "alibi_slopes": None,
         "softcap": None if spec.softcap is None else exact_float(spec.softcap),
+        "sinks": None,
         "empty_row": spec.empty_row,
     }
     leaves: dict = {}
@@ -108,6 +111,10 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
             for i, b in enumerate(options["bias"], 1):
                 leaves[f"bias{i}"] = b
         fields["bias"] = options["bias"].astype(np.float64)
+    if spec.sinks is not None:  # data, as the bias: (H,) in the dtype under test
+        options["sinks"] = rounded(spec.sinks, "sinks")[0]
+        leaves["sinks"] = options["sinks"][None, :]
+        fields["sinks"] = options["sinks"].astype(np.float64)
     if spec.alibi is not None:
         slopes = np.array([exact_float(s) for s in spec.alibi_slopes])
         slopes = slopes.astype(dt) if cast is None else np.asarray(cast(slopes, dtype))
@@ -212,6 +219,8 @@ def _nondefault(spec, name: str) -> bool:
         return spec.alibi is not None
     if name == "softcap":
         return spec.softcap is not None
+    if name == "sinks":
+        return spec.sinks is not None
     if name == "x_kv":
         return spec.x_kv is not None
     if name in ("bq", "bk", "bv"):
@@ -219,8 +228,8 @@ def _nondefault(spec, name: str) -> bool:
         return any(getattr(h, name) is not None for h in heads)
     if name == "bo":
         return spec.bo is not None
-    if name == "empty_row":  # it fills only rows with no allowed key; the default fills them with zeros
-        return empty_fill(spec.empty_row, spec.S) != 0 and any(
+    if name == "empty_row":  # it fills only rows with no allowed key (none with sinks); the default fills with 0
+        return spec.sinks is None and empty_fill(spec.empty_row, spec.S) != 0 and any(
             not spec.allowed(i).any(axis=1).all() for i in range(spec.h)
         )
     raise ValueError(name)
