@@ -209,3 +209,12 @@ def test_verify_passes_a_right_float32_implementation_and_fails_the_classic_bugs
     assert verdicts([right, sink_dropped], "float32") == ["PASS", "FAIL"]
     assert verdicts([right, sink_dropped], "float64") == ["PASS", "FAIL"]
     assert verdicts([backward, zero_dsinks], "float32", backward=True) == ["PASS", "FAIL"]
+
+
+def test_an_implementation_without_a_sinks_keyword_is_unsupported_with_the_reason():
+    def no_sinks(q, k, v, *, scale, mask=None, causal=False, align="top_left"):
+        return right(q, k, v, scale=scale, mask=mask, causal=causal, align=align, sinks=np.zeros(4))
+
+    (result,) = symattn.verify(symattn.load_spec(KERNEL), [no_sinks], dtype="float32")
+    assert result.verdict == "UNSUPPORTED"
+    assert "sinks" in " ".join(result.reasons)
