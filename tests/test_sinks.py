@@ -30,7 +30,10 @@ def reference(q, k, v, sinks, scale, allowed):
         for h in range(H):
             g = h * H_kv // H
             L, S = len(q[h]), len(k[g])
-            scores = [[scale * mpmath.fsum(a * b for a, b in zip(q[h][i], k[g][j])) for j in range(S)] for i in range(L)]
+            scores = [
+                [scale * mpmath.fsum(a * b for a, b in zip(q[h][i], k[g][j], strict=True)) for j in range(S)]
+                for i in range(L)
+            ]
             weights = []
             for i in range(L):
                 row = [scores[i][j] if allowed[h][i][j] else -mpmath.inf for j in range(S)] + [sinks[h]]
@@ -40,7 +43,9 @@ def reference(q, k, v, sinks, scale, allowed):
                 weights.append([x / z for x in e][:-1])  # the sink's column dropped
             head = [[mpmath.fsum(weights[i][j] * v[g][j][c] for j in range(S)) for c in range(len(v[g][0]))]
                     for i in range(L)]  # fmt: skip
-            out[f"scores{h + 1}"] = [[x if allowed[h][i][j] else None for j, x in enumerate(r)] for i, r in enumerate(scores)]
+            out[f"scores{h + 1}"] = [
+                [x if allowed[h][i][j] else None for j, x in enumerate(r)] for i, r in enumerate(scores)
+            ]
             out[f"weights{h + 1}"], out[f"head{h + 1}"] = weights, head
         return out
 
@@ -101,8 +106,9 @@ def test_every_forward_step_of_the_kernel_form_with_causal_a_fully_masked_row_an
         assert truth[f"head{h}"].values[0] == ("0", "0")
 
 
-def central(f, x, h=mpmath.mpf(10) ** -12):
+def central(f, x):
     """d f / d x by a central difference (mpmath at DPS digits: truncation ~h², far below the checks)."""
+    h = mpmath.mpf(10) ** -12
     return (f(x + h) - f(x - h)) / (2 * h)
 
 
@@ -218,3 +224,121 @@ def test_an_implementation_without_a_sinks_keyword_is_unsupported_with_the_reaso
     (result,) = symattn.verify(symattn.load_spec(KERNEL), [no_sinks], dtype="float32")
     assert result.verdict == "UNSUPPORTED"
     assert "sinks" in " ".join(result.reasons)
+
+
+def _module(source: str):
+    import types
+
+    module = types.ModuleType("generated_sinks")
+    exec(compile(source, "<generated>", "exec"), module.__dict__)  # noqa: S102 -- the generator's own output
+    return module
+
+
+@pytest.mark.parametrize(
+    ("weights", "strategy"), [("folded", "vectorized"), ("folded", "unrolled"), ("inputs", "vectorized")]
+)
+def test_generated_forward_and_backward_match_the_truth(weights, strategy):
+    spec = symattn.load_spec(KERNEL)
+    truth = symattn.evaluate(spec, digits=20, grad=True)
+    module = _module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
+    q, k, v = (np.array([[[float(Fraction(e)) for e in r] for r in m] for m in KERNEL[n]]) for n in "qkv")
+    out = module.forward(q, k, v)
+    want = np.stack([truth[f"head{h}"].to_numpy() for h in range(1, 5)])
+    np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-14)
+    grads = module.backward(q, k, v, np.ones_like(out))
+    np.testing.assert_allclose(grads["dsinks"], truth["dsinks"].to_numpy()[0], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(grads["dq"][1], truth["dq2"].to_numpy(), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(grads["dk"][0], truth["dk1"].to_numpy(), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(grads["dv"][1], truth["dv2"].to_numpy(), rtol=1e-12, atol=1e-13)
+    steps = module.intermediates(q, k, v, dout=np.ones_like(out))  # (without dout: a known bug, not of sinks)
+    np.testing.assert_allclose(steps["weights3"], truth["weights3"].to_numpy(), rtol=1e-13, atol=1e-14)
+    # batched, in float32: each element as alone
+    batch = np.stack([q, q[::-1]]).astype(np.float32)
+    out32 = module.forward(batch, np.stack([k, k]).astype(np.float32), np.stack([v, v]).astype(np.float32))
+    assert out32.dtype == np.float32 and out32.shape == (2, 4, 3, 2)
+    np.testing.assert_allclose(out32[0], want, rtol=1e-5, atol=1e-6)
+    same = np.stack([q, q]).astype(np.float32)
+    grads32 = module.backward(same, np.stack([k, k]), np.stack([v, v]), np.ones((2, 4, 3, 2), np.float32))
+    assert grads32["dsinks"].shape == (4,)  # the sinks are no batch's: their gradient sums over it, as a weight's
+    np.testing.assert_allclose(grads32["dsinks"], 2 * truth["dsinks"].to_numpy()[0], rtol=1e-5, atol=1e-5)
+    if weights == "inputs":  # other sinks by keyword
+        other = np.array([0.0, 0.0, 0.0, -50.0])
+        moved = module.forward(q, k, v, sinks=other)
+        spec2 = symattn.load_spec({**KERNEL, "sinks": [0, 0, 0, -50]})
+        want2 = np.stack([symattn.evaluate(spec2, digits=20)[f"head{h}"].to_numpy() for h in range(1, 5)])
+        np.testing.assert_allclose(moved, want2, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("sinks", "message"),
+    [
+        ([1, 2], r"^sinks: expected 4 entries \(one logit per query head\), received 2$"),
+        ([[1, 2, 3, 4]], r"^sinks: expected a row vector \(a list of 4 entries\), received "),
+        (np.zeros((4, 1)), r"^sinks: expected a row vector of 4 entries, received shape \(4, 1\)$"),
+        ([1, 2, "x y", 4], r"^sinks\[0\]\[2\]: "),
+    ],
+)
+def test_bad_sinks_are_one_line_errors_naming_the_key(sinks, message):
+    with pytest.raises(SymattnError, match=message) as info:
+        symattn.load_spec({**KERNEL, "sinks": sinks})
+    assert "\n" not in str(info.value)
+
+
+def test_sinks_from_npz_json_toml_and_back(tmp_path):
+    spec = symattn.load_spec(KERNEL)
+    arrays = {n: np.array([[[float(Fraction(e)) for e in r] for r in m] for m in KERNEL[n]]) for n in "qkv"}
+    np.savez(tmp_path / "s.npz", **arrays, sinks=np.array([0.5, -1, 3, 0]), scale=np.array(0.5), causal=np.array(True),
+             align=np.array("bottom_right"), mask=np.array(KERNEL["mask"]))  # fmt: skip
+    loaded = symattn.load_spec(tmp_path / "s.npz")
+    assert loaded.sinks.rows == spec.sinks.rows
+    with pytest.raises(SymattnError, match=r"sinks: expected 4 entries \(one logit per query head\), received 3$"):
+        np.savez(tmp_path / "bad.npz", **arrays, sinks=np.array([0.5, -1, 3]))
+        symattn.load_spec(tmp_path / "bad.npz")
+    assert symattn.load_spec(spec.to_dict()).sinks.rows == spec.sinks.rows
+    (tmp_path / "s.toml").write_text(
+        'q = [[[1, 0]]]\nk = [[[1, 0], [0, 1]]]\nv = [[[1, 0], [0, 1]]]\nsinks = ["1/4"]\n', encoding="utf-8"
+    )
+    assert symattn.load_spec(tmp_path / "s.toml").sinks.rows == ((Fraction(1, 4),),)
+
+
+def test_show_prints_the_sink_in_the_definition_and_the_dsinks_step():
+    graph = symattn.graph.graph.build(symattn.load_spec(KERNEL))
+    text = graph.step("weights2").definition
+    assert text.startswith("weights2 = softmax(scores2 ∪ sink2, mask, causal bottom-right) by rows, sink2 = -1")
+    assert graph.step("dsinks").shape == (1, 4)
+    assert "dsinks = " in graph.step("dsinks").definition
+    assert [(g.name, g.shape, g.position) for g in graph.input_gradients][-1] == ("dsinks", (4,), None)
+
+
+def test_the_projection_form_with_sinks_and_gqa_against_the_reference():
+    """M = concat(heads)·wo: the heads from the kernel reference on Q = x·wq, K = x·wk, V = x·wv."""
+    rng = np.random.default_rng(3)
+    x, wq, wk, wv, wo = (rng.integers(-2, 3, shape) for shape in ((3, 2), (4, 2, 2), (2, 2, 2), (2, 2, 2), (8, 2)))
+    data = {"x": x, "wq": wq, "wk": wk, "wv": wv, "wo": wo, "sinks": ["1/2", -1, 2, 0], "scale": "1/2",
+            "mask": [[False, False, False], [True, True, False], [True, True, True]]}  # fmt: skip
+    spec = symattn.load_spec(data)
+    truth = symattn.evaluate(spec, digits=20, grad=True)
+    q, k, v = (np.einsum("ld,hde->hle", x, w).tolist() for w in (wq, wk, wv))
+    mpq, mpk, mpv = ([[[mp(e) for e in r] for r in m] for m in a] for a in (q, k, v))
+    ref = reference(mpq, mpk, mpv, [mp(Fraction(e)) for e in data["sinks"]], mp(Fraction(1, 2)), allowed_of(spec))
+    check_steps(truth, ref, [n for n in truth.names if n[0] in "swh"])
+    heads = np.hstack([np.array(ref[f"head{h}"], dtype=float) for h in range(1, 5)])
+    np.testing.assert_allclose(truth["M"].to_numpy(), heads @ wo, rtol=1e-13, atol=1e-13)
+    assert truth["weights1"].values[0] == ("0", "0", "0")
+    with mpmath.workdps(DPS):
+
+        def f(s3):
+            sinks = [mp(Fraction(1, 2)), mp(-1), s3, mp(0)]
+            out = reference(mpq, mpk, mpv, sinks, mp(Fraction(1, 2)), allowed_of(spec))
+            heads = [[x for h in range(1, 5) for x in out[f"head{h}"][i]] for i in range(3)]
+            return mpmath.fsum(heads[i][c] * int(wo[c][j]) for i in range(3) for c in range(8) for j in range(2))
+
+        assert close(truth["dsinks"].to_numpy()[0][2], central(f, mp(2)), 1e-9)
+
+
+def test_the_builtin_example():
+    assert "sinks" in symattn.load.builtin_names()
+    spec = symattn.load_spec("sinks")
+    assert spec.sinks is not None
+    truth = symattn.evaluate(spec, digits=15, grad=True)
+    assert truth["dsinks"].shape == (1, spec.h)

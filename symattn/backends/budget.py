@@ -185,7 +185,10 @@ class BudgetXP(ArrayXP):
 
     def hstack(self, parts):
         lead = np.broadcast_shapes(*(p.value.shape[:-1] for p in parts))  # a sink's column beside batched scores
-        wide = [(np.broadcast_to(p.value, lead + p.value.shape[-1:]), np.broadcast_to(p.error, lead + p.error.shape[-1:])) for p in parts]
+        wide = [
+            (np.broadcast_to(p.value, lead + p.value.shape[-1:]), np.broadcast_to(p.error, lead + p.error.shape[-1:]))
+            for p in parts
+        ]
         return Budget(np.concatenate([v for v, _ in wide], -1), np.concatenate([e for _, e in wide], -1))
 
     def cols(self, a, start, stop):

@@ -342,7 +342,9 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             select[:, i - 1] = 1
             op = Softmax(None, fill, Const("sink", select, i), Const("unsink", -select, i), S)
             nodes.append(Node(f"weights{i}", op, (f"scores{i}", "sinks")))
-            text = f"weights{i} = softmax(scores{i} ∪ sink{i}{masking}) by rows, sink{i} = {to_text(spec.sinks[0, i - 1])}"
+            text = (
+                f"weights{i} = softmax(scores{i} ∪ sink{i}{masking}) by rows, sink{i} = {to_text(spec.sinks[0, i - 1])}"
+            )
             steps.append(Step("weights", i, (L, S), text))
         nodes.append(Node(f"head{i}", WeightedSum(), (f"weights{i}", v_name)))
         d_v = spec.d_v if value_columns is None else len(value_columns)

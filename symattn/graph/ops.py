@@ -165,7 +165,10 @@ class Softmax:
         if len(args) == 2:  # dP_j/ds_k = P_j(δ_jk − P_k) and dP_j/dsink = −P_j·P_sink
             rest = xp.cols(self._extended(xp, *args), self.keys, self.keys + 1)
             ds = xp.mul(p, xp.centered(g, p, rest)) if needs[0] else None
-            dsinks = xp.matmul_tn(xp.mul(rest, xp.rowsum(xp.mul(g, p))), xp.const(self.unsink)) if needs[1] else None
+            dsinks = None
+            if needs[1]:
+                dsinks = xp.matmul_tn(xp.mul(rest, xp.rowsum(xp.mul(g, p))), xp.const(self.unsink))
+                dsinks = xp.unbroadcast(dsinks, args[1])
             return ds, dsinks
         ds = xp.mul(p, xp.centered(g, p))
         if self.empty is not None:  # an empty row's weights do not depend on its scores

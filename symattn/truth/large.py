@@ -146,7 +146,12 @@ def _nan_rows(spec, step) -> np.ndarray | None:
     """Bools over a step's rows: those that are nan by the spec (empty rows under ``empty_row "nan"``: a head's
     weights and output, and every row of the steps that read all heads), or None when no row is (with sinks
     no row is empty)."""
-    if spec.empty_row != "nan" or spec.sinks is not None or step.backward or step.kind not in ("weights", "head", "concat_heads", "M"):
+    if (
+        spec.empty_row != "nan"
+        or spec.sinks is not None
+        or step.backward
+        or step.kind not in ("weights", "head", "concat_heads", "M")
+    ):
         return None
     heads = [step.head - 1] if step.kind in ("weights", "head") else range(spec.h)
     rows = np.zeros(spec.L, dtype=bool)

@@ -32,6 +32,10 @@ PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
     "x_kv", "bq", "bk", "bv", "bo", "sinks", "empty_row",
 )  # fmt: skip
+# Options added after the convention was first fixed: a function that takes **kwargs without naming one gets it
+# only where the spec sets it, so that one written before (forwarding **kwargs to a function that does not know
+# the option) still runs on the specs it can compute.
+LATER = ("sinks",)
 KERNEL_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "empty_row",
 )  # fmt: skip
@@ -229,8 +233,10 @@ def _nondefault(spec, name: str) -> bool:
     if name == "bo":
         return spec.bo is not None
     if name == "empty_row":  # it fills only rows with no allowed key (none with sinks); the default fills with 0
-        return spec.sinks is None and empty_fill(spec.empty_row, spec.S) != 0 and any(
-            not spec.allowed(i).any(axis=1).all() for i in range(spec.h)
+        return (
+            spec.sinks is None
+            and empty_fill(spec.empty_row, spec.S) != 0
+            and any(not spec.allowed(i).any(axis=1).all() for i in range(spec.h))
         )
     raise ValueError(name)
 
@@ -259,13 +265,13 @@ def load_impl(text: str, backward: bool = False):
     return fn
 
 
-def accepted(fn, names) -> set:
-    """The options ``fn`` can take by keyword (all of them with **kwargs)."""
+def accepted(fn, names, by_name: bool = False) -> set:
+    """The options ``fn`` can take by keyword (all of them with **kwargs, unless ``by_name``)."""
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return set(names)
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+    if not by_name and any(p.kind is p.VAR_KEYWORD for p in parameters):
         return set(names)
     return {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} & set(names)
 
@@ -291,7 +297,12 @@ def call(fn, name: str, context: Context, feed=None):
             name, context.spec.display_name, context.dtype, "", "UNSUPPORTED",
             [f"the spec sets {reason}, which {name} does not accept"],
         )  # fmt: skip
-    options = {k: _copy(v) for k, v in args.options.items() if k in takes}
+    named = accepted(fn, names, by_name=True)
+    options = {
+        k: _copy(v)
+        for k, v in args.options.items()
+        if k in takes and (k not in LATER or k in args.nondefault or k in named)
+    }
     try:
         inspect.signature(fn).bind(*args.positional, **options)
     except TypeError:
