@@ -342,3 +342,13 @@ def test_the_builtin_example():
     assert spec.sinks is not None
     truth = symattn.evaluate(spec, digits=15, grad=True)
     assert truth["dsinks"].shape == (1, spec.h)
+
+
+def test_the_pytest_helper_takes_sinks():
+    from symattn.testing import assert_attention_close
+
+    q, k, v = (np.array([[[float(Fraction(e)) for e in r] for r in m] for m in KERNEL[n]], np.float32) for n in "qkv")
+    sinks = np.array([0.5, -1, 3, 0], np.float32)
+    assert_attention_close(right, q=q, k=k, v=v, sinks=sinks, causal=True, scale=0.5)
+    with pytest.raises(AssertionError):
+        assert_attention_close(sink_dropped, q=q, k=k, v=v, sinks=sinks, causal=True, scale=0.5)

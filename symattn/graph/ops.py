@@ -181,7 +181,7 @@ class Softmax:
             text += ", nan on empty rows" if self.fill == NAN else ", 0 on empty rows"
         if len(inputs) == 2:
             head = self.sink.head
-            return text, f"-colsum(P_sink{head} ∘ rowsum({g} ∘ {out})) in column {head}"
+            return text, f"colsum(-P_sink{head} ∘ rowsum({g} ∘ {out}))·e{head}"  # e{head}: the unit row of head
         return (text,)
 
 
