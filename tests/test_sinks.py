@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 import symattn
+import symattn.graph.graph
+import symattn.load
+import symattn.truth.large
 from symattn import SymattnError
 
 DPS = 40
@@ -352,3 +355,18 @@ def test_the_pytest_helper_takes_sinks():
     assert_attention_close(right, q=q, k=k, v=v, sinks=sinks, causal=True, scale=0.5)
     with pytest.raises(AssertionError):
         assert_attention_close(sink_dropped, q=q, k=k, v=v, sinks=sinks, causal=True, scale=0.5)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_large_sinks_and_a_constant_column_of_v(monkeypatch, large):
+    """Sinks far beyond the scores (no exp overflows: the sink joins the shift), and a constant column of V,
+    whose output is that constant times 1 − P_sink (not the constant: the weights do not sum to 1)."""
+    if large:
+        monkeypatch.setattr(symattn.truth.large, "LARGE", 0)
+    data = {**KERNEL, "sinks": ["1e4", "-1e4", 0, 50], "v": [[[7, 2], [7, 4], [7, 6], [7, 1]], KERNEL["v"][1]]}
+    spec = symattn.load_spec(data)
+    truth = symattn.evaluate(spec, digits=15)
+    ref = reference(*kernel_inputs(data), mp(Fraction(1, 2)), allowed_of(spec))
+    check_steps(truth, ref, [n for n in truth.names if n[0] in "swh"])
+    assert truth["head2"].values[2][0] == "7.00000000000000"  # 7·(1 − e^-10000·…): not exactly 7
+    assert symattn.verify(spec, [right], dtype="float32")[0].verdict == "PASS"
