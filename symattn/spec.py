@@ -10,7 +10,7 @@ Two forms (DESIGN.md "Spec files"):
   directly.
 
 and the options of both: ``scale``, ``mask``, ``causal``, ``window``, ``align``,
-``bias``, ``alibi``, ``softcap``, ``empty_row`` and ``dout``.  Files, built-in
+``bias``, ``alibi``, ``softcap``, ``sinks``, ``empty_row`` and ``dout``.  Files, built-in
 names and dicts of arrays are read by ``symattn.load``; this module holds the
 fields and their checks.  Nothing downstream re-checks what is validated here.
 """
@@ -31,7 +31,7 @@ from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import Matrix, as_array, as_matrix, as_row, as_stack, check_shape, per_head
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
-OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "empty_row", "dout")
+OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "empty_row", "dout")
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
 KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS)
 HEAD_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv")
@@ -108,6 +108,7 @@ class AttentionSpec:
     bias: tuple | None = None  # H matrices L × S (one shared matrix repeated)
     alibi: object = None  # None, True (standard slopes) or H exact slopes
     softcap: Entry | None = None
+    sinks: Matrix | None = None  # 1 × H exact logits, one more in each row's softmax with no value (gpt-oss)
     empty_row: str = "zero"
     dout: tuple | None = None  # the output's cotangent: (L × d_out,) or H matrices L × E_v; None: all ones
     source: str = field(default="", compare=False)  # where the spec was read, for messages
@@ -264,6 +265,8 @@ class AttentionSpec:
             if sign(c) <= 0:
                 raise SymattnError(f"softcap: expected a number > 0, received {to_text(c)}")
             self._set("softcap", c)
+        if self.sinks is not None:
+            self._set("sinks", as_row(self.sinks, H, "sinks", "one logit per query head"))
         if self.dout is not None:
             if self.form == "kernel":
                 dout, _ = per_head(self.dout, H, (L, self.d_v), "dout", "L × E_v", shared_ok=False)
@@ -411,6 +414,8 @@ class AttentionSpec:
         if self.bias is not None:
             for i, m in enumerate(self.bias, 1):
                 yield f"bias{i}", m
+        if self.sinks is not None:
+            yield "sinks", self.sinks
         if self.dout is not None:
             for i, m in enumerate(self.dout, 1):
                 yield f"dout{i}", m
@@ -491,6 +496,8 @@ class AttentionSpec:
             data["alibi"] = True if self.alibi is True else [str(_entry(e)) for e in self.alibi]
         if self.softcap is not None:
             data["softcap"] = str(_entry(self.softcap))
+        if self.sinks is not None:
+            data["sinks"] = _vector(self.sinks)
         if self.empty_row != _DEFAULTS["empty_row"]:
             data["empty_row"] = self.empty_row
         if self.dout is not None:

@@ -272,6 +272,8 @@ ADAPTER_CASES = {
     ),
     "kernel mask per head": (_kernel(mask=_rng.random((4, 5, 6)) > 0.3), {"torch_sdpa": None, "jax_dpa": None}),
     "kernel softcap": (_kernel(softcap=2.0), {"torch_sdpa": "softcap", "jax_dpa": "softcap"}),
+    "kernel sinks": (_kernel(sinks=[1, 0, -1, 2]), {"torch_sdpa": "sinks", "jax_dpa": "sinks"}),
+    "projection sinks": (_projection(sinks=[1, 0]), {"torch_sdpa": "sinks", "torch_mha": "sinks"}),
     "kernel empty row zero": (_kernel(mask=_EMPTY, bias=_r(5, 6)), {"torch_sdpa": None, "jax_dpa": "mean of V"}),
     "kernel empty row uniform": (
         _kernel(mask=_EMPTY, empty_row="uniform"),

@@ -7,7 +7,8 @@ from symattn import AttentionSpec, SymattnError, load_spec
 from symattn.load import builtin_names
 
 KEYS = (
-    "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, empty_row, dout"
+    "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, sinks, "
+    "empty_row, dout"
 )
 
 
@@ -80,7 +81,7 @@ def test_missing_file():
     with pytest.raises(
         SymattnError,
         match=r"^spec: expected a built-in name \(causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, "
-        r"softcap\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', which is neither$",
+        r"sinks, softcap\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', which is neither$",
     ):
         load_spec("nope.json")
 

@@ -1,6 +1,6 @@
 """Benchmark: the certified truth at kernel sizes (issue 13), every ratio measured in one run.
 
-    python tools/bench_scale.py                  # all four targets
+    python tools/bench_scale.py                  # all five targets
     python tools/bench_scale.py --skip-4096      # without the 4,096-token run (minutes)
 
 1. L = S = 1024, E = 64, h = 8, random float32 q, k, v, causal: ``symattn.evaluate`` of
@@ -13,6 +13,8 @@
 4. The 64-token, 8-head projection spec of bench_truth at 50 digits: ``evaluate()`` against the
    raw Arb computation of the same balls (the graph run in Arb alone, no decimals, no checks).
    Target ≤ 2×.
+5. The spec of 1 with attention sinks (one logit per head, from −2 to 3) against the same spec without
+   them, both certified to 12 digits (issue 19).  Target ≤ 1.5×.
 
 Times are the best of --repeat runs, contenders interleaved.  OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE are left as the machine sets them (they slow BLAS in both contenders).
@@ -183,6 +185,25 @@ def target_4(repeat: int) -> None:
     )
 
 
+def target_5(repeat: int) -> None:
+    data = kernel_spec(1024, 64, 8)
+    exp_table()
+    plain = symattn.load_spec(data)
+    sinks = symattn.load_spec({**data, "sinks": np.linspace(-2, 3, 8).astype(np.float32)})
+    holder = {}
+
+    def with_sinks():
+        holder["truth"] = certified_output(sinks)
+
+    t_plain, t_sinks = interleaved(lambda: certified_output(plain), with_sinks, repeat)
+    truth, heads = holder["truth"]
+    print(
+        f"5. the spec of 1 with sinks: without {t_plain:.3f} s, with {t_sinks:.3f} s: {t_sinks / t_plain:.2f}× "
+        f"(target ≤ 1.5×)\n   {check_certificate(truth, heads)}; Arb for {truth.escalated} entries",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -194,6 +215,7 @@ def main() -> None:
     if not args.skip_4096:
         target_3()
     target_4(args.repeat)
+    target_5(args.repeat)
 
 
 if __name__ == "__main__":

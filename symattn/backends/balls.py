@@ -236,14 +236,16 @@ class BallXP(RationalXP):
     def _general_rowsum(self, values):
         return Balls(np.array([[_sum(row)] for row in values], dtype=object).reshape(-1, 1))
 
-    def centered(self, g, p):
-        """g − rowsum(g∘p) (rows of p summing to 1) as g_j·Σ_{k≠j} p_k − Σ_{k≠j} p_k·g_k: the sums of the
-        others by prefix and suffix sums, so that no enclosure cancels where p_j is nearly 1."""
+    def centered(self, g, p, rest=None):
+        """g − rowsum(g∘p) (rows of p summing to 1 − rest, the sink's weight) as g_j·(Σ_{k≠j} p_k + rest) −
+        Σ_{k≠j} p_k·g_k: the sums of the others by prefix and suffix sums, so that no enclosure cancels where
+        p_j is nearly 1."""
         if isinstance(g, RatMat) and isinstance(p, RatMat):
             return g - g.mul(p).rowsum()
         if self.careful and isinstance(g, RatMat):
-            return self._centered_grouped(g, p)
+            return self._centered_grouped(g, p, rest)
         G, P = self.balls(g).values, self.balls(p).values
+        R = None if rest is None else self.balls(rest).values
         out = np.empty(G.shape, dtype=object)
         zero = self.engine.zero()
         for i in range(G.shape[0]):
@@ -255,22 +257,23 @@ class BallXP(RationalXP):
             for j in range(n):
                 before_p[j], before_gp[j] = acc_p, acc_gp
                 acc_p, acc_gp = acc_p + ps[j], acc_gp + gp[j]
-            acc_p = acc_gp = zero
+            acc_p, acc_gp = (zero if R is None else R[i, 0]), zero
             for j in range(n - 1, -1, -1):
                 out[i, j] = gs[j] * (before_p[j] + acc_p) - (before_gp[j] + acc_gp)
                 acc_p, acc_gp = acc_p + ps[j], acc_gp + gp[j]
         return Balls(out)
 
-    def _centered_grouped(self, g: RatMat, p):
+    def _centered_grouped(self, g: RatMat, p, rest=None):
         """With g exact: Σ_v (g_j − v)·P_v over the distinct values v of the row's g, P_v the sum of the weights
         where g is v.  Keys with g_k = g_j add exactly nothing, so a value that is tiny because g_j equals the
         g of the dominant key is enclosed relatively (the prefix and suffix sums cancel there)."""
         P = self.balls(p).values
+        R = None if rest is None else self.balls(rest).values
         out = np.empty(g.shape, dtype=object)
         den = g.den
         for i in range(g.shape[0]):
             row = g.num[i].tolist()
-            groups: dict = {}
+            groups: dict = {} if R is None else {0: R[i, 0]}  # the sink: a key whose g is 0
             for value, weight in zip(row, P[i].tolist(), strict=True):
                 groups[value] = weight if value not in groups else groups[value] + weight
             for j, value in enumerate(row):

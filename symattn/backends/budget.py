@@ -143,9 +143,12 @@ class BudgetXP(ArrayXP):
     def rowsum(self, a):
         return self._rowsum(a)[0]
 
-    def softmax(self, s, empty=None, fill=0):
+    def softmax(self, s, empty=None, fill=0, sink=None):
         """The terms over their own sum: what the terms' errors share cancels between numerator and denominator,
-        δw_j = ((1 − w_j)·δe_j − w_j·Σ_{k≠j} δe_k) / z, plus the sum's and the division's own roundings."""
+        δw_j = ((1 − w_j)·δe_j − w_j·Σ_{k≠j} δe_k) / z, plus the sum's and the division's own roundings.  A
+        sink is one more term of each row."""
+        if sink is not None:
+            s = self.hstack([s, sink])
         e = self.exp(self.sub(s, self.shift(s)))
         z, carried = self._rowsum(e)
         if empty is not None:  # an empty row's sum set to 1 (its terms are all 0)
@@ -181,7 +184,12 @@ class BudgetXP(ArrayXP):
         return Budget(np.where(rows, fill, a.value), np.where(rows, 0, a.error))
 
     def hstack(self, parts):
-        return Budget(np.concatenate([p.value for p in parts], -1), np.concatenate([p.error for p in parts], -1))
+        lead = np.broadcast_shapes(*(p.value.shape[:-1] for p in parts))  # a sink's column beside batched scores
+        wide = [
+            (np.broadcast_to(p.value, lead + p.value.shape[-1:]), np.broadcast_to(p.error, lead + p.error.shape[-1:]))
+            for p in parts
+        ]
+        return Budget(np.concatenate([v for v, _ in wide], -1), np.concatenate([e for _, e in wide], -1))
 
     def cols(self, a, start, stop):
         return Budget(a.value[..., start:stop], a.error[..., start:stop])

@@ -126,7 +126,8 @@ class FloatXP(ArrayXP):
         return np.where(rows, self.compute.type(value), a).astype(self.compute, copy=False)
 
     def hstack(self, parts):
-        return np.concatenate(parts, axis=-1)
+        lead = np.broadcast_shapes(*(np.shape(p)[:-1] for p in parts))  # a sink's column beside batched scores
+        return np.concatenate([np.broadcast_to(p, lead + np.shape(p)[-1:]) for p in parts], axis=-1)
 
     def cols(self, a, start, stop):
         return a[..., start:stop]

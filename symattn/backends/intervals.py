@@ -120,10 +120,12 @@ class IntervalXP(ArrayXP):
         a = _materialized(a)
         return self._product(a, Iv(np.ones(a.hi.shape[:-2] + (a.hi.shape[-1], 1))))
 
-    def softmax(self, s, empty=None, fill=0):
+    def softmax(self, s, empty=None, fill=0, sink=None):
         """The exponentials exp(s − shift) by the table, the shift folded into its index (``doublefloat.exp``),
-        kept with the empty rows until read (``_Weights``)."""
-        s = _materialized(s)
+        kept with the empty rows until read (``_Weights``).  A sink is one more entry of each row: it joins the
+        shift and the row sum, and a row whose scores are all excluded gets weights exactly 0 (its sink is its
+        one key)."""
+        s = _materialized(s) if sink is None else self.hstack([s, sink])
         return _Weights(exp(s, self.shift(s).hi), self, empty, fill)
 
     def weighted_sum(self, p, v):
@@ -156,7 +158,12 @@ class IntervalXP(ArrayXP):
         parts = [_materialized(p) for p in parts]
         hi = np.concatenate([p.hi for p in parts], axis=-1)
         lo = np.concatenate([p.low() for p in parts], axis=-1)
-        return Iv(hi, lo, np.concatenate([p.radius() for p in parts], axis=-1))
+        excluded = None
+        if any(p.excluded is not None for p in parts):  # excluded entries stay excluded (a sink beside scores)
+            excluded = np.concatenate(
+                [np.zeros(p.hi.shape, bool) if p.excluded is None else p.excluded for p in parts], axis=-1
+            )
+        return Iv(hi, lo, np.concatenate([p.radius() for p in parts], axis=-1), excluded)
 
     def cols(self, a, start, stop):
         a = _materialized(a)

@@ -306,7 +306,13 @@ class RationalXP(ArrayXP):
     def hstack(self, parts):
         if all(isinstance(p, RatMat) for p in parts):
             return RatMat.hstack(parts)
-        return self.Array(np.concatenate([self.array(p).values for p in parts], axis=1))
+        arrays = [self.array(p) for p in parts]
+        excluded = None
+        if any(a.excluded is not None for a in arrays):  # excluded entries stay excluded (a sink beside scores)
+            excluded = np.concatenate(
+                [np.zeros(a.values.shape, bool) if a.excluded is None else a.excluded for a in arrays], axis=1
+            )
+        return self.Array(np.concatenate([a.values for a in arrays], axis=1), excluded)
 
     def cols(self, a, start, stop):
         if isinstance(a, RatMat):

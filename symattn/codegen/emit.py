@@ -145,7 +145,15 @@ class EmitXP(ArrayXP):
 
     def hstack(self, parts):
         shape = (parts[0].shape[0], sum(p.shape[1] for p in parts))
-        template = "numpy.concatenate([" + ", ".join(f"{{{k}}}" for k in range(len(parts))) + "], axis=-1)"
+        batched = [isinstance(p, Var) and p.batched for p in parts]
+        texts = [f"{{{k}}}" for k in range(len(parts))]
+        if any(batched) and not all(batched):  # a constant part (a sink's column) beside batched ones
+            first = batched.index(True)
+            texts = [
+                text if b else f"numpy.broadcast_to({text}, {{{first}}}.shape[:-1] + {text}.shape[-1:])"
+                for text, b in zip(texts, batched, strict=True)
+            ]
+        template = "numpy.concatenate([" + ", ".join(texts) + "], axis=-1)"
         return self._emit(shape, template, tuple(parts))
 
     def cols(self, a, start, stop):
@@ -343,7 +351,9 @@ class ScalarEmitXP(ArrayXP):
         return self.matmul(SMat(a.forms.T), b)
 
     def add(self, a, b):
-        return self._map(lambda p, q: p + q, a, b, excluded=_either(a.excluded, b.excluded))
+        out = self._map(lambda p, q: p + q, a, b, excluded=_either(a.excluded, b.excluded))
+        out.unbatched = a.unbatched and b.unbatched  # the heads' terms of a gradient that sums over the batch
+        return out
 
     def sub(self, a, b):
         return self._map(lambda p, q: p - q, a, b, excluded=_either(a.excluded, b.excluded))
@@ -419,7 +429,12 @@ class ScalarEmitXP(ArrayXP):
         return SMat(forms, a.excluded)
 
     def hstack(self, parts):
-        return SMat(self.np.concatenate([p.forms for p in parts], axis=1))
+        excluded = None
+        if any(p.excluded is not None for p in parts):  # masked scores stay masked beside a sink's column
+            excluded = self.np.concatenate(
+                [self.np.zeros(p.forms.shape, bool) if p.excluded is None else p.excluded for p in parts], axis=1
+            )
+        return SMat(self.np.concatenate([p.forms for p in parts], axis=1), excluded)
 
     def cols(self, a, start, stop):
         return SMat(a.forms[:, start:stop])

@@ -33,7 +33,7 @@ class InputGradient:
 
 # The order the generated ``backward`` returns the gradients in (kept as it was: generated/ stays byte-identical),
 # and those it computes without returning (the kernel form's dbias, today's behaviour, kept for the same reason).
-_ORDER = ("dq", "dk", "dv", "dx", "dx_kv", "dwq", "dwk", "dwv", "dbq", "dbk", "dbv", "dwo", "dbo", "dbias")
+_ORDER = ("dq", "dk", "dv", "dx", "dx_kv", "dwq", "dwk", "dwv", "dbq", "dbk", "dbv", "dwo", "dbo", "dbias", "dsinks")
 _NOT_RETURNED = {"kernel": ("dbias",), "projection": ()}
 
 

@@ -74,6 +74,8 @@ class Layout:
             out["alibi_slopes"] = "_ALIBI_SLOPES"
         if spec.softcap is not None:
             out["softcap"] = repr(exact_float(spec.softcap))
+        if spec.sinks is not None:
+            out["sinks"] = "_SINKS"
         if not self.kernel:
             if spec.x_kv is not None:
                 out["x_kv"] = "None"
@@ -133,6 +135,8 @@ class Layout:
             )
         if "alibi_slopes" in options:
             lines.append(f"alibi_slopes = {call('_floating')}(alibi_slopes, ({spec.h},), 'alibi_slopes', dtype)[0]")
+        if "sinks" in options:
+            lines.append(f"sinks = {call('_floating')}(sinks, ({spec.h},), 'sinks', dtype)[0]")
         if "causal" in options:
             lines.append(f"delta = {_delta_text(spec.L, spec.S)}")
             lines.append(
@@ -246,6 +250,8 @@ def _variant_text(spec) -> list:
         out.append("ALiBi")
     if spec.softcap is not None:
         out.append("softcap")
+    if spec.sinks is not None:
+        out.append("sinks")
     if spec.x_kv is not None:
         out.append("cross-attention")
     if spec.empty_row != "zero":
@@ -254,7 +260,7 @@ def _variant_text(spec) -> list:
 
 
 def _option_constants(layout: Layout) -> list:
-    """The spec's arrays behind the inputs-mode defaults (mask, bias, ALiBi slopes, projection biases)."""
+    """The spec's arrays behind the inputs-mode defaults (mask, bias, ALiBi slopes, projection biases, sinks)."""
     spec, options, out = layout.spec, layout.options, []
     if "mask" in options and spec.mask is not None:
         out.append(f"_MASK = {array_text(spec.mask[0] if spec.shared_mask else np.stack(spec.mask))}")
@@ -273,4 +279,6 @@ def _option_constants(layout: Layout) -> list:
             out.append(f"_{key.upper()} = {array_text(np.stack(rows))}")
     if "bo" in options:
         out.append(f"_BO = {array_text(spec.bo.float64()[0])}")
+    if "sinks" in options:
+        out.append(f"_SINKS = {array_text(spec.sinks.float64()[0])}")
     return out

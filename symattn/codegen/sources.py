@@ -17,14 +17,14 @@ from symattn.backends.floats import exact_float
 from symattn.errors import SymattnError
 
 DATA = ("x", "x_kv", "q", "k", "v")  # the batched arguments
-ROW_VECTORS = ("bq", "bk", "bv", "bo")  # biases given as rows (heads, n) or (n,), read as 1 × n matrices
+ROW_VECTORS = ("bq", "bk", "bv", "bo", "sinks")  # rows (heads, n) or (n,), read as 1 × n matrices
 
 
 @dataclass(frozen=True)
 class Role:
     """What a leaf, parameter or constant of the graph is: ``kind``, the argument it is read from (x, x_kv, q,
-    k, v, wq, bq, wk, bk, wv, bv, wo, bo, bias; scale, softcap, inverse_softcap, slope; allowed, empty,
-    distance), and ``index``, the 0-based head (kv head for k, v, wk, bk, wv, bv) of its slice of that
+    k, v, wq, bq, wk, bk, wv, bv, wo, bo, bias, sinks; scale, softcap, inverse_softcap, slope; allowed, empty,
+    distance, sink, unsink), and ``index``, the 0-based head (kv head for k, v, wk, bk, wv, bv) of its slice of that
     argument, or None when it is not one head's."""
 
     kind: str
@@ -85,9 +85,14 @@ def roles(graph) -> Roles:
                 consts.setdefault(op.allowed.name, (op.allowed, Role("allowed", head)))
             if op.distance is not None:
                 consts.setdefault(op.distance.name, (op.distance, Role("distance")))
-        elif step.kind == "weights":  # Softmax: its empty rows
+        elif step.kind == "weights":  # Softmax: its empty rows, or its sink (the sinks leaf, a column of it)
             if node.op.empty is not None:
                 consts.setdefault(node.op.empty.name, (node.op.empty, Role("empty", head)))
+            for name in node.inputs[1:]:
+                leaf(name, "sinks")
+            for c in (node.op.sink, node.op.unsink):
+                if c is not None:
+                    consts.setdefault(c.name, (c, Role(c.kind, head)))
         elif step.kind == "head":  # WeightedSum: (weights, v)
             leaf(node.inputs[1], "v", graph.spec.group(head))
     for name, heads in bias_readers.items():  # a bias every head reads is no head's

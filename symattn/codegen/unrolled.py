@@ -44,7 +44,12 @@ class Unrolled:
             douts[name] = SMat(forms)
         consts = {}
         for name, (c, role) in layout.roles.consts.items():
-            consts[name] = SMat(c.value.astype(object)) if role.kind == "distance" else c.value
+            if c.value.dtype == bool:
+                consts[name] = c.value
+            elif role.kind == "distance":
+                consts[name] = SMat(c.value.astype(object))
+            else:  # a sink's column selector: SymPy integers, which products read as numbers
+                consts[name] = SMat(np.vectorize(named.sympy.Integer, otypes=[object])(c.value))
         xp = ScalarEmitXP(named, leaves, {name: self._param(p) for name, (p, _) in layout.roles.params.items()}, consts)
         self.values = graph.forward(xp)
         self.gradients = input_gradients(graph) if layout.grad else []

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
+
 from symattn.entries import div, to_text
 from symattn.graph.ops import ALL, Concat, Const, Linear, Param, Scores, Softmax, WeightedSum
 from symattn.graph.steps import Step
@@ -41,7 +43,7 @@ class Leaf:
 class InputGradient:
     """One input gradient as an implementation returns it (DESIGN.md's names).
 
-    ``name``: dq, dk, dv (kernel form), dx, dx_kv, dwq, dwk, dwv, dwo, dbq, dbk, dbv, dbo, dbias.
+    ``name``: dq, dk, dv (kernel form), dx, dx_kv, dwq, dwk, dwv, dwo, dbq, dbk, dbv, dbo, dbias, dsinks.
     ``leaves``: the Leaf each part is the gradient of, in stacking order (one, unstacked, for dx, dwo, ...).
     ``steps``: each part's backward step; for a head without the bias others have (``missing``), the step
     whose column sum its gradient is (dQ2 for bq2: a zero bias's gradient is still colsum(dQ)).
@@ -257,8 +259,8 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         if key not in masks:
             head = None if spec.mask is None or spec.shared_mask else i + 1
             masks[key] = Const("allowed", a, head)
-            empty = empty_rows(a)
-            empties[key] = Const("empty", empty, head) if empty.any() else None
+            empty = empty_rows(a)  # with a sink no row is empty: its weights are 0
+            empties[key] = Const("empty", empty, head) if empty.any() and spec.sinks is None else None
     fill = empty_fill(spec.empty_row, spec.S)
     masking = _mask_text(spec)
     kernel = spec.form == "kernel"
@@ -276,6 +278,8 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         if spec.x_kv is not None:
             leaf("x_kv", None, spec.x_kv)
         x_kv = "x_kv" if spec.x_kv is not None else "x"
+    if spec.sinks is not None:
+        leaf("sinks", None, spec.sinks)
     seen_kv = set()
     for i in range(1, H + 1):
         g = spec.group(i - 1) + 1
@@ -329,8 +333,18 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         excluded = None if allowed is None else ~allowed.value
         steps.append(Step("scores", i, (L, S), f"scores{i} = {text}, {', '.join(details)}", excluded=excluded))
         empty = empties.get(id(spec.allowed(i - 1)))
-        nodes.append(Node(f"weights{i}", Softmax(empty, fill), (f"scores{i}",)))
-        steps.append(Step("weights", i, (L, S), f"weights{i} = softmax(scores{i}{masking}) by rows"))
+        if spec.sinks is None:
+            nodes.append(Node(f"weights{i}", Softmax(empty, fill, keys=S), (f"scores{i}",)))
+            steps.append(Step("weights", i, (L, S), f"weights{i} = softmax(scores{i}{masking}) by rows"))
+        else:  # the sink: one more logit in every row, with no value (the sinks leaf's column i)
+            select = np.zeros((L, H), dtype=np.int64)
+            select[:, i - 1] = 1
+            op = Softmax(None, fill, Const("sink", select, i), Const("unsink", -select, i), S)
+            nodes.append(Node(f"weights{i}", op, (f"scores{i}", "sinks")))
+            text = (
+                f"weights{i} = softmax(scores{i} ∪ sink{i}{masking}) by rows, sink{i} = {to_text(spec.sinks[0, i - 1])}"
+            )
+            steps.append(Step("weights", i, (L, S), text))
         nodes.append(Node(f"head{i}", WeightedSum(), (f"weights{i}", v_name)))
         d_v = spec.d_v if value_columns is None else len(value_columns)
         steps.append(Step("head", i, (L, d_v), f"head{i} = weights{i}·{v_name}"))
@@ -373,7 +387,7 @@ def _mask_text(spec) -> str:
     if spec.window is not None:
         left, right = ("∞" if w is None else str(w) for w in spec.window)
         parts.append(f"window [{left}, {right}] {spec.align.replace('_', '-')}")
-    if parts and spec.empty_row != "zero":
+    if parts and spec.empty_row != "zero" and spec.sinks is None:
         parts.append(f"empty rows {spec.empty_row}")
     return "".join(", " + p for p in parts)
 
@@ -382,7 +396,7 @@ def _mask_text(spec) -> str:
 # the ops reading the value give (``grad_terms``, next to their vjp).
 
 LEAF_ORDER = {"x": 0, "x_rows": 0, "x_kv": 0, "wq": 1, "wk": 2, "wv": 3, "wo": 4, "bq": 5, "bk": 6, "bv": 7,
-              "bo": 8, "bias": 9}  # fmt: skip
+              "bo": 8, "bias": 9, "sinks": 10}  # fmt: skip
 
 
 def _backward_steps(graph: Graph) -> list:
@@ -422,7 +436,7 @@ def _backward_steps(graph: Graph) -> list:
 
 
 POSITIONAL = {"kernel": ("dq", "dk", "dv"), "projection": ("dx", "dwq", "dwk", "dwv", "dwo")}
-_BY_NAME = ("dx_kv", "dbq", "dbk", "dbv", "dbo", "dbias")  # returned by name only, in this order
+_BY_NAME = ("dx_kv", "dbq", "dbk", "dbv", "dbo", "dbias", "dsinks")  # returned by name only, in this order
 _STACKED = {"dq", "dk", "dv", "dwq", "dwk", "dwv", "dbq", "dbk", "dbv"}
 _COLSUM_OF = {"bq": "dQ", "bk": "dK", "bv": "dV"}  # a head's bias gradient is the column sum of its dQ, dK, dV
 
@@ -453,7 +467,7 @@ def _input_gradients(graph: Graph) -> list:
         missing = tuple(leaf for leaf in leaves if leaf.name not in graph.leaves)
         steps = tuple(f"{_COLSUM_OF[kind]}{leaf.index}" if leaf in missing else "d" + leaf.name for leaf in leaves)
         rows, cols = shapes["d" + next(leaf for leaf in leaves if leaf not in missing).name]
-        bias_row = kind in ("bq", "bk", "bv", "bo")
+        bias_row = kind in ("bq", "bk", "bv", "bo", "sinks")
         part = (cols,) if bias_row else (rows, cols)
         shape = (len(leaves),) + part if stacked else part
         position = positional.index(name) if name in positional else None

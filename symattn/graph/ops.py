@@ -6,7 +6,8 @@ of that product, side by side, written once against ``xp`` (``graph/xp.py``).
     Scores       s = mask(c·tanh(scale·q·kᵀ/c)        dq = g'·k, dk = g'ᵀ·q, dbias = g,
                       + bias − slope·|i+δ−j|)         g' = scale·g·(1 − tanh²) (softcap)
     Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows (``centered``)
-                 rows filled (0, 1/S or nan)
+                 rows filled (0, 1/S or nan); a       dsinks = −colsum(p_sink∘rowsum(g∘p)) in the head's column
+                 sink: one more logit in the row
     WeightedSum  o = p·v                              dp = g·vᵀ, dv = pᵀ·g
     Concat       [o1 … oH]                            column blocks of g
 
@@ -132,22 +133,43 @@ class Scores:
 @dataclass(frozen=True)
 class Softmax:
     """p = softmax over the allowed keys of each row, shifted (every float backend shifts by the row's
-    maximum); a row with no allowed key is filled with 0, 1/S or nan (``empty_row``)."""
+    maximum); a row with no allowed key is filled with 0, 1/S or nan (``empty_row``).
+
+    With a sink (gpt-oss, TransformerEngine), the head's sink logit is one more entry of each row's softmax,
+    with no value: its input is the ``sinks`` leaf (1 × H), read as a column by ``sink``; a row whose keys are
+    all excluded then has weights 0 (no row is empty)."""
 
     empty: Const | None = None  # L × 1 bools: rows with no allowed key; None when there are none
     fill: object = 0  # 0, Fraction(1, S) or NAN
+    sink: Const | None = None  # L × H: ones in this head's column, so sink·sinksᵀ is its logit on every row
+    unsink: Const | None = None  # −sink: the sinks' gradient is −P_sink·rowsum(P∘g), by column
+    keys: int = 0  # S, the scores' columns (the sink is column S of the extended row)
 
     params = ()
 
     @property
     def consts(self) -> tuple:
-        return () if self.empty is None else (self.empty,)
+        return tuple(c for c in (self.empty, self.sink, self.unsink) if c is not None)
 
-    def forward(self, xp, s):
+    def _extended(self, xp, s, sinks):
+        """The weights of [scores sink]: (…, L, S + 1), the sink's last."""
+        return xp.softmax(s, sink=xp.matmul_nt(xp.const(self.sink), sinks))
+
+    def forward(self, xp, s, sinks=None):
+        if sinks is not None:
+            return xp.cols(self._extended(xp, s, sinks), 0, self.keys)
         empty = None if self.empty is None else xp.const(self.empty)
         return xp.softmax(s, empty, self.fill)
 
     def vjp(self, xp, args, p, g, needs=ALL):
+        if len(args) == 2:  # dP_j/ds_k = P_j(δ_jk − P_k) and dP_j/dsink = −P_j·P_sink
+            rest = xp.cols(self._extended(xp, *args), self.keys, self.keys + 1)
+            ds = xp.mul(p, xp.centered(g, p, rest)) if needs[0] else None
+            dsinks = None
+            if needs[1]:
+                dsinks = xp.matmul_tn(xp.mul(rest, xp.rowsum(xp.mul(g, p))), xp.const(self.unsink))
+                dsinks = xp.unbroadcast(dsinks, args[1])
+            return ds, dsinks
         ds = xp.mul(p, xp.centered(g, p))
         if self.empty is not None:  # an empty row's weights do not depend on its scores
             ds = xp.fill_rows(ds, xp.const(self.empty), NAN if self.fill == NAN else 0)
@@ -157,6 +179,9 @@ class Softmax:
         text = f"{out} ∘ ({g} - rowsum({g} ∘ {out}))"
         if self.empty is not None:
             text += ", nan on empty rows" if self.fill == NAN else ", 0 on empty rows"
+        if len(inputs) == 2:
+            head = self.sink.head
+            return text, f"colsum(-P_sink{head} ∘ rowsum({g} ∘ {out}))·e{head}"  # e{head}: the unit row of head
         return (text,)
 
 

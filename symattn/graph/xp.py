@@ -99,15 +99,18 @@ class XP(Protocol):
     def scaled_scores(self, q, k, scale):
         """scale·q·kᵀ for q (…, m, n), k (…, p, n) and a scalar from ``param``."""
 
-    def softmax(self, s, empty=None, fill=0):
+    def softmax(self, s, empty=None, fill=0, sink=None):
         """exp(s − shift(s)) / rowsum by rows: 0 on excluded entries; the rows where ``empty`` (bools (…, m, 1)
-        from ``const``, or None when no row is empty) is True are filled with ``fill``."""
+        from ``const``, or None when no row is empty) is True are filled with ``fill``.  With ``sink`` (a
+        column (…, m, 1) of logits), the weights of each row extended by its sink, (…, m, n + 1): the sink joins
+        the shift and the row sum, so a row whose entries are all excluded has weights 0 and the sink's 1."""
 
     def weighted_sum(self, p, v):
         """p·v for weights p that this backend's ``softmax`` returned."""
 
-    def centered(self, g, p):
-        """g − rowsum(g∘p) for weights p whose rows sum to 1: the softmax's cotangent, centred."""
+    def centered(self, g, p, rest=None):
+        """g − rowsum(g∘p) for weights p whose rows sum to 1 − ``rest`` (the weight (…, m, 1) of a sink, a key
+        with no value; None: 0): the softmax's cotangent, centred."""
 
 
 class ArrayXP:
@@ -116,7 +119,9 @@ class ArrayXP:
     def scaled_scores(self, q, k, scale):
         return self.scale(self.matmul_nt(q, k), scale)
 
-    def softmax(self, s, empty=None, fill=0):
+    def softmax(self, s, empty=None, fill=0, sink=None):
+        if sink is not None:  # the sink is one more entry of the row
+            s = self.hstack([s, sink])
         e = self.exp(self.sub(s, self.shift(s)))  # excluded entries are -inf: exactly 0 here
         z = self.rowsum(e)
         if empty is None:
@@ -126,8 +131,8 @@ class ArrayXP:
     def weighted_sum(self, p, v):
         return self.matmul(p, v)
 
-    def centered(self, g, p):
-        """A backend may compute it as g_j·Σ_{k≠j} p_k − Σ_{k≠j} p_k·g_k, the same number without the
+    def centered(self, g, p, rest=None):
+        """A backend may compute it as g_j·(Σ_{k≠j} p_k + rest) − Σ_{k≠j} p_k·g_k, the same number without the
         cancellation of g_j − rowsum when p_j is nearly 1 (balls would need hundreds of bits more)."""
         return self.sub(g, self.rowsum(self.mul(g, p)))
 

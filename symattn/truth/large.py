@@ -70,7 +70,8 @@ def blocks(spec, L: int) -> list:
                 a = spec.allowed(i)[start : start + size]
                 allowed |= a.any(axis=0)
                 empty |= bool(empty_rows(a).any())
-            if allowed.any() and not allowed.all() and not (empty and spec.empty_row != "zero"):
+            whole = not allowed.any() or (empty and (spec.empty_row != "zero" or spec.sinks is not None))
+            if not allowed.all() and not whole:
                 keys = np.flatnonzero(allowed).tolist()  # (a block whose rows see no key keeps them all)
         out.append((rows, keys))
     return out
@@ -147,8 +148,14 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
 
 def _nan_entries(spec, step) -> np.ndarray | None:
     """Bools over a step's entries: those that are nan by the spec (empty rows under ``empty_row "nan"``: a
-    head's weights and output, those columns of concat_heads, and every column of M), or None when none is."""
-    if spec.empty_row != "nan" or step.backward or step.kind not in ("weights", "head", "concat_heads", "M"):
+    head's weights and output, those columns of concat_heads, and every column of M), or None when none is
+    (with sinks no row is empty)."""
+    if (
+        spec.empty_row != "nan"
+        or spec.sinks is not None
+        or step.backward
+        or step.kind not in ("weights", "head", "concat_heads", "M")
+    ):
         return None
     out = np.zeros(step.shape, dtype=bool)
     if step.kind in ("weights", "head"):
@@ -282,8 +289,11 @@ def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
 def _equal_values(truth: Truth, cells) -> list:
     """Settle the cells of heads' outputs whose row's visible values in their column are all equal: the
     weights of a row sum to 1, so the output is exactly that value (a constant column of V, a row with one
-    key; on a rounding tie no enclosure could settle it).  Returns the cells left."""
+    key; on a rounding tie no enclosure could settle it).  Returns the cells left: all of them with sinks,
+    whose weights sum to less than 1."""
     spec, graph = truth.spec, truth.graph
+    if spec.sinks is not None:
+        return list(cells)
     values: dict = {}  # V's name -> exact values as (float64 array, None) or (None, RatMat), or None
     left = []
     for name, i, j in cells:
@@ -391,5 +401,5 @@ def _restriction(spec, step, rows, by_row) -> tuple:
     columns = sorted({j for i in rows for j in by_row[i]})
     allowed = spec.allowed(step.head - 1)[rows].any(axis=0)
     empty = bool(empty_rows(spec.allowed(step.head - 1)[rows]).any())
-    every = allowed.all() or not allowed.any() or (empty and spec.empty_row != "zero")
+    every = allowed.all() or not allowed.any() or (empty and (spec.empty_row != "zero" or spec.sinks is not None))
     return (None if every else np.flatnonzero(allowed).tolist()), columns

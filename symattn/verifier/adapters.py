@@ -13,7 +13,8 @@ missing one is a one-line error naming the install.
                  out_proj, masks inverted into its True-means-ignore convention, need_weights=False)
     jax_dpa      jax.nn.dot_product_attention (layout (B, T, N, H); x64 switched on for float64)
 
-UNSUPPORTED (checked before the library is called; tests/test_frameworks.py sweeps them):
+UNSUPPORTED (checked before the library is called; tests/test_frameworks.py sweeps them); none of them takes
+attention sinks (``sinks``: SDPA, MultiheadAttention and dot_product_attention have no sink logit):
 
     torch_sdpa   softcap; empty_row 'uniform' or 'nan' on a spec with an empty row (torch gives such a row 0)
     torch_mha    the kernel form; a scale other than 1/sqrt(d_k); windows, align 'bottom_right', bias, ALiBi,

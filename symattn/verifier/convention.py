@@ -30,9 +30,15 @@ PROJECTION_POSITIONAL = ("x", "wq", "wk", "wv", "wo")
 KERNEL_POSITIONAL = ("q", "k", "v")
 PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
-    "x_kv", "bq", "bk", "bv", "bo", "empty_row",
+    "x_kv", "bq", "bk", "bv", "bo", "sinks", "empty_row",
 )  # fmt: skip
-KERNEL_OPTIONS = ("scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "empty_row")
+# Options added after the convention was first fixed: a function that takes **kwargs without naming one gets it
+# only where the spec sets it, so that one written before (forwarding **kwargs to a function that does not know
+# the option) still runs on the specs it can compute.
+LATER = ("sinks",)
+KERNEL_OPTIONS = (
+    "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "empty_row",
+)  # fmt: skip
 
 
 # What an implementation gets.
@@ -86,6 +92,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         "bias": None,
         "alibi_slopes": None,
         "softcap": None if spec.softcap is None else exact_float(spec.softcap),
+        "sinks": None,
         "empty_row": spec.empty_row,
     }
     leaves: dict = {}
@@ -108,6 +115,10 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
             for i, b in enumerate(options["bias"], 1):
                 leaves[f"bias{i}"] = b
         fields["bias"] = options["bias"].astype(np.float64)
+    if spec.sinks is not None:  # data, as the bias: (H,) in the dtype under test
+        options["sinks"] = rounded(spec.sinks, "sinks")[0]
+        leaves["sinks"] = options["sinks"][None, :]
+        fields["sinks"] = options["sinks"].astype(np.float64)
     if spec.alibi is not None:
         slopes = np.array([exact_float(s) for s in spec.alibi_slopes])
         slopes = slopes.astype(dt) if cast is None else np.asarray(cast(slopes, dtype))
@@ -212,6 +223,8 @@ def _nondefault(spec, name: str) -> bool:
         return spec.alibi is not None
     if name == "softcap":
         return spec.softcap is not None
+    if name == "sinks":
+        return spec.sinks is not None
     if name == "x_kv":
         return spec.x_kv is not None
     if name in ("bq", "bk", "bv"):
@@ -219,8 +232,12 @@ def _nondefault(spec, name: str) -> bool:
         return any(getattr(h, name) is not None for h in heads)
     if name == "bo":
         return spec.bo is not None
-    if name == "empty_row":  # it fills only rows with no allowed key; the default fills them with zeros
-        return empty_fill(spec.empty_row, spec.S) != 0 and any(empty_rows(spec.allowed(i)).any() for i in range(spec.h))
+    if name == "empty_row":  # it fills only rows with no allowed key (none with sinks); the default fills with 0
+        return (
+            spec.sinks is None
+            and empty_fill(spec.empty_row, spec.S) != 0
+            and any(empty_rows(spec.allowed(i)).any() for i in range(spec.h))
+        )
     raise ValueError(name)
 
 
@@ -248,13 +265,13 @@ def load_impl(text: str, backward: bool = False):
     return fn
 
 
-def accepted(fn, names) -> set:
-    """The options ``fn`` can take by keyword (all of them with **kwargs)."""
+def accepted(fn, names, by_name: bool = False) -> set:
+    """The options ``fn`` can take by keyword (all of them with **kwargs, unless ``by_name``)."""
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return set(names)
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+    if not by_name and any(p.kind is p.VAR_KEYWORD for p in parameters):
         return set(names)
     return {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} & set(names)
 
@@ -280,7 +297,12 @@ def call(fn, name: str, context: Context, feed=None):
             name, context.spec.display_name, context.dtype, "", "UNSUPPORTED",
             [f"the spec sets {reason}, which {name} does not accept"],
         )  # fmt: skip
-    options = {k: _copy(v) for k, v in args.options.items() if k in takes}
+    named = accepted(fn, names, by_name=True)
+    options = {
+        k: _copy(v)
+        for k, v in args.options.items()
+        if k in takes and (k not in LATER or k in args.nondefault or k in named)
+    }
     try:
         inspect.signature(fn).bind(*args.positional, **options)
     except TypeError:

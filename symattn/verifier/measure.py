@@ -41,7 +41,7 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
-    dbias) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
+    dbias, dsinks) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
     "auto" (25, or for a large spec verified in a dtype other than float64 9 to 12: ``auto_digits``) or a number.
 
     >>> from symattn.verifier.seed import notebook_algorithm
