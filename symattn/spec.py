@@ -10,8 +10,8 @@ Two forms (DESIGN.md "Spec files"):
   directly.
 
 and the options of both: ``scale``, ``mask``, ``causal``, ``window``, ``align``,
-``bias``, ``alibi``, ``softcap``, ``sinks``, ``empty_row`` and ``dout``.  Files, built-in
-names and dicts of arrays are read by ``symattn.load``; this module holds the
+``bias``, ``alibi``, ``softcap``, ``sinks``, ``dropout_p`` with ``dropout_mask``, ``empty_row`` and
+``dout``.  Files, built-in names and dicts of arrays are read by ``symattn.load``; this module holds the
 fields and their checks.  Nothing downstream re-checks what is validated here.
 """
 
@@ -31,7 +31,8 @@ from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import Matrix, as_array, as_matrix, as_row, as_stack, check_shape, per_head
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
-OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "empty_row", "dout")
+OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "dropout_p",
+               "dropout_mask", "empty_row", "dout")  # fmt: skip
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
 KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS)
 HEAD_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv")
@@ -109,12 +110,15 @@ class AttentionSpec:
     alibi: object = None  # None, True (standard slopes) or H exact slopes
     softcap: Entry | None = None
     sinks: Matrix | None = None  # 1 × H exact logits, one more in each row's softmax with no value (gpt-oss)
+    dropout_p: Entry | None = None  # exact, 0 <= p < 1: the kept weights are multiplied by 1/(1 - p)
+    dropout_mask: tuple | None = None  # H bool arrays L × S (one shared array repeated), True = keep
     empty_row: str = "zero"
     dout: tuple | None = None  # the output's cotangent: (L × d_out,) or H matrices L × E_v; None: all ones
     source: str = field(default="", compare=False)  # where the spec was read, for messages
     grouped: bool = field(default=False, compare=False)  # kv heads given apart from the query heads
     shared_mask: bool = field(default=True, compare=False)  # the file gave one mask for every head
     shared_bias: bool = field(default=True, compare=False)
+    shared_dropout: bool = field(default=True, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -267,6 +271,7 @@ class AttentionSpec:
             self._set("softcap", c)
         if self.sinks is not None:
             self._set("sinks", as_row(self.sinks, H, "sinks", "one logit per query head"))
+        self._dropout()
         if self.dout is not None:
             if self.form == "kernel":
                 dout, _ = per_head(self.dout, H, (L, self.d_v), "dout", "L × E_v", shared_ok=False)
@@ -274,6 +279,27 @@ class AttentionSpec:
                 dout = (as_matrix(self.dout, "dout"),)
                 check_shape(dout[0], (L, self.d_out), "dout", "the output's shape, L × d_out")
             self._set("dout", dout)
+
+    def _dropout(self):
+        H, L, S = self.h, self.L, self.S
+        if self.dropout_mask is not None and self.dropout_p is None:
+            raise SymattnError("dropout_mask: expected it with dropout_p (0 <= p < 1), received no dropout_p")
+        if self.dropout_p is None:
+            return
+        p = parse_entry(self.dropout_p, "dropout_p")
+        if not isinstance(p, Fraction) or not 0 <= p < 1:
+            raise SymattnError(f"dropout_p: expected an exact rational 0 <= p < 1, received {to_text(p)}")
+        self._set("dropout_p", p)
+        if self.dropout_mask is None:
+            if p > 0:
+                raise SymattnError(
+                    f"dropout_mask: expected the kept entries (bools, L × S or H × L × S) with dropout_p "
+                    f"{to_text(p)} > 0, received none"
+                )
+            return
+        masks, shared = _masks(self.dropout_mask, H, L, S, "dropout_mask", "true = keep")
+        self._set("dropout_mask", masks)
+        self._set("shared_dropout", shared)
 
     # Shapes.
     @property
@@ -354,6 +380,12 @@ class AttentionSpec:
         if self.alibi is True:
             return semantics.standard_slopes(self.h)
         return self.alibi
+
+    def dropout_keep(self, head: int) -> np.ndarray:
+        """The L × S bools of ``head`` (0-based) that dropout keeps: the mask given, all True without one."""
+        if self.dropout_mask is None:
+            return np.ones((self.L, self.S), dtype=bool)
+        return self.dropout_mask[head]
 
     def allowed(self, head: int) -> np.ndarray:
         """Which keys each query row of ``head`` (0-based) attends to: the L × S bool matrix of DESIGN.md."""
@@ -498,6 +530,11 @@ class AttentionSpec:
             data["softcap"] = str(_entry(self.softcap))
         if self.sinks is not None:
             data["sinks"] = _vector(self.sinks)
+        if self.dropout_p is not None:
+            data["dropout_p"] = str(_entry(self.dropout_p))
+        if self.dropout_mask is not None:
+            keeps = [m.tolist() for m in self.dropout_mask]
+            data["dropout_mask"] = keeps[0] if self.shared_dropout else keeps
         if self.empty_row != _DEFAULTS["empty_row"]:
             data["empty_row"] = self.empty_row
         if self.dout is not None:
@@ -544,7 +581,7 @@ def check_keys(table: dict, allowed: tuple, where: str, required: tuple | None =
         raise SymattnError(f"{where}: missing key {missing[0]!r}; expected keys: {', '.join(allowed)}")
 
 
-def _masks(value, h: int, L: int, S: int) -> tuple:
+def _masks(value, h: int, L: int, S: int, key: str = "mask", meaning: str = "true = attend") -> tuple:
     if isinstance(value, tuple) and len(value) == h and all(isinstance(m, np.ndarray) for m in value):
         return value, len(set(map(id, value))) == 1
     array = as_array(value)
@@ -552,17 +589,17 @@ def _masks(value, h: int, L: int, S: int) -> tuple:
         try:
             array = np.array(value, dtype=object)
         except ValueError:
-            raise SymattnError("mask: ragged rows: expected L × S booleans or one such matrix per head") from None
+            raise SymattnError(f"{key}: ragged rows: expected L × S booleans or one such matrix per head") from None
         if array.dtype == object and array.size and not all(isinstance(b, (bool, np.bool_)) for b in array.reshape(-1)):
             bad = next(b for b in array.reshape(-1) if not isinstance(b, (bool, np.bool_)))
-            raise SymattnError(f"mask: expected booleans (true = attend), received {shown(bad)}")
+            raise SymattnError(f"{key}: expected booleans ({meaning}), received {shown(bad)}")
         array = array.astype(bool) if array.size else array
     elif array.dtype.kind != "b":
-        raise SymattnError(f"mask: expected booleans (true = attend), received an array of dtype {array.dtype}")
+        raise SymattnError(f"{key}: expected booleans ({meaning}), received an array of dtype {array.dtype}")
     if array.ndim == 2:
         if array.shape != (L, S):
             raise SymattnError(
-                f"mask: shape mismatch: expected shape {L}×{S} (L × S), received {array.shape[0]}×{array.shape[1]}"
+                f"{key}: shape mismatch: expected shape {L}×{S} (L × S), received {array.shape[0]}×{array.shape[1]}"
             )
         m = np.array(array, dtype=bool)
         m.setflags(write=False)
@@ -570,7 +607,7 @@ def _masks(value, h: int, L: int, S: int) -> tuple:
     if array.ndim == 3:
         if array.shape != (h, L, S):
             raise SymattnError(
-                f"mask: shape mismatch: expected {h}×{L}×{S} (H × L × S), received {'×'.join(map(str, array.shape))}"
+                f"{key}: shape mismatch: expected {h}×{L}×{S} (H × L × S), received {'×'.join(map(str, array.shape))}"
             )
         ms = []
         for m in array:
@@ -578,7 +615,7 @@ def _masks(value, h: int, L: int, S: int) -> tuple:
             m.setflags(write=False)
             ms.append(m)
         return tuple(ms), False
-    raise SymattnError(f"mask: expected an L × S matrix of booleans or one per head, received shape {array.shape}")
+    raise SymattnError(f"{key}: expected an L × S matrix of booleans or one per head, received shape {array.shape}")
 
 
 def _window(value, unbounded: int) -> tuple:

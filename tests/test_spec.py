@@ -8,7 +8,7 @@ from symattn.load import builtin_names
 
 KEYS = (
     "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, sinks, "
-    "empty_row, dout"
+    "dropout_p, dropout_mask, empty_row, dout"
 )
 
 

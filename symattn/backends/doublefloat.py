@@ -412,12 +412,16 @@ def mul(a: Iv, b: Iv) -> Iv:
         mag_a = np.abs(a.hi) + np.abs(a.low())
         mag_b = np.abs(b.hi) + np.abs(b.low())
         rad = rounding + mag_a * b.radius() + a.radius() * mag_b + a.radius() * b.radius() + 8 * ETA
+        # an exact 0 times a finite number is an exact 0 (a dropped weight, a zero of V): no underflow term
+        zero = (mag_a == 0) & (a.radius() == 0) & np.isfinite(mag_b)
+        zero |= (mag_b == 0) & (b.radius() == 0) & np.isfinite(mag_a)
+        rad = np.where(zero, 0.0, up(rad))
         excluded = a.excluded
         if excluded is not None:
             hi = np.where(excluded, -np.inf, hi)
             lo = np.where(excluded, 0.0, lo)
             rad = np.where(excluded, 0.0, rad)
-    return Iv(hi, lo, up(rad), excluded)
+    return Iv(hi, lo, rad, excluded)
 
 
 def divide(a: Iv, z: Iv) -> Iv:

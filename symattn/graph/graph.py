@@ -21,7 +21,7 @@ from fractions import Fraction
 import numpy as np
 
 from symattn.entries import div, to_text
-from symattn.graph.ops import ALL, Concat, Const, Linear, Param, Scores, Softmax, WeightedSum
+from symattn.graph.ops import ALL, Concat, Const, Dropout, Linear, Param, Scores, Softmax, WeightedSum
 from symattn.graph.steps import Step
 from symattn.semantics import alibi_distance, empty_fill, empty_rows
 
@@ -263,6 +263,9 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             empties[key] = Const("empty", empty, head) if empty.any() and spec.sinks is None else None
     fill = empty_fill(spec.empty_row, spec.S)
     masking = _mask_text(spec)
+    rescale = None
+    if spec.dropout_p is not None:
+        rescale = Param("dropout_scale", 1 / (1 - spec.dropout_p))
     kernel = spec.form == "kernel"
     if kernel:
         d_k = spec.d_k
@@ -345,9 +348,18 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
                 f"weights{i} = softmax(scores{i} ∪ sink{i}{masking}) by rows, sink{i} = {to_text(spec.sinks[0, i - 1])}"
             )
             steps.append(Step("weights", i, (L, S), text))
-        nodes.append(Node(f"head{i}", WeightedSum(), (f"weights{i}", v_name)))
+        weights = f"weights{i}"
+        if spec.dropout_p is not None:  # the kept weights, rescaled by 1/(1 − p)
+            keep = spec.dropout_keep(i - 1)
+            keep = columns(keep if rows is None else keep[list(rows)]).astype(np.int64)
+            op = Dropout(Const("keep", keep, None if spec.shared_dropout else i), rescale)
+            nodes.append(Node(f"dropped{i}", op, (weights,)))
+            text = f"dropped{i} = weights{i} ∘ {op.keep.name} / (1 - p), p = {to_text(spec.dropout_p)}"
+            steps.append(Step("dropped", i, (L, S), text))
+            weights = f"dropped{i}"
+        nodes.append(Node(f"head{i}", WeightedSum(), (weights, v_name)))
         d_v = spec.d_v if value_columns is None else len(value_columns)
-        steps.append(Step("head", i, (L, d_v), f"head{i} = weights{i}·{v_name}"))
+        steps.append(Step("head", i, (L, d_v), f"head{i} = {weights}·{v_name}"))
     if kernel:
         outputs = [f"head{i}" for i in range(1, H + 1)]
     else:
@@ -417,7 +429,8 @@ def _backward_steps(graph: Graph) -> list:
     for i in range(1, spec.h + 1):
         g = spec.group(i - 1) + 1
         q, k, v = (f"q{i}", f"k{g}", f"v{g}") if kernel else (f"Q{i}", f"K{g}", f"V{g}")
-        order += [f"head{i}", f"weights{i}", f"scores{i}", q]
+        dropped = [f"dropped{i}"] if spec.dropout_p is not None else []
+        order += [f"head{i}", *dropped, f"weights{i}", f"scores{i}", q]
         if last_of_group[g - 1] == i - 1:
             order += [k, v]
     placed = set(order)

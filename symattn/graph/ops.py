@@ -8,6 +8,7 @@ of that product, side by side, written once against ``xp`` (``graph/xp.py``).
     Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows (``centered``)
                  rows filled (0, 1/S or nan); a       dsinks = −colsum(p_sink∘rowsum(g∘p)) in the head's column
                  sink: one more logit in the row
+    Dropout      d = p∘keep/(1 − p_drop)              dp = g∘keep/(1 − p_drop)
     WeightedSum  o = p·v                              dp = g·vᵀ, dv = pᵀ·g
     Concat       [o1 … oH]                            column blocks of g
 
@@ -183,6 +184,32 @@ class Softmax:
             head = self.sink.head
             return text, f"colsum(-P_sink{head} ∘ rowsum({g} ∘ {out}))·e{head}"  # e{head}: the unit row of head
         return (text,)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """d = p∘keep·rescale, rescale = 1/(1 − p_drop): the softmax's weights with the kernel's own keep-mask
+    (torch, FlashAttention), as 0/1 integers, so every backend multiplies by exact constants."""
+
+    keep: Const  # L × S integers 0/1 (1 = keep); head None when every head shares the mask
+    rescale: Param  # 1/(1 − dropout_p), exact
+
+    @property
+    def params(self) -> tuple:
+        return (self.rescale,)
+
+    @property
+    def consts(self) -> tuple:
+        return (self.keep,)
+
+    def forward(self, xp, p):
+        return xp.scale(xp.mul(p, xp.const(self.keep)), xp.param(self.rescale))
+
+    def vjp(self, xp, args, out, g, needs=ALL):
+        return (xp.scale(xp.mul(g, xp.const(self.keep)), xp.param(self.rescale)),)
+
+    def grad_terms(self, out, inputs, g):
+        return (f"{g} ∘ {self.keep.name} / (1 - p)",)
 
 
 @dataclass(frozen=True)

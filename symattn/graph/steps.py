@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 FORMATS = ("pretty", "str", "latex")  # how a step's matrix prints (trace.render); here, SymPy-free, for the CLI
 
 ROW_LOCAL = frozenset(
-    ("Q", "scores", "weights", "head", "concat_heads", "M", "dM", "dconcat_heads", "dhead", "dweights", "dscores",
-     "dQ", "dq", "dbias")
+    ("Q", "scores", "weights", "dropped", "head", "concat_heads", "M", "dM", "dconcat_heads", "dhead", "ddropped",
+     "dweights", "dscores", "dQ", "dq", "dbias")
 )  # fmt: skip
 
 

@@ -176,7 +176,7 @@ def block_target(step, rows, keys):
     kept); all of a step that is not row-local (the block computed it whole)."""
     if not step.row_local:
         return slice(None), slice(None)
-    if keys is not None and step.kind in ("scores", "weights"):
+    if keys is not None and step.kind in ("scores", "weights", "dropped"):
         return np.ix_(rows, keys)
     return np.array(rows), slice(None)
 
@@ -290,9 +290,9 @@ def _equal_values(truth: Truth, cells) -> list:
     """Settle the cells of heads' outputs whose row's visible values in their column are all equal: the
     weights of a row sum to 1, so the output is exactly that value (a constant column of V, a row with one
     key; on a rounding tie no enclosure could settle it).  Returns the cells left: all of them with sinks,
-    whose weights sum to less than 1."""
+    whose weights sum to less than 1, and with dropout, whose weights sum to anything."""
     spec, graph = truth.spec, truth.graph
-    if spec.sinks is not None:
+    if spec.sinks is not None or spec.dropout_p is not None:
         return list(cells)
     values: dict = {}  # V's name -> exact values as (float64 array, None) or (None, RatMat), or None
     left = []
