@@ -14,9 +14,11 @@ missing one is a one-line error naming the install.
     jax_dpa      jax.nn.dot_product_attention (layout (B, T, N, H); x64 switched on for float64)
 
 UNSUPPORTED (checked before the library is called; tests/test_frameworks.py sweeps them); none of them takes
-attention sinks (``sinks``: SDPA, MultiheadAttention and dot_product_attention have no sink logit):
+attention sinks (``sinks``: SDPA, MultiheadAttention and dot_product_attention have no sink logit), nor
+dropout with the kernel's keep-mask (``dropout_p``, ``dropout_mask``: torch samples its own mask):
 
-    torch_sdpa   softcap; empty_row 'uniform' or 'nan' on a spec with an empty row (torch gives such a row 0)
+    torch_sdpa   softcap; dropout (it samples its own mask); empty_row 'uniform' or 'nan' on a spec with an
+                 empty row (torch gives such a row 0)
     torch_mha    the kernel form; a scale other than 1/sqrt(d_k); windows, align 'bottom_right', bias, ALiBi,
                  softcap, empty_row; grouped-query heads; d_v != d_k; d_model or d_out > H·d_k; a mask per head
     jax_dpa      the projection form; softcap; E_v != E; an empty row unless empty_row is 'uniform' (JAX gives
@@ -175,9 +177,17 @@ def _sdpa(torch, inputs, leaf, *, scale, mask=None, causal=False, window=None, a
     return out
 
 
+def _no_dropout(dropout_p, dropout_mask):
+    if dropout_p is not None or dropout_mask is not None:
+        raise Unsupported(
+            f"torch SDPA samples its own dropout mask: it cannot take the spec's dropout_mask (dropout_p = {dropout_p})"
+        )
+
+
 def torch_sdpa(*inputs, scale, mask=None, causal=False, window=None, align="top_left", bias=None, alibi_slopes=None,
-               x_kv=None, bq=None, bk=None, bv=None, bo=None):  # fmt: skip
+               x_kv=None, bq=None, bk=None, bv=None, bo=None, dropout_p=None, dropout_mask=None):  # fmt: skip
     """torch's scaled_dot_product_attention; the projection form's projections in torch too."""
+    _no_dropout(dropout_p, dropout_mask)
     torch = _torch()
     options = dict(scale=scale, mask=mask, causal=causal, window=window, align=align, bias=bias,
                    alibi_slopes=alibi_slopes, x_kv=x_kv, bq=bq, bk=bk, bv=bv, bo=bo)  # fmt: skip
@@ -186,8 +196,10 @@ def torch_sdpa(*inputs, scale, mask=None, causal=False, window=None, align="top_
 
 
 def torch_sdpa_backward(*inputs, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
-                        alibi_slopes=None, x_kv=None, bq=None, bk=None, bv=None, bo=None):  # fmt: skip
+                        alibi_slopes=None, x_kv=None, bq=None, bk=None, bv=None, bo=None, dropout_p=None,
+                        dropout_mask=None):  # fmt: skip
     """The input gradients of torch_sdpa by torch's autograd, for the cotangent given after the inputs."""
+    _no_dropout(dropout_p, dropout_mask)
     torch = _torch()
     *inputs, dout = inputs
     options = dict(scale=scale, mask=mask, causal=causal, window=window, align=align, bias=bias,

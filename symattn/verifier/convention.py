@@ -30,14 +30,15 @@ PROJECTION_POSITIONAL = ("x", "wq", "wk", "wv", "wo")
 KERNEL_POSITIONAL = ("q", "k", "v")
 PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
-    "x_kv", "bq", "bk", "bv", "bo", "sinks", "empty_row",
+    "x_kv", "bq", "bk", "bv", "bo", "sinks", "dropout_p", "dropout_mask", "empty_row",
 )  # fmt: skip
 # Options added after the convention was first fixed: a function that takes **kwargs without naming one gets it
 # only where the spec sets it, so that one written before (forwarding **kwargs to a function that does not know
 # the option) still runs on the specs it can compute.
-LATER = ("sinks",)
+LATER = ("sinks", "dropout_p", "dropout_mask")
 KERNEL_OPTIONS = (
-    "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "empty_row",
+    "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "dropout_p",
+    "dropout_mask", "empty_row",
 )  # fmt: skip
 
 
@@ -93,8 +94,12 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         "alibi_slopes": None,
         "softcap": None if spec.softcap is None else exact_float(spec.softcap),
         "sinks": None,
+        "dropout_p": None if spec.dropout_p is None else exact_float(spec.dropout_p),
+        "dropout_mask": None,
         "empty_row": spec.empty_row,
     }
+    if spec.dropout_mask is not None:  # bools, as the mask: (L, S), or (H, L, S) for one per head
+        options["dropout_mask"] = spec.dropout_mask[0] if spec.shared_dropout else np.stack(spec.dropout_mask)
     leaves: dict = {}
     fields: dict = {}
     dout = None
@@ -196,6 +201,8 @@ def _kept(spec, scale=True) -> dict:
         "window": spec.window,
         "align": spec.align,
         "softcap": spec.softcap,
+        "dropout_p": spec.dropout_p,
+        "dropout_mask": spec.dropout_mask,
         "empty_row": spec.empty_row,
         "dout": spec.dout,
     }
@@ -225,6 +232,10 @@ def _nondefault(spec, name: str) -> bool:
         return spec.softcap is not None
     if name == "sinks":
         return spec.sinks is not None
+    if name == "dropout_p":
+        return spec.dropout_p is not None
+    if name == "dropout_mask":
+        return spec.dropout_mask is not None
     if name == "x_kv":
         return spec.x_kv is not None
     if name in ("bq", "bk", "bv"):
