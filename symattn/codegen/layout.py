@@ -76,6 +76,9 @@ class Layout:
             out["softcap"] = repr(exact_float(spec.softcap))
         if spec.sinks is not None:
             out["sinks"] = "_SINKS"
+        if spec.dropout_p is not None:
+            out["dropout_p"] = repr(exact_float(spec.dropout_p))
+            out["dropout_mask"] = "_DROPOUT_MASK" if spec.dropout_mask is not None else "None"
         if not self.kernel:
             if spec.x_kv is not None:
                 out["x_kv"] = "None"
@@ -137,6 +140,11 @@ class Layout:
             lines.append(f"alibi_slopes = {call('_floating')}(alibi_slopes, ({spec.h},), 'alibi_slopes', dtype)[0]")
         if "sinks" in options:
             lines.append(f"sinks = {call('_floating')}(sinks, ({spec.h},), 'sinks', dtype)[0]")
+        if "dropout_mask" in options:  # True = keep; None keeps every weight
+            lines.append(
+                f"keep = numpy.broadcast_to(True if dropout_mask is None else numpy.asarray(dropout_mask, dtype=bool), "
+                f"({spec.h}, {spec.L}, {spec.S}))"
+            )
         if "causal" in options:
             lines.append(f"delta = {_delta_text(spec.L, spec.S)}")
             lines.append(
@@ -252,6 +260,8 @@ def _variant_text(spec) -> list:
         out.append("softcap")
     if spec.sinks is not None:
         out.append("sinks")
+    if spec.dropout_p is not None:
+        out.append("dropout")
     if spec.x_kv is not None:
         out.append("cross-attention")
     if spec.empty_row != "zero":
@@ -281,4 +291,7 @@ def _option_constants(layout: Layout) -> list:
         out.append(f"_BO = {array_text(spec.bo.float64()[0])}")
     if "sinks" in options:
         out.append(f"_SINKS = {array_text(spec.sinks.float64()[0])}")
+    if "dropout_mask" in options and spec.dropout_mask is not None:
+        keep = spec.dropout_mask[0] if spec.shared_dropout else np.stack(spec.dropout_mask)
+        out.append(f"_DROPOUT_MASK = {array_text(keep)}")
     return out

@@ -23,9 +23,9 @@ ROW_VECTORS = ("bq", "bk", "bv", "bo", "sinks")  # rows (heads, n) or (n,), read
 @dataclass(frozen=True)
 class Role:
     """What a leaf, parameter or constant of the graph is: ``kind``, the argument it is read from (x, x_kv, q,
-    k, v, wq, bq, wk, bk, wv, bv, wo, bo, bias, sinks; scale, softcap, inverse_softcap, slope; allowed, empty,
-    distance, sink, unsink), and ``index``, the 0-based head (kv head for k, v, wk, bk, wv, bv) of its slice of that
-    argument, or None when it is not one head's."""
+    k, v, wq, bq, wk, bk, wv, bv, wo, bo, bias, sinks; scale, softcap, inverse_softcap, slope, dropout_scale;
+    allowed, empty, distance, sink, unsink, keep), and ``index``, the 0-based head (kv head for k, v, wk, bk, wv,
+    bv) of its slice of that argument, or None when it is not one head's."""
 
     kind: str
     index: int | None = None
@@ -93,6 +93,10 @@ def roles(graph) -> Roles:
             for c in (node.op.sink, node.op.unsink):
                 if c is not None:
                     consts.setdefault(c.name, (c, Role(c.kind, head)))
+        elif step.kind == "dropped":  # Dropout: its keep-mask (0/1) and the rescale 1/(1 − p)
+            op = node.op
+            params.setdefault(op.rescale.name, (op.rescale, Role("dropout_scale")))
+            consts.setdefault(op.keep.name, (op.keep, Role("keep", head)))
         elif step.kind == "head":  # WeightedSum: (weights, v)
             leaf(node.inputs[1], "v", graph.spec.group(head))
     for name, heads in bias_readers.items():  # a bias every head reads is no head's
@@ -152,13 +156,17 @@ class Sources:
             return "(1 / softcap)"
         if role.kind == "slope":
             return f"alibi_slopes[{role.index}]"
+        if role.kind == "dropout_scale":
+            return "(1 / (1 - dropout_p))"
         raise SymattnError(f"code generation: no source for the parameter {p.name}")
 
     def const(self, c) -> str:
         spec, layout = self.layout.spec, self.layout
         role = self.roles.consts[c.name][1]
-        if layout.inputs and role.kind in ("allowed", "empty"):
+        if layout.inputs and role.kind in ("allowed", "empty", "keep"):
             return f"{role.kind}[{role.index}]"
+        if role.kind == "keep":  # bools: a product with them keeps the computation's dtype
+            return self.constant("_" + c.name.upper(), array_text(np.asarray(c.value, dtype=bool)))
         if role.kind == "distance":
             if layout.inputs:
                 return "distance"
