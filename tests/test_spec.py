@@ -80,8 +80,9 @@ def test_digest_is_stable_and_sees_changes(notebook_data):
 def test_missing_file():
     with pytest.raises(
         SymattnError,
-        match=r"^spec: expected a built-in name \(causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, "
-        r"sinks, softcap\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', which is neither$",
+        match=r"^spec: expected a built-in name \(causal, cross, dropout, four_tokens, gqa, notebook, overflow32, "
+        r"overflow64, sinks, softcap\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', "
+        r"which is neither$",
     ):
         load_spec("nope.json")
 
