@@ -372,12 +372,21 @@ def test_the_steps_in_trace_order_and_show():
         ({"dropout_p": 1}, r"^dropout_p: expected an exact rational 0 <= p < 1, received 1$"),
         ({"dropout_p": "-1/2"}, r"^dropout_p: expected an exact rational 0 <= p < 1, received -1/2$"),
         ({"dropout_p": "sqrt(2)/2"}, r"^dropout_p: expected an exact rational 0 <= p < 1, received sqrt\(2\)/2$"),
-        ({"dropout_mask": None}, r"^dropout_mask: expected the kept entries \(bools, L × S or H × L × S\) with "
-                                 r"dropout_p 1/10 > 0, received none$"),  # fmt: skip
-        ({"dropout_mask": [[True] * 4] * 2}, r"^dropout_mask: shape mismatch: expected shape 3×4 \(L × S\), "
-                                             r"received 2×4$"),  # fmt: skip
-        ({"dropout_mask": np.ones((2, 3, 4), bool)}, r"^dropout_mask: shape mismatch: expected 4×3×4 \(H × L × S\), "
-                                                      r"received 2×3×4$"),  # fmt: skip
+        (
+            {"dropout_mask": None},
+            r"^dropout_mask: expected the kept entries \(bools, L × S or H × L × S\) with "
+            r"dropout_p 1/10 > 0, received none$",
+        ),  # fmt: skip
+        (
+            {"dropout_mask": [[True] * 4] * 2},
+            r"^dropout_mask: shape mismatch: expected shape 3×4 \(L × S\), "
+            r"received 2×4$",
+        ),  # fmt: skip
+        (
+            {"dropout_mask": np.ones((2, 3, 4), bool)},
+            r"^dropout_mask: shape mismatch: expected 4×3×4 \(H × L × S\), "
+            r"received 2×3×4$",
+        ),  # fmt: skip
         ({"dropout_mask": [[1, 0, 1, 1]] * 3}, r"^dropout_mask: expected booleans \(true = keep\), received 1$"),
         ({"dropout_p": None}, r"^dropout_mask: expected it with dropout_p \(0 <= p < 1\), received no dropout_p$"),
     ],
