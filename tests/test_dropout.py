@@ -435,3 +435,28 @@ def test_the_builtin_example():
     truth = symattn.evaluate(spec, digits=15, grad=True)
     assert truth["ddropped1"].shape == (3, 3)
     assert truth["dropped1"].values[0] == ("1.33333333333333", "0", "0")
+
+
+def test_the_large_path_by_blocks_of_rows_and_their_keys(large_everywhere, monkeypatch):
+    """One query row per block, each with only the keys it may see: the keep-mask's columns follow them."""
+    import symattn.truth.large
+
+    data = {**KERNEL, "align": "top_left", "q": [m + [[0, 0]] for m in KERNEL["q"]], "dropout_mask": KEEP + [[1] * 4]}
+    data["dropout_mask"] = [[bool(b) for b in r] for r in data["dropout_mask"]]
+    spec = symattn.load_spec(data)
+    monkeypatch.setattr(symattn.truth.large, "BLOCK", spec.S)
+    assert any(keys is not None for _, keys in symattn.truth.large.blocks(spec, spec.L))
+    truth = symattn.evaluate(spec, digits=15)
+    assert truth.method == "intervals"
+    check_steps(truth, reference(*kernel_inputs(data), *args_of(spec)), forward_names(truth))
+    assert truth["head1"].values[3] == ("2.50000000000000", "3.61111111111111")  # q = 0: V's mean, kept, /0.9
+
+
+def test_the_pytest_helper_takes_dropout():
+    from symattn.testing import assert_attention_close
+
+    q, k, v = (np.array([[[float(Fraction(e)) for e in r] for r in m] for m in KERNEL[n]], np.float32) for n in "qkv")
+    options = dict(causal=True, align="bottom_right", scale=0.5, dropout_p=0.1, dropout_mask=np.array(KEEP))
+    assert_attention_close(right, q=q, k=k, v=v, **options)
+    with pytest.raises(AssertionError):
+        assert_attention_close(no_rescale, q=q, k=k, v=v, **options)
