@@ -274,6 +274,14 @@ ADAPTER_CASES = {
     "kernel softcap": (_kernel(softcap=2.0), {"torch_sdpa": "softcap", "jax_dpa": "softcap"}),
     "kernel sinks": (_kernel(sinks=[1, 0, -1, 2]), {"torch_sdpa": "sinks", "jax_dpa": "sinks"}),
     "projection sinks": (_projection(sinks=[1, 0]), {"torch_sdpa": "sinks", "torch_mha": "sinks"}),
+    "kernel dropout": (
+        _kernel(dropout_p="1/4", dropout_mask=_rng.random((5, 6)) > 0.3),
+        {"torch_sdpa": "samples its own dropout mask", "jax_dpa": "dropout_p"},
+    ),
+    "projection dropout": (
+        _projection(dropout_p=0, dropout_mask=_rng.random((2, 5, 5)) > 0.3),
+        {"torch_sdpa": "samples its own dropout mask", "torch_mha": "dropout_p"},
+    ),
     "kernel empty row zero": (_kernel(mask=_EMPTY, bias=_r(5, 6)), {"torch_sdpa": None, "jax_dpa": "mean of V"}),
     "kernel empty row uniform": (
         _kernel(mask=_EMPTY, empty_row="uniform"),
