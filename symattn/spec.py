@@ -31,7 +31,21 @@ from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import Matrix, as_array, as_matrix, as_row, as_stack, check_shape, per_head
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
-OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "empty_row", "dout")
+OPTION_KEYS = (
+    "scale",
+    "mask",
+    "causal",
+    "window",
+    "align",
+    "bias",
+    "alibi",
+    "softcap",
+    "sinks",
+    "segments_q",
+    "segments_kv",
+    "empty_row",
+    "dout",
+)
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
 KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS)
 HEAD_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv")
@@ -109,6 +123,8 @@ class AttentionSpec:
     alibi: object = None  # None, True (standard slopes) or H exact slopes
     softcap: Entry | None = None
     sinks: Matrix | None = None  # 1 × H exact logits, one more in each row's softmax with no value (gpt-oss)
+    segments_q: tuple | None = None  # packed sequences: offsets (0, ..., L) of the query segments (cu_seqlens_q)
+    segments_kv: tuple | None = None  # (0, ..., S), as many segments; query segment a attends key segment a only
     empty_row: str = "zero"
     dout: tuple | None = None  # the output's cotangent: (L × d_out,) or H matrices L × E_v; None: all ones
     source: str = field(default="", compare=False)  # where the spec was read, for messages
@@ -267,6 +283,8 @@ class AttentionSpec:
             self._set("softcap", c)
         if self.sinks is not None:
             self._set("sinks", as_row(self.sinks, H, "sinks", "one logit per query head"))
+        if self.segments_q is not None or self.segments_kv is not None:
+            self._segments()
         if self.dout is not None:
             if self.form == "kernel":
                 dout, _ = per_head(self.dout, H, (L, self.d_v), "dout", "L × E_v", shared_ok=False)
@@ -274,6 +292,23 @@ class AttentionSpec:
                 dout = (as_matrix(self.dout, "dout"),)
                 check_shape(dout[0], (L, self.d_out), "dout", "the output's shape, L × d_out")
             self._set("dout", dout)
+
+    def _segments(self):
+        given = "segments_q" if self.segments_q is not None else "segments_kv"
+        missing = "segments_kv" if given == "segments_q" else "segments_q"
+        if getattr(self, missing) is None:
+            raise SymattnError(
+                f"{missing}: expected offsets [0, ..., {'S' if missing == 'segments_kv' else 'L'}] "
+                f"with {given}, received none (packed sequences need both)"
+            )
+        q = _offsets(self.segments_q, self.L, "segments_q", "L")
+        kv = _offsets(self.segments_kv, self.S, "segments_kv", "S")
+        if len(q) != len(kv):
+            raise SymattnError(
+                f"segments_kv: expected {len(q) - 1} segments (as many as segments_q), received {len(kv) - 1}"
+            )
+        self._set("segments_q", q)
+        self._set("segments_kv", kv)
 
     # Shapes.
     @property
@@ -329,8 +364,9 @@ class AttentionSpec:
 
     @property
     def delta(self) -> int:
-        """The offset of query row i's diagonal key: 0 (top_left) or S - L (bottom_right)."""
-        return semantics.delta(self.align, self.L, self.S)
+        """The offset of query row i's diagonal key: 0 (top_left) or S - L (bottom_right); with segments, a
+        tuple of one offset per segment."""
+        return semantics.delta(self.align, self.L, self.S, self.segments_q, self.segments_kv)
 
     # Derived options.
     @cached_property
@@ -366,7 +402,9 @@ class AttentionSpec:
             mask = None if self.mask is None else self.mask[head]
             key = id(mask)
             if key not in cache:
-                a = semantics.allowed(self.L, self.S, mask, self.causal, self.window, self.delta)
+                a = semantics.allowed(
+                    self.L, self.S, mask, self.causal, self.window, self.delta, self.segments_q, self.segments_kv
+                )
                 a.setflags(write=False)
                 cache[key] = a
             out.append(cache[key])
@@ -374,7 +412,7 @@ class AttentionSpec:
 
     @property
     def has_mask(self) -> bool:
-        return self.mask is not None or self.causal or self.window is not None
+        return self.mask is not None or self.causal or self.window is not None or self.segments_q is not None
 
     @property
     def options(self) -> dict:
@@ -498,6 +536,9 @@ class AttentionSpec:
             data["softcap"] = str(_entry(self.softcap))
         if self.sinks is not None:
             data["sinks"] = _vector(self.sinks)
+        if self.segments_q is not None:
+            data["segments_q"] = list(self.segments_q)
+            data["segments_kv"] = list(self.segments_kv)
         if self.empty_row != _DEFAULTS["empty_row"]:
             data["empty_row"] = self.empty_row
         if self.dout is not None:
@@ -605,6 +646,30 @@ def _window(value, unbounded: int) -> tuple:
             )
         out.append(None if v >= unbounded else int(v))
     return tuple(out)
+
+
+def _offsets(value, end: int, key: str, end_name: str) -> tuple:
+    """Cumulative offsets [0, ..., end], non-decreasing integers (an empty segment repeats an offset)."""
+    expected = f"{key}: expected cumulative offsets [0, ..., {end_name}={end}] (non-decreasing integers)"
+    value = as_array(value)
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            raise SymattnError(f"{expected}, received a {value.dtype} array of shape {value.shape}")
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        raise SymattnError(f"{expected}, received {shown(value)}")
+    for v in value:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise SymattnError(f"{expected}, received the entry {shown(v)}")
+    out = tuple(int(v) for v in value)
+    if out[0] != 0:
+        raise SymattnError(f"{expected}, received a first offset {out[0]}")
+    if out[-1] != end:
+        raise SymattnError(f"{expected}, received a last offset {out[-1]}")
+    drop = next((i for i in range(1, len(out)) if out[i] < out[i - 1]), None)
+    if drop is not None:
+        raise SymattnError(f"{expected}, received {out[drop - 1]} then {out[drop]} at index {drop}")
+    return out
 
 
 def _alibi(value, h: int):

@@ -14,7 +14,8 @@ missing one is a one-line error naming the install.
     jax_dpa      jax.nn.dot_product_attention (layout (B, T, N, H); x64 switched on for float64)
 
 UNSUPPORTED (checked before the library is called; tests/test_frameworks.py sweeps them); none of them takes
-attention sinks (``sinks``: SDPA, MultiheadAttention and dot_product_attention have no sink logit):
+attention sinks (``sinks``: SDPA, MultiheadAttention and dot_product_attention have no sink logit) or packed
+sequences (``segments_q``, ``segments_kv``: none of these signatures takes offsets):
 
     torch_sdpa   softcap; empty_row 'uniform' or 'nan' on a spec with an empty row (torch gives such a row 0)
     torch_mha    the kernel form; a scale other than 1/sqrt(d_k); windows, align 'bottom_right', bias, ALiBi,
