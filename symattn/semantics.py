@@ -26,10 +26,7 @@ def delta(align, L, S, segments_q=None, segments_kv=None):
         return 0 if align == "top_left" else S - L
     if align == "top_left":
         return (0,) * (len(segments_q) - 1)
-    return tuple(
-        int(b1 - b0 - (a1 - a0))
-        for a0, a1, b0, b1 in zip(segments_q[:-1], segments_q[1:], segments_kv[:-1], segments_kv[1:], strict=True)
-    )
+    return tuple(int(d) for d in numpy.diff(segments_kv) - numpy.diff(segments_q))
 
 
 def empty_rows(allowed):

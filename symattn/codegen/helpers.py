@@ -77,11 +77,16 @@ _SOURCES = {
     "_finite": lambda: _FINITE,
     "_unbatched": lambda: _UNBATCHED,
     "_stack": lambda: _STACK,
+    "_delta": lambda: _copied(semantics.delta, "_delta"),
     "_allowed": lambda: _copied(semantics.allowed, "_allowed"),
     "_positions": lambda: _copied(semantics._positions, "_positions"),
     "_alibi_distance": lambda: _copied(semantics.alibi_distance, "_alibi_distance"),
 }
-_CALLS = {"_stack": ("_unbatched",), "_allowed": ("_positions",), "_alibi_distance": ("_positions",)}  # helpers that a helper's own body calls
+_CALLS = {
+    "_stack": ("_unbatched",),
+    "_allowed": ("_positions",),
+    "_alibi_distance": ("_positions",),
+}  # helpers that a helper's own body calls
 
 
 class Helpers:
