@@ -7,8 +7,8 @@ from symattn import AttentionSpec, SymattnError, load_spec
 from symattn.load import builtin_names
 
 KEYS = (
-    "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, sinks, segments_q, "
-    "segments_kv, empty_row, dout"
+    "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, sinks, "
+    "segments_q, segments_kv, empty_row, dout"
 )
 
 
