@@ -81,7 +81,8 @@ def test_missing_file():
     with pytest.raises(
         SymattnError,
         match=r"^spec: expected a built-in name \(causal, cross, four_tokens, gqa, notebook, overflow32, overflow64, "
-        r"sinks, softcap\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', which is neither$",
+        r"sinks, softcap, varlen\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', "
+        r"which is neither$",
     ):
         load_spec("nope.json")
 
