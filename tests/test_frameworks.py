@@ -274,6 +274,18 @@ ADAPTER_CASES = {
     "kernel softcap": (_kernel(softcap=2.0), {"torch_sdpa": "softcap", "jax_dpa": "softcap"}),
     "kernel sinks": (_kernel(sinks=[1, 0, -1, 2]), {"torch_sdpa": "sinks", "jax_dpa": "sinks"}),
     "projection sinks": (_projection(sinks=[1, 0]), {"torch_sdpa": "sinks", "torch_mha": "sinks"}),
+    "kernel segments causal bottom-right, ALiBi": (
+        _kernel(segments_q=[0, 2, 5], segments_kv=[0, 3, 6], causal=True, align="bottom_right", alibi=True),
+        {"torch_sdpa": None, "jax_dpa": None},
+    ),
+    "kernel segments, an empty query segment": (
+        _kernel(segments_q=[0, 2, 3, 5], segments_kv=[0, 3, 3, 6]),
+        {"torch_sdpa": None, "jax_dpa": "mean of V"},
+    ),
+    "projection segments": (
+        _projection(segments_q=[0, 3, 5], segments_kv=[0, 2, 5]),
+        {"torch_sdpa": None, "torch_mha": "segments_q"},
+    ),
     "kernel empty row zero": (_kernel(mask=_EMPTY, bias=_r(5, 6)), {"torch_sdpa": None, "jax_dpa": "mean of V"}),
     "kernel empty row uniform": (
         _kernel(mask=_EMPTY, empty_row="uniform"),

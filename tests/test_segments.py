@@ -346,3 +346,22 @@ def test_the_builtin_example():
     assert spec.segments_q == (0, 2, 5)
     truth = symattn.evaluate(spec, digits=15, grad=True)
     assert truth["weights1"].values[0][3:] == ("0", "0", "0")
+
+
+def test_the_adapters_dense_mask_and_ramp_are_the_specs():
+    """torch_sdpa and jax_dpa take segments as part of their boolean mask (the frameworks' runs are in
+    test_frameworks.py, skipped without them); the mask and the ALiBi ramp they build are the spec's."""
+    from symattn.verifier.adapters import _mask_and_ramp
+
+    spec = symattn.load_spec({**KERNEL, **VARIANTS["alibi causal"]})
+    slopes = np.array([float(Fraction(s)) for s in SLOPES])
+    ok, ramp = _mask_and_ramp(7, 8, 4, None, True, None, "bottom_right", slopes, SEG_Q, SEG_KV)
+    np.testing.assert_array_equal(ok, np.stack([spec.allowed(h) for h in range(4)]))
+    ref = ref_of({**KERNEL, **VARIANTS["alibi causal"]})
+    q, k = (np.array(KERNEL[n], dtype=float) for n in "qk")
+    scores = np.einsum("hle,hse->hls", q, np.repeat(k, 2, axis=0)) / 2 + ramp
+    for h in range(4):
+        for i in range(7):
+            for j in range(8):
+                if ref[f"scores{h + 1}"][i][j] is not None:
+                    assert close(scores[h, i, j], ref[f"scores{h + 1}"][i][j])
