@@ -14,6 +14,7 @@ import pytest
 import symattn
 import symattn.graph.graph
 import symattn.load
+import symattn.truth.large
 from symattn import SymattnError
 
 DPS = 40
@@ -365,3 +366,61 @@ def test_the_adapters_dense_mask_and_ramp_are_the_specs():
             for j in range(8):
                 if ref[f"scores{h + 1}"][i][j] is not None:
                     assert close(scores[h, i, j], ref[f"scores{h + 1}"][i][j])
+
+
+@pytest.mark.parametrize("variant", ["causal bottom_right", "alibi causal"])
+def test_the_large_paths_blocks_of_rows_keep_each_segments_keys(large_everywhere, monkeypatch, variant):
+    """Blocks of 2 query rows (BLOCK 16 entries over 8 keys): each block's key restriction, from the mask, keeps
+    exactly its segments' keys; the empty query segment's block and the keys-only segment stay right."""
+    monkeypatch.setattr(symattn.truth.large, "BLOCK", 16)
+    data = {**KERNEL, **VARIANTS[variant]}
+    spec = symattn.load_spec(data)
+    blocks = symattn.truth.large.blocks(spec, spec.L)
+    # rows 2 (no keys) and 3 (bottom_right, 3 queries on 2 keys) see nothing: their block keeps every key
+    assert blocks == [([0, 1], [0, 1, 2]), ([2, 3], None), ([4, 5], [5, 6]), ([6], [7])]
+    truth = symattn.evaluate(spec, digits=15)
+    check_steps(truth, ref_of(data))
+    uniform = symattn.evaluate(symattn.load_spec({**data, "empty_row": "uniform"}), digits=15)
+    np.testing.assert_array_equal(uniform["weights2"].to_numpy()[2].astype(float), np.full(8, 0.125))
+
+
+def _plain_backward(q, k, v, dout, scale, causal, align):
+    H, L, _ = q.shape
+    S = k.shape[1]
+    r = H // k.shape[0]
+    kr, vr = np.repeat(k, r, axis=0), np.repeat(v, r, axis=0)
+    s = np.einsum("hle,hse->hls", q, kr) * scale
+    if causal:
+        d = 0 if align == "top_left" else S - L
+        s = np.where(np.arange(S)[None, :] <= np.arange(L)[:, None] + d, s, -np.inf)
+    top = s.max(axis=-1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(top), top, 0))
+    z = e.sum(axis=-1, keepdims=True)
+    p = np.where(z > 0, e / np.where(z > 0, z, 1), 0)
+    dp = dout @ np.swapaxes(vr, -1, -2)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    dq = ds @ kr * scale
+    dk = (np.swapaxes(ds, -1, -2) @ q * scale).reshape(k.shape[0], r, S, -1).sum(axis=1)
+    dv = (np.swapaxes(p, -1, -2) @ dout).reshape(v.shape[0], r, S, -1).sum(axis=1)
+    return dq, dk, dv
+
+
+def right_backward(q, k, v, dout, *, scale, causal=False, align="top_left", segments_q=None, segments_kv=None, **_):
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for a in range(len(segments_q) - 1):
+        q0, q1, k0, k1 = segments_q[a], segments_q[a + 1], segments_kv[a], segments_kv[a + 1]
+        if q1 > q0 and k1 > k0:
+            g = _plain_backward(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], dout[:, q0:q1], scale, causal, align)
+            dq[:, q0:q1], dk[:, k0:k1], dv[:, k0:k1] = g
+    return {"dq": dq, "dk": dk, "dv": dv}
+
+
+def crossed_backward(q, k, v, dout, *, scale, causal=False, align="top_left", **_):
+    dq, dk, dv = _plain_backward(q, k, v, dout, scale, causal, align)
+    return {"dq": dq, "dk": dk, "dv": dv}
+
+
+def test_verify_backward_passes_per_segment_gradients_and_fails_crossed_boundaries():
+    spec = symattn.load_spec({**KERNEL, **VARIANTS["causal bottom_right"]})
+    results = symattn.verify(spec, [right_backward, crossed_backward], dtype="float64", backward=True)
+    assert [r.verdict for r in results] == ["PASS", "FAIL"]
