@@ -424,3 +424,13 @@ def test_verify_backward_passes_per_segment_gradients_and_fails_crossed_boundari
     spec = symattn.load_spec({**KERNEL, **VARIANTS["causal bottom_right"]})
     results = symattn.verify(spec, [right_backward, crossed_backward], dtype="float64", backward=True)
     assert [r.verdict for r in results] == ["PASS", "FAIL"]
+
+
+def test_the_pytest_helper_takes_segments():
+    from symattn.testing import assert_attention_close
+
+    q, k, v = (np.array(KERNEL[n], np.float32) for n in "qkv")
+    options = {"segments_q": SEG_Q, "segments_kv": SEG_KV, "causal": True, "scale": 0.5}
+    assert_attention_close(right, q=q, k=k, v=v, **options)
+    with pytest.raises(AssertionError):
+        assert_attention_close(crossed, q=q, k=k, v=v, **options)
