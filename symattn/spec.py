@@ -32,7 +32,7 @@ from symattn.matrix import Matrix, as_array, as_matrix, as_row, as_stack, check_
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
 OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "dropout_p",
-               "dropout_mask", "empty_row", "dout")  # fmt: skip
+               "dropout_mask", "segments_q", "segments_kv", "empty_row", "dout")  # fmt: skip
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
 KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS)
 HEAD_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv")
@@ -112,6 +112,8 @@ class AttentionSpec:
     sinks: Matrix | None = None  # 1 × H exact logits, one more in each row's softmax with no value (gpt-oss)
     dropout_p: Entry | None = None  # exact, 0 <= p < 1: the kept weights are multiplied by 1/(1 - p)
     dropout_mask: tuple | None = None  # H bool arrays L × S (one shared array repeated), True = keep
+    segments_q: tuple | None = None  # packed sequences: offsets (0, ..., L) of the query segments (cu_seqlens_q)
+    segments_kv: tuple | None = None  # (0, ..., S), as many segments; query segment a attends key segment a only
     empty_row: str = "zero"
     dout: tuple | None = None  # the output's cotangent: (L × d_out,) or H matrices L × E_v; None: all ones
     source: str = field(default="", compare=False)  # where the spec was read, for messages
@@ -272,6 +274,8 @@ class AttentionSpec:
         if self.sinks is not None:
             self._set("sinks", as_row(self.sinks, H, "sinks", "one logit per query head"))
         self._dropout()
+        if self.segments_q is not None or self.segments_kv is not None:
+            self._segments()
         if self.dout is not None:
             if self.form == "kernel":
                 dout, _ = per_head(self.dout, H, (L, self.d_v), "dout", "L × E_v", shared_ok=False)
@@ -300,6 +304,23 @@ class AttentionSpec:
         masks, shared = _masks(self.dropout_mask, H, L, S, "dropout_mask", "true = keep")
         self._set("dropout_mask", masks)
         self._set("shared_dropout", shared)
+
+    def _segments(self):
+        given = "segments_q" if self.segments_q is not None else "segments_kv"
+        missing = "segments_kv" if given == "segments_q" else "segments_q"
+        if getattr(self, missing) is None:
+            raise SymattnError(
+                f"{missing}: expected offsets [0, ..., {'S' if missing == 'segments_kv' else 'L'}] "
+                f"with {given}, received none (packed sequences need both)"
+            )
+        q = _offsets(self.segments_q, self.L, "segments_q", "L")
+        kv = _offsets(self.segments_kv, self.S, "segments_kv", "S")
+        if len(q) != len(kv):
+            raise SymattnError(
+                f"segments_kv: expected {len(q) - 1} segments (as many as segments_q), received {len(kv) - 1}"
+            )
+        self._set("segments_q", q)
+        self._set("segments_kv", kv)
 
     # Shapes.
     @property
@@ -355,8 +376,9 @@ class AttentionSpec:
 
     @property
     def delta(self) -> int:
-        """The offset of query row i's diagonal key: 0 (top_left) or S - L (bottom_right)."""
-        return semantics.delta(self.align, self.L, self.S)
+        """The offset of query row i's diagonal key: 0 (top_left) or S - L (bottom_right); with segments, a
+        tuple of one offset per segment."""
+        return semantics.delta(self.align, self.L, self.S, self.segments_q, self.segments_kv)
 
     # Derived options.
     @cached_property
@@ -398,7 +420,9 @@ class AttentionSpec:
             mask = None if self.mask is None else self.mask[head]
             key = id(mask)
             if key not in cache:
-                a = semantics.allowed(self.L, self.S, mask, self.causal, self.window, self.delta)
+                a = semantics.allowed(
+                    self.L, self.S, mask, self.causal, self.window, self.delta, self.segments_q, self.segments_kv
+                )
                 a.setflags(write=False)
                 cache[key] = a
             out.append(cache[key])
@@ -406,7 +430,7 @@ class AttentionSpec:
 
     @property
     def has_mask(self) -> bool:
-        return self.mask is not None or self.causal or self.window is not None
+        return self.mask is not None or self.causal or self.window is not None or self.segments_q is not None
 
     @property
     def options(self) -> dict:
@@ -535,6 +559,9 @@ class AttentionSpec:
         if self.dropout_mask is not None:
             keeps = [m.tolist() for m in self.dropout_mask]
             data["dropout_mask"] = keeps[0] if self.shared_dropout else keeps
+        if self.segments_q is not None:
+            data["segments_q"] = list(self.segments_q)
+            data["segments_kv"] = list(self.segments_kv)
         if self.empty_row != _DEFAULTS["empty_row"]:
             data["empty_row"] = self.empty_row
         if self.dout is not None:
@@ -642,6 +669,30 @@ def _window(value, unbounded: int) -> tuple:
             )
         out.append(None if v >= unbounded else int(v))
     return tuple(out)
+
+
+def _offsets(value, end: int, key: str, end_name: str) -> tuple:
+    """Cumulative offsets [0, ..., end], non-decreasing integers (an empty segment repeats an offset)."""
+    expected = f"{key}: expected cumulative offsets [0, ..., {end_name}={end}] (non-decreasing integers)"
+    value = as_array(value)
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            raise SymattnError(f"{expected}, received a {value.dtype} array of shape {value.shape}")
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        raise SymattnError(f"{expected}, received {shown(value)}")
+    for v in value:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise SymattnError(f"{expected}, received the entry {shown(v)}")
+    out = tuple(int(v) for v in value)
+    if out[0] != 0:
+        raise SymattnError(f"{expected}, received a first offset {out[0]}")
+    if out[-1] != end:
+        raise SymattnError(f"{expected}, received a last offset {out[-1]}")
+    drop = next((i for i in range(1, len(out)) if out[i] < out[i - 1]), None)
+    if drop is not None:
+        raise SymattnError(f"{expected}, received {out[drop - 1]} then {out[drop]} at index {drop}")
+    return out
 
 
 def _alibi(value, h: int):

@@ -196,15 +196,16 @@ class _Framework:
         return t.copy() if self.kind == "numpy" else t
 
     def like(self, a: np.ndarray, sample):
-        """A NumPy option array (mask, bias, slopes) as the framework's: bools stay bools, numbers take the
-        inputs' dtype."""
+        """A NumPy option array (mask, bias, slopes, segment offsets) as the framework's: bools and integers
+        (offsets, as cu_seqlens) stay as they are, other numbers take the inputs' dtype."""
+        keep = a.dtype == bool or a.dtype.kind in "iu"
         if self.kind == "torch":
             import torch
 
             t = torch.from_numpy(np.array(a))
-            return t if a.dtype == bool else t.to(torch.float32).to(sample.dtype)
+            return t if keep else t.to(torch.float32).to(sample.dtype)
         if self.kind == "jax":
             import jax.numpy as jnp
 
-            return jnp.asarray(a) if a.dtype == bool else jnp.asarray(a.astype(np.float32)).astype(sample.dtype)
+            return jnp.asarray(a) if keep else jnp.asarray(a.astype(np.float32)).astype(sample.dtype)
         return a

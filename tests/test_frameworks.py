@@ -282,6 +282,18 @@ ADAPTER_CASES = {
         _projection(dropout_p=0, dropout_mask=_rng.random((2, 5, 5)) > 0.3),
         {"torch_sdpa": "samples its own dropout mask", "torch_mha": "dropout_p"},
     ),
+    "kernel segments causal bottom-right, ALiBi": (
+        _kernel(segments_q=[0, 2, 5], segments_kv=[0, 3, 6], causal=True, align="bottom_right", alibi=True),
+        {"torch_sdpa": None, "jax_dpa": None},
+    ),
+    "kernel segments, an empty query segment": (
+        _kernel(segments_q=[0, 2, 3, 5], segments_kv=[0, 3, 3, 6]),
+        {"torch_sdpa": None, "jax_dpa": "mean of V"},
+    ),
+    "projection segments": (
+        _projection(segments_q=[0, 3, 5], segments_kv=[0, 2, 5]),
+        {"torch_sdpa": None, "torch_mha": "segments_q"},
+    ),
     "kernel empty row zero": (_kernel(mask=_EMPTY, bias=_r(5, 6)), {"torch_sdpa": None, "jax_dpa": "mean of V"}),
     "kernel empty row uniform": (
         _kernel(mask=_EMPTY, empty_row="uniform"),

@@ -1,6 +1,6 @@
 """Benchmark: the certified truth at kernel sizes (issue 13), every ratio measured in one run.
 
-    python tools/bench_scale.py                  # all five targets
+    python tools/bench_scale.py                  # all six targets
     python tools/bench_scale.py --skip-4096      # without the 4,096-token run (minutes)
 
 1. L = S = 1024, E = 64, h = 8, random float32 q, k, v, causal: ``symattn.evaluate`` of
@@ -15,6 +15,8 @@
    Target ≤ 2×.
 5. The spec of 1 with attention sinks (one logit per head, from −2 to 3) against the same spec without
    them, both certified to 12 digits (issue 19).  Target ≤ 1.5×.
+6. The spec of 1 packed as documents of 100, 300, 124 and 500 tokens (segments_q = segments_kv, causal within
+   each) against the same spec without segments, both certified to 12 digits (issue 19).  Target ≤ 1.5×.
 
 Times are the best of --repeat runs, contenders interleaved.  OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE are left as the machine sets them (they slow BLAS in both contenders).
@@ -204,6 +206,27 @@ def target_5(repeat: int) -> None:
     )
 
 
+def target_6(repeat: int) -> None:
+    data = kernel_spec(1024, 64, 8)
+    exp_table()
+    plain = symattn.load_spec(data)
+    offsets = [0, 100, 400, 524, 1024]
+    packed = symattn.load_spec({**data, "segments_q": offsets, "segments_kv": offsets})
+    holder = {}
+
+    def with_segments():
+        holder["truth"] = certified_output(packed)
+
+    t_plain, t_packed = interleaved(lambda: certified_output(plain), with_segments, repeat)
+    truth, heads = holder["truth"]
+    print(
+        f"6. the spec of 1 packed as 4 documents: without {t_plain:.3f} s, with {t_packed:.3f} s: "
+        f"{t_packed / t_plain:.2f}× (target ≤ 1.5×)\n   {check_certificate(truth, heads)}; "
+        f"Arb for {truth.escalated} entries",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -216,6 +239,7 @@ def main() -> None:
         target_3()
     target_4(args.repeat)
     target_5(args.repeat)
+    target_6(args.repeat)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Whatever writes a call to a helper takes the helper's name from ``Helpers.call``,
 which records it, as SymPy's printers record ``module_imports`` while they print;
 the module's header is then written from the record (``Helpers.sources``), so it
-cannot drift from the body.  The variant rules (``allowed``, ``alibi_distance``)
+cannot drift from the body.  The variant rules (``allowed``, ``alibi_distance``, the ``_positions`` they share)
 are the package's own functions in ``semantics.py``, copied by their source.
 """
 
@@ -77,10 +77,16 @@ _SOURCES = {
     "_finite": lambda: _FINITE,
     "_unbatched": lambda: _UNBATCHED,
     "_stack": lambda: _STACK,
+    "_delta": lambda: _copied(semantics.delta, "_delta"),
     "_allowed": lambda: _copied(semantics.allowed, "_allowed"),
+    "_positions": lambda: _copied(semantics._positions, "_positions"),
     "_alibi_distance": lambda: _copied(semantics.alibi_distance, "_alibi_distance"),
 }
-_CALLS = {"_stack": ("_unbatched",)}  # helpers that a helper's own body calls
+_CALLS = {
+    "_stack": ("_unbatched",),
+    "_allowed": ("_positions",),
+    "_alibi_distance": ("_positions",),
+}  # helpers that a helper's own body calls
 
 
 class Helpers:

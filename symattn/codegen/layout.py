@@ -67,6 +67,9 @@ class Layout:
             out["causal"] = repr(spec.causal)
             out["window"] = repr(spec.window)
             out["align"] = repr(spec.align)
+            if spec.segments_q is not None:
+                out["segments_q"] = repr(spec.segments_q)
+                out["segments_kv"] = repr(spec.segments_kv)
             out["empty_row"] = repr(spec.empty_row)
         if spec.bias is not None:
             out["bias"] = "_BIAS"
@@ -145,15 +148,21 @@ class Layout:
                 f"keep = numpy.broadcast_to(True if dropout_mask is None else numpy.asarray(dropout_mask, dtype=bool), "
                 f"({spec.h}, {spec.L}, {spec.S}))"
             )
+        segments = ", segments_q, segments_kv" if "segments_q" in options else ""
         if "causal" in options:
-            lines.append(f"delta = {_delta_text(spec.L, spec.S)}")
+            if segments:
+                lines.append(f"delta = {call('_delta')}(align, {spec.L}, {spec.S}{segments})")
+            else:
+                lines.append(f"delta = {_delta_text(spec.L, spec.S)}")
             lines.append(
-                f"allowed = numpy.broadcast_to({call('_allowed')}({spec.L}, {spec.S}, mask, causal, window, delta), "
-                f"({spec.h}, {spec.L}, {spec.S}))"
+                f"allowed = numpy.broadcast_to({call('_allowed')}({spec.L}, {spec.S}, mask, causal, window, delta"
+                f"{segments}), ({spec.h}, {spec.L}, {spec.S}))"
             )
             lines.append("empty = ~allowed.any(axis=-1, keepdims=True)")
         if "alibi_slopes" in options:
-            lines.append(f"distance = {call('_alibi_distance')}({spec.L}, {spec.S}, delta).astype({self.compute})")
+            lines.append(
+                f"distance = {call('_alibi_distance')}({spec.L}, {spec.S}, delta{segments}).astype({self.compute})"
+            )
         if kind == "backward" or (kind == "intermediates" and self.grad):
             shape = (spec.h, spec.L, spec.d_v) if self.kernel else (spec.L, spec.d_out)
             check = f"dout = {call('_floating')}(dout, {shape}, 'dout', dtype)[0]"
@@ -262,6 +271,8 @@ def _variant_text(spec) -> list:
         out.append("sinks")
     if spec.dropout_p is not None:
         out.append("dropout")
+    if spec.segments_q is not None:
+        out.append(f"segments {list(spec.segments_q)}, {list(spec.segments_kv)}")
     if spec.x_kv is not None:
         out.append("cross-attention")
     if spec.empty_row != "zero":

@@ -170,6 +170,7 @@ class Sources:
         if role.kind == "distance":
             if layout.inputs:
                 return "distance"
-            text = f"{layout.helpers.call('_alibi_distance')}({spec.L}, {spec.S}, {spec.delta})"
+            segments = "" if spec.segments_q is None else f", {spec.segments_q}, {spec.segments_kv}"
+            text = f"{layout.helpers.call('_alibi_distance')}({spec.L}, {spec.S}, {spec.delta}{segments})"
             return f"{self.constant('_DISTANCE', text)}.astype({layout.compute})"
         return self.constant("_" + c.name.upper(), array_text(np.asarray(c.value)))

@@ -245,7 +245,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         inverse = Param("inverse_softcap", div(Fraction(1), spec.softcap))
     distance = None
     if spec.alibi_slopes is not None:
-        d = alibi_distance(spec.L, spec.S, spec.delta)
+        d = alibi_distance(spec.L, spec.S, spec.delta, spec.segments_q, spec.segments_kv)
         distance = Const("distance", columns(d if rows is None else d[list(rows)]))
     masks, empties = {}, {}
     for i in range(H):
@@ -332,7 +332,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         if softcap is not None:
             details.append(f"softcap = {to_text(spec.softcap)}")
         if distance is not None:
-            details.append(f"alibi{i} = {to_text(spec.alibi_slopes[i - 1])}·|i{_offset(spec)} - j|")
+            details.append(f"alibi{i} = {to_text(spec.alibi_slopes[i - 1])}·|i{_offset(spec)} - j|{_within(spec)}")
         excluded = None if allowed is None else ~allowed.value
         steps.append(Step("scores", i, (L, S), f"scores{i} = {text}, {', '.join(details)}", excluded=excluded))
         empty = empties.get(id(spec.allowed(i - 1)))
@@ -386,7 +386,16 @@ def _columns(m, keys):
     return m.transpose().select_rows(keys).transpose()
 
 
+def _within(spec) -> str:
+    if spec.segments_q is None:
+        return ""
+    text = " (i, j from their segment's start"
+    return text + (f", delta_seg = {list(spec.delta)})" if any(spec.delta) else ")")
+
+
 def _offset(spec) -> str:
+    if spec.segments_q is not None:  # positions count from the segment's start; delta is one per segment
+        return " + delta_seg" if any(spec.delta) else ""
     return "" if spec.delta == 0 else f" + {spec.delta}" if spec.delta > 0 else f" - {-spec.delta}"
 
 
@@ -394,6 +403,8 @@ def _mask_text(spec) -> str:
     parts = []
     if spec.mask is not None:
         parts.append("mask")
+    if spec.segments_q is not None:
+        parts.append(f"segments q {list(spec.segments_q)} kv {list(spec.segments_kv)}")
     if spec.causal:
         parts.append(f"causal {spec.align.replace('_', '-')}")
     if spec.window is not None:

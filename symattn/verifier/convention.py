@@ -30,15 +30,15 @@ PROJECTION_POSITIONAL = ("x", "wq", "wk", "wv", "wo")
 KERNEL_POSITIONAL = ("q", "k", "v")
 PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
-    "x_kv", "bq", "bk", "bv", "bo", "sinks", "dropout_p", "dropout_mask", "empty_row",
+    "x_kv", "bq", "bk", "bv", "bo", "sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "empty_row",
 )  # fmt: skip
 # Options added after the convention was first fixed: a function that takes **kwargs without naming one gets it
 # only where the spec sets it, so that one written before (forwarding **kwargs to a function that does not know
 # the option) still runs on the specs it can compute.
-LATER = ("sinks", "dropout_p", "dropout_mask")
+LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv")
 KERNEL_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "dropout_p",
-    "dropout_mask", "empty_row",
+    "dropout_mask", "segments_q", "segments_kv", "empty_row",
 )  # fmt: skip
 
 
@@ -96,6 +96,8 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         "sinks": None,
         "dropout_p": None if spec.dropout_p is None else exact_float(spec.dropout_p),
         "dropout_mask": None,
+        "segments_q": None if spec.segments_q is None else np.array(spec.segments_q, dtype=np.int32),
+        "segments_kv": None if spec.segments_kv is None else np.array(spec.segments_kv, dtype=np.int32),
         "empty_row": spec.empty_row,
     }
     if spec.dropout_mask is not None:  # bools, as the mask: (L, S), or (H, L, S) for one per head
@@ -204,6 +206,8 @@ def _kept(spec, scale=True) -> dict:
         "dropout_p": spec.dropout_p,
         "dropout_mask": spec.dropout_mask,
         "empty_row": spec.empty_row,
+        "segments_q": spec.segments_q,
+        "segments_kv": spec.segments_kv,
         "dout": spec.dout,
     }
     if scale:
@@ -223,7 +227,7 @@ def _nondefault(spec, name: str) -> bool:
     if name == "window":
         return spec.window is not None
     if name == "align":
-        return spec.delta != 0 and (spec.causal or spec.window is not None or spec.alibi is not None)
+        return any(np.atleast_1d(spec.delta)) and (spec.causal or spec.window is not None or spec.alibi is not None)
     if name == "bias":
         return spec.bias is not None
     if name == "alibi_slopes":
@@ -236,6 +240,8 @@ def _nondefault(spec, name: str) -> bool:
         return spec.dropout_p is not None
     if name == "dropout_mask":
         return spec.dropout_mask is not None
+    if name in ("segments_q", "segments_kv"):
+        return spec.segments_q is not None
     if name == "x_kv":
         return spec.x_kv is not None
     if name in ("bq", "bk", "bv"):
