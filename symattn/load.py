@@ -22,7 +22,8 @@ import numpy as np
 from symattn.entries import max_digits
 from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import as_array
-from symattn.spec import KERNEL_KEYS, OPTION_KEYS, PROJECTION_KEYS, AttentionSpec, check_keys
+from symattn.options import check_keys
+from symattn.spec import KERNEL_KEYS, OPTION_KEYS, PROJECTION_KEYS, AttentionSpec
 
 
 def builtin_names() -> list[str]:

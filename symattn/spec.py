@@ -28,7 +28,8 @@ import numpy as np
 from symattn import semantics
 from symattn.entries import Entry, parse_entry, sign, sqrt_fraction, symbols, to_text
 from symattn.errors import SymattnError, printable, shown
-from symattn.matrix import Matrix, as_array, as_matrix, as_row, as_stack, check_shape, per_head
+from symattn.matrix import Matrix, as_matrix, as_row, as_stack, check_shape, per_head
+from symattn.options import alibi_values, check_keys, mask_list, segment_offsets, window_bounds
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
 OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "dropout_p",
@@ -251,9 +252,9 @@ class AttentionSpec:
         if self.empty_row not in EMPTY_ROWS:
             raise SymattnError(f"empty_row: expected one of {', '.join(EMPTY_ROWS)}, received {shown(self.empty_row)}")
         if self.window is not None:
-            self._set("window", _window(self.window, L + S))
+            self._set("window", window_bounds(self.window, L + S))
         if self.mask is not None:
-            masks, shared = _masks(self.mask, H, L, S)
+            masks, shared = mask_list(self.mask, H, L, S)
             self._set("mask", masks)
             self._set("shared_mask", shared)
         if self.bias is not None:
@@ -261,7 +262,7 @@ class AttentionSpec:
             self._set("bias", biases)
             self._set("shared_bias", shared)
         if self.alibi is not None and self.alibi is not False:
-            self._set("alibi", _alibi(self.alibi, H))
+            self._set("alibi", alibi_values(self.alibi, H))
         elif self.alibi is False:
             self._set("alibi", None)
         if self.softcap is not None:
@@ -301,7 +302,7 @@ class AttentionSpec:
                     f"{to_text(p)} > 0, received none"
                 )
             return
-        masks, shared = _masks(self.dropout_mask, H, L, S, "dropout_mask", "true = keep")
+        masks, shared = mask_list(self.dropout_mask, H, L, S, "dropout_mask", "true = keep")
         self._set("dropout_mask", masks)
         self._set("shared_dropout", shared)
 
@@ -313,8 +314,8 @@ class AttentionSpec:
                 f"{missing}: expected offsets [0, ..., {'S' if missing == 'segments_kv' else 'L'}] "
                 f"with {given}, received none (packed sequences need both)"
             )
-        q = _offsets(self.segments_q, self.L, "segments_q", "L")
-        kv = _offsets(self.segments_kv, self.S, "segments_kv", "S")
+        q = segment_offsets(self.segments_q, self.L, "segments_q", "L")
+        kv = segment_offsets(self.segments_kv, self.S, "segments_kv", "S")
         if len(q) != len(kv):
             raise SymattnError(
                 f"segments_kv: expected {len(q) - 1} segments (as many as segments_q), received {len(kv) - 1}"
@@ -595,114 +596,3 @@ def _vector(m: Matrix | None):
 
 def _drop_none(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None}
-
-
-def check_keys(table: dict, allowed: tuple, where: str, required: tuple | None = None) -> None:
-    """A SymattnError naming the first key of ``table`` not in ``allowed``, or the first ``required`` one missing."""
-    required = allowed if required is None else required
-    unknown = [k for k in table if k not in allowed]
-    if unknown:
-        raise SymattnError(f"{where}: unknown key {shown(unknown[0])}; expected keys: {', '.join(allowed)}")
-    missing = [k for k in required if k not in table]
-    if missing:
-        raise SymattnError(f"{where}: missing key {missing[0]!r}; expected keys: {', '.join(allowed)}")
-
-
-def _masks(value, h: int, L: int, S: int, key: str = "mask", meaning: str = "true = attend") -> tuple:
-    if isinstance(value, tuple) and len(value) == h and all(isinstance(m, np.ndarray) for m in value):
-        return value, len(set(map(id, value))) == 1
-    array = as_array(value)
-    if not isinstance(array, np.ndarray):
-        try:
-            array = np.array(value, dtype=object)
-        except ValueError:
-            raise SymattnError(f"{key}: ragged rows: expected L × S booleans or one such matrix per head") from None
-        if array.dtype == object and array.size and not all(isinstance(b, (bool, np.bool_)) for b in array.reshape(-1)):
-            bad = next(b for b in array.reshape(-1) if not isinstance(b, (bool, np.bool_)))
-            raise SymattnError(f"{key}: expected booleans ({meaning}), received {shown(bad)}")
-        array = array.astype(bool) if array.size else array
-    elif array.dtype.kind != "b":
-        raise SymattnError(f"{key}: expected booleans ({meaning}), received an array of dtype {array.dtype}")
-    if array.ndim == 2:
-        if array.shape != (L, S):
-            raise SymattnError(
-                f"{key}: shape mismatch: expected shape {L}×{S} (L × S), received {array.shape[0]}×{array.shape[1]}"
-            )
-        m = np.array(array, dtype=bool)
-        m.setflags(write=False)
-        return (m,) * h, True
-    if array.ndim == 3:
-        if array.shape != (h, L, S):
-            raise SymattnError(
-                f"{key}: shape mismatch: expected {h}×{L}×{S} (H × L × S), received {'×'.join(map(str, array.shape))}"
-            )
-        ms = []
-        for m in array:
-            m = np.array(m, dtype=bool)
-            m.setflags(write=False)
-            ms.append(m)
-        return tuple(ms), False
-    raise SymattnError(f"{key}: expected an L × S matrix of booleans or one per head, received shape {array.shape}")
-
-
-def _window(value, unbounded: int) -> tuple:
-    """(left, right) with None for an unbounded side; a side of ``unbounded`` (L + S) or more excludes no key, so
-    it is None too: every later stage (truth, generated code, adapters, verifier) sees one form, and no bound
-    reaches int64 arithmetic, however large."""
-    value = as_array(value)
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise SymattnError(
-            f"window: expected [left, right] (integers >= 0, or null for unbounded), received {shown(value)}"
-        )
-    out = []
-    for side, v in zip(("left", "right"), value, strict=True):
-        if v is None:
-            out.append(None)
-            continue
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-            raise SymattnError(f"window: expected the {side} side to be an integer >= 0 or null, received {shown(v)}")
-        if v < 0:
-            raise SymattnError(
-                f"window: expected the {side} side to be >= 0 (null for unbounded), received {shown(int(v))}"
-            )
-        out.append(None if v >= unbounded else int(v))
-    return tuple(out)
-
-
-def _offsets(value, end: int, key: str, end_name: str) -> tuple:
-    """Cumulative offsets [0, ..., end], non-decreasing integers (an empty segment repeats an offset)."""
-    expected = f"{key}: expected cumulative offsets [0, ..., {end_name}={end}] (non-decreasing integers)"
-    value = as_array(value)
-    if isinstance(value, np.ndarray):
-        if value.ndim != 1 or value.dtype.kind not in "iu":
-            raise SymattnError(f"{expected}, received a {value.dtype} array of shape {value.shape}")
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or len(value) < 2:
-        raise SymattnError(f"{expected}, received {shown(value)}")
-    for v in value:
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-            raise SymattnError(f"{expected}, received the entry {shown(v)}")
-    out = tuple(int(v) for v in value)
-    if out[0] != 0:
-        raise SymattnError(f"{expected}, received a first offset {out[0]}")
-    if out[-1] != end:
-        raise SymattnError(f"{expected}, received a last offset {out[-1]}")
-    drop = next((i for i in range(1, len(out)) if out[i] < out[i - 1]), None)
-    if drop is not None:
-        raise SymattnError(f"{expected}, received {out[drop - 1]} then {out[drop]} at index {drop}")
-    return out
-
-
-def _alibi(value, h: int):
-    if value is True or (isinstance(value, np.bool_) and value):
-        return True
-    value = as_array(value)
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or len(value) != h:
-        raise SymattnError(
-            f"alibi: expected true or a list of {h} slopes (one per query head), received {shown(value)}"
-        )
-    return tuple(parse_entry(e, f"alibi[{i}]") for i, e in enumerate(value))
