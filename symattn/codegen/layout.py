@@ -159,6 +159,7 @@ class Layout:
                 f"{segments}), ({spec.h}, {spec.L}, {spec.S}))"
             )
             lines.append("empty = ~allowed.any(axis=-1, keepdims=True)")
+        lines += self._unsupported()
         if "alibi_slopes" in options:
             lines.append(
                 f"distance = {call('_alibi_distance')}({spec.L}, {spec.S}, delta{segments}).astype({self.compute})"
@@ -167,6 +168,72 @@ class Layout:
             shape = (spec.h, spec.L, spec.d_v) if self.kernel else (spec.L, spec.d_out)
             check = f"dout = {call('_floating')}(dout, {shape}, 'dout', dtype)[0]"
             lines += [check] if kind == "backward" else ["if dout is not None:", "    " + check]
+        return lines
+
+
+    def _readers(self) -> dict:
+        """For each per-head array the functions read (allowed, empty, keep, bias): head -> the name of the
+        graph's constant or leaf that head reads, or None where the spec gave it none (every key allowed, no
+        empty row, no bias)."""
+        steps = {s.name: s for s in self.graph.steps}
+        out: dict = {"allowed": {}, "empty": {}, "keep": {}, "bias": {}}
+        for node in self.graph.nodes:
+            step = steps[node.name]
+            if step.head is None:
+                continue
+            h, op = step.head - 1, node.op
+            if step.kind == "scores":
+                out["allowed"][h] = None if op.allowed is None else op.allowed.name
+                out["bias"][h] = node.inputs[2] if len(node.inputs) > 2 else None
+            elif step.kind == "weights":
+                out["empty"][h] = None if op.empty is None else op.empty.name
+            elif step.kind == "dropped":
+                out["keep"][h] = op.keep.name
+        return out
+
+    def _unsupported(self) -> list[str]:
+        """Checks that the call's options fit what this module computes: the module's text masks, fills and
+        reads per head only where the spec did, so a call whose options need more raises a ValueError naming
+        them instead of computing something else."""
+        spec, options, lines = self.spec, self.options, []
+        readers = self._readers()
+        regenerate = "; generate the module from a spec with these options"
+
+        def heads(hs):
+            return ", ".join(str(h + 1) for h in hs)
+
+        masking = "mask, causal, window" + (", segments_q, segments_kv" if "segments_q" in options else "")
+        if "causal" in options:
+            free = [h for h, name in sorted(readers["allowed"].items()) if name is None]
+            if free:
+                message = f"{masking}: the spec lets heads {heads(free)} see every key; this module cannot mask them"
+                lines += [f"if not allowed[{free}].all():", f"    raise ValueError({message + regenerate!r})"]
+            if spec.sinks is None:  # with a sink no row is empty
+                plain = [h for h, name in sorted(readers["empty"].items()) if name is None]
+                if plain:
+                    message = f"{masking}: a row with no allowed key in heads {heads(plain)}, where the spec has none"
+                    lines += [f"if empty[{plain}].any():", f"    raise ValueError({message + regenerate!r})"]
+                message = f"empty_row: this module fills a row with no allowed key as {spec.empty_row!r}"
+                lines += [
+                    f"if empty_row != {spec.empty_row!r} and empty.any():",
+                    f"    raise ValueError({message + regenerate!r})",
+                ]
+        for kind, option in (("allowed", "mask"), ("empty", "mask"), ("keep", "dropout_mask"), ("bias", "bias")):
+            if kind == "allowed" and "causal" not in options or kind == "keep" and "dropout_mask" not in options:
+                continue
+            if kind == "bias" and "bias" not in options or kind == "empty" and "causal" not in options:
+                continue
+            shared: dict = {}
+            for h, name in sorted(readers[kind].items()):
+                if name is not None:
+                    shared.setdefault(name, []).append(h)
+            for group in shared.values():
+                if len(group) > 1:
+                    message = f"{option}: the spec's {option} is shared by heads {heads(group)}; this module reads one"
+                    lines += [
+                        f"if (numpy.asarray({kind}[{group}]) != {kind}[{group[0]}]).any():",
+                        f"    raise ValueError({message + regenerate!r})",
+                    ]
         return lines
 
 

@@ -192,11 +192,16 @@ class Unrolled:
         else:
             steps, backward = [], [(name, self.grads[name]) for name in gradient_steps(self.gradients)]
         body = self._needed(self._reads_of([v for _, v in steps + backward]))
+        later = []
+        if kind == "intermediates" and backward:  # dout=None runs the lines the forward steps need, only
+            first = set(self._needed(self._reads_of([v for _, v in steps])))
+            later = ["    " + line for line in body if line not in first]
+            body = [line for line in body if line in first]
         out = [f"def {kind}({layout.signature(kind)}):", layout.docstring(kind), *layout.prologue(kind), *body]
         if kind == "intermediates":
             out.append("steps = {" + ", ".join(f"{n!r}: {self._stacked(v)}" for n, v in steps) + "}")
             if backward:
-                out.append("if dout is not None:")
+                out += ["if dout is not None:", *later]
                 entries = ", ".join(f"{n!r}: {self._stacked(v)}" for n, v in backward)
                 out.append("    steps.update({" + entries + "})")
             out.append(f"return {{name: {layout.result()}(value, dtype) for name, value in steps.items()}}")

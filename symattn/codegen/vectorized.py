@@ -60,10 +60,17 @@ class Vectorized:
 
         result = layout.result()
         out = [f"def {kind}({layout.signature(kind)}):", layout.docstring(kind), *layout.prologue(kind)]
+        # intermediates(..., dout=None) runs the forward lines only: the backward ones (those the forward steps
+        # do not need) go under ``if dout is not None``
+        first = {id(line) for line in needed(lines, [values[s.name] for s in graph.steps])} if backward else None
+        later = []
         for line in lines:
             for helper in line.helpers:
                 layout.helpers.call(helper)
-            out.append(line.text())
+            if kind == "intermediates" and first is not None and id(line) not in first:
+                later.append("    " + line.text())
+            else:
+                out.append(line.text())
         if kind == "forward":
             if layout.kernel:
                 out.append(f"return {result}(numpy.stack([{', '.join(name(v) for v in returned)}], axis=-3), dtype)")
@@ -72,7 +79,7 @@ class Vectorized:
         elif kind == "intermediates":
             out.append("steps = {" + ", ".join(f"{s.name!r}: {name(values[s.name])}" for s in graph.steps) + "}")
             if backward:
-                out.append("if dout is not None:")
+                out += ["if dout is not None:", *later]
                 entries = ", ".join(f"{s.name!r}: {name(grads[s.name])}" for s in graph.backward_steps)
                 out.append("    steps.update({" + entries + "})")
             out.append(f"return {{name: {result}(value, dtype) for name, value in steps.items()}}")
