@@ -24,7 +24,6 @@ def module(spec, **kw):
     return m
 
 
-
 def heads(spec):
     t = symattn.evaluate(spec, digits=20)
     return np.stack([np.array(t[f"head{h + 1}"].tolist(), dtype=float) for h in range(H)])

@@ -170,7 +170,6 @@ class Layout:
             lines += [check] if kind == "backward" else ["if dout is not None:", "    " + check]
         return lines
 
-
     def _readers(self) -> dict:
         """For each per-head array the functions read (allowed, empty, keep, bias): head -> the name of the
         graph's constant or leaf that head reads, or None where the spec gave it none (every key allowed, no
