@@ -218,6 +218,11 @@ def _unstack(data: dict) -> dict:
             pass
     if "window" in data and isinstance(as_array(data["window"]), np.ndarray):  # arrays (.npz): -1 is unbounded
         data["window"] = [None if v == -1 else v for v in as_array(data["window"]).tolist()]
+    named = [k for k in data if isinstance(k, str) and k.startswith("const_")]
+    if named:  # .npz: the constants as const_NAME arrays
+        if "constants" in data:
+            raise SymattnError(f"{named[0]}: give either constants or const_NAME arrays, not both")
+        data["constants"] = {k[len("const_") :]: data.pop(k) for k in named}
     if "alibi_slopes" in data:
         if "alibi" in data:
             raise SymattnError("alibi_slopes: give either alibi or alibi_slopes, not both")

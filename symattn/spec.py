@@ -17,6 +17,7 @@ fields and their checks.  Nothing downstream re-checks what is validated here.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from dataclasses import KW_ONLY, dataclass, field, fields
@@ -25,7 +26,7 @@ from functools import cached_property
 
 import numpy as np
 
-from symattn import semantics
+from symattn import maskmod, semantics
 from symattn.entries import Entry, parse_entry, sign, sqrt_fraction, symbols, to_text
 from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import Matrix, as_matrix, as_row, as_stack, check_shape, per_head
@@ -33,7 +34,7 @@ from symattn.options import alibi_values, check_keys, mask_list, segment_offsets
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
 OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "dropout_p",
-               "dropout_mask", "segments_q", "segments_kv", "empty_row", "dout")  # fmt: skip
+               "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", "empty_row", "dout")  # fmt: skip
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
 KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS)
 HEAD_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv")
@@ -115,6 +116,8 @@ class AttentionSpec:
     dropout_mask: tuple | None = None  # H bool arrays L × S (one shared array repeated), True = keep
     segments_q: tuple | None = None  # packed sequences: offsets (0, ..., L) of the query segments (cu_seqlens_q)
     segments_kv: tuple | None = None  # (0, ..., S), as many segments; query segment a attends key segment a only
+    mask_mod: str | None = None  # FlexAttention's mask_mod: a boolean expression in h, q_idx, kv_idx, constants
+    constants: dict | None = None  # name -> read-only 1-D/2-D array of exact entries (symattn.maskmod)
     empty_row: str = "zero"
     dout: tuple | None = None  # the output's cotangent: (L × d_out,) or H matrices L × E_v; None: all ones
     source: str = field(default="", compare=False)  # where the spec was read, for messages
@@ -277,6 +280,7 @@ class AttentionSpec:
         self._dropout()
         if self.segments_q is not None or self.segments_kv is not None:
             self._segments()
+        self._mask_mod()
         if self.dout is not None:
             if self.form == "kernel":
                 dout, _ = per_head(self.dout, H, (L, self.d_v), "dout", "L × E_v", shared_ok=False)
@@ -305,6 +309,34 @@ class AttentionSpec:
         masks, shared = mask_list(self.dropout_mask, H, L, S, "dropout_mask", "true = keep")
         self._set("dropout_mask", masks)
         self._set("shared_dropout", shared)
+
+    def _mask_mod(self):
+        if self.constants is not None:
+            self._set("constants", maskmod.constants_table(self.constants))
+        if self.mask_mod is None:
+            if self.constants is not None:
+                raise SymattnError(
+                    "constants: expected them with mask_mod (the expression that reads them), received none"
+                )
+            return
+        self._set("mask_mod", self.mask_mod.strip() if isinstance(self.mask_mod, str) else self.mask_mod)
+        maskmod.parse(self.mask_mod, self.constants or {})
+        _ = self._mask_mod_grid  # evaluation errors (subscripts out of range, division by zero) at load time
+
+    @cached_property
+    def _mask_mod_grid(self):
+        """(H or 1, L, S) bools of the mask_mod, or None."""
+        if self.mask_mod is None:
+            return None
+        heads = self.h if "h" in _names(self.mask_mod) else 1
+        grid = maskmod.evaluate(self.mask_mod, self.constants or {}, heads, self.L, self.S)
+        grid.setflags(write=False)
+        return grid
+
+    def mask_mod_allowed(self, head: int) -> np.ndarray | None:
+        """The L × S bools of the mask_mod for ``head`` (0-based), or None without one."""
+        grid = self._mask_mod_grid
+        return None if grid is None else grid[head if grid.shape[0] > 1 else 0]
 
     def _segments(self):
         given = "segments_q" if self.segments_q is not None else "segments_kv"
@@ -419,11 +451,14 @@ class AttentionSpec:
         out, cache = [], {}
         for head in range(self.h):
             mask = None if self.mask is None else self.mask[head]
-            key = id(mask)
+            mod = self.mask_mod_allowed(head)
+            key = (id(mask), None if mod is None else head if self._mask_mod_grid.shape[0] > 1 else 0)
             if key not in cache:
                 a = semantics.allowed(
                     self.L, self.S, mask, self.causal, self.window, self.delta, self.segments_q, self.segments_kv
                 )
+                if mod is not None:  # ANDed with every other rule
+                    a = a & mod
                 a.setflags(write=False)
                 cache[key] = a
             out.append(cache[key])
@@ -431,7 +466,13 @@ class AttentionSpec:
 
     @property
     def has_mask(self) -> bool:
-        return self.mask is not None or self.causal or self.window is not None or self.segments_q is not None
+        return (
+            self.mask is not None
+            or self.causal
+            or self.window is not None
+            or self.segments_q is not None
+            or self.mask_mod is not None
+        )
 
     @property
     def options(self) -> dict:
@@ -563,6 +604,11 @@ class AttentionSpec:
         if self.segments_q is not None:
             data["segments_q"] = list(self.segments_q)
             data["segments_kv"] = list(self.segments_kv)
+        if self.mask_mod is not None:
+            data["mask_mod"] = self.mask_mod
+        if self.constants is not None:
+            data["constants"] = {k: [_entry(e) if not isinstance(e, list) else [_entry(x) for x in e]
+                                     for e in _fractions(v)] for k, v in self.constants.items()}  # fmt: skip
         if self.empty_row != _DEFAULTS["empty_row"]:
             data["empty_row"] = self.empty_row
         if self.dout is not None:
@@ -592,6 +638,15 @@ def _listed(m: Matrix) -> list:
 
 def _vector(m: Matrix | None):
     return None if m is None else [_entry(e) for e in m.rows[0]]
+
+
+def _fractions(a: np.ndarray) -> list:
+    """A constant's entries as nested lists of Fractions."""
+    return [Fraction(x) if not isinstance(x, list) else [Fraction(y) for y in x] for x in a.tolist()]
+
+
+def _names(expr: str) -> set:
+    return {n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)}
 
 
 def _drop_none(d: dict) -> dict:

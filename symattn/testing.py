@@ -82,7 +82,14 @@ def assert_attention_close(
                 if "dout" in inputs
                 else framework.ones(positional[-1], count, batched, fed[0])
             )
-        return fed, {k: framework.like(v, inputs[form[0]]) if isinstance(v, np.ndarray) else v for k, v in opts.items()}
+        sample = inputs[form[0]]
+
+        def like(v):
+            if isinstance(v, dict):  # constants: each array as the framework's
+                return {name: like(a) for name, a in v.items()}
+            return framework.like(v, sample) if isinstance(v, np.ndarray) else v
+
+        return fed, {k: like(v) for k, v in opts.items()}
 
     output, result = call(fn, name, contexts[0], feed)
     if result is not None:

@@ -92,7 +92,7 @@ def test_notebook_command_exit_codes(tmp_path, cli):
     [
         (
             ["show", "missing.json"],
-            "spec: expected a built-in name (causal, cross, dropout, four_tokens, gqa, notebook, overflow32, "
+            "spec: expected a built-in name (causal, cross, document, dropout, four_tokens, gqa, notebook, overflow32, "
             "overflow64, sinks, softcap, varlen) or a path to a .json, .toml or .npz file, received 'missing.json', "
             "which is neither",
         ),
@@ -212,7 +212,9 @@ def test_help_documents_spec_choices_and_defaults(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    names = "causal, cross, dropout, four_tokens, gqa, notebook, overflow32, overflow64, sinks, softcap, varlen"
+    names = (
+        "causal, cross, document, dropout, four_tokens, gqa, notebook, overflow32, overflow64, sinks, softcap, varlen"
+    )
     assert f"a built-in example ({names}) or a path to a .json, .toml or .npz spec file" in " ".join(out.split())
     entries = _help_entries(out)
     assert set(entries) == {"--help", *HELP_OPTIONS[command]}  # a new option needs its line above

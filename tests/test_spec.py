@@ -8,7 +8,8 @@ from symattn.load import builtin_names
 
 KEYS = (
     "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, sinks, "
-    "dropout_p, dropout_mask, segments_q, segments_kv, empty_row, dout"
+    "dropout_p, dropout_mask, segments_q, segments_kv, mask_mod, constants, "
+    "empty_row, dout"
 )
 
 
@@ -80,8 +81,8 @@ def test_digest_is_stable_and_sees_changes(notebook_data):
 def test_missing_file():
     with pytest.raises(
         SymattnError,
-        match=r"^spec: expected a built-in name \(causal, cross, dropout, four_tokens, gqa, notebook, overflow32, "
-        r"overflow64, sinks, softcap, varlen\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', "
+        match=r"^spec: expected a built-in name \(causal, cross, document, dropout, four_tokens, gqa, notebook, "
+        r"overflow32, overflow64, sinks, softcap, varlen\) or a path to a \.json, \.toml or \.npz file, received 'nope\.json', "
         r"which is neither$",
     ):
         load_spec("nope.json")

@@ -70,6 +70,9 @@ class Layout:
             if spec.segments_q is not None:
                 out["segments_q"] = repr(spec.segments_q)
                 out["segments_kv"] = repr(spec.segments_kv)
+            if spec.mask_mod is not None:  # folded: the module checks that a call keeps the spec's
+                out["mask_mod"] = repr(spec.mask_mod)
+                out["constants"] = "None"
             out["empty_row"] = repr(spec.empty_row)
         if spec.bias is not None:
             out["bias"] = "_BIAS"
@@ -158,6 +161,8 @@ class Layout:
                 f"allowed = numpy.broadcast_to({call('_allowed')}({spec.L}, {spec.S}, mask, causal, window, delta"
                 f"{segments}), ({spec.h}, {spec.L}, {spec.S}))"
             )
+            if "mask_mod" in options:
+                lines += _mask_mod_lines()
             lines.append("empty = ~allowed.any(axis=-1, keepdims=True)")
         lines += self._unsupported()
         if "alibi_slopes" in options:
@@ -339,6 +344,8 @@ def _variant_text(spec) -> list:
         out.append("dropout")
     if spec.segments_q is not None:
         out.append(f"segments {list(spec.segments_q)}, {list(spec.segments_kv)}")
+    if spec.mask_mod is not None:
+        out.append(f"mask_mod {spec.mask_mod}")
     if spec.x_kv is not None:
         out.append("cross-attention")
     if spec.empty_row != "zero":
@@ -346,11 +353,35 @@ def _variant_text(spec) -> list:
     return out
 
 
+def _mask_mod_lines() -> list:
+    """A module cannot evaluate a mask_mod string at call time: it folds the spec's (``_MASK_MOD``) and refuses a
+    call whose mask_mod or constants differ from the spec's."""
+    regenerate = "; generate the module from a spec with these options"
+    differ = (
+        "constants is not None and (sorted(constants) != sorted(_CONSTANTS) or any(not numpy.array_equal("
+        "numpy.asarray(constants[k]).astype(numpy.float64), numpy.asarray(_CONSTANTS[k]).astype("
+        "numpy.asarray(constants[k]).dtype).astype(numpy.float64)) for k in _CONSTANTS))"
+    )
+    return [
+        "if mask_mod != _MASK_MOD_TEXT:",
+        f"    raise ValueError({'mask_mod: this module folds the spec mask_mod, not the one given' + regenerate!r})",
+        f"if {differ}:",
+        f"    raise ValueError({'constants: this module folds the spec constants of its mask_mod' + regenerate!r})",
+        "allowed = allowed & _MASK_MOD",
+    ]
+
+
 def _option_constants(layout: Layout) -> list:
     """The spec's arrays behind the inputs-mode defaults (mask, bias, ALiBi slopes, projection biases, sinks)."""
     spec, options, out = layout.spec, layout.options, []
     if "mask" in options and spec.mask is not None:
         out.append(f"_MASK = {array_text(spec.mask[0] if spec.shared_mask else np.stack(spec.mask))}")
+    if "mask_mod" in options:
+        out.append(f"_MASK_MOD_TEXT = {spec.mask_mod!r}")
+        out.append(f"_MASK_MOD = {array_text(np.stack([spec.mask_mod_allowed(h) for h in range(spec.h)]))}")
+        table = {k: np.array([float(x) for x in a.reshape(-1).tolist()]).reshape(a.shape) for k, a in
+                 (spec.constants or {}).items()}  # fmt: skip
+        out.append("_CONSTANTS = {" + ", ".join(f"{k!r}: {array_text(a)}" for k, a in table.items()) + "}")
     if "bias" in options:
         bias = spec.bias[0].float64() if spec.shared_bias else np.stack([m.float64() for m in spec.bias])
         out.append(f"_BIAS = {array_text(bias)}")

@@ -405,6 +405,8 @@ def _mask_text(spec) -> str:
         parts.append("mask")
     if spec.segments_q is not None:
         parts.append(f"segments q {list(spec.segments_q)} kv {list(spec.segments_kv)}")
+    if spec.mask_mod is not None:
+        parts.append(f"mask_mod {spec.mask_mod}")
     if spec.causal:
         parts.append(f"causal {spec.align.replace('_', '-')}")
     if spec.window is not None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from symattn import semantics
+from symattn import maskmod, semantics
 from symattn.errors import SymattnError
 from symattn.semantics import alibi_distance, allowed
 
@@ -100,18 +100,28 @@ def _tensor(torch, a):
     return torch.from_numpy(a)
 
 
-def _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes, segments_q=None, segments_kv=None):
+def _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes, segments_q=None, segments_kv=None,
+                   mask_mod=None, constants=None):  # fmt: skip
     """The boolean mask (H, L, S) of allowed keys, or None, and ALiBi's additive ramp (H, L, S), or None; packed
-    sequences (segments) become part of the dense mask."""
+    sequences (segments) and a mask_mod (evaluated by symattn.maskmod from the keywords) become part of the dense
+    mask."""
     delta = semantics.delta(align, L, S, segments_q, segments_kv)
     ok = None
-    if mask is not None or causal or window is not None or segments_q is not None:
+    if mask is not None or causal or window is not None or segments_q is not None or mask_mod is not None:
         ok = np.broadcast_to(allowed(L, S, mask, causal, window, delta, segments_q, segments_kv), (H, L, S))
+        if mask_mod is not None:
+            consts = {k: _exact_array(_to_numpy(v)) for k, v in (constants or {}).items()}
+            ok = ok & maskmod.evaluate(mask_mod, consts, H, L, S)
     ramp = None
     if alibi_slopes is not None:
         slopes = np.asarray(alibi_slopes, dtype=np.float64)
         ramp = -slopes[:, None, None] * alibi_distance(L, S, delta, segments_q, segments_kv)[None]
     return ok, ramp
+
+
+def _exact_array(a: np.ndarray) -> np.ndarray:
+    """An option array as integers or float64 (exact: bfloat16 and float32 values are float64 values)."""
+    return a if a.dtype.kind in "iu" else a.astype(np.float64)
 
 
 class _Leaves:
@@ -140,7 +150,8 @@ class _Leaves:
 
 def _sdpa(torch, inputs, leaf, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
           alibi_slopes=None, x_kv=None, bq=None, bk=None, bv=None, bo=None, segments_q=None,
-          segments_kv=None):  # fmt: skip
+          segments_kv=None,
+        mask_mod=None, constants=None):  # fmt: skip
     F = torch.nn.functional
     kernel = len(inputs) == 3
     if kernel:
@@ -158,7 +169,9 @@ def _sdpa(torch, inputs, leaf, *, scale, mask=None, causal=False, window=None, a
         if bv is not None:
             v = v + leaf("bv", bv)[:, None, :]
     H, L, S = q.shape[0], q.shape[1], k.shape[1]
-    ok, ramp = _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes, segments_q, segments_kv)
+    ok, ramp = _mask_and_ramp(
+        L, S, H, mask, causal, window, align, alibi_slopes, segments_q, segments_kv, mask_mod, constants
+    )
     kwargs = {"scale": float(scale), "enable_gqa": k.shape[0] != H}
     if bias is not None or ramp is not None:
         attn = torch.zeros((H, L, S), dtype=q.dtype)
@@ -170,7 +183,14 @@ def _sdpa(torch, inputs, leaf, *, scale, mask=None, causal=False, window=None, a
             attn = attn.masked_fill(~torch.from_numpy(ok.copy()), float("-inf"))
         kwargs["attn_mask"] = attn
     elif ok is not None:
-        if causal and mask is None and window is None and segments_q is None and align == "top_left":
+        if (
+            causal
+            and mask is None
+            and window is None
+            and segments_q is None
+            and mask_mod is None
+            and align == "top_left"
+        ):
             kwargs["is_causal"] = True
         else:
             kwargs["attn_mask"] = torch.from_numpy(ok.copy())
@@ -191,27 +211,29 @@ def _no_dropout(dropout_p, dropout_mask):
 
 def torch_sdpa(*inputs, scale, mask=None, causal=False, window=None, align="top_left", bias=None, alibi_slopes=None,
                x_kv=None, bq=None, bk=None, bv=None, bo=None, dropout_p=None, dropout_mask=None, segments_q=None,
-               segments_kv=None):  # fmt: skip
+               segments_kv=None,
+        mask_mod=None, constants=None):  # fmt: skip
     """torch's scaled_dot_product_attention; the projection form's projections in torch too."""
     _no_dropout(dropout_p, dropout_mask)
     torch = _torch()
     options = dict(scale=scale, mask=mask, causal=causal, window=window, align=align, bias=bias,
                    alibi_slopes=alibi_slopes, x_kv=x_kv, bq=bq, bk=bk, bv=bv, bo=bo, segments_q=segments_q,
-                   segments_kv=segments_kv)  # fmt: skip
+                   segments_kv=segments_kv, mask_mod=mask_mod, constants=constants)  # fmt: skip
     with torch.no_grad():
         return _to_numpy(_sdpa(torch, inputs, _Leaves(torch, False), **options))
 
 
 def torch_sdpa_backward(*inputs, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
                         alibi_slopes=None, x_kv=None, bq=None, bk=None, bv=None, bo=None, dropout_p=None,
-                        dropout_mask=None, segments_q=None, segments_kv=None):  # fmt: skip
+                        dropout_mask=None, segments_q=None, segments_kv=None,
+        mask_mod=None, constants=None):  # fmt: skip
     """The input gradients of torch_sdpa by torch's autograd, for the cotangent given after the inputs."""
     _no_dropout(dropout_p, dropout_mask)
     torch = _torch()
     *inputs, dout = inputs
     options = dict(scale=scale, mask=mask, causal=causal, window=window, align=align, bias=bias,
                    alibi_slopes=alibi_slopes, x_kv=x_kv, bq=bq, bk=bk, bv=bv, bo=bo, segments_q=segments_q,
-                   segments_kv=segments_kv)  # fmt: skip
+                   segments_kv=segments_kv, mask_mod=mask_mod, constants=constants)  # fmt: skip
     leaf = _Leaves(torch, True)
     return leaf.gradients(_sdpa(torch, inputs, leaf, **options), dout)
 
@@ -303,7 +325,8 @@ def _jax_dtype(jnp, name: str):
     return {"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}[name]
 
 
-def _jax_prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empty_row, segments_q, segments_kv):
+def _jax_prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empty_row, segments_q, segments_kv,
+                 mask_mod=None, constants=None):  # fmt: skip
     jax, jnp = _jax()
     H, L, E = q.shape
     S, E_v = k.shape[1], v.shape[2]
@@ -313,7 +336,9 @@ def _jax_prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empt
         )
     if _dtype_name(q) == "float64":
         jax.config.update("jax_enable_x64", True)
-    ok, ramp = _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes, segments_q, segments_kv)
+    ok, ramp = _mask_and_ramp(
+        L, S, H, mask, causal, window, align, alibi_slopes, segments_q, segments_kv, mask_mod, constants
+    )
     if ok is not None and not ok.any(axis=-1).all() and empty_row != "uniform":
         raise Unsupported(
             "jax.nn.dot_product_attention gives a row with no allowed key the mean of V (empty_row 'uniform'); "
@@ -341,20 +366,48 @@ def _jax_prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empt
 
 
 def jax_dpa(q, k, v, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
-            alibi_slopes=None, empty_row="zero", segments_q=None, segments_kv=None):  # fmt: skip
+            alibi_slopes=None, empty_row="zero", segments_q=None, segments_kv=None,
+        mask_mod=None, constants=None):  # fmt: skip
     """jax.nn.dot_product_attention (a row with no allowed key gives the mean of V: empty_row 'uniform')."""
     attention, array = _jax_prepare(
-        q, k, v, scale, mask, causal, window, align, alibi_slopes, empty_row, segments_q, segments_kv
+        q,
+        k,
+        v,
+        scale,
+        mask,
+        causal,
+        window,
+        align,
+        alibi_slopes,
+        empty_row,
+        segments_q,
+        segments_kv,
+        mask_mod,
+        constants,
     )
     return np.asarray(attention(array(q), array(k), array(v), None if bias is None else array(bias)))
 
 
 def jax_dpa_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
-                     alibi_slopes=None, empty_row="zero", segments_q=None, segments_kv=None):  # fmt: skip
+                     alibi_slopes=None, empty_row="zero", segments_q=None, segments_kv=None,
+        mask_mod=None, constants=None):  # fmt: skip
     """The input gradients of jax_dpa by jax.vjp, for the cotangent dout."""
     jax, _ = _jax()
     attention, array = _jax_prepare(
-        q, k, v, scale, mask, causal, window, align, alibi_slopes, empty_row, segments_q, segments_kv
+        q,
+        k,
+        v,
+        scale,
+        mask,
+        causal,
+        window,
+        align,
+        alibi_slopes,
+        empty_row,
+        segments_q,
+        segments_kv,
+        mask_mod,
+        constants,
     )
     primals = [array(q), array(k), array(v)] + ([] if bias is None else [array(bias)])
     _, pullback = jax.vjp(attention, *primals)

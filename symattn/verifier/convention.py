@@ -30,15 +30,16 @@ PROJECTION_POSITIONAL = ("x", "wq", "wk", "wv", "wo")
 KERNEL_POSITIONAL = ("q", "k", "v")
 PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
-    "x_kv", "bq", "bk", "bv", "bo", "sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "empty_row",
+    "x_kv", "bq", "bk", "bv", "bo", "sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv",
+    "mask_mod", "constants", "empty_row",
 )  # fmt: skip
 # Options added after the convention was first fixed: a function that takes **kwargs without naming one gets it
 # only where the spec sets it, so that one written before (forwarding **kwargs to a function that does not know
 # the option) still runs on the specs it can compute.
-LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv")
+LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants")
 KERNEL_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "dropout_p",
-    "dropout_mask", "segments_q", "segments_kv", "empty_row",
+    "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", "empty_row",
 )  # fmt: skip
 
 
@@ -98,8 +99,16 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         "dropout_mask": None,
         "segments_q": None if spec.segments_q is None else np.array(spec.segments_q, dtype=np.int32),
         "segments_kv": None if spec.segments_kv is None else np.array(spec.segments_kv, dtype=np.int32),
+        "mask_mod": spec.mask_mod,
+        "constants": None,
         "empty_row": spec.empty_row,
     }
+    if spec.constants is not None:  # ints stay ints; other entries in the dtype under test
+        options["constants"] = {
+            name: a.astype(np.int64) if a.dtype == np.int64 or all(int(x) == x for x in a.reshape(-1).tolist())
+            else np.array([float(x) for x in a.reshape(-1).tolist()]).reshape(a.shape).astype(dt)
+            for name, a in spec.constants.items()
+        }  # fmt: skip
     if spec.dropout_mask is not None:  # bools, as the mask: (L, S), or (H, L, S) for one per head
         options["dropout_mask"] = spec.dropout_mask[0] if spec.shared_dropout else np.stack(spec.dropout_mask)
     leaves: dict = {}
@@ -208,6 +217,8 @@ def _kept(spec, scale=True) -> dict:
         "empty_row": spec.empty_row,
         "segments_q": spec.segments_q,
         "segments_kv": spec.segments_kv,
+        "mask_mod": spec.mask_mod,
+        "constants": spec.constants,
         "dout": spec.dout,
     }
     if scale:
@@ -242,6 +253,8 @@ def _nondefault(spec, name: str) -> bool:
         return spec.dropout_mask is not None
     if name in ("segments_q", "segments_kv"):
         return spec.segments_q is not None
+    if name in ("mask_mod", "constants"):
+        return getattr(spec, name) is not None
     if name == "x_kv":
         return spec.x_kv is not None
     if name in ("bq", "bk", "bv"):
