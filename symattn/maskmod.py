@@ -121,7 +121,10 @@ def _check(node, expr, names, depth):
         base = node
         while isinstance(base, ast.Subscript):
             base = base.value
-        if not isinstance(base, ast.Name) or base.id not in names:
+        if isinstance(base, ast.Name) and base.id not in names:
+            known = ", ".join(sorted(names)) or "none given"
+            raise _fail(expr, f"unknown name {base.id!r}; expected a constant ({known}) before a subscript")
+        if not isinstance(base, ast.Name):
             what = ast.unparse(base)
             raise _fail(expr, f"expected subscripts of the constants ({', '.join(sorted(names)) or 'none given'}), "
                         f"received {what!r}")  # fmt: skip
@@ -162,7 +165,7 @@ def constants_table(value) -> dict:
 def constant_array(value, where: str) -> np.ndarray:
     from symattn.matrix import as_array
 
-    a = as_array(value)
+    a = value if isinstance(value, np.ndarray) and value.dtype == object else as_array(value)
     if isinstance(a, np.ndarray) and a.dtype.kind in "iub":
         if a.dtype.kind == "b":
             raise SymattnError(f"{where}: expected exact numbers, received booleans")

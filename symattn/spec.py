@@ -333,6 +333,11 @@ class AttentionSpec:
         grid.setflags(write=False)
         return grid
 
+    @property
+    def mask_mod_per_head(self) -> bool:
+        """Whether the mask_mod reads ``h`` (one mask per head)."""
+        return self.mask_mod is not None and self._mask_mod_grid.shape[0] > 1
+
     def mask_mod_allowed(self, head: int) -> np.ndarray | None:
         """The L × S bools of the mask_mod for ``head`` (0-based), or None without one."""
         grid = self._mask_mod_grid

@@ -257,7 +257,8 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             continue
         key = id(spec.allowed(i))
         if key not in masks:
-            head = None if spec.mask is None or spec.shared_mask else i + 1
+            per_head = (spec.mask is not None and not spec.shared_mask) or spec.mask_mod_per_head
+            head = i + 1 if per_head else None
             masks[key] = Const("allowed", a, head)
             empty = empty_rows(a)  # with a sink no row is empty: its weights are 0
             empties[key] = Const("empty", empty, head) if empty.any() and spec.sinks is None else None

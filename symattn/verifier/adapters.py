@@ -110,7 +110,7 @@ def _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes, segments_
     if mask is not None or causal or window is not None or segments_q is not None or mask_mod is not None:
         ok = np.broadcast_to(allowed(L, S, mask, causal, window, delta, segments_q, segments_kv), (H, L, S))
         if mask_mod is not None:
-            consts = {k: _exact_array(_to_numpy(v)) for k, v in (constants or {}).items()}
+            consts = {k: _exact_array(v) for k, v in (constants or {}).items()}
             ok = ok & maskmod.evaluate(mask_mod, consts, H, L, S)
     ramp = None
     if alibi_slopes is not None:
@@ -120,7 +120,9 @@ def _mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes, segments_
 
 
 def _exact_array(a: np.ndarray) -> np.ndarray:
-    """An option array as integers or float64 (exact: bfloat16 and float32 values are float64 values)."""
+    """An option array (NumPy, torch or JAX) as integers or float64 (exact: bfloat16 and float32 values are float64
+    values)."""
+    a = a if isinstance(a, np.ndarray) else _to_numpy(a) if hasattr(a, "detach") else np.asarray(a)
     return a if a.dtype.kind in "iu" else a.astype(np.float64)
 
 
