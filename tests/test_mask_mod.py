@@ -435,3 +435,23 @@ def test_the_evaluator_is_exact_and_lazy():
         [True, False, False], [True, True, False], [False, True, True]]  # fmt: skip
     third = evaluate("r[0] == r[1] / 1 * 1" if False else "r[0] * 3 == 1", {"r": ["1/3"]}, 1, 1, 1)
     assert third.all() and not evaluate("r[0] * 3 == 1", {"r": [1 / 3]}, 1, 1, 1).any()
+
+
+def test_the_pytest_helper_takes_a_mask_mod():
+    from symattn.testing import assert_attention_close
+
+    q, k, v = (np.array(KERNEL[n], np.float32) for n in "qkv")
+    options = {"mask_mod": VARIANTS["document causal"][0]["mask_mod"], "constants": {"doc": np.array(DOC)}}
+    assert_attention_close(right, q=q, k=k, v=v, scale=0.5, **options)
+    with pytest.raises(AssertionError):
+        assert_attention_close(ignored, q=q, k=k, v=v, scale=0.5, **options)
+
+
+def test_verify_backward_with_a_generated_module():
+    spec = symattn.load_spec(data_of("per head"))
+    module = _module(symattn.generate(spec, weights="inputs", grad=True))  # takes mask_mod and constants by name
+    assert symattn.verify(spec, [module.forward], dtype="float32")[0].verdict == "PASS"
+    assert symattn.verify(spec, [module.backward], dtype="float64", backward=True)[0].verdict == "PASS"
+    spec = symattn.load_spec(data_of("rationals"))  # rational constants reach it in float32 and compare equal
+    module = _module(symattn.generate(spec, weights="inputs"))
+    assert symattn.verify(spec, [module.forward], dtype="float32")[0].verdict == "PASS"
