@@ -294,6 +294,17 @@ ADAPTER_CASES = {
         _projection(segments_q=[0, 3, 5], segments_kv=[0, 2, 5]),
         {"torch_sdpa": None, "torch_mha": "segments_q"},
     ),
+    "kernel mask_mod, document per head": (
+        _kernel(
+            mask_mod="doc_q[q_idx] == doc_kv[kv_idx] and (kv_idx <= q_idx + 1 or h == 0)",
+            constants={"doc_q": [0, 0, 1, 1, 1], "doc_kv": [0, 0, 0, 1, 1, 1]},
+        ),
+        {"torch_sdpa": None, "jax_dpa": None},
+    ),
+    "projection mask_mod": (
+        _projection(mask_mod="q_idx >= kv_idx and (q_idx - kv_idx) % 2 == 0"),
+        {"torch_sdpa": None, "torch_mha": "mask_mod"},
+    ),
     "kernel empty row zero": (_kernel(mask=_EMPTY, bias=_r(5, 6)), {"torch_sdpa": None, "jax_dpa": "mean of V"}),
     "kernel empty row uniform": (
         _kernel(mask=_EMPTY, empty_row="uniform"),
