@@ -138,6 +138,17 @@ def softmax(scores, ok, fill, rows=None):
     return weights
 
 
+def softmax_list(row: list) -> list:
+    """The softmax of one row given as a list whose masked entries are None (all None: weights 0)."""
+    live = [x for x in row if x is not None]
+    if not live:
+        return [mpmath.mpf(0)] * len(row)
+    top = max(live)
+    e = [mpmath.exp(x - top) if x is not None else mpmath.mpf(0) for x in row]
+    z = mpmath.fsum(e)
+    return [x / z for x in e]
+
+
 def _plus_row(m, vec, dps: int):
     if vec is None:
         return m

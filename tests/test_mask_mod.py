@@ -15,6 +15,7 @@ import pytest
 import symattn
 from symattn import SymattnError
 from symattn.maskmod import evaluate
+from tests import oracle
 
 DPS = 40
 DOC = [0, 0, 1, 1, 1, 2, 2]
@@ -38,14 +39,7 @@ def reference(q, k, v, scale, keep):
                     scale * mpmath.fsum(x * y for x, y in zip(q[h][i], k[g][j], strict=True)) if keep(h, i, j) else None
                     for j in range(S)
                 ]
-                live = [x for x in row if x is not None]
-                if live:
-                    top = max(live)
-                    e = [mpmath.exp(x - top) if x is not None else mpmath.mpf(0) for x in row]
-                    z = mpmath.fsum(e)
-                    w = [x / z for x in e]
-                else:
-                    w = [mpmath.mpf(0)] * S
+                w = oracle.softmax_list(row)
                 scores.append(row)
                 weights.append(w)
                 head.append([mpmath.fsum(w[j] * v[g][j][c] for j in range(S)) for c in range(len(v[g][0]))])

@@ -16,6 +16,7 @@ import symattn.graph.graph
 import symattn.load
 import symattn.truth.large
 from symattn import SymattnError
+from tests import oracle
 
 DPS = 40
 SEG_Q = [0, 2, 2, 3, 6, 7]  # lengths 2, 0, 1, 3, 1
@@ -54,14 +55,7 @@ def reference(q, k, v, scale, causal=False, align="top_left", window=None, slope
                         if slopes is not None:
                             s -= slopes[h] * abs(i + d - j)
                         row[k0 + j] = s
-                    live = [x for x in row if x is not None]
-                    if live:
-                        top = max(live)
-                        e = [mpmath.exp(x - top) if x is not None else mpmath.mpf(0) for x in row]
-                        z = mpmath.fsum(e)
-                        w = [x / z for x in e]
-                    else:
-                        w = [mpmath.mpf(0)] * S
+                    w = oracle.softmax_list(row)
                     scores.append(row)
                     weights.append(w)
                     head.append([mpmath.fsum(w[j] * v[g][j][c] for j in range(S)) for c in range(len(v[g][0]))])

@@ -15,25 +15,17 @@ from fractions import Fraction
 
 import numpy as np
 
-from symattn.backends.rational import Lin, RationalXP, map_values
+from symattn.backends.rational import Lin, ObjectArray, RationalXP, map_values
 from symattn.entries import to_ball
 from symattn.graph.xp import union
 from symattn.matrix import RatMat
 from symattn.semantics import NAN
 
 
-class Balls:
+class Balls(ObjectArray):
     """An object array of engine balls; ``excluded`` marks entries that are not numbers (masked scores)."""
 
-    __slots__ = ("values", "excluded")
-
-    def __init__(self, values: np.ndarray, excluded=None):
-        self.values = values
-        self.excluded = excluded
-
-    @property
-    def shape(self) -> tuple:
-        return self.values.shape
+    __slots__ = ()
 
 
 class FloatMat:

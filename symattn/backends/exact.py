@@ -27,7 +27,7 @@ from fractions import Fraction
 import numpy as np
 
 from symattn.backends.engines import precision
-from symattn.backends.rational import Lin, RationalXP, Scalar, canonical, map_values
+from symattn.backends.rational import Lin, ObjectArray, RationalXP, Scalar, canonical, map_values
 from symattn.entries import Expr
 from symattn.graph.xp import union
 from symattn.matrix import RatMat
@@ -333,18 +333,10 @@ def constant_ratio(num: dict, den: dict) -> Fraction | None:
     return c
 
 
-class Elems:
+class Elems(ObjectArray):
     """An object array of field elements (dicts); ``excluded`` marks entries that are not numbers."""
 
-    __slots__ = ("values", "excluded")
-
-    def __init__(self, values: np.ndarray, excluded=None):
-        self.values = values
-        self.excluded = excluded
-
-    @property
-    def shape(self) -> tuple:
-        return self.values.shape
+    __slots__ = ()
 
 
 class ExactXP(RationalXP):

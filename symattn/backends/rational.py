@@ -222,6 +222,21 @@ def _float(entry) -> float:
     return exact_float(entry)
 
 
+class ObjectArray:
+    """An object array of a backend's values (balls, field elements); ``excluded`` marks entries that are not
+    numbers (masked scores)."""
+
+    __slots__ = ("values", "excluded")
+
+    def __init__(self, values: np.ndarray, excluded=None):
+        self.values = values
+        self.excluded = excluded
+
+    @property
+    def shape(self) -> tuple:
+        return self.values.shape
+
+
 class RationalXP(ArrayXP):
     """The base of ``BallXP`` and ``ExactXP``: rational matrices (``RatMat``) and scores (``Lin``) exact, anything
     else in the backend's own array type ``Array`` (an object array ``values`` and ``excluded``), made by

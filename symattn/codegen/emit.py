@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from symattn.graph.xp import ArrayXP
+from symattn.graph.xp import ArrayXP, union
 from symattn.semantics import NAN
 
 
@@ -61,7 +61,24 @@ class Program:
         return Var(f"t{self.counter}", shape, batched, True, masked)
 
 
-class EmitXP(ArrayXP):
+class _Emitting(ArrayXP):
+    """What both emitters share: leaves, parameters and constants are the names the module gives them."""
+
+    leaves: dict
+    params: dict
+    consts: dict
+
+    def leaf(self, name, matrix):
+        return self.leaves[name]
+
+    def param(self, p):
+        return self.params[p.name]
+
+    def const(self, c):
+        return self.consts[c.name]
+
+
+class EmitXP(_Emitting):
     """The graph's ``xp`` that writes vectorized NumPy code.  ``leaves``, ``params`` and ``consts`` map names
     to the expressions the code reads them from."""
 
@@ -77,15 +94,6 @@ class EmitXP(ArrayXP):
         target = self.program.temp(shape, batched, masked)
         self.program.lines.append(Line(target, template, tuple(operands), inplace, helpers=helpers))
         return target
-
-    def leaf(self, name, matrix):
-        return self.leaves[name]
-
-    def param(self, p):
-        return self.params[p.name]
-
-    def const(self, c):
-        return self.consts[c.name]
 
     def matmul(self, a, b):
         return self._emit((a.shape[0], b.shape[1]), "{0} @ {1}", (a, b))
@@ -286,7 +294,7 @@ class SMat:
         return self.forms.shape
 
 
-class ScalarEmitXP(ArrayXP):
+class ScalarEmitXP(_Emitting):
     """The graph's ``xp`` that writes unrolled code: one form per entry (see ``Named``)."""
 
     def __init__(self, named: Named, leaves: dict, params: dict, consts: dict):
@@ -305,15 +313,6 @@ class ScalarEmitXP(ArrayXP):
         for idx in np.ndindex(out.shape):
             out[idx] = fn(*(a[idx] for a in arrays))
         return SMat(out, excluded)
-
-    def leaf(self, name, matrix):
-        return self.leaves[name]
-
-    def param(self, p):
-        return self.params[p.name]
-
-    def const(self, c):
-        return self.consts[c.name]
 
     def _product(self, a, b):
         """a·b, naming both first when both are computed values (no polynomial blow-up)."""
@@ -351,12 +350,12 @@ class ScalarEmitXP(ArrayXP):
         return self.matmul(SMat(a.forms.T), b)
 
     def add(self, a, b):
-        out = self._map(lambda p, q: p + q, a, b, excluded=_either(a.excluded, b.excluded))
+        out = self._map(lambda p, q: p + q, a, b, excluded=union(a.excluded, b.excluded))
         out.unbatched = a.unbatched and b.unbatched  # the heads' terms of a gradient that sums over the batch
         return out
 
     def sub(self, a, b):
-        return self._map(lambda p, q: p - q, a, b, excluded=_either(a.excluded, b.excluded))
+        return self._map(lambda p, q: p - q, a, b, excluded=union(a.excluded, b.excluded))
 
     def mul(self, a, b):
         return self._map(self._product, a, b)
@@ -441,14 +440,6 @@ class ScalarEmitXP(ArrayXP):
 
     def unbroadcast(self, g, like):
         return SMat(g.forms, g.excluded, unbatched=True)
-
-
-def _either(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a | b
 
 
 def _sympy_number(sympy, value):
