@@ -341,9 +341,9 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             nodes.append(Node(f"weights{i}", Softmax(empty, fill, keys=S), (f"scores{i}",)))
             steps.append(Step("weights", i, (L, S), f"weights{i} = softmax(scores{i}{masking}) by rows"))
         else:  # the sink: one more logit in every row, with no value (the sinks leaf's column i)
-            select = np.zeros((L, H), dtype=np.int64)
-            select[:, i - 1] = 1
-            op = Softmax(None, fill, Const("sink", select, i), Const("unsink", -select, i), S)
+            column = np.zeros((L, H), dtype=np.int64)
+            column[:, i - 1] = 1
+            op = Softmax(None, fill, Const("sink", column, i), Const("unsink", -column, i), S)
             nodes.append(Node(f"weights{i}", op, (f"scores{i}", "sinks")))
             text = (
                 f"weights{i} = softmax(scores{i} ∪ sink{i}{masking}) by rows, sink{i} = {to_text(spec.sinks[0, i - 1])}"
