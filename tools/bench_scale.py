@@ -1,7 +1,8 @@
 """Benchmark: the certified truth at kernel sizes (issue 13), every ratio measured in one run.
 
-    python tools/bench_scale.py                  # all six targets
+    python tools/bench_scale.py                  # every target
     python tools/bench_scale.py --skip-4096      # without the 4,096-token run (minutes)
+    python tools/bench_scale.py --only 5 --only 7  # those targets
 
 1. L = S = 1024, E = 64, h = 8, random float32 q, k, v, causal: ``symattn.evaluate`` of
    every head at 12 digits (certified: every entry to 12 digits, or a bound below 1e-15·max|out|)
@@ -17,6 +18,8 @@
    them, both certified to 12 digits (issue 19).  Target ≤ 1.5×.
 6. The spec of 1 packed as documents of 100, 300, 124 and 500 tokens (segments_q = segments_kv, causal within
    each) against the same spec without segments, both certified to 12 digits (issue 19).  Target ≤ 1.5×.
+7. The spec of 1 with the same documents as a document-causal mask_mod over a ``doc`` constant, against it
+   without (issue 19).  Target ≤ 1.5×.
 
 Times are the best of --repeat runs, contenders interleaved.  OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE are left as the machine sets them (they slow BLAS in both contenders).
@@ -187,59 +190,56 @@ def target_4(repeat: int) -> None:
     )
 
 
-def target_5(repeat: int) -> None:
+def variant(number: int, label: str, changes: dict, repeat: int) -> None:
+    """The spec of 1 with ``changes`` against the same spec without them, both loaded (a mask_mod is evaluated
+    there) and certified to 12 digits."""
     data = kernel_spec(1024, 64, 8)
     exp_table()
-    plain = symattn.load_spec(data)
-    sinks = symattn.load_spec({**data, "sinks": np.linspace(-2, 3, 8).astype(np.float32)})
     holder = {}
 
-    def with_sinks():
-        holder["truth"] = certified_output(sinks)
+    def with_changes():
+        holder["truth"] = certified_output({**data, **changes})
 
-    t_plain, t_sinks = interleaved(lambda: certified_output(plain), with_sinks, repeat)
+    t_plain, t_changed = interleaved(lambda: certified_output(data), with_changes, repeat)
     truth, heads = holder["truth"]
     print(
-        f"5. the spec of 1 with sinks: without {t_plain:.3f} s, with {t_sinks:.3f} s: {t_sinks / t_plain:.2f}× "
-        f"(target ≤ 1.5×)\n   {check_certificate(truth, heads)}; Arb for {truth.escalated} entries",
-        flush=True,
-    )
-
-
-def target_6(repeat: int) -> None:
-    data = kernel_spec(1024, 64, 8)
-    exp_table()
-    plain = symattn.load_spec(data)
-    offsets = [0, 100, 400, 524, 1024]
-    packed = symattn.load_spec({**data, "segments_q": offsets, "segments_kv": offsets})
-    holder = {}
-
-    def with_segments():
-        holder["truth"] = certified_output(packed)
-
-    t_plain, t_packed = interleaved(lambda: certified_output(plain), with_segments, repeat)
-    truth, heads = holder["truth"]
-    print(
-        f"6. the spec of 1 packed as 4 documents: without {t_plain:.3f} s, with {t_packed:.3f} s: "
-        f"{t_packed / t_plain:.2f}× (target ≤ 1.5×)\n   {check_certificate(truth, heads)}; "
+        f"{number}. the spec of 1 {label}: without {t_plain:.3f} s, with {t_changed:.3f} s: "
+        f"{t_changed / t_plain:.2f}× (target ≤ 1.5×)\n   {check_certificate(truth, heads)}; "
         f"Arb for {truth.escalated} entries",
         flush=True,
     )
+
+
+DOCUMENTS = [0, 100, 400, 524, 1024]  # documents of 100, 300, 124 and 500 tokens
+VARIANTS = {  # number: (label, the spec's changes)
+    5: ("with sinks", {"sinks": np.linspace(-2, 3, 8).astype(np.float32)}),
+    6: ("packed as 4 documents", {"segments_q": DOCUMENTS, "segments_kv": DOCUMENTS}),
+    7: (
+        "with a document-causal mask_mod",
+        {
+            "mask_mod": "doc[q_idx] == doc[kv_idx] and q_idx >= kv_idx",
+            "constants": {"doc": np.repeat(np.arange(4), np.diff(DOCUMENTS)).tolist()},
+        },
+    ),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-4096", action="store_true")
+    parser.add_argument("--only", type=int, action="append", metavar="N", help="run target N only (repeatable)")
     args = parser.parse_args()
     print(f"symattn {symattn.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}", flush=True)
-    target_1(args.repeat)
-    target_2(args.repeat)
-    if not args.skip_4096:
-        target_3()
-    target_4(args.repeat)
-    target_5(args.repeat)
-    target_6(args.repeat)
+    targets = {1: lambda: target_1(args.repeat), 2: lambda: target_2(args.repeat), 3: target_3}
+    targets[4] = lambda: target_4(args.repeat)
+    for number, (label, changes) in VARIANTS.items():
+        targets[number] = lambda number=number, label=label, changes=changes: variant(
+            number, label, changes, args.repeat
+        )
+    for number, run in targets.items():
+        if (args.only is None and not (number == 3 and args.skip_4096)) or number in (args.only or ()):
+            run()
 
 
 if __name__ == "__main__":
