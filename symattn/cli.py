@@ -133,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("--dtype", choices=DTYPES, default="float64", help="the inputs' dtype under test")
     ver.add_argument(
+        "--device",
+        metavar="cpu|cuda[:N]",
+        help="where the built-in adapters run; default: each framework's default device",
+    )
+    ver.add_argument(
         "--rule", choices=RULES, default="kappa", help="the rule that decides the verdict; both are reported"
     )
     ver.add_argument("--json", action="store_true", help="strict JSON, one result per implementation")
@@ -386,7 +391,8 @@ def _verify(args) -> int:
         f"{progress.count(spec.h, 'head')} of {spec.L}×{spec.S} scores",
         spec.h * spec.L * spec.S + entries,
     )
-    results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits)
+    results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits,
+                     device=args.device)  # fmt: skip
     if args.plot:
         from symattn.verifier.report import plot
 

@@ -182,6 +182,7 @@ HELP_OPTIONS = {  # every option of every command, with the choices and default 
     "verify": {
         "--impl": None,
         "--dtype": ("float64", ("float64", "float32", "float16", "bfloat16")),
+        "--device": None,
         "--rule": ("kappa", ("kappa", "differential", "both")),
         "--json": "off",
         "--plot": None,

@@ -310,7 +310,7 @@ def test_an_implementation_without_the_dropout_keywords_is_unsupported_with_the_
 
 
 def test_torch_sdpa_is_unsupported_with_dropout_before_torch_is_called():
-    from symattn.verifier.adapters import Unsupported, torch_sdpa, torch_sdpa_backward
+    from symattn.verifier.adapters.pytorch import Unsupported, torch_sdpa, torch_sdpa_backward
 
     for fn in (torch_sdpa, torch_sdpa_backward):
         with pytest.raises(Unsupported, match="samples its own dropout mask"):

@@ -206,8 +206,8 @@ def test_cli_json(cli):
         ("tools.impls:nope", "--impl tools.impls:nope: tools.impls has no function 'nope'"),
         (
             "tools.impls",
-            "--impl: expected MODULE:FUNCTION such as mypkg.attn:forward, or one of torch_sdpa, torch_mha, jax_dpa, "
-            "received 'tools.impls'",
+            "--impl: expected MODULE:FUNCTION such as mypkg.attn:forward, or one of torch_sdpa, torch_mha, torch_flex, "
+            "torch_flex:eager, torch_varlen, jax_dpa, jax_dpa:xla, jax_dpa:cudnn, received 'tools.impls'",
         ),
         (
             "tools.impls:wrong_signature",

@@ -274,11 +274,11 @@ def _nondefault(spec, name: str) -> bool:
 # Loading and calling an implementation.
 
 
-def load_impl(text: str, backward: bool = False):
-    """MODULE:FUNCTION, or a built-in adapter's name (torch_sdpa, torch_mha, jax_dpa; with ``backward``, its
-    backward) -> the callable, with one-line errors."""
+def load_impl(text: str, backward: bool = False, device: str | None = None):
+    """MODULE:FUNCTION, or a built-in adapter's name (``adapters.NAMES``; with ``backward``, its backward; on
+    ``device``) -> the callable, with one-line errors."""
     if text in NAMES:
-        return resolve(text, backward)
+        return resolve(text, backward, device)
     module_name, sep, function = text.partition(":")
     if not sep or not module_name or not function.isidentifier():
         raise SymattnError(

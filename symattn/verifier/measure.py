@@ -28,6 +28,7 @@ import numpy as np
 from symattn.backends.floats import dtype_of
 from symattn.errors import SymattnError
 from symattn.load import load_spec
+from symattn.verifier.adapters import check_device
 from symattn.verifier.convention import call, load_impl, returned_arrays
 from symattn.verifier.reference import FLOOR_ULPS, Context
 from symattn.verifier.report import Entry, Result
@@ -37,12 +38,14 @@ ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else 
 
 
 def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
-           digits="auto") -> list[Result]:  # fmt: skip
+           digits="auto", device: str | None = None) -> list[Result]:  # fmt: skip
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
     dbias, dsinks) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
     "auto" (25, or for a large spec verified in a dtype other than float64 9 to 12: ``auto_digits``) or a number.
+    ``device``: where the built-in adapters named by string run ("cpu", "cuda", "cuda:N"; None: the frameworks'
+    default); asking for CUDA where there is none is an error.
 
     >>> from symattn.verifier.seed import notebook_algorithm
     >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]
@@ -58,12 +61,13 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
         digits = check_digits(digits)
     if not impls:
         raise SymattnError("impls: expected at least one implementation to verify, received none")
+    device = check_device(device)
     named = []
     for f in impls:
         if isinstance(f, tuple):
             named.append(f)
         elif isinstance(f, str):
-            named.append((f, load_impl(f, backward)))
+            named.append((f, load_impl(f, backward, device)))
         else:
             named.append((getattr(f, "__name__", "implementation"), f))
     contexts: dict = {}  # one truth per way of casting the inputs (NumPy's, torch's, JAX's)
