@@ -203,16 +203,22 @@ class _Framework:
         return t.copy() if self.kind == "numpy" else t
 
     def like(self, a: np.ndarray, sample):
-        """A NumPy option array (mask, bias, slopes, segment offsets) as the framework's: bools and integers
-        (offsets, as cu_seqlens) stay as they are, other numbers take the inputs' dtype."""
+        """A NumPy option array (mask, bias, slopes, segment offsets, dout, a dropout mask) as the framework's, on
+        the sample's device: bools and integers (offsets, as cu_seqlens) stay as they are, other numbers take the
+        inputs' dtype."""
         keep = a.dtype == bool or a.dtype.kind in "iu"
+        if a.dtype.name == "bfloat16":  # exactly, in float32: torch and JAX take no NumPy bfloat16
+            a = a.astype(np.float32)
         if self.kind == "torch":
             import torch
 
             t = torch.from_numpy(np.array(a))
-            return t if keep else t.to(torch.float32).to(sample.dtype)
+            return (t if keep else t.to(torch.float32).to(sample.dtype)).to(sample.device)
         if self.kind == "jax":
+            import jax
             import jax.numpy as jnp
 
-            return jnp.asarray(a) if keep else jnp.asarray(a.astype(np.float32)).astype(sample.dtype)
+            t = jnp.asarray(a) if keep else jnp.asarray(a.astype(np.float32)).astype(sample.dtype)
+            devices = getattr(sample, "devices", None)
+            return jax.device_put(t, next(iter(devices()))) if devices else t
         return a
