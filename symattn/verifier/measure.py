@@ -30,6 +30,7 @@ from symattn.errors import SymattnError
 from symattn.load import load_spec
 from symattn.verifier.convention import call, load_impl, returned_arrays
 from symattn.verifier.paged import check_page
+from symattn.verifier.paged import note as paged_note
 from symattn.verifier.reference import FLOOR_ULPS, Context
 from symattn.verifier.report import Entry, Result
 
@@ -92,7 +93,10 @@ def run(fn, name: str, context: Context, rule: str, paged: int | None = None) ->
     if result is not None:
         result.rule, result.backward = rule, context.backward
         return result
-    return measure(name, output, context, rule)
+    result = measure(name, output, context, rule)
+    if paged is not None:
+        result.notes.append(paged_note(context.spec.S, paged))
+    return result
 
 
 def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:

@@ -43,7 +43,7 @@ def paged(q: np.ndarray, k: np.ndarray, v: np.ndarray, page: int) -> tuple:
     """
     S = k.shape[1]
     used = math.ceil(S / page)
-    pages = 2 * used + 1
+    pages = 2 * used + 1  # as many unused pages as used ones, and one more
     rng = np.random.default_rng(SEED)
     table = rng.permutation(pages)[:used].astype(np.int32)
     caches = []
@@ -55,6 +55,15 @@ def paged(q: np.ndarray, k: np.ndarray, v: np.ndarray, page: int) -> tuple:
             cache[physical, : rows.shape[1]] = np.swapaxes(rows, 0, 1)
         caches.append(cache)
     return (q, *caches), {"block_table": table, "seqlen_kv": S, "page_size": page}
+
+
+def note(S: int, page: int) -> str:
+    """What the report says of the cache an implementation was fed."""
+    used = math.ceil(S / page)
+    return (
+        f"k, v fed as a paged KV cache: {used} pages of {page} keys among {2 * used + 1} (seed {SEED}), "
+        "garbage elsewhere"
+    )
 
 
 def _finfo(dt):
