@@ -458,8 +458,8 @@ SPEC_FILE = """{
   "q": [[[1.5, -2, 0.25, 3], [4, 1, -0.5, 2]], [[-1, 2, 3, 0.75], [0, -3, 1, 1]]],
   "k": [[[2, 1, -1, 0.5], [1, -2, 3, 1], [-0.5, 0, 2, -3]]],
   "v": [[[1, 2], [-3, 0.5], [4, -1]]],
-  "q_descale": ["0.5"],
-  "k_descale": ["0.25"],
+  "q_descale": ["4"],
+  "k_descale": ["0.5"],
   "v_descale": ["3"]
 }
 """
@@ -472,7 +472,8 @@ def test_cli_verify_fp8(tmp_path, capsys):
     assert symattn.cli.main([*base, "--impl", "tests.test_fp8:fa3_right"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] is True
-    assert symattn.cli.main([*base, "--impl", "tests.test_fp8:fa3_no_v_descale"]) == 1
+    for bug in ("fa3_no_v_descale", "fa3_q_descale_twice", "fa3_p_saturates"):  # scores up to 10.5 > ln 448
+        assert symattn.cli.main([*base, "--impl", f"tests.test_fp8:{bug}"]) == 1
     capsys.readouterr()
     assert symattn.cli.main(["verify", str(path), "--dtype", "float8_e4m3fn"]) == 2
     err = capsys.readouterr().err
