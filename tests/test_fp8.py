@@ -17,6 +17,7 @@ import symattn
 import symattn.cli
 import symattn.truth.large
 from symattn import SymattnError
+from symattn.graph.graph import build as build_graph
 
 BF16 = ml_dtypes.bfloat16
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -119,9 +120,9 @@ def mp(e) -> mpmath.mpf:
     return mpmath.mpf(f.numerator) / f.denominator
 
 
-def descaled_reference(data: dict, dps: int = 50) -> dict:
+def descaled_reference(data: dict, dps: int = 50, causal: bool = True) -> dict:
     """head{h} of the kernel form with descales, in mpmath: each input times its kv head's descale, then
-    causal (bottom-right) attention with scale 1/sqrt(E)."""
+    attention (causal bottom-right, or not) with scale 1/sqrt(E)."""
     with mpmath.workdps(dps):
         H, H_kv = len(data["q"]), len(data["k"])
         out = {}
@@ -135,7 +136,7 @@ def descaled_reference(data: dict, dps: int = 50) -> dict:
             scale = 1 / mpmath.sqrt(E)
             head = []
             for i in range(L):
-                keys = [j for j in range(S) if j <= i + S - L]
+                keys = [j for j in range(S) if j <= i + S - L or not causal]
                 s = [scale * mpmath.fsum(a * b for a, b in zip(q[i], k[j], strict=True)) for j in keys]
                 e = [mpmath.exp(x - max(s)) for x in s]
                 z = mpmath.fsum(e)
@@ -178,6 +179,17 @@ def test_fp8_values_as_arrays_with_float32_descales():
     data = {key: a.astype(np.float64).tolist() for key, a in (("q", q), ("k", k), ("v", v))}
     data.update({key: [Fraction(float(d[0]))] for key, d in descales.items()})
     check_heads(truth, descaled_reference(data), 25)
+
+
+def test_float64_values_times_a_descale_they_cannot_hold():
+    rng = np.random.default_rng(4)
+    q, k, v = rng.normal(size=(2, 3, 2)), rng.normal(size=(1, 4, 2)), rng.normal(size=(1, 4, 2))
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "q_descale": [0.1], "v_descale": ["1/3"]})
+    leaves = build_graph(spec).leaves
+    assert not leaves["q1"].is_float and leaves["k1"].is_float  # 0.1·q needs more than float64's 53 bits
+    truth = symattn.evaluate(spec, digits=30, steps=["head1", "head2"])
+    data = {"q": q.tolist(), "k": k.tolist(), "v": v.tolist(), "q_descale": [0.1], "v_descale": [Fraction(1, 3)]}
+    check_heads(truth, descaled_reference(data, causal=False), 30)
 
 
 def test_descales_in_json_toml_npz_and_dicts_load_alike(tmp_path):
@@ -420,11 +432,21 @@ def test_a_descaled_spec_in_float_dtypes(dtype):
     assert [r.verdict for r in results] == ["PASS", "FAIL"], [r.reasons for r in results]
 
 
+def test_fp8_verdicts_on_the_large_path(monkeypatch):
+    monkeypatch.setattr(symattn.truth.large, "LARGE", 0)
+    results = symattn.verify(fp8_spec("float8_e4m3fn", 7), IMPLS[:5], dtype="float8_e4m3fn")
+    assert [r.verdict for r in results] == ["PASS", "PASS", "FAIL", "FAIL", "FAIL"], [r.reasons for r in results]
+
+
 def test_fp8_bad_usage():
     with pytest.raises(SymattnError, match=r"^dtype: expected the kernel form \(q, k, v given\) for float8_e4m3fn"):
         symattn.verify("notebook", [fa3_right], dtype="float8_e4m3fn")
     with pytest.raises(SymattnError, match=r"^dtype: expected a forward verification in float8_e5m2, received --backw"):
         symattn.verify(GQA, [fa3_right], dtype="float8_e5m2", backward=True)
+    with pytest.raises(
+        SymattnError, match=r"^q_descale: expected no descales \(or 1\) with --backward, received 1/3, 3/4$"
+    ):
+        symattn.verify(GQA, [float_right], dtype="float32", backward=True)
     big = {**GQA, "q": [[[500, 0]] * 3] * 4}
     with pytest.raises(SymattnError, match=r"^q: expected values within float8_e4m3fn's range \(\|x\| <= 448\), rec"):
         symattn.verify(big, [fa3_right], dtype="float8_e4m3fn")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from symattn.backends.floats import FP8, dtype_of, exact_float, output_dtype
+from symattn.entries import to_text
 from symattn.errors import SymattnError
 from symattn.semantics import empty_fill, empty_rows
 from symattn.spec import DESCALES, AttentionSpec
@@ -72,6 +73,10 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
             )
         if backward:
             raise SymattnError(f"dtype: expected a forward verification in {dtype}, received --backward")
+    descaled = [key for key in DESCALES if _nondefault(spec, key)]
+    if backward and descaled:  # the graph's dq is the gradient of q·q_descale, not of the q fed
+        raise SymattnError(f"{descaled[0]}: expected no descales (or 1) with --backward, received "
+                           f"{', '.join(to_text(d) for d in getattr(spec, descaled[0]))}")  # fmt: skip
     inputs, dtype = dtype, output_dtype(dtype)  # q, k, v in ``inputs``; every other array in ``dtype``
     dt = dtype_of(dtype)
 
