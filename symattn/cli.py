@@ -52,7 +52,7 @@ what the report says (exact: the truth certified for the inputs as rounded to th
 
 def _parser() -> argparse.ArgumentParser:
     from symattn.backends.engines import ENGINES
-    from symattn.backends.floats import DTYPES
+    from symattn.backends.floats import DTYPES, FP8
     from symattn.codegen import STRATEGIES, UNROLL_LIMIT, WEIGHTS
     from symattn.graph.steps import FORMATS
     from symattn.load import builtin_names
@@ -131,7 +131,19 @@ def _parser() -> argparse.ArgumentParser:
         help=f"MODULE:FUNCTION taking the inputs positionally and the options by keyword, or a built-in adapter "
         f"({', '.join(ADAPTERS)}); repeatable; default: the generated code (and the notebook's own algorithm)",
     )
-    ver.add_argument("--dtype", choices=DTYPES, default="float64", help="the inputs' dtype under test")
+    ver.add_argument(
+        "--dtype",
+        choices=DTYPES + FP8,
+        default="float64",
+        help="the inputs' dtype under test (fp8: q, k, v of the kernel form, with the spec's q_descale, k_descale, "
+        "v_descale by keyword, a bfloat16 output, FlashAttention-3's computation as the right one)",
+    )
+    ver.add_argument(
+        "--paged",
+        metavar="PAGE",
+        help="feed k, v as a paged KV cache of PAGE keys a page (kernel form, forward): f(q, k_cache, v_cache, *, "
+        "block_table, seqlen_kv, page_size, options); default: k, v whole",
+    )
     ver.add_argument(
         "--device",
         metavar="cpu|cuda[:N]",
@@ -367,12 +379,17 @@ def _umask() -> int:
 
 
 def _verify(args) -> int:
+    from symattn.backends.floats import FP8
     from symattn.load import load_spec
     from symattn.verifier.measure import verify
     from symattn.verifier.report import report_json
 
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     spec = load_spec(args.spec)
+    if not args.impl and (args.paged is not None or args.dtype in FP8):  # the generated module does neither
+        what = f"--paged {args.paged}" if args.paged is not None else f"--dtype {args.dtype}"
+        raise SymattnError(f"{what}: expected --impl MODULE:FUNCTION to verify, received none (the generated module "
+                           "takes k, v whole, in a float dtype)")  # fmt: skip
     impls = args.impl or default_impls(spec, args.backward)
     digits = args.digits
     if digits != "auto":
@@ -392,7 +409,7 @@ def _verify(args) -> int:
         spec.h * spec.L * spec.S + entries,
     )
     results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits,
-                     device=args.device)  # fmt: skip
+                     paged=args.paged, device=args.device)  # fmt: skip
     if args.plot:
         from symattn.verifier.report import plot
 

@@ -11,8 +11,9 @@ Two forms (DESIGN.md "Spec files"):
 
 and the options of both: ``scale``, ``mask``, ``causal``, ``window``, ``align``,
 ``bias``, ``alibi``, ``softcap``, ``sinks``, ``dropout_p`` with ``dropout_mask``, ``empty_row`` and
-``dout``.  Files, built-in names and dicts of arrays are read by ``symattn.load``; this module holds the
-fields and their checks.  Nothing downstream re-checks what is validated here.
+``dout``; the kernel form's fp8 descales ``q_descale``, ``k_descale``, ``v_descale``.  Files, built-in
+names and dicts of arrays are read by ``symattn.load``; this module holds the fields and their checks.
+Nothing downstream re-checks what is validated here.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from symattn import maskmod, semantics
 from symattn.entries import Entry, parse_entry, sign, sqrt_fraction, symbols, to_text
 from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import Matrix, as_matrix, as_row, as_stack, check_shape, per_head
-from symattn.options import alibi_values, check_keys, mask_list, segment_offsets, window_bounds
+from symattn.options import alibi_values, check_keys, descale_values, mask_list, segment_offsets, window_bounds
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
 OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "dropout_p",
                "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", "empty_row", "dout")  # fmt: skip
+DESCALES = ("q_descale", "k_descale", "v_descale")  # the kernel form's only: fp8 q, k, v (FlashAttention-3)
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
-KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS)
+KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS, *DESCALES)
 HEAD_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv")
 QUERY_KEYS = ("wq", "bq")
 KV_KEYS = ("wk", "wv", "bk", "bv")
@@ -120,6 +122,9 @@ class AttentionSpec:
     constants: dict | None = None  # name -> read-only 1-D/2-D array of exact entries (symattn.maskmod)
     empty_row: str = "zero"
     dout: tuple | None = None  # the output's cotangent: (L × d_out,) or H matrices L × E_v; None: all ones
+    q_descale: tuple | None = None  # kernel form: H_kv exact numbers > 0; the inputs are q·q_descale[g(h)] (fp8)
+    k_descale: tuple | None = None  # H_kv: k·k_descale[g]; None: 1 (FlashAttention-3's descale_q/k/v)
+    v_descale: tuple | None = None  # H_kv: v·v_descale[g]
     source: str = field(default="", compare=False)  # where the spec was read, for messages
     grouped: bool = field(default=False, compare=False)  # kv heads given apart from the query heads
     shared_mask: bool = field(default=True, compare=False)  # the file gave one mask for every head
@@ -281,6 +286,13 @@ class AttentionSpec:
         if self.segments_q is not None or self.segments_kv is not None:
             self._segments()
         self._mask_mod()
+        for key in DESCALES:
+            if getattr(self, key) is not None:
+                if self.form != "kernel":
+                    raise SymattnError(
+                        f"{key}: expected it in the kernel form only (q, k, v given), received it with x, heads, wo"
+                    )
+                self._set(key, descale_values(getattr(self, key), key, self.h_kv))
         if self.dout is not None:
             if self.form == "kernel":
                 dout, _ = per_head(self.dout, H, (L, self.d_v), "dout", "L × E_v", shared_ok=False)
@@ -441,6 +453,11 @@ class AttentionSpec:
             return semantics.standard_slopes(self.h)
         return self.alibi
 
+    def descale(self, key: str, g: int) -> Entry:
+        """The exact descale ``key`` (q_descale, k_descale, v_descale) of kv head ``g`` (0-based): 1 when unset."""
+        values = getattr(self, key)
+        return Fraction(1) if values is None else values[g]
+
     def dropout_keep(self, head: int) -> np.ndarray:
         """The L × S bools of ``head`` (0-based) that dropout keeps: the mask given, all True without one."""
         if self.dropout_mask is None:
@@ -483,7 +500,7 @@ class AttentionSpec:
     def options(self) -> dict:
         """The variant options that differ from their defaults, by name."""
         out = {}
-        for key in OPTION_KEYS:
+        for key in OPTION_KEYS + DESCALES:
             value = getattr(self, key)
             if value is not None and value != _DEFAULTS.get(key):
                 out[key] = value
@@ -524,12 +541,14 @@ class AttentionSpec:
                 yield f"dout{i}", m
 
     def scalars(self):
-        """The exact scalar parameters: the scale, softcap and ALiBi slopes."""
+        """The exact scalar parameters: the scale, softcap, ALiBi slopes and descales."""
         yield self.effective_scale
         if self.softcap is not None:
             yield self.softcap
         if self.alibi_slopes is not None:
             yield from self.alibi_slopes
+        for key in DESCALES:
+            yield from getattr(self, key) or ()
 
     @cached_property
     def is_rational(self) -> bool:
@@ -619,6 +638,9 @@ class AttentionSpec:
         if self.dout is not None:
             douts = [_listed(m) for m in self.dout]
             data["dout"] = douts if self.form == "kernel" else douts[0]
+        for key in DESCALES:
+            if getattr(self, key) is not None:
+                data[key] = [str(_entry(e)) for e in getattr(self, key)]
         return data
 
     def digest(self) -> str:

@@ -181,7 +181,8 @@ HELP_OPTIONS = {  # every option of every command, with the choices and default 
     },
     "verify": {
         "--impl": None,
-        "--dtype": ("float64", ("float64", "float32", "float16", "bfloat16")),
+        "--dtype": ("float64", ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")),
+        "--paged": None,
         "--device": None,
         "--rule": ("kappa", ("kappa", "differential", "both")),
         "--json": "off",

@@ -240,7 +240,9 @@ def test_a_wrong_shape_is_a_failure(cli):
 
 def test_bad_options():
     with pytest.raises(
-        SymattnError, match=r"^dtype: expected one of float64, float32, float16, bfloat16, received 'int8'$"
+        SymattnError,
+        match=r"^dtype: expected one of float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, "
+        r"received 'int8'$",
     ):
         verify("notebook", [impls.right], dtype="int8")
     with pytest.raises(SymattnError, match=r"^rule: expected one of kappa, differential, both, received 'x'$"):

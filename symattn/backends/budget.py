@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from symattn.backends.floats import exact_float, unit_roundoff
+from symattn.backends.floats import FP8, exact_float, unit_roundoff
 from symattn.graph.xp import ArrayXP
 from symattn.semantics import NAN, row_shift
 
@@ -205,6 +205,11 @@ def _t(a: Budget) -> Budget:
 def budgets(graph, arrays: dict, dtype: str, names=None, working=np.float64) -> dict:
     """Every step's error budget (by name) for a right implementation in ``dtype`` at the given inputs,
     computed in ``working`` precision."""
-    xp = BudgetXP(dtype, arrays, working)
+    if dtype in FP8:  # FlashAttention-3's computation (``backends/fp8.py``)
+        from symattn.backends.fp8 import Fa3BudgetXP
+
+        xp = Fa3BudgetXP(dtype, arrays, working)
+    else:
+        xp = BudgetXP(dtype, arrays, working)
     values = graph.values(xp, [n.name for n in graph.nodes] if names is None else names)
     return {name: v.error for name, v in values.items()}

@@ -20,9 +20,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from symattn.entries import div, to_text
+from symattn.entries import div, mul, to_text
 from symattn.graph.ops import ALL, Concat, Const, Dropout, Linear, Param, Scores, Softmax, WeightedSum
 from symattn.graph.steps import Step
+from symattn.matrix import Matrix
 from symattn.semantics import alibi_distance, empty_fill, empty_rows
 
 
@@ -270,10 +271,11 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
     kernel = spec.form == "kernel"
     if kernel:
         d_k = spec.d_k
-        for i, m in enumerate(spec.q, 1):
-            leaf("q", i, select(m))
+        for i, m in enumerate(spec.q, 1):  # the inputs are value × descale (fp8: FlashAttention-3's descales)
+            leaf("q", i, _descaled(select(m), spec.descale("q_descale", spec.group(i - 1))))
         for g, (k, v) in enumerate(zip(spec.k, spec.v, strict=True), 1):
-            leaf("k", g, select_keys(k)), leaf("v", g, select_values(select_keys(v)))
+            leaf("k", g, _descaled(select_keys(k), spec.descale("k_descale", g - 1)))
+            leaf("v", g, _descaled(select_values(select_keys(v)), spec.descale("v_descale", g - 1)))
     else:
         d_k = spec.d_k
         x_q = leaf("x" if rows is None else "x_rows", None, select(spec.x))
@@ -334,6 +336,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             details.append(f"softcap = {to_text(spec.softcap)}")
         if distance is not None:
             details.append(f"alibi{i} = {to_text(spec.alibi_slopes[i - 1])}·|i{_offset(spec)} - j|{_within(spec)}")
+        details += _descale_texts(spec, i, ("q_descale", "k_descale"))
         excluded = None if allowed is None else ~allowed.value
         steps.append(Step("scores", i, (L, S), f"scores{i} = {text}, {', '.join(details)}", excluded=excluded))
         empty = empties.get(id(spec.allowed(i - 1)))
@@ -360,7 +363,8 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             weights = f"dropped{i}"
         nodes.append(Node(f"head{i}", WeightedSum(), (weights, v_name)))
         d_v = spec.d_v if value_columns is None else len(value_columns)
-        steps.append(Step("head", i, (L, d_v), f"head{i} = {weights}·{v_name}"))
+        text = ", ".join([f"head{i} = {weights}·{v_name}", *_descale_texts(spec, i, ("v_descale",))])
+        steps.append(Step("head", i, (L, d_v), text))
     if kernel:
         outputs = [f"head{i}" for i in range(1, H + 1)]
     else:
@@ -380,6 +384,40 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         steps.append(Step("M", None, (L, spec.d_out), "M = concat_heads·wo" + (" + bo" if spec.bo is not None else "")))
         outputs = ["M"]
     return Graph(spec, nodes, leaves, steps, outputs, rows, kinds)
+
+
+def _descaled(m, d):
+    """value × descale, exactly: a float matrix stays one where every product is a float64 (fp8 values of at
+    most 4 significant bits times a float32 descale always are)."""
+    if d == 1:
+        return m
+    if m.is_float and isinstance(d, Fraction) and Fraction(float(d)) == d:
+        a = m.float64()
+        with np.errstate(over="ignore"):
+            p = a * float(d)
+        if np.isfinite(p).all() and int(_bits(a).max(initial=0)) + int(_bits(np.array([float(d)]))[0]) <= 53:
+            tiny = np.abs(p[p != 0]).min(initial=1.0)
+            if tiny >= 2.0**-1000:  # no product near the subnormals
+                return Matrix.from_array(p)
+    return Matrix([[mul(e, d) for e in row] for row in m.rows])
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The significant bits of each float64 (0 for 0)."""
+    mantissa = (np.frexp(a)[0] * 2.0**53).astype(np.int64)
+    low = mantissa & -mantissa  # the lowest set bit
+    return np.where(mantissa == 0, 0, 53 - np.log2(np.where(low == 0, 1, np.abs(low))).astype(np.int64))
+
+
+def _descale_texts(spec, i: int, keys) -> list:
+    """The descales head i's inputs carry, as show prints them: q1 = 1/2·q1 given, ..."""
+    g = spec.group(i - 1)
+    names = {"q_descale": f"q{i}", "k_descale": f"k{g + 1}", "v_descale": f"v{g + 1}"}
+    return [
+        f"{names[key]} = {key}[{g}]·{names[key]} given, {key}[{g}] = {to_text(spec.descale(key, g))}"
+        for key in keys
+        if getattr(spec, key) is not None
+    ]
 
 
 def _columns(m, keys):

@@ -68,8 +68,8 @@ def _score_bits(spec) -> int:
         return a + b + math.log2(n)
 
     if spec.form == "kernel":
-        q = max(log2_max(m) for m in spec.q)
-        k = max(log2_max(m) for m in spec.k)
+        q = max(log2_max(m) + _log2_abs(spec.descale("q_descale", spec.group(i))) for i, m in enumerate(spec.q))
+        k = max(log2_max(m) + _log2_abs(spec.descale("k_descale", g)) for g, m in enumerate(spec.k))
     else:
         x = log2_max(spec.x)
         x_kv = x if spec.x_kv is None else log2_max(spec.x_kv)

@@ -5,6 +5,7 @@ reference    the truth, the error budgets and reference runs every implementatio
 measure      the verdict rules, and ``verify``
 report       ``Result``: text, JSON, plot
 adapters     the built-in implementations: torch_sdpa, torch_mha, jax_dpa
+paged        k and v as a paged KV cache (verify --paged)
 seed         the seed notebook's own algorithm
 """
 

@@ -25,11 +25,13 @@ import math
 
 import numpy as np
 
-from symattn.backends.floats import dtype_of
+from symattn.backends.floats import FP8, dtype_of, output_dtype
 from symattn.errors import SymattnError
 from symattn.load import load_spec
 from symattn.verifier.adapters import check_device
 from symattn.verifier.convention import call, load_impl, returned_arrays
+from symattn.verifier.paged import check_page
+from symattn.verifier.paged import note as paged_note
 from symattn.verifier.reference import FLOOR_ULPS, Context
 from symattn.verifier.report import Entry, Result
 
@@ -38,12 +40,15 @@ ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else 
 
 
 def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
-           digits="auto", device: str | None = None) -> list[Result]:  # fmt: skip
+           digits="auto", paged=None, device: str | None = None) -> list[Result]:  # fmt: skip
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
     dbias, dsinks) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
     "auto" (25, or for a large spec verified in a dtype other than float64 9 to 12: ``auto_digits``) or a number.
+    ``dtype`` float8_e4m3fn or float8_e5m2: q, k, v in it (rounded by ml_dtypes) with the spec's descales by
+    keyword, a bfloat16 output, measured against FlashAttention-3's computation (``backends/fp8.py``).
+    ``paged``: a page size; k and v reach each implementation as a paged KV cache (``verifier/paged.py``).
     ``device``: where the built-in adapters named by string run ("cpu", "cuda", "cuda:N"; None: the frameworks'
     default); asking for CUDA where there is none is an error.
 
@@ -59,6 +64,12 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
         from symattn.truth.evaluation import check_digits
 
         digits = check_digits(digits)
+    if paged is not None:
+        paged = check_page(paged)
+        if spec.form != "kernel":
+            raise SymattnError("paged: expected a spec of the kernel form (q, k, v), received the projection form")
+        if backward:
+            raise SymattnError("paged: expected a forward verification, received backward (not fed paged)")
     if not impls:
         raise SymattnError("impls: expected at least one implementation to verify, received none")
     device = check_device(device)
@@ -73,27 +84,30 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     contexts: dict = {}  # one truth per way of casting the inputs (NumPy's, torch's, JAX's)
     results = []
     for name, fn in named:
-        cast = getattr(fn, "cast", None)
+        cast = getattr(fn, "cast", None) if dtype not in FP8 else None  # fp8: ml_dtypes rounds
         if cast not in contexts:
             contexts[cast] = Context(spec, dtype, cast, backward, digits)
-        results.append(run(fn, name, contexts[cast], rule))
+        results.append(run(fn, name, contexts[cast], rule, paged))
     return results
 
 
-def run(fn, name: str, context: Context, rule: str) -> Result:
-    """Call fn by the convention and measure its output."""
-    output, result = call(fn, name, context)
+def run(fn, name: str, context: Context, rule: str, paged: int | None = None) -> Result:
+    """Call fn by the convention (``paged``: k and v as a paged KV cache) and measure its output."""
+    output, result = call(fn, name, context, paged=paged)
     if result is not None:
         result.rule, result.backward = rule, context.backward
         return result
-    return measure(name, output, context, rule)
+    result = measure(name, output, context, rule)
+    if paged is not None:
+        result.notes.append(paged_note(context.spec.S, paged))
+    return result
 
 
 def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     """Measure what an implementation returned (an output array; backward: its gradients) against the truth
     for the spec's inputs rounded to the dtype."""
     spec, dtype = context.spec, context.dtype
-    dt = dtype_of(dtype)
+    dt = dtype_of(output_dtype(dtype))  # fp8 inputs give bfloat16
     arrays, reasons, notes = returned_arrays(output, context)
     base = Result(name, spec.display_name, dtype, rule, "FAIL", reasons, notes=notes, backward=context.backward)
     if reasons and not arrays:
@@ -111,7 +125,8 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
             continue
         if out.dtype != dt:
             what = "" if t.name == "output" else f"{t.name} in "
-            reasons.append(f"returned {what}dtype {out.dtype}, not the {dtype} it was given")
+            given = f"the {dtype} it was given" if dtype == output_dtype(dtype) else f"bfloat16 for {dtype} inputs"
+            reasons.append(f"returned {what}dtype {out.dtype}, not {given}")
         values[part] = out.astype(dt).astype(np.float64).reshape(-1)
         checked[part] = True
     if not checked.any():

@@ -14,7 +14,7 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
-from symattn.backends.floats import FloatXP, dtype_of, unit_roundoff
+from symattn.backends.floats import FP8, FloatXP, dtype_of, output_dtype, unit_roundoff
 from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 from symattn.spec import AttentionSpec
@@ -107,7 +107,7 @@ def step_bounds(graph, leaves: dict, names, dtype: str) -> dict:
 
     budget = budgets(graph, leaves, dtype, names)
     values = graph.forward(FloatXP("float64", leaves), names)
-    dt = dtype_of(dtype)
+    dt = dtype_of(output_dtype(dtype))
     out = {}
     for name in names:
         magnitude = np.abs(np.where(np.isfinite(values[name]), values[name], 0))
@@ -184,7 +184,9 @@ class Context:
             values = np.abs(self.exact_f[part][finite[part]])
             scale = float(values.max()) if values.size else 0.0
             self.floor[part] = FLOOR_SCALE * scale
-            self.one_rounding.append(float(np.spacing(np.array(scale).astype(dtype_of(dtype))).astype(np.float64)))
+            self.one_rounding.append(
+                float(np.spacing(np.array(scale).astype(dtype_of(output_dtype(dtype)))).astype(np.float64))
+            )
         self.kappa = None
         if not backward and self.exact_f.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
@@ -293,7 +295,12 @@ def _by_blocks(spec, graph, names, computes) -> list[dict]:
 def runs_of(graph, leaves: dict, dtype: str, names, reordered: bool = False) -> dict:
     """The steps ``names`` (forward or backward) of the graph run in ``dtype`` on the given leaves,
     straightforwardly or reordered, as float64 arrays."""
-    xp = (_Reordered if reordered else FloatXP)(dtype, leaves)
+    if dtype in FP8:  # FlashAttention-3's computation, whole rows and by blocks (``backends/fp8.py``)
+        from symattn.backends.fp8 import Fa3Blocked, Fa3XP
+
+        xp = (Fa3Blocked if reordered else Fa3XP)(dtype, leaves)
+    else:
+        xp = (_Reordered if reordered else FloatXP)(dtype, leaves)
     with np.errstate(all="ignore"):
         values = graph.values(xp, names)
     return {name: np.asarray(xp.result(values[name]), dtype=np.float64) for name in names}
