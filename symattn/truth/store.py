@@ -234,8 +234,9 @@ def read(path, what: str = "truth") -> tuple[dict, dict]:
     arrays, meta = read_arrays(Path(path))
     if meta.get("format") != FORMAT:
         raise Corrupt(f"is not a {FORMAT} file (format {meta.get('format')!r})")
-    for key, kind in (("digits", int), ("bits", int), ("escalated", int), ("steps", list), ("spec", dict),
-                      ("engine", str), ("method", str), ("key", str), ("spec_digest", str), ("spec_name", str)):  # fmt: skip
+    kinds = {"digits": int, "bits": int, "escalated": int, "steps": list, "spec": dict, "engine": str, "method": str,
+             "key": str, "spec_digest": str, "spec_name": str}  # fmt: skip
+    for key, kind in kinds.items():
         if not isinstance(meta.get(key), kind):
             raise Corrupt(f"has no {key} in its metadata")
     return arrays, meta
