@@ -46,6 +46,8 @@ def spec_parts(spec) -> dict:
         value = getattr(spec, f.name)
         if not f.compare or f.name == "name" or value is None or value == ():
             continue
+        if f.name == "dout" and all(m.is_rational and not any(e != 1 for e in _entries(m)) for m in value):
+            continue  # all ones is what no dout means
         h = hashlib.sha256()
         _feed(h, value)
         out[f.name] = h.hexdigest()[:32]
@@ -69,9 +71,10 @@ def truth_key(parts: dict, digits: int, engine: str, method: str, names) -> str:
 def _feed(h, value) -> None:
     """Canonical bytes of a spec field's value into the hash h (type-tagged, so that no two values collide)."""
     if isinstance(value, Matrix):
-        if value.is_float:  # the exact values of a float array: its float64 bytes (-0.0 as 0.0)
+        floats = _float64(value)
+        if floats is not None:  # every entry a float64 exactly, however given: the float64 bytes (-0.0 as 0.0)
             h.update(b"F%r" % (value.shape,))
-            h.update(np.ascontiguousarray(value.float64() + 0.0).tobytes())
+            h.update(np.ascontiguousarray(floats + 0.0).tobytes())
         else:
             h.update(b"E%r" % (value.shape,))
             for row in value.rows:
@@ -105,7 +108,8 @@ def _feed(h, value) -> None:
         h.update(b"B%d" % bool(value))
     elif isinstance(value, numbers.Integral):
         h.update(b"I%d;" % int(value))
-    elif isinstance(value, Fraction):
+    elif isinstance(value, (Fraction, float, np.floating)):
+        value = Fraction(value)
         h.update(b"Q%d/%d;" % (value.numerator, value.denominator))
     elif isinstance(value, str):
         data = value.encode()
@@ -114,6 +118,23 @@ def _feed(h, value) -> None:
         h.update(b"N")
     else:
         raise TypeError(f"no canonical form for a spec value of type {type(value).__name__}")
+
+
+def _float64(m: Matrix) -> np.ndarray | None:
+    """The matrix's values as float64 when each is exactly a float64 (a float array; integers and dyadic
+    rationals from a file), else None: equal values hash alike whichever form they came in."""
+    if m.is_float:
+        return m.float64()
+    if not m.is_rational:
+        return None
+    values = m.float64()
+    exact = all(Fraction(float(v)) == e for v, e in zip(values.reshape(-1).tolist(), _entries(m), strict=True))
+    return values if exact else None
+
+
+def _entries(m: Matrix):
+    for row in m.rows:
+        yield from row
 
 
 # Checked arrays on disk.

@@ -37,12 +37,16 @@ ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else 
 
 
 def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
-           digits="auto") -> list[Result]:  # fmt: skip
+           digits="auto", cache=None, truth=None) -> list[Result]:  # fmt: skip
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
     dbias, dsinks) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
     "auto" (25, or for a large spec verified in a dtype other than float64 9 to 12: ``auto_digits``) or a number.
+    ``cache``: a folder of certified truths and reference measures (``truth/cache.py``), read where they are
+    there for exactly this verification and filed where not.  ``truth``: a Truth or the path of a truth file
+    (``Truth.save``, ``symattn eval --save``) certified for exactly the inputs verified (as rounded to the dtype),
+    used instead of computing one.  Each Result's ``environment`` gives the versions and devices used.
 
     >>> from symattn.verifier.seed import notebook_algorithm
     >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]
@@ -71,7 +75,7 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     for name, fn in named:
         cast = getattr(fn, "cast", None)
         if cast not in contexts:
-            contexts[cast] = Context(spec, dtype, cast, backward, digits)
+            contexts[cast] = Context(spec, dtype, cast, backward, digits, cache, truth)
         results.append(run(fn, name, contexts[cast], rule))
     return results
 
