@@ -108,8 +108,9 @@ def test_pytest_helper_on_torch_tensors():
         return F.scaled_dot_product_attention(q, k, v, is_causal=not causal, scale=scale)
 
     message = (
-        r"^flipped is not close to the exact attention on spec \(batch element 0\) in bfloat16 \(rule kappa\): "
-        r".*Worst entry head\d+\[\d+, \d+\]: float .*, exact .*, error .*, bound .*"
+        r"^batch element 0: flipped is not close to the exact attention on spec in bfloat16 \(rule kappa\): "
+        r".*Worst entry output\[\d+, \d+, \d+\] \(head \d+, row \d+, column \d+\): float .*, exact .*, error .*, "
+        r"bound .*"
     )
     with pytest.raises(AssertionError, match=message):
         assert_attention_close(flipped, q=q, k=k, v=v, causal=True, dtype="bfloat16")
