@@ -529,3 +529,12 @@ def test_the_environment_reads_versions_without_importing(monkeypatch):
     found = versions()
     assert "sympy" not in sys.modules  # read from its installed metadata, not imported
     assert found["sympy"] is not None and found["sympy"] == __import__("importlib").metadata.version("sympy")
+
+
+def test_every_built_in_example_has_a_key():
+    from symattn.load import builtin_names
+
+    parts = [store.spec_parts(symattn.load_spec(name)) for name in builtin_names()]
+    assert len({store.digest(p) for p in parts}) == len(parts)  # all different
+    assert all(store.digest(p) == store.digest(store.spec_parts(symattn.load_spec(n))) for p, n in zip(
+        parts, builtin_names(), strict=True))  # fmt: skip
