@@ -538,3 +538,16 @@ def test_every_built_in_example_has_a_key():
     assert len({store.digest(p) for p in parts}) == len(parts)  # all different
     assert all(store.digest(p) == store.digest(store.spec_parts(symattn.load_spec(n))) for p, n in zip(
         parts, builtin_names(), strict=True))  # fmt: skip
+
+
+def test_measures_of_the_wrong_shape_are_computed_again(tmp_path, caplog):
+    symattn.verify(KERNEL, ["tools.impls:kernel_straightforward"], cache=tmp_path)
+    (measures,) = [
+        p for p in tmp_path.iterdir() if "key" in store.read_arrays(p)[1] and "steps" not in store.read_arrays(p)[1]
+    ]
+    arrays, meta = store.read_arrays(measures)
+    store.write_arrays(measures, {**arrays, "budget": arrays["budget"][:-1]}, meta, "cache")  # sound, but short
+    with caplog.at_level("WARNING", logger="symattn"):
+        (result,) = symattn.verify(KERNEL, ["tools.impls:kernel_straightforward"], cache=tmp_path)
+    assert result.passed and "does not hold the arrays expected" in caplog.text
+    assert store.read_arrays(measures)[0]["budget"].shape == arrays["budget"].shape

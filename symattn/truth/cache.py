@@ -47,13 +47,16 @@ def truth(cache, spec, graph, digits: int, engine: str, method: str, names, comp
     return computed
 
 
-def arrays(cache, key: str, compute) -> dict:
+def arrays(cache, key: str, compute, expected: dict) -> dict:
     """Named arrays (the verifier's reference measures) from the cache under ``key``, or ``compute()``'s, then
-    filed."""
+    filed.  ``expected``: name -> shape of each array an entry must hold (an optional one: shape or None)."""
     path = folder(cache) / f"{key}.npz"
     found = _read(path, key, kind=None)
     if found is not None:
-        return found[0]
+        held = {name: a.shape for name, a in found[0].items() if a.dtype.kind == "f"}
+        if all(held.get(name) == shape or (shape is None and name not in held) for name, shape in expected.items()):
+            return found[0]
+        _warn(path, "does not hold the arrays expected")
     computed = compute()
     store.write_arrays(path, computed, {"key": key}, "cache")
     return computed

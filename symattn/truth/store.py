@@ -229,10 +229,10 @@ def save(truth, path, what: str = "save") -> None:
     arrays = {}
     for name in truth.names:
         known = truth.known[name]
+        if known.excluded is not None:
+            arrays[f"{name}.excluded"] = np.asarray(known.excluded, dtype=bool)
         if known.mid is not None:
             arrays[f"{name}.mid"], arrays[f"{name}.rad"], arrays[f"{name}.ok"] = known.mid, known.rad, known.ok
-            if known.excluded is not None:
-                arrays[f"{name}.excluded"] = np.asarray(known.excluded, dtype=bool)
         else:
             matrix = truth[name]
             arrays[f"{name}.text"] = np.array(matrix.values, dtype=str)
@@ -276,17 +276,17 @@ def rebuild(arrays: dict, meta: dict, spec, graph=None):
     try:
         for name in names:
             shape = shapes[name]
+            excluded = arrays.get(f"{name}.excluded")
+            excluded = None if excluded is None else _shaped(excluded, shape, "b")
             if f"{name}.mid" in arrays:
                 known = Known(
-                    excluded=arrays.get(f"{name}.excluded"),
+                    excluded=excluded,
                     mid=_shaped(arrays[f"{name}.mid"], shape, "f"),
                     rad=_shaped(arrays[f"{name}.rad"], shape, "f"),
                     ok=_shaped(arrays[f"{name}.ok"], shape, "b"),
                 )
-                if known.excluded is not None:
-                    _shaped(known.excluded, shape, "b")
             else:
-                known = Known()
+                known = Known(excluded=excluded)
                 rows = (
                     _shaped(arrays[f"{name}.text"], shape, "U").tolist(),
                     _shaped(arrays[f"{name}.digits"], shape, "i").tolist(),

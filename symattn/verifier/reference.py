@@ -160,7 +160,12 @@ class Context:
         else:
             from symattn.truth import cache as cached
 
-            measures = cached.arrays(cache, self._measures_key(spec, names), lambda: self._measures(spec, names))
+            size = (self.exact_f.size,)
+            kappa = size if not backward and self.exact_f.size <= KAPPA_LIMIT else None
+            shapes = {"budget": size, "reference_errors": size, "input_effect": (), "kappa": kappa}
+            measures = cached.arrays(
+                cache, self._measures_key(spec, names), lambda: self._measures(spec, names), shapes
+            )
         self.budget, self.reference_errors = measures["budget"], measures["reference_errors"]
         self.input_effect = float(measures["input_effect"])
         self.kappa = measures.get("kappa")  # the entries' condition numbers (small forward outputs only)
