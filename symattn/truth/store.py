@@ -46,7 +46,7 @@ def spec_parts(spec) -> dict:
         value = getattr(spec, f.name)
         if not f.compare or f.name == "name" or value is None or value == ():
             continue
-        if f.name == "dout" and all(m.is_rational and not any(e != 1 for e in _entries(m)) for m in value):
+        if f.name == "dout" and all(_all_ones(m) for m in value):
             continue  # all ones is what no dout means
         h = hashlib.sha256()
         _feed(h, value)
@@ -130,6 +130,12 @@ def _float64(m: Matrix) -> np.ndarray | None:
     values = m.float64()
     exact = all(Fraction(float(v)) == e for v, e in zip(values.reshape(-1).tolist(), _entries(m), strict=True))
     return values if exact else None
+
+
+def _all_ones(m: Matrix) -> bool:
+    if m.is_float:
+        return bool(np.all(m.float64() == 1))
+    return m.is_rational and all(e == 1 for e in _entries(m))
 
 
 def _entries(m: Matrix):
@@ -249,7 +255,7 @@ def save(truth, path, what: str = "save") -> None:
     write_arrays(path, arrays, truth_meta(truth, spec_parts(truth.spec)), what)
 
 
-def read(path, what: str = "truth") -> tuple[dict, dict]:
+def read(path) -> tuple[dict, dict]:
     """(arrays, meta) of a truth file; ``Corrupt`` for one that is damaged or is not a truth file, and
     FileNotFoundError for none."""
     arrays, meta = read_arrays(Path(path))
