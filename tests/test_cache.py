@@ -300,6 +300,9 @@ def test_save_and_truth_round_trip_through_the_cli(cli, tmp_path, monkeypatch):
     ran = cli("eval", "hand.json", "--digits", "30", "--save", "t.npz", cwd=tmp_path)
     assert ran.returncode == 0 and (tmp_path / "t.npz").is_file()
     plain = cli("verify", "hand.json", "--json", cwd=tmp_path)
+    assert cli("eval", "hand.json", "--grad", "--digits", "30", "--save", "g.npz", cwd=tmp_path).returncode == 0
+    backward = cli("verify", "hand.json", "--backward", "--truth", "g.npz", cwd=tmp_path)  # dout: ones, as none
+    assert backward.returncode == 0, backward.stderr
     no_evaluation(monkeypatch, measures=False)  # the measures are computed, the truth is not
     given = cli("verify", "hand.json", "--json", "--truth", "t.npz", cwd=tmp_path)
     assert plain.returncode == given.returncode == 0
@@ -309,9 +312,6 @@ def test_save_and_truth_round_trip_through_the_cli(cli, tmp_path, monkeypatch):
         assert x["verdict"] == y["verdict"] == "PASS"
     bfloat16 = cli("verify", "hand.json", "--truth", "t.npz", "--dtype", "bfloat16", cwd=tmp_path)
     assert bfloat16.returncode == 0  # these inputs are bfloat16 numbers: the same truth
-    assert cli("eval", "hand.json", "--grad", "--digits", "30", "--save", "g.npz", cwd=tmp_path).returncode == 0
-    backward = cli("verify", "hand.json", "--backward", "--truth", "g.npz", cwd=tmp_path)  # dout: ones, as none
-    assert backward.returncode == 0, backward.stderr
 
 
 def test_a_truth_of_another_spec_is_a_one_line_error(cli, tmp_path):
