@@ -89,7 +89,8 @@ class Result:
 
     ``verdict`` is one of VERDICTS: PASS, FAIL, UNSUPPORTED (the spec sets an option the implementation cannot
     take) or ERROR (it raised; ``raised`` holds the exception).  ``lines()`` is the text ``symattn verify``
-    prints, ``to_json()`` one result of ``--json``.
+    prints, ``to_json()`` one result of ``--json``; ``devices`` where the returned arrays were, and
+    ``environment`` the versions and platform with them.
     """
 
     name: str
