@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
 
     spec_help = f"a built-in example ({', '.join(builtin_names())}) or a path to a .json, .toml or .npz spec file"
     grad_help = "the backward steps too (gradients of the sum of outputs, or of the spec's dout)"
+    cache_help = (
+        "a folder of certified truths, keyed by exactly what was certified: read when there, written when not; "
+        "default: none"
+    )
     parser = _Parser(
         prog="symattn",
         description="Exact multi-head self-attention: closed forms, certified ground truth, notebook parity.",
@@ -98,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.add_argument("--exact", action="store_true", help="include the closed forms (needs SymPy; slow for big specs)")
     ev.add_argument("--grad", action="store_true", help=grad_help)
+    ev.add_argument(
+        "--save", metavar="FILE.npz", help="also write the truth to this file, for verify to read back; default: none"
+    )
+    ev.add_argument("--cache", metavar="DIR", help=cache_help)
 
     gen = command("generate", "emit a standalone NumPy module computing the attention")
     gen.add_argument("spec", metavar="SPEC", help=spec_help)
@@ -169,6 +177,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="verify backward implementations: they take the inputs and dout (the spec's, else all ones) and "
         "return the input gradients (a dict by name, or a tuple in input order)",
+    )
+    ver.add_argument("--cache", metavar="DIR", help=cache_help + " (the reference runs' measures too)")
+    ver.add_argument(
+        "--truth",
+        metavar="FILE.npz",
+        help="a truth that eval saved, certified for exactly the inputs verified (as rounded to the dtype), used "
+        "instead of computing one; default: none",
     )
 
     nb = command("notebook", "check every number a notebook printed against the exact values")
@@ -269,7 +284,11 @@ def _eval(args) -> int:
         f"{spec.L}×{spec.S} scores",
         spec.h * spec.L * spec.S + entries,
     )
-    truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names)
+    truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names, cache=args.cache)
+    if args.save:
+        from symattn.truth import store
+
+        store.save(truth, args.save, "--save")
     trace = None
     if args.exact:
         from symattn.trace import build
@@ -408,8 +427,10 @@ def _verify(args) -> int:
         f"{progress.count(spec.h, 'head')} of {spec.L}×{spec.S} scores",
         spec.h * spec.L * spec.S + entries,
     )
-    results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits,
-                     paged=args.paged, device=args.device)  # fmt: skip
+    results = verify(
+        spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits, paged=args.paged,
+        device=args.device, cache=args.cache, truth=args.truth,
+    )  # fmt: skip
     if args.plot:
         from symattn.verifier.report import plot
 

@@ -10,17 +10,20 @@ unless ``dtype`` says otherwise (cast by that framework, as it would cast them),
 ``--impl`` convention; the truth is certified on exactly those values.  A leading batch axis is allowed: the
 implementation is called once with the whole batch, then each element's slice of its result is measured against
 the truth for that element's inputs (options are shared by every element), and the first element that fails
-raises.  A failed verdict raises AssertionError naming the worst entries; an option the
-implementation cannot take (UNSUPPORTED) or bad usage raises SymattnError; what the implementation raises is
-raised again.
+raises ("batch element 3: ..." first).  A failed verdict raises AssertionError naming the worst entries (their
+index in the returned array, and their head, row and column); an option the implementation cannot take
+(UNSUPPORTED) or bad usage raises SymattnError; what the implementation raises is raised again.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from symattn.backends.floats import DTYPES
 from symattn.errors import SymattnError
+from symattn.verifier import environment
 from symattn.verifier.convention import KERNEL_POSITIONAL as KERNEL
 from symattn.verifier.convention import PROJECTION_POSITIONAL as PROJECTION
 from symattn.verifier.convention import call, output_array
@@ -44,7 +47,7 @@ def assert_attention_close(
             raise SymattnError("assert_attention_close: give a spec or the input tensors, not both")
         from symattn.load import load_spec
 
-        _check(fn, name, Context(load_spec(spec), dtype or "float64", backward=backward), rule, None)
+        _check(fn, name, Context(load_spec(spec), dtype or "float64", backward=backward, cache=_cache()), rule, None)
         return
     form = KERNEL if "q" in given else PROJECTION
     missing = [key for key in form if key not in given]
@@ -70,7 +73,7 @@ def assert_attention_close(
         data.update({key: framework.numpy(value) if _array_like(value) else value for key, value in options.items()})
         from symattn.load import from_dict
 
-        contexts.append(Context(from_dict(data), dtype, backward=backward))
+        contexts.append(Context(from_dict(data), dtype, backward=backward, cache=_cache()))
 
     def feed(positional, opts):
         """The framework's tensors (the cast inputs and dout, whole batch) and the options, arrays in that
@@ -94,9 +97,12 @@ def assert_attention_close(
     output, result = call(fn, name, contexts[0], feed)
     if result is not None:
         _raise(result)
+    devices = environment.devices(output)
     for b, context in enumerate(contexts):
         element = _element(output, b, name, count, len(context.shape)) if batched else output
-        _report(measure(name, element, context, rule), context, rule, f" (batch element {b})" if batched else "")
+        _report(
+            measure(name, element, context, rule, devices), context, rule, f"batch element {b}: " if batched else ""
+        )
 
 
 def _element(output, b: int, name: str, count: int, rank: int):
@@ -120,28 +126,35 @@ def _check(fn, name, context, rule, feed) -> None:
     _report(measure(name, output, context, rule), context, rule, "")
 
 
+def _cache():
+    """The truth cache's folder from SYMATTN_CACHE, or None when it is unset or empty."""
+    return os.environ.get("SYMATTN_CACHE") or None
+
+
 def _raise(result) -> None:
     if result.verdict == "ERROR":
         raise result.raised
     raise SymattnError(f"{result.name} on {result.spec}: " + "; ".join(result.reasons))
 
 
-def _report(result, context, rule: str, where: str) -> None:
+def _report(result, context, rule: str, element: str) -> None:
+    """AssertionError for a failed verdict: ``element`` ("batch element 3: ") first, then the worst entries,
+    each by its index in the returned array and in words (head, row, column)."""
     if result.passed:
         return
     message = (
-        f"{result.name} is not close to the exact attention{' gradients' if context.backward else ''} on "
-        f"{context.spec.display_name}{where} in "
+        f"{element}{result.name} is not close to the exact attention{' gradients' if context.backward else ''} on "
+        f"{context.spec.display_name} in "
         f"{context.dtype} (rule {rule}): " + "; ".join(result.reasons)
     )
     if result.entries:
         worst = result.entries[0]
         message += (
-            f". Worst entry {worst.where}: float {worst.value!r}, exact {worst.exact}, "
+            f". Worst entry {worst.named}: float {worst.value!r}, exact {worst.exact}, "
             f"error {worst.abs_error:.3g} ({worst.ulps:.3g} ulps), bound {worst.kappa_bound:.3g}"
         )
         others = [
-            f"{e.where}: float {e.value!r}, exact {e.exact[:20]}, error {e.abs_error:.3g}, bound {e.kappa_bound:.3g}"
+            f"{e.named}: float {e.value!r}, exact {e.exact[:20]}, error {e.abs_error:.3g}, bound {e.kappa_bound:.3g}"
             for e in result.entries[1:3]
             if e.abs_error > e.kappa_bound
         ]

@@ -171,6 +171,8 @@ HELP_OPTIONS = {  # every option of every command, with the choices and default 
         "--json": "off",
         "--exact": "off",
         "--grad": "off",
+        "--save": None,
+        "--cache": None,
     },
     "generate": {
         "--output": None,
@@ -189,6 +191,8 @@ HELP_OPTIONS = {  # every option of every command, with the choices and default 
         "--plot": None,
         "--digits": "auto",
         "--backward": "off",
+        "--cache": None,
+        "--truth": None,
     },
     "notebook": {"--spec": None},
 }

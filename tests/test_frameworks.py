@@ -108,8 +108,9 @@ def test_pytest_helper_on_torch_tensors():
         return F.scaled_dot_product_attention(q, k, v, is_causal=not causal, scale=scale)
 
     message = (
-        r"^flipped is not close to the exact attention on spec \(batch element 0\) in bfloat16 \(rule kappa\): "
-        r".*Worst entry head\d+\[\d+, \d+\]: float .*, exact .*, error .*, bound .*"
+        r"^batch element 0: flipped is not close to the exact attention on spec in bfloat16 \(rule kappa\): "
+        r".*Worst entry output\[\d+, \d+, \d+\] \(head \d+, row \d+, column \d+\): float .*, exact .*, error .*, "
+        r"bound .*"
     )
     with pytest.raises(AssertionError, match=message):
         assert_attention_close(flipped, q=q, k=k, v=v, causal=True, dtype="bfloat16")
@@ -375,3 +376,24 @@ def test_jax_dpa_with_another_v_head_size_is_unsupported_through_the_cli(tmp_pat
     assert r["reasons"] == [
         "jax.nn.dot_product_attention needs V's head size equal to Q's and K's (the spec has E 3, E_v 2)"
     ]
+
+
+def test_the_environment_records_torch_and_the_device_its_output_was_on(tmp_path, monkeypatch):
+    q, k, v = random_qkv(seed=5)
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "causal": True})
+    (r,) = verify(spec, ["torch_sdpa"], dtype="bfloat16", cache=tmp_path)
+    assert r.passed and r.devices == ["cpu"]
+    assert r.environment["torch"] == torch.__version__ and r.environment["devices"] == ["cpu"]
+    (again,) = verify(spec, ["torch_sdpa"], dtype="bfloat16", cache=tmp_path)  # torch's rounding: its own entry
+    assert again.to_json() == r.to_json() and len(list(tmp_path.iterdir())) == 2
+
+    def planted(q, k, v, *, scale, causal=False):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        out[2, 1, 3, 0] += 1  # batch element 2, head 1, row 3, column 0
+        return out
+
+    monkeypatch.setenv("SYMATTN_CACHE", str(tmp_path / "helper"))
+    batch = [torch.stack([t] * 3) for t in random_qkv(seed=6, H_kv=4)]
+    with pytest.raises(AssertionError, match=r"^batch element 2: planted is not close .* output\[1, 3, 0\] \(head 1, "):
+        assert_attention_close(planted, q=batch[0], k=batch[1], v=batch[2], causal=True)
+    assert len(list((tmp_path / "helper").iterdir())) == 2  # three equal elements: one truth and its measures

@@ -28,19 +28,21 @@ import numpy as np
 from symattn.backends.floats import FP8, dtype_of, output_dtype
 from symattn.errors import SymattnError
 from symattn.load import load_spec
+from symattn.verifier import environment
 from symattn.verifier.adapters import check_device
 from symattn.verifier.convention import call, load_impl, returned_arrays
 from symattn.verifier.paged import check_page
 from symattn.verifier.paged import note as paged_note
 from symattn.verifier.reference import FLOOR_ULPS, Context
-from symattn.verifier.report import Entry, Result
+from symattn.verifier.report import Entry, Result, describe, place
 
 RULES = ("kappa", "differential", "both")
 ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else the worst this many
 
 
 def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
-           digits="auto", paged=None, device: str | None = None) -> list[Result]:  # fmt: skip
+           digits="auto", paged=None, device: str | None = None, cache=None,
+           truth=None) -> list[Result]:  # fmt: skip
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
@@ -51,6 +53,10 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     ``paged``: a page size; k and v reach each implementation as a paged KV cache (``verifier/paged.py``).
     ``device``: where the built-in adapters named by string run ("cpu", "cuda", "cuda:N"; None: the frameworks'
     default); asking for CUDA where there is none is an error.
+    ``cache``: a folder of certified truths and reference measures (``truth/cache.py``), read where they are
+    there for exactly this verification and filed where not.  ``truth``: a Truth or the path of a truth file
+    (``Truth.save``, ``symattn eval --save``) certified for exactly the inputs verified (as rounded to the dtype),
+    used instead of computing one.  Each Result's ``environment`` gives the versions and devices used.
 
     >>> from symattn.verifier.seed import notebook_algorithm
     >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]
@@ -86,7 +92,7 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     for name, fn in named:
         cast = getattr(fn, "cast", None) if dtype not in FP8 else None  # fp8: ml_dtypes rounds
         if cast not in contexts:
-            contexts[cast] = Context(spec, dtype, cast, backward, digits)
+            contexts[cast] = Context(spec, dtype, cast, backward, digits, cache, truth)
         results.append(run(fn, name, contexts[cast], rule, paged))
     return results
 
@@ -103,13 +109,17 @@ def run(fn, name: str, context: Context, rule: str, paged: int | None = None) ->
     return result
 
 
-def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
+def measure(name: str, output, context: Context, rule: str = "kappa", devices=None) -> Result:
     """Measure what an implementation returned (an output array; backward: its gradients) against the truth
-    for the spec's inputs rounded to the dtype."""
+    for the spec's inputs rounded to the dtype.  ``devices``: where the output was made (by default read from
+    it: ``environment.devices``)."""
     spec, dtype = context.spec, context.dtype
     dt = dtype_of(output_dtype(dtype))  # fp8 inputs give bfloat16
+    devices = environment.devices(output) if devices is None else devices
     arrays, reasons, notes = returned_arrays(output, context)
-    base = Result(name, spec.display_name, dtype, rule, "FAIL", reasons, notes=notes, backward=context.backward)
+    base = Result(
+        name, spec.display_name, dtype, rule, "FAIL", reasons, notes=notes, backward=context.backward, devices=devices
+    )
     if reasons and not arrays:
         return base
     size = context.exact_f.size
@@ -135,9 +145,10 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     finite = np.isfinite(e)
     bad = np.flatnonzero(checked & finite & ~np.isfinite(values))
     if bad.size:
-        step, i, j = context.where(int(bad[0]))
+        array, index, head = _place(context, int(bad[0]))
+        where = f"{array}[{', '.join(map(str, index))}] ({describe(array, index, head)})"
         what = "output" if not context.backward else "the gradient"
-        reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {bad.size - 1} more entries")
+        reasons.append(f"{what} is not finite at {where} ({values[bad[0]]}) and {bad.size - 1} more entries")
     error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
     with np.errstate(all="ignore"):
         floors = np.spacing(context.floor.astype(dt)).astype(np.float64)
@@ -176,6 +187,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     for k, text in zip(order.tolist(), texts, strict=True):
         step, i, j = context.where(k)
         kappa = None if context.kappa is None else float(context.kappa[k])
+        array, index, head = _place(context, k)
         entries.append(
             Entry(
                 step,
@@ -189,6 +201,9 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
                 float(bits[k]),
                 float(allowance[k]),
                 kappa,
+                array,
+                index,
+                head,
             )  # fmt: skip
         )
     max_err = float(error[checked].max(initial=0.0))
@@ -208,7 +223,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     if not kappa_ok and rule in ("kappa", "both"):
         worst = entries[0]
         reasons.append(
-            f"{worst.where} = {worst.value!r} is {worst.abs_error:.3g} from the exact "
+            f"{worst.named} = {worst.value!r} is {worst.abs_error:.3g} from the exact "
             f"{worst.exact[:22]}, beyond the kappa bound {worst.kappa_bound:.3g}"
         )
     if not differential_ok and rule in ("differential", "both"):
@@ -238,7 +253,17 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         notes,
         context.backward,
         context.targets[worst_target].name,
+        devices=devices,
     )
+
+
+def _place(context: Context, k: int) -> tuple:
+    """(array, index, head) of flat entry k: the returned array it is in ("output" in the kernel form, "M", or a
+    gradient's name), its index there, and its head (None where heads mix)."""
+    n = next(n for n, part in enumerate(context.slices) if part.start <= k < part.stop)
+    target = context.targets[n]
+    array = target.name if target.name != "output" else ("M" if len(target.shape) == 2 else "output")
+    return (array, *place(array, target.shape, k - context.slices[n].start))
 
 
 def _relative(error: float, magnitude: float) -> float:

@@ -26,6 +26,7 @@ KAPPA_LIMIT = 4096  # condition numbers are reported for outputs up to this many
 DIGITS = 25  # of the truth: far more than any float dtype has
 LARGE_DIGITS = 12  # at most, of the truth of a large spec in a half or single dtype (the enclosures certify them)
 BEYOND_DTYPE = 6  # digits of the truth beyond the dtype's unit roundoff, for such a spec
+MEASURES_FORMAT = 1  # of the reference measures in a truth cache
 
 
 def auto_digits(spec, dtype: str, names, graph) -> int:
@@ -121,8 +122,8 @@ class Context:
     truth of every returned entry (flattened, target after target), the error budget and reference errors
     there, and the ulp floors."""
 
-    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None):
-        from symattn.backends.budget import budgets
+    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None,
+                 cache=None, truth=None):  # fmt: skip
         from symattn.truth.evaluation import evaluate
 
         dtype_of(dtype)
@@ -136,7 +137,10 @@ class Context:
         self.targets = targets(self.graph, backward)
         names = [step for t in self.targets for step in t.steps]
         self.digits = auto_digits(self.args.rounded, dtype, names, self.graph) if digits in (None, "auto") else digits
-        self.truth = evaluate(self.args.rounded, digits=self.digits, progress=None, steps=names)
+        if truth is None:
+            self.truth = evaluate(self.args.rounded, digits=self.digits, progress=None, steps=names, cache=cache)
+        else:
+            self.truth = given_truth(truth, self, names)
         self.exact_f = self._flat({n: self.truth[n].to_numpy() for n in names})  # the truth rounded to float64
         # float64 results are measured against the certified decimals exactly; lower precisions against
         # float64 roundings of them (their error is far above float64's): vectorized
@@ -150,29 +154,24 @@ class Context:
                 self._starts.append(start)
                 self._steps.append((step, self.graph.step(step).shape[1]))
                 start += int(np.prod(self.graph.step(step).shape))
-        self.input_effect = self._input_effect(spec, names)
-        leaves = self.args.leaves
-        if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
-            budget, *runs = _by_blocks(
-                self.args.rounded,
-                self.graph,
-                names,
-                [
-                    lambda g: budgets(g, {}, dtype, names, working=np.float32),  # not float64's: far coarser
-                    lambda g: runs_of(g, {}, dtype, names),
-                    lambda g: runs_of(g, {}, dtype, names, reordered=True),
-                ],
-            )
-            self.budget = self._flat(budget)
+        finite = np.isfinite(self.exact_f)
+        if cache is None:
+            measures = self._measures(spec, names)
         else:
-            self.budget = self._flat(budgets(self.graph, leaves, dtype, names))
-            runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
-        errors = [self.errors(self._flat(run)) for run in runs]
-        self.reference_errors = np.maximum(*errors)  # per entry, the larger of the two runs' errors
+            from symattn.truth import cache as cached
+
+            size = (self.exact_f.size,)
+            kappa = size if not backward and self.exact_f.size <= KAPPA_LIMIT else None
+            shapes = {"budget": size, "reference_errors": size, "input_effect": (), "kappa": kappa}
+            measures = cached.arrays(
+                cache, self._measures_key(spec, names), lambda: self._measures(spec, names), shapes
+            )
+        self.budget, self.reference_errors = measures["budget"], measures["reference_errors"]
+        self.input_effect = float(measures["input_effect"])
+        self.kappa = measures.get("kappa")  # the entries' condition numbers (small forward outputs only)
         # per target: where its entries are, its largest reference error, its ulp floor and one rounding there
         self.slices, self.target_reference_error, self.one_rounding = [], [], []
         self.floor = np.zeros(self.exact_f.size)
-        finite = np.isfinite(self.exact_f)
         start = 0
         for t in self.targets:
             size = int(np.prod(t.shape))
@@ -187,12 +186,54 @@ class Context:
             self.one_rounding.append(
                 float(np.spacing(np.array(scale).astype(dtype_of(output_dtype(dtype)))).astype(np.float64))
             )
-        self.kappa = None
-        if not backward and self.exact_f.size <= KAPPA_LIMIT:
+
+    def _measures(self, spec, names) -> dict:
+        """What the truth is compared with, as arrays over the flat entries: the error budget, the reference
+        runs' larger error, the condition numbers (small forward outputs), and the input-rounding effect."""
+        from symattn.backends.budget import budgets
+
+        dtype, leaves = self.dtype, self.args.leaves
+        if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
+            budget, *runs = _by_blocks(
+                self.args.rounded,
+                self.graph,
+                names,
+                [
+                    lambda g: budgets(g, {}, dtype, names, working=np.float32),  # not float64's: far coarser
+                    lambda g: runs_of(g, {}, dtype, names),
+                    lambda g: runs_of(g, {}, dtype, names, reordered=True),
+                ],
+            )
+        else:
+            budget = budgets(self.graph, leaves, dtype, names)
+            runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
+        errors = [self.errors(self._flat(run)) for run in runs]
+        out = {
+            "budget": self._flat(budget),
+            "reference_errors": np.maximum(*errors),  # per entry, the larger of the two runs' errors
+            "input_effect": np.array(self._input_effect(spec, names)),
+        }
+        if not self.backward and self.exact_f.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
                 sens = np.asarray(sensitivity(self.graph, leaves)).reshape(-1)
+                finite = np.isfinite(self.exact_f)
                 magnitude = np.where(finite, np.abs(self.exact_f), 0.0)
-                self.kappa = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
+                out["kappa"] = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
+        return out
+
+    def _measures_key(self, spec, names) -> str:
+        """The cache key of the measures: the truth's, the dtype, the inputs before rounding (the input-rounding
+        effect), and NumPy's version and the machine (the reference runs' rounding)."""
+        import platform
+
+        from symattn.truth import store
+
+        return store.digest(
+            {"measures": MEASURES_FORMAT, "rounded": store.spec_parts(self.args.rounded),
+             "given": store.spec_parts(spec), "dtype": self.dtype, "backward": self.backward, "steps": names,
+             "digits": self.digits, "truth_digits": self.truth.digits, "numpy": np.__version__,
+             "machine": platform.machine()}
+        )  # fmt: skip
 
     def _input_effect(self, spec, names) -> float:
         """max |truth(rounded inputs) − truth(exact inputs)|: certified at small sizes; on the large path the
@@ -213,7 +254,7 @@ class Context:
                     (float(np.nanmax(np.abs(self.truth[n].to_numpy() - b[n]), initial=0.0)) for n in both),
                     default=0.0,
                 )
-        original = evaluate(spec, digits=self.digits, progress=False, steps=both)
+        original = evaluate(spec, digits=self.truth.digits, progress=False, steps=both)  # as many as the truth's
         return max(
             (
                 _difference(x, y)
@@ -271,6 +312,48 @@ class Context:
     def _flat(self, values: dict) -> np.ndarray:
         parts = [np.asarray(values[step]).reshape(-1) for t in self.targets for step in t.steps]
         return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def given_truth(truth, context: Context, names):
+    """A truth handed to the verifier (a Truth, or the path of a file ``Truth.save`` wrote), checked: certified
+    for exactly the inputs this verification certifies (as rounded to its dtype), with every step it measures,
+    to at least its digits.  Else a SymattnError that says what differs."""
+    from symattn.errors import printable
+    from symattn.truth import store
+    from symattn.truth.result import Truth
+
+    parts = store.spec_parts(context.args.rounded)
+    if isinstance(truth, Truth):
+        shown, arrays = "truth", None
+        meta = {"spec": store.spec_parts(truth.spec), "digits": truth.digits, "steps": truth.names}
+        meta["spec_digest"] = store.digest(meta["spec"])
+    else:
+        shown = printable(str(truth))
+        arrays, meta = store.open_file(truth, "truth")
+    why = ""
+    if meta["spec"] != parts and meta["spec"] == store.spec_parts(context.spec):
+        why = (
+            f": it is the truth of the inputs before their rounding to {context.dtype}, and verification "
+            f"certifies the inputs the implementation receives (use --cache for a truth kept between runs)"
+        )
+    store.check_spec(meta, parts, shown, why)
+    missing = [n for n in names if n not in meta["steps"]]
+    if missing:
+        raise SymattnError(
+            f"{shown}: expected the steps {', '.join(names)} that this verification measures, received a truth "
+            f"without {', '.join(missing)}"
+        )
+    if meta["digits"] < context.digits:
+        raise SymattnError(
+            f"{shown}: expected a truth certified to at least {context.digits} digits (--digits), received one "
+            f"certified to {meta['digits']}"
+        )
+    if arrays is None:
+        return truth
+    try:
+        return store.rebuild(arrays, meta, context.args.rounded, context.graph)
+    except store.Corrupt as e:
+        raise SymattnError(f"truth: {shown} {e}") from None
 
 
 def _by_blocks(spec, graph, names, computes) -> list[dict]:
