@@ -153,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
         help="verify backward implementations: they take the inputs and dout (the spec's, else all ones) and "
         "return the input gradients (a dict by name, or a tuple in input order)",
     )
+    ver.add_argument(
+        "--lse-base",
+        default="e",
+        metavar="e|2",
+        help="the base of the lse a forward implementation returns beside its output, (out, lse) or "
+        "{'out', 'lse'} with lse (H, L): e (the natural log, FlashAttention's softmax_lse) or 2 (FlashInfer's)",
+    )
 
     nb = command("notebook", "check every number a notebook printed against the exact values")
     nb.add_argument("file", metavar="FILE", help="a text transcript ('In [N]:' cells) or an .ipynb file")
@@ -386,7 +393,9 @@ def _verify(args) -> int:
         f"{progress.count(spec.h, 'head')} of {spec.L}×{spec.S} scores",
         spec.h * spec.L * spec.S + entries,
     )
-    results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits)
+    results = verify(
+        spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits, lse_base=args.lse_base
+    )
     if args.plot:
         from symattn.verifier.report import plot
 

@@ -187,6 +187,7 @@ HELP_OPTIONS = {  # every option of every command, with the choices and default 
         "--plot": None,
         "--digits": "auto",
         "--backward": "off",
+        "--lse-base": "e",
     },
     "notebook": {"--spec": None},
 }

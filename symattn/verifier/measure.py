@@ -28,7 +28,8 @@ import numpy as np
 from symattn.backends.floats import dtype_of
 from symattn.errors import SymattnError
 from symattn.load import load_spec
-from symattn.verifier.convention import call, load_impl, returned_arrays
+from symattn.verifier.convention import Calling, arguments, call, load_impl, returned_arrays
+from symattn.verifier.lse import check_base, returns_lse
 from symattn.verifier.reference import FLOOR_ULPS, Context
 from symattn.verifier.report import Entry, Result
 
@@ -37,8 +38,11 @@ ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else 
 
 
 def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
-           digits="auto") -> list[Result]:  # fmt: skip
+           digits="auto", lse_base="e") -> list[Result]:  # fmt: skip
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
+    A forward implementation returns the output, or ``(out, lse)`` or ``{"out": ..., "lse": ...}`` with the
+    log-sum-exp of each softmax row, (H, L) in any float dtype (FlashAttention's ``softmax_lse``; in base 2 with
+    ``lse_base=2``, FlashInfer's), and then both are verified.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
     dbias, dsinks) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
@@ -52,6 +56,11 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     dtype_of(dtype)
+    lse_base = check_base(lse_base)
+    if spec.symbols:
+        raise SymattnError(
+            f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
+        )
     if digits != "auto":
         from symattn.truth.evaluation import check_digits
 
@@ -66,18 +75,27 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
             named.append((f, load_impl(f, backward)))
         else:
             named.append((getattr(f, "__name__", "implementation"), f))
-    contexts: dict = {}  # one truth per way of casting the inputs (NumPy's, torch's, JAX's)
+    callings: dict = {}  # the inputs, one per way of casting them (NumPy's, torch's, JAX's)
+    contexts: dict = {}  # one truth per cast and whether the lse is verified, made once an implementation needs it
     results = []
     for name, fn in named:
         cast = getattr(fn, "cast", None)
-        if cast not in contexts:
-            contexts[cast] = Context(spec, dtype, cast, backward, digits)
-        results.append(run(fn, name, contexts[cast], rule))
+        if cast not in callings:
+            callings[cast] = Calling(spec, dtype, backward, arguments(spec, dtype, cast, backward))
+        output, result = call(fn, name, callings[cast])
+        if result is not None:
+            result.rule, result.backward = rule, backward
+            results.append(result)
+            continue
+        lse = not backward and returns_lse(output)
+        if (cast, lse) not in contexts:
+            contexts[cast, lse] = Context(spec, dtype, cast, backward, digits, lse, lse_base, callings[cast].args)
+        results.append(measure(name, output, contexts[cast, lse], rule))
     return results
 
 
 def run(fn, name: str, context: Context, rule: str) -> Result:
-    """Call fn by the convention and measure its output."""
+    """Call fn by the convention and measure what it returned against ``context``'s truth."""
     output, result = call(fn, name, context)
     if result is not None:
         result.rule, result.backward = rule, context.backward
@@ -105,6 +123,13 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         if out.shape != t.shape:
             reasons.append(f"expected {label} of shape {'×'.join(map(str, t.shape))}, received shape {out.shape}")
             continue
+        if t.name == "lse":  # any float dtype (FlashAttention's is float32 for half inputs): read as it is
+            if out.dtype.kind != "f" and "float" not in str(out.dtype):
+                reasons.append(f"returned lse of dtype {out.dtype}, not a float dtype")
+                continue
+            values[part] = out.astype(np.float64).reshape(-1)
+            checked[part] = True
+            continue
         if out.dtype != dt:
             what = "" if t.name == "output" else f"{t.name} in "
             reasons.append(f"returned {what}dtype {out.dtype}, not the {dtype} it was given")
@@ -118,6 +143,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     if bad.size:
         step, i, j = context.where(int(bad[0]))
         what = "output" if not context.backward else "the gradient"
+        what = "lse" if context.graph.step(step).kind == "lse" else what
         reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {bad.size - 1} more entries")
     error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
     with np.errstate(all="ignore"):
@@ -161,7 +187,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
             Entry(
                 step,
                 i,
-                j,
+                None if context.graph.step(step).kind == "lse" else j,  # lse{h}[r]: one column
                 float(values[k]),
                 text,
                 float(error[k]),
@@ -199,6 +225,18 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
             f"max error{what} {target_errors[n]:.3g} exceeds {factor} × the reference runs' "
             f"{context.target_reference_error[n]:.3g} + one rounding {context.one_rounding[n]:.3g}"
         )
+    lse = None
+    for t, part in zip(context.targets, context.slices, strict=True):
+        if t.name == "lse" and checked[part].any():
+            here = counted[part]
+            scale = float(np.sqrt(np.sum(np.square(magnitude[part][here] * unit))))
+            lse = {
+                "base": context.lse_base,
+                "max_abs_error": float(error[part].max(initial=0.0)),
+                "max_ulps": float(ulps[part].max(initial=0.0)),
+                "normwise_error": float(np.sqrt(np.sum(np.square(error[part][here] * unit)))) / scale if scale else 0.0,
+                "reference_error": context.target_reference_error[context.targets.index(t)],
+            }
     return Result(
         name,
         spec.display_name,
@@ -219,6 +257,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         notes,
         context.backward,
         context.targets[worst_target].name,
+        lse=lse,
     )
 
 

@@ -15,10 +15,12 @@ from decimal import Decimal, localcontext
 import numpy as np
 
 from symattn.backends.floats import FloatXP, dtype_of, unit_roundoff
+from symattn.certify import to_decimal
 from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 from symattn.spec import AttentionSpec
 from symattn.verifier.convention import arguments, targets
+from symattn.verifier.lse import base2_text, check_base
 
 FLOOR_ULPS = 2
 FLOOR_SCALE = 2.0**-10  # ulps are measured at max(|exact|, this × the largest |exact|): zeros do not dominate
@@ -121,7 +123,10 @@ class Context:
     truth of every returned entry (flattened, target after target), the error budget and reference errors
     there, and the ulp floors."""
 
-    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None):
+    def __init__(
+        self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None, lse: bool = False,
+        lse_base="e", args=None,
+    ):  # fmt: skip
         from symattn.backends.budget import budgets
         from symattn.truth.evaluation import evaluate
 
@@ -131,18 +136,36 @@ class Context:
                 f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
             )
         self.spec, self.dtype, self.backward = spec, dtype, backward
-        self.args = arguments(spec, dtype, cast, backward)
+        self.args = args or arguments(spec, dtype, cast, backward)
         self.graph = build_graph(self.args.rounded)
-        self.targets = targets(self.graph, backward)
+        self.targets = targets(self.graph, backward, lse)
+        self.lse_base = check_base(lse_base)
         names = [step for t in self.targets for step in t.steps]
+        # base 2: the lse steps' truth, reference runs, budgets and sensitivities divided by ln 2
+        self._base2 = {s for t in self.targets if t.name == "lse" for s in t.steps} if self.lse_base == 2 else set()
         self.digits = auto_digits(self.args.rounded, dtype, names, self.graph) if digits in (None, "auto") else digits
         self.truth = evaluate(self.args.rounded, digits=self.digits, progress=None, steps=names)
-        self.exact_f = self._flat({n: self.truth[n].to_numpy() for n in names})  # the truth rounded to float64
+        self._texts2 = {
+            n: [[base2_text(v, self.digits) for v in row] for row in self.truth[n].values] for n in self._base2
+        }
+        self.exact_f = self._flat(
+            {
+                n: np.array([[float(v) if not v.startswith("<") else 0.0 for v in row] for row in self._texts2[n]])
+                if n in self._base2
+                else self.truth[n].to_numpy()
+                for n in names
+            }
+        )  # the truth rounded to float64
         # float64 results are measured against the certified decimals exactly; lower precisions against
         # float64 roundings of them (their error is far above float64's): vectorized
-        self.exact = self._flat({n: np.array(self.truth[n].tolist(), dtype=object) for n in names}) if (
-            dtype == "float64"
-        ) else None  # fmt: skip
+        self.exact = self._flat(
+            {
+                n: np.array([[to_decimal(v) for v in row] for row in self._texts2[n]], dtype=object)
+                if n in self._base2
+                else np.array(self.truth[n].tolist(), dtype=object)
+                for n in names
+            }
+        ) if dtype == "float64" else None  # fmt: skip
         self._starts, self._steps = [], []  # where each step's entries start in the flat order
         start = 0
         for t in self.targets:
@@ -150,7 +173,8 @@ class Context:
                 self._starts.append(start)
                 self._steps.append((step, self.graph.step(step).shape[1]))
                 start += int(np.prod(self.graph.step(step).shape))
-        self.input_effect = self._input_effect(spec, names)
+        # how far the inputs' rounding moves the output (or gradients): the lse's figures are its own entries'
+        self.input_effect = self._input_effect(spec, [n for t in self.targets if t.name != "lse" for n in t.steps])
         leaves = self.args.leaves
         if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
             budget, *runs = _by_blocks(
@@ -163,10 +187,16 @@ class Context:
                     lambda g: runs_of(g, {}, dtype, names, reordered=True),
                 ],
             )
-            self.budget = self._flat(budget)
         else:
-            self.budget = self._flat(budgets(self.graph, leaves, dtype, names))
+            budget = budgets(self.graph, leaves, dtype, names)
             runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
+        if self._base2:  # a right base-2 implementation: its log's error over ln 2, and one more rounding
+            u = unit_roundoff(dtype)
+            for n in self._base2:
+                for run in runs:
+                    run[n] = (run[n] / math.log(2)).astype(dtype_of(dtype)).astype(np.float64)
+                budget[n] = budget[n] / math.log(2) + u * np.abs(np.where(np.isfinite(runs[0][n]), runs[0][n], 0.0))
+        self.budget = self._flat(budget)
         errors = [self.errors(self._flat(run)) for run in runs]
         self.reference_errors = np.maximum(*errors)  # per entry, the larger of the two runs' errors
         # per target: where its entries are, its largest reference error, its ulp floor and one rounding there
@@ -189,6 +219,11 @@ class Context:
         if not backward and self.exact_f.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
                 sens = np.asarray(sensitivity(self.graph, leaves)).reshape(-1)
+                lse_steps = [s for t in self.targets if t.name == "lse" for s in t.steps]
+                if lse_steps:  # ∂lse/∂s is the softmax's weights: the same backward pass, from each lse entry
+                    parts = sensitivity(self.graph, leaves, lse_steps)
+                    scale = {n: 1 / math.log(2) if n in self._base2 else 1.0 for n in lse_steps}
+                    sens = np.concatenate([sens] + [parts[n].reshape(-1) * scale[n] for n in lse_steps])
                 magnitude = np.where(finite, np.abs(self.exact_f), 0.0)
                 self.kappa = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
 
@@ -252,7 +287,11 @@ class Context:
         for n, (step, i, j) in enumerate(places):
             by_step.setdefault(step, []).append((n, i, j))
         for step, group in by_step.items():
-            for (n, _, _), text in zip(group, self.truth[step].texts([(i, j) for _, i, j in group]), strict=True):
+            if step in self._base2:
+                texts = [self._texts2[step][i][j] for _, i, j in group]
+            else:
+                texts = self.truth[step].texts([(i, j) for _, i, j in group])
+            for (n, _, _), text in zip(group, texts, strict=True):
                 out[n] = text
         return out
 
@@ -285,7 +324,7 @@ def _by_blocks(spec, graph, names, computes) -> list[dict]:
             for name in names:
                 step = graph.step(name)
                 if name not in assembled:
-                    assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)
+                    assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)  # lse: every row
                 assembled[name][block_target(step, rows, keys)] = values[name]
     return out
 
@@ -311,7 +350,8 @@ def _difference(a, b) -> float:
 
 def _error(v: float, e) -> float:
     if not _finite(e):
-        same = (isinstance(e, Decimal) and e.is_nan() and v != v) or str(e) == repr(v)
+        same = isinstance(e, Decimal) and ((e.is_nan() and v != v) or (e.is_infinite() and float(e) == v))
+        same = same or str(e) == repr(v)
         return 0.0 if same else math.inf
     if not math.isfinite(v):
         return math.inf

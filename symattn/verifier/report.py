@@ -20,7 +20,7 @@ class Entry:
 
     step: str
     row: int
-    col: int
+    col: int | None  # None for an lse entry (one column: lse{h}[r])
     value: float  # what the implementation returned
     exact: str  # the certified truth, for the rounded inputs
     abs_error: float
@@ -32,8 +32,8 @@ class Entry:
 
     @property
     def where(self) -> str:
-        """``step[row, col]``, as reports print it."""
-        return f"{self.step}[{self.row}, {self.col}]"
+        """``step[row, col]`` (``lse{h}[row]``), as reports print it."""
+        return f"{self.step}[{self.row}]" if self.col is None else f"{self.step}[{self.row}, {self.col}]"
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Result:
     notes: list = field(default_factory=list)  # what was not verified, and why (not failures)
     backward: bool = False  # the input gradients were verified, not the output
     differential_on: str = "output"  # the returned array the differential bound is that of (backward: the worst)
+    lse: dict | None = None  # the lse's own figures (base, max_abs_error, max_ulps, normwise_error, reference_error)
     raised: BaseException | None = field(default=None, repr=False, compare=False)  # ERROR: for the pytest helper
 
     @property
@@ -87,6 +88,8 @@ class Result:
                 "differential_on", "reference_error", "input_rounding_effect", "notes",
             )
         }  # fmt: skip
+        if self.lse is not None:
+            doc["lse"] = {k: _json_number(v) for k, v in self.lse.items()}
         doc["entries"] = [{k: _json_number(v) for k, v in e.__dict__.items()} for e in self.entries]
         return doc
 
@@ -104,6 +107,13 @@ class Result:
             f"reference runs {self.reference_error:.3g}); input rounding moves the "
             f"{'gradients' if self.backward else 'output'} by {self.input_rounding_effect:.3g}"
         ]
+        if self.lse is not None:
+            lse = self.lse
+            out.append(
+                f"  lse{' (base 2)' if lse['base'] == 2 else ''}: max error {lse['max_abs_error']:.3g} = "
+                f"{lse['max_ulps']:.3g} ulps, normwise {lse['normwise_error']:.3g}, reference runs "
+                f"{lse['reference_error']:.3g}"
+            )
         out += [f"  {reason}" for reason in self.reasons]
         out += [f"  note: {note}" for note in self.notes]
         out.append(f"  {'entry':>14} {'value':>24} {'exact':>28} {'error':>10} {'ulps':>8} {'bound':>10}")
@@ -144,11 +154,12 @@ def plot(results: list, path) -> None:
     path = Path(path)
     figure, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 3.6), squeeze=False)
     for ax, r in zip(axes[0], measured, strict=True):
-        rows = max(e.row for e in r.entries) + 1
-        cols = max(e.col for e in r.entries) + 1
-        steps = sorted({e.step for e in r.entries}, key=lambda n: (len(n), n))
+        entries = [e for e in r.entries if e.col is not None]  # the output's (an lse's are not drawn)
+        rows = max(e.row for e in entries) + 1
+        cols = max(e.col for e in entries) + 1
+        steps = sorted({e.step for e in entries}, key=lambda n: (len(n), n))
         grid = np.full((rows * len(steps), cols), np.nan)
-        for e in r.entries:
+        for e in entries:
             ratio = e.abs_error / e.kappa_bound if e.kappa_bound else (0.0 if e.abs_error == 0 else np.inf)
             grid[steps.index(e.step) * rows + e.row, e.col] = np.log10(max(ratio, 1e-6)) if np.isfinite(ratio) else 3
         image = ax.imshow(grid, cmap="coolwarm", vmin=-3, vmax=3, aspect="auto", interpolation="nearest")
