@@ -481,3 +481,30 @@ def test_backward_is_unaffected():
     assert all("lse" not in s.name for s in graph.backward_steps)
     truth = symattn.evaluate(spec, digits=10, grad=True)
     assert "dlse1" not in truth.names and "lse1" in truth.names
+
+
+@pytest.mark.parametrize("sinks", [None, [1.5, -0.5]])
+def test_the_lse_vjp_by_finite_differences(sinks):
+    """∂lse/∂s is the softmax's weights (and the sink's, for dsinks): the vjp the verifier's condition numbers read,
+    against central differences of the float64 forward."""
+    from symattn.backends.floats import FloatXP
+
+    data = float_spec(H=2, H_kv=1, L=3, S=4, E=2, causal=True, align="bottom_right")
+    if sinks is not None:
+        data["sinks"] = np.array(sinks)
+    graph = symattn.graph.graph.build(symattn.load_spec(data))
+    xp = FloatXP("float64")
+    values = graph.forward(xp, keep=[n.name for n in graph.nodes])
+    g = RNG.standard_normal((3, 1))
+    grads = graph.backward(xp, values, {"lse2": g})
+    leaves = {name: graph.leaves[name].float64() for name in graph.leaves}
+    for name in ["q2", "k1"] + (["sinks"] if sinks is not None else []):
+        numeric = np.zeros_like(leaves[name])
+        for index in np.ndindex(numeric.shape):
+            ends = []
+            for step in (1e-6, -1e-6):
+                moved = {**leaves, name: leaves[name].copy()}
+                moved[name][index] += step
+                ends.append(float((graph.forward(FloatXP("float64", moved), ["lse2"])["lse2"] * g).sum()))
+            numeric[index] = (ends[0] - ends[1]) / 2e-6
+        np.testing.assert_allclose(grads["d" + name], numeric, rtol=1e-6, atol=1e-8)
