@@ -508,3 +508,28 @@ def test_the_lse_vjp_by_finite_differences(sinks):
                 ends.append(float((graph.forward(FloatXP("float64", moved), ["lse2"])["lse2"] * g).sum()))
             numeric[index] = (ends[0] - ends[1]) / 2e-6
         np.testing.assert_allclose(grads["d" + name], numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_lse_where_the_truth_is_finite_fails(bad):
+    def broken(q, k, v, *, scale, causal=False, align="top_left", mask=None):
+        out, lse = right(q, k, v, scale=scale, causal=causal, align=align, mask=mask)
+        lse = lse.copy()
+        lse[1, 4] = bad
+        return out, lse
+
+    (r,) = symattn.verify(float_spec(), [broken], dtype="float32")
+    assert r.verdict == "FAIL"
+    assert r.reasons[0] == f"lse is not finite at lse2[4] ({bad}) and 0 more entries"
+    assert r.entries[0].where == "lse2[4]"
+
+
+def test_a_context_with_lse_and_an_output_alone():
+    from symattn.verifier.measure import run
+    from symattn.verifier.reference import Context
+
+    def out_only(q, k, v, *, scale, causal=False, align="top_left", mask=None):
+        return right(q, k, v, scale=scale, causal=causal, align=align, mask=mask)[0]
+
+    r = run(out_only, "out_only", Context(symattn.load_spec(float_spec()), "float32", lse=True), "kappa")
+    assert r.verdict == "PASS" and r.lse is None and "not returned, so not verified: lse" in r.notes

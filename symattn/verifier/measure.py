@@ -143,8 +143,11 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     if bad.size:
         step, i, j = context.where(int(bad[0]))
         what = "output" if not context.backward else "the gradient"
-        what = "lse" if context.graph.step(step).kind == "lse" else what
-        reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {bad.size - 1} more entries")
+        lse = context.graph.step(step).kind == "lse"
+        where = f"{step}[{i}]" if lse else f"{step}[{i}, {j}]"
+        reasons.append(
+            f"{'lse' if lse else what} is not finite at {where} ({values[bad[0]]}) and {bad.size - 1} more entries"
+        )
     error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
     with np.errstate(all="ignore"):
         floors = np.spacing(context.floor.astype(dt)).astype(np.float64)
