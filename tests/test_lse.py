@@ -39,6 +39,7 @@ def lse_names(data) -> list:
 
 
 PATHS = ["small", "large"]
+DIGITS = {"small": 30, "large": 12}  # the large path certifies at most 15 digits
 
 
 def truth_path(path: str, request) -> None:
@@ -47,10 +48,12 @@ def truth_path(path: str, request) -> None:
         request.getfixturevalue("large_everywhere")
 
 
-def check(data, ref=None, digits=30) -> int:
-    """Every lse entry certified to ``digits`` digits agrees with the reference (oracle's scores, by default)."""
+def check(data, ref=None, path="small") -> int:
+    """Every lse entry certified (30 digits; 12 on the large path, which the test forced then) agrees with the
+    reference (oracle's scores, by default)."""
     names = lse_names(data)
-    truth = symattn.evaluate(data, digits=digits, steps=names)
+    truth = symattn.evaluate(data, digits=DIGITS[path], steps=names)
+    assert (truth.method == "intervals") == (path == "large")
     ref = ref or oracle.steps(data, DPS)
     return oracle.agree(truth, ref, names, DPS)
 
@@ -98,7 +101,7 @@ def test_an_empty_row_is_minus_inf_under_every_empty_row(empty_row, path, reques
     assert [row[0] for row in truth["lse1"].values][:2] == ["-inf", "-inf"]
     assert truth["lse1"].certified_digits[0][0] == 0
     assert np.isneginf(truth["lse1"].to_numpy()[:2]).all()
-    assert check(data, digits=10) == 8
+    assert check(data, path=path) == 8
 
 
 def test_the_steps_order_definitions_and_no_gradient_term():
@@ -149,7 +152,9 @@ def test_a_row_sum_just_above_one_keeps_its_digits():
         assert parts(truth["lse1"].values[0][0]) == rounded_parts(expected, 12, 40)
 
 
-def test_sinks():
+@pytest.mark.parametrize("path", PATHS)
+def test_sinks(path, request):
+    truth_path(path, request)
     data = kernel(L=3, S=3, mask=[[True, False, False], [False] * 3, [True] * 3], sinks=["1/2", -2])
     mask = data["mask"]
     ref = {}
@@ -159,7 +164,7 @@ def test_sinks():
             s = scores[f"scores{h}"]
             rows = [[s[i, j] if mask[i][j] else -mpmath.inf for j in range(3)] + [sink] for i in range(3)]
             ref[f"lse{h}"] = mpmath.matrix([[lse_row(r)] for r in rows])
-    assert check(data, ref) == 6
+    assert check(data, ref, path) == 6
     truth = symattn.evaluate(data, digits=10, steps=["lse1", "lse2"])
     assert [Decimal(truth[n].values[1][0]) for n in ("lse1", "lse2")] == [Decimal("0.5"), -2]  # the sink alone
 
@@ -176,13 +181,15 @@ def _segment_mask(segments_q, segments_kv, L, S, causal, align) -> list:
     return out
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("align", ["top_left", "bottom_right"])
-def test_segments_with_an_empty_query_segment(align):
+def test_segments_with_an_empty_query_segment(align, path, request):
+    truth_path(path, request)
     segments_q, segments_kv = [0, 2, 2, 5], [0, 1, 3, 5]  # segment 1 has no query; rows of segment 0 see 1 key
     data = kernel(L=5, S=5, segments_q=segments_q, segments_kv=segments_kv, causal=True, align=align)
     mask = _segment_mask(segments_q, segments_kv, 5, 5, True, align)
     plain = {k: v for k, v in data.items() if k not in ("segments_q", "segments_kv", "causal", "align")}
-    assert check(data, oracle.steps({**plain, "mask": mask}, DPS)) == 10
+    assert check(data, oracle.steps({**plain, "mask": mask}, DPS), path) == 10
 
 
 def test_segments_with_a_query_segment_without_keys_is_minus_inf():
@@ -191,18 +198,22 @@ def test_segments_with_a_query_segment_without_keys_is_minus_inf():
     assert [row[0] for row in truth["lse1"].values][2:] == ["-inf", "-inf"]
 
 
-def test_mask_mod():
+@pytest.mark.parametrize("path", PATHS)
+def test_mask_mod(path, request):
+    truth_path(path, request)
     data = kernel(L=4, S=4, mask_mod="doc[q_idx] == doc[kv_idx] and q_idx >= kv_idx", constants={"doc": [0, 0, 1, 1]})
     mask = [[j <= i and (i < 2) == (j < 2) for j in range(4)] for i in range(4)]
     plain = {k: v for k, v in data.items() if k not in ("mask_mod", "constants")}
-    assert check(data, oracle.steps({**plain, "mask": mask}, DPS)) == 8
+    assert check(data, oracle.steps({**plain, "mask": mask}, DPS), path) == 8
 
 
-def test_dropout_does_not_touch_lse():
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_does_not_touch_lse(path, request):
+    truth_path(path, request)
     keep = [[True, False, True, True], [False, False, True, True], [True] * 4, [True, False, False, False]]
     data = kernel(dropout_p="1/4", dropout_mask=keep)
     plain = {k: v for k, v in data.items() if k not in ("dropout_p", "dropout_mask")}
-    assert check(data, oracle.steps(plain, DPS)) == 8
+    assert check(data, oracle.steps(plain, DPS), path) == 8
 
 
 def test_projection_form():
