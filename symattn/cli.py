@@ -185,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a truth that eval saved, certified for exactly the inputs verified (as rounded to the dtype), used "
         "instead of computing one; default: none",
     )
+    ver.add_argument(
+        "--lse-base",
+        default="e",
+        metavar="e|2",
+        help="the base of the lse a forward implementation returns beside its output, (out, lse) or "
+        "{'out', 'lse'} with lse (H, L): e (the natural log, FlashAttention's softmax_lse) or 2 (FlashInfer's)",
+    )
 
     nb = command("notebook", "check every number a notebook printed against the exact values")
     nb.add_argument("file", metavar="FILE", help="a text transcript ('In [N]:' cells) or an .ipynb file")
@@ -429,7 +436,7 @@ def _verify(args) -> int:
     )
     results = verify(
         spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits, paged=args.paged,
-        device=args.device, cache=args.cache, truth=args.truth,
+        device=args.device, cache=args.cache, truth=args.truth, lse_base=args.lse_base,
     )  # fmt: skip
     if args.plot:
         from symattn.verifier.report import plot

@@ -26,17 +26,20 @@ from symattn.errors import SymattnError
 from symattn.verifier import environment
 from symattn.verifier.convention import KERNEL_POSITIONAL as KERNEL
 from symattn.verifier.convention import PROJECTION_POSITIONAL as PROJECTION
-from symattn.verifier.convention import call, output_array
+from symattn.verifier.convention import Calling, arguments, call, output_array
+from symattn.verifier.lse import check_base, returns_lse
 from symattn.verifier.measure import RULES, measure
 from symattn.verifier.reference import Context
 
 
 def assert_attention_close(
-    fn, spec=None, *, dtype: str | None = None, rule: str = "kappa", backward: bool = False, **given
+    fn, spec=None, *, dtype: str | None = None, rule: str = "kappa", backward: bool = False, lse_base="e", **given
 ) -> None:
     """Raise AssertionError unless ``fn`` passes ``symattn verify`` (see the module's docstring).  With
     ``backward``, ``fn`` takes ``dout`` after the inputs (a ``dout=`` tensor, else all ones) and returns the
-    input gradients (``symattn verify --backward``)."""
+    input gradients (``symattn verify --backward``).  A forward ``fn`` may return ``(out, lse)`` or
+    ``{"out": ..., "lse": ...}``, lse (H, L) or (B, H, L), in base 2 with ``lse_base=2``: both are verified."""
+    lse_base = check_base(lse_base)
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     if dtype is not None and dtype not in DTYPES:
@@ -47,7 +50,14 @@ def assert_attention_close(
             raise SymattnError("assert_attention_close: give a spec or the input tensors, not both")
         from symattn.load import load_spec
 
-        _check(fn, name, Context(load_spec(spec), dtype or "float64", backward=backward, cache=_cache()), rule, None)
+        spec = load_spec(spec)
+        dtype = dtype or "float64"
+        calling = Calling(spec, dtype, backward, arguments(spec, dtype, backward=backward))
+        output, result = call(fn, name, calling)
+        if result is not None:
+            _raise(result)
+        context = _context(spec, dtype, backward, output, lse_base, calling.args)
+        _report(measure(name, output, context, rule), context, rule, "")
         return
     form = KERNEL if "q" in given else PROJECTION
     missing = [key for key in form if key not in given]
@@ -65,7 +75,7 @@ def assert_attention_close(
     options = {key: value for key, value in given.items() if key not in tensors}
     batched = np.ndim(framework.numpy(inputs[form[0]])) == (4 if form is KERNEL else 3)
     count = framework.numpy(inputs[form[0]]).shape[0] if batched else 1
-    contexts = []
+    callings = []
     for b in range(count):
         data = {key: framework.numpy(value)[b] if batched else framework.numpy(value) for key, value in inputs.items()}
         if form is PROJECTION:
@@ -73,7 +83,8 @@ def assert_attention_close(
         data.update({key: framework.numpy(value) if _array_like(value) else value for key, value in options.items()})
         from symattn.load import from_dict
 
-        contexts.append(Context(from_dict(data), dtype, backward=backward, cache=_cache()))
+        element = from_dict(data)
+        callings.append(Calling(element, dtype, backward, arguments(element, dtype, backward=backward)))
 
     def feed(positional, opts):
         """The framework's tensors (the cast inputs and dout, whole batch) and the options, arrays in that
@@ -94,15 +105,29 @@ def assert_attention_close(
 
         return fed, {k: like(v) for k, v in opts.items()}
 
-    output, result = call(fn, name, contexts[0], feed)
+    output, result = call(fn, name, callings[0], feed)
     if result is not None:
         _raise(result)
     devices = environment.devices(output)
-    for b, context in enumerate(contexts):
-        element = _element(output, b, name, count, len(context.shape)) if batched else output
+    for b, calling in enumerate(callings):
+        element = _element(output, b, name, count, _rank(calling, backward)) if batched else output
+        context = _context(calling.spec, dtype, backward, element, lse_base, calling.args)
         _report(
             measure(name, element, context, rule, devices), context, rule, f"batch element {b}: " if batched else ""
         )
+
+
+def _context(spec, dtype: str, backward: bool, output, lse_base, args) -> Context:
+    """The truth to measure ``output`` against: with its lse where it returned one."""
+    return Context(spec, dtype, backward=backward, lse=not backward and returns_lse(output), lse_base=lse_base,
+                   args=args, cache=_cache())  # fmt: skip
+
+
+def _rank(calling, backward: bool) -> int | None:
+    """The rank of one element's output (None backward: the gradients' ranks differ)."""
+    if backward:
+        return None
+    return 2 if calling.spec.form != "kernel" else 3
 
 
 def _element(output, b: int, name: str, count: int, rank: int):
@@ -117,13 +142,6 @@ def _element(output, b: int, name: str, count: int, rank: int):
             f"{name} returned shape {array.shape} for a batch of {count}: expected a leading batch axis"
         )
     return array[b]
-
-
-def _check(fn, name, context, rule, feed) -> None:
-    output, result = call(fn, name, context, feed)
-    if result is not None:
-        _raise(result)
-    _report(measure(name, output, context, rule), context, rule, "")
 
 
 def _cache():

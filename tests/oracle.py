@@ -3,7 +3,8 @@
 The variant rules are written here from DESIGN.md's "Numeric semantics", not read from ``symattn.semantics``:
 masks, causal, windows, alignment, bias, ALiBi (standard and given slopes), softcap, GQA, cross-attention,
 projection biases, empty rows ("zero", "uniform", "nan"), in the projection form and the kernel form.  The
-softmax is the textbook one (no shift: mpmath's exponents do not overflow); masked scores are -inf.
+softmax is the textbook one (no shift: mpmath's exponents do not overflow); masked scores are -inf; ``lse{h}``
+is log Σ exp of a row's allowed scores (-inf for a row with none).
 """
 
 from __future__ import annotations
@@ -138,6 +139,17 @@ def softmax(scores, ok, fill, rows=None):
     return weights
 
 
+def logsumexp(scores, rows=None):
+    """log Σ exp over the allowed (finite) scores of each row, an L × 1 matrix: -inf for a row with none; with
+    ``rows``, those rows only (the others stay 0)."""
+    from tests.conftest import lse_row
+
+    out = mpmath.matrix(scores.rows, 1)
+    for i in range(scores.rows) if rows is None else sorted(set(rows)):
+        out[i, 0] = lse_row([scores[i, j] for j in range(scores.cols)])
+    return out
+
+
 def softmax_list(row: list) -> list:
     """The softmax of one row given as a list whose masked entries are None (all None: weights 0)."""
     live = [x for x in row if x is not None]
@@ -171,6 +183,7 @@ def steps(data: dict, dps: int = 60, rows=None) -> dict:
                 q, k, v = (matrix(data[name][i], dps) for name, i in (("q", h), ("k", g), ("v", g)))
                 s, p, o = attention(q, k, v, data, h, H, dps, rows)
                 out.update({f"scores{h + 1}": s, f"weights{h + 1}": p, f"head{h + 1}": o})
+                out[f"lse{h + 1}"] = logsumexp(s, rows)
             return out
         heads = data["heads"]
         kv = data.get("kv_heads", heads)
@@ -186,6 +199,7 @@ def steps(data: dict, dps: int = 60, rows=None) -> dict:
             s, p, o = attention(q, k, v, data, h, H, dps, rows)
             out.update({f"Q{h + 1}": q, f"K{g + 1}": k, f"V{g + 1}": v})
             out.update({f"scores{h + 1}": s, f"weights{h + 1}": p, f"head{h + 1}": o})
+            out[f"lse{h + 1}"] = logsumexp(s, rows)
             outputs.append(o)
         L = x.rows
         concat = mpmath.matrix(L, sum(o.cols for o in outputs))

@@ -31,7 +31,7 @@ def test_show_closed_str(capsys):
 def test_show_latex_every_step(capsys):
     assert main(["show", "notebook", "--format", "latex"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\\left[\\begin{matrix}") == 14
+    assert out.count("\\left[\\begin{matrix}") == 16
     assert "\\mathrm{concat\\_heads} = " in out and "Z_{1 0} = 1 + e^{3 \\sqrt{2}}" in out
 
 
@@ -99,8 +99,8 @@ def test_notebook_command_exit_codes(tmp_path, cli):
         (["eval", "notebook", "--digits", "0"], "digits: expected an integer from 1 to 100000, received 0"),
         (
             ["eval", "notebook", "--step", "head9"],
-            "--step: expected one of Q1, K1, V1, scores1, weights1, head1, Q2, "
-            "K2, V2, scores2, weights2, head2, concat_heads, M, received 'head9'",
+            "--step: expected one of Q1, K1, V1, scores1, weights1, lse1, head1, Q2, "
+            "K2, V2, scores2, weights2, lse2, head2, concat_heads, M, received 'head9'",
         ),
         (
             ["notebook", "missing.txt"],
@@ -193,6 +193,7 @@ HELP_OPTIONS = {  # every option of every command, with the choices and default 
         "--backward": "off",
         "--cache": None,
         "--truth": None,
+        "--lse-base": "e",
     },
     "notebook": {"--spec": None},
 }

@@ -397,3 +397,30 @@ def test_the_environment_records_torch_and_the_device_its_output_was_on(tmp_path
     with pytest.raises(AssertionError, match=r"^batch element 2: planted is not close .* output\[1, 3, 0\] \(head 1, "):
         assert_attention_close(planted, q=batch[0], k=batch[1], v=batch[2], causal=True)
     assert len(list((tmp_path / "helper").iterdir())) == 2  # three equal elements: one truth and its measures
+
+
+@pytest.mark.parametrize("case", ["causal bottom_right", "mask", "sinks"])
+def test_the_truths_lse_is_torch_logsumexp_of_the_masked_scores(case):
+    """lse{i} against torch.logsumexp in float64 of the scores with their masked entries -inf (a row of none:
+    -inf), the sink's column appended where there is one."""
+    q, k, v = random_qkv(seed=3, H=2, H_kv=2, L=5, S=3)
+    scale = 0.5
+    allowed = torch.ones(5, 3, dtype=torch.bool)
+    options: dict = {"scale": scale}
+    if case == "causal bottom_right":  # S - L = -2: rows 0 and 1 see no key
+        allowed = torch.arange(3)[None, :] <= torch.arange(5)[:, None] - 2
+        options.update(causal=True, align="bottom_right")
+    elif case == "mask":
+        allowed = torch.tensor([[True, False, True], [False] * 3, [True] * 3, [False, True, False], [True] * 3])
+        options["mask"] = allowed.numpy()
+    sinks = torch.tensor([0.25, -1.5], dtype=torch.float64) if case == "sinks" else None
+    if sinks is not None:
+        options["sinks"] = sinks.numpy()
+    truth = symattn.evaluate({"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), **options}, digits=20)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks[:, None, None].expand(2, 5, 1)], dim=-1)
+    expected = torch.logsumexp(scores, dim=-1).numpy()
+    got = np.stack([truth[f"lse{h}"].to_numpy()[:, 0] for h in (1, 2)])
+    np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-14)
+    assert np.isneginf(got).any() == (case != "sinks")

@@ -210,6 +210,35 @@ class BallXP(RationalXP):
             out[a.excluded] = self.engine.zero()
         return Balls(out)
 
+    def log(self, z):
+        """log of each entry (a row sum: an exact 1, a one-key row's, has the exact log 0)."""
+        return Balls(map_values(self.engine.log, self.balls(z).values))
+
+    def logsumexp(self, s, empty=None, kept=None, sink=None):
+        """shift + log1p(the row's terms exp(s − shift) but the shift's own, an exact 1): a row sum just above 1
+        (one key far above the others, log Σ ≈ 1e-400000) keeps its relative accuracy, which log of the sum
+        would lose to the 1's ulp at any working precision; a one-key row's is its score, exactly."""
+        if sink is not None:
+            s = self.hstack([s, sink])
+        top = self.shift(s)
+        terms = self.balls(self.exp(self.sub(s, top))).values
+        engine, zero = self.engine, self.engine.zero()
+        out = np.empty((terms.shape[0], 1), dtype=object)
+        rows = np.zeros(terms.shape[0], bool) if empty is None else np.broadcast_to(empty, out.shape)[:, 0]
+        for i, row in enumerate(terms.tolist()):
+            if rows[i]:  # no term: excluded below
+                out[i, 0] = zero
+                continue
+            rest, one = zero, False
+            for t in row:
+                if not one and engine.is_exact(t) and t == 1:
+                    one = True
+                else:
+                    rest = rest + t
+            out[i, 0] = engine.log1p(rest) if one else engine.log(rest)
+        lse = self.add(top, Balls(out))
+        return lse if kept is None else self.mask(lse, kept)
+
     def shift(self, a):
         if isinstance(a, RatMat):
             a = Lin.lift(a)

@@ -124,6 +124,13 @@ class BudgetXP(ArrayXP):
                 error = value * np.expm1(np.minimum(a.error, 700)) + 2 * self.u_c * value
         return self._stored(value, np.where(np.isfinite(a.value), error, 0))
 
+    def log(self, z):
+        """δ log z = δz / z, plus log's own rounding."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = np.log(z.value)
+            error = z.error / np.abs(z.value) + self.u_c * np.abs(value)
+        return self._stored(value, np.where(np.isfinite(error), error, 0))
+
     def mask(self, a, allowed):
         return Budget(np.where(allowed, a.value, -np.inf), np.where(allowed, a.error, 0))
 

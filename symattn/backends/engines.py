@@ -71,6 +71,9 @@ class ArbEngine:
     def log(self, x):
         return x.log()
 
+    def log1p(self, x):
+        return x.log1p()
+
     def tanh(self, x):
         return x.tanh()
 
@@ -203,6 +206,9 @@ class MpmathEngine:
 
     def log(self, x):
         return self.ctx.log(x)
+
+    def log1p(self, x):
+        return self.ctx.log1p(x)
 
     def tanh(self, x):
         # mpmath.iv has no tanh: tanh(x) = 1 - 2/(exp(2x) + 1), monotone, so the interval stays sharp; that form

@@ -46,7 +46,8 @@ NANF = {"nan": None}  # the element of an empty row under empty_row "nan"
 class Generator:
     """kind "e": e**(basis·x/den) with a rational exponent x (key: (basis, den), basis ("one",) or a scalar
     generator key; info: (the basis's exact value or None for 1, den));
-    "sqrt": √D (info D); "opaque": anything else (info: ("entry", Entry), ("tanh", Frac), ("exp", Frac))."""
+    "sqrt": √D (info D); "opaque": anything else (info: ("entry", Entry), ("tanh", Frac), ("exp", Frac),
+    ("log", Frac))."""
 
     __slots__ = ("kind", "key", "info")
 
@@ -210,7 +211,7 @@ class Algebra:
                             cache[g] = entry_ball(value, bits)
                         else:
                             inner = self.ball(value, bits)
-                            cache[g] = inner.tanh() if kind == "tanh" else inner.exp()
+                            cache[g] = inner.tanh() if kind == "tanh" else inner.log() if kind == "log" else inner.exp()
                     term = term * cache[g] ** int(e)
             total = total + term * exponent.exp()
         return total
@@ -508,6 +509,20 @@ class ExactXP(RationalXP):
                 return {(): {tuple(sorted(mono)): Fraction(1)}}
         g = self.alg.gen("opaque", ("exp", _key(e)), ("exp", e))
         return {(): {((g, 1),): Fraction(1)}}
+
+    def log(self, z):
+        """log 1 = 0 (a one-key row's sum); any other value's log an opaque generator of its own."""
+        one = self.alg.const(1)
+
+        def log(e):
+            if e is NANF:
+                return NANF
+            if e == one:
+                return {}
+            g = self.alg.gen("opaque", ("log", _key(e)), ("log", e))
+            return {(): {((g, 1),): Fraction(1)}}
+
+        return Elems(map_values(log, self.elems(z).values))
 
     def shift(self, a):
         if isinstance(a, RatMat):

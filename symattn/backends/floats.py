@@ -114,6 +114,10 @@ class FloatXP(ArrayXP):
         with np.errstate(under="ignore"):
             return self._out(np.exp(a))
 
+    def log(self, z):
+        with np.errstate(divide="ignore"):  # log 0 = -inf (a sink's row sum can underflow to 0 nowhere else)
+            return self._out(np.log(z))
+
     def mask(self, a, allowed):
         return np.where(allowed, a, -np.inf).astype(self.compute, copy=False)
 

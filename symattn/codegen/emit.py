@@ -132,6 +132,9 @@ class EmitXP(_Emitting):
     def exp(self, a):
         return self._emit(a.shape, "numpy.exp({0})", (a,), "numpy.exp({0}, out={0})")
 
+    def log(self, z):
+        return self._emit(z.shape, "numpy.log({0})", (z,), "numpy.log({0}, out={0})")
+
     def mask(self, a, allowed):
         return self._emit(a.shape, "numpy.where({1}, {0}, -numpy.inf)", (a, allowed), masked=True)
 
@@ -384,6 +387,10 @@ class ScalarEmitXP(_Emitting):
             else:
                 forms[idx] = named.call("exp", named.sympy.expand(forms[idx]))
         return SMat(forms)
+
+    def log(self, z):
+        named = self.named
+        return SMat(self._map(lambda p: named.call("log", named.atomic(p)), z).forms)
 
     def mask(self, a, allowed):
         excluded = ~self.np.asarray(allowed, dtype=bool)

@@ -17,7 +17,12 @@ from symattn.codegen.sources import DATA, ROW_VECTORS
 from symattn.errors import SymattnError
 
 _PREFIXES = {"Q": "q", "K": "k", "V": "v", "scores": "s", "weights": "w", "head": "head", "M": "out"}  # by kind
-_STEMS = {"exp": "e", "maximum": "top", "tanh": "th"}  # names of the other values, by the function computing them
+_STEMS = {
+    "exp": "e",
+    "log": "lg",
+    "maximum": "top",
+    "tanh": "th",
+}  # other values' names, by the function computing them
 
 
 class Unrolled:

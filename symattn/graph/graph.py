@@ -21,7 +21,7 @@ from fractions import Fraction
 import numpy as np
 
 from symattn.entries import div, mul, to_text
-from symattn.graph.ops import ALL, Concat, Const, Dropout, Linear, Param, Scores, Softmax, WeightedSum
+from symattn.graph.ops import ALL, Concat, Const, Dropout, Linear, LogSumExp, Param, Scores, Softmax, WeightedSum
 from symattn.graph.steps import Step
 from symattn.matrix import Matrix
 from symattn.semantics import alibi_distance, empty_fill, empty_rows
@@ -74,8 +74,10 @@ class Graph:
     """The nodes of one spec's computation in evaluation order, its leaves (the exact inputs) and its steps.
 
     >>> g = build(__import__("symattn").load_spec("notebook"))
-    >>> [s.name for s in g.steps][:6], g.nodes[3]
-    (['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1'], Node(name='scores1', op=Scores(...), inputs=('Q1', 'K1')))
+    >>> [s.name for s in g.steps][:7]
+    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'lse1', 'head1']
+    >>> g.nodes[3]
+    Node(name='scores1', op=Scores(...), inputs=('Q1', 'K1'))
     """
 
     def __init__(self, spec, nodes, leaves, steps, outputs, rows, kinds=None):
@@ -117,6 +119,8 @@ class Graph:
         keep = set(wanted) | set(keep or ())
         last_use = {}
         for k, node in enumerate(self.nodes):
+            if node.name not in need:  # a node not computed (an lse not asked) keeps nothing alive
+                continue
             for name in node.inputs:
                 last_use[name] = k
         values, leaves = {}, {}
@@ -231,6 +235,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
     columns = (lambda a: a) if keys is None else (lambda a: a[:, list(keys)])
     select_keys = (lambda m: m) if keys is None else (lambda m: m.select_rows(keys))
     leaves, kinds, nodes, steps = {}, {}, [], []
+    lse_nodes = []  # evaluated last (nothing reads them: the outputs' computation is as without them)
 
     def leaf(kind, index, matrix) -> str:
         name = Leaf(kind, index).name
@@ -248,7 +253,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
     if spec.alibi_slopes is not None:
         d = alibi_distance(spec.L, spec.S, spec.delta, spec.segments_q, spec.segments_kv)
         distance = Const("distance", columns(d if rows is None else d[list(rows)]))
-    masks, empties = {}, {}
+    masks, empties, kepts = {}, {}, {}
     for i in range(H):
         a = spec.allowed(i)
         if rows is not None:
@@ -263,6 +268,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             masks[key] = Const("allowed", a, head)
             empty = empty_rows(a)  # with a sink no row is empty: its weights are 0
             empties[key] = Const("empty", empty, head) if empty.any() and spec.sinks is None else None
+            kepts[key] = None if empties[key] is None else Const("kept", ~empty, head)
     fill = empty_fill(spec.empty_row, spec.S)
     masking = _mask_text(spec)
     rescale = None
@@ -343,6 +349,10 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         if spec.sinks is None:
             nodes.append(Node(f"weights{i}", Softmax(empty, fill, keys=S), (f"scores{i}",)))
             steps.append(Step("weights", i, (L, S), f"weights{i} = softmax(scores{i}{masking}) by rows"))
+            kept = kepts.get(id(spec.allowed(i - 1)))
+            lse_nodes.append(Node(f"lse{i}", LogSumExp(empty, kept, keys=S), (f"scores{i}",)))
+            text = f"lse{i} = log Σ exp(scores{i}) by rows" + (", -inf on rows with no allowed key" if empty else "")
+            steps.append(Step("lse", i, (L, 1), text, excluded=None if empty is None else empty.value.copy()))
         else:  # the sink: one more logit in every row, with no value (the sinks leaf's column i)
             column = np.zeros((L, H), dtype=np.int64)
             column[:, i - 1] = 1
@@ -352,6 +362,8 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
                 f"weights{i} = softmax(scores{i} ∪ sink{i}{masking}) by rows, sink{i} = {to_text(spec.sinks[0, i - 1])}"
             )
             steps.append(Step("weights", i, (L, S), text))
+            lse_nodes.append(Node(f"lse{i}", LogSumExp(sink=op.sink, keys=S), (f"scores{i}", "sinks")))
+            steps.append(Step("lse", i, (L, 1), f"lse{i} = log Σ exp(scores{i} ∪ sink{i}) by rows"))
         weights = f"weights{i}"
         if spec.dropout_p is not None:  # the kept weights, rescaled by 1/(1 − p)
             keep = spec.dropout_keep(i - 1)
@@ -383,7 +395,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         nodes.append(Node("M", Linear(), inputs))
         steps.append(Step("M", None, (L, spec.d_out), "M = concat_heads·wo" + (" + bo" if spec.bo is not None else "")))
         outputs = ["M"]
-    return Graph(spec, nodes, leaves, steps, outputs, rows, kinds)
+    return Graph(spec, nodes + lse_nodes, leaves, steps, outputs, rows, kinds)
 
 
 def _descaled(m, d):
@@ -471,6 +483,8 @@ def _backward_steps(graph: Graph) -> list:
     for node in graph.nodes:
         contributions = node.op.grad_terms(node.name, node.inputs, "d" + node.name)
         for name, text in zip(node.inputs, contributions, strict=True):
+            if text is None:  # an op nothing reads (lse): no cotangent, no term
+                continue
             queries_first = 0 if name in forward or forward[node.name].kind == "Q" else 1
             terms.setdefault(name, []).append((queries_first, text))
     for k, name in enumerate(graph.outputs):

@@ -8,12 +8,14 @@ of that product, side by side, written once against ``xp`` (``graph/xp.py``).
     Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows (``centered``)
                  rows filled (0, 1/S or nan); a       dsinks = −colsum(p_sink∘rowsum(g∘p)) in the head's column
                  sink: one more logit in the row
+    LogSumExp    lse = log Σ exp(s) by rows (a sink:      ds = p∘g (p: the softmax's weights); nothing
+                 one more term), −inf on empty rows     reads lse, so no cotangent ever reaches it
     Dropout      d = p∘keep/(1 − p_drop)              dp = g∘keep/(1 − p_drop)
     WeightedSum  o = p·v                              dp = g·vᵀ, dv = pᵀ·g
     Concat       [o1 … oH]                            column blocks of g
 
 ``grad_terms(out, inputs, g)`` gives, for each input (by name), its term of that input's gradient as
-``show --grad`` prints it; the graph sums the terms of every op that reads an input.
+``show --grad`` prints it (None: no term); the graph sums the terms of every op that reads an input.
 """
 
 from __future__ import annotations
@@ -184,6 +186,47 @@ class Softmax:
             head = self.sink.head
             return text, f"colsum(-P_sink{head} ∘ rowsum({g} ∘ {out}))·e{head}"  # e{head}: the unit row of head
         return (text,)
+
+
+@dataclass(frozen=True)
+class LogSumExp:
+    """lse = log of the softmax's denominator over the final scores, by rows: log Σ_allowed exp(s_j), with the
+    head's sink one more term (FlashAttention's ``softmax_lse``); a row with no allowed key (and no sink) is
+    −inf, excluded, under every ``empty_row``.  A step nothing in the graph reads: no cotangent reaches it, so
+    the backward pass never calls its vjp (written all the same: ∂lse/∂s_j is the softmax's weight)."""
+
+    empty: Const | None = None  # L × 1 bools: rows with no allowed key; None when there are none
+    kept: Const | None = None  # its negation: the rows whose lse is a number
+    sink: Const | None = None  # the Softmax's: ones in this head's column (sink·sinksᵀ is its logit by row)
+    keys: int = 0  # S, the scores' columns
+
+    params = ()
+
+    @property
+    def consts(self) -> tuple:
+        return tuple(c for c in (self.empty, self.kept, self.sink) if c is not None)
+
+    def _sink(self, xp, sinks):
+        return xp.matmul_nt(xp.const(self.sink), sinks)
+
+    def forward(self, xp, s, sinks=None):
+        if sinks is not None:
+            return xp.logsumexp(s, sink=self._sink(xp, sinks))
+        if self.empty is None:
+            return xp.logsumexp(s)
+        return xp.logsumexp(s, xp.const(self.empty), xp.const(self.kept))
+
+    def vjp(self, xp, args, out, g, needs=ALL):
+        if len(args) == 2:
+            p = xp.softmax(args[0], sink=self._sink(xp, args[1]))
+            ds = xp.mul(xp.cols(p, 0, self.keys), g)
+            dsinks = xp.matmul_tn(xp.mul(xp.cols(p, self.keys, self.keys + 1), g), xp.const(self.sink))
+            return ds, xp.unbroadcast(dsinks, args[1])
+        empty = None if self.empty is None else xp.const(self.empty)
+        return (xp.mul(xp.softmax(args[0], empty, 0), g),)
+
+    def grad_terms(self, out, inputs, g):
+        return (None,) * len(inputs)  # no term: nothing reads lse, its cotangent is never there
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ error budget), an enclosure, an exact rational matrix, ...  Shapes are 2-D
 that are not allowed are excluded: −inf in a float backend, and in any backend
 an entry whose exponential is exactly 0.
 
-``ArrayXP`` writes the composite rules once (``softmax``, ``weighted_sum``,
-``centered``) in terms of the primitives.  A backend that computes one of them
+``ArrayXP`` writes the composite rules once (``softmax``, ``logsumexp``,
+``weighted_sum``, ``centered``) in terms of the primitives.  A backend that computes one of them
 better (fused, more precisely, faster) overrides it by name; no backend infers
 an op from the order of the calls it receives.
 """
@@ -66,6 +66,10 @@ class XP(Protocol):
     def exp(self, a):
         """exp, elementwise; an excluded entry gives exactly 0."""
 
+    def log(self, z):
+        """The natural log, elementwise, of positive entries (a softmax's row sums); exp's inverse, exact where
+        the backend is (log 1 = 0)."""
+
     # Rows and columns.
     def mask(self, s, allowed):
         """s where ``allowed`` (bools, broadcast to s), excluded elsewhere (not a number: −inf)."""
@@ -105,6 +109,12 @@ class XP(Protocol):
         column (…, m, 1) of logits), the weights of each row extended by its sink, (…, m, n + 1): the sink joins
         the shift and the row sum, so a row whose entries are all excluded has weights 0 and the sink's 1."""
 
+    def logsumexp(self, s, empty=None, kept=None, sink=None):
+        """log Σ exp(s) by rows, (…, m, 1): the log of the softmax's denominator, as shift + log(rowsum(exp(s −
+        shift))); excluded entries add 0.  ``empty`` (bools (…, m, 1) from ``const``: rows with no allowed entry)
+        and ``kept`` (its negation), or both None: those rows' sums are 0, so their logs are excluded (−inf).
+        With ``sink`` (a column (…, m, 1) of logits), the sink is one more term of each row's sum."""
+
     def weighted_sum(self, p, v):
         """p·v for weights p that this backend's ``softmax`` returned."""
 
@@ -127,6 +137,15 @@ class ArrayXP:
         if empty is None:
             return self.div(e, z)
         return self.fill_rows(self.div(e, self.fill_rows(z, empty, 1)), empty, fill)
+
+    def logsumexp(self, s, empty=None, kept=None, sink=None):
+        if sink is not None:  # the sink is one more entry of the row
+            s = self.hstack([s, sink])
+        top = self.shift(s)
+        z = self.rowsum(self.exp(self.sub(s, top)))  # excluded entries are -inf: exactly 0 here
+        if empty is None:
+            return self.add(top, self.log(z))
+        return self.mask(self.add(top, self.log(self.fill_rows(z, empty, 1))), kept)  # log 1 = 0, then excluded
 
     def weighted_sum(self, p, v):
         return self.matmul(p, v)

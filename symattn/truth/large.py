@@ -94,7 +94,7 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
         step = graph.step(name)
         shape = step.shape
         store[name] = Known(
-            excluded=None if step.kind != "scores" or step.excluded is None else step.excluded.copy(),
+            excluded=None if step.excluded is None else step.excluded.copy(),  # masked scores, empty rows' lse
             mid=np.full(shape, -np.inf if step.kind == "scores" else 0.0),
             rad=np.zeros(shape),
             ok=np.zeros(shape, dtype=bool),

@@ -22,6 +22,7 @@ from symattn.errors import SymattnError
 from symattn.semantics import empty_fill, empty_rows
 from symattn.spec import DESCALES, AttentionSpec
 from symattn.verifier.adapters import NAMES, Unsupported, resolve
+from symattn.verifier.lse import split
 from symattn.verifier.paged import KEYWORDS as PAGED_KEYWORDS
 from symattn.verifier.paged import paged as paged_inputs
 from symattn.verifier.report import Result
@@ -333,7 +334,18 @@ def accepted(fn, names, by_name: bool = False) -> set:
     return {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} & set(names)
 
 
-def call(fn, name: str, context: Context, feed=None, paged: int | None = None):
+@dataclass(frozen=True)
+class Calling:
+    """What ``call`` needs: the spec, the dtype, forward or backward, and the arguments (a ``Context`` has them
+    too, with the truth; what an implementation returns decides which truth, so it may come after the call)."""
+
+    spec: AttentionSpec
+    dtype: str
+    backward: bool
+    args: Arguments
+
+
+def call(fn, name: str, context: Calling | Context, feed=None, paged: int | None = None):
     """fn called by the convention: (output, None), or (None, Result) for UNSUPPORTED or ERROR.  ``feed``
     maps (inputs, options) to what fn gets instead (the pytest helper feeds a framework's tensors); ``paged``
     (a page size) feeds k and v as a paged KV cache (``verifier/paged.py``)."""
@@ -434,19 +446,22 @@ def output_array(value) -> np.ndarray:
 class Target:
     """One array an implementation returns: its name, the graph steps it stacks and its shape."""
 
-    name: str  # "output", or a gradient's name (dq, dx, dwq, ...)
+    name: str  # "output", "lse" (beside the output), or a gradient's name (dq, dx, dwq, ...)
     steps: tuple
     shape: tuple
 
 
-def targets(graph, backward: bool = False) -> list[Target]:
-    """What an implementation returns, as graph steps: the output (heads stacked in the kernel form), or with
-    ``backward`` the input gradients (``input_gradients``)."""
+def targets(graph, backward: bool = False, lse: bool = False) -> list[Target]:
+    """What an implementation returns, as graph steps: the output (heads stacked in the kernel form) and with
+    ``lse`` the log-sum-exp (H, L) beside it, or with ``backward`` the input gradients (``input_gradients``)."""
     if backward:
         return input_gradients(graph)[0]
     rows, cols = graph.step(graph.outputs[0]).shape
     shape = (rows, cols) if graph.outputs == ["M"] else (graph.spec.h, rows, cols)
-    return [Target("output", tuple(graph.outputs), shape)]
+    out = [Target("output", tuple(graph.outputs), shape)]
+    if lse:
+        out.append(Target("lse", tuple(s.name for s in graph.steps if s.kind == "lse"), (graph.spec.h, rows)))
+    return out
 
 
 def input_gradients(graph) -> tuple[list[Target], tuple]:
@@ -464,7 +479,13 @@ def returned_arrays(output, context: Context) -> tuple[dict, list, list]:
     """What an implementation returned, by target name: (arrays, reasons it fails, notes).  Forward: one
     array.  Backward: a dict keyed by gradient name, or a tuple of the positional inputs' gradients in order."""
     if not context.backward:
-        return {"output": output_array(output)}, [], []
+        out, lse = split(output)
+        arrays = {"output": output_array(out)}
+        if any(t.name == "lse" for t in context.targets):
+            if lse is None:
+                return arrays, [], ["not returned, so not verified: lse"]
+            arrays["lse"] = output_array(lse)
+        return arrays, [], []
     names = [t.name for t in context.targets]
     positional = input_gradients(context.graph)[1]
     if isinstance(output, dict):

@@ -30,7 +30,8 @@ from symattn.errors import SymattnError
 from symattn.load import load_spec
 from symattn.verifier import environment
 from symattn.verifier.adapters import check_device
-from symattn.verifier.convention import call, load_impl, returned_arrays
+from symattn.verifier.convention import Calling, arguments, call, load_impl, returned_arrays
+from symattn.verifier.lse import check_base, returns_lse
 from symattn.verifier.paged import check_page
 from symattn.verifier.paged import note as paged_note
 from symattn.verifier.reference import FLOOR_ULPS, Context
@@ -41,9 +42,12 @@ ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else 
 
 
 def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
-           digits="auto", paged=None, device: str | None = None, cache=None,
-           truth=None) -> list[Result]:  # fmt: skip
+           digits="auto", paged=None, device: str | None = None, cache=None, truth=None,
+           lse_base="e") -> list[Result]:  # fmt: skip
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
+    A forward implementation returns the output, or ``(out, lse)`` or ``{"out": ..., "lse": ...}`` with the
+    log-sum-exp of each softmax row, (H, L) in any float dtype (FlashAttention's ``softmax_lse``; in base 2 with
+    ``lse_base=2``, FlashInfer's), and then both are verified.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
     dbias, dsinks) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
@@ -66,6 +70,11 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     dtype_of(dtype)
+    lse_base = check_base(lse_base)
+    if spec.symbols:
+        raise SymattnError(
+            f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
+        )
     if digits != "auto":
         from symattn.truth.evaluation import check_digits
 
@@ -87,18 +96,32 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
             named.append((f, load_impl(f, backward, device)))
         else:
             named.append((getattr(f, "__name__", "implementation"), f))
-    contexts: dict = {}  # one truth per way of casting the inputs (NumPy's, torch's, JAX's)
+    callings: dict = {}  # the inputs, one per way of casting them (NumPy's, torch's, JAX's)
+    contexts: dict = {}  # one truth per cast and whether the lse is verified, made once an implementation needs it
     results = []
     for name, fn in named:
         cast = getattr(fn, "cast", None) if dtype not in FP8 else None  # fp8: ml_dtypes rounds
-        if cast not in contexts:
-            contexts[cast] = Context(spec, dtype, cast, backward, digits, cache, truth)
-        results.append(run(fn, name, contexts[cast], rule, paged))
+        if cast not in callings:
+            callings[cast] = Calling(spec, dtype, backward, arguments(spec, dtype, cast, backward))
+        output, result = call(fn, name, callings[cast], paged=paged)
+        if result is not None:
+            result.rule, result.backward = rule, backward
+            results.append(result)
+            continue
+        lse = not backward and returns_lse(output)
+        if (cast, lse) not in contexts:
+            contexts[cast, lse] = Context(spec, dtype, cast, backward, digits, lse, lse_base, callings[cast].args,
+                                          cache=cache, truth=truth)  # fmt: skip
+        result = measure(name, output, contexts[cast, lse], rule)
+        if paged is not None:
+            result.notes.append(paged_note(spec.S, paged))
+        results.append(result)
     return results
 
 
 def run(fn, name: str, context: Context, rule: str, paged: int | None = None) -> Result:
-    """Call fn by the convention (``paged``: k and v as a paged KV cache) and measure its output."""
+    """Call fn by the convention (``paged``: k and v as a paged KV cache) and measure what it returned against
+    ``context``'s truth."""
     output, result = call(fn, name, context, paged=paged)
     if result is not None:
         result.rule, result.backward = rule, context.backward
@@ -133,6 +156,13 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
         if out.shape != t.shape:
             reasons.append(f"expected {label} of shape {'×'.join(map(str, t.shape))}, received shape {out.shape}")
             continue
+        if t.name == "lse":  # any float dtype (FlashAttention's is float32 for half inputs): read as it is
+            if out.dtype.kind != "f" and "float" not in str(out.dtype):
+                reasons.append(f"returned lse of dtype {out.dtype}, not a float dtype")
+                continue
+            values[part] = out.astype(np.float64).reshape(-1)
+            checked[part] = True
+            continue
         if out.dtype != dt:
             what = "" if t.name == "output" else f"{t.name} in "
             given = f"the {dtype} it was given" if dtype == output_dtype(dtype) else f"bfloat16 for {dtype} inputs"
@@ -148,6 +178,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
         array, index, head = _place(context, int(bad[0]))
         where = f"{array}[{', '.join(map(str, index))}] ({describe(array, index, head)})"
         what = "output" if not context.backward else "the gradient"
+        what = "lse" if array == "lse" else "output" if not context.backward else "the gradient"
         reasons.append(f"{what} is not finite at {where} ({values[bad[0]]}) and {bad.size - 1} more entries")
     error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
     with np.errstate(all="ignore"):
@@ -192,7 +223,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
             Entry(
                 step,
                 i,
-                j,
+                None if context.graph.step(step).kind == "lse" else j,  # an lse step has one column
                 float(values[k]),
                 text,
                 float(error[k]),
@@ -233,6 +264,18 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
             f"max error{what} {target_errors[n]:.3g} exceeds {factor} × the reference runs' "
             f"{context.target_reference_error[n]:.3g} + one rounding {context.one_rounding[n]:.3g}"
         )
+    lse = None
+    for t, part in zip(context.targets, context.slices, strict=True):
+        if t.name == "lse" and checked[part].any():
+            here = counted[part]
+            scale = float(np.sqrt(np.sum(np.square(magnitude[part][here] * unit))))
+            lse = {
+                "base": context.lse_base,
+                "max_abs_error": float(error[part].max(initial=0.0)),
+                "max_ulps": float(ulps[part].max(initial=0.0)),
+                "normwise_error": float(np.sqrt(np.sum(np.square(error[part][here] * unit)))) / scale if scale else 0.0,
+                "reference_error": context.target_reference_error[context.targets.index(t)],
+            }
     return Result(
         name,
         spec.display_name,
@@ -254,6 +297,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
         context.backward,
         context.targets[worst_target].name,
         devices=devices,
+        lse=lse,
     )
 
 

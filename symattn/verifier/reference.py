@@ -15,10 +15,12 @@ from decimal import Decimal, localcontext
 import numpy as np
 
 from symattn.backends.floats import FP8, FloatXP, dtype_of, output_dtype, unit_roundoff
+from symattn.certify import to_decimal
 from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 from symattn.spec import AttentionSpec
 from symattn.verifier.convention import arguments, targets
+from symattn.verifier.lse import base2_text, check_base
 
 FLOOR_ULPS = 2
 FLOOR_SCALE = 2.0**-10  # ulps are measured at max(|exact|, this × the largest |exact|): zeros do not dominate
@@ -26,7 +28,7 @@ KAPPA_LIMIT = 4096  # condition numbers are reported for outputs up to this many
 DIGITS = 25  # of the truth: far more than any float dtype has
 LARGE_DIGITS = 12  # at most, of the truth of a large spec in a half or single dtype (the enclosures certify them)
 BEYOND_DTYPE = 6  # digits of the truth beyond the dtype's unit roundoff, for such a spec
-MEASURES_FORMAT = 1  # of the reference measures in a truth cache
+MEASURES_FORMAT = 2  # of the reference measures in a truth cache
 
 
 def auto_digits(spec, dtype: str, names, graph) -> int:
@@ -122,8 +124,10 @@ class Context:
     truth of every returned entry (flattened, target after target), the error budget and reference errors
     there, and the ulp floors."""
 
-    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None,
-                 cache=None, truth=None):  # fmt: skip
+    def __init__(
+        self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None, lse: bool = False,
+        lse_base="e", args=None, cache=None, truth=None,
+    ):  # fmt: skip
         from symattn.truth.evaluation import evaluate
 
         dtype_of(dtype)
@@ -132,21 +136,39 @@ class Context:
                 f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
             )
         self.spec, self.dtype, self.backward = spec, dtype, backward
-        self.args = arguments(spec, dtype, cast, backward)
+        self.args = args or arguments(spec, dtype, cast, backward)
         self.graph = build_graph(self.args.rounded)
-        self.targets = targets(self.graph, backward)
+        self.targets = targets(self.graph, backward, lse)
+        self.lse_base = check_base(lse_base)
         names = [step for t in self.targets for step in t.steps]
+        # base 2: the lse steps' truth, reference runs, budgets and sensitivities divided by ln 2
+        self._base2 = {s for t in self.targets if t.name == "lse" for s in t.steps} if self.lse_base == 2 else set()
         self.digits = auto_digits(self.args.rounded, dtype, names, self.graph) if digits in (None, "auto") else digits
         if truth is None:
             self.truth = evaluate(self.args.rounded, digits=self.digits, progress=None, steps=names, cache=cache)
         else:
             self.truth = given_truth(truth, self, names)
-        self.exact_f = self._flat({n: self.truth[n].to_numpy() for n in names})  # the truth rounded to float64
+        self._texts2 = {
+            n: [[base2_text(v, self.digits) for v in row] for row in self.truth[n].values] for n in self._base2
+        }
+        self.exact_f = self._flat(
+            {
+                n: np.array([[float(v) if not v.startswith("<") else 0.0 for v in row] for row in self._texts2[n]])
+                if n in self._base2
+                else self.truth[n].to_numpy()
+                for n in names
+            }
+        )  # the truth rounded to float64
         # float64 results are measured against the certified decimals exactly; lower precisions against
         # float64 roundings of them (their error is far above float64's): vectorized
-        self.exact = self._flat({n: np.array(self.truth[n].tolist(), dtype=object) for n in names}) if (
-            dtype == "float64"
-        ) else None  # fmt: skip
+        self.exact = self._flat(
+            {
+                n: np.array([[to_decimal(v) for v in row] for row in self._texts2[n]], dtype=object)
+                if n in self._base2
+                else np.array(self.truth[n].tolist(), dtype=object)
+                for n in names
+            }
+        ) if dtype == "float64" else None  # fmt: skip
         self._starts, self._steps = [], []  # where each step's entries start in the flat order
         start = 0
         for t in self.targets:
@@ -207,16 +229,29 @@ class Context:
         else:
             budget = budgets(self.graph, leaves, dtype, names)
             runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
+        if self._base2:  # a right base-2 implementation: its log's error over ln 2, and one more rounding
+            u = unit_roundoff(dtype)
+            for n in self._base2:
+                for run in runs:
+                    run[n] = (run[n] / math.log(2)).astype(dtype_of(dtype)).astype(np.float64)
+                budget[n] = budget[n] / math.log(2) + u * np.abs(np.where(np.isfinite(runs[0][n]), runs[0][n], 0.0))
         errors = [self.errors(self._flat(run)) for run in runs]
+        # how far the inputs' rounding moves the output (or gradients): the lse's figures are its own entries'
+        moved = [n for t in self.targets if t.name != "lse" for n in t.steps]
         out = {
             "budget": self._flat(budget),
             "reference_errors": np.maximum(*errors),  # per entry, the larger of the two runs' errors
-            "input_effect": np.array(self._input_effect(spec, names)),
+            "input_effect": np.array(self._input_effect(spec, moved)),
         }
         if not self.backward and self.exact_f.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
                 sens = np.asarray(sensitivity(self.graph, leaves)).reshape(-1)
                 finite = np.isfinite(self.exact_f)
+                lse_steps = [s for t in self.targets if t.name == "lse" for s in t.steps]
+                if lse_steps:  # ∂lse/∂s is the softmax's weights: the same backward pass, from each lse entry
+                    parts = sensitivity(self.graph, leaves, lse_steps)
+                    scale = {n: 1 / math.log(2) if n in self._base2 else 1.0 for n in lse_steps}
+                    sens = np.concatenate([sens] + [parts[n].reshape(-1) * scale[n] for n in lse_steps])
                 magnitude = np.where(finite, np.abs(self.exact_f), 0.0)
                 out["kappa"] = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
         return out
@@ -231,8 +266,8 @@ class Context:
         return store.digest(
             {"measures": MEASURES_FORMAT, "rounded": store.spec_parts(self.args.rounded),
              "given": store.spec_parts(spec), "dtype": self.dtype, "backward": self.backward, "steps": names,
-             "digits": self.digits, "truth_digits": self.truth.digits, "numpy": np.__version__,
-             "machine": platform.machine()}
+             "digits": self.digits, "truth_digits": self.truth.digits, "lse_base": self.lse_base,
+             "numpy": np.__version__, "machine": platform.machine()}
         )  # fmt: skip
 
     def _input_effect(self, spec, names) -> float:
@@ -295,7 +330,11 @@ class Context:
         for n, (step, i, j) in enumerate(places):
             by_step.setdefault(step, []).append((n, i, j))
         for step, group in by_step.items():
-            for (n, _, _), text in zip(group, self.truth[step].texts([(i, j) for _, i, j in group]), strict=True):
+            if step in self._base2:
+                texts = [self._texts2[step][i][j] for _, i, j in group]
+            else:
+                texts = self.truth[step].texts([(i, j) for _, i, j in group])
+            for (n, _, _), text in zip(group, texts, strict=True):
                 out[n] = text
         return out
 
@@ -370,7 +409,7 @@ def _by_blocks(spec, graph, names, computes) -> list[dict]:
             for name in names:
                 step = graph.step(name)
                 if name not in assembled:
-                    assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)
+                    assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)  # lse: every row
                 assembled[name][block_target(step, rows, keys)] = values[name]
     return out
 
@@ -401,7 +440,8 @@ def _difference(a, b) -> float:
 
 def _error(v: float, e) -> float:
     if not _finite(e):
-        same = (isinstance(e, Decimal) and e.is_nan() and v != v) or str(e) == repr(v)
+        same = isinstance(e, Decimal) and ((e.is_nan() and v != v) or (e.is_infinite() and float(e) == v))
+        same = same or str(e) == repr(v)
         return 0.0 if same else math.inf
     if not math.isfinite(v):
         return math.inf
