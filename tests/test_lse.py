@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from decimal import Decimal
+from fractions import Fraction
 
 import mpmath
 import numpy as np
@@ -544,3 +545,27 @@ def test_a_context_with_lse_and_an_output_alone():
 
     r = run(out_only, "out_only", Context(symattn.load_spec(float_spec()), "float32", lse=True), "kappa")
     assert r.verdict == "PASS" and r.lse is None and "not returned, so not verified: lse" in r.notes
+
+
+@pytest.mark.parametrize(
+    ("x", "wq", "wk", "expected"),
+    [
+        ([0, 3000], 1, Fraction(1, 2), "5e+6"),  # lse = 4.5e6 + log(1 + e^-4.5e6): just above the tie, up
+        ([1000, Fraction(5000, 3)], -1, Fraction(3, 2), "-2e+6"),  # -2.5e6 + log(1 + e^(-5e6/3)): toward -2e6
+    ],
+)
+def test_an_lse_whose_largest_score_is_a_rounding_tie_is_decided_exactly(x, wq, wk, expected):
+    """No ball separates the lse from the tie at its row's largest score (the rest is e^-(10^6)); its exact
+    form does (hypothesis found both: a bound '<1e+7' was printed)."""
+    data = {"x": [[str(v)] for v in x], "heads": [{"wq": [[wq]], "wk": [[str(wk)]], "wv": [[0]]}], "wo": [[0]]}
+    truth = symattn.evaluate(data, digits=1, steps=["lse1"])
+    assert truth["lse1"].values[1] == (expected,)
+    scores = [x[1] * wq * v * wk for v in x]  # row 1, exactly (scale 1)
+    top = max(scores)
+    assert (top / 10**6) % 1 == Fraction(1, 2)  # the largest score is a 1-digit tie: k.5e6
+    with mpmath.workdps(30):  # the rest of the lse, log1p of the other terms, is positive however tiny
+        rest = mpmath.log1p(
+            mpmath.fsum(mpmath.exp(mpmath.mpf((s - top).numerator) / (s - top).denominator) for s in scores if s != top)
+        )
+    assert rest > 0
+    assert Fraction(expected) == top + Fraction(1, 2) * 10**6  # so the value rounds up, to the next 1-digit one

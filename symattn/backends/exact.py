@@ -189,19 +189,23 @@ class Algebra:
             return self._poly_ball(num, cache, entry_ball, bits) / self._poly_ball(den, cache, entry_ball, bits)
 
     def _poly_ball(self, poly: dict, cache: dict, entry_ball, bits: int):
+        """The sum of the monomials' balls, the exact ones first: their sum is exact (1 − 1 of an lse decision
+        cancels before a tiny term joins it, which adding it to 1 first would round away)."""
         import flint
 
-        total = flint.arb(0)
+        terms = []
         for m, c in poly.items():
             term = flint.arb(c.numerator) / c.denominator if isinstance(c, Fraction) else flint.arb(c)
-            exponent = flint.arb(0)
+            exponent, rational = flint.arb(0), Fraction(0)  # a rational exponent summed exactly: e^(a/3)·e^(−a/3) is 1
             for g, e in m:
                 gen = self.gens[g]
                 if gen.kind == "e":
                     basis, den = gen.info
-                    b = flint.arb(1) if basis is None else entry_ball(basis, bits)
                     e = Fraction(e)
-                    exponent = exponent + b * flint.arb(e.numerator) / (e.denominator * den)
+                    if basis is None:
+                        rational += e / den
+                    else:
+                        exponent = exponent + entry_ball(basis, bits) * flint.arb(e.numerator) / (e.denominator * den)
                 elif gen.kind == "sqrt":
                     term = term * flint.arb(gen.info).sqrt() ** int(e)
                 else:
@@ -210,10 +214,18 @@ class Algebra:
                         if kind == "entry":
                             cache[g] = entry_ball(value, bits)
                         else:
-                            inner = self.ball(value, bits)
-                            cache[g] = inner.tanh() if kind == "tanh" else inner.log() if kind == "log" else inner.exp()
+                            if kind == "log":  # log1p of (value − 1), subtracted exactly: a row's sum is 1 + tiny
+                                cache[g] = self.ball(self.add(value, self.const(1), -1), bits).log1p()
+                            else:
+                                inner = self.ball(value, bits)
+                                cache[g] = inner.tanh() if kind == "tanh" else inner.exp()
                     term = term * cache[g] ** int(e)
-            total = total + term * exponent.exp()
+            if rational:
+                exponent = exponent + flint.arb(rational.numerator) / rational.denominator
+            terms.append(term * exponent.exp())
+        total = flint.arb(0)
+        for term in sorted(terms, key=lambda t: not t.is_exact()):
+            total = total + term
         return total
 
     # Decisions.
