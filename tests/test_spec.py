@@ -8,7 +8,7 @@ from symattn.load import builtin_names
 
 KEYS = (
     "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, sinks, "
-    "dropout_p, dropout_mask, segments_q, segments_kv, mask_mod, constants, "
+    "dropout_p, dropout_mask, segments_q, segments_kv, mask_mod, score_mod, constants, "
     "empty_row, dout"
 )
 
