@@ -177,8 +177,9 @@ class _Checker:
             return
         if isinstance(node, ast.Attribute):
             raise self.fail(f"expected no attribute access, received {ast.unparse(node)!r}")
+        calls = ", ".join(g.functions)
         raise self.fail(f"expected an expression of names, numbers, operators, comparisons, and/or/not, calls of "
-                        f"{', '.join(g.functions)} and constant subscripts, received {type(node).__name__}")  # fmt: skip
+                        f"{calls} and constant subscripts, received {type(node).__name__}")  # fmt: skip
 
 
 _OP_TEXT = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}

@@ -405,6 +405,8 @@ class Run:
             return self.times(n[2], self.times(n[1], g))
         if kind == "add":
             return xp.add(self.times(n[1], g), self.times(n[2], g))
+        if kind == "shift":  # g·(a + q)
+            return xp.add(self.times(n[1], g), self.times(("number", self.scalars[n[2]].value), g))
         return xp.mul(g, self.value(n))
 
 

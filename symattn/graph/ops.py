@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from symattn.entries import Entry, to_text
 from symattn import scoremod
+from symattn.entries import Entry, to_text
 from symattn.semantics import NAN
 
 
