@@ -31,15 +31,15 @@ KERNEL_POSITIONAL = ("q", "k", "v")
 PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
     "x_kv", "bq", "bk", "bv", "bo", "sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv",
-    "mask_mod", "constants", "empty_row",
+    "mask_mod", "score_mod", "constants", "empty_row",
 )  # fmt: skip
 # Options added after the convention was first fixed: a function that takes **kwargs without naming one gets it
 # only where the spec sets it, so that one written before (forwarding **kwargs to a function that does not know
 # the option) still runs on the specs it can compute.
-LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants")
+LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "mask_mod", "score_mod", "constants")
 KERNEL_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "dropout_p",
-    "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", "empty_row",
+    "dropout_mask", "segments_q", "segments_kv", "mask_mod", "score_mod", "constants", "empty_row",
 )  # fmt: skip
 
 
@@ -100,6 +100,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         "segments_q": None if spec.segments_q is None else np.array(spec.segments_q, dtype=np.int32),
         "segments_kv": None if spec.segments_kv is None else np.array(spec.segments_kv, dtype=np.int32),
         "mask_mod": spec.mask_mod,
+        "score_mod": spec.score_mod,
         "constants": None,
         "empty_row": spec.empty_row,
     }
@@ -218,6 +219,7 @@ def _kept(spec, scale=True) -> dict:
         "segments_q": spec.segments_q,
         "segments_kv": spec.segments_kv,
         "mask_mod": spec.mask_mod,
+        "score_mod": spec.score_mod,
         "constants": spec.constants,
         "dout": spec.dout,
     }
@@ -253,7 +255,7 @@ def _nondefault(spec, name: str) -> bool:
         return spec.dropout_mask is not None
     if name in ("segments_q", "segments_kv"):
         return spec.segments_q is not None
-    if name in ("mask_mod", "constants"):
+    if name in ("mask_mod", "score_mod", "constants"):
         return getattr(spec, name) is not None
     if name == "x_kv":
         return spec.x_kv is not None
