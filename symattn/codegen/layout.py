@@ -391,7 +391,8 @@ def _score_mod_lines(constants: bool) -> list:
     if constants:
         lines += [
             f"if {_DIFFER}:",
-            f"    raise ValueError({'constants: this module folds the spec constants of its score_mod' + regenerate!r})",
+            f"    raise ValueError({'constants: this module folds the spec constants of its score_mod' + regenerate!r}"
+            ")",
         ]
     return lines
 
