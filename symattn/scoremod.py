@@ -277,7 +277,7 @@ class _Fold(maskmod.Eval):
                 return "bool", np.where(value, a[1], b[1])
             return "tree", ("select", self.condition(value), self.tree(then, active & value),
                             self.tree(other, active & ~value))  # fmt: skip
-        if kind == "num":
+        if kind in ("num", "tree"):
             raise self.fail(f"expected a condition as where's first argument, received {ast.unparse(cond)!r}")
         return "tree", ("select", value, self.tree(then, active), self.tree(other, active))
 

@@ -82,7 +82,7 @@ def test_missing_file():
     with pytest.raises(
         SymattnError,
         match=r"^spec: expected a built-in name \(causal, cross, document, dropout, four_tokens, gqa, notebook, "
-        r"overflow32, overflow64, sinks, softcap, varlen\) or a path to a \.json, \.toml or \.npz file, "
+        r"overflow32, overflow64, relbias, sinks, softcap, varlen\) or a path to a \.json, \.toml or \.npz file, "
         r"received 'nope\.json', which is neither$",
     ):
         load_spec("nope.json")
