@@ -419,6 +419,11 @@ def text(tree, names: dict) -> str:
         return str(tree[1])
     if kind in names:
         return names[kind][tree[1]]
+    negated = _negated(tree[2], names) if kind == "add" else None
+    if negated is not None:  # a + (−1)·b
+        return f"({text(tree[1], names)} - {text(negated, names)})"
+    if kind == "mul" and _negated(tree, names) is not None:
+        return f"-{text(tree[2], names)}"
     if kind in ("add", "sub", "mul"):
         op = {"add": " + ", "sub": " - ", "mul": "·"}[kind]
         return f"({text(tree[1], names)}{op}{text(tree[2], names)})"
@@ -435,6 +440,13 @@ def text(tree, names: dict) -> str:
     if kind == "not":
         return f"not {text(tree[1], names)}"
     return f"({text(tree[1], names)} {kind} {text(tree[2], names)})"
+
+
+def _negated(tree, names):
+    """b for a tree (−1)·b, else None."""
+    if tree[0] == "mul" and tree[1][0] == "p" and names["p"][tree[1][1]] == "-1":
+        return tree[2]
+    return None
 
 
 # The derivative: the tree as a SymPy expression, differentiated by SymPy, read back as a tree.

@@ -490,3 +490,26 @@ def test_the_example_relbias():
     ref = oracle.steps(json.loads(json.dumps(spec.to_dict(), default=str)), DPS,
                        mod=lambda s, h, i, j: s + mp(rel[h][i - j + 4]))  # fmt: skip
     oracle.agree(truth, ref, forward_names(2))
+
+
+def test_the_pytest_helper_with_a_score_mod():
+    from symattn.testing import assert_attention_close
+
+    q, k, v = (np.array(big_kernel()[n]) for n in "qkv")
+    assert_attention_close(right, q=q, k=k, v=v, causal=True, score_mod="5*tanh(s/5)")
+    with pytest.raises(AssertionError):
+        assert_attention_close(s_tanh_s, q=q, k=k, v=v, causal=True, score_mod="5*tanh(s/5)")
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_verify_a_generated_inputs_module_that_takes_score_mod_and_constants(backward):
+    spec = symattn.load_spec("relbias")
+    module = _module(symattn.generate(spec, weights="inputs", grad=True))
+    fn = module.backward if backward else module.forward
+    (result,) = symattn.verify(spec, [fn], dtype="float32", backward=backward)
+    assert result.verdict == "PASS", result.lines()
+
+
+def test_show_grad_prints_the_mods_derivative():
+    spec = symattn.load_spec({**KERNEL, "score_mod": "30*tanh(s/30)"})
+    assert symattn.build(spec, grad=True).definition("dq1") == "dq1 = dscores1∘(-tanh((1/30·s))^2 + 1)·k1·scale"
