@@ -29,6 +29,7 @@ from symattn.errors import SymattnError, shown
 VARIABLES = ("h", "q_idx", "kv_idx")
 FUNCTIONS = ("abs", "min", "max")
 MAX_DEPTH = 64
+MAX_POWER = 64  # score_mod's integer powers: repeated products
 MAX_TEXT = 10_000
 _LIMIT = 2**62
 
@@ -117,8 +118,12 @@ class _Checker:
             if not isinstance(node.op, g.binops):
                 ops = " ".join(_OP_TEXT[type(op)] for op in g.binops if op in _OP_TEXT)
                 raise self.fail(f"expected {ops}, received the operator {type(node.op).__name__}")
-            if isinstance(node.op, ast.Pow) and _integer_literal(node.right) is None:
-                raise self.fail(f"expected an integer power, received the exponent {ast.unparse(node.right)!r}")
+            if isinstance(node.op, ast.Pow):
+                n = _integer_literal(node.right)
+                if n is None:
+                    raise self.fail(f"expected an integer power, received the exponent {ast.unparse(node.right)!r}")
+                if abs(n) > MAX_POWER:
+                    raise self.fail(f"expected a power from -{MAX_POWER} to {MAX_POWER}, received {n}")
             self.check(node.left, d)
             self.check(node.right, d)
             return

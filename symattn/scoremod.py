@@ -301,16 +301,6 @@ def _reads_s(node) -> bool:
     return False
 
 
-def check_subscripts(expr: str, tree) -> None:
-    """A subscript must be an index expression: s (and tanh/exp) cannot choose an entry."""
-    for n in ast.walk(tree):
-        if isinstance(n, ast.Subscript):
-            parts = n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice]
-            if any(_reads_s(p) for p in parts):
-                raise maskmod._fail(expr, f"expected subscripts without s, tanh or exp, received {ast.unparse(n)!r}",
-                                    "score_mod")  # fmt: skip
-
-
 def _comparison(op, a, b) -> tuple:
     """A comparison as ("pos", difference, strict) nodes."""
     if isinstance(op, ast.Lt):

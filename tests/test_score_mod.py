@@ -406,6 +406,7 @@ BAD = [
     ("sin(s)", {}, r"^score_mod .*a call of 'sin'"),
     ("s ** 0.5", {}, r"^score_mod .*expected an integer power"),
     ("s ** q_idx", {}, r"^score_mod .*expected an integer power"),
+    ("s ** 100000", {}, r"^score_mod .*expected a power from -64 to 64, received 100000"),
     (
         "s + rel[q_idx + 1]",
         {"rel": [1, 2, 3, 4, 5]},
