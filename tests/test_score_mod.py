@@ -514,3 +514,60 @@ def test_verify_a_generated_inputs_module_that_takes_score_mod_and_constants(bac
 def test_show_grad_prints_the_mods_derivative():
     spec = symattn.load_spec({**KERNEL, "score_mod": "30*tanh(s/30)"})
     assert symattn.build(spec, grad=True).definition("dq1") == "dq1 = dscores1∘(-tanh((1/30·s))^2 + 1)·k1·scale"
+
+
+# The xp primitives of conditions, backend by backend.
+
+
+def test_floats_positive_logical_select():
+    from symattn.backends.floats import FloatXP
+
+    xp = FloatXP("float32")
+    a = np.array([[-1.0, 0.0, 2.0]], dtype=np.float32)
+    assert xp.positive(a, True).tolist() == [[False, False, True]]
+    assert xp.positive(a, False).tolist() == [[False, True, True]]
+    both = xp.logical("and", xp.positive(a, False), np.array([[True, True, False]]))
+    assert xp.select(both, a, -a).tolist() == [[1.0, 0.0, -2.0]]
+    assert xp.select(xp.logical("not", both), a, -a).dtype == np.float32
+
+
+def test_balls_decide_a_lins_tie_exactly_and_take_the_hull_where_nothing_decides():
+    from symattn.backends.balls import Balls, BallXP
+    from symattn.backends.engines import ArbEngine
+    from symattn.backends.rational import Lin, Scalar
+    from symattn.entries import parse_entry
+    from symattn.matrix import RatMat
+
+    engine = ArbEngine(64)
+    with engine.active():
+        xp = BallXP(engine)
+        root = Scalar(Fraction(1), ("sqrt", 2), parse_entry("sqrt(2)", "e"))
+        # √2·[1, 1, 0] − [r, 2, 0]: √2 − r ≈ 1e-31 > 0 is below the 64-bit balls' reach (decided exactly),
+        # √2 − 2 < 0, and the last entry is exactly 0
+        r = 14142135623730950488016887242096
+        lin = Lin({root.key: RatMat(np.array([[1, 1, 0]], dtype=object), 1)},
+                  RatMat(np.array([[-r, -2 * 10**31, 0]], dtype=object), 10**31),
+                  {root.key: root.generator})  # fmt: skip
+        assert engine.contains_zero(xp.balls(lin).values[0, 0])
+        assert xp.positive(lin, True).tolist() == [[2, 0, 0]]
+        assert xp.positive(lin, False).tolist() == [[2, 0, 2]]
+        wide = Balls(np.array([[engine.arb(0, 1)]], dtype=object))  # [−1, 1]: no ball decides its sign
+        assert xp.positive(wide, True).tolist() == [[1]]
+        one, two = (
+            Balls(np.array([[engine.one()]], dtype=object)),
+            Balls(np.array([[engine.rational(2)]], dtype=object)),
+        )
+        hull = xp.select(xp.positive(wide, True), one, two).values[0, 0]
+        assert hull.contains(1) and hull.contains(2)
+        assert xp.logical("and", xp.positive(wide, True), np.array([[False]])).tolist() == [[0]]
+
+
+def test_exact_decides_and_refuses_what_it_cannot():
+    from symattn.backends.exact import ExactXP, element_sign
+
+    xp = ExactXP()
+    alg = xp.alg
+    assert element_sign(alg, alg.const(Fraction(-1, 3))) == -1 and element_sign(alg, {}) == 0
+    symbol = xp.leaf("q", symattn.load_spec({"q": [[["a"]]], "k": [[[1]]], "v": [[[1]]]}).q[0])
+    with pytest.raises(SymattnError, match="^score_mod: a condition on s that its exact form does not decide"):
+        xp.positive(symbol, True)
