@@ -53,7 +53,7 @@ _CMPOPS = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 MASK = Grammar("mask_mod", VARIABLES, FUNCTIONS, _BINOPS, "a boolean expression", "q_idx >= kv_idx")
 
 
-def _fail(expr: str, why: str, field: str = "mask_mod") -> SymattnError:
+def error(expr: str, why: str, field: str = "mask_mod") -> SymattnError:
     shown_expr = expr if len(expr) <= 80 else expr[:60] + "…"
     return SymattnError(f"{field} {shown_expr!r}: {why}")
 
@@ -64,17 +64,17 @@ def parse(expr, names=(), grammar: Grammar = MASK) -> ast.AST:
     if not isinstance(expr, str):
         raise SymattnError(f"{field}: expected {grammar.what} string, received {shown(expr)}")
     if len(expr) > MAX_TEXT:
-        raise _fail(expr, f"expected at most {MAX_TEXT} characters, received {len(expr)}", field)
+        raise error(expr, f"expected at most {MAX_TEXT} characters, received {len(expr)}", field)
     if not expr.strip():
         raise SymattnError(f"{field}: expected {grammar.what} such as {grammar.example!r}, received ''")
     if max(_nesting(expr), 0) > MAX_DEPTH:
-        raise _fail(expr, f"expected brackets nested at most {MAX_DEPTH} deep", field)
+        raise error(expr, f"expected brackets nested at most {MAX_DEPTH} deep", field)
     try:
         tree = ast.parse(expr.strip(), mode="eval").body
     except SyntaxError as e:
-        raise _fail(expr, f"expected a Python expression, received a syntax error ({e.msg})", field) from None
+        raise error(expr, f"expected a Python expression, received a syntax error ({e.msg})", field) from None
     except (RecursionError, MemoryError, ValueError):
-        raise _fail(expr, "expected a shorter, shallower expression", field) from None
+        raise error(expr, "expected a shorter, shallower expression", field) from None
     _Checker(expr, set(names), grammar).check(tree, 0)
     return tree
 
@@ -94,7 +94,7 @@ class _Checker:
         self.expr, self.names, self.g = expr, names, grammar
 
     def fail(self, why):
-        return _fail(self.expr, why, self.g.field)
+        return error(self.expr, why, self.g.field)
 
     def check(self, node, depth):
         if depth > MAX_DEPTH:
@@ -119,7 +119,7 @@ class _Checker:
                 ops = " ".join(_OP_TEXT[type(op)] for op in g.binops if op in _OP_TEXT)
                 raise self.fail(f"expected {ops}, received the operator {type(node.op).__name__}")
             if isinstance(node.op, ast.Pow):
-                n = _integer_literal(node.right)
+                n = integer_literal(node.right)
                 if n is None:
                     raise self.fail(f"expected an integer power, received the exponent {ast.unparse(node.right)!r}")
                 if abs(n) > MAX_POWER:
@@ -190,7 +190,7 @@ class _Checker:
 _OP_TEXT = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
 
 
-def _integer_literal(node) -> int | None:
+def integer_literal(node) -> int | None:
     """The value of an integer literal (a unary minus allowed), else None."""
     sign = 1
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
@@ -271,7 +271,7 @@ def evaluate(expr: str, constants: dict, H: int, L: int, S: int) -> np.ndarray:
     with np.errstate(all="raise"):
         kind, value = Eval(expr, constants, grid, shape).run(tree, active)
     if kind != "bool":
-        raise _fail(expr, "expected a boolean result (a comparison, and/or/not), received a number")
+        raise error(expr, "expected a boolean result (a comparison, and/or/not), received a number")
     return np.array(np.broadcast_to(value, shape), dtype=bool)
 
 
@@ -284,7 +284,7 @@ class Eval:
         self.expr, self.constants, self.grid, self.shape = expr, constants, grid, shape
 
     def fail(self, why):
-        return _fail(self.expr, why, self.field)
+        return error(self.expr, why, self.field)
 
     def run(self, node, active):
         """(kind, array): kind "bool" or "num"; values matter only where ``active``."""
@@ -333,7 +333,7 @@ class Eval:
                 return "num", _abs(args[0])
             out = args[0]
             for a in args[1:]:
-                a, o = _common(a, out)
+                a, o = common(a, out)
                 take = (a < o) if node.func.id == "min" else (a > o)
                 out = np.where(take, a, o)
             return "num", out
@@ -354,7 +354,7 @@ class Eval:
         return v
 
     def arith(self, op, a, b, active):
-        a, b = _common(a, b)
+        a, b = common(a, b)
         if a.dtype == np.int64:
             ba, bb = _bound(a), _bound(b)
             need = ba * bb if isinstance(op, ast.Mult) else ba + bb
@@ -363,7 +363,7 @@ class Eval:
         if isinstance(op, (ast.FloorDiv, ast.Mod, ast.Div)):
             zero = np.broadcast_to(b == 0, np.broadcast_shapes(a.shape, b.shape, self.shape)) & active
             if zero.any():
-                where = _position(zero)
+                where = position_text(zero)
                 raise self.fail(f"division by zero at {where}")
             b = np.where(b == 0, 1, b)
             if b.dtype == object:
@@ -398,7 +398,7 @@ class Eval:
             if i.dtype == object:
                 bad = active & np.vectorize(lambda x: not (isinstance(x, int) or x.denominator == 1), otypes=[bool])(i)
                 if bad.any():
-                    raise self.fail(f"a non-integer subscript of {name} at {_position(bad)}")
+                    raise self.fail(f"a non-integer subscript of {name} at {position_text(bad)}")
                 out = active & np.vectorize(lambda x, n=table.shape[axis]: not 0 <= x < n, otypes=[bool])(i)
             else:
                 out = active & ((i < 0) | (i >= table.shape[axis]))
@@ -425,7 +425,7 @@ def at_text(at) -> str:
     return f"h={at[0]}, q_idx={at[1]}, kv_idx={at[2]}"
 
 
-def _position(bad):
+def position_text(bad):
     return at_text(tuple(int(x) for x in np.argwhere(bad)[0]))
 
 
@@ -433,7 +433,7 @@ def _num(a):
     return np.asarray(a)
 
 
-def _common(a, b):
+def common(a, b):
     a, b = np.asarray(a), np.asarray(b)
     if a.dtype == object or b.dtype == object:
         return a.astype(object), b.astype(object)
@@ -455,7 +455,7 @@ def _abs(a):
 
 
 def _compare(op, a, b):
-    a, b = _common(a, b)
+    a, b = common(a, b)
     out = {
         ast.Eq: lambda: a == b,
         ast.NotEq: lambda: a != b,

@@ -6,8 +6,8 @@ The expression reads ``s`` (the score after scale, softcap, bias and ALiBi), ``h
 powers, ``tanh``, ``exp``, ``abs``, ``min``, ``max`` and ``where(cond, a, b)``.  ``fold`` evaluates every
 part that does not read ``s`` (nor tanh/exp) exactly over the (h, q_idx, kv_idx) grid with mask_mod's evaluator
 (an out-of-range subscript or a division by zero at a position that reaches it is an error); what is left is a
-small ``Mod`` tree over ``s``, the folded arrays and scalars, which ``apply`` runs through any ``xp``.  Its
-derivative in ``s`` is SymPy's derivative of the same tree (``Mod.derivative``): no second hand-written rule.
+small ``Mod`` tree over ``s``, the folded arrays and scalars, which ``Run`` runs through any ``xp``.  Its
+derivative in ``s`` is SymPy's derivative of the same tree (``derivative``): no second hand-written rule.
 
 abs, min and max are selections: ``abs(x) = where(x >= 0, x, -x)``, ``min(a, b) = where(a <= b, a, b)``,
 ``max(a, b) = where(a >= b, a, b)``; a derivative is that of the branch taken (at a tie, the first argument).
@@ -89,7 +89,7 @@ def fold(expr: str, constants: dict, H: int, L: int, S: int) -> Mod:
     with np.errstate(all="raise"):
         kind, value = folder.part(tree, np.ones(shape, dtype=bool))
     if kind in ("bool", "cond"):
-        raise maskmod._fail(expr, "expected a number, received a boolean (a comparison, and/or/not)", "score_mod")
+        raise maskmod.error(expr, "expected a number, received a boolean (a comparison, and/or/not)", "score_mod")
     root = value if kind == "tree" else folder.constant(value)
     dtree, scalars = derivative(root, folder.scalars)
     return Mod(expr, root, dtree, tuple(folder.arrays), tuple(folder.bools), scalars)
@@ -129,7 +129,10 @@ class _Fold(maskmod.Eval):
         return ("b", len(self.bools) - 1)
 
     def tree(self, node, active) -> tuple:
-        kind, value = self.part(node, active)
+        return self.as_tree(self.part(node, active), node)
+
+    def as_tree(self, result, node) -> tuple:
+        kind, value = result
         if kind == "tree":
             return value
         if kind == "num":
@@ -155,7 +158,7 @@ class _Fold(maskmod.Eval):
             return kind, value
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             base = self.number(node.left, active, "a power")
-            n = maskmod._integer_literal(node.right)
+            n = maskmod.integer_literal(node.right)
             return "num", self.power(base, n, active)
         return super().run(node, active)
 
@@ -163,7 +166,7 @@ class _Fold(maskmod.Eval):
         if n < 0:
             zero = np.broadcast_to(base == 0, np.broadcast_shapes(base.shape, self.shape)) & active
             if zero.any():
-                raise self.fail(f"division by zero (a negative power of 0) at {maskmod._position(zero)}")
+                raise self.fail(f"division by zero (a negative power of 0) at {maskmod.position_text(zero)}")
         flat = np.broadcast_to(base, np.broadcast_shapes(base.shape, active.shape)).astype(object)
         out = np.empty(flat.shape, dtype=object)
         for idx in np.ndindex(flat.shape):
@@ -225,12 +228,12 @@ class _Fold(maskmod.Eval):
                                     f"({ast.unparse(v)!r})")  # fmt: skip
                 out = c if out is None else ("and" if is_and else "or", out, c)
             return "cond", out
-        raise self.fail(f"cannot use s inside {ast.unparse(node)!r}")  # subscripts: _reads_s_subscript refused
+        raise self.fail(f"expected subscripts without s, tanh or exp, received {ast.unparse(node)!r}")
 
     def binop(self, node, active) -> tuple:
         op = node.op
         if isinstance(op, ast.Pow):
-            n = maskmod._integer_literal(node.right)
+            n = maskmod.integer_literal(node.right)
             base = self.tree(node.left, active)
             if n < 0:
                 raise self.fail(f"a negative power of an expression in s ({ast.unparse(node)!r}) is not supported: "
@@ -249,13 +252,12 @@ class _Fold(maskmod.Eval):
             return ("mul", factor, self.tree(node.left, active))
         if isinstance(op, (ast.FloorDiv, ast.Mod)):
             raise self.fail(f"expected // and % of expressions without s, received {ast.unparse(node)!r}")
-        if isinstance(op, ast.Mult):  # a number times a value: a scaling
-            for a, b in ((node.left, node.right), (node.right, node.left)):
-                if not _reads_s(a):
-                    kind, v = self.part(a, active)
-                    if kind == "num" and np.ndim(v) == 0:
-                        return ("mul", self.scalar(v.item()), self.tree(b, active))
-        left, right = self.tree(node.left, active), self.tree(node.right, active)
+        left, right = self.part(node.left, active), self.part(node.right, active)
+        if isinstance(op, ast.Mult):  # a plain number times a value: a scaling
+            for (kind, v), other, other_node in ((left, right, node.right), (right, left, node.left)):
+                if kind == "num" and np.ndim(v) == 0:
+                    return ("mul", self.scalar(v.item()), self.as_tree(other, other_node))
+        left, right = self.as_tree(left, node.left), self.as_tree(right, node.right)
         return ({ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul"}[type(op)], left, right)
 
     def arith(self, op, a, b, active):
@@ -271,12 +273,11 @@ class _Fold(maskmod.Eval):
             a = self.part(then, active & value)
             b = self.part(other, active & ~value)
             if a[0] == "num" and b[0] == "num":
-                x, y = maskmod._common(a[1], b[1])
+                x, y = maskmod.common(a[1], b[1])
                 return "num", np.where(value, x, y)
             if a[0] == "bool" and b[0] == "bool":
                 return "bool", np.where(value, a[1], b[1])
-            return "tree", ("select", self.condition(value), self.tree(then, active & value),
-                            self.tree(other, active & ~value))  # fmt: skip
+            return "tree", ("select", self.condition(value), self.as_tree(a, then), self.as_tree(b, other))
         if kind in ("num", "tree"):
             raise self.fail(f"expected a condition as where's first argument, received {ast.unparse(cond)!r}")
         return "tree", ("select", value, self.tree(then, active), self.tree(other, active))
@@ -288,7 +289,7 @@ def _decimal(expr: str, node) -> Fraction:
     try:
         return Fraction(text.replace("_", ""))
     except (TypeError, ValueError):
-        raise maskmod._fail(expr, f"expected an exact decimal literal, received {text!r}", "score_mod") from None
+        raise maskmod.error(expr, f"expected an exact decimal literal, received {text!r}", "score_mod") from None
 
 
 def _reads_s(node) -> bool:
