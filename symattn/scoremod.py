@@ -129,7 +129,17 @@ class _Fold(maskmod.Eval):
         return ("b", len(self.bools) - 1)
 
     def tree(self, node, active) -> tuple:
-        return self.as_tree(self.part(node, active), node)
+        return self.as_tree(self.operand(node, active), node)
+
+    def operand(self, node, active):
+        """``part`` of an operand of a value: a plain number times an index expression stays a scaling of an
+        integer array (Fractions over the whole grid are slow to make and to enclose: 0.5*abs(q_idx - kv_idx))."""
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and not _reads_s(node):
+            left, right = self.part(node.left, active), self.part(node.right, active)
+            for (kind, v), other, other_node in ((left, right, node.right), (right, left, node.left)):
+                if kind == "num" and np.ndim(v) == 0 and other[0] == "num" and np.ndim(other[1]) > 0:
+                    return "tree", ("mul", self.scalar(v.item()), self.as_tree(other, other_node))
+        return self.part(node, active)
 
     def as_tree(self, result, node) -> tuple:
         kind, value = result
@@ -252,7 +262,7 @@ class _Fold(maskmod.Eval):
             return ("mul", factor, self.tree(node.left, active))
         if isinstance(op, (ast.FloorDiv, ast.Mod)):
             raise self.fail(f"expected // and % of expressions without s, received {ast.unparse(node)!r}")
-        left, right = self.part(node.left, active), self.part(node.right, active)
+        left, right = self.operand(node.left, active), self.operand(node.right, active)
         if isinstance(op, ast.Mult):  # a plain number times a value: a scaling
             for (kind, v), other, other_node in ((left, right, node.right), (right, left, node.left)):
                 if kind == "num" and np.ndim(v) == 0:
