@@ -571,3 +571,13 @@ def test_exact_decides_and_refuses_what_it_cannot():
     symbol = xp.leaf("q", symattn.load_spec({"q": [[["a"]]], "k": [[[1]]], "v": [[[1]]]}).q[0])
     with pytest.raises(SymattnError, match="^score_mod: a condition on s that its exact form does not decide"):
         xp.positive(symbol, True)
+
+
+def test_the_fold_keeps_the_large_paths_forms_cheap():
+    """What the large path reads: no array for a softcap-like mod, an integer array scaled for a distance."""
+    data = {**KERNEL, "causal": True}
+    softcap = symattn.load_spec({**data, "score_mod": "30*tanh(s/30)"}).score_mod_split
+    assert softcap.arrays == () and not softcap.decides
+    distance = symattn.load_spec({**data, "score_mod": "s - 0.5*abs(q_idx - kv_idx)"}).score_mod_split
+    assert [a.dtype for a in distance.arrays] == [np.int64] and distance.scalars[0] == Fraction(1, 2)
+    assert symattn.load_spec({**data, "score_mod": "max(s, 0)"}).score_mod_split.decides
