@@ -143,24 +143,59 @@ def test_gqa_projection_form_against_the_reference():
     oracle.agree(truth, ref, forward_names() + ["concat_heads", "M"])
 
 
+def sink_heads(data, sinks, mod, dps=DPS):
+    """Each head's output with a sink logit per head (not modded): the reference's scores, then the softmax
+    with the sink as one more entry of every row (causal rows)."""
+    ref = oracle.steps({k: v for k, v in data.items() if k != "sinks"}, dps, mod=mod)
+    out, weights = [], []
+    with mpmath.workdps(dps):
+        for h in range(4):
+            scores, v = ref[f"scores{h + 1}"], oracle.matrix(data["v"][h // 2], dps)
+            rows, ws = [], []
+            for i in range(5):
+                keys = [j for j in range(5) if j <= i]
+                z = exp(mp(sinks[h]) if not isinstance(sinks[h], mpmath.mpf) else sinks[h])
+                z += mpmath.fsum(exp(scores[i, j]) for j in keys)
+                p = [exp(scores[i, j]) / z if j in keys else mpmath.mpf(0) for j in range(5)]
+                ws.append(p)
+                rows.append([mpmath.fsum(p[j] * v[j, c] for j in range(5)) for c in range(2)])
+            out.append(rows)
+            weights.append(ws)
+    return out, weights
+
+
 def test_the_sink_is_not_score_modded():
     sinks = ["1/2", -1, 0, 2]
     data = spec_data("softcap-like", sinks=sinks, causal=True)
     data["score_mod"] = "2*s + 1"
     truth = symattn.evaluate(symattn.load_spec(data), digits=30)
-    ref = oracle.steps({**data, "sinks": None}, DPS, mod=lambda s, h, i, j: 2 * s + 1)
+    heads, weights = sink_heads(data, sinks, lambda s, h, i, j: 2 * s + 1)
     with mpmath.workdps(DPS):
         for h in range(4):
-            scores, v = ref[f"scores{h + 1}"], oracle.matrix(KERNEL["v"][h // 2], DPS)
             for i in range(5):
-                keys = [j for j in range(5) if j <= i]
-                z = exp(mp(sinks[h])) + mpmath.fsum(exp(scores[i, j]) for j in keys)
-                p = [exp(scores[i, j]) / z if j in keys else mpmath.mpf(0) for j in range(5)]
                 for j in range(5):
-                    assert abs(mp(truth[f"weights{h + 1}"].values[i][j]) - p[j]) < mpmath.mpf(10) ** -28
-                out = [mpmath.fsum(p[j] * v[j, c] for j in range(5)) for c in range(2)]
+                    assert abs(mp(truth[f"weights{h + 1}"].values[i][j]) - weights[h][i][j]) < mpmath.mpf(10) ** -28
                 for c in range(2):
-                    assert abs(mp(truth[f"head{h + 1}"].values[i][c]) - out[c]) < mpmath.mpf(10) ** -28
+                    assert abs(mp(truth[f"head{h + 1}"].values[i][c]) - heads[h][i][c]) < mpmath.mpf(10) ** -28
+
+
+def test_dsinks_against_finite_differences():
+    sinks = [0, 1, "-1/2", 2]
+    data = spec_data("max", sinks=sinks, causal=True)
+    mod = MODS["max"][2]
+    truth = symattn.evaluate(symattn.load_spec(data), digits=25, grad=True)
+    got = truth["dsinks"].to_numpy()[0]
+    with mpmath.workdps(40):
+        for h in range(4):
+
+            def f(x, h=h):
+                changed = [mp(s) for s in sinks]
+                changed[h] = x
+                heads, _ = sink_heads(data, changed, mod, 40)
+                return mpmath.fsum(x for head in heads for row in head for x in row)
+
+            want = central(f, mp(sinks[h]))
+            assert abs(got[h] - float(want)) <= 1e-9 * max(1, abs(float(want))), (h, got[h], want)
 
 
 def test_segments_see_global_packed_indices():
@@ -216,13 +251,6 @@ def test_dscores_is_the_gradient_after_the_mod_and_dbias_before_it():
             for j in range(5):
                 ds, db = mp(truth["dscores2"].values[i][j]), mp(truth["dbias2"].values[i][j])
                 assert abs(db - ds * (1 - tanh(plain[i, j] / 30) ** 2)) <= mpmath.mpf(10) ** -28 * max(1, abs(db))
-
-
-def test_dsinks_with_a_mod():
-    data = spec_data("max", sinks=[0, 1, "-1/2", 2], causal=True)
-    truth = symattn.evaluate(symattn.load_spec(data), digits=20, grad=True)
-    step = truth["dsinks"]
-    assert step.shape == (1, 4) and all(v != "0" for v in step.values[0])
 
 
 # Generated code.
