@@ -29,7 +29,8 @@ from symattn.semantics import NAN
 
 @dataclass(frozen=True)
 class Param:
-    """An exact scalar parameter: ``kind`` scale, softcap, inverse_softcap or slope (one per ``head``)."""
+    """An exact scalar parameter: ``kind`` scale, softcap, inverse_softcap, slope (one per ``head``),
+    dropout_scale, or mod_scalar{k} (a score_mod's folded numbers)."""
 
     kind: str
     value: Entry
@@ -42,7 +43,8 @@ class Param:
 
 @dataclass(frozen=True)
 class Const:
-    """A constant array: ``kind`` allowed (which keys), empty (rows with none) or distance (ALiBi's |i+δ−j|);
+    """A constant array: ``kind`` allowed (which keys), empty (rows with none), distance (ALiBi's |i+δ−j|), or
+    mod{k}_ and modb{k}_ (a score_mod's folded numbers and conditions), among others;
     ``head`` for a head's own mask, None for one every head shares."""
 
     kind: str
