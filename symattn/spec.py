@@ -27,7 +27,7 @@ from functools import cached_property
 
 import numpy as np
 
-from symattn import maskmod, semantics
+from symattn import maskmod, scoremod, semantics
 from symattn.entries import Entry, parse_entry, sign, sqrt_fraction, symbols, to_text
 from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import Matrix, as_matrix, as_row, as_stack, check_shape, per_head
@@ -35,7 +35,8 @@ from symattn.options import alibi_values, check_keys, descale_values, mask_list,
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
 OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "dropout_p",
-               "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", "empty_row", "dout")  # fmt: skip
+               "dropout_mask", "segments_q", "segments_kv", "mask_mod", "score_mod", "constants", "empty_row",
+               "dout")  # fmt: skip
 DESCALES = ("q_descale", "k_descale", "v_descale")  # the kernel form's only: fp8 q, k, v (FlashAttention-3)
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
 KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS, *DESCALES)
@@ -119,6 +120,7 @@ class AttentionSpec:
     segments_q: tuple | None = None  # packed sequences: offsets (0, ..., L) of the query segments (cu_seqlens_q)
     segments_kv: tuple | None = None  # (0, ..., S), as many segments; query segment a attends key segment a only
     mask_mod: str | None = None  # FlexAttention's mask_mod: a boolean expression in h, q_idx, kv_idx, constants
+    score_mod: str | None = None  # FlexAttention's score_mod: an exact expression in s, h, q_idx, kv_idx, constants
     constants: dict | None = None  # name -> read-only 1-D/2-D array of exact entries (symattn.maskmod)
     empty_row: str = "zero"
     dout: tuple | None = None  # the output's cotangent: (L × d_out,) or H matrices L × E_v; None: all ones
@@ -325,10 +327,15 @@ class AttentionSpec:
     def _mask_mod(self):
         if self.constants is not None:
             self._set("constants", maskmod.constants_table(self.constants))
+        if self.score_mod is not None:
+            self._set("score_mod", self.score_mod.strip() if isinstance(self.score_mod, str) else self.score_mod)
+            scoremod.parse(self.score_mod, self.constants or {})
+            _ = self.score_mod_split  # evaluation errors (subscripts out of range, division by zero) at load time
         if self.mask_mod is None:
-            if self.constants is not None:
+            if self.constants is not None and self.score_mod is None:
                 raise SymattnError(
-                    "constants: expected them with mask_mod (the expression that reads them), received none"
+                    "constants: expected them with mask_mod or score_mod (the expression that reads them), "
+                    "received none"
                 )
             return
         self._set("mask_mod", self.mask_mod.strip() if isinstance(self.mask_mod, str) else self.mask_mod)
@@ -344,6 +351,13 @@ class AttentionSpec:
         grid = maskmod.evaluate(self.mask_mod, self.constants or {}, heads, self.L, self.S)
         grid.setflags(write=False)
         return grid
+
+    @cached_property
+    def score_mod_split(self):
+        """The score_mod folded over this spec's grid (``scoremod.Mod``), or None."""
+        if self.score_mod is None:
+            return None
+        return scoremod.fold(self.score_mod, self.constants or {}, self.h, self.L, self.S)
 
     @property
     def mask_mod_per_head(self) -> bool:
@@ -630,6 +644,8 @@ class AttentionSpec:
             data["segments_kv"] = list(self.segments_kv)
         if self.mask_mod is not None:
             data["mask_mod"] = self.mask_mod
+        if self.score_mod is not None:
+            data["score_mod"] = self.score_mod
         if self.constants is not None:
             data["constants"] = {k: [_entry(e) if not isinstance(e, list) else [_entry(x) for x in e]
                                      for e in _fractions(v)] for k, v in self.constants.items()}  # fmt: skip

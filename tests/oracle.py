@@ -83,9 +83,10 @@ def allowed(data: dict, mask, L: int, S: int) -> list:
     return out
 
 
-def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None) -> tuple:
+def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None, mod=None) -> tuple:
     """scores, weights and output of query head h (mpmath matrices), from its q, k, v; with ``rows``, only
-    those query rows are computed (the others stay 0)."""
+    those query rows are computed (the others stay 0); ``mod(s, h, i, j)``: a score_mod written by hand,
+    applied after ALiBi."""
     L, S = q.rows, k.rows
     scale = entry(data["scale"], dps) if "scale" in data else 1 / mpmath.sqrt(q.cols)
     cap = entry(data["softcap"], dps) if "softcap" in data else None
@@ -113,7 +114,7 @@ def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None) -> tuple
                 s += entry(bias[i][j], dps)
             if slope is not None:
                 s -= slope * abs(i + delta - j)
-            scores[i, j] = s
+            scores[i, j] = s if mod is None else mod(s, h, i, j)
     weights = softmax(scores, ok, fill, rows)
     out = mpmath.matrix(L, v.cols)
     for i in rows:
@@ -171,9 +172,10 @@ def _plus_row(m, vec, dps: int):
     return out
 
 
-def steps(data: dict, dps: int = 60, rows=None) -> dict:
+def steps(data: dict, dps: int = 60, rows=None, mod=None) -> dict:
     """Every forward step of the spec ``data`` (a dict as load_spec takes it) by name, as mpmath matrices at
-    ``dps`` digits; with ``rows``, the attention of those query rows only (the others' entries stay 0)."""
+    ``dps`` digits; with ``rows``, the attention of those query rows only (the others' entries stay 0); ``mod``:
+    a hand-written score_mod (see ``attention``)."""
     out = {}
     with mpmath.workdps(dps + 20):
         if "q" in data:  # the kernel form
@@ -181,7 +183,7 @@ def steps(data: dict, dps: int = 60, rows=None) -> dict:
             for h in range(H):
                 g = h * H_kv // H
                 q, k, v = (matrix(data[name][i], dps) for name, i in (("q", h), ("k", g), ("v", g)))
-                s, p, o = attention(q, k, v, data, h, H, dps, rows)
+                s, p, o = attention(q, k, v, data, h, H, dps, rows, mod)
                 out.update({f"scores{h + 1}": s, f"weights{h + 1}": p, f"head{h + 1}": o})
                 out[f"lse{h + 1}"] = logsumexp(s, rows)
             return out
@@ -196,7 +198,7 @@ def steps(data: dict, dps: int = 60, rows=None) -> dict:
             q = _plus_row(x * matrix(heads[h]["wq"], dps), heads[h].get("bq"), dps)
             k = _plus_row(x_kv * matrix(kv[g]["wk"], dps), kv[g].get("bk"), dps)
             v = _plus_row(x_kv * matrix(kv[g]["wv"], dps), kv[g].get("bv"), dps)
-            s, p, o = attention(q, k, v, data, h, H, dps, rows)
+            s, p, o = attention(q, k, v, data, h, H, dps, rows, mod)
             out.update({f"Q{h + 1}": q, f"K{g + 1}": k, f"V{g + 1}": v})
             out.update({f"scores{h + 1}": s, f"weights{h + 1}": p, f"head{h + 1}": o})
             out[f"lse{h + 1}"] = logsumexp(s, rows)

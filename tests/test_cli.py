@@ -93,8 +93,8 @@ def test_notebook_command_exit_codes(tmp_path, cli):
         (
             ["show", "missing.json"],
             "spec: expected a built-in name (causal, cross, document, dropout, four_tokens, gqa, notebook, overflow32, "
-            "overflow64, sinks, softcap, varlen) or a path to a .json, .toml or .npz file, received 'missing.json', "
-            "which is neither",
+            "overflow64, relbias, sinks, softcap, varlen) or a path to a .json, .toml or .npz file, received "
+            "'missing.json', which is neither",
         ),
         (["eval", "notebook", "--digits", "0"], "digits: expected an integer from 1 to 100000, received 0"),
         (
@@ -220,7 +220,8 @@ def test_help_documents_spec_choices_and_defaults(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     names = (
-        "causal, cross, document, dropout, four_tokens, gqa, notebook, overflow32, overflow64, sinks, softcap, varlen"
+        "causal, cross, document, dropout, four_tokens, gqa, notebook, overflow32, overflow64, relbias, sinks, "
+        "softcap, varlen"
     )
     assert f"a built-in example ({names}) or a path to a .json, .toml or .npz spec file" in " ".join(out.split())
     entries = _help_entries(out)

@@ -343,6 +343,14 @@ ADAPTER_CASES = {
         _projection(mask=np.tril(np.ones((5, 5), bool)) & (np.arange(5)[:, None] != 1), empty_row="nan"),
         {"torch_sdpa": "empty_row", "torch_mha": "empty_row"},
     ),
+    "kernel score_mod": (
+        _kernel(score_mod="30*tanh(s/30)", causal=True),
+        {"torch_sdpa": "score_mod", "jax_dpa": "score_mod"},
+    ),
+    "projection score_mod": (
+        _projection(score_mod="s + rel[h][kv_idx]", constants={"rel": _r(2, 5).tolist()}),
+        {"torch_sdpa": "score_mod", "torch_mha": "score_mod"},
+    ),
 }
 
 
@@ -424,3 +432,32 @@ def test_the_truths_lse_is_torch_logsumexp_of_the_masked_scores(case):
     got = np.stack([truth[f"lse{h}"].to_numpy()[:, 0] for h in (1, 2)])
     np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-14)
     assert np.isneginf(got).any() == (case != "sinks")
+
+
+# score_mod: FlexAttention's own eager path (uncompiled, CPU, float64) against the truth, the mods written as
+# torch functions of the same rules.
+REL = [[0, 0.5, -1, 1, 0.25, -2, 0.375, 0, 1, 2, -0.5], [1, 1, -0.5, 0, 0, 0.25, 0.125, 0, 2, -1, 0.5]]
+FLEX_MODS = {
+    "30*tanh(s/30)": lambda s, b, h, i, j: 30 * torch.tanh(s / 30),
+    "s - 0.5*abs(q_idx - kv_idx)": lambda s, b, h, i, j: s - 0.5 * (i - j).abs(),
+    "s + rel[h][q_idx - kv_idx + 5]": lambda s, b, h, i, j: s + torch.tensor(REL, dtype=s.dtype)[h, i - j + 5],
+    "where(q_idx >= kv_idx, s, s - 100)": lambda s, b, h, i, j: torch.where(i >= j, s, s - 100),
+    "where(s > 0, s, 2*s)": lambda s, b, h, i, j: torch.where(s > 0, s, 2 * s),
+    "max(s, -1)": lambda s, b, h, i, j: torch.clamp(s, min=-1),
+    "exp(s/8) + s**2/10": lambda s, b, h, i, j: torch.exp(s / 8) + s**2 / 10,
+}
+
+
+@pytest.mark.parametrize("mod", list(FLEX_MODS))
+def test_flex_attention_float64_with_a_score_mod_agrees_with_the_truth(mod):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = random_qkv(seed=4, H=2, H_kv=2, L=6, S=6, E=4)
+    data = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "score_mod": mod}
+    if "rel" in mod:
+        data["constants"] = {"rel": REL}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the eager path warns that it is not compiled
+        out = flex.flex_attention(q[None], k[None], v[None], score_mod=FLEX_MODS[mod])[0]
+    np.testing.assert_allclose(out.numpy(), exact(symattn.load_spec(data)), rtol=1e-12, atol=1e-13)

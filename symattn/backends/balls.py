@@ -254,6 +254,20 @@ class BallXP(RationalXP):
             column[i, 0] = self.engine.point(a.values[i, j]) if ok else self.engine.zero()
         return Balls(column)
 
+    # Conditions: a ball decides where it excludes 0; a Lin's entries that no ball decides are decided exactly.
+    def _general_signs(self, x) -> np.ndarray:
+        sign = self.engine.sign
+        return np.vectorize(lambda v: 2 if (r := sign(v)) is None else r, otypes=[np.int8])(x.values)
+
+    def _lin_signs(self, a: Lin) -> np.ndarray:
+        signs = self._general_signs(Balls(self._lin_balls(a)))
+        for i, j in zip(*np.nonzero(signs == 2), strict=True):
+            signs[i, j] = exact_sign(a, int(i), int(j))
+        return signs
+
+    def _hull(self, a, b):
+        return self.engine.hull(a, b)
+
     def _general_rowsum(self, values):
         return Balls(np.array([[_sum(row)] for row in values], dtype=object).reshape(-1, 1))
 
@@ -323,6 +337,17 @@ class BallXP(RationalXP):
         values = x.values.copy()
         values[np.broadcast_to(rows, values.shape)] = fill
         return Balls(values, x.excluded)
+
+
+def exact_sign(a: Lin, i: int, j: int) -> int:
+    """The sign of a Lin's entry (i, j) from its exact form (2 where even that cannot decide)."""
+    from symattn.backends.exact import ExactXP, element_sign
+
+    entry = Lin({k: RatMat(m.num[i : i + 1, j : j + 1], m.den) for k, m in a.terms.items()},
+                RatMat(a.const.num[i : i + 1, j : j + 1], a.const.den), a.generators)  # fmt: skip
+    xp = ExactXP()
+    sign = element_sign(xp.alg, xp.elems(entry).values[0, 0])
+    return 2 if sign is None else sign
 
 
 def _sum(items):

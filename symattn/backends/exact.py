@@ -29,6 +29,7 @@ import numpy as np
 from symattn.backends.engines import precision
 from symattn.backends.rational import Lin, ObjectArray, RationalXP, Scalar, canonical, map_values
 from symattn.entries import Expr
+from symattn.errors import SymattnError
 from symattn.graph.xp import union
 from symattn.matrix import RatMat
 from symattn.semantics import NAN
@@ -574,6 +575,23 @@ class ExactXP(RationalXP):
             values[idx] = fill
         return Elems(values, x.excluded)
 
+    # Conditions: decided exactly, or refused.
+    def _lin_signs(self, a: Lin) -> np.ndarray:
+        return self._general_signs(self.elems(a))
+
+    def _general_signs(self, x) -> np.ndarray:
+        def sign(e):
+            out = element_sign(self.alg, e)
+            if out is None:
+                raise SymattnError("score_mod: a condition on s that its exact form does not decide (symbols, or a "
+                                   "value too close to the boundary); give numbers")  # fmt: skip
+            return out
+
+        return np.vectorize(sign, otypes=[np.int8])(x.values)
+
+    def _hull(self, a, b):
+        raise ValueError("exact values are decided")
+
     # Reading values back.
     def entry(self, value, i: int, j: int):
         """Entry (i, j) of a value as a field element (None where it is excluded)."""
@@ -586,6 +604,26 @@ class ExactXP(RationalXP):
         if value.excluded is not None and value.excluded[i, j]:
             return None
         return value.values[i, j]
+
+
+def element_sign(alg: Algebra, e) -> int | None:
+    """The sign of an exact element: exactly for a constant, else from balls at rising precision (None when
+    even 4096 bits do not decide, or the element holds a symbol)."""
+    if e is NANF:
+        return None
+    value = alg.value(e)
+    if isinstance(value, Fraction):
+        return (value > 0) - (value < 0)
+    for bits in (128, 512, 4096):
+        try:
+            ball = alg.ball(e, bits)
+        except (ValueError, ZeroDivisionError, TooBig, TypeError, SymattnError):
+            return None
+        if ball > 0:
+            return 1
+        if ball < 0:
+            return -1
+    return None
 
 
 def _int(q: Fraction):

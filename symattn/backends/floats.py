@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from symattn.errors import SymattnError
-from symattn.graph.xp import ArrayXP
+from symattn.graph.xp import ArrayXP, true
 from symattn.semantics import NAN, row_shift
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -117,6 +117,12 @@ class FloatXP(ArrayXP):
     def log(self, z):
         with np.errstate(divide="ignore"):  # log 0 = -inf (a sink's row sum can underflow to 0 nowhere else)
             return self._out(np.log(z))
+
+    def positive(self, a, strict):
+        return a > 0 if strict else a >= 0
+
+    def select(self, condition, a, b):
+        return np.where(true(condition), a, b).astype(self.compute, copy=False)
 
     def mask(self, a, allowed):
         return np.where(allowed, a, -np.inf).astype(self.compute, copy=False)

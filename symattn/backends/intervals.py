@@ -25,7 +25,7 @@ from symattn.backends.doublefloat import (
     tanh,
     up,
 )
-from symattn.graph.xp import ArrayXP, union
+from symattn.graph.xp import ArrayXP, true, union
 from symattn.semantics import NAN
 
 
@@ -45,7 +45,13 @@ class IntervalXP(ArrayXP):
     def const(self, c):
         if c.value.dtype == bool:
             return c.value
-        return Iv(c.value.astype(np.float64))  # ALiBi's integer distances: exact
+        if c.value.dtype == object:  # a score_mod's rationals: each enclosed
+            values = c.value.reshape(-1).tolist()
+            if not all(Fraction(float(v)) == v for v in values):
+                parts = [scalar(Fraction(v)) for v in values]
+                pick = lambda f: np.array([float(f(p)) for p in parts]).reshape(c.value.shape)  # noqa: E731
+                return Iv(pick(lambda v: v.hi), pick(lambda v: v.lo), pick(lambda v: v.rad))
+        return Iv(c.value.astype(np.float64))  # ALiBi's integer distances, dyadic rationals: exact
 
     # Products.
     def _product(self, a, b) -> Iv:
@@ -102,6 +108,20 @@ class IntervalXP(ArrayXP):
 
     def exp(self, a):
         return exp(_materialized(a))
+
+    def positive(self, a, strict):
+        """Never asked: a score_mod that compares values of s does not take the large path (``truth.large``)."""
+        raise NotImplementedError("intervals: a score_mod's decisions are the ball path's")
+
+    def select(self, condition, a, b):
+        take = true(condition)
+        a, b = _materialized(a), _materialized(b)
+        return Iv(
+            np.where(take, a.hi, b.hi),
+            np.where(take, a.low(), b.low()),
+            np.where(take, a.radius(), b.radius()),
+            union(a.excluded, b.excluded),
+        )
 
     def mask(self, a, allowed):
         """Excluded entries get hi −inf (their lo and rad mean nothing)."""

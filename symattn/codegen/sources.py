@@ -85,6 +85,11 @@ def roles(graph) -> Roles:
                 consts.setdefault(op.allowed.name, (op.allowed, Role("allowed", head)))
             if op.distance is not None:
                 consts.setdefault(op.distance.name, (op.distance, Role("distance")))
+            if op.mod is not None:  # the score_mod's folded numbers: the spec's, in both modes
+                for c in op.mod.consts:
+                    consts.setdefault(c.name, (c, Role("score_mod", head)))
+                for p in op.mod.params:
+                    params.setdefault(p.name, (p, Role("score_mod")))
         elif step.kind == "weights":  # Softmax: its empty rows, or its sink (the sinks leaf, a column of it)
             if node.op.empty is not None:
                 consts.setdefault(node.op.empty.name, (node.op.empty, Role("empty", head)))
@@ -152,9 +157,9 @@ class Sources:
         return "dout" if not self.layout.kernel else f"dout[..., {k}, :, :]"
 
     def param(self, p) -> str:
-        if not self.layout.inputs:
-            return repr(exact_float(p.value))
         role = self.roles.params[p.name][1]
+        if not self.layout.inputs or role.kind == "score_mod":
+            return repr(exact_float(p.value))
         if role.kind in ("scale", "softcap"):
             return role.kind
         if role.kind == "inverse_softcap":
@@ -174,6 +179,8 @@ class Sources:
             return f"~empty[{role.index}]"
         if role.kind == "keep":  # bools: a product with them keeps the computation's dtype
             return self.constant("_" + c.name.upper(), array_text(np.asarray(c.value, dtype=bool)))
+        if role.kind == "score_mod" and c.value.dtype != bool:
+            return f"{self.constant('_' + c.name.upper(), array_text(np.asarray(c.value)))}.astype({layout.compute})"
         if role.kind == "distance":
             if layout.inputs:
                 return "distance"

@@ -21,7 +21,19 @@ from fractions import Fraction
 import numpy as np
 
 from symattn.entries import div, mul, to_text
-from symattn.graph.ops import ALL, Concat, Const, Dropout, Linear, LogSumExp, Param, Scores, Softmax, WeightedSum
+from symattn.graph.ops import (
+    ALL,
+    Concat,
+    Const,
+    Dropout,
+    Linear,
+    LogSumExp,
+    Param,
+    ScoreMod,
+    Scores,
+    Softmax,
+    WeightedSum,  # fmt: skip
+)
 from symattn.graph.steps import Step
 from symattn.matrix import Matrix
 from symattn.semantics import alibi_distance, empty_fill, empty_rows
@@ -324,6 +336,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             None if distance is None else Param("slope", spec.alibi_slopes[i - 1], i),
             distance,
             allowed,
+            None if spec.score_mod is None else _score_mod(spec, i - 1, rows, columns),
         )
         inputs = (q_name, k_name)
         if spec.bias is not None:  # one leaf for a bias every head shares: its gradient sums over the heads
@@ -337,12 +350,16 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             text += f" + bias{i}"  # the bias as head i sees it (a shared one is the same matrix for every head)
         if distance is not None:
             text += f" - alibi{i}"
+        if spec.score_mod is not None:
+            text = f"score_mod({text})"
         details = [f"scale = {scale_text}"]
         if softcap is not None:
             details.append(f"softcap = {to_text(spec.softcap)}")
         if distance is not None:
             details.append(f"alibi{i} = {to_text(spec.alibi_slopes[i - 1])}·|i{_offset(spec)} - j|{_within(spec)}")
         details += _descale_texts(spec, i, ("q_descale", "k_descale"))
+        if spec.score_mod is not None:
+            details.append(f"score_mod = {spec.score_mod}")
         excluded = None if allowed is None else ~allowed.value
         steps.append(Step("scores", i, (L, S), f"scores{i} = {text}, {', '.join(details)}", excluded=excluded))
         empty = empties.get(id(spec.allowed(i - 1)))
@@ -430,6 +447,22 @@ def _descale_texts(spec, i: int, keys) -> list:
         for key in keys
         if getattr(spec, key) is not None
     ]
+
+
+def _score_mod(spec, head: int, rows, columns) -> ScoreMod:
+    """Head ``head``'s (0-based) score_mod: the spec's folded values restricted to the graph's rows and keys."""
+    mod = spec.score_mod_split
+    per_head = mod.per_head
+
+    def restricted(kind, k, a):
+        a = a[head if a.shape[0] > 1 else 0]
+        a = columns(a if rows is None else a[list(rows)])
+        return Const(f"{kind}{k}_", a, head + 1 if per_head else None)
+
+    arrays = tuple(restricted("mod", k, a) for k, a in enumerate(mod.arrays))
+    bools = tuple(restricted("modb", k, a) for k, a in enumerate(mod.bools))
+    scalars = tuple(Param(f"mod_scalar{k}", q) for k, q in enumerate(mod.scalars))
+    return ScoreMod(mod.text, mod.tree, mod.dtree, arrays, bools, scalars)
 
 
 def _columns(m, keys):

@@ -3,8 +3,8 @@ of that product, side by side, written once against ``xp`` (``graph/xp.py``).
 
     op           forward                              vjp
     Linear       y = x·w (+ b)                        dx = g·wᵀ, dw = xᵀ·g, db = colsum g
-    Scores       s = mask(c·tanh(scale·q·kᵀ/c)        dq = g'·k, dk = g'ᵀ·q, dbias = g,
-                      + bias − slope·|i+δ−j|)         g' = scale·g·(1 − tanh²) (softcap)
+    Scores       s = mask(mod(c·tanh(scale·q·kᵀ/c)    dq = g'·k, dk = g'ᵀ·q, dbias = g·mod',
+                      + bias − slope·|i+δ−j|))        g' = scale·g·mod'·(1 − tanh²) (softcap)
     Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows (``centered``)
                  rows filled (0, 1/S or nan); a       dsinks = −colsum(p_sink∘rowsum(g∘p)) in the head's column
                  sink: one more logit in the row
@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from symattn.entries import Entry
+from symattn import scoremod
+from symattn.entries import Entry, to_text
 from symattn.semantics import NAN
 
 
 @dataclass(frozen=True)
 class Param:
-    """An exact scalar parameter: ``kind`` scale, softcap, inverse_softcap or slope (one per ``head``)."""
+    """An exact scalar parameter: ``kind`` scale, softcap, inverse_softcap, slope (one per ``head``),
+    dropout_scale, or mod_scalar{k} (a score_mod's folded numbers)."""
 
     kind: str
     value: Entry
@@ -43,7 +45,8 @@ class Param:
 
 @dataclass(frozen=True)
 class Const:
-    """A constant array: ``kind`` allowed (which keys), empty (rows with none) or distance (ALiBi's |i+δ−j|);
+    """A constant array: ``kind`` allowed (which keys), empty (rows with none), distance (ALiBi's |i+δ−j|), or
+    mod{k}_ and modb{k}_ (a score_mod's folded numbers and conditions), among others;
     ``head`` for a head's own mask, None for one every head shares."""
 
     kind: str
@@ -56,6 +59,39 @@ class Const:
 
 
 ALL = (True, True, True)  # a vjp's default: every input's contribution
+
+
+@dataclass(frozen=True)
+class ScoreMod:
+    """A score_mod (``symattn.scoremod``) as one head's graph sees it: the tree over s, its derivative in s
+    (SymPy's, of the same tree), and the folded values they read as graph constants and parameters."""
+
+    text: str
+    tree: tuple
+    dtree: tuple
+    arrays: tuple  # Consts: the folded arrays (this head's, restricted to the graph's rows and keys)
+    bools: tuple  # Consts: the folded conditions
+    scalars: tuple  # Params: the folded numbers
+
+    @property
+    def params(self) -> tuple:
+        return self.scalars
+
+    @property
+    def consts(self) -> tuple:
+        return self.arrays + self.bools
+
+    def forward(self, xp, s):
+        return scoremod.Run(xp, s, self.arrays, self.bools, self.scalars).value(self.tree)
+
+    def vjp(self, xp, s, g):
+        """g·∂mod/∂s at the scores s before the mod."""
+        return scoremod.Run(xp, s, self.arrays, self.bools, self.scalars).times(self.dtree, g)
+
+    def derivative_text(self) -> str:
+        names = {"c": [c.name for c in self.arrays], "b": [c.name for c in self.bools],
+                 "p": [to_text(p.value) for p in self.scalars]}  # fmt: skip
+        return scoremod.text(self.dtree, names)
 
 
 @dataclass(frozen=True)
@@ -92,14 +128,17 @@ class Scores:
     slope: Param | None = None
     distance: Const | None = None
     allowed: Const | None = None  # None: every key
+    mod: ScoreMod | None = None  # a score_mod, applied after ALiBi and before the mask
 
     @property
     def params(self) -> tuple:
-        return tuple(p for p in (self.scale, self.softcap, self.inverse_softcap, self.slope) if p is not None)
+        own = tuple(p for p in (self.scale, self.softcap, self.inverse_softcap, self.slope) if p is not None)
+        return own + (() if self.mod is None else self.mod.params)
 
     @property
     def consts(self) -> tuple:
-        return tuple(c for c in (self.allowed, self.distance) if c is not None)
+        own = tuple(c for c in (self.allowed, self.distance) if c is not None)
+        return own + (() if self.mod is None else self.mod.consts)
 
     def raw(self, xp, q, k):
         """scale·q·kᵀ, softcapped."""
@@ -108,16 +147,25 @@ class Scores:
             s = xp.scale(xp.tanh(xp.scale(s, xp.param(self.inverse_softcap))), xp.param(self.softcap))
         return s
 
-    def forward(self, xp, q, k, bias=None):
+    def unmodded(self, xp, q, k, bias=None):
+        """The scores before the mod: scale·q·kᵀ, softcapped, plus the bias, minus ALiBi."""
         s = self.raw(xp, q, k)
         if bias is not None:
             s = xp.add(s, bias)
         if self.slope is not None:
             s = xp.sub(s, xp.scale(xp.const(self.distance), xp.param(self.slope)))
+        return s
+
+    def forward(self, xp, q, k, bias=None):
+        s = self.unmodded(xp, q, k, bias)
+        if self.mod is not None:
+            s = self.mod.forward(xp, s)
         return s if self.allowed is None else xp.mask(s, xp.const(self.allowed))
 
     def vjp(self, xp, args, out, g, needs=ALL):
         q, k, *bias = args
+        if self.mod is not None:  # ∂L/∂(scores before the mod) = g·mod'(s); excluded entries' g is 0 already
+            g = self.mod.vjp(xp, self.unmodded(xp, q, k, *bias), g)
         grad_bias = [xp.unbroadcast(g, bias[0]) if needs[2] else None] if bias else []
         if not (needs[0] or needs[1]):
             return (None, None, *grad_bias)
@@ -129,6 +177,8 @@ class Scores:
 
     def grad_terms(self, out, inputs, g):
         q, k, *bias = inputs
+        if self.mod is not None:  # the mod's derivative at the scores before it (s)
+            g = f"{g}∘{self.mod.derivative_text()}"
         factor = g + ("∘(1 - tanh²)" if self.softcap is not None else "")
         return (f"{factor}·{k}·scale", f"({factor})ᵀ·{q}·scale") + ((g,) if bias else ())
 

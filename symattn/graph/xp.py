@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+
 
 class XP(Protocol):
     """What an op may ask of a backend.  ``a``, ``b``, ``g``: values; ``s``: a scalar parameter's value."""
@@ -69,6 +71,19 @@ class XP(Protocol):
     def log(self, z):
         """The natural log, elementwise, of positive entries (a softmax's row sums); exp's inverse, exact where
         the backend is (log 1 = 0)."""
+
+    # Conditions (a score_mod's abs, min, max, where): bool arrays, or where a backend cannot always decide,
+    # Kleene's three values as int8 arrays: 0 false, 1 unknown, 2 true (``decided``).
+    def positive(self, a, strict):
+        """a > 0 (``strict``) or a >= 0, elementwise; an exact backend decides exactly, a certified one never
+        guesses (unknown where its enclosure cannot decide)."""
+
+    def logical(self, op, *conditions):
+        """``op`` "and", "or" (two conditions) or "not" (one), elementwise (``ArrayXP``: Kleene's logic)."""
+
+    def select(self, condition, a, b):
+        """a where the condition is true, b where it is false; where it is unknown, a value that contains
+        both (a certified backend's hull)."""
 
     # Rows and columns.
     def mask(self, s, allowed):
@@ -126,6 +141,12 @@ class XP(Protocol):
 class ArrayXP:
     """The base of every backend: the composite rules, written once in terms of the primitives."""
 
+    def logical(self, op, *conditions):
+        values = [decided(c) for c in conditions]
+        if op == "not":
+            return 2 - values[0]
+        return (np.minimum if op == "and" else np.maximum)(*values)
+
     def scaled_scores(self, q, k, scale):
         return self.scale(self.matmul_nt(q, k), scale)
 
@@ -154,6 +175,17 @@ class ArrayXP:
         """A backend may compute it as g_j·(Σ_{k≠j} p_k + rest) − Σ_{k≠j} p_k·g_k, the same number without the
         cancellation of g_j − rowsum when p_j is nearly 1 (balls would need hundreds of bits more)."""
         return self.sub(g, self.rowsum(self.mul(g, p)))
+
+
+def decided(condition) -> np.ndarray:
+    """A condition as int8 Kleene values: 0 false, 1 unknown, 2 true (bools: 0 or 2)."""
+    c = np.asarray(condition)
+    return (c.astype(np.int8) * 2) if c.dtype == bool else c.astype(np.int8)
+
+
+def true(condition) -> np.ndarray:
+    """Where a condition is surely true."""
+    return decided(condition) == 2
 
 
 def union(a, b):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 
 EXACT_LIMIT = 200_000  # exact decisions only for graphs with at most this many score entries
@@ -67,7 +68,7 @@ class Decider:
                 grads = self.graph.backward(xp, values, self.graph.douts(xp))
                 values.update(grads)
             return xp.alg.value(xp.entry(values[name], i, j))
-        except (RecursionError, MemoryError):
+        except (RecursionError, MemoryError, SymattnError):  # SymattnError: a score_mod's undecidable condition
             return None
 
     def side(self, name, i, j, boundary: Fraction, bits: int) -> int | None:

@@ -35,15 +35,16 @@ KERNEL_POSITIONAL = ("q", "k", "v")
 PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
     "x_kv", "bq", "bk", "bv", "bo", "sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv",
-    "mask_mod", "constants", "empty_row",
+    "mask_mod", "score_mod", "constants", "empty_row",
 )  # fmt: skip
 # Options added after the convention was first fixed: a function that takes **kwargs without naming one gets it
 # only where the spec sets it, so that one written before (forwarding **kwargs to a function that does not know
 # the option) still runs on the specs it can compute.
-LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", *DESCALES)
+LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "mask_mod", "score_mod", "constants",
+         *DESCALES)  # fmt: skip
 KERNEL_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "dropout_p",
-    "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", "empty_row", *DESCALES,
+    "dropout_mask", "segments_q", "segments_kv", "mask_mod", "score_mod", "constants", "empty_row", *DESCALES,
 )  # fmt: skip
 
 
@@ -118,6 +119,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         "segments_q": None if spec.segments_q is None else np.array(spec.segments_q, dtype=np.int32),
         "segments_kv": None if spec.segments_kv is None else np.array(spec.segments_kv, dtype=np.int32),
         "mask_mod": spec.mask_mod,
+        "score_mod": spec.score_mod,
         "constants": None,
         "empty_row": spec.empty_row,
     }
@@ -243,6 +245,7 @@ def _kept(spec, scale=True) -> dict:
         "segments_q": spec.segments_q,
         "segments_kv": spec.segments_kv,
         "mask_mod": spec.mask_mod,
+        "score_mod": spec.score_mod,
         "constants": spec.constants,
         "dout": spec.dout,
         **{key: getattr(spec, key) for key in DESCALES},
@@ -279,7 +282,7 @@ def _nondefault(spec, name: str) -> bool:
         return spec.dropout_mask is not None
     if name in ("segments_q", "segments_kv"):
         return spec.segments_q is not None
-    if name in ("mask_mod", "constants"):
+    if name in ("mask_mod", "score_mod", "constants"):
         return getattr(spec, name) is not None
     if name in DESCALES:
         return any(d != 1 for d in getattr(spec, name) or ())
