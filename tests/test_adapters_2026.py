@@ -34,10 +34,10 @@ _EMPTY[2] = False
 # case -> (spec, {adapter: None for a pass, or a phrase of its UNSUPPORTED reason}) on the CPU
 CASES = {
     "kernel": (_kernel(), {"torch_flex:eager": None, "torch_varlen": "CUDA", "jax_dpa:xla": None,
-                           "jax_dpa:cudnn": "float16 and bfloat16"}),
+                           "jax_dpa:cudnn": "needs a CUDA device"}),
     "kernel causal bottom-right, window, ALiBi, bias per head, softcap": (
         _kernel(causal=True, window=[2, 0], align="bottom_right", alibi=True, bias=_r(4, 5, 6), softcap=2.0),
-        {"torch_flex:eager": None, "torch_varlen": "CUDA", "jax_dpa:xla": "softcap"},
+        {"torch_flex:eager": None, "torch_varlen": "does not accept", "jax_dpa:xla": "softcap"},
     ),
     "kernel mask per head, scale": (_kernel(mask=_rng.random((4, 5, 6)) > 0.3, scale="1/3"),
                                     {"torch_flex:eager": None, "torch_varlen": "mask"}),
@@ -48,6 +48,11 @@ CASES = {
     "kernel mask_mod": (
         _kernel(mask_mod="doc[q_idx] == doc[kv_idx] or h == 0", constants={"doc": [0, 0, 1, 1, 1, 1]}),
         {"torch_flex:eager": None, "torch_varlen": "mask_mod"},
+    ),
+    "kernel score_mods with causal and softcap": (
+        _kernel(causal=True, softcap=4.0, constants={"rel": _r(4, 11).round(2).tolist()},
+                score_mod="where(s > 0, s, s/2) + rel[h][q_idx - kv_idx + 5] - 0.25*abs(q_idx - kv_idx)"),
+        {"torch_flex:eager": None, "torch_varlen": "score_mod", "jax_dpa:xla": "score_mod"},
     ),
     "kernel empty row zero": (_kernel(mask=_EMPTY), {"torch_flex:eager": None}),
     "kernel empty row uniform": (_kernel(mask=_EMPTY, empty_row="uniform"),
@@ -86,14 +91,14 @@ def test_flex_backward_is_unsupported_on_the_cpu():
     assert "no backward on the CPU" in r.reasons[0]
 
 
-def test_compiled_flex_attention_passes_with_its_lse():
+def test_compiled_flex_attention_passes():  # with its lse where torch.compile gives one (not on the CPU)
     pytest.importorskip("torch")
     spec = symattn.load_spec(_kernel(causal=True, softcap=3.0, bias=_r(5, 6)))
     (r,) = verify(spec, ["torch_flex"], dtype="float32")
     assert r.passed, r.lines()
 
 
-@pytest.mark.parametrize("builtin", ["notebook", "causal", "gqa", "cross", "softcap", "varlen", "document"])
+@pytest.mark.parametrize("builtin", ["notebook", "causal", "gqa", "cross", "softcap", "varlen", "document", "relbias"])
 def test_flex_passes_the_builtin_examples(builtin):
     pytest.importorskip("torch")
     (r,) = verify(builtin, ["torch_flex:eager"], dtype="float32")

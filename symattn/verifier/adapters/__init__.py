@@ -13,8 +13,9 @@ and JAX are optional: a missing one is a one-line error naming the install.
                       enable_gqa)
     torch_mha         torch.nn.MultiheadAttention (projection form; the spec's weights in in_proj_weight and
                       out_proj, masks inverted into its True-means-ignore convention, need_weights=False)
-    torch_flex        FlexAttention, compiled (mask rules as a BlockMask, softcap, bias and ALiBi as a score_mod,
-                      GQA by enable_gqa, the LSE by return_lse); ``torch_flex:eager`` its unfused eager path
+    torch_flex        FlexAttention, compiled (mask rules as a BlockMask, softcap, bias, ALiBi and the spec's
+                      score_mod as one score_mod, GQA by enable_gqa, the LSE by return_lse where torch.compile
+                      gives one); ``torch_flex:eager`` its unfused eager path
     torch_varlen      torch.nn.attention.varlen.varlen_attn (packed sequences as cu_seqlens; FlashAttention's
                       CUDA kernel)
     jax_dpa           jax.nn.dot_product_attention (layout (B, T, N, H); x64 switched on for float64);
@@ -25,7 +26,7 @@ attention sinks (``sinks``: no sink logit), nor dropout with the kernel's keep-m
 ``dropout_mask``: torch samples its own mask).  Packed sequences (``segments_q``, ``segments_kv``) and a
 mask_mod reach torch_sdpa, torch_flex and jax_dpa as part of their dense boolean mask (semantics.allowed):
 
-    torch_sdpa        softcap; dropout; empty_row 'uniform' or 'nan' on a spec with an empty row (torch gives
+    torch_sdpa        softcap, score_mod; dropout; empty_row 'uniform' or 'nan' on a spec with an empty row (torch gives
                       such a row 0)
     torch_mha         the kernel form; a scale other than 1/sqrt(d_k); windows, align 'bottom_right', bias, ALiBi,
                       softcap, empty_row, segments, mask_mod; grouped-query heads; d_v != d_k; d_model or

@@ -43,13 +43,13 @@ def _prepare(q, k, v, scale, mask, causal, window, align, alibi_slopes, empty_ro
         )
     if q.dtype.name == "float64":
         jax.config.update("jax_enable_x64", True)
-    if implementation == "cudnn" and q.dtype.name not in ("float16", "bfloat16"):
-        raise Unsupported(f"jax.nn.dot_product_attention's cuDNN implementation takes float16 and bfloat16 only "
-                          f"(the dtype under test is {q.dtype.name})")  # fmt: skip
     where = _device(jax, device)
     if implementation == "cudnn" and (where or jax.devices()[0]).platform != "gpu":
         raise Unsupported(f"jax.nn.dot_product_attention's cuDNN implementation needs a CUDA device (device "
                           f"{device or jax.devices()[0].platform})")  # fmt: skip
+    if implementation == "cudnn" and q.dtype.name not in ("float16", "bfloat16"):
+        raise Unsupported(f"jax.nn.dot_product_attention's cuDNN implementation takes float16 and bfloat16 only "
+                          f"(the dtype under test is {q.dtype.name})")  # fmt: skip
     ok, ramp = mask_and_ramp(L, S, H, mask, causal, window, align, alibi_slopes, segments_q, segments_kv, mask_mod,
                              constants)  # fmt: skip
     if ok is not None and not ok.any(axis=-1).all() and empty_row != "uniform":

@@ -236,7 +236,10 @@ torch_mha.forms = torch_mha_backward.forms = ("projection",)
 
 
 def _varlen(torch, leaf, q, k, v, *, scale, causal, window, align, segments_q, segments_kv, device):
-    attention = getattr(getattr(torch.nn.attention, "varlen", None), "varlen_attn", None)
+    try:
+        from torch.nn.attention.varlen import varlen_attn as attention
+    except ImportError:
+        attention = None
     if attention is None:
         raise Unsupported(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
     if not str(device or "cpu").startswith("cuda"):
