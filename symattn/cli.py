@@ -445,7 +445,7 @@ def default_impls(spec, backward: bool = False) -> list:
 
 
 def _hunt(args) -> int:
-    from symattn.hunt import hunt
+    from symattn.hunting import hunt
 
     for flag, value in (("--n", args.n), ("--seed", args.seed)):
         if value < (1 if flag == "--n" else 0):
