@@ -154,6 +154,15 @@ def _parser() -> argparse.ArgumentParser:
         "return the input gradients (a dict by name, or a tuple in input order)",
     )
 
+    nb = command("notebook", "check every number a notebook printed against the exact values")
+    nb.add_argument("file", metavar="FILE", help="a text transcript ('In [N]:' cells) or an .ipynb file")
+    nb.add_argument(
+        "--spec",
+        metavar="SPEC",
+        help=f"check against this spec ({spec_help}: masks and other variants); default: the one read from "
+        "the notebook's arrays",
+    )
+
     hu = command("hunt", "verify an implementation on hard specs until one fails, and shrink that spec")
     hu.add_argument(
         "impl",
@@ -170,15 +179,6 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         metavar="FAILING.json",
         help="write the smallest failing spec here (atomically); default: none",
-    )
-
-    nb = command("notebook", "check every number a notebook printed against the exact values")
-    nb.add_argument("file", metavar="FILE", help="a text transcript ('In [N]:' cells) or an .ipynb file")
-    nb.add_argument(
-        "--spec",
-        metavar="SPEC",
-        help=f"check against this spec ({spec_help}: masks and other variants); default: the one read from "
-        "the notebook's arrays",
     )
     return parser
 

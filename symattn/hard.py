@@ -120,7 +120,7 @@ def _softcap_mask(rng, can, most):
     h = int(_pick(rng, (1, 2)))
     L, S = _length(rng, 3, 16, most), _length(rng, 3, 16, most)
     spec = _qkv(rng, h, 1, L, S, top=8)
-    spec["k"] = np.abs(spec["k"]) + 1
+    spec["k"] = np.abs(spec["k"]) + 4  # in [4, 12]: a row of q = -8 scores below -64
     spec["q"][:, _some_rows(rng, L)] = -8  # every score of these rows far below -cap
     spec["softcap"] = int(_pick(rng, (5, 20, 30, 50)))
     _masking(rng, spec, can, L, S)
@@ -182,7 +182,7 @@ def _near_ties(rng, can, most):
     spec["q"][0, :, 1] = rng.choice([1, -1, 2], size=L)
     spec["k"][0, :, 1] = rng.choice([0, 2**-7, -(2**-7), 2**-6, -(2**-6)], size=S)
     spec["q"][0, :, 2:] = 0
-    twins = rng.integers(S, size=2)
+    twins = rng.choice(S, size=2, replace=False)
     spec["k"][0, twins[1]] = spec["k"][0, twins[0]]
     if rng.random() < 0.3 and can("causal"):
         spec["causal"] = True
