@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         "impl",
         metavar="IMPL",
         help=f"MODULE:FUNCTION in the kernel form f(q, k, v, *, options) (as for verify --impl), or a built-in "
-        f"adapter ({', '.join(ADAPTERS)})",
+        f"adapter ({', '.join(ADAPTERS)}; torch_mha gets the projection form)",
     )
     hu.add_argument("--dtype", choices=DTYPES, default="float64", help="the inputs' dtype under test")
     hu.add_argument("--n", type=int, default=100, metavar="N", help="how many hard specs to verify, at most")

@@ -75,7 +75,8 @@ def hunt(impl, dtype: str = "float64", n: int = 100, seed: int = 0, backward: bo
 
     ``impl``: a callable, a (name, callable) pair, or "MODULE:FUNCTION" / a built-in adapter's name, as for
     ``verify``; ``dtype``, ``backward`` and ``rule`` as there.  Specs setting options ``impl`` does not take
-    (UNSUPPORTED) are skipped and counted.  ``tries``: the most verifications shrinking makes.  ``progress``: a
+    (UNSUPPORTED) are skipped and counted; they are in the kernel form, or the projection form for an adapter
+    that takes only that (torch_mha).  ``tries``: the most verifications shrinking makes.  ``progress``: a
     callable given a short text before each verification (``symattn.progress.Progress``).  Returns a
     ``HuntResult``; ``found`` tells whether a spec failed.
     """
@@ -90,7 +91,8 @@ def hunt(impl, dtype: str = "float64", n: int = 100, seed: int = 0, backward: bo
         name, fn = impl
     else:
         name, fn = getattr(impl, "__name__", "implementation"), impl
-    specs = hard_specs(n, seed)
+    forms = getattr(fn, "forms", None)  # a built-in adapter whose library takes the projection form only
+    specs = hard_specs(n, seed, "projection" if forms is not None and "kernel" not in forms else "kernel")
     note = progress or (lambda text: None)
 
     def check(spec):

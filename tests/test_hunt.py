@@ -364,6 +364,31 @@ def crashes_past_16(q, k, v, *, scale, mask=None, causal=False):
     return kernels.straightforward(q, k, v, scale=scale, mask=mask, causal=causal)
 
 
+def projection_only(x, wq, wk, wv, wo, *, scale, mask=None, causal=False, window=None, align="top_left",
+                    softcap=None, x_kv=None, empty_row="zero", bug=None):  # fmt: skip
+    """tools/impls.py's general attention, declared (as torch_mha is) to take the projection form only."""
+    return impls._attention(x, wq, wk, wv, wo, scale=scale, mask=mask, causal=causal, window=window, align=align,
+                            softcap=softcap, x_kv=x_kv, empty_row=empty_row, bug=bug)  # fmt: skip
+
+
+projection_only.forms = ("projection",)
+
+
+def gqa_tiled(x, wq, wk, wv, wo, *, scale, x_kv=None):
+    return projection_only(x, wq, wk, wv, wo, scale=scale, x_kv=x_kv, bug="gqa tiled")
+
+
+gqa_tiled.forms = ("projection",)
+
+
+def test_hunt_in_the_projection_form_for_an_implementation_that_takes_only_that():
+    found = symattn.hunt(projection_only, n=26)
+    assert not found.found and found.passed >= 15 and found.passed + found.unsupported == 26
+    found = symattn.hunt(gqa_tiled, dtype="float32", n=13)
+    assert found.found and found.original.name == "gqa-4" and found.spec.form == "projection"
+    assert found.result.verdict == "FAIL"
+
+
 def test_hunt_skips_and_counts_unsupported():
     found = symattn.hunt(plain, dtype="float32", n=26)
     assert not found.found and found.passed + found.unsupported == 26 and found.unsupported >= 13
