@@ -453,7 +453,7 @@ def _hunt(args) -> int:
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     shown = progress.Progress()
     try:
-        found = hunt(args.impl, args.dtype, args.n, args.seed, args.backward, progress=shown)
+        found = hunt(args.impl, dtype=args.dtype, n=args.n, seed=args.seed, backward=args.backward, progress=shown)
     finally:
         shown.close()
     print("\n".join(found.lines()))

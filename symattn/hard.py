@@ -286,7 +286,8 @@ FAMILIES = {
 
 def hard_specs(n: int, seed: int = 0, form: str = "kernel", *, families=None, features=None,
                max_length: int = 129) -> list[AttentionSpec]:  # fmt: skip
-    """``n`` specs built to break attention kernels, cycling through the families (``FAMILIES``).
+    """``n`` specs built to break attention kernels, cycling through the families (``FAMILIES``): a list of
+    ``AttentionSpec`` (``spec.to_dict()`` is each as a spec file's dict, exact entries as ints and "p/q" strings).
 
     >>> specs = hard_specs(26, families=["gqa", "tiles"])
     >>> sorted({s.name.split("-")[0] for s in specs}), specs[0].name, specs[1].name

@@ -60,8 +60,8 @@ def shape(spec) -> str:
     return f"{count(spec.h, 'head')}{kv}, {spec.L}×{spec.S}, {e}"
 
 
-def hunt(impl, dtype: str = "float64", n: int = 100, seed: int = 0, backward: bool = False, rule: str = "kappa",
-         tries: int = 200, progress=None) -> HuntResult:  # fmt: skip
+def hunt(impl, *, dtype: str = "float64", n: int = 100, seed: int = 0, backward: bool = False,
+         rule: str = "kappa", tries: int = 200, progress=None) -> HuntResult:  # fmt: skip
     """Verify ``impl`` on ``hard_specs(n, seed)`` in turn; at the first FAIL or ERROR, shrink that spec.
 
     >>> import numpy as np
@@ -80,9 +80,13 @@ def hunt(impl, dtype: str = "float64", n: int = 100, seed: int = 0, backward: bo
     callable given a short text before each verification (``symattn.progress.Progress``).  Returns a
     ``HuntResult``; ``found`` tells whether a spec failed.
     """
+    from symattn.backends.floats import dtype_of
     from symattn.verifier.convention import load_impl
-    from symattn.verifier.measure import verify
+    from symattn.verifier.measure import RULES, verify
 
+    dtype_of(dtype)
+    if rule not in RULES:
+        raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     if isinstance(tries, bool) or not isinstance(tries, int) or tries < 0:
         raise SymattnError(f"tries: expected an integer >= 0, received {tries!r}")
     if isinstance(impl, str):

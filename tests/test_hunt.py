@@ -413,6 +413,15 @@ def test_hunt_seed_tries_and_progress():
     assert "symattn: hunt: shrinking gqa-" in stream.getvalue()
 
 
+def test_hunt_rule_and_bad_arguments():
+    found = symattn.hunt(kernels.partial_tile, dtype="float32", n=3, rule="differential")
+    assert found.found and found.result.rule == "differential" and "differential fail" in found.result.lines()[0]
+    with pytest.raises(SymattnError, match=r"^rule: expected one of kappa, differential, both, received 'loose'$"):
+        symattn.hunt(kernels.blocked, n=0, rule="loose")
+    with pytest.raises(SymattnError, match=r"^tries: expected an integer >= 0, received -1$"):
+        symattn.hunt(kernels.blocked, n=1, tries=-1)
+
+
 def test_hunt_backward():
     found = symattn.hunt(impls.BACKWARD_BUGS[0], dtype="float32", n=3, backward=True)
     assert found.found and found.result.backward and found.result.verdict == "FAIL"
