@@ -20,17 +20,21 @@ from symattn.spec import AttentionSpec
 
 if TYPE_CHECKING:  # what IDEs and type checkers read; at run time __getattr__ below imports the same functions
     from symattn.codegen import generate
+    from symattn.hunting import hunt
     from symattn.trace import Trace
     from symattn.truth.evaluation import evaluate
     from symattn.verifier.measure import verify
 
-__all__ = ["AttentionSpec", "SymattnError", "build", "evaluate", "generate", "load_spec", "verify", "__version__"]
+__all__ = [
+    "AttentionSpec", "SymattnError", "build", "evaluate", "generate", "hunt", "load_spec", "verify", "__version__",
+]  # fmt: skip
 
 # The front ends, imported on first use: together they double `import symattn` (the CLI's start-up included).
 # `symattn.evaluate` is then the function itself: its signature, docstring and help() are the real ones.
 _FRONT_ENDS = {
     "evaluate": "symattn.truth.evaluation",
     "generate": "symattn.codegen.generator",
+    "hunt": "symattn.hunting",
     "verify": "symattn.verifier.measure",
 }
 

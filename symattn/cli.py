@@ -201,6 +201,24 @@ def _parser() -> argparse.ArgumentParser:
         help=f"check against this spec ({spec_help}: masks and other variants); default: the one read from "
         "the notebook's arrays",
     )
+
+    hu = command("hunt", "verify an implementation on hard specs until one fails, and shrink that spec")
+    hu.add_argument(
+        "impl",
+        metavar="IMPL",
+        help=f"MODULE:FUNCTION in the kernel form f(q, k, v, *, options) (as for verify --impl), or a built-in "
+        f"adapter ({', '.join(ADAPTERS)}; torch_mha gets the projection form)",
+    )
+    hu.add_argument("--dtype", choices=DTYPES, default="float64", help="the inputs' dtype under test")
+    hu.add_argument("--n", type=int, default=100, metavar="N", help="how many hard specs to verify, at most")
+    hu.add_argument("--seed", type=int, default=0, metavar="S", help="which hard specs (the same everywhere)")
+    hu.add_argument("--backward", action="store_true", help="verify a backward implementation, as verify does")
+    hu.add_argument(
+        "-o",
+        "--output",
+        metavar="FAILING.json",
+        help="write the smallest failing spec here (atomically); default: none",
+    )
     return parser
 
 
@@ -209,7 +227,8 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
         if args.verbose:
             logging.basicConfig(level=logging.DEBUG, format="symattn: %(message)s")
-        commands = {"show": _show, "eval": _eval, "generate": _generate, "verify": _verify, "notebook": _notebook}
+        commands = {"show": _show, "eval": _eval, "generate": _generate, "verify": _verify, "notebook": _notebook,
+                    "hunt": _hunt}  # fmt: skip
         return commands[args.command](args)
     except SymattnError as e:
         print(f"symattn: error: {_one_line(str(e))}", file=sys.stderr)
@@ -474,6 +493,30 @@ def default_impls(spec, backward: bool = False) -> list:
 
         impls.append(("notebook algorithm", notebook_algorithm))
     return impls
+
+
+def _hunt(args) -> int:
+    from symattn.hunting import hunt
+
+    for flag, value in (("--n", args.n), ("--seed", args.seed)):
+        if value < (1 if flag == "--n" else 0):
+            raise SymattnError(f"{flag}: expected an integer >= {1 if flag == '--n' else 0}, received {value}")
+    sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
+    shown = progress.Progress()
+    try:
+        found = hunt(args.impl, dtype=args.dtype, n=args.n, seed=args.seed, backward=args.backward, progress=shown)
+    finally:
+        shown.close()
+    print("\n".join(found.lines()))
+    if not found.found:
+        return 0
+    again = f"symattn verify FILE --impl {args.impl} --dtype {args.dtype}{' --backward' if args.backward else ''}"
+    if args.output:
+        write_atomic(Path(args.output), json.dumps(found.spec.to_dict()) + "\n")
+        print(f"wrote {printable(args.output)}: {again.replace('FILE', printable(args.output))}")
+    else:
+        print(f"give -o FILE to write the spec, then: {again}")
+    return 1
 
 
 def _notebook(args) -> int:

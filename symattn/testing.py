@@ -13,6 +13,16 @@ the truth for that element's inputs (options are shared by every element), and t
 raises ("batch element 3: ..." first).  A failed verdict raises AssertionError naming the worst entries (their
 index in the returned array, and their head, row and column); an option the implementation cannot take
 (UNSUPPORTED) or bad usage raises SymattnError; what the implementation raises is raised again.
+
+Hard inputs for a kernel's own tests (``symattn.hard``; ``symattn.strategies`` imports hypothesis only when a
+strategy is made):
+
+    for spec in hard_specs(40, features=["mask", "causal"]):
+        assert_attention_close(my_kernel, spec, dtype="float32")
+
+    @settings(deadline=None, max_examples=20)
+    @given(strategies.hard_specs(families=["sentinel", "tiles"]))
+    def test_my_kernel(spec): ...
 """
 
 from __future__ import annotations
@@ -21,8 +31,10 @@ import os
 
 import numpy as np
 
+from symattn import strategies
 from symattn.backends.floats import DTYPES
 from symattn.errors import SymattnError
+from symattn.hard import hard_specs
 from symattn.verifier import environment
 from symattn.verifier.convention import KERNEL_POSITIONAL as KERNEL
 from symattn.verifier.convention import PROJECTION_POSITIONAL as PROJECTION
@@ -30,6 +42,8 @@ from symattn.verifier.convention import Calling, arguments, call, output_array
 from symattn.verifier.lse import check_base, returns_lse
 from symattn.verifier.measure import RULES, measure
 from symattn.verifier.reference import Context
+
+__all__ = ["assert_attention_close", "hard_specs", "strategies"]
 
 
 def assert_attention_close(

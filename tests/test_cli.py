@@ -126,7 +126,7 @@ def test_usage_errors_are_one_line_exit_2(cli):
     # argparse's own wording (quoting varies across Python versions), on one line
     assert re.fullmatch(
         r"symattn: error: usage: argument command: invalid choice: 'frob' \(choose from "
-        r"'?show'?, '?eval'?, '?generate'?, '?verify'?, '?notebook'?\) \(see 'symattn --help'\)\n",
+        r"'?show'?, '?eval'?, '?generate'?, '?verify'?, '?notebook'?, '?hunt'?\) \(see 'symattn --help'\)\n",
         result.stderr,
     )
 
