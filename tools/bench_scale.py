@@ -20,6 +20,10 @@
    each) against the same spec without segments, both certified to 12 digits (issue 19).  Target ≤ 1.5×.
 7. The spec of 1 with the same documents as a document-causal mask_mod over a ``doc`` constant, against it
    without (issue 19).  Target ≤ 1.5×.
+8. The spec of 1 with the score_mod 30*tanh(s/30) (a softcap written as a score_mod), against it without
+   (issue 19).  Target ≤ 1.5×.
+9. The spec of 1 with a relative-position bias per head as a score_mod over a constant (eighths in [-1, 1]),
+   against it without (issue 19).  Target ≤ 1.5×.
 
 Times are the best of --repeat runs, contenders interleaved.  OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE are left as the machine sets them (they slow BLAS in both contenders).
@@ -219,6 +223,14 @@ VARIANTS = {  # number: (label, the spec's changes)
         {
             "mask_mod": "doc[q_idx] == doc[kv_idx] and q_idx >= kv_idx",
             "constants": {"doc": np.repeat(np.arange(4), np.diff(DOCUMENTS)).tolist()},
+        },
+    ),
+    8: ("with a softcap-like score_mod 30*tanh(s/30)", {"score_mod": "30*tanh(s/30)"}),
+    9: (
+        "with a relative-position score_mod s + rel[h][q_idx - kv_idx + 1023]",
+        {
+            "score_mod": "s + rel[h][q_idx - kv_idx + 1023]",
+            "constants": {"rel": (np.random.default_rng(1).integers(-8, 9, (8, 2047)) / 8).tolist()},
         },
     ),
 }
