@@ -452,8 +452,8 @@ def test_failure_messages_name_the_batch_element_head_row_and_column():
         assert_attention_close(planted, **batch(), causal=True)
     message = str(e.value)
     assert message.startswith("batch element 3: planted is not close to the exact attention on spec in float64")
-    assert "output[1, 2, 0] (head 1, row 2, column 0) = " in message
-    assert "Worst entry output[1, 2, 0] (head 1, row 2, column 0): float " in message
+    assert "head2[2, 0] (output[1, 2, 0]) = " in message  # the step's entry, and its index in what was returned
+    assert "Worst entry head2[2, 0] (output[1, 2, 0]): float " in message
 
 
 def test_the_cli_report_names_head_row_and_column(cli, tmp_path):
@@ -472,10 +472,10 @@ def test_the_cli_report_names_head_row_and_column(cli, tmp_path):
     (tmp_path / "k.json").write_text(json.dumps(KERNEL))
     ran = cli("verify", "k.json", "--impl", "planted:planted", cwd=tmp_path)
     assert ran.returncode == 1
-    assert "  output[1, 0, 1] (head 1, row 0, column 1) = " in ran.stdout
-    assert ran.stdout.splitlines()[3].lstrip().startswith("output[1, 0, 1] ")  # the table's first entry
+    assert "  head2[0, 1] (output[1, 0, 1]) = " in ran.stdout
+    assert ran.stdout.splitlines()[3].lstrip().startswith("head2[0, 1] ")  # the table's first entry
     ran = cli("verify", "k.json", "--impl", "planted:backward", "--backward", cwd=tmp_path)
-    assert ran.returncode == 1 and "  dk[0, 2, 1] (kv head 0, row 2, column 1) = " in ran.stdout
+    assert ran.returncode == 1 and "  dk1[2, 1] (dk[0, 2, 1]) = " in ran.stdout
 
 
 # The environment.

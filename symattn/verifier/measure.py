@@ -35,7 +35,7 @@ from symattn.verifier.lse import check_base, returns_lse
 from symattn.verifier.paged import check_page
 from symattn.verifier.paged import note as paged_note
 from symattn.verifier.reference import FLOOR_ULPS, Context
-from symattn.verifier.report import Entry, Result, describe, place
+from symattn.verifier.report import Entry, Result, array_entry, place, step_entry
 
 RULES = ("kappa", "differential", "both")
 ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else the worst this many
@@ -175,10 +175,12 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
     finite = np.isfinite(e)
     bad = np.flatnonzero(checked & finite & ~np.isfinite(values))
     if bad.size:
-        array, index, head = _place(context, int(bad[0]))
-        where = f"{array}[{', '.join(map(str, index))}] ({describe(array, index, head)})"
-        what = "output" if not context.backward else "the gradient"
-        what = "lse" if array == "lse" else "output" if not context.backward else "the gradient"
+        array, index, _ = _place(context, int(bad[0]))
+        step, i, j = context.where(int(bad[0]))
+        lse = context.graph.step(step).kind == "lse"
+        where, location = step_entry(step, i, None if lse else j), array_entry(array, index)
+        where = where if location == where else f"{where} ({location})"
+        what = "lse" if lse else "output" if not context.backward else "the gradient"
         reasons.append(f"{what} is not finite at {where} ({values[bad[0]]}) and {bad.size - 1} more entries")
     error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
     with np.errstate(all="ignore"):

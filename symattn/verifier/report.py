@@ -31,43 +31,33 @@ class Entry:
     kappa: float | None = None  # the entry's condition number (small outputs only)
     array: str = ""  # the returned array it is in: "output" (kernel form), "M", or a gradient's name
     index: tuple = ()  # its index there, 0-based
-    head: int | None = None  # its query head (0-based), or kv head for dk, dv, dwk, ...; None where heads mix
+    head: int | None = None  # its query head (0-based, the array's first axis), or kv head for dk, dv, dwk, ...;
+    # None where heads mix
 
     @property
     def where(self) -> str:
-        """``array[index]`` in the returned array, as reports print it (``step[row, col]`` without one)."""
-        if not self.array:  # an lse entry: lse{h}[row]
-            return f"{self.step}[{self.row}]" if self.col is None else f"{self.step}[{self.row}, {self.col}]"
-        return f"{self.array}[{', '.join(map(str, self.index))}]"
+        """The step's entry, as DESIGN.md names it: ``head2[1, 0]``, ``lse2[4]``, ``dk1[2, 1]``, ``M[3, 1]``."""
+        return step_entry(self.step, self.row, self.col)
 
     @property
     def location(self) -> str:
-        """The entry in words: "head 2, row 5, column 3" (the head, where the array has one, then the row and
-        column of the array's last two axes, 0-based)."""
-        if not self.array:
-            return f"row {self.row}" if self.col is None else f"row {self.row}, column {self.col}"
-        return describe(self.array, self.index, self.head)
+        """Its index in the array the implementation returned (``output[1, 1, 0]``), or "" where that is the
+        step's own name."""
+        return array_entry(self.array, self.index) if self.array else ""
 
     @property
     def named(self) -> str:
-        """``where (location)``: both, as failure messages print them."""
-        return f"{self.where} ({self.location})"
+        """``where (location)``, as failure messages print it: ``head2[1, 0] (output[1, 1, 0])``."""
+        location = self.location
+        return self.where if location in ("", self.where) else f"{self.where} ({location})"
 
 
-KV_ARRAYS = ("dk", "dv", "dwk", "dwv", "dbk", "dbv")  # stacked by kv head
+def step_entry(step: str, row: int, col: int | None) -> str:
+    return f"{step}[{row}]" if col is None else f"{step}[{row}, {col}]"
 
 
-def describe(array: str, index: tuple, head: int | None) -> str:
-    """An entry of a returned array in words: "head 2, row 5, column 3", "kv head 1, ...", "row 5, column 3"."""
-    words = [] if head is None else [f"{'kv head' if array in KV_ARRAYS else 'head'} {head}"]
-    rest = () if array == "dsinks" else index[1:] if head is not None else index
-    if array == "lse":  # (H, L): a head's rows
-        words += [f"row {r}" for r in rest]
-    elif len(rest) == 2:
-        words += [f"row {rest[0]}", f"column {rest[1]}"]
-    elif len(rest) == 1:
-        words.append(f"column {rest[0]}")
-    return ", ".join(words)
+def array_entry(array: str, index: tuple) -> str:
+    return f"{array}[{', '.join(map(str, index))}]"
 
 
 def place(array: str, shape: tuple, offset: int) -> tuple:
