@@ -402,7 +402,8 @@ def test_the_environment_records_torch_and_the_device_its_output_was_on(tmp_path
 
     monkeypatch.setenv("SYMATTN_CACHE", str(tmp_path / "helper"))
     batch = [torch.stack([t] * 3) for t in random_qkv(seed=6, H_kv=4)]
-    with pytest.raises(AssertionError, match=r"^batch element 2: planted is not close .* head2\[3, 0\] \(output\[1, 3, 0\]\) = "):
+    message = r"^batch element 2: planted is not close .* head2\[3, 0\] \(output\[1, 3, 0\]\) = "
+    with pytest.raises(AssertionError, match=message):
         assert_attention_close(planted, q=batch[0], k=batch[1], v=batch[2], causal=True)
     assert len(list((tmp_path / "helper").iterdir())) == 2  # three equal elements: one truth and its measures
 
