@@ -109,7 +109,7 @@ def test_pytest_helper_on_torch_tensors():
 
     message = (
         r"^batch element 0: flipped is not close to the exact attention on spec in bfloat16 \(rule kappa\): "
-        r".*Worst entry output\[\d+, \d+, \d+\] \(head \d+, row \d+, column \d+\): float .*, exact .*, error .*, "
+        r".*Worst entry head\d+\[\d+, \d+\] \(output\[\d+, \d+, \d+\]\): float .*, exact .*, error .*, "
         r"bound .*"
     )
     with pytest.raises(AssertionError, match=message):
