@@ -19,6 +19,7 @@ an ``s``-free guard before ``and``/``or``, keeps a branch from being reached).  
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -113,11 +114,19 @@ class _Fold(maskmod.Eval):
         return ("p", self.scalars.index(q))
 
     def constant(self, value) -> tuple:
-        """A folded number as an array over the grid."""
+        """A folded number as an array over the grid: integers as int64; rationals with a small common
+        denominator d as an int64 array times the scalar 1/d (a relative bias in eighths over a 1,024² grid:
+        Fractions there are slow to make and to enclose, integers are not); other rationals as Fractions."""
         value = np.asarray(value)
         full = np.array(np.broadcast_to(value, self.shape), dtype=value.dtype)
-        if full.dtype == object and all(isinstance(x, int) or x.denominator == 1 for x in full.reshape(-1).tolist()):
-            full = full.astype(np.int64) if all(abs(int(x)) < 2**62 for x in full.reshape(-1).tolist()) else full
+        if full.dtype == object:
+            scaled = _scaled_integers(full)
+            if scaled is not None:
+                ints, den = scaled
+                ints.setflags(write=False)
+                self.arrays.append(ints)
+                node = ("c", len(self.arrays) - 1)
+                return node if den == 1 else ("mul", self.scalar(Fraction(1, den)), node)
         full.setflags(write=False)
         self.arrays.append(full)
         return ("c", len(self.arrays) - 1)
@@ -291,6 +300,24 @@ class _Fold(maskmod.Eval):
         if kind in ("num", "tree"):
             raise self.fail(f"expected a condition as where's first argument, received {ast.unparse(cond)!r}")
         return "tree", ("select", value, self.tree(then, active), self.tree(other, active))
+
+
+def _scaled_integers(full: np.ndarray):
+    """(int64 array n, d) with full = n / d exactly, for an object array of ints and Fractions whose common
+    denominator d is below 2**20 and whose n stay below 2**62; else None.  Each distinct object is read once
+    (a gathered constant repeats the same few objects over the whole grid)."""
+    flat = full.reshape(-1).tolist()
+    distinct = {id(x): x for x in flat}
+    den = 1
+    for x in distinct.values():
+        den = math.lcm(den, Fraction(x).denominator)
+        if den >= 2**20:
+            return None
+    codes = {key: int(Fraction(x) * den) for key, x in distinct.items()}
+    if any(abs(c) >= 2**62 for c in codes.values()):
+        return None
+    ints = np.fromiter((codes[id(x)] for x in flat), dtype=np.int64, count=len(flat)).reshape(full.shape)
+    return ints, den
 
 
 def _decimal(expr: str, node) -> Fraction:
