@@ -394,7 +394,9 @@ def add(a: Iv, b: Iv, sign: int) -> Iv:
                 lo = lo + (part if s > 0 else -part)
                 rounding = rounding + U * np.abs(lo)
         rad = a.radius() + b.radius() + rounding
-    return Iv(hi, lo, up(rad), excluded)
+        rad = np.where(rad == 0, 0.0, up(rad))  # TwoSum is exact, and so is a sum of exact operands that is
+        # not rounded (a rounded lo has rounding > 0; sums of subnormals are exact)
+    return Iv(hi, lo, rad, excluded)
 
 
 def mul(a: Iv, b: Iv) -> Iv:
@@ -402,13 +404,17 @@ def mul(a: Iv, b: Iv) -> Iv:
     with np.errstate(invalid="ignore", over="ignore"):
         hi, err = two_prod(a.hi, b.hi)
         lo = err
-        if a.lo is not None:
-            lo = lo + a.lo * b.hi
-        if b.lo is not None:
-            lo = lo + a.hi * b.lo
-        rounding = 3 * U * np.abs(lo)
-        if a.lo is not None and b.lo is not None:
-            rounding = rounding + np.abs(a.lo * b.lo) * (1 + U)
+        rounding = 0.0
+        # every cross term (a.lo·b.lo too: a product's lo is not normalised, up to 2**-20 of its hi) is added
+        # in; each product and each sum within u of its result
+        for term in (
+            None if a.lo is None else a.lo * b.hi,
+            None if b.lo is None else a.hi * b.lo,
+            None if a.lo is None or b.lo is None else a.lo * b.lo,
+        ):
+            if term is not None:
+                lo = lo + term
+                rounding = rounding + U * (np.abs(term) + np.abs(lo))
         mag_a = np.abs(a.hi) + np.abs(a.low())
         mag_b = np.abs(b.hi) + np.abs(b.low())
         rad = rounding + mag_a * b.radius() + a.radius() * mag_b + a.radius() * b.radius() + 8 * ETA

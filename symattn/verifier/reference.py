@@ -278,7 +278,7 @@ def _by_blocks(spec, graph, names, computes) -> list[dict]:
     from symattn.truth.large import block_target, blocks
 
     out = [{} for _ in computes]
-    for rows, keys in blocks(spec, spec.L):
+    for rows, keys in blocks(spec, spec.L, names):
         block = build_graph(spec, rows=rows, keys=keys)
         for assembled, compute in zip(out, computes, strict=True):
             values = compute(block)
