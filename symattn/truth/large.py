@@ -107,17 +107,15 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
     def compute(b: int):
         rows, keys = parts[b]
         g = build_graph(spec, rows=rows, keys=keys) if len(parts) > 1 or keys is not None else graph
-        asked = [n for n in summed if n[1:] in g.leaves or _is_node(g, n[1:])]
-        if "dx" in summed and "x_rows" in g.leaves:  # a block's own rows of x: their share of dx
-            asked.append("dx_rows")
-        return enclose(g, local + (whole if b == 0 else []) + asked)
+        asked, _ = block_summed(graph, g, local + (whole if b == 0 else []) + summed)
+        return enclose(g, asked)
 
     for b, (rows, keys) in enumerate(parts):
         report("float64 enclosures: query rows", rows[0], spec.L)
         values = compute(b)
         for name in summed:
             if name in values:
-                _accumulate(sums[name], values.pop(name), _summed_target(graph.step(name), keys))
+                _accumulate(sums[name], values.pop(name), summed_target(graph.step(name), keys))
             if name + "_rows" in values:
                 _accumulate(sums[name], values.pop(name + "_rows"), np.array(rows))
         for name, iv in values.items():
@@ -177,15 +175,26 @@ def _accumulate(total: Iv, part: Iv, target) -> None:
     total.hi[target], total.lo[target], total.rad[target] = new.hi, new.low(), new.radius()
 
 
-def _is_node(graph, name: str) -> bool:
-    try:
-        graph.node(name)
-    except KeyError:
-        return False
-    return True
+def block_summed(graph, block, names) -> tuple:
+    """(the names a block's graph is asked for, {summed step: the name of its rows' own share or None}): the
+    steps ``names`` of the whole graph, less the summed gradients the block has no share of (dx, when x_kv
+    holds the keys: its rows' share alone), plus dx_rows, a block's own rows' share of dx."""
+    asked, shares = [], {}
+    for name in names:
+        step = graph.step(name)
+        if not step.backward or step.row_local:
+            asked.append(name)
+            continue
+        if name[1:] in block.leaves or name[1:] in {node.name for node in block.nodes}:
+            asked.append(name)
+        shares[name] = None
+        if name == "dx" and "x_rows" in block.leaves:
+            asked.append("dx_rows")
+            shares[name] = "dx_rows"
+    return asked, shares
 
 
-def _summed_target(step, keys):
+def summed_target(step, keys):
     """Where a block's share of a step summed over query rows goes: the rows of the keys it kept (the kernel
     form's dk, dv), or all of it."""
     if keys is not None and step.kind in ("dk", "dv"):
