@@ -87,6 +87,7 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
 
     truth = Truth(spec, digits, "arb", graph, names, bits)
     truth.method = "intervals"
+    names = list(dict.fromkeys(names))  # once each
     local = [n for n in names if graph.step(n).row_local]
     summed = [n for n in names if graph.step(n).backward and n not in local]  # sums over every query row
     whole = [n for n in names if n not in local and n not in summed]  # K and V of the projection form
