@@ -275,6 +275,7 @@ def _fewer_from_enclosure(truth: Truth, name: str, i: int, j: int) -> None:
         if text is not None:
             known.decided[i, j] = text
             known.fewer[i, j] = fewer, mid
+            truth.enclosed.add((name, i, j))
             return
     known.decided[i, j] = _bound_text(abs(mid) + rad)
     known.bounds.add((i, j))
