@@ -140,14 +140,14 @@ class IntervalXP(ArrayXP):
         set to 0, so that no enclosure cancels there; elsewhere g_k − rowsum(g∘p), whose weight is at most
         1/2."""
         g, p = _materialized(g), _materialized(p)
-        out = self.sub(g, self.rowsum(self.mul(g, p)))
         top = np.argmax(p.hi, axis=-1)[..., None]  # (…, m, 1)
-        others = _zeroed(p, top)
-        total = self.rowsum(others)
+        products = self.mul(g, p)
+        without = self.rowsum(_zeroed(products, top))  # Σ_{k≠j} p_k·g_k
+        out = self.sub(g, self.add(without, _taken(products, top)))
+        total = self.rowsum(_zeroed(p, top))
         if rest is not None:
             total = self.add(total, _materialized(rest))
-        g_top = _taken(g, top)
-        value = self.sub(self.mul(g_top, total), self.rowsum(self.mul(g, others)))
+        value = self.sub(self.mul(_taken(g, top), total), without)
         for part, new in ((out.hi, value.hi), (out.lo, value.low()), (out.rad, value.radius())):
             np.put_along_axis(part, top, new, axis=-1)
         return out

@@ -67,6 +67,8 @@ class Linear:
         y = xp.matmul(x, w)
         return y if b is None else xp.add(y, b)
 
+    reads_output = False  # its vjp reads its inputs alone
+
     def vjp(self, xp, args, out, g, needs=ALL):
         x, w, *b = args
         grads = [
@@ -113,6 +115,8 @@ class Scores:
         if self.slope is not None:
             s = xp.sub(s, xp.scale(xp.const(self.distance), xp.param(self.slope)))
         return s if self.allowed is None else xp.mask(s, xp.const(self.allowed))
+
+    reads_output = False  # its vjp reads its inputs alone
 
     def vjp(self, xp, args, out, g, needs=ALL):
         q, k, *bias = args
@@ -162,6 +166,8 @@ class Softmax:
         empty = None if self.empty is None else xp.const(self.empty)
         return xp.softmax(s, empty, self.fill)
 
+    reads_output = True  # its vjp reads its own output (the weights)
+
     def vjp(self, xp, args, p, g, needs=ALL):
         if len(args) == 2:  # dP_j/ds_k = P_j(δ_jk − P_k) and dP_j/dsink = −P_j·P_sink
             rest = xp.cols(self._extended(xp, *args), self.keys, self.keys + 1)
@@ -205,6 +211,8 @@ class Dropout:
     def forward(self, xp, p):
         return xp.scale(xp.mul(p, xp.const(self.keep)), xp.param(self.rescale))
 
+    reads_output = False  # its vjp reads its inputs alone
+
     def vjp(self, xp, args, out, g, needs=ALL):
         return (xp.scale(xp.mul(g, xp.const(self.keep)), xp.param(self.rescale)),)
 
@@ -221,6 +229,8 @@ class WeightedSum:
 
     def forward(self, xp, p, v):
         return xp.weighted_sum(p, v)
+
+    reads_output = False  # its vjp reads its inputs alone
 
     def vjp(self, xp, args, out, g, needs=ALL):
         p, v = args
@@ -245,6 +255,8 @@ class Concat:
 
     def forward(self, xp, *heads):
         return xp.hstack(list(heads))
+
+    reads_output = False  # its vjp reads its inputs alone
 
     def vjp(self, xp, args, out, g, needs=ALL):
         starts = self._starts()
