@@ -1,13 +1,20 @@
 """The large path: float64 enclosures of whole matrices, by blocks of query rows, and Arb for what they leave.
 
-For the forward steps of specs of at least LARGE score entries, at
-FLOAT_DIGITS digits or fewer, with the default engine, every step is enclosed
-in double-float intervals (vectorized, ``backends/intervals.py``).  The
-enclosures that certify the digits asked are kept as they are (strings made
-when read); the others are settled from their exact double-float ends, by
+For the steps of specs of at least LARGE score entries, at FLOAT_DIGITS
+digits or fewer, with the default engine, every step is enclosed in
+double-float intervals (vectorized, ``backends/intervals.py``), by blocks of
+query rows: the backward steps too, a block's forward and backward pass at
+once; the gradients summed over every query row (dk, dv, dsinks, the
+projections' dK, dV, weights and biases, dx's key and value part) are the sums
+of the blocks' shares, enclosures added, so that no L × S enclosure of every
+head is ever held.  The enclosures that certify the digits asked are kept as
+they are (strings made when read); the others are settled from their exact double-float ends, by
 equal values (a head's output of a constant column of V), as bounds (near-zeros
 far below the step's scale), or computed again in Arb on their query rows with
-precision doubling, their rows' exact forms deciding rounding ties.
+precision doubling, their rows' exact forms deciding rounding ties.  A summed
+gradient's entry left (a sum that cancels) would need every query row in Arb:
+up to ARB_SUMS score entries the whole graph is, beyond it the entry gets the
+digits its enclosure proves (``Truth.notes`` counts them).
 """
 
 from __future__ import annotations
