@@ -99,6 +99,21 @@ def test_every_backward_step_agrees_with_the_small_path(case, two_rows):
     assert oracle.agree(large, as_reference(small, names), names, dps=REF_DIGITS) > 100
 
 
+@pytest.mark.parametrize("case", ["causal top-left, GQA", "causal bottom-right", "sinks", "segments"])
+def test_key_and_value_gradients_from_blocks_that_keep_only_their_keys(case, two_rows):
+    """Without the weights' gradient asked, a causal block keeps only the keys its rows see: its shares of dk and
+    dv go to those keys' rows."""
+    spec = symattn.load_spec(CASES[case])
+    names = [f"d{kind}{i}" for kind, count in (("q", spec.h), ("k", spec.h_kv), ("v", spec.h_kv))
+             for i in range(1, count + 1)]  # fmt: skip
+    parts = symattn.truth.large.blocks(spec, spec.L, names)
+    assert any(keys is not None for _, keys in parts)
+    small = symattn.evaluate(spec, digits=REF_DIGITS, steps=names)
+    large = symattn.evaluate(spec, digits=12, steps=names)
+    assert large.method == "intervals"
+    assert oracle.agree(large, as_reference(small, names), names, dps=REF_DIGITS) > 40
+
+
 @pytest.mark.parametrize("form", ["kernel", "projection"])
 def test_every_2026_feature_together_against_central_differences(form, two_rows, monkeypatch):
     """test_combined's gradients (sinks, segments, mask_mod, dropout, GQA, softcap, a shared bias) on the large

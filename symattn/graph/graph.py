@@ -188,7 +188,8 @@ class Graph:
         if all(name in self._by_name for name in names):
             return self.forward(xp, names)
         backward = [n for n in names if n not in self._by_name]
-        through = [n for n in self.nodes if n.name in self._downstream(backward)]
+        downstream = self._downstream(backward)
+        through = [n for n in self.nodes if n.name in downstream]
         read = [n.name for n in through if n.op.reads_output]  # what their vjps read: some outputs, the inputs
         read += [name for n in through for name in n.inputs if name in self._by_name]
         values = self.forward(xp, list(dict.fromkeys([n for n in names if n in self._by_name] + read)))

@@ -8,10 +8,11 @@ once; the gradients summed over every query row (dk, dv, dsinks, the
 projections' dK, dV, weights and biases, dx's key and value part) are the sums
 of the blocks' shares, enclosures added, so that no L × S enclosure of every
 head is ever held.  The enclosures that certify the digits asked are kept as
-they are (strings made when read); the others are settled from their exact double-float ends, by
-equal values (a head's output of a constant column of V), as bounds (near-zeros
-far below the step's scale), or computed again in Arb on their query rows with
-precision doubling, their rows' exact forms deciding rounding ties.  A summed
+they are (strings made when read); the others are settled from their exact
+double-float ends, by equal values (a head's output of a constant column of
+V), as bounds (near-zeros far below the step's scale), or computed again in Arb
+on their query rows with precision doubling, their rows' exact forms deciding
+rounding ties.  A summed
 gradient's entry left (a sum that cancels) would need every query row in Arb:
 up to ARB_SUMS score entries the whole graph is, beyond it the entry gets the
 digits its enclosure proves (``Truth.notes`` counts them).
@@ -160,11 +161,13 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
     left = _equal_values(truth, left)
     truth.escalated = len(left)
     if spec.h * spec.L * spec.S > ARB_SUMS:  # a sum over every query row: Arb would run the whole graph again
-        finite = lambda name, i, j: np.isfinite(store[name].mid[i, j]) and np.isfinite(store[name].rad[i, j])  # noqa: E731
-        fewer = [(name, i, j) for name, i, j in left if name in summed and finite(name, i, j)]
-        for name, i, j in fewer:
-            _fewer_from_enclosure(truth, name, i, j)
-        left = [cell for cell in left if cell not in set(fewer)]
+        kept = []
+        for name, i, j in left:
+            if name in summed and np.isfinite(store[name].mid[i, j]) and np.isfinite(store[name].rad[i, j]):
+                _fewer_from_enclosure(truth, name, i, j)
+            else:
+                kept.append((name, i, j))
+        left = kept
     if left:
         log.debug("%d entries not certified by the enclosures: computed again in Arb", len(left))
         _settle_in_arb(truth, left, max(bits, ESCALATION_BITS), report)
