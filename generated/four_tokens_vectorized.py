@@ -96,5 +96,17 @@ def intermediates(x):
     head2 = weights2 @ v2
     concat_heads = numpy.concatenate([head1, head2], axis=-1)
     m = concat_heads @ _WO.astype(x.dtype)
-    steps = {'Q1': q1, 'K1': k1, 'V1': v1, 'scores1': scores1, 'weights1': weights1, 'head1': head1, 'Q2': q2, 'K2': k2, 'V2': v2, 'scores2': scores2, 'weights2': weights2, 'head2': head2, 'concat_heads': concat_heads, 'M': m}
+    t25 = numpy.max(scores1, axis=-1, keepdims=True)
+    t26 = scores1 - t25
+    t27 = numpy.exp(t26)
+    t28 = numpy.sum(t27, axis=-1, keepdims=True)
+    t29 = numpy.log(t28)
+    lse1 = t25 + t29
+    t31 = numpy.max(scores2, axis=-1, keepdims=True)
+    t32 = scores2 - t31
+    t33 = numpy.exp(t32)
+    t34 = numpy.sum(t33, axis=-1, keepdims=True)
+    t35 = numpy.log(t34)
+    lse2 = t31 + t35
+    steps = {'Q1': q1, 'K1': k1, 'V1': v1, 'scores1': scores1, 'weights1': weights1, 'lse1': lse1, 'head1': head1, 'Q2': q2, 'K2': k2, 'V2': v2, 'scores2': scores2, 'weights2': weights2, 'lse2': lse2, 'head2': head2, 'concat_heads': concat_heads, 'M': m}
     return {name: _result(value, dtype) for name, value in steps.items()}

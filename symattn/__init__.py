@@ -52,8 +52,8 @@ def build(spec, grad: bool = False) -> Trace:
 
     >>> import symattn
     >>> trace = symattn.build("causal", grad=True)
-    >>> trace.names[:6]
-    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1']
+    >>> trace.names[:7]
+    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'lse1', 'head1']
     >>> trace["weights1"][0, 1]
     0
 

@@ -52,7 +52,7 @@ what the report says (exact: the truth certified for the inputs as rounded to th
 
 def _parser() -> argparse.ArgumentParser:
     from symattn.backends.engines import ENGINES
-    from symattn.backends.floats import DTYPES
+    from symattn.backends.floats import DTYPES, FP8
     from symattn.codegen import STRATEGIES, UNROLL_LIMIT, WEIGHTS
     from symattn.graph.steps import FORMATS
     from symattn.load import builtin_names
@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
 
     spec_help = f"a built-in example ({', '.join(builtin_names())}) or a path to a .json, .toml or .npz spec file"
     grad_help = "the backward steps too (gradients of the sum of outputs, or of the spec's dout)"
+    cache_help = (
+        "a folder of certified truths, keyed by exactly what was certified: read when there, written when not; "
+        "default: none"
+    )
     parser = _Parser(
         prog="symattn",
         description="Exact multi-head self-attention: closed forms, certified ground truth, notebook parity.",
@@ -98,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.add_argument("--exact", action="store_true", help="include the closed forms (needs SymPy; slow for big specs)")
     ev.add_argument("--grad", action="store_true", help=grad_help)
+    ev.add_argument(
+        "--save", metavar="FILE.npz", help="also write the truth to this file, for verify to read back; default: none"
+    )
+    ev.add_argument("--cache", metavar="DIR", help=cache_help)
 
     gen = command("generate", "emit a standalone NumPy module computing the attention")
     gen.add_argument("spec", metavar="SPEC", help=spec_help)
@@ -131,7 +139,24 @@ def _parser() -> argparse.ArgumentParser:
         help=f"MODULE:FUNCTION taking the inputs positionally and the options by keyword, or a built-in adapter "
         f"({', '.join(ADAPTERS)}); repeatable; default: the generated code (and the notebook's own algorithm)",
     )
-    ver.add_argument("--dtype", choices=DTYPES, default="float64", help="the inputs' dtype under test")
+    ver.add_argument(
+        "--dtype",
+        choices=DTYPES + FP8,
+        default="float64",
+        help="the inputs' dtype under test (fp8: q, k, v of the kernel form, with the spec's q_descale, k_descale, "
+        "v_descale by keyword, a bfloat16 output, FlashAttention-3's computation as the right one)",
+    )
+    ver.add_argument(
+        "--paged",
+        metavar="PAGE",
+        help="feed k, v as a paged KV cache of PAGE keys a page (kernel form, forward): f(q, k_cache, v_cache, *, "
+        "block_table, seqlen_kv, page_size, options); default: k, v whole",
+    )
+    ver.add_argument(
+        "--device",
+        metavar="cpu|cuda[:N]",
+        help="where the built-in adapters run; default: each framework's default device",
+    )
     ver.add_argument(
         "--rule", choices=RULES, default="kappa", help="the rule that decides the verdict; both are reported"
     )
@@ -152,6 +177,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="verify backward implementations: they take the inputs and dout (the spec's, else all ones) and "
         "return the input gradients (a dict by name, or a tuple in input order)",
+    )
+    ver.add_argument("--cache", metavar="DIR", help=cache_help + " (the reference runs' measures too)")
+    ver.add_argument(
+        "--truth",
+        metavar="FILE.npz",
+        help="a truth that eval saved, certified for exactly the inputs verified (as rounded to the dtype), used "
+        "instead of computing one; default: none",
+    )
+    ver.add_argument(
+        "--lse-base",
+        default="e",
+        metavar="e|2",
+        help="the base of the lse a forward implementation returns beside its output, (out, lse) or "
+        "{'out', 'lse'} with lse (H, L): e (the natural log, FlashAttention's softmax_lse) or 2 (FlashInfer's)",
     )
 
     nb = command("notebook", "check every number a notebook printed against the exact values")
@@ -252,7 +291,11 @@ def _eval(args) -> int:
         f"{spec.L}×{spec.S} scores",
         spec.h * spec.L * spec.S + entries,
     )
-    truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names)
+    truth = evaluate(spec, digits=args.digits, engine=args.engine, steps=names, cache=args.cache)
+    if args.save:
+        from symattn.truth import store
+
+        store.save(truth, args.save, "--save")
     trace = None
     if args.exact:
         from symattn.trace import build
@@ -362,12 +405,17 @@ def _umask() -> int:
 
 
 def _verify(args) -> int:
+    from symattn.backends.floats import FP8
     from symattn.load import load_spec
     from symattn.verifier.measure import verify
     from symattn.verifier.report import report_json
 
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     spec = load_spec(args.spec)
+    if not args.impl and (args.paged is not None or args.dtype in FP8):  # the generated module does neither
+        what = f"--paged {args.paged}" if args.paged is not None else f"--dtype {args.dtype}"
+        raise SymattnError(f"{what}: expected --impl MODULE:FUNCTION to verify, received none (the generated module "
+                           "takes k, v whole, in a float dtype)")  # fmt: skip
     impls = args.impl or default_impls(spec, args.backward)
     digits = args.digits
     if digits != "auto":
@@ -386,7 +434,10 @@ def _verify(args) -> int:
         f"{progress.count(spec.h, 'head')} of {spec.L}×{spec.S} scores",
         spec.h * spec.L * spec.S + entries,
     )
-    results = verify(spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits)
+    results = verify(
+        spec, impls, dtype=args.dtype, rule=args.rule, backward=args.backward, digits=digits, paged=args.paged,
+        device=args.device, cache=args.cache, truth=args.truth, lse_base=args.lse_base,
+    )  # fmt: skip
     if args.plot:
         from symattn.verifier.report import plot
 

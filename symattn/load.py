@@ -23,7 +23,7 @@ from symattn.entries import max_digits
 from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import as_array
 from symattn.options import check_keys
-from symattn.spec import KERNEL_KEYS, OPTION_KEYS, PROJECTION_KEYS, AttentionSpec
+from symattn.spec import DESCALES, KERNEL_KEYS, OPTION_KEYS, PROJECTION_KEYS, AttentionSpec
 
 
 def builtin_names() -> list[str]:
@@ -194,7 +194,7 @@ def from_dict(data, source: str = "spec") -> AttentionSpec:
         scale = data.get("scale")
         if scale is not None and not isinstance(scale, (str, int, Decimal, float, Fraction)):
             raise SymattnError(f"scale: expected an exact expression string such as '1/8', received {shown(scale)}")
-        options = {k: data[k] for k in OPTION_KEYS if k in data and k != "scale"}
+        options = {k: data[k] for k in OPTION_KEYS + DESCALES if k in data and k != "scale"}
         if kernel:
             return AttentionSpec(name, scale=scale, q=data["q"], k=data["k"], v=data["v"], source=source, **options)
         extra = {k: data[k] for k in ("kv_heads", "x_kv", "bo") if k in data}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import keyword
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -28,32 +29,53 @@ from symattn.errors import SymattnError, shown
 VARIABLES = ("h", "q_idx", "kv_idx")
 FUNCTIONS = ("abs", "min", "max")
 MAX_DEPTH = 64
+MAX_POWER = 64  # score_mod's integer powers: repeated products
 MAX_TEXT = 10_000
 _LIMIT = 2**62
 
 
-def _fail(expr: str, why: str) -> SymattnError:
+@dataclass(frozen=True)
+class Grammar:
+    """What an expression may hold: mask_mod's (``MASK``), or score_mod's (``scoremod.SCORE``: ``s``, decimal
+    literals, ``/``, integer powers, tanh, exp, where)."""
+
+    field: str
+    variables: tuple
+    functions: tuple
+    binops: tuple
+    what: str  # the expected result, for messages
+    example: str
+    decimals: bool = False  # decimal literals (exact: "0.5" is 1/2)
+
+
+_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
+_CMPOPS = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+MASK = Grammar("mask_mod", VARIABLES, FUNCTIONS, _BINOPS, "a boolean expression", "q_idx >= kv_idx")
+
+
+def error(expr: str, why: str, field: str = "mask_mod") -> SymattnError:
     shown_expr = expr if len(expr) <= 80 else expr[:60] + "…"
-    return SymattnError(f"mask_mod {shown_expr!r}: {why}")
+    return SymattnError(f"{field} {shown_expr!r}: {why}")
 
 
-def parse(expr, names=()) -> ast.AST:
+def parse(expr, names=(), grammar: Grammar = MASK) -> ast.AST:
     """The whitelisted tree of ``expr`` (a string); ``names``: the constants' names."""
+    field = grammar.field
     if not isinstance(expr, str):
-        raise SymattnError(f"mask_mod: expected a boolean expression string, received {shown(expr)}")
+        raise SymattnError(f"{field}: expected {grammar.what} string, received {shown(expr)}")
     if len(expr) > MAX_TEXT:
-        raise _fail(expr, f"expected at most {MAX_TEXT} characters, received {len(expr)}")
+        raise error(expr, f"expected at most {MAX_TEXT} characters, received {len(expr)}", field)
     if not expr.strip():
-        raise SymattnError("mask_mod: expected a boolean expression such as 'q_idx >= kv_idx', received ''")
+        raise SymattnError(f"{field}: expected {grammar.what} such as {grammar.example!r}, received ''")
     if max(_nesting(expr), 0) > MAX_DEPTH:
-        raise _fail(expr, f"expected brackets nested at most {MAX_DEPTH} deep")
+        raise error(expr, f"expected brackets nested at most {MAX_DEPTH} deep", field)
     try:
         tree = ast.parse(expr.strip(), mode="eval").body
     except SyntaxError as e:
-        raise _fail(expr, f"expected a Python expression, received a syntax error ({e.msg})") from None
+        raise error(expr, f"expected a Python expression, received a syntax error ({e.msg})", field) from None
     except (RecursionError, MemoryError, ValueError):
-        raise _fail(expr, "expected a shorter, shallower expression") from None
-    _check(tree, expr, set(names), 0)
+        raise error(expr, "expected a shorter, shallower expression", field) from None
+    _Checker(expr, set(names), grammar).check(tree, 0)
     return tree
 
 
@@ -65,83 +87,118 @@ def _nesting(expr: str) -> int:
     return deepest
 
 
-_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
-_CMPOPS = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+class _Checker:
+    """The whitelist: every node of the tree is one the grammar allows."""
+
+    def __init__(self, expr, names, grammar):
+        self.expr, self.names, self.g = expr, names, grammar
+
+    def fail(self, why):
+        return error(self.expr, why, self.g.field)
+
+    def check(self, node, depth):
+        if depth > MAX_DEPTH:
+            raise self.fail(f"expected an expression nested at most {MAX_DEPTH} deep")
+        d = depth + 1
+        g, names = self.g, self.names
+        if isinstance(node, ast.Constant):
+            value = node.value
+            if isinstance(value, (bool, int)) or (g.decimals and isinstance(value, float)):
+                return
+            kind = "integer and decimal literals" if g.decimals else "integer literals"
+            raise self.fail(f"expected {kind}, received {shown(value)}")
+        if isinstance(node, ast.Name):
+            if node.id in g.variables or node.id in names or node.id in ("True", "False"):
+                return
+            known = ", ".join(g.variables + tuple(sorted(names)))
+            raise self.fail(
+                f"unknown name {node.id!r}; expected {known} (the constants given) or {', '.join(g.functions)} calls"
+            )
+        if isinstance(node, ast.BinOp):
+            if not isinstance(node.op, g.binops):
+                ops = " ".join(_OP_TEXT[type(op)] for op in g.binops if op in _OP_TEXT)
+                raise self.fail(f"expected {ops}, received the operator {type(node.op).__name__}")
+            if isinstance(node.op, ast.Pow):
+                n = integer_literal(node.right)
+                if n is None:
+                    raise self.fail(f"expected an integer power, received the exponent {ast.unparse(node.right)!r}")
+                if abs(n) > MAX_POWER:
+                    raise self.fail(f"expected a power from -{MAX_POWER} to {MAX_POWER}, received {n}")
+            self.check(node.left, d)
+            self.check(node.right, d)
+            return
+        if isinstance(node, ast.UnaryOp):
+            if not isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
+                raise self.fail(f"expected unary -, + or not, received {type(node.op).__name__}")
+            self.check(node.operand, d)
+            return
+        if isinstance(node, ast.BoolOp):
+            for v in node.values:
+                self.check(v, d)
+            return
+        if isinstance(node, ast.Compare):
+            for op in node.ops:
+                if not isinstance(op, _CMPOPS):
+                    raise self.fail(f"expected comparisons == != < <= > >=, received {type(op).__name__}")
+            for v in [node.left, *node.comparators]:
+                self.check(v, d)
+            return
+        if isinstance(node, ast.Call):
+            allowed = ", ".join(g.functions)
+            if not isinstance(node.func, ast.Name) or node.func.id not in g.functions:
+                what = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
+                raise self.fail(f"expected calls of {allowed} only, received a call of {what!r}")
+            if node.keywords or any(isinstance(a, ast.Starred) for a in node.args):
+                raise self.fail(f"expected plain arguments to {node.func.id}")
+            count, name = len(node.args), node.func.id
+            wanted = {"abs": (1, "one argument"), "tanh": (1, "one argument"), "exp": (1, "one argument"),
+                      "where": (3, "three arguments (condition, then, else)")}.get(name)  # fmt: skip
+            if (wanted is not None and count != wanted[0]) or (wanted is None and count < 2):
+                text = wanted[1] if wanted is not None else "two or more arguments"
+                raise self.fail(f"expected {text} to {name}, received {count}")
+            for a in node.args:
+                self.check(a, d)
+            return
+        if isinstance(node, ast.Subscript):
+            base = node
+            while isinstance(base, ast.Subscript):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id not in names:
+                known = ", ".join(sorted(names)) or "none given"
+                raise self.fail(f"unknown name {base.id!r}; expected a constant ({known}) before a subscript")
+            if not isinstance(base, ast.Name):
+                what = ast.unparse(base)
+                raise self.fail(f"expected subscripts of the constants ({', '.join(sorted(names)) or 'none given'}), "
+                                f"received {what!r}")  # fmt: skip
+            cur = node
+            while isinstance(cur, ast.Subscript):
+                index = cur.slice
+                parts = index.elts if isinstance(index, ast.Tuple) else [index]
+                for p in parts:
+                    if isinstance(p, (ast.Slice, ast.Starred)):
+                        raise self.fail("expected integer subscripts, received a slice")
+                    self.check(p, d)
+                cur = cur.value
+            return
+        if isinstance(node, ast.Attribute):
+            raise self.fail(f"expected no attribute access, received {ast.unparse(node)!r}")
+        calls = ", ".join(g.functions)
+        raise self.fail(f"expected an expression of names, numbers, operators, comparisons, and/or/not, calls of "
+                        f"{calls} and constant subscripts, received {type(node).__name__}")  # fmt: skip
 
 
-def _check(node, expr, names, depth):
-    if depth > MAX_DEPTH:
-        raise _fail(expr, f"expected an expression nested at most {MAX_DEPTH} deep")
-    d = depth + 1
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or (isinstance(node.value, int)):
-            return
-        raise _fail(expr, f"expected integer literals, received {shown(node.value)}")
-    if isinstance(node, ast.Name):
-        if node.id in VARIABLES or node.id in names or node.id in ("True", "False"):
-            return
-        known = ", ".join(VARIABLES + tuple(sorted(names)))
-        raise _fail(expr, f"unknown name {node.id!r}; expected {known} (the constants given) or abs, min, max calls")
-    if isinstance(node, ast.BinOp):
-        if not isinstance(node.op, _BINOPS):
-            raise _fail(expr, f"expected + - * // %, received the operator {type(node.op).__name__}")
-        _check(node.left, expr, names, d)
-        _check(node.right, expr, names, d)
-        return
-    if isinstance(node, ast.UnaryOp):
-        if not isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
-            raise _fail(expr, f"expected unary -, + or not, received {type(node.op).__name__}")
-        _check(node.operand, expr, names, d)
-        return
-    if isinstance(node, ast.BoolOp):
-        for v in node.values:
-            _check(v, expr, names, d)
-        return
-    if isinstance(node, ast.Compare):
-        for op in node.ops:
-            if not isinstance(op, _CMPOPS):
-                raise _fail(expr, f"expected comparisons == != < <= > >=, received {type(op).__name__}")
-        for v in [node.left, *node.comparators]:
-            _check(v, expr, names, d)
-        return
-    if isinstance(node, ast.Call):
-        if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
-            what = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
-            raise _fail(expr, f"expected calls of abs, min, max only, received a call of {what!r}")
-        if node.keywords or any(isinstance(a, ast.Starred) for a in node.args):
-            raise _fail(expr, f"expected plain arguments to {node.func.id}")
-        count = len(node.args)
-        if (node.func.id == "abs" and count != 1) or (node.func.id != "abs" and count < 2):
-            raise _fail(expr, f"expected {'one argument' if node.func.id == 'abs' else 'two or more arguments'} "
-                        f"to {node.func.id}, received {count}")  # fmt: skip
-        for a in node.args:
-            _check(a, expr, names, d)
-        return
-    if isinstance(node, ast.Subscript):
-        base = node
-        while isinstance(base, ast.Subscript):
-            base = base.value
-        if isinstance(base, ast.Name) and base.id not in names:
-            known = ", ".join(sorted(names)) or "none given"
-            raise _fail(expr, f"unknown name {base.id!r}; expected a constant ({known}) before a subscript")
-        if not isinstance(base, ast.Name):
-            what = ast.unparse(base)
-            raise _fail(expr, f"expected subscripts of the constants ({', '.join(sorted(names)) or 'none given'}), "
-                        f"received {what!r}")  # fmt: skip
-        cur = node
-        while isinstance(cur, ast.Subscript):
-            index = cur.slice
-            parts = index.elts if isinstance(index, ast.Tuple) else [index]
-            for p in parts:
-                if isinstance(p, (ast.Slice, ast.Starred)):
-                    raise _fail(expr, "expected integer subscripts, received a slice")
-                _check(p, expr, names, d)
-            cur = cur.value
-        return
-    if isinstance(node, ast.Attribute):
-        raise _fail(expr, f"expected no attribute access, received {ast.unparse(node)!r}")
-    raise _fail(expr, f"expected an expression of names, integers, + - * // %, comparisons, and/or/not, abs, min, "
-                f"max and constant subscripts, received {type(node).__name__}")  # fmt: skip
+_OP_TEXT = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
+
+
+def integer_literal(node) -> int | None:
+    """The value of an integer literal (a unary minus allowed), else None."""
+    sign = 1
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -1 if isinstance(node.op, ast.USub) else 1
+        node = node.operand
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return sign * node.value
+    return None
 
 
 def constants_table(value) -> dict:
@@ -212,18 +269,22 @@ def evaluate(expr: str, constants: dict, H: int, L: int, S: int) -> np.ndarray:
     shape = (H, L, S)
     active = np.ones(shape, dtype=bool)
     with np.errstate(all="raise"):
-        kind, value = _Eval(expr, constants, grid, shape).run(tree, active)
+        kind, value = Eval(expr, constants, grid, shape).run(tree, active)
     if kind != "bool":
-        raise _fail(expr, "expected a boolean result (a comparison, and/or/not), received a number")
+        raise error(expr, "expected a boolean result (a comparison, and/or/not), received a number")
     return np.array(np.broadcast_to(value, shape), dtype=bool)
 
 
-class _Eval:
+class Eval:
+    """The exact evaluator over the grid (shared with ``scoremod``, which folds with it what does not read s)."""
+
+    field = "mask_mod"
+
     def __init__(self, expr, constants, grid, shape):
         self.expr, self.constants, self.grid, self.shape = expr, constants, grid, shape
 
     def fail(self, why):
-        return _fail(self.expr, why)
+        return error(self.expr, why, self.field)
 
     def run(self, node, active):
         """(kind, array): kind "bool" or "num"; values matter only where ``active``."""
@@ -272,7 +333,7 @@ class _Eval:
                 return "num", _abs(args[0])
             out = args[0]
             for a in args[1:]:
-                a, o = _common(a, out)
+                a, o = common(a, out)
                 take = (a < o) if node.func.id == "min" else (a > o)
                 out = np.where(take, a, o)
             return "num", out
@@ -293,16 +354,16 @@ class _Eval:
         return v
 
     def arith(self, op, a, b, active):
-        a, b = _common(a, b)
+        a, b = common(a, b)
         if a.dtype == np.int64:
             ba, bb = _bound(a), _bound(b)
             need = ba * bb if isinstance(op, ast.Mult) else ba + bb
             if need >= _LIMIT:
                 a, b = a.astype(object), b.astype(object)
-        if isinstance(op, (ast.FloorDiv, ast.Mod)):
+        if isinstance(op, (ast.FloorDiv, ast.Mod, ast.Div)):
             zero = np.broadcast_to(b == 0, np.broadcast_shapes(a.shape, b.shape, self.shape)) & active
             if zero.any():
-                where = _position(zero)
+                where = position_text(zero)
                 raise self.fail(f"division by zero at {where}")
             b = np.where(b == 0, 1, b)
             if b.dtype == object:
@@ -315,6 +376,8 @@ class _Eval:
             return a * b
         if isinstance(op, ast.FloorDiv):
             return _num(a // b)
+        if isinstance(op, ast.Div):  # exact: Fractions (ints where they divide)
+            return _exact_quotient(a, b)
         return a % b
 
     def subscript(self, node, active):
@@ -335,7 +398,7 @@ class _Eval:
             if i.dtype == object:
                 bad = active & np.vectorize(lambda x: not (isinstance(x, int) or x.denominator == 1), otypes=[bool])(i)
                 if bad.any():
-                    raise self.fail(f"a non-integer subscript of {name} at {_position(bad)}")
+                    raise self.fail(f"a non-integer subscript of {name} at {position_text(bad)}")
                 out = active & np.vectorize(lambda x, n=table.shape[axis]: not 0 <= x < n, otypes=[bool])(i)
             else:
                 out = active & ((i < 0) | (i >= table.shape[axis]))
@@ -349,11 +412,20 @@ class _Eval:
         return table[tuple(indices)]
 
 
+def _exact_quotient(a, b):
+    a, b = np.broadcast_arrays(a.astype(object), b.astype(object))
+    out = np.empty(a.shape, dtype=object)
+    for idx in np.ndindex(a.shape):
+        q = Fraction(a[idx]) / Fraction(b[idx])
+        out[idx] = int(q) if q.denominator == 1 else q
+    return out
+
+
 def at_text(at) -> str:
     return f"h={at[0]}, q_idx={at[1]}, kv_idx={at[2]}"
 
 
-def _position(bad):
+def position_text(bad):
     return at_text(tuple(int(x) for x in np.argwhere(bad)[0]))
 
 
@@ -361,7 +433,7 @@ def _num(a):
     return np.asarray(a)
 
 
-def _common(a, b):
+def common(a, b):
     a, b = np.asarray(a), np.asarray(b)
     if a.dtype == object or b.dtype == object:
         return a.astype(object), b.astype(object)
@@ -383,7 +455,7 @@ def _abs(a):
 
 
 def _compare(op, a, b):
-    a, b = _common(a, b)
+    a, b = common(a, b)
     out = {
         ast.Eq: lambda: a == b,
         ast.NotEq: lambda: a != b,

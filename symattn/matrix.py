@@ -287,7 +287,7 @@ def as_array(value):
         value = np.asarray(value)
     if isinstance(value, np.ndarray) or isinstance(value, np.generic):
         a = np.asarray(value)
-        if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        if a.dtype.kind == "f" or a.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
             if a.dtype.itemsize > 8:
                 raise SymattnError(f"expected float16, bfloat16, float32 or float64 arrays, received {a.dtype}")
             return a.astype(np.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from symattn.entries import parse_entry
+from symattn.entries import parse_entry, sign, symbols, to_text
 from symattn.errors import SymattnError, shown
 from symattn.matrix import as_array
 
@@ -119,3 +119,21 @@ def alibi_values(value, h: int):
             f"alibi: expected true or a list of {h} slopes (one per query head), received {shown(value)}"
         )
     return tuple(parse_entry(e, f"alibi[{i}]") for i, e in enumerate(value))
+
+
+def descale_values(value, key: str, h_kv: int) -> tuple:
+    """An fp8 descale: one exact number > 0 per kv head (FlashAttention-3's descale_q/k/v, one batch)."""
+    value = as_array(value)
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) != h_kv:
+        raise SymattnError(f"{key}: expected a list of {h_kv} numbers > 0 (one per kv head), received {shown(value)}")
+    out = []
+    for g, e in enumerate(value):
+        d = parse_entry(e, f"{key}[{g}]")
+        if symbols(d):
+            raise SymattnError(f"{key}[{g}]: expected a number > 0, received the symbolic {to_text(d)}")
+        if sign(d) <= 0:
+            raise SymattnError(f"{key}[{g}]: expected a number > 0, received {to_text(d)}")
+        out.append(d)
+    return tuple(out)

@@ -11,8 +11,9 @@ Two forms (DESIGN.md "Spec files"):
 
 and the options of both: ``scale``, ``mask``, ``causal``, ``window``, ``align``,
 ``bias``, ``alibi``, ``softcap``, ``sinks``, ``dropout_p`` with ``dropout_mask``, ``empty_row`` and
-``dout``.  Files, built-in names and dicts of arrays are read by ``symattn.load``; this module holds the
-fields and their checks.  Nothing downstream re-checks what is validated here.
+``dout``; the kernel form's fp8 descales ``q_descale``, ``k_descale``, ``v_descale``.  Files, built-in
+names and dicts of arrays are read by ``symattn.load``; this module holds the fields and their checks.
+Nothing downstream re-checks what is validated here.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ from functools import cached_property
 
 import numpy as np
 
-from symattn import maskmod, semantics
+from symattn import maskmod, scoremod, semantics
 from symattn.entries import Entry, parse_entry, sign, sqrt_fraction, symbols, to_text
 from symattn.errors import SymattnError, printable, shown
 from symattn.matrix import Matrix, as_matrix, as_row, as_stack, check_shape, per_head
-from symattn.options import alibi_values, check_keys, mask_list, segment_offsets, window_bounds
+from symattn.options import alibi_values, check_keys, descale_values, mask_list, segment_offsets, window_bounds
 from symattn.semantics import ALIGNS, EMPTY_ROWS
 
 OPTION_KEYS = ("scale", "mask", "causal", "window", "align", "bias", "alibi", "softcap", "sinks", "dropout_p",
-               "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", "empty_row", "dout")  # fmt: skip
+               "dropout_mask", "segments_q", "segments_kv", "mask_mod", "score_mod", "constants", "empty_row",
+               "dout")  # fmt: skip
+DESCALES = ("q_descale", "k_descale", "v_descale")  # the kernel form's only: fp8 q, k, v (FlashAttention-3)
 PROJECTION_KEYS = ("name", "x", "heads", "wo", "kv_heads", "x_kv", "bo", *OPTION_KEYS)
-KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS)
+KERNEL_KEYS = ("name", "q", "k", "v", *OPTION_KEYS, *DESCALES)
 HEAD_KEYS = ("wq", "wk", "wv", "bq", "bk", "bv")
 QUERY_KEYS = ("wq", "bq")
 KV_KEYS = ("wk", "wv", "bk", "bv")
@@ -117,9 +120,13 @@ class AttentionSpec:
     segments_q: tuple | None = None  # packed sequences: offsets (0, ..., L) of the query segments (cu_seqlens_q)
     segments_kv: tuple | None = None  # (0, ..., S), as many segments; query segment a attends key segment a only
     mask_mod: str | None = None  # FlexAttention's mask_mod: a boolean expression in h, q_idx, kv_idx, constants
+    score_mod: str | None = None  # FlexAttention's score_mod: an exact expression in s, h, q_idx, kv_idx, constants
     constants: dict | None = None  # name -> read-only 1-D/2-D array of exact entries (symattn.maskmod)
     empty_row: str = "zero"
     dout: tuple | None = None  # the output's cotangent: (L × d_out,) or H matrices L × E_v; None: all ones
+    q_descale: tuple | None = None  # kernel form: H_kv exact numbers > 0; the inputs are q·q_descale[g(h)] (fp8)
+    k_descale: tuple | None = None  # H_kv: k·k_descale[g]; None: 1 (FlashAttention-3's descale_q/k/v)
+    v_descale: tuple | None = None  # H_kv: v·v_descale[g]
     source: str = field(default="", compare=False)  # where the spec was read, for messages
     grouped: bool = field(default=False, compare=False)  # kv heads given apart from the query heads
     shared_mask: bool = field(default=True, compare=False)  # the file gave one mask for every head
@@ -281,6 +288,13 @@ class AttentionSpec:
         if self.segments_q is not None or self.segments_kv is not None:
             self._segments()
         self._mask_mod()
+        for key in DESCALES:
+            if getattr(self, key) is not None:
+                if self.form != "kernel":
+                    raise SymattnError(
+                        f"{key}: expected it in the kernel form only (q, k, v given), received it with x, heads, wo"
+                    )
+                self._set(key, descale_values(getattr(self, key), key, self.h_kv))
         if self.dout is not None:
             if self.form == "kernel":
                 dout, _ = per_head(self.dout, H, (L, self.d_v), "dout", "L × E_v", shared_ok=False)
@@ -313,10 +327,15 @@ class AttentionSpec:
     def _mask_mod(self):
         if self.constants is not None:
             self._set("constants", maskmod.constants_table(self.constants))
+        if self.score_mod is not None:
+            self._set("score_mod", self.score_mod.strip() if isinstance(self.score_mod, str) else self.score_mod)
+            scoremod.parse(self.score_mod, self.constants or {})
+            _ = self.score_mod_split  # evaluation errors (subscripts out of range, division by zero) at load time
         if self.mask_mod is None:
-            if self.constants is not None:
+            if self.constants is not None and self.score_mod is None:
                 raise SymattnError(
-                    "constants: expected them with mask_mod (the expression that reads them), received none"
+                    "constants: expected them with mask_mod or score_mod (the expression that reads them), "
+                    "received none"
                 )
             return
         self._set("mask_mod", self.mask_mod.strip() if isinstance(self.mask_mod, str) else self.mask_mod)
@@ -332,6 +351,13 @@ class AttentionSpec:
         grid = maskmod.evaluate(self.mask_mod, self.constants or {}, heads, self.L, self.S)
         grid.setflags(write=False)
         return grid
+
+    @cached_property
+    def score_mod_split(self):
+        """The score_mod folded over this spec's grid (``scoremod.Mod``), or None."""
+        if self.score_mod is None:
+            return None
+        return scoremod.fold(self.score_mod, self.constants or {}, self.h, self.L, self.S)
 
     @property
     def mask_mod_per_head(self) -> bool:
@@ -441,6 +467,11 @@ class AttentionSpec:
             return semantics.standard_slopes(self.h)
         return self.alibi
 
+    def descale(self, key: str, g: int) -> Entry:
+        """The exact descale ``key`` (q_descale, k_descale, v_descale) of kv head ``g`` (0-based): 1 when unset."""
+        values = getattr(self, key)
+        return Fraction(1) if values is None else values[g]
+
     def dropout_keep(self, head: int) -> np.ndarray:
         """The L × S bools of ``head`` (0-based) that dropout keeps: the mask given, all True without one."""
         if self.dropout_mask is None:
@@ -483,7 +514,7 @@ class AttentionSpec:
     def options(self) -> dict:
         """The variant options that differ from their defaults, by name."""
         out = {}
-        for key in OPTION_KEYS:
+        for key in OPTION_KEYS + DESCALES:
             value = getattr(self, key)
             if value is not None and value != _DEFAULTS.get(key):
                 out[key] = value
@@ -524,12 +555,14 @@ class AttentionSpec:
                 yield f"dout{i}", m
 
     def scalars(self):
-        """The exact scalar parameters: the scale, softcap and ALiBi slopes."""
+        """The exact scalar parameters: the scale, softcap, ALiBi slopes and descales."""
         yield self.effective_scale
         if self.softcap is not None:
             yield self.softcap
         if self.alibi_slopes is not None:
             yield from self.alibi_slopes
+        for key in DESCALES:
+            yield from getattr(self, key) or ()
 
     @cached_property
     def is_rational(self) -> bool:
@@ -611,6 +644,8 @@ class AttentionSpec:
             data["segments_kv"] = list(self.segments_kv)
         if self.mask_mod is not None:
             data["mask_mod"] = self.mask_mod
+        if self.score_mod is not None:
+            data["score_mod"] = self.score_mod
         if self.constants is not None:
             data["constants"] = {k: [_entry(e) if not isinstance(e, list) else [_entry(x) for x in e]
                                      for e in _fractions(v)] for k, v in self.constants.items()}  # fmt: skip
@@ -619,6 +654,9 @@ class AttentionSpec:
         if self.dout is not None:
             douts = [_listed(m) for m in self.dout]
             data["dout"] = douts if self.form == "kernel" else douts[0]
+        for key in DESCALES:
+            if getattr(self, key) is not None:
+                data[key] = [str(_entry(e)) for e in getattr(self, key)]
         return data
 
     def digest(self) -> str:

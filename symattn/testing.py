@@ -10,30 +10,36 @@ unless ``dtype`` says otherwise (cast by that framework, as it would cast them),
 ``--impl`` convention; the truth is certified on exactly those values.  A leading batch axis is allowed: the
 implementation is called once with the whole batch, then each element's slice of its result is measured against
 the truth for that element's inputs (options are shared by every element), and the first element that fails
-raises.  A failed verdict raises AssertionError naming the worst entries; an option the
-implementation cannot take (UNSUPPORTED) or bad usage raises SymattnError; what the implementation raises is
-raised again.
+raises ("batch element 3: ..." first).  A failed verdict raises AssertionError naming the worst entries (their
+index in the returned array, and their head, row and column); an option the implementation cannot take
+(UNSUPPORTED) or bad usage raises SymattnError; what the implementation raises is raised again.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from symattn.backends.floats import DTYPES
 from symattn.errors import SymattnError
+from symattn.verifier import environment
 from symattn.verifier.convention import KERNEL_POSITIONAL as KERNEL
 from symattn.verifier.convention import PROJECTION_POSITIONAL as PROJECTION
-from symattn.verifier.convention import call, output_array
+from symattn.verifier.convention import Calling, arguments, call, output_array
+from symattn.verifier.lse import check_base, returns_lse
 from symattn.verifier.measure import RULES, measure
 from symattn.verifier.reference import Context
 
 
 def assert_attention_close(
-    fn, spec=None, *, dtype: str | None = None, rule: str = "kappa", backward: bool = False, **given
+    fn, spec=None, *, dtype: str | None = None, rule: str = "kappa", backward: bool = False, lse_base="e", **given
 ) -> None:
     """Raise AssertionError unless ``fn`` passes ``symattn verify`` (see the module's docstring).  With
     ``backward``, ``fn`` takes ``dout`` after the inputs (a ``dout=`` tensor, else all ones) and returns the
-    input gradients (``symattn verify --backward``)."""
+    input gradients (``symattn verify --backward``).  A forward ``fn`` may return ``(out, lse)`` or
+    ``{"out": ..., "lse": ...}``, lse (H, L) or (B, H, L), in base 2 with ``lse_base=2``: both are verified."""
+    lse_base = check_base(lse_base)
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     if dtype is not None and dtype not in DTYPES:
@@ -44,7 +50,14 @@ def assert_attention_close(
             raise SymattnError("assert_attention_close: give a spec or the input tensors, not both")
         from symattn.load import load_spec
 
-        _check(fn, name, Context(load_spec(spec), dtype or "float64", backward=backward), rule, None)
+        spec = load_spec(spec)
+        dtype = dtype or "float64"
+        calling = Calling(spec, dtype, backward, arguments(spec, dtype, backward=backward))
+        output, result = call(fn, name, calling)
+        if result is not None:
+            _raise(result)
+        context = _context(spec, dtype, backward, output, lse_base, calling.args)
+        _report(measure(name, output, context, rule), context, rule, "")
         return
     form = KERNEL if "q" in given else PROJECTION
     missing = [key for key in form if key not in given]
@@ -62,7 +75,7 @@ def assert_attention_close(
     options = {key: value for key, value in given.items() if key not in tensors}
     batched = np.ndim(framework.numpy(inputs[form[0]])) == (4 if form is KERNEL else 3)
     count = framework.numpy(inputs[form[0]]).shape[0] if batched else 1
-    contexts = []
+    callings = []
     for b in range(count):
         data = {key: framework.numpy(value)[b] if batched else framework.numpy(value) for key, value in inputs.items()}
         if form is PROJECTION:
@@ -70,7 +83,8 @@ def assert_attention_close(
         data.update({key: framework.numpy(value) if _array_like(value) else value for key, value in options.items()})
         from symattn.load import from_dict
 
-        contexts.append(Context(from_dict(data), dtype, backward=backward))
+        element = from_dict(data)
+        callings.append(Calling(element, dtype, backward, arguments(element, dtype, backward=backward)))
 
     def feed(positional, opts):
         """The framework's tensors (the cast inputs and dout, whole batch) and the options, arrays in that
@@ -91,12 +105,29 @@ def assert_attention_close(
 
         return fed, {k: like(v) for k, v in opts.items()}
 
-    output, result = call(fn, name, contexts[0], feed)
+    output, result = call(fn, name, callings[0], feed)
     if result is not None:
         _raise(result)
-    for b, context in enumerate(contexts):
-        element = _element(output, b, name, count, len(context.shape)) if batched else output
-        _report(measure(name, element, context, rule), context, rule, f" (batch element {b})" if batched else "")
+    devices = environment.devices(output)
+    for b, calling in enumerate(callings):
+        element = _element(output, b, name, count, _rank(calling, backward)) if batched else output
+        context = _context(calling.spec, dtype, backward, element, lse_base, calling.args)
+        _report(
+            measure(name, element, context, rule, devices), context, rule, f"batch element {b}: " if batched else ""
+        )
+
+
+def _context(spec, dtype: str, backward: bool, output, lse_base, args) -> Context:
+    """The truth to measure ``output`` against: with its lse where it returned one."""
+    return Context(spec, dtype, backward=backward, lse=not backward and returns_lse(output), lse_base=lse_base,
+                   args=args, cache=_cache())  # fmt: skip
+
+
+def _rank(calling, backward: bool) -> int | None:
+    """The rank of one element's output (None backward: the gradients' ranks differ)."""
+    if backward:
+        return None
+    return 2 if calling.spec.form != "kernel" else 3
 
 
 def _element(output, b: int, name: str, count: int, rank: int):
@@ -113,11 +144,9 @@ def _element(output, b: int, name: str, count: int, rank: int):
     return array[b]
 
 
-def _check(fn, name, context, rule, feed) -> None:
-    output, result = call(fn, name, context, feed)
-    if result is not None:
-        _raise(result)
-    _report(measure(name, output, context, rule), context, rule, "")
+def _cache():
+    """The truth cache's folder from SYMATTN_CACHE, or None when it is unset or empty."""
+    return os.environ.get("SYMATTN_CACHE") or None
 
 
 def _raise(result) -> None:
@@ -126,22 +155,24 @@ def _raise(result) -> None:
     raise SymattnError(f"{result.name} on {result.spec}: " + "; ".join(result.reasons))
 
 
-def _report(result, context, rule: str, where: str) -> None:
+def _report(result, context, rule: str, element: str) -> None:
+    """AssertionError for a failed verdict: ``element`` ("batch element 3: ") first, then the worst entries,
+    each by its index in the returned array and in words (head, row, column)."""
     if result.passed:
         return
     message = (
-        f"{result.name} is not close to the exact attention{' gradients' if context.backward else ''} on "
-        f"{context.spec.display_name}{where} in "
+        f"{element}{result.name} is not close to the exact attention{' gradients' if context.backward else ''} on "
+        f"{context.spec.display_name} in "
         f"{context.dtype} (rule {rule}): " + "; ".join(result.reasons)
     )
     if result.entries:
         worst = result.entries[0]
         message += (
-            f". Worst entry {worst.where}: float {worst.value!r}, exact {worst.exact}, "
+            f". Worst entry {worst.named}: float {worst.value!r}, exact {worst.exact}, "
             f"error {worst.abs_error:.3g} ({worst.ulps:.3g} ulps), bound {worst.kappa_bound:.3g}"
         )
         others = [
-            f"{e.where}: float {e.value!r}, exact {e.exact[:20]}, error {e.abs_error:.3g}, bound {e.kappa_bound:.3g}"
+            f"{e.named}: float {e.value!r}, exact {e.exact[:20]}, error {e.abs_error:.3g}, bound {e.kappa_bound:.3g}"
             for e in result.entries[1:3]
             if e.abs_error > e.kappa_bound
         ]
@@ -203,16 +234,22 @@ class _Framework:
         return t.copy() if self.kind == "numpy" else t
 
     def like(self, a: np.ndarray, sample):
-        """A NumPy option array (mask, bias, slopes, segment offsets) as the framework's: bools and integers
-        (offsets, as cu_seqlens) stay as they are, other numbers take the inputs' dtype."""
+        """A NumPy option array (mask, bias, slopes, segment offsets, dout, a dropout mask) as the framework's, on
+        the sample's device: bools and integers (offsets, as cu_seqlens) stay as they are, other numbers take the
+        inputs' dtype."""
         keep = a.dtype == bool or a.dtype.kind in "iu"
+        if a.dtype.name == "bfloat16":  # exactly, in float32: torch and JAX take no NumPy bfloat16
+            a = a.astype(np.float32)
         if self.kind == "torch":
             import torch
 
             t = torch.from_numpy(np.array(a))
-            return t if keep else t.to(torch.float32).to(sample.dtype)
+            return (t if keep else t.to(torch.float32).to(sample.dtype)).to(sample.device)
         if self.kind == "jax":
+            import jax
             import jax.numpy as jnp
 
-            return jnp.asarray(a) if keep else jnp.asarray(a.astype(np.float32)).astype(sample.dtype)
+            t = jnp.asarray(a) if keep else jnp.asarray(a.astype(np.float32)).astype(sample.dtype)
+            devices = getattr(sample, "devices", None)
+            return jax.device_put(t, next(iter(devices()))) if devices else t
         return a

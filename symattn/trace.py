@@ -73,8 +73,8 @@ class Trace:
 
     >>> import symattn
     >>> trace = symattn.build("notebook")
-    >>> trace.names[:6]
-    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1']
+    >>> trace.names[:7]
+    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'lse1', 'head1']
     >>> trace["M"][0, 0]
     (3 + 7*exp(3*sqrt(2)))/(1 + exp(3*sqrt(2)))
     >>> trace.definition("scores1")
@@ -290,7 +290,7 @@ class Trace:
         if kind == "entry":
             return to_sympy(value)
         inner = self._element(value, closed=True)
-        return sympy.tanh(inner) if kind == "tanh" else sympy.exp(inner)
+        return {"tanh": sympy.tanh, "log": sympy.log}.get(kind, sympy.exp)(inner)
 
 
 def _normaliser_order(z: sympy.Symbol) -> tuple:
@@ -405,8 +405,8 @@ def build(spec, grad: bool = False) -> Trace:
     """The exact trace of a spec (a built-in name, a path, a dict or an AttentionSpec); ``grad`` adds the
     backward steps.
 
-    >>> build("notebook").names[:6]
-    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1']
+    >>> build("notebook").names[:7]
+    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'lse1', 'head1']
     """
     from symattn.load import load_spec
 

@@ -23,12 +23,14 @@ NOTEBOOK_STEPS = [
     "V1",
     "scores1",
     "weights1",
+    "lse1",
     "head1",
     "Q2",
     "K2",
     "V2",
     "scores2",
     "weights2",
+    "lse2",
     "head2",
     "concat_heads",
     "M",
@@ -104,7 +106,9 @@ def reference(data: dict, dps: int = 120) -> dict:
                 for c in range(s.cols):
                     w[r, c] = e[r, c] / z
             h = w * v
+            lse = mpmath.matrix([[lse_row([s[r, c] for c in range(s.cols)])] for r in range(s.rows)])
             out.update({f"Q{i}": q, f"K{i}": k, f"V{i}": v, f"scores{i}": s, f"weights{i}": w, f"head{i}": h})
+            out[f"lse{i}"] = lse
             heads.append(h)
         n = x.rows
         concat = mpmath.matrix(n, sum(h.cols for h in heads))
@@ -117,6 +121,16 @@ def reference(data: dict, dps: int = 120) -> dict:
         out["concat_heads"] = concat
         out["M"] = concat * mat(data["wo"])
     return out
+
+
+def lse_row(row: list):
+    """log Σ exp of a row's scores (masked ones -inf), as top + log1p(Σ of the others' exp(s − top)): a value near 0
+    (one key's tiny score) keeps its digits; -inf for a row with no score."""
+    live = sorted((x for x in row if x != -mpmath.inf), reverse=True)
+    if not live:
+        return -mpmath.inf
+    top = live[0]
+    return top + mpmath.log1p(mpmath.fsum(mpmath.exp(x - top) for x in live[1:]))
 
 
 def rounded(value, digits: int, dps: int = 120) -> Decimal:

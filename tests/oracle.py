@@ -3,7 +3,8 @@
 The variant rules are written here from DESIGN.md's "Numeric semantics", not read from ``symattn.semantics``:
 masks, causal, windows, alignment, bias, ALiBi (standard and given slopes), softcap, GQA, cross-attention,
 projection biases, empty rows ("zero", "uniform", "nan"), in the projection form and the kernel form.  The
-softmax is the textbook one (no shift: mpmath's exponents do not overflow); masked scores are -inf.
+softmax is the textbook one (no shift: mpmath's exponents do not overflow); masked scores are -inf; ``lse{h}``
+is log Σ exp of a row's allowed scores (-inf for a row with none).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def allowed(data: dict, mask, L: int, S: int) -> list:
     return out
 
 
-def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None) -> tuple:
+def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None, mod=None) -> tuple:
     """scores, weights and output of query head h (mpmath matrices), from its q, k, v; with ``rows``, only
-    those query rows are computed (the others stay 0)."""
+    those query rows are computed (the others stay 0); ``mod(s, h, i, j)``: a score_mod written by hand,
+    applied after ALiBi."""
     L, S = q.rows, k.rows
     scale = entry(data["scale"], dps) if "scale" in data else 1 / mpmath.sqrt(q.cols)
     cap = entry(data["softcap"], dps) if "softcap" in data else None
@@ -112,7 +114,7 @@ def attention(q, k, v, data: dict, h: int, H: int, dps: int, rows=None) -> tuple
                 s += entry(bias[i][j], dps)
             if slope is not None:
                 s -= slope * abs(i + delta - j)
-            scores[i, j] = s
+            scores[i, j] = s if mod is None else mod(s, h, i, j)
     weights = softmax(scores, ok, fill, rows)
     out = mpmath.matrix(L, v.cols)
     for i in rows:
@@ -138,6 +140,17 @@ def softmax(scores, ok, fill, rows=None):
     return weights
 
 
+def logsumexp(scores, rows=None):
+    """log Σ exp over the allowed (finite) scores of each row, an L × 1 matrix: -inf for a row with none; with
+    ``rows``, those rows only (the others stay 0)."""
+    from tests.conftest import lse_row
+
+    out = mpmath.matrix(scores.rows, 1)
+    for i in range(scores.rows) if rows is None else sorted(set(rows)):
+        out[i, 0] = lse_row([scores[i, j] for j in range(scores.cols)])
+    return out
+
+
 def softmax_list(row: list) -> list:
     """The softmax of one row given as a list whose masked entries are None (all None: weights 0)."""
     live = [x for x in row if x is not None]
@@ -159,9 +172,10 @@ def _plus_row(m, vec, dps: int):
     return out
 
 
-def steps(data: dict, dps: int = 60, rows=None) -> dict:
+def steps(data: dict, dps: int = 60, rows=None, mod=None) -> dict:
     """Every forward step of the spec ``data`` (a dict as load_spec takes it) by name, as mpmath matrices at
-    ``dps`` digits; with ``rows``, the attention of those query rows only (the others' entries stay 0)."""
+    ``dps`` digits; with ``rows``, the attention of those query rows only (the others' entries stay 0); ``mod``:
+    a hand-written score_mod (see ``attention``)."""
     out = {}
     with mpmath.workdps(dps + 20):
         if "q" in data:  # the kernel form
@@ -169,8 +183,9 @@ def steps(data: dict, dps: int = 60, rows=None) -> dict:
             for h in range(H):
                 g = h * H_kv // H
                 q, k, v = (matrix(data[name][i], dps) for name, i in (("q", h), ("k", g), ("v", g)))
-                s, p, o = attention(q, k, v, data, h, H, dps, rows)
+                s, p, o = attention(q, k, v, data, h, H, dps, rows, mod)
                 out.update({f"scores{h + 1}": s, f"weights{h + 1}": p, f"head{h + 1}": o})
+                out[f"lse{h + 1}"] = logsumexp(s, rows)
             return out
         heads = data["heads"]
         kv = data.get("kv_heads", heads)
@@ -183,9 +198,10 @@ def steps(data: dict, dps: int = 60, rows=None) -> dict:
             q = _plus_row(x * matrix(heads[h]["wq"], dps), heads[h].get("bq"), dps)
             k = _plus_row(x_kv * matrix(kv[g]["wk"], dps), kv[g].get("bk"), dps)
             v = _plus_row(x_kv * matrix(kv[g]["wv"], dps), kv[g].get("bv"), dps)
-            s, p, o = attention(q, k, v, data, h, H, dps, rows)
+            s, p, o = attention(q, k, v, data, h, H, dps, rows, mod)
             out.update({f"Q{h + 1}": q, f"K{g + 1}": k, f"V{g + 1}": v})
             out.update({f"scores{h + 1}": s, f"weights{h + 1}": p, f"head{h + 1}": o})
+            out[f"lse{h + 1}"] = logsumexp(s, rows)
             outputs.append(o)
         L = x.rows
         concat = mpmath.matrix(L, sum(o.cols for o in outputs))

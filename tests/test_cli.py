@@ -31,7 +31,7 @@ def test_show_closed_str(capsys):
 def test_show_latex_every_step(capsys):
     assert main(["show", "notebook", "--format", "latex"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\\left[\\begin{matrix}") == 14
+    assert out.count("\\left[\\begin{matrix}") == 16
     assert "\\mathrm{concat\\_heads} = " in out and "Z_{1 0} = 1 + e^{3 \\sqrt{2}}" in out
 
 
@@ -93,14 +93,14 @@ def test_notebook_command_exit_codes(tmp_path, cli):
         (
             ["show", "missing.json"],
             "spec: expected a built-in name (causal, cross, document, dropout, four_tokens, gqa, notebook, overflow32, "
-            "overflow64, sinks, softcap, varlen) or a path to a .json, .toml or .npz file, received 'missing.json', "
-            "which is neither",
+            "overflow64, relbias, sinks, softcap, varlen) or a path to a .json, .toml or .npz file, received "
+            "'missing.json', which is neither",
         ),
         (["eval", "notebook", "--digits", "0"], "digits: expected an integer from 1 to 100000, received 0"),
         (
             ["eval", "notebook", "--step", "head9"],
-            "--step: expected one of Q1, K1, V1, scores1, weights1, head1, Q2, "
-            "K2, V2, scores2, weights2, head2, concat_heads, M, received 'head9'",
+            "--step: expected one of Q1, K1, V1, scores1, weights1, lse1, head1, Q2, "
+            "K2, V2, scores2, weights2, lse2, head2, concat_heads, M, received 'head9'",
         ),
         (
             ["notebook", "missing.txt"],
@@ -171,6 +171,8 @@ HELP_OPTIONS = {  # every option of every command, with the choices and default 
         "--json": "off",
         "--exact": "off",
         "--grad": "off",
+        "--save": None,
+        "--cache": None,
     },
     "generate": {
         "--output": None,
@@ -181,12 +183,17 @@ HELP_OPTIONS = {  # every option of every command, with the choices and default 
     },
     "verify": {
         "--impl": None,
-        "--dtype": ("float64", ("float64", "float32", "float16", "bfloat16")),
+        "--dtype": ("float64", ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")),
+        "--paged": None,
+        "--device": None,
         "--rule": ("kappa", ("kappa", "differential", "both")),
         "--json": "off",
         "--plot": None,
         "--digits": "auto",
         "--backward": "off",
+        "--cache": None,
+        "--truth": None,
+        "--lse-base": "e",
     },
     "notebook": {"--spec": None},
 }
@@ -213,7 +220,8 @@ def test_help_documents_spec_choices_and_defaults(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     names = (
-        "causal, cross, document, dropout, four_tokens, gqa, notebook, overflow32, overflow64, sinks, softcap, varlen"
+        "causal, cross, document, dropout, four_tokens, gqa, notebook, overflow32, overflow64, relbias, sinks, "
+        "softcap, varlen"
     )
     assert f"a built-in example ({names}) or a path to a .json, .toml or .npz spec file" in " ".join(out.split())
     entries = _help_entries(out)

@@ -310,7 +310,7 @@ def test_an_implementation_without_the_dropout_keywords_is_unsupported_with_the_
 
 
 def test_torch_sdpa_is_unsupported_with_dropout_before_torch_is_called():
-    from symattn.verifier.adapters import Unsupported, torch_sdpa, torch_sdpa_backward
+    from symattn.verifier.adapters.pytorch import Unsupported, torch_sdpa, torch_sdpa_backward
 
     for fn in (torch_sdpa, torch_sdpa_backward):
         with pytest.raises(Unsupported, match="samples its own dropout mask"):
@@ -356,7 +356,7 @@ def test_generated_forward_intermediates_and_backward_match_the_truth(weights, s
 def test_the_steps_in_trace_order_and_show():
     graph = symattn.graph.graph.build(symattn.load_spec(KERNEL))
     names = [s.name for s in graph.steps]
-    assert names[:4] == ["scores1", "weights1", "dropped1", "head1"]
+    assert names[:5] == ["scores1", "weights1", "lse1", "dropped1", "head1"]
     assert graph.step("dropped2").definition == "dropped2 = weights2 ∘ keep / (1 - p), p = 1/10"
     assert graph.step("head2").definition == "head2 = dropped2·v1"
     backward = [s.name for s in graph.backward_steps]

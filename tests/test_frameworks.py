@@ -108,8 +108,9 @@ def test_pytest_helper_on_torch_tensors():
         return F.scaled_dot_product_attention(q, k, v, is_causal=not causal, scale=scale)
 
     message = (
-        r"^flipped is not close to the exact attention on spec \(batch element 0\) in bfloat16 \(rule kappa\): "
-        r".*Worst entry head\d+\[\d+, \d+\]: float .*, exact .*, error .*, bound .*"
+        r"^batch element 0: flipped is not close to the exact attention on spec in bfloat16 \(rule kappa\): "
+        r".*Worst entry output\[\d+, \d+, \d+\] \(head \d+, row \d+, column \d+\): float .*, exact .*, error .*, "
+        r"bound .*"
     )
     with pytest.raises(AssertionError, match=message):
         assert_attention_close(flipped, q=q, k=k, v=v, causal=True, dtype="bfloat16")
@@ -342,6 +343,14 @@ ADAPTER_CASES = {
         _projection(mask=np.tril(np.ones((5, 5), bool)) & (np.arange(5)[:, None] != 1), empty_row="nan"),
         {"torch_sdpa": "empty_row", "torch_mha": "empty_row"},
     ),
+    "kernel score_mod": (
+        _kernel(score_mod="30*tanh(s/30)", causal=True),
+        {"torch_sdpa": "score_mod", "jax_dpa": "score_mod"},
+    ),
+    "projection score_mod": (
+        _projection(score_mod="s + rel[h][kv_idx]", constants={"rel": _r(2, 5).tolist()}),
+        {"torch_sdpa": "score_mod", "torch_mha": "score_mod"},
+    ),
 }
 
 
@@ -375,3 +384,80 @@ def test_jax_dpa_with_another_v_head_size_is_unsupported_through_the_cli(tmp_pat
     assert r["reasons"] == [
         "jax.nn.dot_product_attention needs V's head size equal to Q's and K's (the spec has E 3, E_v 2)"
     ]
+
+
+def test_the_environment_records_torch_and_the_device_its_output_was_on(tmp_path, monkeypatch):
+    q, k, v = random_qkv(seed=5)
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, "causal": True})
+    (r,) = verify(spec, ["torch_sdpa"], dtype="bfloat16", cache=tmp_path)
+    assert r.passed and r.devices == ["cpu"]
+    assert r.environment["torch"] == torch.__version__ and r.environment["devices"] == ["cpu"]
+    (again,) = verify(spec, ["torch_sdpa"], dtype="bfloat16", cache=tmp_path)  # torch's rounding: its own entry
+    assert again.to_json() == r.to_json() and len(list(tmp_path.iterdir())) == 2
+
+    def planted(q, k, v, *, scale, causal=False):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        out[2, 1, 3, 0] += 1  # batch element 2, head 1, row 3, column 0
+        return out
+
+    monkeypatch.setenv("SYMATTN_CACHE", str(tmp_path / "helper"))
+    batch = [torch.stack([t] * 3) for t in random_qkv(seed=6, H_kv=4)]
+    with pytest.raises(AssertionError, match=r"^batch element 2: planted is not close .* output\[1, 3, 0\] \(head 1, "):
+        assert_attention_close(planted, q=batch[0], k=batch[1], v=batch[2], causal=True)
+    assert len(list((tmp_path / "helper").iterdir())) == 2  # three equal elements: one truth and its measures
+
+
+@pytest.mark.parametrize("case", ["causal bottom_right", "mask", "sinks"])
+def test_the_truths_lse_is_torch_logsumexp_of_the_masked_scores(case):
+    """lse{i} against torch.logsumexp in float64 of the scores with their masked entries -inf (a row of none:
+    -inf), the sink's column appended where there is one."""
+    q, k, v = random_qkv(seed=3, H=2, H_kv=2, L=5, S=3)
+    scale = 0.5
+    allowed = torch.ones(5, 3, dtype=torch.bool)
+    options: dict = {"scale": scale}
+    if case == "causal bottom_right":  # S - L = -2: rows 0 and 1 see no key
+        allowed = torch.arange(3)[None, :] <= torch.arange(5)[:, None] - 2
+        options.update(causal=True, align="bottom_right")
+    elif case == "mask":
+        allowed = torch.tensor([[True, False, True], [False] * 3, [True] * 3, [False, True, False], [True] * 3])
+        options["mask"] = allowed.numpy()
+    sinks = torch.tensor([0.25, -1.5], dtype=torch.float64) if case == "sinks" else None
+    if sinks is not None:
+        options["sinks"] = sinks.numpy()
+    truth = symattn.evaluate({"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), **options}, digits=20)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks[:, None, None].expand(2, 5, 1)], dim=-1)
+    expected = torch.logsumexp(scores, dim=-1).numpy()
+    got = np.stack([truth[f"lse{h}"].to_numpy()[:, 0] for h in (1, 2)])
+    np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-14)
+    assert np.isneginf(got).any() == (case != "sinks")
+
+
+# score_mod: FlexAttention's own eager path (uncompiled, CPU, float64) against the truth, the mods written as
+# torch functions of the same rules.
+REL = [[0, 0.5, -1, 1, 0.25, -2, 0.375, 0, 1, 2, -0.5], [1, 1, -0.5, 0, 0, 0.25, 0.125, 0, 2, -1, 0.5]]
+FLEX_MODS = {
+    "30*tanh(s/30)": lambda s, b, h, i, j: 30 * torch.tanh(s / 30),
+    "s - 0.5*abs(q_idx - kv_idx)": lambda s, b, h, i, j: s - 0.5 * (i - j).abs(),
+    "s + rel[h][q_idx - kv_idx + 5]": lambda s, b, h, i, j: s + torch.tensor(REL, dtype=s.dtype)[h, i - j + 5],
+    "where(q_idx >= kv_idx, s, s - 100)": lambda s, b, h, i, j: torch.where(i >= j, s, s - 100),
+    "where(s > 0, s, 2*s)": lambda s, b, h, i, j: torch.where(s > 0, s, 2 * s),
+    "max(s, -1)": lambda s, b, h, i, j: torch.clamp(s, min=-1),
+    "exp(s/8) + s**2/10": lambda s, b, h, i, j: torch.exp(s / 8) + s**2 / 10,
+}
+
+
+@pytest.mark.parametrize("mod", list(FLEX_MODS))
+def test_flex_attention_float64_with_a_score_mod_agrees_with_the_truth(mod):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = random_qkv(seed=4, H=2, H_kv=2, L=6, S=6, E=4)
+    data = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "score_mod": mod}
+    if "rel" in mod:
+        data["constants"] = {"rel": REL}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the eager path warns that it is not compiled
+        out = flex.flex_attention(q[None], k[None], v[None], score_mod=FLEX_MODS[mod])[0]
+    np.testing.assert_allclose(out.numpy(), exact(symattn.load_spec(data)), rtol=1e-12, atol=1e-13)

@@ -23,7 +23,7 @@ def test_kernel_form_steps_and_shapes():
     spec = symattn.load_spec({"q": Q, "k": K, "v": V, "causal": True, "align": "bottom_right"})
     assert (spec.form, spec.h, spec.h_kv, spec.L, spec.S, spec.d_k, spec.d_v) == ("kernel", 4, 2, 5, 6, 3, 2)
     truth = symattn.evaluate(spec, digits=12)
-    assert truth.names == [f"{kind}{i}" for i in range(1, 5) for kind in ("scores", "weights", "head")]
+    assert truth.names == [f"{kind}{i}" for i in range(1, 5) for kind in ("scores", "weights", "lse", "head")]
     assert truth["scores1"].values[0][2:] == ("-inf",) * 4  # row 0 sees keys 0 and 1 (bottom-right: S - L = 1)
 
 

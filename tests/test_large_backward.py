@@ -69,6 +69,7 @@ CASES = {
     "empty rows zero": kernel(7, mask=EMPTY),
     "empty rows uniform": kernel(8, mask=EMPTY, empty_row="uniform"),
     "empty rows nan": kernel(9, mask=EMPTY, empty_row="nan"),
+    "score_mod": kernel(10, causal=True, score_mod="5*tanh(s/5) - 0.5*abs(q_idx - kv_idx)"),
     "projection, biases": projection(causal=True),
     "projection, cross-attention": projection(1, x_kv=floats(np.random.default_rng(8), 5, 3)),
 }

@@ -291,7 +291,7 @@ def test_an_implementation_without_the_keywords_is_unsupported():
 
 
 def test_the_adapters_dense_mask_is_the_specs():
-    from symattn.verifier.adapters import _mask_and_ramp
+    from symattn.verifier.adapters import mask_and_ramp as _mask_and_ramp
 
     spec = symattn.load_spec(data_of("per head"))
     ok, _ = _mask_and_ramp(7, 7, 4, None, False, None, "top_left", None, None, None, spec.mask_mod, None)

@@ -346,7 +346,7 @@ def test_the_builtin_example():
 def test_the_adapters_dense_mask_and_ramp_are_the_specs():
     """torch_sdpa and jax_dpa take segments as part of their boolean mask (the frameworks' runs are in
     test_frameworks.py, skipped without them); the mask and the ALiBi ramp they build are the spec's."""
-    from symattn.verifier.adapters import _mask_and_ramp
+    from symattn.verifier.adapters import mask_and_ramp as _mask_and_ramp
 
     spec = symattn.load_spec({**KERNEL, **VARIANTS["alibi causal"]})
     slopes = np.array([float(Fraction(s)) for s in SLOPES])

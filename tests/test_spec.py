@@ -8,7 +8,7 @@ from symattn.load import builtin_names
 
 KEYS = (
     "name, x, heads, wo, kv_heads, x_kv, bo, scale, mask, causal, window, align, bias, alibi, softcap, sinks, "
-    "dropout_p, dropout_mask, segments_q, segments_kv, mask_mod, constants, "
+    "dropout_p, dropout_mask, segments_q, segments_kv, mask_mod, score_mod, constants, "
     "empty_row, dout"
 )
 
@@ -82,7 +82,7 @@ def test_missing_file():
     with pytest.raises(
         SymattnError,
         match=r"^spec: expected a built-in name \(causal, cross, document, dropout, four_tokens, gqa, notebook, "
-        r"overflow32, overflow64, sinks, softcap, varlen\) or a path to a \.json, \.toml or \.npz file, "
+        r"overflow32, overflow64, relbias, sinks, softcap, varlen\) or a path to a \.json, \.toml or \.npz file, "
         r"received 'nope\.json', which is neither$",
     ):
         load_spec("nope.json")

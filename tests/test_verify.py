@@ -152,7 +152,8 @@ def test_pytest_helper():
     with pytest.raises(
         AssertionError,
         match=r"^heads_reversed is not close to the exact attention on random4 in "
-        r"float64 \(rule kappa\): M\[.*Worst entry M\[\d, \d\]: float .*, exact "
+        r"float64 \(rule kappa\): M\[\d, \d\] \(row \d, column \d\) = .*Worst entry M\[\d, \d\] \(row \d, column "
+        r"\d\): float .*, exact "
         r"-?\d.*, error .* ulps\), bound .*$",
     ):
         assert_attention_close(impls.heads_reversed, spec)
@@ -192,6 +193,9 @@ def test_cli_json(cli):
         "bits",
         "kappa_bound",
         "kappa",
+        "array",
+        "index",
+        "head",
     }
     assert not doc["results"][1]["passed"]
 
@@ -206,8 +210,8 @@ def test_cli_json(cli):
         ("tools.impls:nope", "--impl tools.impls:nope: tools.impls has no function 'nope'"),
         (
             "tools.impls",
-            "--impl: expected MODULE:FUNCTION such as mypkg.attn:forward, or one of torch_sdpa, torch_mha, jax_dpa, "
-            "received 'tools.impls'",
+            "--impl: expected MODULE:FUNCTION such as mypkg.attn:forward, or one of torch_sdpa, torch_mha, torch_flex, "
+            "torch_flex:eager, torch_varlen, jax_dpa, jax_dpa:xla, jax_dpa:cudnn, received 'tools.impls'",
         ),
         (
             "tools.impls:wrong_signature",
@@ -240,7 +244,9 @@ def test_a_wrong_shape_is_a_failure(cli):
 
 def test_bad_options():
     with pytest.raises(
-        SymattnError, match=r"^dtype: expected one of float64, float32, float16, bfloat16, received 'int8'$"
+        SymattnError,
+        match=r"^dtype: expected one of float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, "
+        r"received 'int8'$",
     ):
         verify("notebook", [impls.right], dtype="int8")
     with pytest.raises(SymattnError, match=r"^rule: expected one of kappa, differential, both, received 'x'$"):

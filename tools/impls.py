@@ -453,3 +453,37 @@ def flash_backward_tuple(q, k, v, dout, **options):
     """The same gradients as a tuple (dq, dk, dv)."""
     grads = flash_backward(q, k, v, dout, **options)
     return grads["dq"], grads["dk"], grads["dv"]
+
+
+def kernel_with_lse(q, k, v, *, scale, mask=None, causal=False, window=None, align="top_left", sinks=None, base="e"):
+    """FlashAttention's forward, returning ``(out, lse)``: the output and ``softmax_lse`` (H, L), the log of each
+    softmax row's denominator (the sink's logit one more term of it; -inf for a row with no key), computed in
+    float32 for half dtypes and returned in float32, as FlashAttention; ``base=2``: log2 of it, as FlashInfer."""
+    dtype = q.dtype
+    work = np.float32 if dtype.itemsize < 4 else dtype.type
+    q, k, v = (a.astype(work) for a in (q, k, v))
+    H, L, _ = q.shape
+    H_kv, S, _ = k.shape
+    outs, lses = [], []
+    for h in range(H):
+        g = h // (H // H_kv)
+        s = np.where(_kernel_mask(L, S, mask, causal, window, align, h), (q[h] @ k[g].T) * work(scale), -np.inf)
+        if sinks is not None:  # one more logit in every row, with no value
+            s = np.concatenate([s, np.full((L, 1), sinks[h], dtype=work)], axis=-1)
+        top = s.max(axis=-1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0).astype(work)
+        e = np.exp(s - top)
+        z = e.sum(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            lses.append((top + np.log(z))[:, 0])
+        outs.append((e[:, :S] / np.where(z == 0, 1, z)) @ v[g])
+    lse = np.stack(lses)
+    if base == 2:
+        lse = lse * work(1 / np.log(2))
+    return np.stack(outs).astype(dtype), lse
+
+
+def kernel_with_lse2(q, k, v, *, scale, mask=None, causal=False, window=None, align="top_left", sinks=None):
+    """``kernel_with_lse`` with its lse in base 2 (FlashInfer's default)."""
+    return kernel_with_lse(q, k, v, scale=scale, mask=mask, causal=causal, window=window, align=align, sinks=sinks,
+                           base=2)  # fmt: skip

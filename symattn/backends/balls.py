@@ -210,6 +210,35 @@ class BallXP(RationalXP):
             out[a.excluded] = self.engine.zero()
         return Balls(out)
 
+    def log(self, z):
+        """log of each entry (a row sum: an exact 1, a one-key row's, has the exact log 0)."""
+        return Balls(map_values(self.engine.log, self.balls(z).values))
+
+    def logsumexp(self, s, empty=None, kept=None, sink=None):
+        """shift + log1p(the row's terms exp(s − shift) but the shift's own, an exact 1): a row sum just above 1
+        (one key far above the others, log Σ ≈ 1e-400000) keeps its relative accuracy, which log of the sum
+        would lose to the 1's ulp at any working precision; a one-key row's is its score, exactly."""
+        if sink is not None:
+            s = self.hstack([s, sink])
+        top = self.shift(s)
+        terms = self.balls(self.exp(self.sub(s, top))).values
+        engine, zero = self.engine, self.engine.zero()
+        out = np.empty((terms.shape[0], 1), dtype=object)
+        rows = np.zeros(terms.shape[0], bool) if empty is None else np.broadcast_to(empty, out.shape)[:, 0]
+        for i, row in enumerate(terms.tolist()):
+            if rows[i]:  # no term: excluded below
+                out[i, 0] = zero
+                continue
+            rest, one = zero, False
+            for t in row:
+                if not one and engine.is_exact(t) and t == 1:
+                    one = True
+                else:
+                    rest = rest + t
+            out[i, 0] = engine.log1p(rest) if one else engine.log(rest)
+        lse = self.add(top, Balls(out))
+        return lse if kept is None else self.mask(lse, kept)
+
     def shift(self, a):
         if isinstance(a, RatMat):
             a = Lin.lift(a)
@@ -224,6 +253,20 @@ class BallXP(RationalXP):
             ok = a.excluded is None or not a.excluded[i, j]
             column[i, 0] = self.engine.point(a.values[i, j]) if ok else self.engine.zero()
         return Balls(column)
+
+    # Conditions: a ball decides where it excludes 0; a Lin's entries that no ball decides are decided exactly.
+    def _general_signs(self, x) -> np.ndarray:
+        sign = self.engine.sign
+        return np.vectorize(lambda v: 2 if (r := sign(v)) is None else r, otypes=[np.int8])(x.values)
+
+    def _lin_signs(self, a: Lin) -> np.ndarray:
+        signs = self._general_signs(Balls(self._lin_balls(a)))
+        for i, j in zip(*np.nonzero(signs == 2), strict=True):
+            signs[i, j] = exact_sign(a, int(i), int(j))
+        return signs
+
+    def _hull(self, a, b):
+        return self.engine.hull(a, b)
 
     def _general_rowsum(self, values):
         return Balls(np.array([[_sum(row)] for row in values], dtype=object).reshape(-1, 1))
@@ -294,6 +337,17 @@ class BallXP(RationalXP):
         values = x.values.copy()
         values[np.broadcast_to(rows, values.shape)] = fill
         return Balls(values, x.excluded)
+
+
+def exact_sign(a: Lin, i: int, j: int) -> int:
+    """The sign of a Lin's entry (i, j) from its exact form (2 where even that cannot decide)."""
+    from symattn.backends.exact import ExactXP, element_sign
+
+    entry = Lin({k: RatMat(m.num[i : i + 1, j : j + 1], m.den) for k, m in a.terms.items()},
+                RatMat(a.const.num[i : i + 1, j : j + 1], a.const.den), a.generators)  # fmt: skip
+    xp = ExactXP()
+    sign = element_sign(xp.alg, xp.elems(entry).values[0, 0])
+    return 2 if sign is None else sign
 
 
 def _sum(items):

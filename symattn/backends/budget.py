@@ -21,8 +21,8 @@ import math
 
 import numpy as np
 
-from symattn.backends.floats import exact_float, unit_roundoff
-from symattn.graph.xp import ArrayXP
+from symattn.backends.floats import FP8, exact_float, unit_roundoff
+from symattn.graph.xp import ArrayXP, true
 from symattn.semantics import NAN, row_shift
 
 LAMBDA = 4.0  # Higham–Mary's λ: a bound that fails with probability about 2·exp(-λ²/2) per dot product
@@ -70,7 +70,10 @@ class BudgetXP(ArrayXP):
     def const(self, c):
         if c.value.dtype == bool:
             return c.value
-        return Budget(c.value.astype(self.working), np.zeros(c.value.shape, dtype=self.working))
+        value = c.value.astype(self.working)
+        if c.value.dtype == object:  # a score_mod's rationals, rounded to the compute dtype
+            return Budget(value, self.u_c * np.abs(value))
+        return Budget(value, np.zeros(c.value.shape, dtype=self.working))
 
     def _dot(self, a, b, n):
         abs_a, abs_b = np.abs(a.value), np.abs(b.value)
@@ -123,6 +126,24 @@ class BudgetXP(ArrayXP):
             else:
                 error = value * np.expm1(np.minimum(a.error, 700)) + 2 * self.u_c * value
         return self._stored(value, np.where(np.isfinite(a.value), error, 0))
+
+    def log(self, z):
+        """δ log z = δz / z, plus log's own rounding."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = np.log(z.value)
+            error = z.error / np.abs(z.value) + self.u_c * np.abs(value)
+        return self._stored(value, np.where(np.isfinite(error), error, 0))
+
+    def positive(self, a, strict):
+        return a.value > 0 if strict else a.value >= 0
+
+    def select(self, condition, a, b):
+        """The branch the rounded values take, with its budget (abs, min and max are continuous: a right
+        implementation that takes the other branch near a tie is off by about the budget of the difference)."""
+        take = true(condition)
+        value = np.where(take, a.value, b.value)
+        error = np.where(take, a.error, b.error)
+        return Budget(value, error)
 
     def mask(self, a, allowed):
         return Budget(np.where(allowed, a.value, -np.inf), np.where(allowed, a.error, 0))
@@ -205,6 +226,11 @@ def _t(a: Budget) -> Budget:
 def budgets(graph, arrays: dict, dtype: str, names=None, working=np.float64) -> dict:
     """Every step's error budget (by name) for a right implementation in ``dtype`` at the given inputs,
     computed in ``working`` precision."""
-    xp = BudgetXP(dtype, arrays, working)
+    if dtype in FP8:  # FlashAttention-3's computation (``backends/fp8.py``)
+        from symattn.backends.fp8 import Fa3BudgetXP
+
+        xp = Fa3BudgetXP(dtype, arrays, working)
+    else:
+        xp = BudgetXP(dtype, arrays, working)
     values = graph.values(xp, [n.name for n in graph.nodes] if names is None else names)
     return {name: v.error for name, v in values.items()}

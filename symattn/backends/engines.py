@@ -71,6 +71,9 @@ class ArbEngine:
     def log(self, x):
         return x.log()
 
+    def log1p(self, x):
+        return x.log1p()
+
     def tanh(self, x):
         return x.tanh()
 
@@ -113,6 +116,18 @@ class ArbEngine:
         if out.size:
             out[:] = total.tolist()
         return out
+
+    def sign(self, x) -> int | None:
+        """The sign of a ball's value where the ball decides it (0 for an exact zero), else None."""
+        if x > 0:
+            return 1
+        if x < 0:
+            return -1
+        return 0 if self.is_exact_zero(x) else None
+
+    def hull(self, a, b):
+        """A ball containing both."""
+        return a.union(b)
 
     def is_exact_zero(self, x) -> bool:
         return x.is_zero() and x.is_exact()
@@ -204,6 +219,9 @@ class MpmathEngine:
     def log(self, x):
         return self.ctx.log(x)
 
+    def log1p(self, x):
+        return self.ctx.log1p(x)
+
     def tanh(self, x):
         # mpmath.iv has no tanh: tanh(x) = 1 - 2/(exp(2x) + 1), monotone, so the interval stays sharp; that form
         # would make a nan's unbounded interval [-1, 1], so a nan stays a nan here, as in Arb
@@ -251,6 +269,18 @@ class MpmathEngine:
                     total = total + g * self.rational(m.num[idx], m.den)
             out[idx] = total
         return out
+
+    def sign(self, x) -> int | None:
+        """The sign of an interval's value where the interval decides it (0 for an exact zero), else None."""
+        if x.a > 0:
+            return 1
+        if x.b < 0:
+            return -1
+        return 0 if self.is_exact_zero(x) else None
+
+    def hull(self, a, b):
+        """An interval containing both."""
+        return self.ctx.mpf([min(a.a, b.a), max(a.b, b.b)])
 
     def is_exact_zero(self, x) -> bool:
         return x.a == 0 and x.b == 0

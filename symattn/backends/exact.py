@@ -29,6 +29,7 @@ import numpy as np
 from symattn.backends.engines import precision
 from symattn.backends.rational import Lin, ObjectArray, RationalXP, Scalar, canonical, map_values
 from symattn.entries import Expr
+from symattn.errors import SymattnError
 from symattn.graph.xp import union
 from symattn.matrix import RatMat
 from symattn.semantics import NAN
@@ -46,7 +47,8 @@ NANF = {"nan": None}  # the element of an empty row under empty_row "nan"
 class Generator:
     """kind "e": e**(basis·x/den) with a rational exponent x (key: (basis, den), basis ("one",) or a scalar
     generator key; info: (the basis's exact value or None for 1, den));
-    "sqrt": √D (info D); "opaque": anything else (info: ("entry", Entry), ("tanh", Frac), ("exp", Frac))."""
+    "sqrt": √D (info D); "opaque": anything else (info: ("entry", Entry), ("tanh", Frac), ("exp", Frac),
+    ("log", Frac))."""
 
     __slots__ = ("kind", "key", "info")
 
@@ -188,19 +190,23 @@ class Algebra:
             return self._poly_ball(num, cache, entry_ball, bits) / self._poly_ball(den, cache, entry_ball, bits)
 
     def _poly_ball(self, poly: dict, cache: dict, entry_ball, bits: int):
+        """The sum of the monomials' balls, the exact ones first: their sum is exact (1 − 1 of an lse decision
+        cancels before a tiny term joins it, which adding it to 1 first would round away)."""
         import flint
 
-        total = flint.arb(0)
+        terms = []
         for m, c in poly.items():
             term = flint.arb(c.numerator) / c.denominator if isinstance(c, Fraction) else flint.arb(c)
-            exponent = flint.arb(0)
+            exponent, rational = flint.arb(0), Fraction(0)  # a rational exponent summed exactly: e^(a/3)·e^(−a/3) is 1
             for g, e in m:
                 gen = self.gens[g]
                 if gen.kind == "e":
                     basis, den = gen.info
-                    b = flint.arb(1) if basis is None else entry_ball(basis, bits)
                     e = Fraction(e)
-                    exponent = exponent + b * flint.arb(e.numerator) / (e.denominator * den)
+                    if basis is None:
+                        rational += e / den
+                    else:
+                        exponent = exponent + entry_ball(basis, bits) * flint.arb(e.numerator) / (e.denominator * den)
                 elif gen.kind == "sqrt":
                     term = term * flint.arb(gen.info).sqrt() ** int(e)
                 else:
@@ -209,10 +215,18 @@ class Algebra:
                         if kind == "entry":
                             cache[g] = entry_ball(value, bits)
                         else:
-                            inner = self.ball(value, bits)
-                            cache[g] = inner.tanh() if kind == "tanh" else inner.exp()
+                            if kind == "log":  # log1p of (value − 1), subtracted exactly: a row's sum is 1 + tiny
+                                cache[g] = self.ball(self.add(value, self.const(1), -1), bits).log1p()
+                            else:
+                                inner = self.ball(value, bits)
+                                cache[g] = inner.tanh() if kind == "tanh" else inner.exp()
                     term = term * cache[g] ** int(e)
-            total = total + term * exponent.exp()
+            if rational:
+                exponent = exponent + flint.arb(rational.numerator) / rational.denominator
+            terms.append(term * exponent.exp())
+        total = flint.arb(0)
+        for term in sorted(terms, key=lambda t: not t.is_exact()):
+            total = total + term
         return total
 
     # Decisions.
@@ -509,6 +523,20 @@ class ExactXP(RationalXP):
         g = self.alg.gen("opaque", ("exp", _key(e)), ("exp", e))
         return {(): {((g, 1),): Fraction(1)}}
 
+    def log(self, z):
+        """log 1 = 0 (a one-key row's sum); any other value's log an opaque generator of its own."""
+        one = self.alg.const(1)
+
+        def log(e):
+            if e is NANF:
+                return NANF
+            if e == one:
+                return {}
+            g = self.alg.gen("opaque", ("log", _key(e)), ("log", e))
+            return {(): {((g, 1),): Fraction(1)}}
+
+        return Elems(map_values(log, self.elems(z).values))
+
     def shift(self, a):
         if isinstance(a, RatMat):
             a = Lin.lift(a)
@@ -547,6 +575,23 @@ class ExactXP(RationalXP):
             values[idx] = fill
         return Elems(values, x.excluded)
 
+    # Conditions: decided exactly, or refused.
+    def _lin_signs(self, a: Lin) -> np.ndarray:
+        return self._general_signs(self.elems(a))
+
+    def _general_signs(self, x) -> np.ndarray:
+        def sign(e):
+            out = element_sign(self.alg, e)
+            if out is None:
+                raise SymattnError("score_mod: a condition on s that its exact form does not decide (symbols, or a "
+                                   "value too close to the boundary); give numbers")  # fmt: skip
+            return out
+
+        return np.vectorize(sign, otypes=[np.int8])(x.values)
+
+    def _hull(self, a, b):
+        raise ValueError("exact values are decided")
+
     # Reading values back.
     def entry(self, value, i: int, j: int):
         """Entry (i, j) of a value as a field element (None where it is excluded)."""
@@ -559,6 +604,26 @@ class ExactXP(RationalXP):
         if value.excluded is not None and value.excluded[i, j]:
             return None
         return value.values[i, j]
+
+
+def element_sign(alg: Algebra, e) -> int | None:
+    """The sign of an exact element: exactly for a constant, else from balls at rising precision (None when
+    even 4096 bits do not decide, or the element holds a symbol)."""
+    if e is NANF:
+        return None
+    value = alg.value(e)
+    if isinstance(value, Fraction):
+        return (value > 0) - (value < 0)
+    for bits in (128, 512, 4096):
+        try:
+            ball = alg.ball(e, bits)
+        except (ValueError, ZeroDivisionError, TooBig, TypeError, SymattnError):
+            return None
+        if ball > 0:
+            return 1
+        if ball < 0:
+            return -1
+    return None
 
 
 def _int(q: Fraction):

@@ -12,25 +12,34 @@ from __future__ import annotations
 import numpy as np
 
 from symattn.errors import SymattnError
-from symattn.graph.xp import ArrayXP
+from symattn.graph.xp import ArrayXP, true
 from symattn.semantics import NAN, row_shift
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
+# fp8 is for q, k, v only (FlashAttention-3): the computation is float32's and the output bfloat16
+# (``backends/fp8.py``); ml_dtypes rounds float64 to them directly, to nearest even, without saturating
+FP8 = ("float8_e4m3fn", "float8_e5m2")
 
 
 def dtype_of(name: str) -> np.dtype:
-    """The NumPy dtype for a dtype name (bfloat16 through ml_dtypes)."""
-    if name not in DTYPES:
-        raise SymattnError(f"dtype: expected one of {', '.join(DTYPES)}, received {name!r}")
-    if name == "bfloat16":
+    """The NumPy dtype for a dtype name (bfloat16 and fp8 through ml_dtypes)."""
+    if name not in DTYPES + FP8:
+        raise SymattnError(f"dtype: expected one of {', '.join(DTYPES + FP8)}, received {name!r}")
+    if name == "bfloat16" or name in FP8:
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, name))
     return np.dtype(name)
 
 
+def output_dtype(name: str) -> str:
+    """The dtype an implementation returns for inputs of dtype ``name``: itself, or bfloat16 for fp8."""
+    return "bfloat16" if name in FP8 else name
+
+
 def unit_roundoff(name: str) -> float:
-    return {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}[name]
+    return {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
+            "float8_e4m3fn": 2.0**-4, "float8_e5m2": 2.0**-3}[name]  # fmt: skip
 
 
 def exact_float(entry) -> float:
@@ -104,6 +113,16 @@ class FloatXP(ArrayXP):
     def exp(self, a):
         with np.errstate(under="ignore"):
             return self._out(np.exp(a))
+
+    def log(self, z):
+        with np.errstate(divide="ignore"):  # log 0 = -inf (a sink's row sum can underflow to 0 nowhere else)
+            return self._out(np.log(z))
+
+    def positive(self, a, strict):
+        return a > 0 if strict else a >= 0
+
+    def select(self, condition, a, b):
+        return np.where(true(condition), a, b).astype(self.compute, copy=False)
 
     def mask(self, a, allowed):
         return np.where(allowed, a, -np.inf).astype(self.compute, copy=False)

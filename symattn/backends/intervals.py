@@ -25,7 +25,7 @@ from symattn.backends.doublefloat import (
     tanh,
     up,
 )
-from symattn.graph.xp import ArrayXP, union
+from symattn.graph.xp import ArrayXP, true, union
 from symattn.semantics import NAN
 
 
@@ -45,7 +45,13 @@ class IntervalXP(ArrayXP):
     def const(self, c):
         if c.value.dtype == bool:
             return c.value
-        return Iv(c.value.astype(np.float64))  # ALiBi's integer distances: exact
+        if c.value.dtype == object:  # a score_mod's rationals: each enclosed
+            values = c.value.reshape(-1).tolist()
+            if not all(Fraction(float(v)) == v for v in values):
+                parts = [scalar(Fraction(v)) for v in values]
+                pick = lambda f: np.array([float(f(p)) for p in parts]).reshape(c.value.shape)  # noqa: E731
+                return Iv(pick(lambda v: v.hi), pick(lambda v: v.lo), pick(lambda v: v.rad))
+        return Iv(c.value.astype(np.float64))  # ALiBi's integer distances, dyadic rationals: exact
 
     # Products.
     def _product(self, a, b) -> Iv:
@@ -103,6 +109,20 @@ class IntervalXP(ArrayXP):
     def exp(self, a):
         return exp(_materialized(a))
 
+    def positive(self, a, strict):
+        """Never asked: a score_mod that compares values of s does not take the large path (``truth.large``)."""
+        raise NotImplementedError("intervals: a score_mod's decisions are the ball path's")
+
+    def select(self, condition, a, b):
+        take = true(condition)
+        a, b = _materialized(a), _materialized(b)
+        return Iv(
+            np.where(take, a.hi, b.hi),
+            np.where(take, a.low(), b.low()),
+            np.where(take, a.radius(), b.radius()),
+            union(a.excluded, b.excluded),
+        )
+
     def mask(self, a, allowed):
         """Excluded entries get hi −inf (their lo and rad mean nothing)."""
         a = _materialized(a)
@@ -127,6 +147,29 @@ class IntervalXP(ArrayXP):
         one key)."""
         s = _materialized(s) if sink is None else self.hstack([s, sink])
         return _Weights(exp(s, self.shift(s).hi), self, empty, fill)
+
+    def logsumexp(self, s, empty=None, kept=None, sink=None):
+        """shift + log(rowsum(exp(s − shift))) with the exponentials by the table, the shift folded into its
+        index as in ``softmax``; a row with one entry not excluded (and no sink) is that entry, exactly."""
+        s = _materialized(s) if sink is None else self.hstack([s, sink])
+        top = self.shift(s)
+        terms = exp(s, top.hi)
+        z = self.rowsum(terms)
+        if empty is not None:
+            z = self.fill_rows(z, empty, 1)
+        out = self.add(top, self.log(z))
+        if terms.one_key is not None:  # log Σ = that entry: no exp, no log
+            rows, keys = terms.one_key
+            out.hi[rows, 0], out.lo[rows, 0], out.rad[rows, 0] = (
+                s.hi[rows, keys],
+                s.low()[rows, keys],
+                s.radius()[rows, keys],
+            )
+        return out if kept is None else self.mask(out, kept)
+
+    def log(self, z):
+        """log of each entry, in Arb from its enclosure's ends (only a softmax's row sums: H·L of them)."""
+        return log(_materialized(z))
 
     def weighted_sum(self, p, v):
         """Weights from ``softmax`` times V: one split product of their exponentials with [V 1]."""
@@ -189,6 +232,35 @@ class IntervalXP(ArrayXP):
 
     def unbroadcast(self, g, like):
         return g
+
+
+def log(z: Iv) -> Iv:
+    """log of positive enclosures entry by entry, in Arb at 128 bits from the exact double-float ends; an
+    entry whose enclosure reaches 0 (or is not finite) gets an infinite radius, for Arb to settle."""
+    import flint
+
+    from symattn.backends.engines import precision
+
+    hi, lo, rad = z.hi, z.low(), z.radius()
+    out_hi, out_lo, out_rad = np.zeros(hi.shape), np.zeros(hi.shape), np.full(hi.shape, np.inf)
+    arb = flint.arb
+    with precision(128):
+        for index in np.ndindex(hi.shape):
+            h, low, r = float(hi[index]), float(lo[index]), float(rad[index])
+            if not (math.isfinite(h) and math.isfinite(low) and math.isfinite(r)):
+                continue
+            ball = arb(h) + arb(low) + arb(0, r) if r else arb(h) + arb(low)
+            if not ball > 0:
+                continue
+            value = ball.log()
+            mid = value.mid()
+            first = float(mid)
+            rest = mid - arb(first)
+            second = float(rest)
+            err = abs(rest - arb(second))  # the low part's own rounding, which the radius covers too
+            out_hi[index], out_lo[index] = first, second
+            out_rad[index] = (float(value.rad()) + float(err.upper())) * 2 + 2 * ETA
+    return Iv(out_hi, out_lo, out_rad)
 
 
 def _slice(a, start, stop):

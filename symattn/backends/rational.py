@@ -14,13 +14,14 @@ rational vector over {1, g_1, g_2, ...}.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
 from symattn.entries import Entry, Expr, to_text
-from symattn.graph.xp import ArrayXP, union
+from symattn.graph.xp import ArrayXP, decided, union
 from symattn.matrix import RatMat
 
 SMALL_PRIMES = [p for p in range(2, 1000) if all(p % d for d in range(2, int(p**0.5) + 1))]
@@ -252,9 +253,12 @@ class RationalXP(ArrayXP):
         return canonical(p.value)
 
     def const(self, c):
-        """Masks stay bool arrays; numeric constants (ALiBi's distances) are exact integer matrices."""
+        """Masks stay bool arrays; numeric constants (ALiBi's distances, a score_mod's numbers) are exact
+        rational matrices."""
         if c.value.dtype == bool:
             return c.value
+        if c.value.dtype == object:
+            return RatMat.from_entries([[Fraction(x) for x in row] for row in c.value.tolist()])
         return RatMat(np.array(c.value.tolist(), dtype=object), 1)
 
     # Products.
@@ -286,7 +290,47 @@ class RationalXP(ArrayXP):
     def mul(self, a, b):
         if isinstance(a, RatMat) and isinstance(b, RatMat):
             return a.mul(b)
+        if isinstance(a, RatMat) and isinstance(b, Lin):
+            a, b = b, a
+        if isinstance(a, Lin) and isinstance(b, RatMat):  # scores times a score_mod's numbers: still a Lin
+            terms = {k: m.mul(b) for k, m in a.terms.items()}
+            return Lin(terms, a.const.mul(b), a.generators, a.excluded)
         return self._general_mul(self.array(a), self.array(b))
+
+    # Conditions.
+    def positive(self, a, strict):
+        """Exact for rational and Lin values (``_lin_signs``); the backend's ``_general_signs`` otherwise."""
+        if isinstance(a, RatMat):
+            signs = np.sign(np.array(a.num, dtype=object)).astype(np.int8)
+        elif isinstance(a, Lin) and not a.terms:
+            signs = np.sign(np.array(a.const.num, dtype=object)).astype(np.int8)
+        elif isinstance(a, Lin):
+            signs = self._lin_signs(a)
+        else:
+            signs = self._general_signs(self.array(a))
+        return _kleene(signs, strict)
+
+    def _lin_signs(self, a: Lin) -> np.ndarray:
+        raise NotImplementedError
+
+    def _general_signs(self, x) -> np.ndarray:
+        raise NotImplementedError
+
+    def select(self, condition, a, b):
+        c = decided(condition)
+        if isinstance(a, RatMat) and isinstance(b, RatMat) and not (c == 1).any():
+            den = a.den * b.den // math.gcd(a.den, b.den)
+            num = np.where(c == 2, a.num * (den // a.den), b.num * (den // b.den))
+            return RatMat(np.array(num, dtype=object), den)
+        x, y = self.array(a), self.array(b)
+        xv, yv, c = np.broadcast_arrays(x.values, y.values, c)
+        values = np.where(c == 2, xv, yv)
+        for idx in zip(*np.nonzero(c == 1), strict=True):
+            values[idx] = self._hull(xv[idx], yv[idx])
+        return self.Array(values, union(x.excluded, y.excluded))
+
+    def _hull(self, a, b):
+        raise NotImplementedError
 
     def one_minus(self, a):
         if isinstance(a, RatMat):
@@ -336,6 +380,12 @@ class RationalXP(ArrayXP):
 
     def unbroadcast(self, g, like):
         return g
+
+
+def _kleene(signs: np.ndarray, strict: bool) -> np.ndarray:
+    """Signs (1, 0, −1, or 2 for undecided) as the Kleene values of ``> 0`` or ``>= 0``."""
+    out = np.where(signs == 1, 2, np.where(signs == -1, 0, np.where(signs == 0, 0 if strict else 2, 1)))
+    return out.astype(np.int8)
 
 
 def map_values(fn, values: np.ndarray) -> np.ndarray:

@@ -132,6 +132,22 @@ class EmitXP(_Emitting):
     def exp(self, a):
         return self._emit(a.shape, "numpy.exp({0})", (a,), "numpy.exp({0}, out={0})")
 
+    def log(self, z):
+        return self._emit(z.shape, "numpy.log({0})", (z,), "numpy.log({0}, out={0})")
+
+    def positive(self, a, strict):
+        return self._emit(a.shape, "({0} > 0)" if strict else "({0} >= 0)", (a,))
+
+    def logical(self, op, *conditions):
+        if op == "not":
+            return self._emit(conditions[0].shape, "~{0}", conditions)
+        shape = tuple(max(x, y) for x, y in zip(conditions[0].shape, conditions[1].shape, strict=True))
+        return self._emit(shape, "({0} & {1})" if op == "and" else "({0} | {1})", conditions)
+
+    def select(self, condition, a, b):
+        shape = tuple(max(x, y, z) for x, y, z in zip(condition.shape, a.shape, b.shape, strict=True))
+        return self._emit(shape, "numpy.where({0}, {1}, {2})", (condition, a, b))
+
     def mask(self, a, allowed):
         return self._emit(a.shape, "numpy.where({1}, {0}, -numpy.inf)", (a, allowed), masked=True)
 
@@ -384,6 +400,55 @@ class ScalarEmitXP(_Emitting):
             else:
                 forms[idx] = named.call("exp", named.sympy.expand(forms[idx]))
         return SMat(forms)
+
+    def log(self, z):
+        named = self.named
+        return SMat(self._map(lambda p: named.call("log", named.atomic(p)), z).forms)
+
+    # Conditions: object arrays of Python bools (decided here: constants) and SymPy symbols (named calls).
+    def _conditions(self, c):
+        return (
+            c if isinstance(c, self.np.ndarray) and c.dtype == object else self.np.asarray(c, dtype=bool).astype(object)
+        )
+
+    def positive(self, a, strict):
+        named, np = self.named, self.np
+        out = np.empty(a.shape, dtype=object)
+        for idx in np.ndindex(out.shape):
+            p = a.forms[idx]
+            if not isinstance(p, named.sympy.Basic) or p.is_number:
+                out[idx] = bool(p > 0) if strict else bool(p >= 0)
+            else:
+                out[idx] = named.call("greater" if strict else "greater_equal", named.atomic(p), 0)
+        return out
+
+    def logical(self, op, *conditions):
+        named, np = self.named, self.np
+        arrays = np.broadcast_arrays(*(self._conditions(c) for c in conditions))
+        out = np.empty(arrays[0].shape, dtype=object)
+        for idx in np.ndindex(out.shape):
+            xs = [a[idx] for a in arrays]
+            if op == "not":
+                out[idx] = (not xs[0]) if isinstance(xs[0], bool) else named.call("logical_not", xs[0])
+            elif all(isinstance(x, bool) for x in xs):
+                out[idx] = (xs[0] and xs[1]) if op == "and" else (xs[0] or xs[1])
+            elif any(isinstance(x, bool) for x in xs):
+                fixed, other = (xs[0], xs[1]) if isinstance(xs[0], bool) else (xs[1], xs[0])
+                out[idx] = other if fixed == (op == "and") else fixed
+            else:
+                out[idx] = named.call("logical_and" if op == "and" else "logical_or", *xs)
+        return out
+
+    def select(self, condition, a, b):
+        named, np = self.named, self.np
+        c, x, y = np.broadcast_arrays(self._conditions(condition), a.forms, b.forms)
+        out = np.empty(c.shape, dtype=object)
+        for idx in np.ndindex(out.shape):
+            if isinstance(c[idx], bool):
+                out[idx] = x[idx] if c[idx] else y[idx]
+            else:
+                out[idx] = named.call("where", c[idx], named.atomic(x[idx]), named.atomic(y[idx]))
+        return SMat(out, union(a.excluded, b.excluded))
 
     def mask(self, a, allowed):
         excluded = ~self.np.asarray(allowed, dtype=bool)

@@ -7,6 +7,7 @@ from symattn.codegen.unrolled import Unrolled
 from symattn.codegen.vectorized import Vectorized
 from symattn.errors import SymattnError
 from symattn.load import load_spec
+from symattn.spec import DESCALES
 
 WEIGHTS = ("folded", "inputs")
 STRATEGIES = ("auto", "unrolled", "vectorized")
@@ -28,6 +29,12 @@ def generate(spec, weights: str = "folded", strategy: str = "auto", grad: bool =
     if spec.symbols:
         raise SymattnError(
             f"spec {spec.display_name}: code generation needs numbers, received the symbols {', '.join(spec.symbols)}"
+        )
+    descaled = [key for key in DESCALES if getattr(spec, key) is not None]
+    if descaled:  # a generated module's q, k, v are the attention's inputs: nothing would apply the descales
+        raise SymattnError(
+            f"{descaled[0]}: expected a spec without fp8 descales to generate code from (the module's q, k, v are "
+            "the inputs as they are), received one; fold the descales into q, k, v"
         )
     runtime = weights == "inputs" and _runtime_options(spec)
     if strategy == "auto":

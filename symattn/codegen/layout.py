@@ -74,6 +74,9 @@ class Layout:
                 out["mask_mod"] = repr(spec.mask_mod)
                 out["constants"] = "None"
             out["empty_row"] = repr(spec.empty_row)
+        if spec.score_mod is not None:  # folded too: its arrays are module constants
+            out["score_mod"] = repr(spec.score_mod)
+            out["constants"] = "None"
         if spec.bias is not None:
             out["bias"] = "_BIAS"
         if spec.alibi is not None:
@@ -165,6 +168,8 @@ class Layout:
                 lines += _mask_mod_lines()
             lines.append("empty = ~allowed.any(axis=-1, keepdims=True)")
         lines += self._unsupported()
+        if "score_mod" in options:
+            lines += _score_mod_lines(constants="mask_mod" not in options)
         if "alibi_slopes" in options:
             lines.append(
                 f"distance = {call('_alibi_distance')}({spec.L}, {spec.S}, delta{segments}).astype({self.compute})"
@@ -346,6 +351,8 @@ def _variant_text(spec) -> list:
         out.append(f"segments {list(spec.segments_q)}, {list(spec.segments_kv)}")
     if spec.mask_mod is not None:
         out.append(f"mask_mod {spec.mask_mod}")
+    if spec.score_mod is not None:
+        out.append(f"score_mod {spec.score_mod}")
     if spec.x_kv is not None:
         out.append("cross-attention")
     if spec.empty_row != "zero":
@@ -353,22 +360,41 @@ def _variant_text(spec) -> list:
     return out
 
 
+_REGENERATE = "; generate the module from a spec with these options"
+_DIFFER = (
+    "constants is not None and (sorted(constants) != sorted(_CONSTANTS) or any(not numpy.array_equal("
+    "numpy.asarray(constants[k]).astype(numpy.float64), numpy.asarray(_CONSTANTS[k]).astype("
+    "numpy.asarray(constants[k]).dtype).astype(numpy.float64)) for k in _CONSTANTS))"
+)
+
+
 def _mask_mod_lines() -> list:
     """A module cannot evaluate a mask_mod string at call time: it folds the spec's (``_MASK_MOD``) and refuses a
     call whose mask_mod or constants differ from the spec's."""
-    regenerate = "; generate the module from a spec with these options"
-    differ = (
-        "constants is not None and (sorted(constants) != sorted(_CONSTANTS) or any(not numpy.array_equal("
-        "numpy.asarray(constants[k]).astype(numpy.float64), numpy.asarray(_CONSTANTS[k]).astype("
-        "numpy.asarray(constants[k]).dtype).astype(numpy.float64)) for k in _CONSTANTS))"
-    )
+    regenerate = _REGENERATE
     return [
         "if mask_mod != _MASK_MOD_TEXT:",
         f"    raise ValueError({'mask_mod: this module folds the spec mask_mod, not the one given' + regenerate!r})",
-        f"if {differ}:",
+        f"if {_DIFFER}:",
         f"    raise ValueError({'constants: this module folds the spec constants of its mask_mod' + regenerate!r})",
         "allowed = allowed & _MASK_MOD",
     ]
+
+
+def _score_mod_lines(constants: bool) -> list:
+    """The same for a score_mod: its folded arrays are module constants; a call must keep the spec's."""
+    regenerate = _REGENERATE
+    lines = [
+        "if score_mod != _SCORE_MOD_TEXT:",
+        f"    raise ValueError({'score_mod: this module folds the spec score_mod, not the one given' + regenerate!r})",
+    ]
+    if constants:
+        lines += [
+            f"if {_DIFFER}:",
+            f"    raise ValueError({'constants: this module folds the spec constants of its score_mod' + regenerate!r}"
+            ")",
+        ]
+    return lines
 
 
 def _option_constants(layout: Layout) -> list:
@@ -379,6 +405,9 @@ def _option_constants(layout: Layout) -> list:
     if "mask_mod" in options:
         out.append(f"_MASK_MOD_TEXT = {spec.mask_mod!r}")
         out.append(f"_MASK_MOD = {array_text(np.stack([spec.mask_mod_allowed(h) for h in range(spec.h)]))}")
+    if "score_mod" in options:
+        out.append(f"_SCORE_MOD_TEXT = {spec.score_mod!r}")
+    if "constants" in options:
         table = {k: np.array([float(x) for x in a.reshape(-1).tolist()]).reshape(a.shape) for k, a in
                  (spec.constants or {}).items()}  # fmt: skip
         out.append("_CONSTANTS = {" + ", ".join(f"{k!r}: {array_text(a)}" for k, a in table.items()) + "}")

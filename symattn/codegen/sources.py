@@ -24,7 +24,7 @@ ROW_VECTORS = ("bq", "bk", "bv", "bo", "sinks")  # rows (heads, n) or (n,), read
 class Role:
     """What a leaf, parameter or constant of the graph is: ``kind``, the argument it is read from (x, x_kv, q,
     k, v, wq, bq, wk, bk, wv, bv, wo, bo, bias, sinks; scale, softcap, inverse_softcap, slope, dropout_scale;
-    allowed, empty, distance, sink, unsink, keep), and ``index``, the 0-based head (kv head for k, v, wk, bk, wv,
+    allowed, empty, kept, distance, sink, unsink, keep), and ``index``, the 0-based head (kv head for k, v, wk, bk, wv,
     bv) of its slice of that argument, or None when it is not one head's."""
 
     kind: str
@@ -85,6 +85,11 @@ def roles(graph) -> Roles:
                 consts.setdefault(op.allowed.name, (op.allowed, Role("allowed", head)))
             if op.distance is not None:
                 consts.setdefault(op.distance.name, (op.distance, Role("distance")))
+            if op.mod is not None:  # the score_mod's folded numbers: the spec's, in both modes
+                for c in op.mod.consts:
+                    consts.setdefault(c.name, (c, Role("score_mod", head)))
+                for p in op.mod.params:
+                    params.setdefault(p.name, (p, Role("score_mod")))
         elif step.kind == "weights":  # Softmax: its empty rows, or its sink (the sinks leaf, a column of it)
             if node.op.empty is not None:
                 consts.setdefault(node.op.empty.name, (node.op.empty, Role("empty", head)))
@@ -93,6 +98,11 @@ def roles(graph) -> Roles:
             for c in (node.op.sink, node.op.unsink):
                 if c is not None:
                     consts.setdefault(c.name, (c, Role(c.kind, head)))
+        elif step.kind == "lse":  # LogSumExp: the Softmax's empty rows (and those kept), or its sink
+            for c in node.op.consts:
+                consts.setdefault(c.name, (c, Role(c.kind, head)))
+            for name in node.inputs[1:]:
+                leaf(name, "sinks")
         elif step.kind == "dropped":  # Dropout: its keep-mask (0/1) and the rescale 1/(1 − p)
             op = node.op
             params.setdefault(op.rescale.name, (op.rescale, Role("dropout_scale")))
@@ -147,9 +157,9 @@ class Sources:
         return "dout" if not self.layout.kernel else f"dout[..., {k}, :, :]"
 
     def param(self, p) -> str:
-        if not self.layout.inputs:
-            return repr(exact_float(p.value))
         role = self.roles.params[p.name][1]
+        if not self.layout.inputs or role.kind == "score_mod":
+            return repr(exact_float(p.value))
         if role.kind in ("scale", "softcap"):
             return role.kind
         if role.kind == "inverse_softcap":
@@ -165,8 +175,12 @@ class Sources:
         role = self.roles.consts[c.name][1]
         if layout.inputs and role.kind in ("allowed", "empty", "keep"):
             return f"{role.kind}[{role.index}]"
+        if layout.inputs and role.kind == "kept":  # the rows with an allowed key: those that are not empty
+            return f"~empty[{role.index}]"
         if role.kind == "keep":  # bools: a product with them keeps the computation's dtype
             return self.constant("_" + c.name.upper(), array_text(np.asarray(c.value, dtype=bool)))
+        if role.kind == "score_mod" and c.value.dtype != bool:
+            return f"{self.constant('_' + c.name.upper(), array_text(np.asarray(c.value)))}.astype({layout.compute})"
         if role.kind == "distance":
             if layout.inputs:
                 return "distance"

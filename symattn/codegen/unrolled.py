@@ -9,6 +9,8 @@ temporaries stay in cache.  Small shapes run fastest so.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 
 from symattn.codegen.emit import Named, ScalarEmitXP, SMat
@@ -17,7 +19,12 @@ from symattn.codegen.sources import DATA, ROW_VECTORS
 from symattn.errors import SymattnError
 
 _PREFIXES = {"Q": "q", "K": "k", "V": "v", "scores": "s", "weights": "w", "head": "head", "M": "out"}  # by kind
-_STEMS = {"exp": "e", "maximum": "top", "tanh": "th"}  # names of the other values, by the function computing them
+_STEMS = {
+    "exp": "e",
+    "log": "lg",
+    "maximum": "top",
+    "tanh": "th",
+}  # other values' names, by the function computing them
 
 
 class Unrolled:
@@ -48,6 +55,11 @@ class Unrolled:
                 consts[name] = c.value
             elif role.kind == "distance":
                 consts[name] = SMat(c.value.astype(object))
+            elif role.kind == "score_mod":  # exact rationals: the printer writes them as float literals
+                from symattn.entries import to_sympy
+
+                exact = np.vectorize(lambda x: to_sympy(Fraction(x)), otypes=[object])
+                consts[name] = SMat(exact(c.value.astype(object)))
             else:  # a sink's column selector: SymPy integers, which products read as numbers
                 consts[name] = SMat(np.vectorize(named.sympy.Integer, otypes=[object])(c.value))
         xp = ScalarEmitXP(named, leaves, {name: self._param(p) for name, (p, _) in layout.roles.params.items()}, consts)

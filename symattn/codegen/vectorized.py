@@ -36,7 +36,11 @@ class Vectorized:
             },
         )
         backward = kind == "backward" or (kind == "intermediates" and layout.grad)
-        values = graph.forward(xp, keep=[n.name for n in graph.nodes] if backward else None)
+        if kind == "forward":  # the outputs' nodes alone (no line of a step nothing reads, such as lse)
+            need = graph.needed(graph.outputs)
+            values = graph.forward(xp, [n.name for n in graph.nodes if n.name in need])
+        else:
+            values = graph.forward(xp, keep=[n.name for n in graph.nodes] if backward else None)
         grads = {}
         if backward:
             douts = {}

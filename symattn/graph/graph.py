@@ -20,9 +20,22 @@ from fractions import Fraction
 
 import numpy as np
 
-from symattn.entries import div, to_text
-from symattn.graph.ops import ALL, Concat, Const, Dropout, Linear, Param, Scores, Softmax, WeightedSum
+from symattn.entries import div, mul, to_text
+from symattn.graph.ops import (
+    ALL,
+    Concat,
+    Const,
+    Dropout,
+    Linear,
+    LogSumExp,
+    Param,
+    ScoreMod,
+    Scores,
+    Softmax,
+    WeightedSum,  # fmt: skip
+)
 from symattn.graph.steps import Step
+from symattn.matrix import Matrix
 from symattn.semantics import alibi_distance, empty_fill, empty_rows
 
 
@@ -73,8 +86,10 @@ class Graph:
     """The nodes of one spec's computation in evaluation order, its leaves (the exact inputs) and its steps.
 
     >>> g = build(__import__("symattn").load_spec("notebook"))
-    >>> [s.name for s in g.steps][:6], g.nodes[3]
-    (['Q1', 'K1', 'V1', 'scores1', 'weights1', 'head1'], Node(name='scores1', op=Scores(...), inputs=('Q1', 'K1')))
+    >>> [s.name for s in g.steps][:7]
+    ['Q1', 'K1', 'V1', 'scores1', 'weights1', 'lse1', 'head1']
+    >>> g.nodes[3]
+    Node(name='scores1', op=Scores(...), inputs=('Q1', 'K1'))
     """
 
     def __init__(self, spec, nodes, leaves, steps, outputs, rows, kinds=None):
@@ -116,6 +131,8 @@ class Graph:
         keep = set(wanted) | set(keep or ())
         last_use = {}
         for k, node in enumerate(self.nodes):
+            if node.name not in need:  # a node not computed (an lse not asked) keeps nothing alive
+                continue
             for name in node.inputs:
                 last_use[name] = k
         values, leaves = {}, {}
@@ -240,6 +257,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
     columns = (lambda a: a) if keys is None else (lambda a: a[:, list(keys)])
     select_keys = (lambda m: m) if keys is None else (lambda m: m.select_rows(keys))
     leaves, kinds, nodes, steps = {}, {}, [], []
+    lse_nodes = []  # evaluated last (nothing reads them: the outputs' computation is as without them)
 
     def leaf(kind, index, matrix) -> str:
         name = Leaf(kind, index).name
@@ -257,7 +275,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
     if spec.alibi_slopes is not None:
         d = alibi_distance(spec.L, spec.S, spec.delta, spec.segments_q, spec.segments_kv)
         distance = Const("distance", columns(d if rows is None else d[list(rows)]))
-    masks, empties = {}, {}
+    masks, empties, kepts = {}, {}, {}
     for i in range(H):
         a = spec.allowed(i)
         if rows is not None:
@@ -272,6 +290,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             masks[key] = Const("allowed", a, head)
             empty = empty_rows(a)  # with a sink no row is empty: its weights are 0
             empties[key] = Const("empty", empty, head) if empty.any() and spec.sinks is None else None
+            kepts[key] = None if empties[key] is None else Const("kept", ~empty, head)
     fill = empty_fill(spec.empty_row, spec.S)
     masking = _mask_text(spec)
     rescale = None
@@ -280,10 +299,11 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
     kernel = spec.form == "kernel"
     if kernel:
         d_k = spec.d_k
-        for i, m in enumerate(spec.q, 1):
-            leaf("q", i, select(m))
+        for i, m in enumerate(spec.q, 1):  # the inputs are value × descale (fp8: FlashAttention-3's descales)
+            leaf("q", i, _descaled(select(m), spec.descale("q_descale", spec.group(i - 1))))
         for g, (k, v) in enumerate(zip(spec.k, spec.v, strict=True), 1):
-            leaf("k", g, select_keys(k)), leaf("v", g, select_values(select_keys(v)))
+            leaf("k", g, _descaled(select_keys(k), spec.descale("k_descale", g - 1)))
+            leaf("v", g, _descaled(select_values(select_keys(v)), spec.descale("v_descale", g - 1)))
     else:
         d_k = spec.d_k
         x_q = leaf("x" if rows is None else "x_rows", None, select(spec.x))
@@ -326,6 +346,7 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             None if distance is None else Param("slope", spec.alibi_slopes[i - 1], i),
             distance,
             allowed,
+            None if spec.score_mod is None else _score_mod(spec, i - 1, rows, columns),
         )
         inputs = (q_name, k_name)
         if spec.bias is not None:  # one leaf for a bias every head shares: its gradient sums over the heads
@@ -339,17 +360,26 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             text += f" + bias{i}"  # the bias as head i sees it (a shared one is the same matrix for every head)
         if distance is not None:
             text += f" - alibi{i}"
+        if spec.score_mod is not None:
+            text = f"score_mod({text})"
         details = [f"scale = {scale_text}"]
         if softcap is not None:
             details.append(f"softcap = {to_text(spec.softcap)}")
         if distance is not None:
             details.append(f"alibi{i} = {to_text(spec.alibi_slopes[i - 1])}·|i{_offset(spec)} - j|{_within(spec)}")
+        details += _descale_texts(spec, i, ("q_descale", "k_descale"))
+        if spec.score_mod is not None:
+            details.append(f"score_mod = {spec.score_mod}")
         excluded = None if allowed is None else ~allowed.value
         steps.append(Step("scores", i, (L, S), f"scores{i} = {text}, {', '.join(details)}", excluded=excluded))
         empty = empties.get(id(spec.allowed(i - 1)))
         if spec.sinks is None:
             nodes.append(Node(f"weights{i}", Softmax(empty, fill, keys=S), (f"scores{i}",)))
             steps.append(Step("weights", i, (L, S), f"weights{i} = softmax(scores{i}{masking}) by rows"))
+            kept = kepts.get(id(spec.allowed(i - 1)))
+            lse_nodes.append(Node(f"lse{i}", LogSumExp(empty, kept, keys=S), (f"scores{i}",)))
+            text = f"lse{i} = log Σ exp(scores{i}) by rows" + (", -inf on rows with no allowed key" if empty else "")
+            steps.append(Step("lse", i, (L, 1), text, excluded=None if empty is None else empty.value.copy()))
         else:  # the sink: one more logit in every row, with no value (the sinks leaf's column i)
             column = np.zeros((L, H), dtype=np.int64)
             column[:, i - 1] = 1
@@ -359,6 +389,8 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
                 f"weights{i} = softmax(scores{i} ∪ sink{i}{masking}) by rows, sink{i} = {to_text(spec.sinks[0, i - 1])}"
             )
             steps.append(Step("weights", i, (L, S), text))
+            lse_nodes.append(Node(f"lse{i}", LogSumExp(sink=op.sink, keys=S), (f"scores{i}", "sinks")))
+            steps.append(Step("lse", i, (L, 1), f"lse{i} = log Σ exp(scores{i} ∪ sink{i}) by rows"))
         weights = f"weights{i}"
         if spec.dropout_p is not None:  # the kept weights, rescaled by 1/(1 − p)
             keep = spec.dropout_keep(i - 1)
@@ -370,7 +402,8 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
             weights = f"dropped{i}"
         nodes.append(Node(f"head{i}", WeightedSum(), (weights, v_name)))
         d_v = spec.d_v if value_columns is None else len(value_columns)
-        steps.append(Step("head", i, (L, d_v), f"head{i} = {weights}·{v_name}"))
+        text = ", ".join([f"head{i} = {weights}·{v_name}", *_descale_texts(spec, i, ("v_descale",))])
+        steps.append(Step("head", i, (L, d_v), text))
     if kernel:
         outputs = [f"head{i}" for i in range(1, H + 1)]
     else:
@@ -389,7 +422,57 @@ def build(spec, rows=None, keys=None, value_columns=None) -> Graph:
         nodes.append(Node("M", Linear(), inputs))
         steps.append(Step("M", None, (L, spec.d_out), "M = concat_heads·wo" + (" + bo" if spec.bo is not None else "")))
         outputs = ["M"]
-    return Graph(spec, nodes, leaves, steps, outputs, rows, kinds)
+    return Graph(spec, nodes + lse_nodes, leaves, steps, outputs, rows, kinds)
+
+
+def _descaled(m, d):
+    """value × descale, exactly: a float matrix stays one where every product is a float64 (fp8 values of at
+    most 4 significant bits times a float32 descale always are)."""
+    if d == 1:
+        return m
+    if m.is_float and isinstance(d, Fraction) and Fraction(float(d)) == d:
+        a = m.float64()
+        with np.errstate(over="ignore"):
+            p = a * float(d)
+        if np.isfinite(p).all() and int(_bits(a).max(initial=0)) + int(_bits(np.array([float(d)]))[0]) <= 53:
+            tiny = np.abs(p[p != 0]).min(initial=1.0)
+            if tiny >= 2.0**-1000:  # no product near the subnormals
+                return Matrix.from_array(p)
+    return Matrix([[mul(e, d) for e in row] for row in m.rows])
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The significant bits of each float64 (0 for 0)."""
+    mantissa = (np.frexp(a)[0] * 2.0**53).astype(np.int64)
+    low = mantissa & -mantissa  # the lowest set bit
+    return np.where(mantissa == 0, 0, 53 - np.log2(np.where(low == 0, 1, np.abs(low))).astype(np.int64))
+
+
+def _descale_texts(spec, i: int, keys) -> list:
+    """The descales head i's inputs carry, as show prints them: q1 = 1/2·q1 given, ..."""
+    g = spec.group(i - 1)
+    names = {"q_descale": f"q{i}", "k_descale": f"k{g + 1}", "v_descale": f"v{g + 1}"}
+    return [
+        f"{names[key]} = {key}[{g}]·{names[key]} given, {key}[{g}] = {to_text(spec.descale(key, g))}"
+        for key in keys
+        if getattr(spec, key) is not None
+    ]
+
+
+def _score_mod(spec, head: int, rows, columns) -> ScoreMod:
+    """Head ``head``'s (0-based) score_mod: the spec's folded values restricted to the graph's rows and keys."""
+    mod = spec.score_mod_split
+    per_head = mod.per_head
+
+    def restricted(kind, k, a):
+        a = a[head if a.shape[0] > 1 else 0]
+        a = columns(a if rows is None else a[list(rows)])
+        return Const(f"{kind}{k}_", a, head + 1 if per_head else None)
+
+    arrays = tuple(restricted("mod", k, a) for k, a in enumerate(mod.arrays))
+    bools = tuple(restricted("modb", k, a) for k, a in enumerate(mod.bools))
+    scalars = tuple(Param(f"mod_scalar{k}", q) for k, q in enumerate(mod.scalars))
+    return ScoreMod(mod.text, mod.tree, mod.dtree, arrays, bools, scalars)
 
 
 def _columns(m, keys):
@@ -443,6 +526,8 @@ def _backward_steps(graph: Graph) -> list:
     for node in graph.nodes:
         contributions = node.op.grad_terms(node.name, node.inputs, "d" + node.name)
         for name, text in zip(node.inputs, contributions, strict=True):
+            if text is None:  # an op nothing reads (lse): no cotangent, no term
+                continue
             queries_first = 0 if name in forward or forward[node.name].kind == "Q" else 1
             terms.setdefault(name, []).append((queries_first, text))
     for k, name in enumerate(graph.outputs):

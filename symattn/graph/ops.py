@@ -3,17 +3,19 @@ of that product, side by side, written once against ``xp`` (``graph/xp.py``).
 
     op           forward                              vjp
     Linear       y = x·w (+ b)                        dx = g·wᵀ, dw = xᵀ·g, db = colsum g
-    Scores       s = mask(c·tanh(scale·q·kᵀ/c)        dq = g'·k, dk = g'ᵀ·q, dbias = g,
-                      + bias − slope·|i+δ−j|)         g' = scale·g·(1 − tanh²) (softcap)
+    Scores       s = mask(mod(c·tanh(scale·q·kᵀ/c)    dq = g'·k, dk = g'ᵀ·q, dbias = g·mod',
+                      + bias − slope·|i+δ−j|))        g' = scale·g·mod'·(1 − tanh²) (softcap)
     Softmax      p = exp(s − shift)/rowsum, empty     ds = p∘(g − rowsum(g∘p)), 0 on empty rows (``centered``)
                  rows filled (0, 1/S or nan); a       dsinks = −colsum(p_sink∘rowsum(g∘p)) in the head's column
                  sink: one more logit in the row
+    LogSumExp    lse = log Σ exp(s) by rows (a sink:      ds = p∘g (p: the softmax's weights); nothing
+                 one more term), −inf on empty rows     reads lse, so no cotangent ever reaches it
     Dropout      d = p∘keep/(1 − p_drop)              dp = g∘keep/(1 − p_drop)
     WeightedSum  o = p·v                              dp = g·vᵀ, dv = pᵀ·g
     Concat       [o1 … oH]                            column blocks of g
 
 ``grad_terms(out, inputs, g)`` gives, for each input (by name), its term of that input's gradient as
-``show --grad`` prints it; the graph sums the terms of every op that reads an input.
+``show --grad`` prints it (None: no term); the graph sums the terms of every op that reads an input.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from symattn.entries import Entry
+from symattn import scoremod
+from symattn.entries import Entry, to_text
 from symattn.semantics import NAN
 
 
 @dataclass(frozen=True)
 class Param:
-    """An exact scalar parameter: ``kind`` scale, softcap, inverse_softcap or slope (one per ``head``)."""
+    """An exact scalar parameter: ``kind`` scale, softcap, inverse_softcap, slope (one per ``head``),
+    dropout_scale, or mod_scalar{k} (a score_mod's folded numbers)."""
 
     kind: str
     value: Entry
@@ -41,7 +45,8 @@ class Param:
 
 @dataclass(frozen=True)
 class Const:
-    """A constant array: ``kind`` allowed (which keys), empty (rows with none) or distance (ALiBi's |i+δ−j|);
+    """A constant array: ``kind`` allowed (which keys), empty (rows with none), distance (ALiBi's |i+δ−j|), or
+    mod{k}_ and modb{k}_ (a score_mod's folded numbers and conditions), among others;
     ``head`` for a head's own mask, None for one every head shares."""
 
     kind: str
@@ -54,6 +59,39 @@ class Const:
 
 
 ALL = (True, True, True)  # a vjp's default: every input's contribution
+
+
+@dataclass(frozen=True)
+class ScoreMod:
+    """A score_mod (``symattn.scoremod``) as one head's graph sees it: the tree over s, its derivative in s
+    (SymPy's, of the same tree), and the folded values they read as graph constants and parameters."""
+
+    text: str
+    tree: tuple
+    dtree: tuple
+    arrays: tuple  # Consts: the folded arrays (this head's, restricted to the graph's rows and keys)
+    bools: tuple  # Consts: the folded conditions
+    scalars: tuple  # Params: the folded numbers
+
+    @property
+    def params(self) -> tuple:
+        return self.scalars
+
+    @property
+    def consts(self) -> tuple:
+        return self.arrays + self.bools
+
+    def forward(self, xp, s):
+        return scoremod.Run(xp, s, self.arrays, self.bools, self.scalars).value(self.tree)
+
+    def vjp(self, xp, s, g):
+        """g·∂mod/∂s at the scores s before the mod."""
+        return scoremod.Run(xp, s, self.arrays, self.bools, self.scalars).times(self.dtree, g)
+
+    def derivative_text(self) -> str:
+        names = {"c": [c.name for c in self.arrays], "b": [c.name for c in self.bools],
+                 "p": [to_text(p.value) for p in self.scalars]}  # fmt: skip
+        return scoremod.text(self.dtree, names)
 
 
 @dataclass(frozen=True)
@@ -92,14 +130,17 @@ class Scores:
     slope: Param | None = None
     distance: Const | None = None
     allowed: Const | None = None  # None: every key
+    mod: ScoreMod | None = None  # a score_mod, applied after ALiBi and before the mask
 
     @property
     def params(self) -> tuple:
-        return tuple(p for p in (self.scale, self.softcap, self.inverse_softcap, self.slope) if p is not None)
+        own = tuple(p for p in (self.scale, self.softcap, self.inverse_softcap, self.slope) if p is not None)
+        return own + (() if self.mod is None else self.mod.params)
 
     @property
     def consts(self) -> tuple:
-        return tuple(c for c in (self.allowed, self.distance) if c is not None)
+        own = tuple(c for c in (self.allowed, self.distance) if c is not None)
+        return own + (() if self.mod is None else self.mod.consts)
 
     def raw(self, xp, q, k):
         """scale·q·kᵀ, softcapped."""
@@ -108,18 +149,27 @@ class Scores:
             s = xp.scale(xp.tanh(xp.scale(s, xp.param(self.inverse_softcap))), xp.param(self.softcap))
         return s
 
-    def forward(self, xp, q, k, bias=None):
+    def unmodded(self, xp, q, k, bias=None):
+        """The scores before the mod: scale·q·kᵀ, softcapped, plus the bias, minus ALiBi."""
         s = self.raw(xp, q, k)
         if bias is not None:
             s = xp.add(s, bias)
         if self.slope is not None:
             s = xp.sub(s, xp.scale(xp.const(self.distance), xp.param(self.slope)))
+        return s
+
+    def forward(self, xp, q, k, bias=None):
+        s = self.unmodded(xp, q, k, bias)
+        if self.mod is not None:
+            s = self.mod.forward(xp, s)
         return s if self.allowed is None else xp.mask(s, xp.const(self.allowed))
 
     reads_output = False  # its vjp reads its inputs alone
 
     def vjp(self, xp, args, out, g, needs=ALL):
         q, k, *bias = args
+        if self.mod is not None:  # ∂L/∂(scores before the mod) = g·mod'(s); excluded entries' g is 0 already
+            g = self.mod.vjp(xp, self.unmodded(xp, q, k, *bias), g)
         grad_bias = [xp.unbroadcast(g, bias[0]) if needs[2] else None] if bias else []
         if not (needs[0] or needs[1]):
             return (None, None, *grad_bias)
@@ -131,6 +181,8 @@ class Scores:
 
     def grad_terms(self, out, inputs, g):
         q, k, *bias = inputs
+        if self.mod is not None:  # the mod's derivative at the scores before it (s)
+            g = f"{g}∘{self.mod.derivative_text()}"
         factor = g + ("∘(1 - tanh²)" if self.softcap is not None else "")
         return (f"{factor}·{k}·scale", f"({factor})ᵀ·{q}·scale") + ((g,) if bias else ())
 
@@ -190,6 +242,49 @@ class Softmax:
             head = self.sink.head
             return text, f"colsum(-P_sink{head} ∘ rowsum({g} ∘ {out}))·e{head}"  # e{head}: the unit row of head
         return (text,)
+
+
+@dataclass(frozen=True)
+class LogSumExp:
+    """lse = log of the softmax's denominator over the final scores, by rows: log Σ_allowed exp(s_j), with the
+    head's sink one more term (FlashAttention's ``softmax_lse``); a row with no allowed key (and no sink) is
+    −inf, excluded, under every ``empty_row``.  A step nothing in the graph reads: no cotangent reaches it, so
+    the backward pass never calls its vjp (written all the same: ∂lse/∂s_j is the softmax's weight)."""
+
+    empty: Const | None = None  # L × 1 bools: rows with no allowed key; None when there are none
+    kept: Const | None = None  # its negation: the rows whose lse is a number
+    sink: Const | None = None  # the Softmax's: ones in this head's column (sink·sinksᵀ is its logit by row)
+    keys: int = 0  # S, the scores' columns
+
+    params = ()
+
+    @property
+    def consts(self) -> tuple:
+        return tuple(c for c in (self.empty, self.kept, self.sink) if c is not None)
+
+    def _sink(self, xp, sinks):
+        return xp.matmul_nt(xp.const(self.sink), sinks)
+
+    def forward(self, xp, s, sinks=None):
+        if sinks is not None:
+            return xp.logsumexp(s, sink=self._sink(xp, sinks))
+        if self.empty is None:
+            return xp.logsumexp(s)
+        return xp.logsumexp(s, xp.const(self.empty), xp.const(self.kept))
+
+    reads_output = False  # its vjp reads its inputs alone
+
+    def vjp(self, xp, args, out, g, needs=ALL):
+        if len(args) == 2:
+            p = xp.softmax(args[0], sink=self._sink(xp, args[1]))
+            ds = xp.mul(xp.cols(p, 0, self.keys), g)
+            dsinks = xp.matmul_tn(xp.mul(xp.cols(p, self.keys, self.keys + 1), g), xp.const(self.sink))
+            return ds, xp.unbroadcast(dsinks, args[1])
+        empty = None if self.empty is None else xp.const(self.empty)
+        return (xp.mul(xp.softmax(args[0], empty, 0), g),)
+
+    def grad_terms(self, out, inputs, g):
+        return (None,) * len(inputs)  # no term: nothing reads lse, its cotangent is never there
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 FORMATS = ("pretty", "str", "latex")  # how a step's matrix prints (trace.render); here, SymPy-free, for the CLI
 
 ROW_LOCAL = frozenset(
-    ("Q", "scores", "weights", "dropped", "head", "concat_heads", "M", "dM", "dconcat_heads", "dhead", "ddropped",
-     "dweights", "dscores", "dQ", "dq", "dbias")
+    ("Q", "scores", "weights", "lse", "dropped", "head", "concat_heads", "M", "dM", "dconcat_heads", "dhead",
+     "ddropped", "dweights", "dscores", "dQ", "dq", "dbias")
 )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Step:
-    """One named step: ``kind`` (Q, K, V, scores, weights, head, concat_heads, M, or a backward kind such as
+    """One named step: ``kind`` (Q, K, V, scores, weights, lse, head, concat_heads, M, or a backward kind such as
     dQ, dx, dwq), the 1-based ``head`` it belongs to (a kv head for K, V, dK, dV, dwk, ...; None for the
     whole-computation steps), its 2-D ``shape`` and its ``definition`` as ``show`` prints it."""
 
@@ -28,7 +28,7 @@ class Step:
     shape: tuple
     definition: str
     backward: bool = False
-    excluded: object = field(default=None, compare=False, repr=False)  # bool L × S: masked scores (not numbers)
+    excluded: object = field(default=None, compare=False, repr=False)  # bools: masked scores, empty rows' lse (-inf)
 
     @property
     def row_local(self) -> bool:

@@ -6,8 +6,8 @@ error budget), an enclosure, an exact rational matrix, ...  Shapes are 2-D
 that are not allowed are excluded: −inf in a float backend, and in any backend
 an entry whose exponential is exactly 0.
 
-``ArrayXP`` writes the composite rules once (``softmax``, ``weighted_sum``,
-``centered``) in terms of the primitives.  A backend that computes one of them
+``ArrayXP`` writes the composite rules once (``softmax``, ``logsumexp``,
+``weighted_sum``, ``centered``) in terms of the primitives.  A backend that computes one of them
 better (fused, more precisely, faster) overrides it by name; no backend infers
 an op from the order of the calls it receives.
 """
@@ -15,6 +15,8 @@ an op from the order of the calls it receives.
 from __future__ import annotations
 
 from typing import Protocol
+
+import numpy as np
 
 
 class XP(Protocol):
@@ -66,6 +68,23 @@ class XP(Protocol):
     def exp(self, a):
         """exp, elementwise; an excluded entry gives exactly 0."""
 
+    def log(self, z):
+        """The natural log, elementwise, of positive entries (a softmax's row sums); exp's inverse, exact where
+        the backend is (log 1 = 0)."""
+
+    # Conditions (a score_mod's abs, min, max, where): bool arrays, or where a backend cannot always decide,
+    # Kleene's three values as int8 arrays: 0 false, 1 unknown, 2 true (``decided``).
+    def positive(self, a, strict):
+        """a > 0 (``strict``) or a >= 0, elementwise; an exact backend decides exactly, a certified one never
+        guesses (unknown where its enclosure cannot decide)."""
+
+    def logical(self, op, *conditions):
+        """``op`` "and", "or" (two conditions) or "not" (one), elementwise (``ArrayXP``: Kleene's logic)."""
+
+    def select(self, condition, a, b):
+        """a where the condition is true, b where it is false; where it is unknown, a value that contains
+        both (a certified backend's hull)."""
+
     # Rows and columns.
     def mask(self, s, allowed):
         """s where ``allowed`` (bools, broadcast to s), excluded elsewhere (not a number: −inf)."""
@@ -105,6 +124,12 @@ class XP(Protocol):
         column (…, m, 1) of logits), the weights of each row extended by its sink, (…, m, n + 1): the sink joins
         the shift and the row sum, so a row whose entries are all excluded has weights 0 and the sink's 1."""
 
+    def logsumexp(self, s, empty=None, kept=None, sink=None):
+        """log Σ exp(s) by rows, (…, m, 1): the log of the softmax's denominator, as shift + log(rowsum(exp(s −
+        shift))); excluded entries add 0.  ``empty`` (bools (…, m, 1) from ``const``: rows with no allowed entry)
+        and ``kept`` (its negation), or both None: those rows' sums are 0, so their logs are excluded (−inf).
+        With ``sink`` (a column (…, m, 1) of logits), the sink is one more term of each row's sum."""
+
     def weighted_sum(self, p, v):
         """p·v for weights p that this backend's ``softmax`` returned."""
 
@@ -115,6 +140,12 @@ class XP(Protocol):
 
 class ArrayXP:
     """The base of every backend: the composite rules, written once in terms of the primitives."""
+
+    def logical(self, op, *conditions):
+        values = [decided(c) for c in conditions]
+        if op == "not":
+            return 2 - values[0]
+        return (np.minimum if op == "and" else np.maximum)(*values)
 
     def scaled_scores(self, q, k, scale):
         return self.scale(self.matmul_nt(q, k), scale)
@@ -128,6 +159,15 @@ class ArrayXP:
             return self.div(e, z)
         return self.fill_rows(self.div(e, self.fill_rows(z, empty, 1)), empty, fill)
 
+    def logsumexp(self, s, empty=None, kept=None, sink=None):
+        if sink is not None:  # the sink is one more entry of the row
+            s = self.hstack([s, sink])
+        top = self.shift(s)
+        z = self.rowsum(self.exp(self.sub(s, top)))  # excluded entries are -inf: exactly 0 here
+        if empty is None:
+            return self.add(top, self.log(z))
+        return self.mask(self.add(top, self.log(self.fill_rows(z, empty, 1))), kept)  # log 1 = 0, then excluded
+
     def weighted_sum(self, p, v):
         return self.matmul(p, v)
 
@@ -135,6 +175,17 @@ class ArrayXP:
         """A backend may compute it as g_j·(Σ_{k≠j} p_k + rest) − Σ_{k≠j} p_k·g_k, the same number without the
         cancellation of g_j − rowsum when p_j is nearly 1 (balls would need hundreds of bits more)."""
         return self.sub(g, self.rowsum(self.mul(g, p)))
+
+
+def decided(condition) -> np.ndarray:
+    """A condition as int8 Kleene values: 0 false, 1 unknown, 2 true (bools: 0 or 2)."""
+    c = np.asarray(condition)
+    return (c.astype(np.int8) * 2) if c.dtype == bool else c.astype(np.int8)
+
+
+def true(condition) -> np.ndarray:
+    """Where a condition is surely true."""
+    return decided(condition) == 2
 
 
 def union(a, b):

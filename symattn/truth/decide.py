@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 
 EXACT_LIMIT = 200_000  # exact decisions only for graphs with at most this many score entries
@@ -67,7 +68,7 @@ class Decider:
                 grads = self.graph.backward(xp, values, self.graph.douts(xp))
                 values.update(grads)
             return xp.alg.value(xp.entry(values[name], i, j))
-        except (RecursionError, MemoryError):
+        except (RecursionError, MemoryError, SymattnError):  # SymattnError: a score_mod's undecidable condition
             return None
 
     def side(self, name, i, j, boundary: Fraction, bits: int) -> int | None:
@@ -83,7 +84,9 @@ class Decider:
             element = xp.entry(values[name], i, j)
         else:
             return None
-        difference = xp.alg.add(element, xp.alg.const(boundary), -1)
+        difference = _log_difference(xp, element, boundary)
+        if difference is None:
+            difference = xp.alg.add(element, xp.alg.const(boundary), -1)
         for precision in (bits, 4 * bits, 16 * bits):
             try:
                 ball = xp.alg.ball(difference, max(precision, 128))
@@ -94,6 +97,24 @@ class Decider:
             if ball < 0:
                 return -1
         return None
+
+
+def _log_difference(xp, element, boundary: Fraction):
+    """For an lse entry c + log W (W a row's sum of exponentials): W·exp(c − boundary) − 1, which has the sign of
+    the entry − boundary and no log to enclose (log W − (boundary − c) is below any ball's radius when W is a
+    huge exponential plus a tiny rest: a row whose largest score sits on the boundary); else None."""
+    alg = xp.alg
+    if list(element) != [()]:
+        return None
+    poly = element[()]
+    logs = [m for m in poly if m != ()]
+    if len(logs) != 1 or len(logs[0]) != 1 or logs[0][0][1] != 1 or poly[logs[0]] != 1:
+        return None
+    gen = alg.gens[logs[0][0][0]]
+    if gen.kind != "opaque" or gen.info[0] != "log":
+        return None
+    shift = xp._exp_element(alg.const(Fraction(poly.get((), 0)) - boundary))
+    return alg.add(alg.mul(gen.info[1], shift), alg.const(1), -1)
 
 
 def too_big():

@@ -68,8 +68,8 @@ def _score_bits(spec) -> int:
         return a + b + math.log2(n)
 
     if spec.form == "kernel":
-        q = max(log2_max(m) for m in spec.q)
-        k = max(log2_max(m) for m in spec.k)
+        q = max(log2_max(m) + _log2_abs(spec.descale("q_descale", spec.group(i))) for i, m in enumerate(spec.q))
+        k = max(log2_max(m) + _log2_abs(spec.descale("k_descale", g)) for g, m in enumerate(spec.k))
     else:
         x = log2_max(spec.x)
         x_kv = x if spec.x_kv is None else log2_max(spec.x_kv)
@@ -104,6 +104,7 @@ def evaluate(
     progress: bool | None = None,
     steps=None,
     grad: bool = False,
+    cache=None,
 ) -> Truth:
     """The trace's steps, each entry to ``digits`` certified significant digits.
 
@@ -115,7 +116,9 @@ def evaluate(
     (python-flint's balls), ``"mpmath"`` (interval arithmetic, slower) or ``"auto"`` (Arb).  ``steps``
     limits the work to those steps (and what they need); ``grad`` adds the backward steps (the gradients
     of the sum of the outputs, or of the spec's ``dout``).  ``progress`` shows progress on stderr for
-    evaluations longer than a second: None (default) only when stderr is a terminal.
+    evaluations longer than a second: None (default) only when stderr is a terminal.  ``cache`` is a folder
+    of certified truths (``truth/cache.py``): a truth filed there for exactly this spec, digits, engine and
+    steps is read instead of computed, and one computed is filed.
     """
     from symattn.load import load_spec
 
@@ -145,9 +148,18 @@ def evaluate(
             f"digits: {digits} digits of this spec need {bits} bits of working precision (its scores reach about "
             f"2**{_score_bits(spec)}), more than the limit of {MAX_BITS}; ask for fewer digits or smaller inputs"
         )
+    is_large = large_path.large(spec, digits, engine, names, graph)
+    if cache is not None:
+        from symattn.truth import cache as cached
+
+        method = "intervals" if is_large else "balls"
+        return cached.truth(
+            cache, spec, graph, digits, "arb" if is_large else engine_name, method, names,
+            lambda: evaluate(spec, digits, engine, progress, names),
+        )  # fmt: skip
     Engine = engine_class(engine_name)
     report = Progress(progress)
-    if large_path.large(spec, digits, engine, names, graph):
+    if is_large:
         try:
             return large_path.evaluate_large(spec, digits, graph, names, bits, report)
         finally:

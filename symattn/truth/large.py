@@ -58,7 +58,13 @@ def large(spec, digits: int, engine: str, names, graph) -> bool:
     """Whether ``evaluate`` takes the large path: float64 enclosures of whole matrices (``intervals.py``),
     Arb for the entries they do not certify.  For the steps, forward and backward, of specs of at least LARGE
     score entries, FLOAT_DIGITS digits or fewer, and the default engine."""
-    return engine == "auto" and digits <= FLOAT_DIGITS and spec.h * spec.L * spec.S >= LARGE
+    fits = engine == "auto" and digits <= FLOAT_DIGITS and spec.h * spec.L * spec.S >= LARGE
+    if fits and spec.score_mod is not None and spec.score_mod_split.decides:
+        # the enclosures would have to decide which branch each entry takes (abs, min, max, where of s): the
+        # ball path decides them, exactly where no ball can
+        log.info("score_mod %r compares values of s: the ball path instead of the large path", spec.score_mod)
+        return False
+    return fits
 
 
 def blocks(spec, L: int, names=()) -> list:
@@ -104,7 +110,7 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
         step = graph.step(name)
         shape = step.shape
         store[name] = Known(
-            excluded=None if step.kind != "scores" or step.excluded is None else step.excluded.copy(),
+            excluded=None if step.excluded is None else step.excluded.copy(),  # masked scores, empty rows' lse
             mid=np.full(shape, -np.inf if step.kind == "scores" else 0.0),
             rad=np.zeros(shape),
             ok=np.zeros(shape, dtype=bool),
@@ -416,7 +422,7 @@ def _equal_values(truth: Truth, cells) -> list:
 def _uniform(spec, step, i: int) -> bool:
     """Whether every visible score of row i of a kernel-form head is the same number: its query row is 0 and
     nothing is added per key (no bias, no ALiBi; softcap keeps tanh(0) = 0)."""
-    if spec.form != "kernel" or spec.bias is not None or spec.alibi is not None:
+    if spec.form != "kernel" or spec.bias is not None or spec.alibi is not None or spec.score_mod is not None:
         return False
     q = spec.q[step.head - 1]
     row = q.float64()[i] if q.is_float else q.select_rows([i]).float64()[0]

@@ -155,7 +155,7 @@ class Known:
     """What is known of one step's entries: exact rationals or balls (whole arrays), masked entries, and the
     entries settled otherwise (exact decisions, "nan", bounds) by (i, j).  ``Truth.known[name]``."""
 
-    __slots__ = ("exact", "balls", "excluded", "decided", "bounds", "fewer", "mid", "rad", "ok")
+    __slots__ = ("exact", "balls", "excluded", "decided", "bounds", "fewer", "mid", "rad", "ok", "texts")
 
     def __init__(self, exact=None, balls=None, excluded=None, mid=None, rad=None, ok=None):
         self.exact = exact  # RatMat or None
@@ -163,6 +163,7 @@ class Known:
         self.excluded = excluded  # bool array or None
         self.mid, self.rad = mid, rad  # float64 enclosures (the large path), or None
         self.ok = ok  # bools: the enclosures that certify the digits asked (strings from mid)
+        self.texts = None  # or (strings, certified digits, exact flags), rows of each: read from a file (store.py)
         self.decided: dict = {}  # (i, j) -> string
         self.bounds: set = set()  # (i, j) of the decided strings that are bounds, not values
         self.fewer: dict = {}  # (i, j) -> (digits certified, the enclosure's float midpoint) for decided strings
@@ -207,6 +208,20 @@ class Truth:
     def names(self) -> list[str]:
         return list(self._names)
 
+    def save(self, path) -> None:
+        """Write the truth to a ``.npz`` file (atomically; plain arrays, no pickle), from which
+        ``symattn.verify(..., truth=path)`` and ``symattn verify --truth`` read it back for the same spec.
+
+        >>> import tempfile, pathlib, symattn
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "truth.npz"
+        >>> symattn.evaluate("notebook", digits=20, steps=["M"]).save(path)
+        >>> symattn.truth.load(path, "notebook")["M"].values[0][0]
+        '6.9433358564932463888'
+        """
+        from symattn.truth import store
+
+        store.save(self, path)
+
     @property
     def steps(self) -> dict:
         return {name: self[name] for name in self._names}
@@ -224,6 +239,8 @@ class Truth:
     # Decimal strings, on demand.
     def _strings(self, name: str):
         known = self.known[name]
+        if known.texts is not None:
+            return known.texts
         rows, cols = self._shapes[name]
         digits = self.digits
         if known.mid is not None:

@@ -4,7 +4,9 @@ convention   the ``--impl`` calling convention: arguments, options, calling, ret
 reference    the truth, the error budgets and reference runs every implementation is measured against
 measure      the verdict rules, and ``verify``
 report       ``Result``: text, JSON, plot
+lse          an implementation's ``(out, lse)``: how it is read, its truth in base 2
 adapters     the built-in implementations: torch_sdpa, torch_mha, jax_dpa
+paged        k and v as a paged KV cache (verify --paged)
 seed         the seed notebook's own algorithm
 """
 

@@ -16,11 +16,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from symattn.backends.floats import dtype_of, exact_float
+from symattn.backends.floats import FP8, dtype_of, exact_float, output_dtype
+from symattn.entries import to_text
 from symattn.errors import SymattnError
 from symattn.semantics import empty_fill, empty_rows
-from symattn.spec import AttentionSpec
+from symattn.spec import DESCALES, AttentionSpec
 from symattn.verifier.adapters import NAMES, Unsupported, resolve
+from symattn.verifier.lse import split
+from symattn.verifier.paged import KEYWORDS as PAGED_KEYWORDS
+from symattn.verifier.paged import paged as paged_inputs
 from symattn.verifier.report import Result
 
 if TYPE_CHECKING:
@@ -31,15 +35,16 @@ KERNEL_POSITIONAL = ("q", "k", "v")
 PROJECTION_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap",
     "x_kv", "bq", "bk", "bv", "bo", "sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv",
-    "mask_mod", "constants", "empty_row",
+    "mask_mod", "score_mod", "constants", "empty_row",
 )  # fmt: skip
 # Options added after the convention was first fixed: a function that takes **kwargs without naming one gets it
 # only where the spec sets it, so that one written before (forwarding **kwargs to a function that does not know
 # the option) still runs on the specs it can compute.
-LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants")
+LATER = ("sinks", "dropout_p", "dropout_mask", "segments_q", "segments_kv", "mask_mod", "score_mod", "constants",
+         *DESCALES)  # fmt: skip
 KERNEL_OPTIONS = (
     "scale", "mask", "causal", "window", "align", "bias", "alibi_slopes", "softcap", "sinks", "dropout_p",
-    "dropout_mask", "segments_q", "segments_kv", "mask_mod", "constants", "empty_row",
+    "dropout_mask", "segments_q", "segments_kv", "mask_mod", "score_mod", "constants", "empty_row", *DESCALES,
 )  # fmt: skip
 
 
@@ -61,10 +66,24 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
     """The spec's arrays rounded to ``dtype`` (by ``cast(float64 array, dtype)``: NumPy's, or a framework's,
     which may round differently: torch and JAX round float64 to bfloat16 through float32), stacked as the
     convention stacks them; with ``backward``, the output's cotangent ``dout`` follows the positional inputs
-    (the spec's, or all ones)."""
+    (the spec's, or all ones).  fp8 (kernel form, forward): q, k, v in it, every other array in bfloat16."""
+    if dtype in FP8:
+        if spec.form != "kernel":
+            raise SymattnError(
+                f"dtype: expected the kernel form (q, k, v given) for {dtype}, received a spec of the projection "
+                "form (fp8 is for q, k, v)"
+            )
+        if backward:
+            raise SymattnError(f"dtype: expected a forward verification in {dtype}, received --backward")
+    descaled = [key for key in DESCALES if _nondefault(spec, key)]
+    if backward and descaled:  # the graph's dq is the gradient of q·q_descale, not of the q fed
+        raise SymattnError(f"{descaled[0]}: expected no descales (or 1) with --backward, received "
+                           f"{', '.join(to_text(d) for d in getattr(spec, descaled[0]))}")  # fmt: skip
+    inputs, dtype = dtype, output_dtype(dtype)  # q, k, v in ``inputs``; every other array in ``dtype``
     dt = dtype_of(dtype)
 
-    def rounded(m, name: str) -> np.ndarray:
+    def rounded(m, name: str, dtype: str = dtype) -> np.ndarray:
+        dt = dtype_of(dtype)
         try:
             exact = m.float64()
         except OverflowError:  # an exact input beyond float64 (a string entry such as "1e3000")
@@ -82,8 +101,8 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
             )
         return out
 
-    def stack(ms, name: str) -> np.ndarray:
-        return np.stack([rounded(m, name) for m in ms])
+    def stack(ms, name: str, dtype: str = dtype) -> np.ndarray:
+        return np.stack([rounded(m, name, dtype) for m in ms])
 
     options: dict = {
         "scale": exact_float(spec.effective_scale),
@@ -100,9 +119,12 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         "segments_q": None if spec.segments_q is None else np.array(spec.segments_q, dtype=np.int32),
         "segments_kv": None if spec.segments_kv is None else np.array(spec.segments_kv, dtype=np.int32),
         "mask_mod": spec.mask_mod,
+        "score_mod": spec.score_mod,
         "constants": None,
         "empty_row": spec.empty_row,
     }
+    for key in DESCALES:  # float32 (H_kv,), as FlashAttention-3 takes them (one batch element)
+        options[key] = np.array([exact_float(spec.descale(key, g)) for g in range(spec.h_kv)], dtype=np.float32)
     if spec.constants is not None:  # ints stay ints; other entries in the dtype under test
         options["constants"] = {
             name: a.astype(np.int64) if a.dtype == np.int64 or all(int(x) == x for x in a.reshape(-1).tolist())
@@ -141,12 +163,17 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         options["alibi_slopes"] = slopes
         fields["alibi"] = list(slopes.astype(np.float64))
     if spec.form == "kernel":
-        q, k, v = stack(spec.q, "q"), stack(spec.k, "k"), stack(spec.v, "v")
+        q, k, v = stack(spec.q, "q", inputs), stack(spec.k, "k", inputs), stack(spec.v, "v", inputs)
         positional = (q, k, v)
+
+        def descaled(a, key, g):  # the graph's leaf: value × descale (exact for fp8 values, float32 descales)
+            d = spec.descale(key, g)
+            return a if d == 1 else a.astype(np.float64) * exact_float(d)
+
         for i in range(spec.h):
-            leaves[f"q{i + 1}"] = q[i]
+            leaves[f"q{i + 1}"] = descaled(q[i], "q_descale", spec.group(i))
         for g in range(spec.h_kv):
-            leaves[f"k{g + 1}"], leaves[f"v{g + 1}"] = k[g], v[g]
+            leaves[f"k{g + 1}"], leaves[f"v{g + 1}"] = descaled(k[g], "k_descale", g), descaled(v[g], "v_descale", g)
         names = KERNEL_OPTIONS
         exact = AttentionSpec(
             spec.name,
@@ -218,8 +245,10 @@ def _kept(spec, scale=True) -> dict:
         "segments_q": spec.segments_q,
         "segments_kv": spec.segments_kv,
         "mask_mod": spec.mask_mod,
+        "score_mod": spec.score_mod,
         "constants": spec.constants,
         "dout": spec.dout,
+        **{key: getattr(spec, key) for key in DESCALES},
     }
     if scale:
         out["scale"] = spec.scale
@@ -253,8 +282,10 @@ def _nondefault(spec, name: str) -> bool:
         return spec.dropout_mask is not None
     if name in ("segments_q", "segments_kv"):
         return spec.segments_q is not None
-    if name in ("mask_mod", "constants"):
+    if name in ("mask_mod", "score_mod", "constants"):
         return getattr(spec, name) is not None
+    if name in DESCALES:
+        return any(d != 1 for d in getattr(spec, name) or ())
     if name == "x_kv":
         return spec.x_kv is not None
     if name in ("bq", "bk", "bv"):
@@ -274,11 +305,11 @@ def _nondefault(spec, name: str) -> bool:
 # Loading and calling an implementation.
 
 
-def load_impl(text: str, backward: bool = False):
-    """MODULE:FUNCTION, or a built-in adapter's name (torch_sdpa, torch_mha, jax_dpa; with ``backward``, its
-    backward) -> the callable, with one-line errors."""
+def load_impl(text: str, backward: bool = False, device: str | None = None):
+    """MODULE:FUNCTION, or a built-in adapter's name (``adapters.NAMES``; with ``backward``, its backward; on
+    ``device``) -> the callable, with one-line errors."""
     if text in NAMES:
-        return resolve(text, backward)
+        return resolve(text, backward, device)
     module_name, sep, function = text.partition(":")
     if not sep or not module_name or not function.isidentifier():
         raise SymattnError(
@@ -306,44 +337,70 @@ def accepted(fn, names, by_name: bool = False) -> set:
     return {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} & set(names)
 
 
-def call(fn, name: str, context: Context, feed=None):
+@dataclass(frozen=True)
+class Calling:
+    """What ``call`` needs: the spec, the dtype, forward or backward, and the arguments (a ``Context`` has them
+    too, with the truth; what an implementation returns decides which truth, so it may come after the call)."""
+
+    spec: AttentionSpec
+    dtype: str
+    backward: bool
+    args: Arguments
+
+
+def call(fn, name: str, context: Calling | Context, feed=None, paged: int | None = None):
     """fn called by the convention: (output, None), or (None, Result) for UNSUPPORTED or ERROR.  ``feed``
-    maps (inputs, options) to what fn gets instead (the pytest helper feeds a framework's tensors)."""
+    maps (inputs, options) to what fn gets instead (the pytest helper feeds a framework's tensors); ``paged``
+    (a page size) feeds k and v as a paged KV cache (``verifier/paged.py``)."""
     args = context.args
+
+    def unsupported(reason: str):
+        return None, Result(name, context.spec.display_name, context.dtype, "", "UNSUPPORTED", [reason])
+
     forms = getattr(fn, "forms", None)  # a built-in adapter's library takes one form only
     if forms is not None and context.spec.form not in forms:
-        return None, Result(
-            name, context.spec.display_name, context.dtype, "", "UNSUPPORTED",
-            [f"{name} takes the {' or '.join(forms)} form; the spec has the {context.spec.form} form"],
-        )  # fmt: skip
+        return unsupported(f"{name} takes the {' or '.join(forms)} form; the spec has the {context.spec.form} form")
+    adapter = hasattr(fn, "cast")  # a built-in adapter: it feeds its framework
+    if adapter and context.dtype in FP8:
+        return unsupported(f"{name} does not take {context.dtype} inputs (FlashAttention-3's fp8 with descales)")
+    if adapter and paged is not None:  # gathering the pages for it would test symattn's gather, not the library
+        return unsupported(f"{name} takes k and v whole, not a paged KV cache (--paged)")
     names = args.options.keys()
     takes = accepted(fn, names)
+    if paged is not None:
+        lacking = [k for k in PAGED_KEYWORDS if k not in accepted(fn, PAGED_KEYWORDS)]
+        if lacking:
+            return unsupported(f"a paged KV cache comes with {', '.join(PAGED_KEYWORDS)}; {name} does not accept "
+                               f"{', '.join(lacking)}")  # fmt: skip
     missing = [option for option in args.nondefault if option not in takes]
     names_in = KERNEL_POSITIONAL if context.spec.form == "kernel" else PROJECTION_POSITIONAL
-    positional = "(" + ", ".join(names_in + (("dout",) if context.backward else ())) + ")"
+    if paged is not None:
+        names_in = ("q", "k_cache", "v_cache")
+    signature = "(" + ", ".join(names_in + (("dout",) if context.backward else ())) + ")"
     if missing:
         reason = ", ".join(f"{option} = {_brief(args.options[option])}" for option in missing)
-        return None, Result(
-            name, context.spec.display_name, context.dtype, "", "UNSUPPORTED",
-            [f"the spec sets {reason}, which {name} does not accept"],
-        )  # fmt: skip
+        return unsupported(f"the spec sets {reason}, which {name} does not accept")
     named = accepted(fn, names, by_name=True)
     options = {
         k: _copy(v)
         for k, v in args.options.items()
         if k in takes and (k not in LATER or k in args.nondefault or k in named)
     }
+    positional = args.positional
+    if paged is not None:
+        positional, keywords = paged_inputs(*args.positional, paged)
+        options.update(keywords)
     try:
-        inspect.signature(fn).bind(*args.positional, **options)
+        inspect.signature(fn).bind(*positional, **options)
     except TypeError:
         returns = "gradients" if context.backward else "output"
         raise SymattnError(
-            f"{name}: expected a function f{positional} -> {returns} taking its options by keyword, "
+            f"{name}: expected a function f{signature} -> {returns} taking its options by keyword, "
             f"received one with signature {_signature(fn)}"
         ) from None
     except ValueError:
         pass
-    inputs = [a.copy() for a in args.positional]
+    inputs = [a.copy() for a in positional]
     if feed is not None:
         inputs, options = feed(inputs, options)
     try:
@@ -392,19 +449,22 @@ def output_array(value) -> np.ndarray:
 class Target:
     """One array an implementation returns: its name, the graph steps it stacks and its shape."""
 
-    name: str  # "output", or a gradient's name (dq, dx, dwq, ...)
+    name: str  # "output", "lse" (beside the output), or a gradient's name (dq, dx, dwq, ...)
     steps: tuple
     shape: tuple
 
 
-def targets(graph, backward: bool = False) -> list[Target]:
-    """What an implementation returns, as graph steps: the output (heads stacked in the kernel form), or with
-    ``backward`` the input gradients (``input_gradients``)."""
+def targets(graph, backward: bool = False, lse: bool = False) -> list[Target]:
+    """What an implementation returns, as graph steps: the output (heads stacked in the kernel form) and with
+    ``lse`` the log-sum-exp (H, L) beside it, or with ``backward`` the input gradients (``input_gradients``)."""
     if backward:
         return input_gradients(graph)[0]
     rows, cols = graph.step(graph.outputs[0]).shape
     shape = (rows, cols) if graph.outputs == ["M"] else (graph.spec.h, rows, cols)
-    return [Target("output", tuple(graph.outputs), shape)]
+    out = [Target("output", tuple(graph.outputs), shape)]
+    if lse:
+        out.append(Target("lse", tuple(s.name for s in graph.steps if s.kind == "lse"), (graph.spec.h, rows)))
+    return out
 
 
 def input_gradients(graph) -> tuple[list[Target], tuple]:
@@ -422,7 +482,13 @@ def returned_arrays(output, context: Context) -> tuple[dict, list, list]:
     """What an implementation returned, by target name: (arrays, reasons it fails, notes).  Forward: one
     array.  Backward: a dict keyed by gradient name, or a tuple of the positional inputs' gradients in order."""
     if not context.backward:
-        return {"output": output_array(output)}, [], []
+        out, lse = split(output)
+        arrays = {"output": output_array(out)}
+        if any(t.name == "lse" for t in context.targets):
+            if lse is None:
+                return arrays, [], ["not returned, so not verified: lse"]
+            arrays["lse"] = output_array(lse)
+        return arrays, [], []
     names = [t.name for t in context.targets]
     positional = input_gradients(context.graph)[1]
     if isinstance(output, dict):

@@ -25,24 +25,42 @@ import math
 
 import numpy as np
 
-from symattn.backends.floats import dtype_of
+from symattn.backends.floats import FP8, dtype_of, output_dtype
 from symattn.errors import SymattnError
 from symattn.load import load_spec
-from symattn.verifier.convention import call, load_impl, returned_arrays
+from symattn.verifier import environment
+from symattn.verifier.adapters import check_device
+from symattn.verifier.convention import Calling, arguments, call, load_impl, returned_arrays
+from symattn.verifier.lse import check_base, returns_lse
+from symattn.verifier.paged import check_page
+from symattn.verifier.paged import note as paged_note
 from symattn.verifier.reference import FLOOR_ULPS, Context
-from symattn.verifier.report import Entry, Result
+from symattn.verifier.report import Entry, Result, describe, place
 
 RULES = ("kappa", "differential", "both")
 ENTRY_LIMIT = 4096  # entries listed in a result: all of a smaller output, else the worst this many
 
 
 def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: bool = False,
-           digits="auto") -> list[Result]:  # fmt: skip
+           digits="auto", paged=None, device: str | None = None, cache=None, truth=None,
+           lse_base="e") -> list[Result]:  # fmt: skip
     """Verify implementations on a spec: callables, "MODULE:FUNCTION" strings, or (name, callable) pairs.
+    A forward implementation returns the output, or ``(out, lse)`` or ``{"out": ..., "lse": ...}`` with the
+    log-sum-exp of each softmax row, (H, L) in any float dtype (FlashAttention's ``softmax_lse``; in base 2 with
+    ``lse_base=2``, FlashInfer's), and then both are verified.
     With ``backward``, each gets the inputs and then ``dout`` (the spec's, or all ones) and returns the input
     gradients: a dict keyed by gradient name (dq, dk, dv; dx, dwq, dwk, dwv, dwo, dx_kv, dbq, dbk, dbv, dbo,
     dbias, dsinks) or a tuple of the positional inputs' gradients in order.  ``digits``: the truth's certified digits,
     "auto" (25, or for a large spec verified in a dtype other than float64 9 to 12: ``auto_digits``) or a number.
+    ``dtype`` float8_e4m3fn or float8_e5m2: q, k, v in it (rounded by ml_dtypes) with the spec's descales by
+    keyword, a bfloat16 output, measured against FlashAttention-3's computation (``backends/fp8.py``).
+    ``paged``: a page size; k and v reach each implementation as a paged KV cache (``verifier/paged.py``).
+    ``device``: where the built-in adapters named by string run ("cpu", "cuda", "cuda:N"; None: the frameworks'
+    default); asking for CUDA where there is none is an error.
+    ``cache``: a folder of certified truths and reference measures (``truth/cache.py``), read where they are
+    there for exactly this verification and filed where not.  ``truth``: a Truth or the path of a truth file
+    (``Truth.save``, ``symattn eval --save``) certified for exactly the inputs verified (as rounded to the dtype),
+    used instead of computing one.  Each Result's ``environment`` gives the versions and devices used.
 
     >>> from symattn.verifier.seed import notebook_algorithm
     >>> [r.verdict for r in verify("notebook", [notebook_algorithm])]
@@ -52,46 +70,79 @@ def verify(spec, impls, dtype: str = "float64", rule: str = "kappa", backward: b
     if rule not in RULES:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     dtype_of(dtype)
+    lse_base = check_base(lse_base)
+    if spec.symbols:
+        raise SymattnError(
+            f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
+        )
     if digits != "auto":
         from symattn.truth.evaluation import check_digits
 
         digits = check_digits(digits)
+    if paged is not None:
+        paged = check_page(paged)
+        if spec.form != "kernel":
+            raise SymattnError("paged: expected a spec of the kernel form (q, k, v), received the projection form")
+        if backward:
+            raise SymattnError("paged: expected a forward verification, received backward (not fed paged)")
     if not impls:
         raise SymattnError("impls: expected at least one implementation to verify, received none")
+    device = check_device(device)
     named = []
     for f in impls:
         if isinstance(f, tuple):
             named.append(f)
         elif isinstance(f, str):
-            named.append((f, load_impl(f, backward)))
+            named.append((f, load_impl(f, backward, device)))
         else:
             named.append((getattr(f, "__name__", "implementation"), f))
-    contexts: dict = {}  # one truth per way of casting the inputs (NumPy's, torch's, JAX's)
+    callings: dict = {}  # the inputs, one per way of casting them (NumPy's, torch's, JAX's)
+    contexts: dict = {}  # one truth per cast and whether the lse is verified, made once an implementation needs it
     results = []
     for name, fn in named:
-        cast = getattr(fn, "cast", None)
-        if cast not in contexts:
-            contexts[cast] = Context(spec, dtype, cast, backward, digits)
-        results.append(run(fn, name, contexts[cast], rule))
+        cast = getattr(fn, "cast", None) if dtype not in FP8 else None  # fp8: ml_dtypes rounds
+        if cast not in callings:
+            callings[cast] = Calling(spec, dtype, backward, arguments(spec, dtype, cast, backward))
+        output, result = call(fn, name, callings[cast], paged=paged)
+        if result is not None:
+            result.rule, result.backward = rule, backward
+            results.append(result)
+            continue
+        lse = not backward and returns_lse(output)
+        if (cast, lse) not in contexts:
+            contexts[cast, lse] = Context(spec, dtype, cast, backward, digits, lse, lse_base, callings[cast].args,
+                                          cache=cache, truth=truth)  # fmt: skip
+        result = measure(name, output, contexts[cast, lse], rule)
+        if paged is not None:
+            result.notes.append(paged_note(spec.S, paged))
+        results.append(result)
     return results
 
 
-def run(fn, name: str, context: Context, rule: str) -> Result:
-    """Call fn by the convention and measure its output."""
-    output, result = call(fn, name, context)
+def run(fn, name: str, context: Context, rule: str, paged: int | None = None) -> Result:
+    """Call fn by the convention (``paged``: k and v as a paged KV cache) and measure what it returned against
+    ``context``'s truth."""
+    output, result = call(fn, name, context, paged=paged)
     if result is not None:
         result.rule, result.backward = rule, context.backward
         return result
-    return measure(name, output, context, rule)
+    result = measure(name, output, context, rule)
+    if paged is not None:
+        result.notes.append(paged_note(context.spec.S, paged))
+    return result
 
 
-def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
+def measure(name: str, output, context: Context, rule: str = "kappa", devices=None) -> Result:
     """Measure what an implementation returned (an output array; backward: its gradients) against the truth
-    for the spec's inputs rounded to the dtype."""
+    for the spec's inputs rounded to the dtype.  ``devices``: where the output was made (by default read from
+    it: ``environment.devices``)."""
     spec, dtype = context.spec, context.dtype
-    dt = dtype_of(dtype)
+    dt = dtype_of(output_dtype(dtype))  # fp8 inputs give bfloat16
+    devices = environment.devices(output) if devices is None else devices
     arrays, reasons, notes = returned_arrays(output, context)
-    base = Result(name, spec.display_name, dtype, rule, "FAIL", reasons, notes=notes, backward=context.backward)
+    base = Result(
+        name, spec.display_name, dtype, rule, "FAIL", reasons, notes=notes, backward=context.backward, devices=devices
+    )
     if reasons and not arrays:
         return base
     size = context.exact_f.size
@@ -105,9 +156,17 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         if out.shape != t.shape:
             reasons.append(f"expected {label} of shape {'×'.join(map(str, t.shape))}, received shape {out.shape}")
             continue
+        if t.name == "lse":  # any float dtype (FlashAttention's is float32 for half inputs): read as it is
+            if out.dtype.kind != "f" and "float" not in str(out.dtype):
+                reasons.append(f"returned lse of dtype {out.dtype}, not a float dtype")
+                continue
+            values[part] = out.astype(np.float64).reshape(-1)
+            checked[part] = True
+            continue
         if out.dtype != dt:
             what = "" if t.name == "output" else f"{t.name} in "
-            reasons.append(f"returned {what}dtype {out.dtype}, not the {dtype} it was given")
+            given = f"the {dtype} it was given" if dtype == output_dtype(dtype) else f"bfloat16 for {dtype} inputs"
+            reasons.append(f"returned {what}dtype {out.dtype}, not {given}")
         values[part] = out.astype(dt).astype(np.float64).reshape(-1)
         checked[part] = True
     if not checked.any():
@@ -116,9 +175,11 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     finite = np.isfinite(e)
     bad = np.flatnonzero(checked & finite & ~np.isfinite(values))
     if bad.size:
-        step, i, j = context.where(int(bad[0]))
+        array, index, head = _place(context, int(bad[0]))
+        where = f"{array}[{', '.join(map(str, index))}] ({describe(array, index, head)})"
         what = "output" if not context.backward else "the gradient"
-        reasons.append(f"{what} is not finite at {step}[{i}, {j}] ({values[bad[0]]}) and {bad.size - 1} more entries")
+        what = "lse" if array == "lse" else "output" if not context.backward else "the gradient"
+        reasons.append(f"{what} is not finite at {where} ({values[bad[0]]}) and {bad.size - 1} more entries")
     error = np.where(checked, context.errors(np.where(checked, values, e)), 0.0)
     with np.errstate(all="ignore"):
         floors = np.spacing(context.floor.astype(dt)).astype(np.float64)
@@ -157,11 +218,12 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     for k, text in zip(order.tolist(), texts, strict=True):
         step, i, j = context.where(k)
         kappa = None if context.kappa is None else float(context.kappa[k])
+        array, index, head = _place(context, k)
         entries.append(
             Entry(
                 step,
                 i,
-                j,
+                None if context.graph.step(step).kind == "lse" else j,  # an lse step has one column
                 float(values[k]),
                 text,
                 float(error[k]),
@@ -170,6 +232,9 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
                 float(bits[k]),
                 float(allowance[k]),
                 kappa,
+                array,
+                index,
+                head,
             )  # fmt: skip
         )
     max_err = float(error[checked].max(initial=0.0))
@@ -189,7 +254,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
     if not kappa_ok and rule in ("kappa", "both"):
         worst = entries[0]
         reasons.append(
-            f"{worst.where} = {worst.value!r} is {worst.abs_error:.3g} from the exact "
+            f"{worst.named} = {worst.value!r} is {worst.abs_error:.3g} from the exact "
             f"{worst.exact[:22]}, beyond the kappa bound {worst.kappa_bound:.3g}"
         )
     if not differential_ok and rule in ("differential", "both"):
@@ -199,6 +264,18 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
             f"max error{what} {target_errors[n]:.3g} exceeds {factor} × the reference runs' "
             f"{context.target_reference_error[n]:.3g} + one rounding {context.one_rounding[n]:.3g}"
         )
+    lse = None
+    for t, part in zip(context.targets, context.slices, strict=True):
+        if t.name == "lse" and checked[part].any():
+            here = counted[part]
+            scale = float(np.sqrt(np.sum(np.square(magnitude[part][here] * unit))))
+            lse = {
+                "base": context.lse_base,
+                "max_abs_error": float(error[part].max(initial=0.0)),
+                "max_ulps": float(ulps[part].max(initial=0.0)),
+                "normwise_error": float(np.sqrt(np.sum(np.square(error[part][here] * unit)))) / scale if scale else 0.0,
+                "reference_error": context.target_reference_error[context.targets.index(t)],
+            }
     return Result(
         name,
         spec.display_name,
@@ -219,7 +296,18 @@ def measure(name: str, output, context: Context, rule: str = "kappa") -> Result:
         notes,
         context.backward,
         context.targets[worst_target].name,
+        devices=devices,
+        lse=lse,
     )
+
+
+def _place(context: Context, k: int) -> tuple:
+    """(array, index, head) of flat entry k: the returned array it is in ("output" in the kernel form, "M", or a
+    gradient's name), its index there, and its head (None where heads mix)."""
+    n = next(n for n, part in enumerate(context.slices) if part.start <= k < part.stop)
+    target = context.targets[n]
+    array = target.name if target.name != "output" else ("M" if len(target.shape) == 2 else "output")
+    return (array, *place(array, target.shape, k - context.slices[n].start))
 
 
 def _relative(error: float, magnitude: float) -> float:

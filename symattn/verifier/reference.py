@@ -14,11 +14,13 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
-from symattn.backends.floats import FloatXP, dtype_of, unit_roundoff
+from symattn.backends.floats import FP8, FloatXP, dtype_of, output_dtype, unit_roundoff
+from symattn.certify import to_decimal
 from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 from symattn.spec import AttentionSpec
 from symattn.verifier.convention import arguments, targets
+from symattn.verifier.lse import base2_text, check_base
 
 FLOOR_ULPS = 2
 FLOOR_SCALE = 2.0**-10  # ulps are measured at max(|exact|, this × the largest |exact|): zeros do not dominate
@@ -26,6 +28,7 @@ KAPPA_LIMIT = 4096  # condition numbers are reported for outputs up to this many
 DIGITS = 25  # of the truth: far more than any float dtype has
 LARGE_DIGITS = 12  # at most, of the truth of a large spec in a half or single dtype (the enclosures certify them)
 BEYOND_DTYPE = 6  # digits of the truth beyond the dtype's unit roundoff, for such a spec
+MEASURES_FORMAT = 2  # of the reference measures in a truth cache
 
 
 def auto_digits(spec, dtype: str, names, graph) -> int:
@@ -107,7 +110,7 @@ def step_bounds(graph, leaves: dict, names, dtype: str) -> dict:
 
     budget = budgets(graph, leaves, dtype, names)
     values = graph.forward(FloatXP("float64", leaves), names)
-    dt = dtype_of(dtype)
+    dt = dtype_of(output_dtype(dtype))
     out = {}
     for name in names:
         magnitude = np.abs(np.where(np.isfinite(values[name]), values[name], 0))
@@ -121,8 +124,10 @@ class Context:
     truth of every returned entry (flattened, target after target), the error budget and reference errors
     there, and the ulp floors."""
 
-    def __init__(self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None):
-        from symattn.backends.budget import budgets
+    def __init__(
+        self, spec: AttentionSpec, dtype: str, cast=None, backward: bool = False, digits=None, lse: bool = False,
+        lse_base="e", args=None, cache=None, truth=None,
+    ):  # fmt: skip
         from symattn.truth.evaluation import evaluate
 
         dtype_of(dtype)
@@ -131,18 +136,39 @@ class Context:
                 f"spec {spec.display_name}: verification needs numbers, received the symbols {', '.join(spec.symbols)}"
             )
         self.spec, self.dtype, self.backward = spec, dtype, backward
-        self.args = arguments(spec, dtype, cast, backward)
+        self.args = args or arguments(spec, dtype, cast, backward)
         self.graph = build_graph(self.args.rounded)
-        self.targets = targets(self.graph, backward)
+        self.targets = targets(self.graph, backward, lse)
+        self.lse_base = check_base(lse_base)
         names = [step for t in self.targets for step in t.steps]
+        # base 2: the lse steps' truth, reference runs, budgets and sensitivities divided by ln 2
+        self._base2 = {s for t in self.targets if t.name == "lse" for s in t.steps} if self.lse_base == 2 else set()
         self.digits = auto_digits(self.args.rounded, dtype, names, self.graph) if digits in (None, "auto") else digits
-        self.truth = evaluate(self.args.rounded, digits=self.digits, progress=None, steps=names)
-        self.exact_f = self._flat({n: self.truth[n].to_numpy() for n in names})  # the truth rounded to float64
+        if truth is None:
+            self.truth = evaluate(self.args.rounded, digits=self.digits, progress=None, steps=names, cache=cache)
+        else:
+            self.truth = given_truth(truth, self, names)
+        self._texts2 = {
+            n: [[base2_text(v, self.digits) for v in row] for row in self.truth[n].values] for n in self._base2
+        }
+        self.exact_f = self._flat(
+            {
+                n: np.array([[float(v) if not v.startswith("<") else 0.0 for v in row] for row in self._texts2[n]])
+                if n in self._base2
+                else self.truth[n].to_numpy()
+                for n in names
+            }
+        )  # the truth rounded to float64
         # float64 results are measured against the certified decimals exactly; lower precisions against
         # float64 roundings of them (their error is far above float64's): vectorized
-        self.exact = self._flat({n: np.array(self.truth[n].tolist(), dtype=object) for n in names}) if (
-            dtype == "float64"
-        ) else None  # fmt: skip
+        self.exact = self._flat(
+            {
+                n: np.array([[to_decimal(v) for v in row] for row in self._texts2[n]], dtype=object)
+                if n in self._base2
+                else np.array(self.truth[n].tolist(), dtype=object)
+                for n in names
+            }
+        ) if dtype == "float64" else None  # fmt: skip
         self._starts, self._steps = [], []  # where each step's entries start in the flat order
         start = 0
         for t in self.targets:
@@ -150,29 +176,24 @@ class Context:
                 self._starts.append(start)
                 self._steps.append((step, self.graph.step(step).shape[1]))
                 start += int(np.prod(self.graph.step(step).shape))
-        self.input_effect = self._input_effect(spec, names)
-        leaves = self.args.leaves
-        if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
-            budget, *runs = _by_blocks(
-                self.args.rounded,
-                self.graph,
-                names,
-                [
-                    lambda g, asked: budgets(g, {}, dtype, asked, working=np.float32),  # not float64's: far coarser
-                    lambda g, asked: runs_of(g, {}, dtype, asked),
-                    lambda g, asked: runs_of(g, {}, dtype, asked, reordered=True),
-                ],
-            )
-            self.budget = self._flat(budget)
+        finite = np.isfinite(self.exact_f)
+        if cache is None:
+            measures = self._measures(spec, names)
         else:
-            self.budget = self._flat(budgets(self.graph, leaves, dtype, names))
-            runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
-        errors = [self.errors(self._flat(run)) for run in runs]
-        self.reference_errors = np.maximum(*errors)  # per entry, the larger of the two runs' errors
+            from symattn.truth import cache as cached
+
+            size = (self.exact_f.size,)
+            kappa = size if not backward and self.exact_f.size <= KAPPA_LIMIT else None
+            shapes = {"budget": size, "reference_errors": size, "input_effect": (), "kappa": kappa}
+            measures = cached.arrays(
+                cache, self._measures_key(spec, names), lambda: self._measures(spec, names), shapes
+            )
+        self.budget, self.reference_errors = measures["budget"], measures["reference_errors"]
+        self.input_effect = float(measures["input_effect"])
+        self.kappa = measures.get("kappa")  # the entries' condition numbers (small forward outputs only)
         # per target: where its entries are, its largest reference error, its ulp floor and one rounding there
         self.slices, self.target_reference_error, self.one_rounding = [], [], []
         self.floor = np.zeros(self.exact_f.size)
-        finite = np.isfinite(self.exact_f)
         start = 0
         for t in self.targets:
             size = int(np.prod(t.shape))
@@ -184,13 +205,70 @@ class Context:
             values = np.abs(self.exact_f[part][finite[part]])
             scale = float(values.max()) if values.size else 0.0
             self.floor[part] = FLOOR_SCALE * scale
-            self.one_rounding.append(float(np.spacing(np.array(scale).astype(dtype_of(dtype))).astype(np.float64)))
-        self.kappa = None
-        if not backward and self.exact_f.size <= KAPPA_LIMIT:
+            self.one_rounding.append(
+                float(np.spacing(np.array(scale).astype(dtype_of(output_dtype(dtype)))).astype(np.float64))
+            )
+
+    def _measures(self, spec, names) -> dict:
+        """What the truth is compared with, as arrays over the flat entries: the error budget, the reference
+        runs' larger error, the condition numbers (small forward outputs), and the input-rounding effect."""
+        from symattn.backends.budget import budgets
+
+        dtype, leaves = self.dtype, self.args.leaves
+        if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
+            budget, *runs = _by_blocks(
+                self.args.rounded,
+                self.graph,
+                names,
+                [
+                    lambda g, asked: budgets(g, {}, dtype, asked, working=np.float32),  # not float64's: far coarser
+                    lambda g, asked: runs_of(g, {}, dtype, asked),
+                    lambda g, asked: runs_of(g, {}, dtype, asked, reordered=True),
+                ],
+            )
+        else:
+            budget = budgets(self.graph, leaves, dtype, names)
+            runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
+        if self._base2:  # a right base-2 implementation: its log's error over ln 2, and one more rounding
+            u = unit_roundoff(dtype)
+            for n in self._base2:
+                for run in runs:
+                    run[n] = (run[n] / math.log(2)).astype(dtype_of(dtype)).astype(np.float64)
+                budget[n] = budget[n] / math.log(2) + u * np.abs(np.where(np.isfinite(runs[0][n]), runs[0][n], 0.0))
+        errors = [self.errors(self._flat(run)) for run in runs]
+        # how far the inputs' rounding moves the output (or gradients): the lse's figures are its own entries'
+        moved = [n for t in self.targets if t.name != "lse" for n in t.steps]
+        out = {
+            "budget": self._flat(budget),
+            "reference_errors": np.maximum(*errors),  # per entry, the larger of the two runs' errors
+            "input_effect": np.array(self._input_effect(spec, moved)),
+        }
+        if not self.backward and self.exact_f.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
                 sens = np.asarray(sensitivity(self.graph, leaves)).reshape(-1)
+                finite = np.isfinite(self.exact_f)
+                lse_steps = [s for t in self.targets if t.name == "lse" for s in t.steps]
+                if lse_steps:  # ∂lse/∂s is the softmax's weights: the same backward pass, from each lse entry
+                    parts = sensitivity(self.graph, leaves, lse_steps)
+                    scale = {n: 1 / math.log(2) if n in self._base2 else 1.0 for n in lse_steps}
+                    sens = np.concatenate([sens] + [parts[n].reshape(-1) * scale[n] for n in lse_steps])
                 magnitude = np.where(finite, np.abs(self.exact_f), 0.0)
-                self.kappa = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
+                out["kappa"] = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
+        return out
+
+    def _measures_key(self, spec, names) -> str:
+        """The cache key of the measures: the truth's, the dtype, the inputs before rounding (the input-rounding
+        effect), and NumPy's version and the machine (the reference runs' rounding)."""
+        import platform
+
+        from symattn.truth import store
+
+        return store.digest(
+            {"measures": MEASURES_FORMAT, "rounded": store.spec_parts(self.args.rounded),
+             "given": store.spec_parts(spec), "dtype": self.dtype, "backward": self.backward, "steps": names,
+             "digits": self.digits, "truth_digits": self.truth.digits, "lse_base": self.lse_base,
+             "numpy": np.__version__, "machine": platform.machine()}
+        )  # fmt: skip
 
     def _input_effect(self, spec, names) -> float:
         """max |truth(rounded inputs) − truth(exact inputs)|: certified at small sizes; on the large path the
@@ -211,7 +289,7 @@ class Context:
                     (float(np.nanmax(np.abs(self.truth[n].to_numpy() - b[n]), initial=0.0)) for n in both),
                     default=0.0,
                 )
-        original = evaluate(spec, digits=self.digits, progress=False, steps=both)
+        original = evaluate(spec, digits=self.truth.digits, progress=False, steps=both)  # as many as the truth's
         return max(
             (
                 _difference(x, y)
@@ -252,7 +330,11 @@ class Context:
         for n, (step, i, j) in enumerate(places):
             by_step.setdefault(step, []).append((n, i, j))
         for step, group in by_step.items():
-            for (n, _, _), text in zip(group, self.truth[step].texts([(i, j) for _, i, j in group]), strict=True):
+            if step in self._base2:
+                texts = [self._texts2[step][i][j] for _, i, j in group]
+            else:
+                texts = self.truth[step].texts([(i, j) for _, i, j in group])
+            for (n, _, _), text in zip(group, texts, strict=True):
                 out[n] = text
         return out
 
@@ -271,6 +353,48 @@ class Context:
         return np.concatenate(parts) if parts else np.zeros(0)
 
 
+def given_truth(truth, context: Context, names):
+    """A truth handed to the verifier (a Truth, or the path of a file ``Truth.save`` wrote), checked: certified
+    for exactly the inputs this verification certifies (as rounded to its dtype), with every step it measures,
+    to at least its digits.  Else a SymattnError that says what differs."""
+    from symattn.errors import printable
+    from symattn.truth import store
+    from symattn.truth.result import Truth
+
+    parts = store.spec_parts(context.args.rounded)
+    if isinstance(truth, Truth):
+        shown, arrays = "truth", None
+        meta = {"spec": store.spec_parts(truth.spec), "digits": truth.digits, "steps": truth.names}
+        meta["spec_digest"] = store.digest(meta["spec"])
+    else:
+        shown = printable(str(truth))
+        arrays, meta = store.open_file(truth, "truth")
+    why = ""
+    if meta["spec"] != parts and meta["spec"] == store.spec_parts(context.spec):
+        why = (
+            f": it is the truth of the inputs before their rounding to {context.dtype}, and verification "
+            f"certifies the inputs the implementation receives (use --cache for a truth kept between runs)"
+        )
+    store.check_spec(meta, parts, shown, why)
+    missing = [n for n in names if n not in meta["steps"]]
+    if missing:
+        raise SymattnError(
+            f"{shown}: expected the steps {', '.join(names)} that this verification measures, received a truth "
+            f"without {', '.join(missing)}"
+        )
+    if meta["digits"] < context.digits:
+        raise SymattnError(
+            f"{shown}: expected a truth certified to at least {context.digits} digits (--digits), received one "
+            f"certified to {meta['digits']}"
+        )
+    if arrays is None:
+        return truth
+    try:
+        return store.rebuild(arrays, meta, context.args.rounded, context.graph)
+    except store.Corrupt as e:
+        raise SymattnError(f"truth: {shown} {e}") from None
+
+
 def _by_blocks(spec, graph, names, computes) -> list[dict]:
     """Each compute(block graph, names) -> {name: array} over the large path's blocks (the truth's, each block's
     graph built once), assembled into whole steps (scores outside a block's keys −inf, weights there 0, as
@@ -287,7 +411,7 @@ def _by_blocks(spec, graph, names, computes) -> list[dict]:
             for name in names:
                 step = graph.step(name)
                 if name not in assembled:
-                    assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)
+                    assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)  # lse: every row
                 if name in shares:
                     if name in values:
                         assembled[name][summed_target(step, keys)] += values[name]
@@ -301,7 +425,12 @@ def _by_blocks(spec, graph, names, computes) -> list[dict]:
 def runs_of(graph, leaves: dict, dtype: str, names, reordered: bool = False) -> dict:
     """The steps ``names`` (forward or backward) of the graph run in ``dtype`` on the given leaves,
     straightforwardly or reordered, as float64 arrays."""
-    xp = (_Reordered if reordered else FloatXP)(dtype, leaves)
+    if dtype in FP8:  # FlashAttention-3's computation, whole rows and by blocks (``backends/fp8.py``)
+        from symattn.backends.fp8 import Fa3Blocked, Fa3XP
+
+        xp = (Fa3Blocked if reordered else Fa3XP)(dtype, leaves)
+    else:
+        xp = (_Reordered if reordered else FloatXP)(dtype, leaves)
     with np.errstate(all="ignore"):
         values = graph.values(xp, names)
     return {name: np.asarray(xp.result(values[name]), dtype=np.float64) for name in names}
@@ -319,7 +448,8 @@ def _difference(a, b) -> float:
 
 def _error(v: float, e) -> float:
     if not _finite(e):
-        same = (isinstance(e, Decimal) and e.is_nan() and v != v) or str(e) == repr(v)
+        same = isinstance(e, Decimal) and ((e.is_nan() and v != v) or (e.is_infinite() and float(e) == v))
+        same = same or str(e) == repr(v)
         return 0.0 if same else math.inf
     if not math.isfinite(v):
         return math.inf

@@ -20,7 +20,7 @@ class Entry:
 
     step: str
     row: int
-    col: int
+    col: int | None  # None for an lse entry (one column: lse{h}[r])
     value: float  # what the implementation returned
     exact: str  # the certified truth, for the rounded inputs
     abs_error: float
@@ -29,11 +29,54 @@ class Entry:
     bits: float  # Herbie's bits of error: log2 of 1 + the floats between value and the rounded truth
     kappa_bound: float  # the kappa rule's allowance for this entry
     kappa: float | None = None  # the entry's condition number (small outputs only)
+    array: str = ""  # the returned array it is in: "output" (kernel form), "M", or a gradient's name
+    index: tuple = ()  # its index there, 0-based
+    head: int | None = None  # its query head (0-based), or kv head for dk, dv, dwk, ...; None where heads mix
 
     @property
     def where(self) -> str:
-        """``step[row, col]``, as reports print it."""
-        return f"{self.step}[{self.row}, {self.col}]"
+        """``array[index]`` in the returned array, as reports print it (``step[row, col]`` without one)."""
+        if not self.array:  # an lse entry: lse{h}[row]
+            return f"{self.step}[{self.row}]" if self.col is None else f"{self.step}[{self.row}, {self.col}]"
+        return f"{self.array}[{', '.join(map(str, self.index))}]"
+
+    @property
+    def location(self) -> str:
+        """The entry in words: "head 2, row 5, column 3" (the head, where the array has one, then the row and
+        column of the array's last two axes, 0-based)."""
+        if not self.array:
+            return f"row {self.row}" if self.col is None else f"row {self.row}, column {self.col}"
+        return describe(self.array, self.index, self.head)
+
+    @property
+    def named(self) -> str:
+        """``where (location)``: both, as failure messages print them."""
+        return f"{self.where} ({self.location})"
+
+
+KV_ARRAYS = ("dk", "dv", "dwk", "dwv", "dbk", "dbv")  # stacked by kv head
+
+
+def describe(array: str, index: tuple, head: int | None) -> str:
+    """An entry of a returned array in words: "head 2, row 5, column 3", "kv head 1, ...", "row 5, column 3"."""
+    words = [] if head is None else [f"{'kv head' if array in KV_ARRAYS else 'head'} {head}"]
+    rest = () if array == "dsinks" else index[1:] if head is not None else index
+    if array == "lse":  # (H, L): a head's rows
+        words += [f"row {r}" for r in rest]
+    elif len(rest) == 2:
+        words += [f"row {rest[0]}", f"column {rest[1]}"]
+    elif len(rest) == 1:
+        words.append(f"column {rest[0]}")
+    return ", ".join(words)
+
+
+def place(array: str, shape: tuple, offset: int) -> tuple:
+    """(index, head) of the entry at ``offset`` in a returned array of ``shape`` (row-major, as the verifier
+    flattens it): the head is the first axis of a stacked array (heads × rows × columns, a per-head bias row,
+    dsinks), else None."""
+    index = tuple(int(i) for i in np.unravel_index(offset, shape))
+    stacked = len(shape) == 3 or array in ("dsinks", "lse") or (array in ("dbq", "dbk", "dbv") and len(shape) == 2)
+    return index, (index[0] if stacked else None)
 
 
 @dataclass
@@ -48,7 +91,8 @@ class Result:
 
     ``verdict`` is one of VERDICTS: PASS, FAIL, UNSUPPORTED (the spec sets an option the implementation cannot
     take) or ERROR (it raised; ``raised`` holds the exception).  ``lines()`` is the text ``symattn verify``
-    prints, ``to_json()`` one result of ``--json``.
+    prints, ``to_json()`` one result of ``--json``; ``devices`` where the returned arrays were, and
+    ``environment`` the versions and platform with them.
     """
 
     name: str
@@ -70,7 +114,17 @@ class Result:
     notes: list = field(default_factory=list)  # what was not verified, and why (not failures)
     backward: bool = False  # the input gradients were verified, not the output
     differential_on: str = "output"  # the returned array the differential bound is that of (backward: the worst)
+    lse: dict | None = None  # the lse's own figures (base, max_abs_error, max_ulps, normwise_error, reference_error)
     raised: BaseException | None = field(default=None, repr=False, compare=False)  # ERROR: for the pytest helper
+    devices: list = field(default_factory=list)  # where the returned arrays were ("cpu", "cuda:0 (NVIDIA H200)")
+
+    @property
+    def environment(self) -> dict:
+        """The versions of symattn, Python and the libraries, the platform, and the devices used (as ``--json``
+        records them)."""
+        from symattn.verifier.environment import versions
+
+        return {**versions(), "devices": list(self.devices)}
 
     @property
     def passed(self) -> bool:
@@ -84,10 +138,14 @@ class Result:
             for k in (
                 "name", "spec", "dtype", "backward", "rule", "verdict", "passed", "reasons", "max_abs_error",
                 "max_ulps", "max_bits", "normwise_error", "kappa_passed", "differential_passed", "differential_bound",
-                "differential_on", "reference_error", "input_rounding_effect", "notes",
+                "differential_on", "reference_error", "input_rounding_effect", "notes", "devices",
             )
         }  # fmt: skip
-        doc["entries"] = [{k: _json_number(v) for k, v in e.__dict__.items()} for e in self.entries]
+        if self.lse is not None:
+            doc["lse"] = {k: _json_number(v) for k, v in self.lse.items()}
+        doc["entries"] = [
+            {k: list(v) if k == "index" else _json_number(v) for k, v in e.__dict__.items()} for e in self.entries
+        ]
         return doc
 
     def lines(self, worst: int = 5) -> list[str]:
@@ -104,6 +162,13 @@ class Result:
             f"reference runs {self.reference_error:.3g}); input rounding moves the "
             f"{'gradients' if self.backward else 'output'} by {self.input_rounding_effect:.3g}"
         ]
+        if self.lse is not None:
+            lse = self.lse
+            out.append(
+                f"  lse{' (base 2)' if lse['base'] == 2 else ''}: max error {lse['max_abs_error']:.3g} = "
+                f"{lse['max_ulps']:.3g} ulps, normwise {lse['normwise_error']:.3g}, reference runs "
+                f"{lse['reference_error']:.3g}"
+            )
         out += [f"  {reason}" for reason in self.reasons]
         out += [f"  note: {note}" for note in self.notes]
         out.append(f"  {'entry':>14} {'value':>24} {'exact':>28} {'error':>10} {'ulps':>8} {'bound':>10}")
@@ -144,11 +209,12 @@ def plot(results: list, path) -> None:
     path = Path(path)
     figure, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 3.6), squeeze=False)
     for ax, r in zip(axes[0], measured, strict=True):
-        rows = max(e.row for e in r.entries) + 1
-        cols = max(e.col for e in r.entries) + 1
-        steps = sorted({e.step for e in r.entries}, key=lambda n: (len(n), n))
+        entries = [e for e in r.entries if e.col is not None]  # the output's (an lse's are not drawn)
+        rows = max(e.row for e in entries) + 1
+        cols = max(e.col for e in entries) + 1
+        steps = sorted({e.step for e in entries}, key=lambda n: (len(n), n))
         grid = np.full((rows * len(steps), cols), np.nan)
-        for e in r.entries:
+        for e in entries:
             ratio = e.abs_error / e.kappa_bound if e.kappa_bound else (0.0 if e.abs_error == 0 else np.inf)
             grid[steps.index(e.step) * rows + e.row, e.col] = np.log10(max(ratio, 1e-6)) if np.isfinite(ratio) else 3
         image = ax.imshow(grid, cmap="coolwarm", vmin=-3, vmax=3, aspect="auto", interpolation="nearest")
@@ -174,10 +240,13 @@ def plot(results: list, path) -> None:
 def report_json(results: list) -> str:
     """The results as strict JSON (no NaN or Infinity literals), with a top-level "passed"."""
     from symattn._version import __version__
+    from symattn.verifier.environment import versions
 
+    used = sorted({d for r in results for d in r.devices})
     doc = {
         "symattn": __version__,
         "passed": all(r.passed for r in results),
+        "environment": {**versions(), "devices": used},
         "results": [r.to_json() for r in results],
     }
     return json.dumps(doc, allow_nan=False)
