@@ -17,6 +17,7 @@ import symattn
 import symattn.truth.large
 from symattn.backends.doublefloat import Iv
 from symattn.backends.intervals import IntervalXP
+from symattn.verifier.reference import Context
 from tests import oracle, test_combined
 from tools import impls
 
@@ -230,3 +231,32 @@ def test_a_missing_rowsum_fails_and_a_right_float32_backward_passes_at_1024_toke
     )
     assert right.passed, right.lines()
     assert missing_rowsum.verdict == "FAIL" and "beyond the kappa bound" in missing_rowsum.reasons[0]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_verify_backward_of_the_projection_form_by_blocks(dtype, two_rows, monkeypatch):
+    """The verifier's truth, budgets and reference runs by blocks of two query rows on the projection form: dx is
+    each block's rows' share plus every block's share through the keys and values, dwq…dwo sums of the
+    blocks'; a right backward passes and every classic bug fails."""
+    rng = np.random.default_rng(41)
+    H, H_kv, L, d, E = 4, 2, 6, 3, 2
+    data = {
+        "x": floats(rng, L, d),
+        "heads": [{"wq": floats(rng, d, E)} for _ in range(H)],
+        "kv_heads": [{"wk": floats(rng, d, E), "wv": floats(rng, d, E)} for _ in range(H_kv)],
+        "wo": floats(rng, H * E, 2),
+        "dout": floats(rng, L, 2),
+        "causal": True,
+    }
+    taken = []
+    evaluate_large = symattn.truth.large.evaluate_large
+    monkeypatch.setattr(symattn.truth.large, "evaluate_large", lambda *a: taken.append(1) or evaluate_large(*a))
+    results = symattn.verify(data, [impls.projection_backward] + impls.PROJECTION_BACKWARD_BUGS, dtype=dtype,
+                             backward=True, digits=12)  # fmt: skip
+    assert taken
+    assert results[0].passed, results[0].lines()
+    for r in results[1:]:
+        assert r.verdict == "FAIL", (r.name, r.lines())
+    context = Context(symattn.load_spec(data), dtype, backward=True, digits=12)  # every block's share in its runs
+    for target, error in zip(context.targets, context.target_reference_error, strict=True):
+        assert error <= 1e-5, (target.name, error)
