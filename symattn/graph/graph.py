@@ -102,15 +102,15 @@ class Graph:
         self.rows = rows  # the query rows this graph computes (None: all)
         self._by_name = {n.name: n for n in nodes}
         self._backward_steps = None
+        self._steps_by_name = None
 
     def node(self, name: str) -> Node:
         return self._by_name[name]
 
     def step(self, name: str) -> Step:
-        for s in self.steps + self.backward_steps:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+        if self._steps_by_name is None:  # built on first use: the backward steps are made lazily
+            self._steps_by_name = {s.name: s for s in reversed(self.steps + self.backward_steps)}
+        return self._steps_by_name[name]
 
     def needed(self, wanted) -> set:
         """The nodes that ``wanted`` (names) depend on, themselves included."""
