@@ -115,6 +115,28 @@ def test_split_products_enclose_the_exact_product(shape):
     assert np.all(rad <= 1e-18 * (np.abs(a) @ np.abs(b)) + 1e-300)  # far tighter than float64 (1e-16)
 
 
+def test_elementwise_products_and_sums_of_unnormalised_double_floats_enclose_and_stay_narrow():
+    """A product's lo is up to 2**-20 of its hi (not normalised): a·b keeps a.lo·b.lo in its lo (were it only
+    in the radius, that would be 2**-40 of the product) and a + b each rounding: both within 2**-68 of |a·b| and
+    |a| + |b| (the roundings of lo, 2**-53 of it)."""
+    n = 200
+    hi_a, hi_b = RNG.standard_normal(n), RNG.standard_normal(n)
+    lo_a, lo_b = hi_a * RNG.uniform(-(2.0**-20), 2.0**-20, n), hi_b * RNG.uniform(-(2.0**-20), 2.0**-20, n)
+    a, b = Iv(hi_a, lo_a, np.zeros(n)), Iv(hi_b, lo_b, np.zeros(n))
+    product, total = doublefloat.mul(a, b), doublefloat.add(a, b, 1)
+    for k in range(n):
+        x, y = arb_of(hi_a[k]) + arb_of(lo_a[k]), arb_of(hi_b[k]) + arb_of(lo_b[k])
+        for out, exact, size in ((product, x * y, abs(x * y)), (total, x + y, abs(x) + abs(y))):
+            assert contains(out.hi[k], out.lo[k], out.rad[k], exact)
+            assert out.rad[k] <= 2.0**-68 * float(size.mid()), (k, out.rad[k], exact)
+
+
+def test_a_sum_of_exact_zeros_stays_exactly_zero():
+    zero = Iv(np.zeros(3), np.zeros(3), np.zeros(3))
+    out = doublefloat.add(zero, zero, -1)
+    assert not out.hi.any() and not out.lo.any() and not out.rad.any()
+
+
 def test_split_products_of_few_bit_inputs_restrict_the_rest_and_stay_enclosures():
     """bfloat16-like entries (8 bits) are integers once scaled, except a few tiny ones: the rest is computed
     only on those rows and columns, and the product is still enclosed (and exact where nothing is left)."""

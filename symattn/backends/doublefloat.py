@@ -230,7 +230,7 @@ def split_product(a_hi, a_lo, b_hi, b_lo, a_rad=None, b_rad=None, a_below=None):
         if exact_rows.any() and exact_cols.any():
             rad[np.ix_(exact_rows, exact_cols)] = 0.0
     if (a_rad is not None and not fused) or b_rad is not None:
-        rad += _carried(a_hi, a_lo, None if fused else a_rad, b_hi, b_lo, b_rad, narrow)
+        rad += _carried(a_hi, a_lo, None if fused else a_rad, b_hi, b_lo, b_rad)
     if zero_rows is not None:
         rad[zero_rows] = 0.0
     return exact, lo, rad
@@ -323,27 +323,18 @@ def _rest(a_int, a_frac, b_frac, b_rest, dense_a: bool):
     return lo
 
 
-def _carried(a_hi, a_lo, a_rad, b_hi, b_lo, b_rad, narrow):
-    """The radii carried in: a_rad·(|b| + b_rad) + |a|·b_rad, by products when the output is narrow, else by
-    Cauchy–Schwarz."""
+def _carried(a_hi, a_lo, a_rad, b_hi, b_lo, b_rad):
+    """The radii carried in: a_rad·(|b| + b_rad) + |a|·b_rad, by products of absolute values (Cauchy–Schwarz
+    would cost less but can be √n wider: a gradient summed over every query row cancels down to it)."""
     n = a_hi.shape[-1]
     abs_a = np.abs(a_hi) if a_lo is None else np.abs(a_hi) + np.abs(a_lo)
     abs_b = np.abs(b_hi) if b_lo is None else np.abs(b_hi) + np.abs(b_lo)
-    if narrow:
-        bound = 0.0
-        if a_rad is not None:
-            bound = a_rad @ (abs_b if b_rad is None else abs_b + b_rad)
-        if b_rad is not None:
-            bound = bound + abs_a @ b_rad
-        return up(bound * (1 + gamma(n + 2)))
-    rows, cols = [], []
+    bound = 0.0
     if a_rad is not None:
-        rows.append(_norms(a_rad))
-        cols.append(_norms(abs_b if b_rad is None else abs_b + b_rad, axis=-2))
+        bound = a_rad @ (abs_b if b_rad is None else abs_b + b_rad)
     if b_rad is not None:
-        rows.append(_norms(abs_a))
-        cols.append(_norms(b_rad, axis=-2))
-    return up(np.stack(rows, axis=-1) @ np.stack(cols, axis=-2) * (1 + gamma(4)))
+        bound = bound + abs_a @ b_rad
+    return up(bound * (1 + gamma(n + 2)))
 
 
 @lru_cache(maxsize=1)
@@ -394,7 +385,9 @@ def add(a: Iv, b: Iv, sign: int) -> Iv:
                 lo = lo + (part if s > 0 else -part)
                 rounding = rounding + U * np.abs(lo)
         rad = a.radius() + b.radius() + rounding
-    return Iv(hi, lo, up(rad), excluded)
+        rad = np.where(rad == 0, 0.0, up(rad))  # TwoSum is exact, and so is a sum of exact operands that is
+        # not rounded (a rounded lo has rounding > 0; sums of subnormals are exact)
+    return Iv(hi, lo, rad, excluded)
 
 
 def mul(a: Iv, b: Iv) -> Iv:
@@ -402,13 +395,17 @@ def mul(a: Iv, b: Iv) -> Iv:
     with np.errstate(invalid="ignore", over="ignore"):
         hi, err = two_prod(a.hi, b.hi)
         lo = err
-        if a.lo is not None:
-            lo = lo + a.lo * b.hi
-        if b.lo is not None:
-            lo = lo + a.hi * b.lo
-        rounding = 3 * U * np.abs(lo)
-        if a.lo is not None and b.lo is not None:
-            rounding = rounding + np.abs(a.lo * b.lo) * (1 + U)
+        rounding = 0.0
+        # every cross term (a.lo·b.lo too: a product's lo is not normalised, up to 2**-20 of its hi) is added
+        # in; each product and each sum within u of its result
+        for term in (
+            None if a.lo is None else a.lo * b.hi,
+            None if b.lo is None else a.hi * b.lo,
+            None if a.lo is None or b.lo is None else a.lo * b.lo,
+        ):
+            if term is not None:
+                lo = lo + term
+                rounding = rounding + U * (np.abs(term) + np.abs(lo))
         mag_a = np.abs(a.hi) + np.abs(a.low())
         mag_b = np.abs(b.hi) + np.abs(b.low())
         rad = rounding + mag_a * b.radius() + a.radius() * mag_b + a.radius() * b.radius() + 8 * ETA

@@ -177,6 +177,24 @@ class IntervalXP(ArrayXP):
             return p.times(_materialized(v))
         return self._product(p, v)
 
+    def centered(self, g, p, rest=None):
+        """g − rowsum(g∘p) (rows of p summing to 1 − rest): at each row's largest weight j (the one key whose
+        weight can be near 1) as g_j·(Σ_{k≠j} p_k + rest) − Σ_{k≠j} p_k·g_k, sums of the others taken with p_j
+        set to 0, so that no enclosure cancels there; elsewhere g_k − rowsum(g∘p), whose weight is at most
+        1/2."""
+        g, p = _materialized(g), _materialized(p)
+        top = np.argmax(p.hi, axis=-1)[..., None]  # (…, m, 1)
+        products = self.mul(g, p)
+        without = self.rowsum(_zeroed(products, top))  # Σ_{k≠j} p_k·g_k
+        out = self.sub(g, self.add(without, _taken(products, top)))
+        total = self.rowsum(_zeroed(p, top))
+        if rest is not None:
+            total = self.add(total, _materialized(rest))
+        value = self.sub(self.mul(_taken(g, top), total), without)
+        for part, new in ((out.hi, value.hi), (out.lo, value.low()), (out.rad, value.radius())):
+            np.put_along_axis(part, top, new, axis=-1)
+        return out
+
     def colsum(self, a):
         a = _materialized(a)
         ones = Iv(np.ones(a.hi.shape[:-2] + (1, a.hi.shape[-2])))
@@ -247,6 +265,21 @@ def log(z: Iv) -> Iv:
 
 def _slice(a, start, stop):
     return None if a is None else a[..., start:stop]
+
+
+def _zeroed(a: Iv, index) -> Iv:
+    """a with the entries at ``index`` (one per row, (…, m, 1)) set to exactly 0."""
+    parts = []
+    for part in (a.hi, a.low(), a.radius()):
+        part = part.copy()
+        np.put_along_axis(part, index, 0.0, axis=-1)
+        parts.append(part)
+    return Iv(*parts)
+
+
+def _taken(a: Iv, index) -> Iv:
+    """The entries at ``index`` (one per row, (…, m, 1)): a column."""
+    return Iv(*(np.take_along_axis(part, index, axis=-1) for part in (a.hi, a.low(), a.radius())))
 
 
 def _transposed(a: Iv) -> Iv:
@@ -358,10 +391,11 @@ def _dyadic(matrix) -> bool:
 
 
 def enclose(graph, names) -> dict:
-    """Enclosures (Iv) of the steps ``names`` (forward steps) of the graph."""
+    """Enclosures (Iv) of the steps ``names`` of the graph: forward ones, and backward ones (names with a d
+    prefix, of this graph's query rows: a query-row block's gradients of keys and values are its rows' share)."""
     xp = IntervalXP()
     with np.errstate(all="ignore"):
-        values = graph.forward(xp, names)
+        values = graph.values(xp, names)
         return {name: result(v) for name, v in values.items()}
 
 

@@ -102,15 +102,15 @@ class Graph:
         self.rows = rows  # the query rows this graph computes (None: all)
         self._by_name = {n.name: n for n in nodes}
         self._backward_steps = None
+        self._steps_by_name = None
 
     def node(self, name: str) -> Node:
         return self._by_name[name]
 
     def step(self, name: str) -> Step:
-        for s in self.steps + self.backward_steps:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+        if self._steps_by_name is None:  # built on first use: the backward steps are made lazily
+            self._steps_by_name = {s.name: s for s in reversed(self.steps + self.backward_steps)}
+        return self._steps_by_name[name]
 
     def needed(self, wanted) -> set:
         """The nodes that ``wanted`` (names) depend on, themselves included."""
@@ -157,12 +157,7 @@ class Graph:
         """Every backward step and input gradient (names with a ``d`` prefix), from the forward ``values`` of
         every node and the output cotangents ``douts`` (by output node name); with ``wanted`` (backward step
         names), only what those need."""
-        needed = None
-        if wanted is not None:  # a gradient is needed for a wanted one's node, and for every node downstream
-            needed = {name[1:] for name in wanted}
-            for node in self.nodes:
-                if any(name in needed for name in node.inputs):
-                    needed.add(node.name)
+        needed = None if wanted is None else self._downstream(wanted)
         grads = dict(douts)
         out = {"d" + name: g for name, g in douts.items()}
         leaves = {}
@@ -183,7 +178,8 @@ class Graph:
                 continue
             args = [value(name) for name in node.inputs]
             needs = ALL if needed is None else tuple(name in needed for name in node.inputs) + (False,) * 3
-            contributions = node.op.vjp(xp, args, values[node.name], g, needs)
+            out_value = values[node.name] if node.op.reads_output else values.get(node.name)
+            contributions = node.op.vjp(xp, args, out_value, g, needs)
             for name, contribution in zip(node.inputs, contributions, strict=True):
                 if contribution is None:
                     continue
@@ -193,13 +189,27 @@ class Graph:
                 out["d" + name] = grads[name]
         return out
 
+    def _downstream(self, wanted) -> set:
+        """The names whose gradient the backward steps ``wanted`` need: their own nodes' (or leaves'), and every
+        node's downstream of those."""
+        needed = {name[1:] for name in wanted}
+        for node in self.nodes:
+            if any(name in needed for name in node.inputs):
+                needed.add(node.name)
+        return needed
+
     def values(self, xp, names) -> dict:
-        """The values of the steps ``names``, forward or backward (a backward one runs the whole forward pass
-        and the backward pass from ``douts``)."""
+        """The values of the steps ``names``, forward or backward (a backward one runs the forward pass of the
+        nodes its gradient flows through, and the backward pass from ``douts``)."""
         names = list(names)
         if all(name in self._by_name for name in names):
             return self.forward(xp, names)
-        values = self.forward(xp, keep=[n.name for n in self.nodes])
+        backward = [n for n in names if n not in self._by_name]
+        downstream = self._downstream(backward)
+        through = [n for n in self.nodes if n.name in downstream]
+        read = [n.name for n in through if n.op.reads_output]  # what their vjps read: some outputs, the inputs
+        read += [name for n in through for name in n.inputs if name in self._by_name]
+        values = self.forward(xp, list(dict.fromkeys([n for n in names if n in self._by_name] + read)))
         grads = self.backward(xp, values, self.douts(xp), [n for n in names if n not in self._by_name])
         return {name: values[name] if name in self._by_name else grads[name] for name in names}
 

@@ -105,6 +105,8 @@ class Linear:
         y = xp.matmul(x, w)
         return y if b is None else xp.add(y, b)
 
+    reads_output = False  # its vjp reads its inputs alone
+
     def vjp(self, xp, args, out, g, needs=ALL):
         x, w, *b = args
         grads = [
@@ -162,6 +164,8 @@ class Scores:
             s = self.mod.forward(xp, s)
         return s if self.allowed is None else xp.mask(s, xp.const(self.allowed))
 
+    reads_output = False  # its vjp reads its inputs alone
+
     def vjp(self, xp, args, out, g, needs=ALL):
         q, k, *bias = args
         if self.mod is not None:  # ∂L/∂(scores before the mod) = g·mod'(s); excluded entries' g is 0 already
@@ -213,6 +217,8 @@ class Softmax:
             return xp.cols(self._extended(xp, s, sinks), 0, self.keys)
         empty = None if self.empty is None else xp.const(self.empty)
         return xp.softmax(s, empty, self.fill)
+
+    reads_output = True  # its vjp reads its own output (the weights)
 
     def vjp(self, xp, args, p, g, needs=ALL):
         if len(args) == 2:  # dP_j/ds_k = P_j(δ_jk − P_k) and dP_j/dsink = −P_j·P_sink
@@ -266,6 +272,8 @@ class LogSumExp:
             return xp.logsumexp(s)
         return xp.logsumexp(s, xp.const(self.empty), xp.const(self.kept))
 
+    reads_output = False  # its vjp reads its inputs alone
+
     def vjp(self, xp, args, out, g, needs=ALL):
         if len(args) == 2:
             p = xp.softmax(args[0], sink=self._sink(xp, args[1]))
@@ -298,6 +306,8 @@ class Dropout:
     def forward(self, xp, p):
         return xp.scale(xp.mul(p, xp.const(self.keep)), xp.param(self.rescale))
 
+    reads_output = False  # its vjp reads its inputs alone
+
     def vjp(self, xp, args, out, g, needs=ALL):
         return (xp.scale(xp.mul(g, xp.const(self.keep)), xp.param(self.rescale)),)
 
@@ -314,6 +324,8 @@ class WeightedSum:
 
     def forward(self, xp, p, v):
         return xp.weighted_sum(p, v)
+
+    reads_output = False  # its vjp reads its inputs alone
 
     def vjp(self, xp, args, out, g, needs=ALL):
         p, v = args
@@ -338,6 +350,8 @@ class Concat:
 
     def forward(self, xp, *heads):
         return xp.hstack(list(heads))
+
+    reads_output = False  # its vjp reads its inputs alone
 
     def vjp(self, xp, args, out, g, needs=ALL):
         starts = self._starts()

@@ -1,13 +1,21 @@
 """The large path: float64 enclosures of whole matrices, by blocks of query rows, and Arb for what they leave.
 
-For the forward steps of specs of at least LARGE score entries, at
-FLOAT_DIGITS digits or fewer, with the default engine, every step is enclosed
-in double-float intervals (vectorized, ``backends/intervals.py``).  The
-enclosures that certify the digits asked are kept as they are (strings made
-when read); the others are settled from their exact double-float ends, by
-equal values (a head's output of a constant column of V), as bounds (near-zeros
-far below the step's scale), or computed again in Arb on their query rows with
-precision doubling, their rows' exact forms deciding rounding ties.
+For the steps of specs of at least LARGE score entries, at FLOAT_DIGITS
+digits or fewer, with the default engine, every step is enclosed in
+double-float intervals (vectorized, ``backends/intervals.py``), by blocks of
+query rows: the backward steps too, a block's forward and backward pass at
+once; the gradients summed over every query row (dk, dv, dsinks, the
+projections' dK, dV, weights and biases, dx's key and value part) are the sums
+of the blocks' shares, enclosures added, so that no L × S enclosure of every
+head is ever held.  The enclosures that certify the digits asked are kept as
+they are (strings made when read); the others are settled from their exact
+double-float ends, by equal values (a head's output of a constant column of
+V), as bounds (near-zeros far below the step's scale), or computed again in Arb
+on their query rows with precision doubling, their rows' exact forms deciding
+rounding ties.  A summed
+gradient's entry left (a sum that cancels) would need every query row in Arb:
+up to ARB_SUMS score entries the whole graph is, beyond it the entry gets the
+digits its enclosure proves (``Truth.notes`` counts them).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import numpy as np
 
 from symattn import certify
 from symattn.backends.balls import BallXP
+from symattn.backends.doublefloat import Iv, add
 from symattn.backends.engines import ArbEngine, precision
 from symattn.graph.graph import build as build_graph
 from symattn.matrix import RatMat
@@ -37,6 +46,9 @@ ESCALATION_BITS = 128  # Arb's first precision for what the enclosures (relative
 # entries near a rounding boundary or cancelling, from double-float products good to about 2**-100
 LARGE_ESCALATION = 1 << 12  # the large path's last precision: past it, an entry on a rounding boundary that its
 # exact form did not decide gets fewer digits (an irrational value within 10**-1200 of a tie is not to be met)
+ARB_SUMS = 1 << 16  # score entries (H·L·S) up to which gradients summed over every query row (dk, dv, dsinks, the
+# projections' weights) that the enclosures leave are computed again in Arb (on the whole graph); beyond, they
+# get the digits their enclosure certifies (a note)
 EXACT_ROW_TERMS = 1 << 20  # a row's exact form is asked for at most this many keys × columns
 EXACT_ROWS = 64  # and for at most this many rows of one evaluation (about 0.1 s each at 512 keys × 16 columns);
 # the rest rise in Arb and, if still on a boundary, get the digits they prove (with a note)
@@ -44,15 +56,9 @@ EXACT_ROWS = 64  # and for at most this many rows of one evaluation (about 0.1 s
 
 def large(spec, digits: int, engine: str, names, graph) -> bool:
     """Whether ``evaluate`` takes the large path: float64 enclosures of whole matrices (``intervals.py``),
-    Arb for the entries they do not certify.  For the forward steps of specs of at least LARGE score
-    entries, FLOAT_DIGITS digits or fewer, and the default engine."""
-    backward = {s.name for s in graph.backward_steps}
-    fits = (
-        engine == "auto"
-        and digits <= FLOAT_DIGITS
-        and spec.h * spec.L * spec.S >= LARGE
-        and not any(name in backward for name in names)
-    )
+    Arb for the entries they do not certify.  For the steps, forward and backward, of specs of at least LARGE
+    score entries, FLOAT_DIGITS digits or fewer, and the default engine."""
+    fits = engine == "auto" and digits <= FLOAT_DIGITS and spec.h * spec.L * spec.S >= LARGE
     if fits and spec.score_mod is not None and spec.score_mod_split.decides:
         # the enclosures would have to decide which branch each entry takes (abs, min, max, where of s): the
         # ball path decides them, exactly where no ball can
@@ -61,15 +67,17 @@ def large(spec, digits: int, engine: str, names, graph) -> bool:
     return fits
 
 
-def blocks(spec, L: int) -> list:
+def blocks(spec, L: int, names=()) -> list:
     """(rows, keys) blocks of the large path: query rows in blocks of about BLOCK score entries per head, each
-    with only the keys some of its queries may attend to (the kernel form; all of them else)."""
+    with only the keys some of its queries may attend to (the kernel form; all of them else, and when the steps
+    ``names`` include the gradient of the weights, which every key has)."""
     size = max(1, BLOCK // max(spec.S, 1))
+    every_key = any(name.startswith(("dweights", "ddropped")) for name in names)
     out = []
     for start in range(0, L, size):
         rows = list(range(start, min(L, start + size)))
         keys = None
-        if spec.form == "kernel":
+        if spec.form == "kernel" and not every_key:
             allowed = np.zeros(spec.S, dtype=bool)
             empty = False
             for i in range(spec.h):
@@ -93,8 +101,10 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
 
     truth = Truth(spec, digits, "arb", graph, names, bits)
     truth.method = "intervals"
+    names = list(dict.fromkeys(names))  # once each
     local = [n for n in names if graph.step(n).row_local]
-    whole = [n for n in names if n not in local]  # K and V of the projection form
+    summed = [n for n in names if graph.step(n).backward and n not in local]  # sums over every query row
+    whole = [n for n in names if n not in local and n not in summed]  # K and V of the projection form
     store = {}
     for name in names:
         step = graph.step(name)
@@ -106,18 +116,28 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
             ok=np.zeros(shape, dtype=bool),
         )
         truth.known[name] = store[name]
-    parts = blocks(spec, spec.L)
+    parts = blocks(spec, spec.L, names)
+    sums = {name: _zero(graph.step(name).shape) for name in summed}
 
     def compute(b: int):
         rows, keys = parts[b]
         g = build_graph(spec, rows=rows, keys=keys) if len(parts) > 1 or keys is not None else graph
-        return enclose(g, local + (whole if b == 0 else []))
+        asked, _ = block_summed(graph, g, local + (whole if b == 0 else []) + summed)
+        return enclose(g, asked)
 
     for b, (rows, keys) in enumerate(parts):
         report("float64 enclosures: query rows", rows[0], spec.L)
-        for name, iv in compute(b).items():
+        values = compute(b)
+        for name in summed:
+            if name in values:
+                _accumulate(sums[name], values.pop(name), summed_target(graph.step(name), keys))
+            if name + "_rows" in values:
+                _accumulate(sums[name], values.pop(name + "_rows"), np.array(rows))
+        for name, iv in values.items():
             step = graph.step(name)
             _settle_block(store[name], iv, block_target(step, rows, keys), digits, rows if step.row_local else None)
+    for name in summed:
+        _settle_block(store[name], sums.pop(name), (slice(None), slice(None)), digits, None)
     left = []
 
     for name in names:
@@ -146,10 +166,57 @@ def evaluate_large(spec, digits: int, graph, names, bits: int, report) -> Truth:
         left += [(name, int(i), int(j)) for i, j in zip(*np.nonzero(bad & ~tiny), strict=True)]
     left = _equal_values(truth, left)
     truth.escalated = len(left)
+    if spec.h * spec.L * spec.S > ARB_SUMS:  # a sum over every query row: Arb would run the whole graph again
+        kept = []
+        for name, i, j in left:
+            if name in summed and np.isfinite(store[name].mid[i, j]) and np.isfinite(store[name].rad[i, j]):
+                _fewer_from_enclosure(truth, name, i, j)
+            else:
+                kept.append((name, i, j))
+        left = kept
     if left:
         log.debug("%d entries not certified by the enclosures: computed again in Arb", len(left))
         _settle_in_arb(truth, left, max(bits, ESCALATION_BITS), report)
     return truth
+
+
+def _zero(shape) -> Iv:
+    """An exact zero matrix, to accumulate a step's sum over blocks of query rows in."""
+    return Iv(np.zeros(shape), np.zeros(shape), np.zeros(shape))
+
+
+def _accumulate(total: Iv, part: Iv, target) -> None:
+    """total[target] += part, rigorously (the radii add, with the sum's own rounding)."""
+    here = Iv(total.hi[target], total.lo[target], total.rad[target])
+    new = add(here, part, 1)
+    total.hi[target], total.lo[target], total.rad[target] = new.hi, new.low(), new.radius()
+
+
+def block_summed(graph, block, names) -> tuple:
+    """(the names a block's graph is asked for, {summed step: the name of its rows' own share or None}): the
+    steps ``names`` of the whole graph, less the summed gradients the block has no share of (dx, when x_kv
+    holds the keys: its rows' share alone), plus dx_rows, a block's own rows' share of dx."""
+    asked, shares = [], {}
+    for name in names:
+        step = graph.step(name)
+        if not step.backward or step.row_local:
+            asked.append(name)
+            continue
+        if name[1:] in block.leaves or name[1:] in {node.name for node in block.nodes}:
+            asked.append(name)
+        shares[name] = None
+        if name == "dx" and "x_rows" in block.leaves:
+            asked.append("dx_rows")
+            shares[name] = "dx_rows"
+    return asked, shares
+
+
+def summed_target(step, keys):
+    """Where a block's share of a step summed over query rows goes: the rows of the keys it kept (the kernel
+    form's dk, dv), or all of it."""
+    if keys is not None and step.kind in ("dk", "dv"):
+        return np.array(keys)
+    return slice(None)
 
 
 def _nan_entries(spec, step) -> np.ndarray | None:
@@ -178,11 +245,11 @@ def _nan_entries(spec, step) -> np.ndarray | None:
 
 
 def block_target(step, rows, keys):
-    """Where a block's values of a step go in the whole step: its rows (and, for scores and weights, the keys it
-    kept); all of a step that is not row-local (the block computed it whole)."""
+    """Where a block's values of a step go in the whole step: its rows (and, for scores, weights and their
+    gradients, the keys it kept); all of a step that is not row-local (the block computed it whole)."""
     if not step.row_local:
         return slice(None), slice(None)
-    if keys is not None and step.kind in ("scores", "weights", "dropped"):
+    if keys is not None and step.kind in ("scores", "weights", "dropped", "dscores", "dweights", "ddropped", "dbias"):
         return np.ix_(rows, keys)
     return np.array(rows), slice(None)
 
@@ -211,6 +278,23 @@ def _settle_block(known, iv, target, digits, rows) -> None:
         if text is not None:
             col = int(columns[j]) if columns is not None else int(j)
             known.decided[row_of(int(i)), col] = text
+
+
+def _fewer_from_enclosure(truth: Truth, name: str, i: int, j: int) -> None:
+    """An entry left to the digits its float64 enclosure certifies (a note), or a bound when none."""
+    from symattn.backends.intervals import exact_string
+
+    known = truth.known[name]
+    mid, rad = float(known.mid[i, j]), float(known.rad[i, j])
+    for fewer in range(truth.digits - 1, 0, -1):
+        text = exact_string(mid, 0.0, rad, fewer)
+        if text is not None:
+            known.decided[i, j] = text
+            known.fewer[i, j] = fewer, mid
+            truth.enclosed.add((name, i, j))
+            return
+    known.decided[i, j] = _bound_text(abs(mid) + rad)
+    known.bounds.add((i, j))
 
 
 def _bound_text(top: float) -> str:
@@ -258,13 +342,13 @@ def _settle_in_arb(truth: Truth, cells, bits: int, report) -> None:
                 rows = sorted(by_row)
                 keys, columns = _restriction(truth.spec, truth.graph.step(name), rows, by_row)
                 g = build_graph(truth.spec, rows=rows, keys=keys, value_columns=columns)
-                value = g.forward(xp, [name])[name]
+                value = g.values(xp, [name])[name]
                 for position, i in enumerate(rows):
                     for j in by_row[i]:
                         balls[name, i, j] = ball_at(xp, value, position, j if columns is None else columns.index(j))
             if whole:
                 report(f"arb at {bits} bits: the whole graph")
-                all_values = truth.graph.forward(xp, sorted({name for name, _, _ in whole}))
+                all_values = truth.graph.values(xp, sorted({name for name, _, _ in whole}))
                 for name, i, j in whole:
                     balls[name, i, j] = ball_at(xp, all_values[name], i, j)
             left = []

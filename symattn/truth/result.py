@@ -202,6 +202,7 @@ class Truth:
         self._shapes = {s.name: s.shape for s in graph.steps + graph.backward_steps}
         self.method = "balls"  # or "intervals": float64 enclosures, Arb for the rest (the large path)
         self.escalated = 0  # on the large path, the entries computed again in Arb
+        self.enclosed: set = set()  # (name, i, j) given the digits their float64 enclosure proves (large path)
 
     @property
     def names(self) -> list[str]:
@@ -331,15 +332,25 @@ class Truth:
     @property
     def notes(self) -> list[str]:
         """What a reader of the values should know beyond them: entries certified to fewer digits than asked."""
-        fewer = [(name, i, j, d) for name, known in self.known.items() for (i, j), (d, _) in known.fewer.items()]
-        if not fewer:
-            return []
-        name, i, j, d = fewer[0]
-        return [
-            f"{len(fewer)} entries certified to fewer than {self.digits} digits: their enclosures straddle a "
-            f"rounding boundary at the highest precision tried and their exact forms did not decide them (e.g. "
-            f"{name}[{i}, {j}], {d} digits)"
-        ]
+        every = [(name, i, j, d) for name, known in self.known.items() for (i, j), (d, _) in known.fewer.items()]
+        notes = []
+        fewer = [cell for cell in every if cell[:3] not in self.enclosed]
+        if fewer:
+            name, i, j, d = fewer[0]
+            notes.append(
+                f"{len(fewer)} entries certified to fewer than {self.digits} digits: their enclosures straddle a "
+                f"rounding boundary at the highest precision tried and their exact forms did not decide them (e.g. "
+                f"{name}[{i}, {j}], {d} digits)"
+            )
+        enclosed = [cell for cell in every if cell[:3] in self.enclosed]
+        if enclosed:
+            name, i, j, d = enclosed[0]
+            notes.append(
+                f"{len(enclosed)} entries of gradients summed over every query row certified to fewer than "
+                f"{self.digits} digits: the digits their float64 enclosures prove (they cancel; Arb would compute "
+                f"the whole graph again at this size) (e.g. {name}[{i}, {j}], {d} digits)"
+            )
+        return notes
 
     def _settle_entry(self, name, i, j, settle, settle_exact, what: str, side=None, fallback=None):
         """(result, decided exactly): settle(engine, ball) at rising precision, or settle_exact(value) of the

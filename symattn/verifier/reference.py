@@ -221,9 +221,9 @@ class Context:
                 self.graph,
                 names,
                 [
-                    lambda g: budgets(g, {}, dtype, names, working=np.float32),  # not float64's: far coarser
-                    lambda g: runs_of(g, {}, dtype, names),
-                    lambda g: runs_of(g, {}, dtype, names, reordered=True),
+                    lambda g, asked: budgets(g, {}, dtype, asked, working=np.float32),  # not float64's: far coarser
+                    lambda g, asked: runs_of(g, {}, dtype, asked),
+                    lambda g, asked: runs_of(g, {}, dtype, asked, reordered=True),
                 ],
             )
         else:
@@ -283,7 +283,7 @@ class Context:
         both = [n for n in names if n in {s.name for s in graph.steps + graph.backward_steps}]
         if large(spec, self.digits, "auto", both, graph):  # the truth against a float64 run, by blocks
             working = "float32" if unit_roundoff(self.dtype) > unit_roundoff("float32") else "float64"
-            (b,) = _by_blocks(spec, graph, both, [lambda g: runs_of(g, {}, working, both)])
+            (b,) = _by_blocks(spec, graph, both, [lambda g, asked: runs_of(g, {}, working, asked)])
             with np.errstate(all="ignore"):
                 return max(
                     (float(np.nanmax(np.abs(self.truth[n].to_numpy() - b[n]), initial=0.0)) for n in both),
@@ -396,21 +396,29 @@ def given_truth(truth, context: Context, names):
 
 
 def _by_blocks(spec, graph, names, computes) -> list[dict]:
-    """Each compute(block graph) -> {name: array} over the large path's blocks (the truth's, each block's
+    """Each compute(block graph, names) -> {name: array} over the large path's blocks (the truth's, each block's
     graph built once), assembled into whole steps (scores outside a block's keys −inf, weights there 0, as
-    masked entries are)."""
-    from symattn.truth.large import block_target, blocks
+    masked entries are); a gradient summed over every query row (dk, dv, dsinks, dx, the projections' weights)
+    is the sum of the blocks' shares (for dx, the rows' own share too), as the truth's is."""
+    from symattn.truth.large import block_summed, block_target, blocks, summed_target
 
     out = [{} for _ in computes]
-    for rows, keys in blocks(spec, spec.L):
+    for rows, keys in blocks(spec, spec.L, names):
         block = build_graph(spec, rows=rows, keys=keys)
+        asked, shares = block_summed(graph, block, names)
         for assembled, compute in zip(out, computes, strict=True):
-            values = compute(block)
+            values = compute(block, asked)
             for name in names:
                 step = graph.step(name)
                 if name not in assembled:
                     assembled[name] = np.full(step.shape, -np.inf if step.kind == "scores" else 0.0)  # lse: every row
-                assembled[name][block_target(step, rows, keys)] = values[name]
+                if name in shares:
+                    if name in values:
+                        assembled[name][summed_target(step, keys)] += values[name]
+                    if shares[name] in values:
+                        assembled[name][rows] += values[shares[name]]
+                else:
+                    assembled[name][block_target(step, rows, keys)] = values[name]
     return out
 
 
