@@ -564,31 +564,36 @@ TANH_SMALL = 2.0**-5
 def tanh(a: Iv) -> Iv:
     """tanh(a) as double-floats (softcap): for |y| <= 2**-5 its Taylor series, y plus a correction computed in
     float64 (its roundings are relative to y³/3, so 2**-60 of y or better); beyond, (1 − w)/(1 + w) for
-    w = exp(−2|y|) from the table exp (1 − w >= 0.06 there: its error stays below 2**-58 relatively).
-    |tanh'| <= 1 carries the input's radius."""
+    w = exp(−2|y|) from the table exp (1 − w >= 0.06 there: its error stays below 2**-58 relatively).  Each
+    entry is computed by its own branch only.  |tanh'| <= 1 carries the input's radius."""
     rad_in = a.radius()
     with np.errstate(all="ignore"):
         hi, lo = two_sum(a.hi, a.low())  # normalised (a product's rest is not): |lo| <= u·|hi|
-        size = np.abs(hi) + np.abs(lo)
-        y2 = hi * hi
-        q = np.full_like(hi, TANH_SERIES[-1])
-        for c in TANH_SERIES[-2::-1]:
-            q *= y2
-            q += c
-        corr = hi * y2 * q
-        s_hi, s_lo = two_sum(hi, corr)
-        s_lo += lo
-        # Horner's (7 steps: 14u of Σ|terms| <= 1.02|q|), y²'s, the two products' and the coefficients'
-        # roundings (20u·|corr| in all), lo left out of the correction (|lo|·y², as |tanh'(y) − 1| <= y²), the
-        # series' rest and the final sum's rounding
-        s_rad = 20 * U * np.abs(corr) + 1.1 * np.abs(lo) * size * size + TANH_NEXT * 1.01 * size**19
-        s_rad += U * np.abs(s_lo) + 4 * ETA
-        sign = np.where(hi < 0, -1.0, 1.0)
-        w = exp(Iv(-2 * np.abs(hi), -2 * sign * lo, 2 * rad_in))  # e**(−2|y|) <= 1: within the table
-        one = Iv(np.ones_like(hi))
-        t = divide(add(one, w, -1), add(one, w, 1))
         small = np.abs(hi) <= TANH_SMALL
-        out_hi = np.where(small, s_hi, sign * t.hi)
-        out_lo = np.where(small, s_lo, sign * t.lo)
-        out_rad = np.where(small, s_rad + rad_in, t.rad)
+        out_hi, out_lo, out_rad = np.empty_like(hi), np.empty_like(hi), np.empty_like(hi)
+        if small.any():
+            y, low, r = hi[small], lo[small], rad_in[small]
+            size = np.abs(y) + np.abs(low)
+            y2 = y * y
+            q = np.full_like(y, TANH_SERIES[-1])
+            for c in TANH_SERIES[-2::-1]:
+                q *= y2
+                q += c
+            corr = y * y2 * q
+            s_hi, s_lo = two_sum(y, corr)
+            s_lo += low
+            # Horner's (7 steps: 14u of Σ|terms| <= 1.02|q|), y²'s, the two products' and the coefficients'
+            # roundings (20u·|corr| in all), lo left out of the correction (|lo|·y², as |tanh'(y) − 1| <= y²),
+            # the series' rest and the final sum's rounding
+            s_rad = 20 * U * np.abs(corr) + 1.1 * np.abs(low) * size * size + TANH_NEXT * 1.01 * size**19
+            s_rad += U * np.abs(s_lo) + 4 * ETA
+            out_hi[small], out_lo[small], out_rad[small] = s_hi, s_lo, s_rad + r
+        big = ~small
+        if big.any():
+            y, low, r = hi[big], lo[big], rad_in[big]
+            sign = np.where(y < 0, -1.0, 1.0)
+            w = exp(Iv(-2 * np.abs(y), -2 * sign * low, 2 * r))  # e**(−2|y|) <= 1: within the table
+            one = Iv(np.ones_like(y))
+            t = divide(add(one, w, -1), add(one, w, 1))
+            out_hi[big], out_lo[big], out_rad[big] = sign * t.hi, sign * t.low(), t.radius()
     return Iv(out_hi, out_lo, up(out_rad), a.excluded)
