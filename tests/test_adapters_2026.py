@@ -154,3 +154,56 @@ def test_the_pytest_helper_makes_every_option_tensor_on_the_inputs_device_and_dt
         assert t.device == q.device, name
     assert seen["mask"].dtype == torch.bool
     assert seen["bias"].dtype == seen["slopes"].dtype == torch.bfloat16
+
+
+def _fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                      enable_gqa=False, **_):  # fmt: skip
+    """torch's varlen_attn as its docstring defines it (FlashAttention's varlen semantics), written here: (T, H, D)
+    tensors, sequences by cumulative offsets, windows (left, right) around i + (len_k − len_q) with −1
+    unbounded, (−1, 0) causal."""
+    torch = pytest.importorskip("torch")
+    H, H_kv = query.shape[1], key.shape[1]
+    out = torch.zeros(query.shape[0], H, value.shape[2], dtype=query.dtype)
+    left, right = window_size
+    for a in range(len(cu_seq_q) - 1):
+        q0, q1, k0, k1 = int(cu_seq_q[a]), int(cu_seq_q[a + 1]), int(cu_seq_k[a]), int(cu_seq_k[a + 1])
+        assert q1 - q0 <= max_q and k1 - k0 <= max_k
+        delta = (k1 - k0) - (q1 - q0)
+        i, j = torch.arange(q1 - q0)[:, None], torch.arange(k1 - k0)[None, :]
+        ok = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        if right >= 0:
+            ok &= j <= i + delta + right
+        if left >= 0:
+            ok &= j >= i + delta - left
+        for h in range(H):
+            g = h * H_kv // H if enable_gqa else h
+            s = (query[q0:q1, h] @ key[k0:k1, g].T) * scale
+            p = torch.softmax(s.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)
+            out[q0:q1, h] = p @ value[k0:k1, g]
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"causal": True, "align": "bottom_right"}, {"window": [1, 0], "align": "bottom_right"},
+     {"causal": True, "window": [2, None], "align": "bottom_right"}, {}],
+    ids=["causal", "window", "causal and window", "none"],
+)  # fmt: skip
+def test_torch_varlen_feeds_varlen_attn_by_its_contract(options, monkeypatch):
+    """The CUDA-only kernel replaced by its documented semantics: the adapter's offsets, window sizes, layout and
+    GQA reach it as the contract says, and the result is the spec's truth."""
+    torch = pytest.importorskip("torch")
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    from symattn.verifier.adapters.pytorch import Leaves, _varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", _fake_varlen_attn)
+    seg_q, seg_kv = [0, 2, 5], [0, 3, 6]
+    data = {**_kernel(**options), "segments_q": seg_q, "segments_kv": seg_kv}
+    spec = symattn.load_spec(data)
+    expected = np.stack([symattn.evaluate(spec, digits=17)[f"head{i}"].to_numpy() for i in range(1, 5)])
+    leaf = Leaves(torch, False)  # tensors stay on the CPU; the device only tells the adapter it may run
+    q, k, v = (leaf(n, np.asarray(data[n], dtype=np.float64)) for n in ("q", "k", "v"))
+    out = _varlen(torch, leaf, q, k, v, scale=3**-0.5, causal=data.get("causal", False),
+                  window=data.get("window"), align=data.get("align", "top_left"), segments_q=seg_q,
+                  segments_kv=seg_kv, device="cuda")  # fmt: skip
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
