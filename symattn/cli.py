@@ -213,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
     hu.add_argument("--n", type=int, default=100, metavar="N", help="how many hard specs to verify, at most")
     hu.add_argument("--seed", type=int, default=0, metavar="S", help="which hard specs (the same everywhere)")
     hu.add_argument("--backward", action="store_true", help="verify a backward implementation, as verify does")
+    hu.add_argument("--rule", choices=RULES, default="kappa", help="the rule that decides each verdict, as for verify")
+    hu.add_argument(
+        "--lse-base", default="e", metavar="e|2", help="the base of an lse the implementation returns (as for verify)"
+    )
+    hu.add_argument("--device", metavar="cpu|cuda[:N]", help="where built-in adapters run; default: the frameworks'")
+    hu.add_argument("--cache", metavar="DIR", help=cache_help)
     hu.add_argument(
         "-o",
         "--output",
@@ -504,13 +510,17 @@ def _hunt(args) -> int:
     sys.path.insert(0, "")  # --impl modules are found from the current folder, as with python -m
     shown = progress.Progress()
     try:
-        found = hunt(args.impl, dtype=args.dtype, n=args.n, seed=args.seed, backward=args.backward, progress=shown)
+        found = hunt(args.impl, dtype=args.dtype, n=args.n, seed=args.seed, backward=args.backward, rule=args.rule,
+                     progress=shown, lse_base=args.lse_base, device=args.device, cache=args.cache)  # fmt: skip
     finally:
         shown.close()
     print("\n".join(found.lines()))
     if not found.found:
         return 0
     again = f"symattn verify FILE --impl {args.impl} --dtype {args.dtype}{' --backward' if args.backward else ''}"
+    for flag, value, default in (("--rule", args.rule, "kappa"), ("--lse-base", args.lse_base, "e"),
+                                 ("--device", args.device, None)):  # fmt: skip
+        again += f" {flag} {value}" if value != default else ""
     if args.output:
         write_atomic(Path(args.output), json.dumps(found.spec.to_dict()) + "\n")
         print(f"wrote {printable(args.output)}: {again.replace('FILE', printable(args.output))}")

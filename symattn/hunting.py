@@ -61,7 +61,8 @@ def shape(spec) -> str:
 
 
 def hunt(impl, *, dtype: str = "float64", n: int = 100, seed: int = 0, backward: bool = False,
-         rule: str = "kappa", tries: int = 200, progress=None) -> HuntResult:  # fmt: skip
+         rule: str = "kappa", tries: int = 200, progress=None, lse_base="e", device=None,
+         cache=None) -> HuntResult:  # fmt: skip
     """Verify ``impl`` on ``hard_specs(n, seed)`` in turn; at the first FAIL or ERROR, shrink that spec.
 
     >>> import numpy as np
@@ -74,11 +75,11 @@ def hunt(impl, *, dtype: str = "float64", n: int = 100, seed: int = 0, backward:
     ('tiles-2-shrunk', 1, 1, 2)
 
     ``impl``: a callable, a (name, callable) pair, or "MODULE:FUNCTION" / a built-in adapter's name, as for
-    ``verify``; ``dtype``, ``backward`` and ``rule`` as there.  Specs setting options ``impl`` does not take
-    (UNSUPPORTED) are skipped and counted; they are in the kernel form, or the projection form for an adapter
-    that takes only that (torch_mha).  ``tries``: the most verifications shrinking makes.  ``progress``: a
-    callable given a short text before each verification (``symattn.progress.Progress``).  Returns a
-    ``HuntResult``; ``found`` tells whether a spec failed.
+    ``verify``; ``dtype``, ``backward``, ``rule``, ``lse_base``, ``device`` and ``cache`` as there. Specs setting
+    options ``impl`` does not take (UNSUPPORTED) are skipped and counted; they are in the kernel form, or the
+    projection form for an adapter that takes only that (torch_mha). ``tries``: the most verifications shrinking
+    makes. ``progress``: a callable given a short text before each verification (``symattn.progress.Progress``).
+    Returns a ``HuntResult``; ``found`` tells whether a spec failed.
     """
     from symattn.backends.floats import dtype_of
     from symattn.verifier.convention import load_impl
@@ -89,8 +90,11 @@ def hunt(impl, *, dtype: str = "float64", n: int = 100, seed: int = 0, backward:
         raise SymattnError(f"rule: expected one of {', '.join(RULES)}, received {rule!r}")
     if isinstance(tries, bool) or not isinstance(tries, int) or tries < 0:
         raise SymattnError(f"tries: expected an integer >= 0, received {tries!r}")
+    from symattn.verifier.adapters import check_device
+
+    device = check_device(device)
     if isinstance(impl, str):
-        name, fn = impl, load_impl(impl, backward)
+        name, fn = impl, load_impl(impl, backward, device)
     elif isinstance(impl, tuple):
         name, fn = impl
     else:
@@ -100,7 +104,8 @@ def hunt(impl, *, dtype: str = "float64", n: int = 100, seed: int = 0, backward:
     note = progress or (lambda text: None)
 
     def check(spec):
-        (result,) = verify(spec, [(name, fn)], dtype=dtype, rule=rule, backward=backward)
+        (result,) = verify(spec, [(name, fn)], dtype=dtype, rule=rule, backward=backward, lse_base=lse_base,
+                           cache=cache)  # fmt: skip
         return result
 
     passed = unsupported = 0

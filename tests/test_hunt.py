@@ -462,3 +462,33 @@ def test_cli_hunt_bad_impl(cli):
         2,
         "symattn: error: --impl tools.kernels:nothing: tools.kernels has no function 'nothing'\n",
     )
+
+
+def _with_base2_lse(q, k, v, *, scale, mask=None, causal=False, window=None, align="top_left", softcap=None,
+                    sinks=None, segments_q=None, segments_kv=None, empty_row="zero"):  # fmt: skip
+    """tools/kernels.py's straightforward kernel, returning FlashInfer's base-2 lse beside its output."""
+    out = kernels.straightforward(q, k, v, scale=scale, mask=mask, causal=causal, window=window, align=align,
+                                  softcap=softcap, sinks=sinks, segments_q=segments_q, segments_kv=segments_kv,
+                                  empty_row=empty_row)  # fmt: skip
+    options = {"scale": float(scale), "mask": mask, "causal": causal, "window": window, "align": align,
+               "softcap": softcap, "sinks": sinks, "segments_q": segments_q, "segments_kv": segments_kv,
+               "empty_row": empty_row}  # fmt: skip
+    spec = symattn.load_spec({"q": q, "k": k, "v": v, **options})
+    truth = symattn.evaluate(spec, digits=20, steps=[f"lse{h}" for h in range(1, spec.h + 1)])
+    lse = np.stack([truth[f"lse{h}"].to_numpy()[:, 0] for h in range(1, spec.h + 1)]) / np.log(2)
+    return out, lse.astype(np.float32)
+
+
+def test_hunt_passes_lse_base_rule_and_cache_to_verify(tmp_path):
+    found = symattn.hunt(_with_base2_lse, dtype="float32", n=4, lse_base=2, cache=tmp_path, rule="differential")
+    assert not found.found and found.passed + found.unsupported == 4
+    assert any(tmp_path.iterdir())  # the truths went to the cache
+    assert symattn.hunt(_with_base2_lse, dtype="float32", n=4).found  # read as a natural log it fails
+
+
+def test_hunt_cli_takes_rule_lse_base_device_and_cache(cli, tmp_path):
+    ran = cli("hunt", "tools.kernels:straightforward", "--dtype", "float32", "--n", "3", "--rule", "both",
+              "--lse-base", "2", "--device", "cpu", "--cache", str(tmp_path / "c"))  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    bad = cli("hunt", "tools.kernels:straightforward", "--device", "tpu")
+    assert bad.returncode == 2 and "device: expected cpu, cuda or cuda:N, received 'tpu'" in bad.stderr

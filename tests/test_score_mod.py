@@ -609,3 +609,24 @@ def test_the_fold_keeps_the_large_paths_forms_cheap():
     distance = symattn.load_spec({**data, "score_mod": "s - 0.5*abs(q_idx - kv_idx)"}).score_mod_split
     assert [a.dtype for a in distance.arrays] == [np.int64] and distance.scalars[0] == Fraction(1, 2)
     assert symattn.load_spec({**data, "score_mod": "max(s, 0)"}).score_mod_split.decides
+
+
+def test_an_entry_no_precision_settles_is_a_noted_bound_and_the_verifier_says_it_did_not_verify_it():
+    """A condition on tanh(s) tied at s = 1/2: no ball decides it, so the heads are hulls of both branches; the
+    truth prints bounds with a note, and the verifier counts an error there only beyond the bound, with a note
+    (it once gave those entries an infinite allowance, silently)."""
+    data = {"q": [[[1, 0.5], [0.25, 2]]], "k": [[[0.5, 0], [1, 1], [0, 0.25]]], "v": [[[1, 2], [3, 4], [5, 7]]],
+            "scale": 1, "score_mod": "where(tanh(s) > tanh(0.5), s + 1, s)"}  # fmt: skip
+    truth = symattn.evaluate(data, digits=15)
+    bound = truth["head1"].values[0][0]
+    assert bound.startswith("<") and any("no certified digit" in n for n in truth.notes)
+
+    def zeros(q, k, v, *, scale, score_mod=None, **_):
+        return np.zeros((1, 2, 2))
+
+    def far(q, k, v, *, scale, score_mod=None, **_):
+        return np.full((1, 2, 2), 1e3)
+
+    r_zeros, r_far = symattn.verify(data, [zeros, far])
+    assert any("not verified" in n for n in r_zeros.notes)
+    assert r_far.verdict == "FAIL"  # 1000 is beyond any value below the bound: a proven error

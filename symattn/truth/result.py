@@ -203,6 +203,7 @@ class Truth:
         self.method = "balls"  # or "intervals": float64 enclosures, Arb for the rest (the large path)
         self.escalated = 0  # on the large path, the entries computed again in Arb
         self.enclosed: set = set()  # (name, i, j) given the digits their float64 enclosure proves (large path)
+        self.unsettled: set = set()  # (name, i, j) that no precision certified a digit of: printed as bounds
 
     @property
     def names(self) -> list[str]:
@@ -327,6 +328,7 @@ class Truth:
             known.fewer[i, j] = digits, engine.mid_float(ball)
         else:
             known.bounds.add((i, j))
+            self.unsettled.add((name, i, j))
         return text
 
     @property
@@ -349,6 +351,13 @@ class Truth:
                 f"{len(enclosed)} entries of gradients summed over every query row certified to fewer than "
                 f"{self.digits} digits: the digits their float64 enclosures prove (they cancel; Arb would compute "
                 f"the whole graph again at this size) (e.g. {name}[{i}, {j}], {d} digits)"
+            )
+        if self.unsettled:
+            name, i, j = min(self.unsettled)
+            notes.append(
+                f"{len(self.unsettled)} entries with no certified digit, given as bounds: no precision tried settled "
+                f"them and their exact forms did not decide them (e.g. {name}[{i}, {j}] = "
+                f"{self.known[name].decided[i, j]})"
             )
         return notes
 

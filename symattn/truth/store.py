@@ -252,6 +252,9 @@ def save(truth, path, what: str = "save") -> None:
         arrays[f"{name}.fewer_at"] = np.array([ij for ij, _ in fewer], dtype=np.int64).reshape(-1, 2)
         arrays[f"{name}.fewer_digits"] = np.array([d for _, (d, _) in fewer], dtype=np.int64)
         arrays[f"{name}.fewer_mid"] = np.array([m for _, (_, m) in fewer], dtype=np.float64)
+    for kind in ("enclosed", "unsettled"):  # the notes' cells: (step index, i, j)
+        cells = sorted((truth.names.index(n), i, j) for n, i, j in getattr(truth, kind) if n in truth.names)
+        arrays[f".{kind}"] = np.array(cells, dtype=np.int64).reshape(-1, 3)
     write_arrays(path, arrays, truth_meta(truth, spec_parts(truth.spec)), what)
 
 
@@ -310,7 +313,10 @@ def rebuild(arrays: dict, meta: dict, spec, graph=None):
             )
             known.fewer = {ij: (d, m) for ij, d, m in fewer}
             truth.known[name] = known
-    except (KeyError, ValueError, TypeError) as e:
+        for kind in ("enclosed", "unsettled"):
+            if f".{kind}" in arrays:
+                setattr(truth, kind, {(truth.names[n], i, j) for n, i, j in arrays[f".{kind}"].tolist()})
+    except (KeyError, ValueError, TypeError, IndexError) as e:
         raise Corrupt(f"does not hold the steps it lists ({type(e).__name__}: {e})") from None
     return truth
 

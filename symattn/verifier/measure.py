@@ -196,6 +196,15 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
             finite, 2 * np.maximum(context.budget, context.reference_errors) + FLOOR_ULPS * spacing, 0.0
         )
         ratio = np.where(error == 0, 0.0, error / allowance)
+    loose = checked & finite & (context.bound > allowance)  # the truth there only a bound |exact| < b
+    if loose.any():
+        k = int(np.flatnonzero(loose)[0])
+        step, i, j = context.where(k)
+        notes.append(
+            f"{int(loose.sum())} entries not verified: their truth is only a bound wider than the allowance (no "
+            f"certified digit; e.g. {step_entry(step, i, j)}: |exact| < {context.bound[k]:.3g}); an error is counted "
+            f"there only beyond the bound"
+        )
     owner = np.zeros(size, dtype=int)
     for n, part in enumerate(context.slices):
         owner[part] = n

@@ -14,6 +14,7 @@ from decimal import Decimal, localcontext
 
 import numpy as np
 
+from symattn._version import __version__
 from symattn.backends.floats import FP8, FloatXP, dtype_of, output_dtype, unit_roundoff
 from symattn.certify import to_decimal
 from symattn.errors import SymattnError
@@ -28,7 +29,7 @@ KAPPA_LIMIT = 4096  # condition numbers are reported for outputs up to this many
 DIGITS = 25  # of the truth: far more than any float dtype has
 LARGE_DIGITS = 12  # at most, of the truth of a large spec in a half or single dtype (the enclosures certify them)
 BEYOND_DTYPE = 6  # digits of the truth beyond the dtype's unit roundoff, for such a spec
-MEASURES_FORMAT = 2  # of the reference measures in a truth cache
+MEASURES_FORMAT = 3  # of the reference measures in a truth cache
 
 
 def auto_digits(spec, dtype: str, names, graph) -> int:
@@ -169,6 +170,7 @@ class Context:
                 for n in names
             }
         ) if dtype == "float64" else None  # fmt: skip
+        self.bound = self._flat({n: _bounds(self.truth, n, self.graph.step(n).shape) for n in names})
         self._starts, self._steps = [], []  # where each step's entries start in the flat order
         start = 0
         for t in self.targets:
@@ -267,7 +269,8 @@ class Context:
             {"measures": MEASURES_FORMAT, "rounded": store.spec_parts(self.args.rounded),
              "given": store.spec_parts(spec), "dtype": self.dtype, "backward": self.backward, "steps": names,
              "digits": self.digits, "truth_digits": self.truth.digits, "lse_base": self.lse_base,
-             "numpy": np.__version__, "machine": platform.machine()}
+             "method": self.truth.method, "symattn": __version__, "numpy": np.__version__,
+             "machine": platform.machine()}
         )  # fmt: skip
 
     def _input_effect(self, spec, names) -> float:
@@ -314,6 +317,7 @@ class Context:
             special = ~np.isfinite(e) | ~np.isfinite(values)
             same = (np.isnan(e) & np.isnan(values)) | (values == e)
             out[special] = np.where(same[special], 0.0, np.inf)
+            out = np.where(self.bound > 0, np.maximum(out - self.bound, 0.0), out)  # a bound: at least |v| − b
         return out
 
     def where(self, k: int) -> tuple:
@@ -446,7 +450,21 @@ def _difference(a, b) -> float:
     return 0.0 if str(a) == str(b) else math.inf
 
 
+def _bounds(truth, name: str, shape: tuple) -> np.ndarray:
+    """b where the truth of an entry is only the bound |exact| < b (printed "<b"), else 0."""
+    out = np.zeros(shape)
+    known = truth.known.get(name)
+    if known is not None:
+        for i, j in known.bounds:
+            text = known.decided.get((i, j), "")
+            if text.startswith("<"):
+                out[i, j] = float(text[1:])
+    return out
+
+
 def _error(v: float, e) -> float:
+    if isinstance(e, str) and e.startswith("<"):  # a bound |exact| < b: the error is at least |v| − b
+        return max(abs(v) - float(e[1:]), 0.0) if math.isfinite(v) else math.inf
     if not _finite(e):
         same = isinstance(e, Decimal) and ((e.is_nan() and v != v) or (e.is_infinite() and float(e) == v))
         same = same or str(e) == repr(v)
