@@ -630,3 +630,19 @@ def test_an_entry_no_precision_settles_is_a_noted_bound_and_the_verifier_says_it
     r_zeros, r_far = symattn.verify(data, [zeros, far])
     assert any("not verified" in n for n in r_zeros.notes)
     assert r_far.verdict == "FAIL"  # 1000 is beyond any value below the bound: a proven error
+
+
+def test_constants_are_data_the_truth_is_for_the_values_the_implementation_receives():
+    """As the bias: 0.1 reaches a bfloat16 implementation as bfloat16(0.1), and the truth is certified for that
+    value, so an implementation using exactly what it was given has no input-rounding error charged to it."""
+    from symattn.backends.floats import dtype_of
+    from symattn.verifier.reference import Context
+
+    data = {"q": [[[1, 0.5], [0.25, 2]]], "k": [[[0.5, 0], [1, 1], [0, 0.25]]], "v": [[[1, 2], [3, 4], [5, 7]]],
+            "score_mod": "s + rel[kv_idx]", "constants": {"rel": ["0.1", "-0.3", "0.7"]}}  # fmt: skip
+    context = Context(symattn.load_spec(data), "bfloat16")
+    given = context.args.options["constants"]["rel"]
+    certified = context.args.rounded.constants["rel"]
+    assert given.dtype == dtype_of("bfloat16")
+    assert [Fraction(float(x)) for x in given] == [Fraction(x) for x in certified.reshape(-1).tolist()]
+    assert Fraction(certified[0]) != Fraction(1, 10)

@@ -131,6 +131,7 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
             else np.array([float(x) for x in a.reshape(-1).tolist()]).reshape(a.shape).astype(dt)
             for name, a in spec.constants.items()
         }  # fmt: skip
+
     if spec.dropout_mask is not None:  # bools, as the mask: (L, S), or (H, L, S) for one per head
         options["dropout_mask"] = spec.dropout_mask[0] if spec.shared_dropout else np.stack(spec.dropout_mask)
     leaves: dict = {}
@@ -145,6 +146,10 @@ def arguments(spec: AttentionSpec, dtype: str, cast=None, backward: bool = False
         for k, d in enumerate(dout if spec.form == "kernel" else [dout], 1):
             leaves[f"dout{k}"] = d
         fields["dout"] = dout.astype(np.float64)
+    if options["constants"] is not None:  # data, as the bias: the truth is for the values the implementation gets
+        fields["constants"] = {
+            name: a if a.dtype == np.int64 else a.astype(np.float64) for name, a in options["constants"].items()
+        }
     if spec.bias is not None:
         options["bias"] = rounded(spec.bias[0], "bias") if spec.shared_bias else stack(spec.bias, "bias")
         if spec.shared_bias:
