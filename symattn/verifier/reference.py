@@ -277,10 +277,9 @@ class Context:
         """max |truth(rounded inputs) − truth(exact inputs)|: certified at small sizes; on the large path the
         truth against a forward run of the original inputs, in float64, or in float32 for a half dtype (an
         estimate good to that precision, far below the half dtype's rounding of the inputs)."""
+        from symattn.truth import store
         from symattn.truth.evaluation import evaluate
         from symattn.truth.large import large
-
-        from symattn.truth import store
 
         if self.args.rounded is spec or store.spec_parts(self.args.rounded) == store.spec_parts(spec):
             return 0.0  # (specs holding constants, arrays, do not compare with ==)
