@@ -3,7 +3,10 @@
 Runs torch SDPA's flash, memory-efficient, cuDNN and math backends on CUDA in bfloat16, and two planted bugs,
 through ``symattn.verify`` on the specs issue 17 is about: a 512-token, 256-wide bfloat16 spec whose outputs
 sit on exact rounding ties, a 1,024-token spec with a constant column of V (every output an exact tie), and a
-plain 1,024-token causal spec.  Prints each verdict with its error and the time the verification took.
+plain 1,024-token causal spec.  Then (issue 20) the built-in adapters with ``device=``: torch_sdpa,
+torch_flex (compiled; its LSE too), jax_dpa:cudnn and :xla on the 1,024-token spec, torch_varlen and torch_flex on
+it packed as two documents, torch_flex with a softcap and a relative-bias score_mod, and the backward of
+torch_sdpa and torch_flex.  Prints each verdict with its error and the time the verification took.
 
     python3 tools/device_check.py            (SYMATTN_DEVICE=cpu ... --small: a dry run on the CPU)
 """
@@ -106,7 +109,33 @@ def main() -> int:
                   f"normwise {r.normwise_error:.3g}{flag}", flush=True)  # fmt: skip
             if r.verdict == "ERROR":
                 print("    " + "; ".join(r.reasons)[:300])
+    adapters(specs("--small" in sys.argv)["causal1024"])
     return 0
+
+
+def adapters(plain: dict) -> None:
+    """The built-in adapters on DEVICE, one verification each (timed apart)."""
+    flex = "torch_flex" if DEVICE.startswith("cuda") else "torch_flex:eager"
+    L = plain["q"].shape[1]
+    packed = {**plain, "name": "packed", "segments_q": [0, L // 3, L], "segments_kv": [0, L // 3, L],
+              "align": "bottom_right"}  # fmt: skip
+    rel = (np.random.default_rng(1).integers(-8, 9, (8, 2 * L - 1)) / 8).tolist()
+    modded = {**plain, "name": "score_mods", "softcap": 30.0, "score_mod": f"s + rel[h][q_idx - kv_idx + {L - 1}]",
+              "constants": {"rel": rel}}  # fmt: skip
+    runs = [(plain, name, False) for name in ("torch_sdpa", flex, "jax_dpa:cudnn", "jax_dpa:xla")]
+    runs += [(packed, name, False) for name in ("torch_varlen", flex, "torch_sdpa")]
+    runs += [(modded, flex, False), (plain, "torch_sdpa", True), (plain, flex, True)]
+    for data, name, backward in runs:
+        spec = symattn.load_spec(data)
+        start = time.perf_counter()
+        (r,) = symattn.verify(spec, [name], dtype="bfloat16", device=DEVICE, backward=backward)
+        elapsed = time.perf_counter() - start
+        what = f"{spec.display_name} {'backward ' if backward else ''}{name}"
+        figures = f"max error {r.max_abs_error:.3g} ({r.max_ulps:.3g} ulps)" if r.verdict in ("PASS", "FAIL") else ""
+        lse = "" if r.lse is None else f", lse max error {r.lse.get('max_abs_error', float('nan')):.3g}"
+        print(f"  {r.verdict:11s} {what:40s} {elapsed:6.1f} s  {figures}{lse}", flush=True)
+        if r.verdict in ("ERROR", "UNSUPPORTED"):
+            print("    " + "; ".join(r.reasons)[:300], flush=True)
 
 
 if __name__ == "__main__":
