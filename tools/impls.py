@@ -339,7 +339,32 @@ def _mm(a, b, dt):
 
 def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
                    alibi_slopes=None, softcap=None, empty_row="zero", bug=None, want_output=False):  # fmt: skip
+    """In bfloat16 and float16 as FlashAttention computes: every op in float32, each product's operands (P, dS, O,
+    dO) in the dtype, the gradients (and output) stored in it once."""
+    if q.dtype.itemsize == 2:
+        half = q.dtype
+        wide = [np.asarray(a).astype(np.float32) for a in (q, k, v, dout)]
+        found = _flash_backward(*wide, scale=scale, mask=mask, causal=causal, window=window, align=align,
+                               bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, empty_row=empty_row, bug=bug,
+                               want_output=want_output, operands=half)  # fmt: skip
+        grads, outs = found if want_output else (found, None)
+        grads = {name: _store(g, half) for name, g in grads.items()}
+        return (grads, _store(outs, half)) if want_output else grads
+    return _flash_backward(q, k, v, dout, scale=scale, mask=mask, causal=causal, window=window, align=align,
+                           bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, empty_row=empty_row, bug=bug,
+                           want_output=want_output)  # fmt: skip
+
+
+def _flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
+                    alibi_slopes=None, softcap=None, empty_row="zero", bug=None, want_output=False,
+                    operands=None):  # fmt: skip
     dt = q.dtype
+
+    def mm(a, b, dt):  # the products' operands rounded to ``operands`` first (FlashAttention's half types)
+        if operands is not None:
+            a, b = (np.asarray(x).astype(operands).astype(dt) for x in (a, b))
+        return _mm(a, b, dt)
+
     H, L, _ = q.shape
     H_kv, S, _ = k.shape
     dq = np.zeros(q.shape, dt)
@@ -349,7 +374,7 @@ def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None
     for h in range(H):
         g = h // (H // H_kv)
         ok = _kernel_mask(L, S, mask, causal, window, align, h)
-        raw = _store(_mm(q[h], k[g].T, dt) * dt.type(scale), dt)
+        raw = _store(mm(q[h], k[g].T, dt) * dt.type(scale), dt)
         t = None
         if softcap is not None:
             t = _store(np.tanh(_store(raw / dt.type(softcap), dt)), dt)
@@ -370,9 +395,9 @@ def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None
         p = _store(e / np.where(z == 0, dt.type(1), z), dt)
         fill = {"zero": 0.0, "uniform": 1.0 / S, "nan": np.nan}[empty_row]
         p = np.where(empty, dt.type(fill), p).astype(dt)
-        o = _mm(p, v[g], dt)
+        o = mm(p, v[g], dt)
         outs.append(o)
-        dp = _mm(dout[h], v[g].T, dt)
+        dp = mm(dout[h], v[g].T, dt)
         if bug == "missing rowsum":
             ds = _store(p * dp, dt)
         else:
@@ -382,11 +407,11 @@ def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None
         dbias.append(ds)
         if t is not None:
             ds = _store(ds * _store(1 - t * t, dt), dt)
-        dq[h] = _store(_mm(ds, k[g], dt) * dt.type(scale), dt)
-        dk_h = _mm(ds.T, q[h], dt)
+        dq[h] = _store(mm(ds, k[g], dt) * dt.type(scale), dt)
+        dk_h = mm(ds.T, q[h], dt)
         if bug != "scale forgotten in dK":
             dk_h = _store(dk_h * dt.type(scale), dt)
-        dv_h = _mm((e if bug == "dV with unnormalised weights" else p).T, dout[h], dt)
+        dv_h = mm((e if bug == "dV with unnormalised weights" else p).T, dout[h], dt)
         if bug == "GQA gradients not summed":  # each head overwrites its group's gradient: only the last counts
             dk[g], dv[g] = dk_h, dv_h
         else:
