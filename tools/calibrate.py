@@ -11,7 +11,9 @@ The calibration table has two parts.
    causal, windowed, ALiBi, GQA, scores of standard deviation 3 and 9), in float64, float32, float16 and
    bfloat16: per implementation and dtype, how many specs gave each verdict, and the largest normwise ratio
    (an array's normwise error over the reference runs', limit 2).  A right implementation should PASS
-   everywhere (U: a spec it cannot take).  tools/impls.py's wrong kernels are listed below them: they should FAIL.
+   everywhere (U: a spec it cannot take; E: torch's flash backend on CPU has no kernel for masks, windows,
+   ALiBi or GQA).  tools/impls.py's kernels (right and wrong) take the random specs only: they ignore options
+   they do not compute.  Its wrong kernels are listed last: they should FAIL.
 2. The held-out bugs of issue 22 at L = 1,024, H = 4, E = 64, causal: each one's verdict under the kappa,
    differential and normwise rules, and its normwise ratio.  They should FAIL, by the normwise rule.
 """
@@ -85,8 +87,9 @@ def frameworks() -> list:
     except ImportError:
         pass
     try:
-        import jax  # noqa: F401
+        import jax
 
+        jax.config.update("jax_enable_x64", True)  # else JAX computes float64 inputs in float32
         found.append("jax_dpa")
     except ImportError:
         pass
@@ -98,14 +101,19 @@ def _name(f) -> str:
 
 
 def rights(quick: bool) -> None:
-    right = frameworks() + kernels.RIGHT + impls.KERNEL_RIGHT
+    kernel_form = frameworks() + kernels.RIGHT
+    projection_form = frameworks() + [impls.general]  # the projection form's right one with every option
+    right = kernel_form + impls.KERNEL_RIGHT + [impls.general]
     wrong = impls.KERNEL_WRONG
     table: dict = {}
     worst: dict = {}
     cases = [(name, name, DTYPES) for name in builtin_names()] + list(random_specs(quick))
     for label, data, dtypes in cases:
         spec = symattn.load_spec(data)
-        listed = right + [("generated", default_impls(spec)[0][1])] + (wrong if spec.form == "kernel" else [])
+        listed = kernel_form if spec.form == "kernel" else projection_form
+        if spec.form == "kernel" and label not in builtin_names():  # they ignore options they do not compute
+            listed = listed + impls.KERNEL_RIGHT + wrong
+        listed = listed + [("generated", default_impls(spec)[0][1])]
         for dtype in dtypes:
             for r in verify(spec, listed, dtype=dtype):
                 table.setdefault((r.name, dtype), Counter())[r.verdict] += 1

@@ -193,8 +193,9 @@ VARIANT_BUGS = [
 
 
 # Kernel-form implementations f(q, k, v, *, scale, mask, causal, ...) for the calibration of the verdict:
-# right ones with different rounding patterns, and wrong ones.  In bfloat16 (NumPy has no bfloat16 matmul)
-# products are computed in float32 and stored back, as the arithmetic of every other op is.
+# right ones with different rounding patterns, and wrong ones.  In bfloat16 and float16 the right ones compute in
+# float32, as kernels do (the online one with P rounded to the dtype before P·V, as FlashAttention), and round the
+# output once: every op stored in a half dtype is what the normwise rule fails (issue 22: a softmax in float16).
 
 
 def _kernel_mask(L, S, mask, causal, window, align, h):
@@ -218,6 +219,9 @@ def kernel_straightforward(q, k, v, *, scale, mask=None, causal=False, window=No
                            precision=None, drop_key=False, flip=False, blocked=0, alibi_slopes=None, bias=None,
                            **ignored):  # fmt: skip
     dt = q.dtype if precision is None else np.dtype(precision)
+    narrow = None
+    if precision is None and dt.itemsize == 2:  # a half dtype: float32 arithmetic, P in the dtype before P·V
+        dt, narrow = np.dtype(np.float32), q.dtype
     out_dtype = q.dtype
     q, k, v = (a.astype(dt) for a in (q, k, v))
     H, L, _ = q.shape
@@ -246,7 +250,7 @@ def kernel_straightforward(q, k, v, *, scale, mask=None, causal=False, window=No
             s = _store(s - _store(np.asarray(alibi_slopes).astype(dt)[h] * distance.astype(dt), dt), dt)
         s = np.where(ok, s, -np.inf).astype(dt)
         if blocked:
-            heads.append(_online(s, vv, dt, blocked))
+            heads.append(_online(s, vv, dt, blocked, narrow))
             continue
         top = s.max(axis=-1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0).astype(dt)
@@ -257,8 +261,9 @@ def kernel_straightforward(q, k, v, *, scale, mask=None, causal=False, window=No
     return np.stack(heads).astype(out_dtype)
 
 
-def _online(s, v, dt, block):
-    """FlashAttention's online softmax over blocks of keys: running max, rescaled sum and accumulator."""
+def _online(s, v, dt, block, narrow=None):
+    """FlashAttention's online softmax over blocks of keys: running max, rescaled sum and accumulator (P rounded
+    to ``narrow`` before P·V where given)."""
     L, S = s.shape
     m = np.full((L, 1), -np.inf, dtype=np.float64).astype(dt)
     total = np.zeros((L, 1), dt)
@@ -270,7 +275,8 @@ def _online(s, v, dt, block):
         correction = np.exp(_store(np.where(np.isfinite(m), m - safe, -np.inf), dt))
         e = np.exp(_store(part - safe, dt))
         total = _store(total * correction + _store(e.sum(axis=-1, keepdims=True), dt), dt)
-        acc = _store(acc * correction + _store(e @ v[start : start + block], dt), dt)
+        p = e if narrow is None else e.astype(narrow).astype(dt)
+        acc = _store(acc * correction + _store(p @ v[start : start + block], dt), dt)
         m = m_new
     return _store(acc / np.where(total == 0, dt.type(1), total), dt)
 
