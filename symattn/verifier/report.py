@@ -111,7 +111,7 @@ class Result:
     kappa_ratio: float = math.nan  # the worst entry's error over its kappa allowance
     differential_ratio: float = math.nan  # max error over the differential bound (on differential_on)
     normwise_passed: bool = False  # every returned array within normwise.LIMIT × the reference runs' normwise error
-    normwise_on: str = "output"  # the array normwise_error is that of (backward: the worst ratio)
+    normwise_on: str = "output"  # the array normwise_error is that of: the worst ratio (output, lse, a gradient)
     normwise_reference: float = math.nan  # the reference runs' normwise error there
     normwise_ratio: float = math.nan  # normwise_error / normwise_reference
     normwise: dict = field(default_factory=dict)  # per returned array: error, reference, ratio, passed
@@ -155,7 +155,7 @@ class Result:
         if self.verdict in ("UNSUPPORTED", "ERROR") or not self.entries:
             return [f"{self.verdict} {what}: " + "; ".join(self.reasons)]
         where = f"on {self.differential_on}: " if self.backward else ""
-        on = f"on {self.normwise_on}: " if self.backward else ""
+        on = f"on {self.normwise_on}: " if self.normwise_on != "output" else ""
         out = [
             f"{self.verdict} {what} (rule {self.rule}): "
             f"max error {self.max_abs_error:.3g} = {self.max_ulps:.3g} ulps ({self.max_bits:.1f} bits); "
