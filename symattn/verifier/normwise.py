@@ -10,10 +10,12 @@ reference, normwise), all on the inputs rounded to the dtype:
   unrounded P, the rest in float32;
 - ``WideReordered``: ``Wide`` with products by einsum and division as multiplication by the reciprocal.
 
+Every run's result is rounded to the dtype under test, the lse's too (an lse that kernels return in float32 is
+judged at the precision of the dtype computed in: torch's eager FlexAttention takes its scores in bfloat16).
 Their normwise error is floored by the truth rounded to the dtype of the array returned (what one rounding
-costs: an lse returned in float32 for bfloat16 inputs is measured against float32's), and by FLOOR units
-roundoff of that dtype (where the truth is representable and no right run errs).  fp8 has its own runs
-(FlashAttention-3's computation, ``backends/fp8.py``), which already are these.
+costs) and by FLOOR units roundoff of that dtype (where the truth is representable and no right run errs), and
+raised for arrays of few entries; an array of fewer than FEWEST entries is not judged (``verdict``).  fp8 has its
+own runs (FlashAttention-3's computation, ``backends/fp8.py``), which already are these.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from symattn.backends.floats import FloatXP, exact_float, unit_roundoff
 
 LIMIT = 2  # an array's normwise error may be at most this many times the reference runs'
+FEWEST = 16  # entries (``entries``) an array needs to be judged normwise
 SPREAD = 4  # the sampling allowance's: a reference over n entries is raised by 1 + SPREAD/√n
 FLOOR = 0.5  # units roundoff of the returned dtype: the least reference (one rounding's normwise error is ~u/2)
 
@@ -145,18 +148,21 @@ def reference(runs: float, exact: np.ndarray, returned) -> float:
 
 def verdict(error: float, reference_error: float, exact: np.ndarray) -> dict:
     """The rule's figures for one array: its normwise error, the reference's, their ratio and whether it passed.
-    An array whose truth is 0 has no normwise error to speak of (the per-entry rules judge it): ratio nan, passed."""
+    An array whose truth is 0 has no normwise error to speak of: ratio nan, passed; one of fewer than FEWEST
+    entries (``entries``) is measured but not judged (``judged`` False): over so few a norm is no sharper than
+    the per-entry rules, which judge it."""
     if not np.any(np.isfinite(exact) & (exact != 0)):
-        return {"error": error, "reference": reference_error, "ratio": math.nan, "limit": LIMIT, "passed": True}
+        return {"error": error, "reference": reference_error, "ratio": math.nan, "judged": False, "passed": True}
     ratio = error / reference_error if reference_error else (0.0 if error == 0 else math.inf)
-    return {"error": error, "reference": reference_error, "ratio": ratio, "limit": LIMIT, "passed": ratio <= LIMIT}
+    judged = entries(exact) >= FEWEST
+    return {"error": error, "reference": reference_error, "ratio": ratio, "judged": judged,
+            "passed": ratio <= LIMIT or not judged}  # fmt: skip
 
 
-def runs_of(kind, graph, leaves: dict, dtype: str, names, kept=()) -> dict:
-    """The steps ``names`` of the graph run by ``kind`` (one of RUNS) in ``dtype``, as float64 arrays: rounded to
-    the dtype, but for the steps ``kept`` (an lse, which kernels return in float32), left in the working
-    precision."""
+def runs_of(kind, graph, leaves: dict, dtype: str, names) -> dict:
+    """The steps ``names`` of the graph run by ``kind`` (one of RUNS) in ``dtype``, as float64 arrays rounded to
+    the dtype."""
     xp = kind(dtype, leaves)
     with np.errstate(all="ignore"):
         values = graph.values(xp, names)
-    return {n: np.asarray(values[n] if n in kept else xp.result(values[n]), dtype=np.float64) for n in names}
+    return {n: np.asarray(xp.result(values[n]), dtype=np.float64) for n in names}

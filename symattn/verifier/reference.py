@@ -218,7 +218,6 @@ class Context:
         from symattn.backends.budget import budgets
 
         dtype, leaves = self.dtype, self.args.leaves
-        kept = [s for t in self.targets if t.name == "lse" for s in t.steps]  # the wide runs' lse stays wide
         # the normwise rule's runs; fp8's are FlashAttention-3's and float64's the two above, wide already
         wide = [] if dtype in FP8 or dtype == "float64" else list(normwise.RUNS)
         if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
@@ -230,21 +229,19 @@ class Context:
                     lambda g, asked: budgets(g, {}, dtype, asked, working=np.float32),  # not float64's: far coarser
                     lambda g, asked: runs_of(g, {}, dtype, asked),
                     lambda g, asked: runs_of(g, {}, dtype, asked, reordered=True),
-                    *[lambda g, asked, kind=kind: normwise.runs_of(kind, g, {}, dtype, asked, kept) for kind in wide],
+                    *[lambda g, asked, kind=kind: normwise.runs_of(kind, g, {}, dtype, asked) for kind in wide],
                 ],
             )
         else:
             budget = budgets(self.graph, leaves, dtype, names)
             runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
-            runs += [normwise.runs_of(kind, self.graph, leaves, dtype, names, kept) for kind in wide]
+            runs += [normwise.runs_of(kind, self.graph, leaves, dtype, names) for kind in wide]
         runs, wide_runs = runs[:2], runs[2:] or runs[:2]
         if self._base2:  # a right base-2 implementation: its log's error over ln 2, and one more rounding
             u = unit_roundoff(dtype)
             for n in self._base2:
-                for run in runs:
+                for run in runs + wide_runs[: len(wide)]:
                     run[n] = (run[n] / math.log(2)).astype(dtype_of(dtype)).astype(np.float64)
-                for run in wide_runs[: len(wide)]:  # a wide lse stays wide
-                    run[n] = run[n] / math.log(2)
                 budget[n] = budget[n] / math.log(2) + u * np.abs(np.where(np.isfinite(runs[0][n]), runs[0][n], 0.0))
         errors = [self.errors(self._flat(run)) for run in runs]
         wide_errors = [self.errors(self._flat(run)) for run in wide_runs]

@@ -114,6 +114,7 @@ class Result:
     normwise_on: str = "output"  # the array normwise_error is that of: the worst ratio (output, lse, a gradient)
     normwise_reference: float = math.nan  # the reference runs' normwise error there
     normwise_ratio: float = math.nan  # normwise_error / normwise_reference
+    normwise_judged: bool = True  # False: that array has too few entries (or a truth of 0) to be judged normwise
     normwise: dict = field(default_factory=dict)  # per returned array: error, reference, ratio, passed
 
     @property
@@ -137,7 +138,8 @@ class Result:
                 "name", "spec", "dtype", "backward", "rule", "verdict", "passed", "reasons", "max_abs_error",
                 "max_ulps", "max_bits", "normwise_error", "kappa_passed", "kappa_ratio", "differential_passed",
                 "differential_ratio", "differential_bound", "differential_on", "reference_error", "normwise_passed",
-                "normwise_on", "normwise_reference", "normwise_ratio", "input_rounding_effect", "notes", "devices",
+                "normwise_on", "normwise_reference", "normwise_ratio", "normwise_judged", "input_rounding_effect",
+                "notes", "devices",
             )
         }  # fmt: skip
         doc["normwise_limit"] = NORMWISE_LIMIT
@@ -162,8 +164,9 @@ class Result:
             f"kappa {_passed(self.kappa_passed)} (worst entry {self.kappa_ratio:.2g}× its bound), differential "
             f"{_passed(self.differential_passed)} ({where}{self.differential_ratio:.2g}× the bound "
             f"{self.differential_bound:.3g}, reference runs {self.reference_error:.3g}), normwise "
-            f"{_passed(self.normwise_passed)} ({on}{self.normwise_error:.3g} = {self.normwise_ratio:.2g}× the "
-            f"reference runs' {self.normwise_reference:.3g}, limit {NORMWISE_LIMIT}×); input rounding moves the "
+            f"{_passed(self.normwise_passed) if self.normwise_judged else 'not judged'} ({on}{self.normwise_error:.3g}"
+            f" = {self.normwise_ratio:.2g}× the reference runs' {self.normwise_reference:.3g}, "
+            f"{f'limit {NORMWISE_LIMIT}×' if self.normwise_judged else 'too few entries'}); input rounding moves the "
             f"{'gradients' if self.backward else 'output'} by {self.input_rounding_effect:.3g}"
         ]
         if self.lse is not None:
