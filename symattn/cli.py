@@ -43,7 +43,7 @@ what the report says (exact: the truth certified for the inputs as rounded to th
             array (output, lse, each gradient). A rule under every --rule: each array's must be <= 2 x that of
             the right reference runs in the dtype (float32 accumulation; FlashAttention-style, P rounded to the
             dtype before P.V; reordered), at least the truth's own rounding to the array's dtype and u/2, raised
-            by 1 + 4/sqrt(n) for an array of n entries; the report gives its ratio to them.
+            by 1 + 4/sqrt(n) for an array of n entries (fewer than 16: not judged); the report gives the ratio.
   kappa     the default rule: every entry's error <= its bound 2 max(E, R) + 2 ulps, E the rounding-error
             budget of a right implementation in the dtype propagated through the graph (first order,
             growing as sqrt(n) per sum), R the larger error there of two reference runs of the graph in the
