@@ -39,7 +39,11 @@ what the report says (exact: the truth certified for the inputs as rounded to th
             largest |exact| where that is larger (entries near zero do not dominate).
   bits      log2(1 + how many floats of the dtype apart the value and the exact value rounded to the dtype
             are): 0 when they are the same float (Herbie's bits of error).
-  normwise  ||out - exact|| / ||exact||, 2-norms over the entries whose exact value is finite; reported only.
+  normwise  ||out - exact|| / ||exact||, 2-norms over the entries whose exact value is finite, per returned
+            array (output, lse, each gradient). A rule under every --rule: each array's must be <= 2 x that of
+            the right reference runs in the dtype (float32 accumulation; FlashAttention-style, P rounded to the
+            dtype before P.V; reordered), at least the truth's own rounding to the array's dtype and u/2, raised
+            by 1 + 4/sqrt(n) for an array of n entries (fewer than 16: not judged); the report gives the ratio.
   kappa     the default rule: every entry's error <= its bound 2 max(E, R) + 2 ulps, E the rounding-error
             budget of a right implementation in the dtype propagated through the graph (first order,
             growing as sqrt(n) per sum), R the larger error there of two reference runs of the graph in the
@@ -158,7 +162,10 @@ def _parser() -> argparse.ArgumentParser:
         help="where the built-in adapters run; default: each framework's default device",
     )
     ver.add_argument(
-        "--rule", choices=RULES, default="kappa", help="the rule that decides the verdict; both are reported"
+        "--rule",
+        choices=RULES,
+        default="kappa",
+        help="the per-entry rule that decides (both are reported); the normwise rule applies under every one",
     )
     ver.add_argument("--json", action="store_true", help="strict JSON, one result per implementation")
     ver.add_argument(

@@ -473,7 +473,9 @@ def test_the_cli_report_names_head_row_and_column(cli, tmp_path):
     ran = cli("verify", "k.json", "--impl", "planted:planted", cwd=tmp_path)
     assert ran.returncode == 1
     assert "  head2[0, 1] (output[1, 0, 1]) = " in ran.stdout
-    assert ran.stdout.splitlines()[3].lstrip().startswith("head2[0, 1] ")  # the table's first entry
+    lines = ran.stdout.splitlines()
+    first = next(n for n, line in enumerate(lines) if line.lstrip().startswith("entry ")) + 1
+    assert lines[first].lstrip().startswith("head2[0, 1] ")  # the table's first entry
     ran = cli("verify", "k.json", "--impl", "planted:backward", "--backward", cwd=tmp_path)
     assert ran.returncode == 1 and "  dk1[2, 1] (dk[0, 2, 1]) = " in ran.stdout
 

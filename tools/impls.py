@@ -193,8 +193,9 @@ VARIANT_BUGS = [
 
 
 # Kernel-form implementations f(q, k, v, *, scale, mask, causal, ...) for the calibration of the verdict:
-# right ones with different rounding patterns, and wrong ones.  In bfloat16 (NumPy has no bfloat16 matmul)
-# products are computed in float32 and stored back, as the arithmetic of every other op is.
+# right ones with different rounding patterns, and wrong ones.  In bfloat16 and float16 the right ones compute in
+# float32, as kernels do (the online one with P rounded to the dtype before P·V, as FlashAttention), and round the
+# output once: every op stored in a half dtype is what the normwise rule fails (issue 22: a softmax in float16).
 
 
 def _kernel_mask(L, S, mask, causal, window, align, h):
@@ -218,6 +219,9 @@ def kernel_straightforward(q, k, v, *, scale, mask=None, causal=False, window=No
                            precision=None, drop_key=False, flip=False, blocked=0, alibi_slopes=None, bias=None,
                            **ignored):  # fmt: skip
     dt = q.dtype if precision is None else np.dtype(precision)
+    narrow = None
+    if precision is None and dt.itemsize == 2:  # a half dtype: float32 arithmetic, P in the dtype before P·V
+        dt, narrow = np.dtype(np.float32), q.dtype
     out_dtype = q.dtype
     q, k, v = (a.astype(dt) for a in (q, k, v))
     H, L, _ = q.shape
@@ -246,7 +250,7 @@ def kernel_straightforward(q, k, v, *, scale, mask=None, causal=False, window=No
             s = _store(s - _store(np.asarray(alibi_slopes).astype(dt)[h] * distance.astype(dt), dt), dt)
         s = np.where(ok, s, -np.inf).astype(dt)
         if blocked:
-            heads.append(_online(s, vv, dt, blocked))
+            heads.append(_online(s, vv, dt, blocked, narrow))
             continue
         top = s.max(axis=-1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0).astype(dt)
@@ -257,8 +261,9 @@ def kernel_straightforward(q, k, v, *, scale, mask=None, causal=False, window=No
     return np.stack(heads).astype(out_dtype)
 
 
-def _online(s, v, dt, block):
-    """FlashAttention's online softmax over blocks of keys: running max, rescaled sum and accumulator."""
+def _online(s, v, dt, block, narrow=None):
+    """FlashAttention's online softmax over blocks of keys: running max, rescaled sum and accumulator (P rounded
+    to ``narrow`` before P·V where given)."""
     L, S = s.shape
     m = np.full((L, 1), -np.inf, dtype=np.float64).astype(dt)
     total = np.zeros((L, 1), dt)
@@ -270,7 +275,8 @@ def _online(s, v, dt, block):
         correction = np.exp(_store(np.where(np.isfinite(m), m - safe, -np.inf), dt))
         e = np.exp(_store(part - safe, dt))
         total = _store(total * correction + _store(e.sum(axis=-1, keepdims=True), dt), dt)
-        acc = _store(acc * correction + _store(e @ v[start : start + block], dt), dt)
+        p = e if narrow is None else e.astype(narrow).astype(dt)
+        acc = _store(acc * correction + _store(p @ v[start : start + block], dt), dt)
         m = m_new
     return _store(acc / np.where(total == 0, dt.type(1), total), dt)
 
@@ -339,7 +345,32 @@ def _mm(a, b, dt):
 
 def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
                    alibi_slopes=None, softcap=None, empty_row="zero", bug=None, want_output=False):  # fmt: skip
+    """In bfloat16 and float16 as FlashAttention computes: every op in float32, each product's operands (P, dS, O,
+    dO) in the dtype, the gradients (and output) stored in it once."""
+    if q.dtype.itemsize == 2:
+        half = q.dtype
+        wide = [np.asarray(a).astype(np.float32) for a in (q, k, v, dout)]
+        found = _flash_backward(*wide, scale=scale, mask=mask, causal=causal, window=window, align=align,
+                               bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, empty_row=empty_row, bug=bug,
+                               want_output=want_output, operands=half)  # fmt: skip
+        grads, outs = found if want_output else (found, None)
+        grads = {name: _store(g, half) for name, g in grads.items()}
+        return (grads, _store(outs, half)) if want_output else grads
+    return _flash_backward(q, k, v, dout, scale=scale, mask=mask, causal=causal, window=window, align=align,
+                           bias=bias, alibi_slopes=alibi_slopes, softcap=softcap, empty_row=empty_row, bug=bug,
+                           want_output=want_output)  # fmt: skip
+
+
+def _flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None, align="top_left", bias=None,
+                    alibi_slopes=None, softcap=None, empty_row="zero", bug=None, want_output=False,
+                    operands=None):  # fmt: skip
     dt = q.dtype
+
+    def mm(a, b, dt):  # the products' operands rounded to ``operands`` first (FlashAttention's half types)
+        if operands is not None:
+            a, b = (np.asarray(x).astype(operands).astype(dt) for x in (a, b))
+        return _mm(a, b, dt)
+
     H, L, _ = q.shape
     H_kv, S, _ = k.shape
     dq = np.zeros(q.shape, dt)
@@ -349,7 +380,7 @@ def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None
     for h in range(H):
         g = h // (H // H_kv)
         ok = _kernel_mask(L, S, mask, causal, window, align, h)
-        raw = _store(_mm(q[h], k[g].T, dt) * dt.type(scale), dt)
+        raw = _store(mm(q[h], k[g].T, dt) * dt.type(scale), dt)
         t = None
         if softcap is not None:
             t = _store(np.tanh(_store(raw / dt.type(softcap), dt)), dt)
@@ -370,9 +401,9 @@ def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None
         p = _store(e / np.where(z == 0, dt.type(1), z), dt)
         fill = {"zero": 0.0, "uniform": 1.0 / S, "nan": np.nan}[empty_row]
         p = np.where(empty, dt.type(fill), p).astype(dt)
-        o = _mm(p, v[g], dt)
+        o = mm(p, v[g], dt)
         outs.append(o)
-        dp = _mm(dout[h], v[g].T, dt)
+        dp = mm(dout[h], v[g].T, dt)
         if bug == "missing rowsum":
             ds = _store(p * dp, dt)
         else:
@@ -382,11 +413,11 @@ def flash_backward(q, k, v, dout, *, scale, mask=None, causal=False, window=None
         dbias.append(ds)
         if t is not None:
             ds = _store(ds * _store(1 - t * t, dt), dt)
-        dq[h] = _store(_mm(ds, k[g], dt) * dt.type(scale), dt)
-        dk_h = _mm(ds.T, q[h], dt)
+        dq[h] = _store(mm(ds, k[g], dt) * dt.type(scale), dt)
+        dk_h = mm(ds.T, q[h], dt)
         if bug != "scale forgotten in dK":
             dk_h = _store(dk_h * dt.type(scale), dt)
-        dv_h = _mm((e if bug == "dV with unnormalised weights" else p).T, dout[h], dt)
+        dv_h = mm((e if bug == "dV with unnormalised weights" else p).T, dout[h], dt)
         if bug == "GQA gradients not summed":  # each head overwrites its group's gradient: only the last counts
             dk[g], dv[g] = dk_h, dv_h
         else:

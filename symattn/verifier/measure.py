@@ -17,6 +17,10 @@ function raised).  Two rules decide (both are always reported):
   implementations is what no verifier can tell from right (DESIGN.md); below that a pass is right.
 - ``differential``: the rule of FlashAttention's and PyTorch's tests: max error <= 2 × the largest max error
   of the reference runs + one rounding at the output's scale.
+
+Besides whichever of these ``rule`` names, the normwise rule (``verifier/normwise.py``) always applies: each
+returned array's ‖error‖₂/‖exact‖₂ at most 2 × that of the right reference runs in the dtype (float32
+accumulation, FlashAttention-style P rounding, reordered).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 from symattn.backends.floats import FP8, dtype_of, output_dtype
 from symattn.errors import SymattnError
 from symattn.load import load_spec
-from symattn.verifier import environment
+from symattn.verifier import environment, normwise
 from symattn.verifier.adapters import check_device
 from symattn.verifier.convention import Calling, arguments, call, load_impl, returned_arrays
 from symattn.verifier.lse import check_base, returns_lse
@@ -148,6 +152,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
     size = context.exact_f.size
     checked = np.zeros(size, dtype=bool)
     values = np.full(size, np.nan)
+    returned = {}  # the dtype each target was returned in (the normwise rule's floor)
     for t, part in zip(context.targets, context.slices, strict=True):
         if t.name not in arrays:
             continue
@@ -162,6 +167,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
                 continue
             values[part] = out.astype(np.float64).reshape(-1)
             checked[part] = True
+            returned[t.name] = out.dtype
             continue
         if out.dtype != dt:
             what = "" if t.name == "output" else f"{t.name} in "
@@ -169,6 +175,7 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
             reasons.append(f"returned {what}dtype {out.dtype}, not {given}")
         values[part] = out.astype(dt).astype(np.float64).reshape(-1)
         checked[part] = True
+        returned[t.name] = dt
     if not checked.any():
         return base
     e = context.exact_f
@@ -211,14 +218,16 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
     target_errors = [float(error[part][checked[part]].max(initial=0.0)) for part in context.slices]
     ratio = np.where(checked, ratio, -1.0)
     kappa_ok = bool(np.all(error[checked] <= allowance[checked]))
-    # the norms scaled by the largest magnitude (a power of two), so that entries near 1e308 do not overflow
-    counted = checked & finite & np.isfinite(error)
-    top = float(np.max(np.where(counted, np.maximum(error, magnitude), np.where(finite, magnitude, 0.0)), initial=0.0))
-    unit = math.ldexp(1.0, -math.frexp(top)[1]) if top > 0 else 1.0
-    squares = float(np.sum(np.square(np.where(counted, error, 0.0) * unit)))
-    if not np.all(np.isfinite(error[checked & finite])):
-        squares = math.inf  # a non-finite value where the truth is finite
-    norms = float(np.sum(np.square(np.where(checked & finite, magnitude, 0.0) * unit)))
+    # the normwise rule, array by array (``verifier/normwise.py``)
+    norms = {}
+    for n, (t, part) in enumerate(zip(context.targets, context.slices, strict=True)):
+        if t.name in returned:
+            reference = normwise.reference(context.normwise_runs[n], e[part], returned[t.name])
+            norms[t.name] = normwise.verdict(normwise.norm_ratio(error[part], e[part]), reference, e[part])
+    normwise_ok = all(v["passed"] for v in norms.values())
+    normwise_on = max(  # the failing array, else the judged one nearest its limit
+        norms, key=lambda n: (not norms[n]["passed"], norms[n]["judged"], np.nan_to_num(norms[n]["ratio"], nan=-1))
+    )
     # the entries reported: every one of a small output, else the worst ENTRY_LIMIT
     order = _worst(ratio, ulps, checked)
     if int(checked.sum()) > ENTRY_LIMIT:
@@ -275,16 +284,23 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
             f"max error{what} {target_errors[n]:.3g} exceeds {factor} × the reference runs' "
             f"{context.target_reference_error[n]:.3g} + one rounding {context.one_rounding[n]:.3g}"
         )
+    if not normwise_ok:
+        worst = norms[normwise_on]
+        what = "" if normwise_on == "output" else f" in {normwise_on}"
+        reasons.append(
+            f"normwise error{what} {worst['error']:.3g} = {worst['ratio']:.2g}× the reference runs' "
+            f"{worst['reference']:.3g}, beyond {normwise.LIMIT}×"
+        )
     lse = None
     for t, part in zip(context.targets, context.slices, strict=True):
         if t.name == "lse" and checked[part].any():
-            here = counted[part]
-            scale = float(np.sqrt(np.sum(np.square(magnitude[part][here] * unit))))
             lse = {
                 "base": context.lse_base,
                 "max_abs_error": float(error[part].max(initial=0.0)),
                 "max_ulps": float(ulps[part].max(initial=0.0)),
-                "normwise_error": float(np.sqrt(np.sum(np.square(error[part][here] * unit)))) / scale if scale else 0.0,
+                "normwise_error": norms["lse"]["error"],
+                "normwise_reference": norms["lse"]["reference"],
+                "normwise_ratio": norms["lse"]["ratio"],
                 "reference_error": context.target_reference_error[context.targets.index(t)],
             }
     return Result(
@@ -302,13 +318,23 @@ def measure(name: str, output, context: Context, rule: str = "kappa", devices=No
         bounds[worst_target],
         context.target_reference_error[worst_target],
         context.input_effect,
-        math.sqrt(squares / norms) if norms else (0.0 if squares == 0 else math.inf),
+        norms[normwise_on]["error"],
         entries,
         notes,
         context.backward,
         context.targets[worst_target].name,
         devices=devices,
         lse=lse,
+        kappa_ratio=float(ratio[checked].max(initial=0.0)),
+        differential_ratio=target_errors[worst_target] / bounds[worst_target]
+        if bounds[worst_target]
+        else (0.0 if target_errors[worst_target] == 0 else math.inf),
+        normwise_passed=normwise_ok,
+        normwise_on=normwise_on,
+        normwise_reference=norms[normwise_on]["reference"],
+        normwise_ratio=norms[normwise_on]["ratio"],
+        normwise_judged=norms[normwise_on]["judged"],
+        normwise=norms,
     )
 
 

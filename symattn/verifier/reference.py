@@ -20,6 +20,7 @@ from symattn.certify import to_decimal
 from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
 from symattn.spec import AttentionSpec
+from symattn.verifier import normwise
 from symattn.verifier.convention import arguments, targets
 from symattn.verifier.lse import base2_text, check_base
 
@@ -186,13 +187,15 @@ class Context:
 
             size = (self.exact_f.size,)
             kappa = size if not backward and self.exact_f.size <= KAPPA_LIMIT else None
-            shapes = {"budget": size, "reference_errors": size, "input_effect": (), "kappa": kappa}
+            shapes = {"budget": size, "reference_errors": size, "input_effect": (), "kappa": kappa,
+                      "normwise": (len(self.targets),)}  # fmt: skip
             measures = cached.arrays(
                 cache, self._measures_key(spec, names), lambda: self._measures(spec, names), shapes
             )
         self.budget, self.reference_errors = measures["budget"], measures["reference_errors"]
         self.input_effect = float(measures["input_effect"])
         self.kappa = measures.get("kappa")  # the entries' condition numbers (small forward outputs only)
+        self.normwise_runs = [float(x) for x in measures["normwise"]]  # per target: the wide runs' normwise error
         # per target: where its entries are, its largest reference error, its ulp floor and one rounding there
         self.slices, self.target_reference_error, self.one_rounding = [], [], []
         self.floor = np.zeros(self.exact_f.size)
@@ -217,6 +220,8 @@ class Context:
         from symattn.backends.budget import budgets
 
         dtype, leaves = self.dtype, self.args.leaves
+        # the normwise rule's runs; fp8's are FlashAttention-3's and float64's the two above, wide already
+        wide = [] if dtype in FP8 or dtype == "float64" else list(normwise.RUNS)
         if self.truth.method == "intervals":  # by blocks of query rows and the keys they see, as the truth
             budget, *runs = _by_blocks(
                 self.args.rounded,
@@ -226,24 +231,29 @@ class Context:
                     lambda g, asked: budgets(g, {}, dtype, asked, working=np.float32),  # not float64's: far coarser
                     lambda g, asked: runs_of(g, {}, dtype, asked),
                     lambda g, asked: runs_of(g, {}, dtype, asked, reordered=True),
+                    *[lambda g, asked, kind=kind: normwise.runs_of(kind, g, {}, dtype, asked) for kind in wide],
                 ],
             )
         else:
             budget = budgets(self.graph, leaves, dtype, names)
             runs = [runs_of(self.graph, leaves, dtype, names), runs_of(self.graph, leaves, dtype, names, True)]
+            runs += [normwise.runs_of(kind, self.graph, leaves, dtype, names) for kind in wide]
+        runs, wide_runs = runs[:2], runs[2:] or runs[:2]
         if self._base2:  # a right base-2 implementation: its log's error over ln 2, and one more rounding
             u = unit_roundoff(dtype)
             for n in self._base2:
-                for run in runs:
+                for run in runs + wide_runs[: len(wide)]:
                     run[n] = (run[n] / math.log(2)).astype(dtype_of(dtype)).astype(np.float64)
                 budget[n] = budget[n] / math.log(2) + u * np.abs(np.where(np.isfinite(runs[0][n]), runs[0][n], 0.0))
         errors = [self.errors(self._flat(run)) for run in runs]
+        wide_errors = [self.errors(self._flat(run)) for run in wide_runs]
         # how far the inputs' rounding moves the output (or gradients): the lse's figures are its own entries'
         moved = [n for t in self.targets if t.name != "lse" for n in t.steps]
         out = {
             "budget": self._flat(budget),
             "reference_errors": np.maximum(*errors),  # per entry, the larger of the two runs' errors
             "input_effect": np.array(self._input_effect(spec, moved)),
+            "normwise": np.array([self._normwise(wide_errors, part) for part in self._parts()]),
         }
         if not self.backward and self.exact_f.size <= KAPPA_LIMIT:
             with np.errstate(all="ignore"):
@@ -257,6 +267,21 @@ class Context:
                 magnitude = np.where(finite, np.abs(self.exact_f), 0.0)
                 out["kappa"] = np.where(magnitude > 0, sens / np.where(magnitude > 0, magnitude, 1), np.inf)
         return out
+
+    def _parts(self) -> list[slice]:
+        """Where each target's entries are in the flat order."""
+        out, start = [], 0
+        for t in self.targets:
+            size = int(np.prod(t.shape))
+            out.append(slice(start, start + size))
+            start += size
+        return out
+
+    def _normwise(self, errors: list, part: slice) -> float:
+        """The largest normwise error of the wide reference runs (``verifier/normwise.py``) on one target's
+        entries that is finite (a run that overflows where the truth does not is no reference), or inf."""
+        found = [normwise.norm_ratio(e[part], self.exact_f[part]) for e in errors]
+        return max((f for f in found if math.isfinite(f)), default=math.inf)
 
     def _measures_key(self, spec, names) -> str:
         """The cache key of the measures: the truth's, the dtype, the inputs before rounding (the input-rounding

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from symattn.errors import SymattnError
+from symattn.verifier.normwise import LIMIT as NORMWISE_LIMIT
 
 VERDICTS = ("PASS", "FAIL", "UNSUPPORTED", "ERROR")
 
@@ -107,6 +108,14 @@ class Result:
     lse: dict | None = None  # the lse's own figures (base, max_abs_error, max_ulps, normwise_error, reference_error)
     raised: BaseException | None = field(default=None, repr=False, compare=False)  # ERROR: for the pytest helper
     devices: list = field(default_factory=list)  # where the returned arrays were ("cpu", "cuda:0 (NVIDIA H200)")
+    kappa_ratio: float = math.nan  # the worst entry's error over its kappa allowance
+    differential_ratio: float = math.nan  # max error over the differential bound (on differential_on)
+    normwise_passed: bool = False  # every returned array within normwise.LIMIT × the reference runs' normwise error
+    normwise_on: str = "output"  # the array normwise_error is that of: the worst ratio (output, lse, a gradient)
+    normwise_reference: float = math.nan  # the reference runs' normwise error there
+    normwise_ratio: float = math.nan  # normwise_error / normwise_reference
+    normwise_judged: bool = True  # False: that array has too few entries (or a truth of 0) to be judged normwise
+    normwise: dict = field(default_factory=dict)  # per returned array: error, reference, ratio, passed
 
     @property
     def environment(self) -> dict:
@@ -127,10 +136,14 @@ class Result:
             k: _json_number(getattr(self, k))
             for k in (
                 "name", "spec", "dtype", "backward", "rule", "verdict", "passed", "reasons", "max_abs_error",
-                "max_ulps", "max_bits", "normwise_error", "kappa_passed", "differential_passed", "differential_bound",
-                "differential_on", "reference_error", "input_rounding_effect", "notes", "devices",
+                "max_ulps", "max_bits", "normwise_error", "kappa_passed", "kappa_ratio", "differential_passed",
+                "differential_ratio", "differential_bound", "differential_on", "reference_error", "normwise_passed",
+                "normwise_on", "normwise_reference", "normwise_ratio", "normwise_judged", "input_rounding_effect",
+                "notes", "devices",
             )
         }  # fmt: skip
+        doc["normwise_limit"] = NORMWISE_LIMIT
+        doc["normwise"] = {name: {k: _json_number(v) for k, v in f.items()} for name, f in self.normwise.items()}
         if self.lse is not None:
             doc["lse"] = {k: _json_number(v) for k, v in self.lse.items()}
         doc["entries"] = [
@@ -144,20 +157,25 @@ class Result:
         if self.verdict in ("UNSUPPORTED", "ERROR") or not self.entries:
             return [f"{self.verdict} {what}: " + "; ".join(self.reasons)]
         where = f"on {self.differential_on}: " if self.backward else ""
+        on = f"on {self.normwise_on}: " if self.normwise_on != "output" else ""
         out = [
             f"{self.verdict} {what} (rule {self.rule}): "
-            f"max error {self.max_abs_error:.3g} = {self.max_ulps:.3g} ulps ({self.max_bits:.1f} bits), normwise "
-            f"{self.normwise_error:.3g}; kappa {'pass' if self.kappa_passed else 'fail'}, differential "
-            f"{'pass' if self.differential_passed else 'fail'} ({where}bound {self.differential_bound:.3g}, "
-            f"reference runs {self.reference_error:.3g}); input rounding moves the "
+            f"max error {self.max_abs_error:.3g} = {self.max_ulps:.3g} ulps ({self.max_bits:.1f} bits); "
+            f"kappa {_passed(self.kappa_passed)} (worst entry {self.kappa_ratio:.2g}× its bound), differential "
+            f"{_passed(self.differential_passed)} ({where}{self.differential_ratio:.2g}× the bound "
+            f"{self.differential_bound:.3g}, reference runs {self.reference_error:.3g}), normwise "
+            f"{_passed(self.normwise_passed) if self.normwise_judged else 'not judged'} ({on}{self.normwise_error:.3g}"
+            f" = {self.normwise_ratio:.2g}× the reference runs' {self.normwise_reference:.3g}, "
+            f"{f'limit {NORMWISE_LIMIT}×' if self.normwise_judged else 'too few entries'}); input rounding moves the "
             f"{'gradients' if self.backward else 'output'} by {self.input_rounding_effect:.3g}"
         ]
         if self.lse is not None:
             lse = self.lse
             out.append(
                 f"  lse{' (base 2)' if lse['base'] == 2 else ''}: max error {lse['max_abs_error']:.3g} = "
-                f"{lse['max_ulps']:.3g} ulps, normwise {lse['normwise_error']:.3g}, reference runs "
-                f"{lse['reference_error']:.3g}"
+                f"{lse['max_ulps']:.3g} ulps, reference runs {lse['reference_error']:.3g}; normwise "
+                f"{lse['normwise_error']:.3g} = {lse['normwise_ratio']:.2g}× the reference runs' "
+                f"{lse['normwise_reference']:.3g}"
             )
         out += [f"  {reason}" for reason in self.reasons]
         out += [f"  note: {note}" for note in self.notes]
@@ -168,6 +186,10 @@ class Result:
                 f"{e.ulps:>8.3g} {e.kappa_bound:>10.3g}"
             )
         return out
+
+
+def _passed(ok: bool) -> str:
+    return "pass" if ok else "fail"
 
 
 def _json_number(v):
