@@ -4,9 +4,9 @@ Spec digest aebaf62287d2dbda; 2 heads, L=4, S=4, d_k=2, d_v=2, d_model=3, d_out=
 strategy unrolled.
 
 forward(x) for x (..., 4, 3), batched over leading axes. intermediates(...) returns every named step. Float dtypes
-are preserved (bfloat16 is computed in float32, other inputs become float64); the softmax is shifted by each row's
-maximum over its allowed keys, so large logits do not overflow in float32 and float64 (float16 and bfloat16 overflow
-where an exponent's argument itself does). Overflow gives inf and an invalid operation nan, without NumPy warnings.
+are preserved (float16 and bfloat16 are computed in float32, as kernels accumulate, and returned in their dtype;
+other inputs become float64); the softmax is shifted by each row's maximum over its allowed keys, so large logits do
+not overflow. Overflow gives inf and an invalid operation nan, without NumPy warnings.
 """
 import numpy
 
@@ -16,8 +16,8 @@ def _floating(a, shape, name, dtype=None):
     if a.dtype.kind == 'c':
         raise TypeError(f'{name}: expected real numbers, received a {a.dtype} array')
     if dtype is not None:
-        a = a.astype(numpy.float32 if dtype.name == 'bfloat16' else dtype, copy=False)
-    elif a.dtype.name == 'bfloat16':
+        a = a.astype(numpy.float32 if dtype.name in ('bfloat16', 'float16') else dtype, copy=False)
+    elif a.dtype.name in ('bfloat16', 'float16'):
         dtype, a = (a.dtype, a.astype(numpy.float32))
     elif numpy.issubdtype(a.dtype, numpy.floating):
         dtype = a.dtype

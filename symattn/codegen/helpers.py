@@ -23,9 +23,9 @@ def _floating(a, shape, name, dtype=None):
     if a.dtype.kind == "c":
         raise TypeError(f"{name}: expected real numbers, received a {a.dtype} array")
     if dtype is not None:
-        a = a.astype(numpy.float32 if dtype.name == "bfloat16" else dtype, copy=False)
-    elif a.dtype.name == "bfloat16":  # NumPy has no bfloat16 arithmetic: compute in float32, return bfloat16
-        dtype, a = a.dtype, a.astype(numpy.float32)
+        a = a.astype(numpy.float32 if dtype.name in ("bfloat16", "float16") else dtype, copy=False)
+    elif a.dtype.name in ("bfloat16", "float16"):  # computed in float32 (as kernels accumulate; NumPy has no
+        dtype, a = a.dtype, a.astype(numpy.float32)  # bfloat16 arithmetic), returned in the half dtype
     elif numpy.issubdtype(a.dtype, numpy.floating):
         dtype = a.dtype
     else:
