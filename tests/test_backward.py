@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import types
 from fractions import Fraction
 
 import mpmath
@@ -21,7 +20,7 @@ from symattn.codegen import generate
 from symattn.testing import assert_attention_close
 from symattn.verifier import convention
 from tests import oracle
-from tests.conftest import to_mpf
+from tests.conftest import generated_module, to_mpf
 from tests.test_variants import CASES, base
 from tools import impls
 
@@ -279,18 +278,12 @@ def test_show_and_eval_grad_through_the_cli(tmp_path, capsys):
 # The generated backward.
 
 
-def _module(source: str):
-    module = types.ModuleType("generated_backward")
-    exec(compile(source, "<generated>", "exec"), module.__dict__)
-    return module
-
-
 @pytest.mark.parametrize("case", ["causal", "gqa", "softcap", "bias and projection biases", "bottom_right"])
 @pytest.mark.parametrize("strategy", ["vectorized", "unrolled"])
 def test_generated_backward_matches_the_truth(case, strategy):
     data = CASES[case][0]
     spec = symattn.load_spec(data)
-    module = _module(generate(spec, strategy=strategy, grad=True))
+    module = generated_module(generate(spec, strategy=strategy, grad=True))
     args = [np.array(spec.x.float64())] + ([np.array(spec.x_kv.float64())] if spec.x_kv is not None else [])
     grads = module.backward(*args, np.ones((spec.L, spec.d_out)))
     full = convention.arguments(spec, "float64").rounded  # a bias some heads lack is zero for the others
@@ -308,7 +301,7 @@ def test_generated_backward_with_weights_as_inputs_is_verified_and_batched(tmp_p
     spec = symattn.load_spec(data)
     (r,) = symattn.verify(spec, symattn.cli.default_impls(spec, backward=True), backward=True)
     assert r.passed and r.backward, r.lines()
-    module = _module(generate(spec, weights="inputs", grad=True))
+    module = generated_module(generate(spec, weights="inputs", grad=True))
     args = convention.arguments(spec, "float32", backward=True)
     takes = convention.accepted(module.backward, args.options)
     options = {k: v for k, v in args.options.items() if k in takes}
@@ -323,7 +316,7 @@ def test_generated_backward_with_weights_as_inputs_is_verified_and_batched(tmp_p
 
 
 def test_generated_intermediates_include_the_backward_steps():
-    module = _module(generate("causal", grad=True))
+    module = generated_module(generate("causal", grad=True))
     spec = symattn.load_spec("causal")
     steps = module.intermediates(np.array(spec.x.float64()), np.ones((spec.L, spec.d_out)))
     truth = symattn.evaluate("causal", digits=20, grad=True)

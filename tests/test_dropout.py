@@ -4,7 +4,6 @@ times keep/(1 − p)."""
 
 from __future__ import annotations
 
-import types
 from fractions import Fraction
 
 import mpmath
@@ -15,6 +14,7 @@ import symattn
 import symattn.graph.graph
 import symattn.load
 from symattn import SymattnError
+from tests.conftest import generated_module
 
 DPS = 40
 
@@ -317,19 +317,13 @@ def test_torch_sdpa_is_unsupported_with_dropout_before_torch_is_called():
             fn(np.zeros((1, 2, 2)), scale=1.0, dropout_p=0.5, dropout_mask=np.ones((2, 2), bool))
 
 
-def _module(source: str):
-    module = types.ModuleType("generated_dropout")
-    exec(compile(source, "<generated>", "exec"), module.__dict__)  # noqa: S102 -- the generator's own output
-    return module
-
-
 @pytest.mark.parametrize(
     ("weights", "strategy"), [("folded", "vectorized"), ("folded", "unrolled"), ("inputs", "vectorized")]
 )
 def test_generated_forward_intermediates_and_backward_match_the_truth(weights, strategy):
     spec = symattn.load_spec(KERNEL)
     truth = symattn.evaluate(spec, digits=20, grad=True)
-    module = _module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
+    module = generated_module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
     q, k, v = (np.array([[[float(Fraction(e)) for e in r] for r in m] for m in KERNEL[n]]) for n in "qkv")
     out = module.forward(q, k, v)
     want = np.stack([truth[f"head{h}"].to_numpy().astype(float) for h in range(1, 5)])

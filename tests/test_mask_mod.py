@@ -5,7 +5,6 @@ expression, then plain attention (an empty row gives weights and output 0)."""
 from __future__ import annotations
 
 import json
-import types
 from fractions import Fraction
 
 import mpmath
@@ -16,6 +15,7 @@ import symattn
 from symattn import SymattnError
 from symattn.maskmod import evaluate
 from tests import oracle
+from tests.conftest import generated_module
 
 DPS = 40
 DOC = [0, 0, 1, 1, 1, 2, 2]
@@ -194,12 +194,6 @@ def test_the_projection_form_with_gqa_against_the_reference():
     np.testing.assert_allclose(truth["M"].to_numpy(), heads @ wo, rtol=1e-13, atol=1e-13)
 
 
-def _module(source: str):
-    module = types.ModuleType("generated_mask_mod")
-    exec(compile(source, "<generated>", "exec"), module.__dict__)  # noqa: S102 -- the generator's own output
-    return module
-
-
 @pytest.mark.parametrize(
     ("weights", "strategy"), [("folded", "vectorized"), ("folded", "unrolled"), ("inputs", "vectorized")]
 )
@@ -207,7 +201,7 @@ def _module(source: str):
 def test_generated_forward_and_backward_match_the_truth(weights, strategy, variant):
     spec = symattn.load_spec(data_of(variant))
     truth = symattn.evaluate(spec, digits=20, grad=True)
-    module = _module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
+    module = generated_module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
     q, k, v = (np.array(KERNEL[n], dtype=float) for n in "qkv")
     out = module.forward(q, k, v)
     want = np.stack([truth[f"head{h}"].to_numpy() for h in range(1, 5)])
@@ -219,7 +213,7 @@ def test_generated_forward_and_backward_match_the_truth(weights, strategy, varia
 
 def test_an_inputs_module_refuses_another_mask_mod_or_constants():
     spec = symattn.load_spec(data_of("document causal"))
-    module = _module(symattn.generate(spec, weights="inputs"))
+    module = generated_module(symattn.generate(spec, weights="inputs"))
     q, k, v = (np.array(KERNEL[n], dtype=float) for n in "qkv")
     out = module.forward(q, k, v)
     same = module.forward(q, k, v, mask_mod=spec.mask_mod, constants={"doc": np.array(DOC)})
@@ -441,11 +435,13 @@ def test_the_pytest_helper_takes_a_mask_mod():
         assert_attention_close(ignored, q=q, k=k, v=v, scale=0.5, **options)
 
 
-def test_verify_backward_with_a_generated_module():
+def test_verify_backward_with_a_generatedgenerated_module():
     spec = symattn.load_spec(data_of("per head"))
-    module = _module(symattn.generate(spec, weights="inputs", grad=True))  # takes mask_mod and constants by name
+    module = generated_module(
+        symattn.generate(spec, weights="inputs", grad=True)
+    )  # takes mask_mod and constants by name
     assert symattn.verify(spec, [module.forward], dtype="float32")[0].verdict == "PASS"
     assert symattn.verify(spec, [module.backward], dtype="float64", backward=True)[0].verdict == "PASS"
     spec = symattn.load_spec(data_of("rationals"))  # rational constants reach it in float32 and compare equal
-    module = _module(symattn.generate(spec, weights="inputs"))
+    module = generated_module(symattn.generate(spec, weights="inputs"))
     assert symattn.verify(spec, [module.forward], dtype="float32")[0].verdict == "PASS"

@@ -5,7 +5,6 @@ applied after scale, softcap, bias and ALiBi; gradients against finite differenc
 from __future__ import annotations
 
 import json
-import types
 from fractions import Fraction
 
 import mpmath
@@ -15,6 +14,7 @@ import pytest
 import symattn
 from symattn import SymattnError
 from tests import oracle
+from tests.conftest import generated_module
 
 DPS = 60
 REL = [[0, "1/2", "-1/3", 1, "0.25", -2, "3/7", 0, 1],
@@ -256,12 +256,6 @@ def test_dscores_is_the_gradient_after_the_mod_and_dbias_before_it():
 # Generated code.
 
 
-def _module(source: str):
-    module = types.ModuleType("generated_score_mod")
-    exec(compile(source, "<generated>", "exec"), module.__dict__)  # noqa: S102 -- the generator's own output
-    return module
-
-
 @pytest.mark.parametrize(
     ("weights", "strategy"), [("folded", "vectorized"), ("folded", "unrolled"), ("inputs", "vectorized")]
 )
@@ -271,7 +265,7 @@ def test_generated_code_matches_the_truth(weights, strategy, variant):
     truth = symattn.evaluate(spec, digits=20, grad=True)
     source = symattn.generate(spec, weights=weights, strategy=strategy, grad=True)
     assert source == symattn.generate(spec, weights=weights, strategy=strategy, grad=True)  # deterministic
-    module = _module(source)
+    module = generated_module(source)
     q, k, v = (np.array(KERNEL[n], dtype=float) for n in "qkv")
     out = module.forward(q, k, v)
     want = np.stack([truth[f"head{h}"].to_numpy() for h in range(1, 5)])
@@ -533,7 +527,7 @@ def test_the_pytest_helper_with_a_score_mod():
 @pytest.mark.parametrize("backward", [False, True])
 def test_verify_a_generated_inputs_module_that_takes_score_mod_and_constants(backward):
     spec = symattn.load_spec("relbias")
-    module = _module(symattn.generate(spec, weights="inputs", grad=True))
+    module = generated_module(symattn.generate(spec, weights="inputs", grad=True))
     fn = module.backward if backward else module.forward
     (result,) = symattn.verify(spec, [fn], dtype="float32", backward=backward)
     assert result.verdict == "PASS", result.lines()

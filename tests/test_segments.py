@@ -4,7 +4,6 @@ segment computed on its own as plain attention, the results concatenated."""
 
 from __future__ import annotations
 
-import types
 from fractions import Fraction
 
 import mpmath
@@ -17,6 +16,7 @@ import symattn.load
 import symattn.truth.large
 from symattn import SymattnError
 from tests import oracle
+from tests.conftest import generated_module
 
 DPS = 40
 SEG_Q = [0, 2, 2, 3, 6, 7]  # lengths 2, 0, 1, 3, 1
@@ -194,12 +194,6 @@ def test_the_projection_form_with_gqa_against_the_reference():
     np.testing.assert_allclose(truth["M"].to_numpy(), heads @ wo, rtol=1e-13, atol=1e-13)
 
 
-def _module(source: str):
-    module = types.ModuleType("generated_segments")
-    exec(compile(source, "<generated>", "exec"), module.__dict__)  # noqa: S102 -- the generator's own output
-    return module
-
-
 @pytest.mark.parametrize(
     ("weights", "strategy"), [("folded", "vectorized"), ("folded", "unrolled"), ("inputs", "vectorized")]
 )
@@ -207,7 +201,7 @@ def test_generated_forward_and_backward_match_the_truth(weights, strategy):
     data = {**KERNEL, **VARIANTS["alibi causal"]}
     spec = symattn.load_spec(data)
     truth = symattn.evaluate(spec, digits=20, grad=True)
-    module = _module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
+    module = generated_module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
     q, k, v = (np.array(data[n], dtype=float) for n in "qkv")
     out = module.forward(q, k, v)
     want = np.stack([truth[f"head{h}"].to_numpy() for h in range(1, 5)])

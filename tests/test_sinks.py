@@ -15,6 +15,7 @@ import symattn.graph.graph
 import symattn.load
 import symattn.truth.large
 from symattn import SymattnError
+from tests.conftest import generated_module
 
 DPS = 40
 
@@ -237,21 +238,13 @@ def test_an_implementation_without_a_sinks_keyword_is_unsupported_with_the_reaso
     assert "sinks" in " ".join(result.reasons)
 
 
-def _module(source: str):
-    import types
-
-    module = types.ModuleType("generated_sinks")
-    exec(compile(source, "<generated>", "exec"), module.__dict__)  # noqa: S102 -- the generator's own output
-    return module
-
-
 @pytest.mark.parametrize(
     ("weights", "strategy"), [("folded", "vectorized"), ("folded", "unrolled"), ("inputs", "vectorized")]
 )
 def test_generated_forward_and_backward_match_the_truth(weights, strategy):
     spec = symattn.load_spec(KERNEL)
     truth = symattn.evaluate(spec, digits=20, grad=True)
-    module = _module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
+    module = generated_module(symattn.generate(spec, weights=weights, strategy=strategy, grad=True))
     q, k, v = (np.array([[[float(Fraction(e)) for e in r] for r in m] for m in KERNEL[n]]) for n in "qkv")
     out = module.forward(q, k, v)
     want = np.stack([truth[f"head{h}"].to_numpy() for h in range(1, 5)])

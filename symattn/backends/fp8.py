@@ -53,18 +53,10 @@ class Fa3XP(FloatXP):
     def param(self, p):
         return np.float32(exact_float(p.value))
 
-    def _terms(self, s):
+    def softmax_terms(self, s):
         """(P as the second product reads it: e4m3, the row sums of the unrounded P), both float32."""
-        e = self.exp(self.sub(s, self.shift(s)))
-        return to_e4m3(e), self.rowsum(e)
-
-    def softmax(self, s, empty=None, fill=0, sink=None):
-        if sink is not None:
-            s = self.hstack([s, sink])
-        p, z = self._terms(s)
-        if empty is None:
-            return self.div(p, z)
-        return self.fill_rows(self.div(p, self.fill_rows(z, empty, 1)), empty, fill)
+        e, z = super().softmax_terms(s)
+        return to_e4m3(e), z
 
 
 class Fa3Blocked(Fa3XP):
@@ -72,7 +64,7 @@ class Fa3Blocked(Fa3XP):
     rounded to e4m3, then rescaled by exp(m − final maximum) in float32 (the online softmax); products by
     einsum and division as multiplication by the reciprocal."""
 
-    def _terms(self, s):
+    def softmax_terms(self, s):
         s = np.asarray(s, dtype=np.float32)
         n = s.shape[-1]
         blocks = math.ceil(n / BLOCK)

@@ -153,11 +153,16 @@ class ArrayXP:
     def softmax(self, s, empty=None, fill=0, sink=None):
         if sink is not None:  # the sink is one more entry of the row
             s = self.hstack([s, sink])
-        e = self.exp(self.sub(s, self.shift(s)))  # excluded entries are -inf: exactly 0 here
-        z = self.rowsum(e)
+        e, z = self.softmax_terms(s)
         if empty is None:
             return self.div(e, z)
         return self.fill_rows(self.div(e, self.fill_rows(z, empty, 1)), empty, fill)
+
+    def softmax_terms(self, s):
+        """(the numerators exp(s − shift) as the weighted sum reads them, the row sums): a kernel that rounds P
+        before P·V (FlashAttention's) overrides this, the row sums staying those of the unrounded P."""
+        e = self.exp(self.sub(s, self.shift(s)))  # excluded entries are -inf: exactly 0 here
+        return e, self.rowsum(e)
 
     def logsumexp(self, s, empty=None, kept=None, sink=None):
         if sink is not None:  # the sink is one more entry of the row

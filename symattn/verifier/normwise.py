@@ -66,15 +66,9 @@ class WideFlash(Wide):
     def weighted_sum(self, p, v):  # p: the softmax's, rounded before its normalisation
         return p @ self._narrow(v)
 
-    def softmax(self, s, empty=None, fill=0, sink=None):
-        if sink is not None:
-            s = self.hstack([s, sink])
-        e = self.exp(self.sub(s, self.shift(s)))
-        z = self.rowsum(e)
-        p = self._narrow(e)
-        if empty is None:
-            return self.div(p, z)
-        return self.fill_rows(self.div(p, self.fill_rows(z, empty, 1)), empty, fill)
+    def softmax_terms(self, s):
+        e, z = super().softmax_terms(s)
+        return self._narrow(e), z
 
 
 class WideReordered(Wide):
