@@ -385,6 +385,10 @@ class Run:
             return getattr(xp, kind)(self.value(n[1]), self.value(n[2]))
         if kind == "mul":
             if n[1][0] == "p":
+                inner = n[2]
+                if inner[0] == "tanh" and inner[1][0] == "mul" and inner[1][1][0] == "p":  # a·tanh(b·x): a softcap
+                    b, x = inner[1][1][1], inner[1][2]
+                    return xp.scaled_tanh(self.value(x), xp.param(self.scalars[b]), xp.param(self.scalars[n[1][1]]))
                 return xp.scale(self.value(n[2]), xp.param(self.scalars[n[1][1]]))
             return xp.mul(self.value(n[1]), self.value(n[2]))
         if kind == "shift":  # a + q = q·(1 − (−a/q)); 1 − b for a = −b

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
 import flint
 import numpy as np
@@ -80,6 +81,10 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
             RNG.uniform(0.03, 0.034, 2000) * RNG.choice([-1, 1], 2000),  # either side of 2**-5
             RNG.standard_normal(6000) * 3,
             RNG.standard_normal(2000) * 1e-7,
+            # the table's grid: each side of k/2048 and of the half-way points, its first and last entries
+            np.repeat(RNG.integers(0, 40 * 2048, 600) / 2048, 2) + np.tile([-1, 1], 600) * 2.0**-12 * (1 - 2.0**-30),
+            RNG.integers(0, 4, 300) / 2048 + RNG.uniform(-2.0**-12, 2.0**-12, 300),
+            [40 - 2.0**-12, 40 - 2.0**-11, 40 + 2.0**-13, 39.9995, -40.0001, 1e-300, -5e-324, 2.0**-1000],
             [0.0, 20.0, -40.0, 400.0, -1e300],
         ]
     )
@@ -98,6 +103,65 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
     for k, p in enumerate(pick):
         for end in (arb_of(y[p]) + arb_of(lo[p]) - flint.arb(1e-9), arb_of(y[p]) + arb_of(lo[p]) + flint.arb(1e-9)):
             assert contains(wide.hi[k], wide.lo[k], wide.rad[k], end.tanh()), (y[p], lo[p])
+
+
+@pytest.mark.parametrize("times", [30.0, -2.5, 0.001, 1e-300 * 2.0**200])
+def test_the_tanh_times_an_exact_number_encloses_arbs(times):
+    """A softcap's c·tanh(y) from tables multiplied by c (``doublefloat._tanh_times``): enclosed, as tight
+    relative to |c·tanh| as tanh alone, the input's radius scaled by |c|, ±c beyond the table."""
+    y = np.concatenate([RNG.standard_normal(3000) * 0.05, RNG.standard_normal(1000) * 5, [0.0, -3e-9, 45.0, -1e9]])
+    lo = RNG.standard_normal(y.size) * 1e-17 * np.abs(y)
+    rad = np.where(np.arange(y.size) % 2, 1e-25, 0.0)
+    t = doublefloat.tanh(Iv(y, lo, rad), times)
+    for k in range(0, y.size, 2):
+        for end in (-1, 1):
+            exact = (arb_of(y[k]) + arb_of(lo[k]) + end * arb_of(rad[k])).tanh() * arb_of(times)
+            assert contains(t.hi[k], t.lo[k], t.rad[k], exact), (y[k], lo[k])
+    assert np.all(t.rad <= 2.0**-58 * np.abs(t.hi) + abs(times) * 1.01 * rad + 1e-300)
+    assert t.hi[-2] == times and t.hi[-1] == -times  # tanh(45) and tanh(−1e9): ±c within 2**-110·|c|
+
+
+def test_the_interval_softcap_is_the_composition_fused():
+    """``IntervalXP.scaled_tanh`` (one op) and ``ArrayXP``'s scale, tanh, scale (three) enclose the same
+    values: both contain Arb's c·tanh(s/c), for c exact and for an inexact 1/c."""
+    xp = intervals.IntervalXP()
+    s = Iv(RNG.standard_normal(500) * 40, RNG.standard_normal(500) * 1e-16)
+    inner, outer = intervals.scalar(Fraction(1, 30)), intervals.scalar(Fraction(30))
+    fused = xp.scaled_tanh(s, inner, outer)
+    three = intervals.ArrayXP.scaled_tanh(xp, s, inner, outer)
+    for k in range(0, 500, 5):
+        exact = ((arb_of(s.hi[k]) + arb_of(s.lo[k])) / 30).tanh() * 30
+        assert contains(fused.hi[k], fused.lo[k], fused.rad[k], exact)
+        assert contains(three.hi[k], three.lo[k], three.rad[k], exact)
+    assert np.all(fused.rad <= 2.0**-55 * np.abs(fused.hi))
+
+
+@pytest.mark.parametrize("s", [Fraction(1, 30), Fraction(30), Fraction(-7, 3), Fraction(3, 2**1070)])
+def test_scaling_by_a_scalar_encloses_the_exact_product(s):
+    """``doublefloat.scale`` (a·s for a scalar s, in place) against Arb: normalised and not normalised lo, with
+    and without radii, tiny entries (underflow) and exact zeros (which stay exactly 0)."""
+    n = 2000
+    hi = RNG.standard_normal(n) * 10.0 ** RNG.integers(-8, 8, n)
+    hi[:20] = 0.0
+    hi[20:40] *= 1e-300
+    lo = RNG.standard_normal(n) * 1e-17 * np.abs(hi)
+    lo[40:400] *= 1e10
+    rad = np.where(np.arange(n) % 3 == 0, 1e-22 * np.abs(hi), 0.0)
+    sc = intervals.scalar(s)
+    for a in (Iv(hi, lo, rad), Iv(hi), Iv(hi, lo)):
+        out = doublefloat.scale(a, sc)
+        for k in range(0, n, 3):
+            centre = arb_of(a.hi[k]) + (arb_of(a.lo[k]) if a.lo is not None else 0)
+            r = arb_of(a.rad[k]) if a.rad is not None else flint.arb(0)
+            for end in (centre - r, centre + r):
+                exact = end * flint.arb(s.numerator) / flint.arb(s.denominator)
+                assert contains(out.hi[k], out.lo[k], out.rad[k], exact), (a.hi[k], s)
+        assert np.all(out.rad[:20] == 0) and np.all(out.hi[:20] == 0)  # 0·s = 0, exactly
+        # where lo is normalised, tight: far below float64's rounding (a product's rest, 1e-7 of hi, costs u of it)
+        tight = 2.0**-100 * np.abs(out.hi[400:]) + abs(float(s)) * 1.01 * a.radius()[400:] + 64 * 2.0**-1074
+        assert np.all(out.rad[400:] <= tight)
+        loose = 2.0**-70 * np.abs(out.hi[40:400]) + abs(float(s)) * 1.01 * a.radius()[40:400] + 64 * 2.0**-1074
+        assert np.all(out.rad[40:400] <= loose)
 
 
 @pytest.mark.parametrize("shape", [(7, 64, 33), (40, 1024, 9), (5, 3, 300)])

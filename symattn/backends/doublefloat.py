@@ -27,9 +27,10 @@ and a float64 radius).  The arithmetic is vectorized NumPy:
 What the certificate assumes: IEEE float64 arithmetic in round-to-nearest, and
 BLAS computing each entry of a product as some sequence of float64 operations
 on the operands (OpenBLAS, MKL and Accelerate do; no Strassen-like schemes).
-``tanh`` (softcap) is its Taylor series near 0 and (1 − w)/(1 + w) with the
-table exp beyond; tests/test_intervals.py checks it and the exp against Arb on
-many random arguments.
+``tanh`` (softcap, score_mods) reads a table of tanh(k/2048) and 1 − tanh²
+and adds the rest by the addition theorem, its small terms by a short series
+in float64; tests/test_intervals.py checks it and the exp against Arb on many
+random arguments.
 
 An enclosure is only as good as its width: ``truth`` certifies from it the
 entries whose enclosure is narrow enough for the digits asked and computes the
@@ -337,6 +338,20 @@ def _carried(a_hi, a_lo, a_rad, b_hi, b_lo, b_rad):
     return up(bound * (1 + gamma(n + 2)))
 
 
+def _pairs(values) -> tuple:
+    """Arb values as double-floats (hi, lo): hi the nearest float64 to the midpoint, lo the nearest to the rest
+    (at the precision in force)."""
+    import flint
+
+    hi, lo = [], []
+    for v in values:
+        mid = v.mid()
+        h = float(mid)
+        hi.append(h)
+        lo.append(float(mid - flint.arb(h)))
+    return np.array(hi), np.array(lo)
+
+
 @lru_cache(maxsize=1)
 def exp_table():
     """0, then exp(k / STEPS) for k from EXP_LOW·STEPS to EXP_HIGH·STEPS, as double-floats (hi, lo) from Arb at
@@ -344,18 +359,9 @@ def exp_table():
     exp(k2 / STEPS), multiplied as double-floats."""
     import flint
 
-    def pairs(values):
-        hi, lo = [], []
-        for v in values:
-            mid = v.mid()
-            h = float(mid)
-            hi.append(h)
-            lo.append(float(mid - flint.arb(h)))
-        return np.array(hi), np.array(lo)
-
     with precision(160):
-        big_hi, big_lo = pairs([flint.arb(k).exp() for k in range(EXP_LOW, EXP_HIGH + 1)])
-        small_hi, small_lo = pairs([(flint.arb(k) / STEPS).exp() for k in range(STEPS)])
+        big_hi, big_lo = _pairs([flint.arb(k).exp() for k in range(EXP_LOW, EXP_HIGH + 1)])
+        small_hi, small_lo = _pairs([(flint.arb(k) / STEPS).exp() for k in range(STEPS)])
     # every k = k1·STEPS + k2 (0 <= k2 < STEPS): exp(k1)·exp(k2/STEPS) as a double-float
     a_hi, a_lo = np.repeat(big_hi, STEPS), np.repeat(big_lo, STEPS)
     b_hi, b_lo = np.tile(small_hi, len(big_hi)), np.tile(small_lo, len(big_hi))
@@ -419,6 +425,56 @@ def mul(a: Iv, b: Iv) -> Iv:
             lo = np.where(excluded, 0.0, lo)
             rad = np.where(excluded, 0.0, rad)
     return Iv(hi, lo, rad, excluded)
+
+
+def scale(a: Iv, s: Iv) -> Iv:
+    """a·s for a scalar s (a softcap, a score_mod's numbers): ``mul`` with s's parts read once, its products and
+    sums in place.  With p + e = hi·s_hi exactly (Dekker), lo' = (e + lo·s_hi) + hi·s_lo is within
+    |lo|·(3.01u·|s_hi| + |s_lo|) + |hi|·(2.01u·|s_lo| + 2.01u²·|s_hi|) of (hi + lo)·(s_hi + s_lo) (three roundings,
+    the dropped lo·s_lo); the radii carry through as in ``mul``; an exact 0 stays exactly 0."""
+    sh, sl, sr = float(s.hi), float(s.low()), float(s.radius())
+    hi, lo, ra = a.hi, a.lo, a.rad
+    if a.excluded is not None or not _largest(hi) <= 2.0**995 or not abs(sh) <= 2.0**995:
+        return mul(a, s)  # −inf, nan, or Dekker's split would overflow
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        p = hi * sh
+        big = hi * SPLIT  # Dekker's split of hi: big − (big − hi) and its rest
+        rest = big - hi
+        np.subtract(big, rest, out=big)
+        np.subtract(hi, big, out=rest)
+        bh, bl = _split(np.float64(sh))
+        out_lo = big * bh
+        out_lo -= p
+        big *= bl
+        out_lo += big
+        np.multiply(rest, bh, out=big)
+        out_lo += big
+        rest *= bl
+        out_lo += rest  # e = hi·s_hi − p, exactly
+        np.abs(hi, out=rest)
+        rad = rest * (2.01 * U * abs(sl) + 2.01 * U * U * abs(sh) + sr)
+        if sl:
+            np.multiply(hi, sl, out=rest)
+            out_lo += rest
+        if lo is not None:
+            np.multiply(lo, sh, out=big)
+            out_lo += big
+            np.abs(lo, out=big)
+            big *= 3.01 * U * abs(sh) + abs(sl) + sr
+            rad += big
+        if ra is not None:
+            np.multiply(ra, abs(sh) + abs(sl) + sr, out=big)
+            rad += big
+        rad *= INFLATE
+        rad += 12 * ETA  # underflows: Dekker's product and the three others
+        if not np.all(hi):  # an exact 0 times s: exactly 0
+            zero = hi == 0
+            if lo is not None:
+                zero &= lo == 0
+            if ra is not None:
+                zero &= ra == 0
+            np.copyto(rad, 0.0, where=zero)
+    return Iv(p, out_lo, rad)
 
 
 def divide(a: Iv, z: Iv) -> Iv:
@@ -545,55 +601,145 @@ def _one_key(a: Iv):
     return rows, np.argmin(a.excluded[rows], axis=-1)
 
 
-# tanh(y) = y + y·y²·Σ TANH_SERIES[k]·y**(2k) for |y| <= TANH_SMALL (its Taylor series, alternating and
-# decreasing there, so the first term left out, TANH_NEXT·y**19, bounds the rest)
-TANH_SERIES = (
-    -1 / 3,
-    2 / 15,
-    -17 / 315,
-    62 / 2835,
-    -1382 / 155925,
-    21844 / 6081075,
-    -929569 / 638512875,
-    6404582 / 10854718875,
-)
-TANH_NEXT = 2.4e-4  # 443861162 / 1856156927625 < 2.4e-4
-TANH_SMALL = 2.0**-5
+# tanh(k/TANH_STEPS + ρ) = T + D·ρ' for T = tanh(k/TANH_STEPS), D = 1 − T², ρ' = tanh ρ/(1 + T·tanh ρ): T and D from
+# a table (``tanh_table``), ρ' by its series in float64 around ρ's double-float part
+TANH_STEPS = 2048
+TANH_END = 40  # the table's last argument: tanh(y) for y >= TANH_END − 2**-12 is within 2**-114 of 1
 
 
-def tanh(a: Iv) -> Iv:
-    """tanh(a) as double-floats (softcap): for |y| <= 2**-5 its Taylor series, y plus a correction computed in
-    float64 (its roundings are relative to y³/3, so 2**-60 of y or better); beyond, (1 − w)/(1 + w) for
-    w = exp(−2|y|) from the table exp (1 − w >= 0.06 there: its error stays below 2**-58 relatively).  Each
-    entry is computed by its own branch only.  |tanh'| <= 1 carries the input's radius."""
-    rad_in = a.radius()
-    with np.errstate(all="ignore"):
-        hi, lo = two_sum(a.hi, a.low())  # normalised (a product's rest is not): |lo| <= u·|hi|
-        small = np.abs(hi) <= TANH_SMALL
-        out_hi, out_lo, out_rad = np.empty_like(hi), np.empty_like(hi), np.empty_like(hi)
-        if small.any():
-            y, low, r = hi[small], lo[small], rad_in[small]
-            size = np.abs(y) + np.abs(low)
-            y2 = y * y
-            q = np.full_like(y, TANH_SERIES[-1])
-            for c in TANH_SERIES[-2::-1]:
-                q *= y2
-                q += c
-            corr = y * y2 * q
-            s_hi, s_lo = two_sum(y, corr)
-            s_lo += low
-            # Horner's (7 steps: 14u of Σ|terms| <= 1.02|q|), y²'s, the two products' and the coefficients'
-            # roundings (20u·|corr| in all), lo left out of the correction (|lo|·y², as |tanh'(y) − 1| <= y²),
-            # the series' rest and the final sum's rounding
-            s_rad = 20 * U * np.abs(corr) + 1.1 * np.abs(low) * size * size + TANH_NEXT * 1.01 * size**19
-            s_rad += U * np.abs(s_lo) + 4 * ETA
-            out_hi[small], out_lo[small], out_rad[small] = s_hi, s_lo, s_rad + r
-        big = ~small
-        if big.any():
-            y, low, r = hi[big], lo[big], rad_in[big]
-            sign = np.where(y < 0, -1.0, 1.0)
-            w = exp(Iv(-2 * np.abs(y), -2 * sign * low, 2 * r))  # e**(−2|y|) <= 1: within the table
-            one = Iv(np.ones_like(y))
-            t = divide(add(one, w, -1), add(one, w, 1))
-            out_hi[big], out_lo[big], out_rad[big] = sign * t.hi, sign * t.low(), t.radius()
-    return Iv(out_hi, out_lo, up(out_rad), a.excluded)
+@lru_cache(maxsize=1)
+def tanh_table():
+    """(T_hi, T_lo, D_hi, D_lo, D_hi's two halves) for k from 0 to TANH_END·TANH_STEPS: T = tanh(k/TANH_STEPS)
+    and D = 1 − T² as double-floats from Arb at 160 bits (each within 2**-104 of its value, relatively);
+    D_hi split (Dekker) once here rather than at every product."""
+    import flint
+
+    with precision(160):
+        t = [(flint.arb(k) / TANH_STEPS).tanh() for k in range(TANH_END * TANH_STEPS + 1)]
+        d = [1 - x * x for x in t]
+        t_hi, t_lo = _pairs(t)
+        d_hi, d_lo = _pairs(d)
+    return (t_hi, t_lo, d_hi, d_lo, *_split(d_hi))
+
+
+@lru_cache(maxsize=8)
+def _tanh_times(c: float) -> tuple:
+    """``tanh_table`` times an exact float64 c: (T_hi, c·T as hi and lo, c·D as hi and lo, c·D_hi's two halves),
+    each product by TwoProduct plus c times the lo, within 2**-101 of c·T (c·D) relatively."""
+    t_hi, t_lo, d_hi, d_lo, *_ = tanh_table()
+    if c == 1:
+        return (t_hi, t_hi, t_lo, d_hi, d_lo, *_split(d_hi))
+    with np.errstate(under="ignore"):
+        ct, ct_lo = two_prod(t_hi, np.float64(c))
+        ct_lo += t_lo * c
+        cd, cd_lo = two_prod(d_hi, np.float64(c))
+        cd_lo += d_lo * c
+    return (t_hi, ct, ct_lo, cd, cd_lo, *_split(cd))
+
+
+def tanh(a: Iv, times: float = 1.0) -> Iv:
+    """times·tanh(a) as double-floats (softcap, score_mods; ``times`` an exact float64 number), by the table of ``tanh_table`` and no branch: for y = |a.hi|,
+    k = rint(y·TANH_STEPS) and ρ = y − k/TANH_STEPS (exact) + ±a.lo, |ρ| <= R = 2**-12 + max|a.lo|,
+
+        tanh(y + lo) = T + D·g,  g = τ/(1 + T·τ),  τ = tanh ρ,
+
+    with g = ρ_hi + small: small = ρ_lo + c3 + c2 in float64, c3 = τ − ρ by its series to ρ⁷ (the rest below
+    0.022·R⁸·|ρ|) and c2 = −T·τ²/(1 + T·τ) from τ in float64 (one rounding).  Each is about R·|ρ| or less, so
+    their float64 roundings, T's lo left out of c2, D's lo times small, and the table's errors stay below
+    2**-59·(|ρ_hi| + |ρ_lo|) + 8u·|ρ_lo| + 2**-98·|T| (R <= 2**-11: a.lo wider than 2**-12 is normalised
+    first); T + D·ρ_hi is summed by TwoProduct and Fast2Sum (|D·ρ_hi| <= 2**-12 < T for k >= 1, and T = 0
+    for k = 0).  Relative to |tanh|, that is 2**-59 or better, as near 0 as anywhere.  |tanh'| <= 1 carries
+    the input's radius; beyond the table, ±1 within 2**-110.  With ``times``, T and D are read from tables
+    multiplied by it (``_tanh_times``): every term of the radius but the table's scales by |times|."""
+    plain, t_hi, t_lo, d_hi, d_lo, d_big, d_small = _tanh_times(float(times))
+    c = abs(float(times))
+    hi, lo = a.hi, a.lo
+    if _largest(lo) > 2.0**-12:  # far from normalised (a product's rest, near 0)
+        hi, lo = two_sum(hi, lo)
+    # every step in place, in a few buffers (a fresh array costs as much as a dozen operations on it)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        sign = np.copysign(1.0, hi)
+        y = np.abs(hi)
+        r = y * TANH_STEPS
+        np.rint(r, out=r)
+        beyond = None
+        if not np.max(r, initial=0.0) < len(plain) - 1:  # the table's end, inf and nan
+            beyond = ~(r < len(plain) - 1)
+            r[beyond] = 0.0
+        index = r.astype(np.intp)
+        r *= -1.0 / TANH_STEPS
+        r += y  # ρ_hi: exact (Sterbenz for k >= 1)
+        rad = np.abs(r)
+        rad *= 2.0**-59 * c
+        rf = np.empty_like(r)
+        if lo is None:
+            rho_lo = None
+            np.copyto(rf, r)
+        else:
+            rho_lo = np.multiply(lo, sign, out=y)  # exact
+            np.abs(rho_lo, out=rf)
+            rf *= (2.0**-59 + 8 * U) * c
+            rad += rf
+            np.add(r, rho_lo, out=rf)  # ρ in float64
+        r2 = rf * rf
+        c3 = r2 * (-17 / 315)
+        c3 += 2 / 15
+        c3 *= r2
+        c3 -= 1 / 3
+        c3 *= r2
+        c3 *= rf  # tanh ρ − ρ to ρ⁷
+        tau = np.add(rf, c3, out=r2)
+        th = t_hi.take(index)
+        if plain is t_hi:
+            x = np.multiply(th, tau, out=rf)
+        else:  # T (not times·T) for c2
+            x = plain.take(index, out=rf)
+            x *= tau
+        one_x = x + 1
+        np.divide(x, one_x, out=x)
+        x *= tau
+        small = np.subtract(c3, x, out=c3)  # c3 + c2
+        if rho_lo is not None:
+            small += rho_lo
+        # D·ρ_hi = p + e exactly (Dekker's product, D_hi split in the table)
+        p = d_hi.take(index, out=one_x)
+        p *= r
+        rh = np.multiply(r, SPLIT, out=r2)
+        rl = np.subtract(rh, r, out=x)
+        np.subtract(rh, rl, out=rh)
+        np.subtract(r, rh, out=rl)
+        part = d_big.take(index) if rho_lo is None else d_big.take(index, out=y)
+        e = part * rh
+        e -= p
+        part *= rl
+        e += part
+        d_small.take(index, out=part)
+        rh *= part
+        e += rh
+        rl *= part
+        e += rl
+        # the rest: e + D_hi·small + D_lo·ρ_hi + T_lo
+        small *= d_hi.take(index, out=part)
+        e += small
+        d_lo.take(index, out=part)
+        part *= r
+        e += part
+        e += t_lo.take(index, out=part)
+        out_hi = np.add(th, p, out=r)
+        out_lo = np.subtract(out_hi, th, out=th)
+        np.subtract(p, out_lo, out=out_lo)  # Fast2Sum: T_hi + p = out_hi + out_lo exactly
+        out_lo += e
+        np.abs(out_hi, out=part)
+        part *= 2.0**-96  # the table's errors: 2**-98·|T| <= 2**-96·|out_hi|
+        rad += part
+        out_hi *= sign
+        out_lo *= sign
+        if a.rad is not None:
+            rad += a.rad * c
+        rad *= INFLATE
+        rad += 36 * ETA  # underflows (of ρ's series and Dekker's product, for |a| below 2**-960)
+        if beyond is not None:
+            nan = np.isnan(hi[beyond])
+            out_hi[beyond], out_lo[beyond] = np.where(nan, np.nan, sign[beyond] * times), 0.0
+            rad[beyond] = np.where(nan, np.inf, (2.0**-110 + a.radius()[beyond]) * c)
+    return Iv(out_hi, out_lo, rad, a.excluded)

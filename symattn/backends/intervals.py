@@ -21,6 +21,7 @@ from symattn.backends.doublefloat import (
     divide,
     exp,
     mul,
+    scale,
     split_product,
     tanh,
     up,
@@ -96,7 +97,7 @@ class IntervalXP(ArrayXP):
             if inexact.any():  # an underflow: within η of the product, each part
                 rad = (np.zeros_like(hi) if rad is None else rad) + np.where(inexact, 2 * ETA, 0.0)
             return Iv(hi, lo, rad, a.excluded)
-        return mul(a, s)
+        return scale(a, s) if np.ndim(s.hi) == 0 else mul(a, s)
 
     def one_minus(self, a):
         a = _materialized(a)
@@ -105,6 +106,13 @@ class IntervalXP(ArrayXP):
 
     def tanh(self, a):
         return tanh(_materialized(a))
+
+    def scaled_tanh(self, a, inner, outer):
+        """The multiplication by ``outer`` folded into tanh's tables when it is an exact float64 number."""
+        exact = outer.lo is not None and not outer.lo and not outer.rad and 0 < abs(float(outer.hi)) <= 2.0**900
+        if not exact:
+            return super().scaled_tanh(a, inner, outer)
+        return tanh(self.scale(a, inner), float(outer.hi))
 
     def exp(self, a):
         return exp(_materialized(a))

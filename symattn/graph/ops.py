@@ -146,7 +146,7 @@ class Scores:
         """scale·q·kᵀ, softcapped."""
         s = xp.scaled_scores(q, k, xp.param(self.scale))
         if self.softcap is not None:
-            s = xp.scale(xp.tanh(xp.scale(s, xp.param(self.inverse_softcap))), xp.param(self.softcap))
+            s = xp.scaled_tanh(s, xp.param(self.inverse_softcap), xp.param(self.softcap))
         return s
 
     def unmodded(self, xp, q, k, bias=None):

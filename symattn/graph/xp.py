@@ -150,6 +150,11 @@ class ArrayXP:
     def scaled_scores(self, q, k, scale):
         return self.scale(self.matmul_nt(q, k), scale)
 
+    def scaled_tanh(self, a, inner, outer):
+        """outer·tanh(inner·a) for scalars from ``param`` (a softcap: c·tanh(s/c)): one hook, so that a backend
+        may fuse the three steps (``intervals``)."""
+        return self.scale(self.tanh(self.scale(a, inner)), outer)
+
     def softmax(self, s, empty=None, fill=0, sink=None):
         if sink is not None:  # the sink is one more entry of the row
             s = self.hstack([s, sink])

@@ -62,6 +62,9 @@ class _TorchMod:
     def tanh(self, a):
         return self.torch.tanh(a)
 
+    def scaled_tanh(self, a, inner, outer):
+        return outer * self.torch.tanh(a * inner)
+
     def exp(self, a):
         return self.torch.exp(a)
 
