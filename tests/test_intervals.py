@@ -83,7 +83,7 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
             RNG.standard_normal(2000) * 1e-7,
             # the table's grid: each side of k/2048 and of the half-way points, its first and last entries
             np.repeat(RNG.integers(0, 40 * 2048, 600) / 2048, 2) + np.tile([-1, 1], 600) * 2.0**-12 * (1 - 2.0**-30),
-            RNG.integers(0, 4, 300) / 2048 + RNG.uniform(-2.0**-12, 2.0**-12, 300),
+            RNG.integers(0, 4, 300) / 2048 + RNG.uniform(-(2.0**-12), 2.0**-12, 300),
             [40 - 2.0**-12, 40 - 2.0**-11, 40 + 2.0**-13, 39.9995, -40.0001, 1e-300, -5e-324, 2.0**-1000],
             [0.0, 20.0, -40.0, 400.0, -1e300],
         ]

@@ -638,19 +638,24 @@ def _tanh_times(c: float) -> tuple:
 
 
 def tanh(a: Iv, times: float = 1.0) -> Iv:
-    """times·tanh(a) as double-floats (softcap, score_mods; ``times`` an exact float64 number), by the table of ``tanh_table`` and no branch: for y = |a.hi|,
-    k = rint(y·TANH_STEPS) and ρ = y − k/TANH_STEPS (exact) + ±a.lo, |ρ| <= R = 2**-12 + max|a.lo|,
+    """times·tanh(a) as double-floats (softcap, score_mods; ``times`` an exact float64 number) by the table of
+    ``tanh_table``, with no branch.  For y = |a.hi|, k = rint(y·TANH_STEPS) and ρ = ρ_hi + ρ_lo, ρ_hi =
+    y − k/TANH_STEPS (exact), ρ_lo = ±a.lo, |ρ| <= R = 2**-12 + max|a.lo| <= 2**-11 (a.lo wider than 2**-12
+    is normalised first), the addition theorem gives
 
-        tanh(y + lo) = T + D·g,  g = τ/(1 + T·τ),  τ = tanh ρ,
+        tanh(y + lo) = T + D·g,  g = τ/(1 + T·τ) = ρ_hi + ρ_lo + c3 + c2,  τ = tanh ρ,
 
-    with g = ρ_hi + small: small = ρ_lo + c3 + c2 in float64, c3 = τ − ρ by its series to ρ⁷ (the rest below
-    0.022·R⁸·|ρ|) and c2 = −T·τ²/(1 + T·τ) from τ in float64 (one rounding).  Each is about R·|ρ| or less, so
-    their float64 roundings, T's lo left out of c2, D's lo times small, and the table's errors stay below
-    2**-59·(|ρ_hi| + |ρ_lo|) + 8u·|ρ_lo| + 2**-98·|T| (R <= 2**-11: a.lo wider than 2**-12 is normalised
-    first); T + D·ρ_hi is summed by TwoProduct and Fast2Sum (|D·ρ_hi| <= 2**-12 < T for k >= 1, and T = 0
-    for k = 0).  Relative to |tanh|, that is 2**-59 or better, as near 0 as anywhere.  |tanh'| <= 1 carries
-    the input's radius; beyond the table, ±1 within 2**-110.  With ``times``, T and D are read from tables
-    multiplied by it (``_tanh_times``): every term of the radius but the table's scales by |times|."""
+    T = tanh(k/TANH_STEPS) and D = 1 − T² from the table, c3 = τ − ρ by its series to ρ⁷ (the rest below
+    0.022·R⁸·|ρ|) and c2 = −T·τ²/(1 + T·τ), both from ρ in float64: |c3| <= R²·|ρ|/3, |c2| <= 1.01·R·|ρ|.
+    Their errors, with m = |ρ_hi| and n = |ρ_lo|: τ rounded (2.1u·|ρ| through |∂c2/∂τ| <= 2.01·R:
+    2**-61.9·(m + n)), T's lo left out of c2 (2**-64), c2's four roundings (2**-62), small = ρ_lo + c3 + c2's
+    two (2**-62.8, and 2u·n), D's lo times small (2**-64), the rest's three roundings and the last sum's
+    (2**-61.7, and 5u·n): below 2**-59·(m + n) + 8u·n in all; the tables' own (2**-101 of T and of D·g)
+    below 2**-96·|result|.  T + D·ρ_hi is summed by TwoProduct (D_hi split in the table) and Fast2Sum
+    (|D·ρ_hi| <= 2**-12 < T for k >= 1, and T = 0 for k = 0).  Relative to |tanh|, 2**-58 or better, as near
+    0 as anywhere.  |tanh'| <= 1 carries the input's radius; beyond the table, ±1 within 2**-110.  With
+    ``times``, T and D are read from tables multiplied by it (``_tanh_times``), and every term but the
+    tables' scales by |times|."""
     plain, t_hi, t_lo, d_hi, d_lo, d_big, d_small = _tanh_times(float(times))
     c = abs(float(times))
     hi, lo = a.hi, a.lo
