@@ -42,18 +42,33 @@ def _precision():
     flint.ctx.prec = saved
 
 
-def test_the_exp_encloses_arbs_exp_on_many_random_arguments():
-    x = np.concatenate([-RNG.random(20000) * 745, -RNG.random(5000) * 1e-3, -RNG.random(2000) * 1e-12, [0.0]])
+@pytest.mark.parametrize("precise", [False, True])
+def test_the_exp_encloses_arbs_exp_on_many_random_arguments(precise):
+    """Both paths of the table exp: the plain one (2**-62 or so) and the precise one the gradients use
+    (2**-73: table·r as a TwoProduct, only expm1(r) − r in float64), with and without the input's lo and
+    radius, below the table (exactly 0 within 24η) too."""
+    x = np.concatenate(
+        [-RNG.random(20000) * 745, -RNG.random(5000) * 1e-3, -RNG.random(2000) * 1e-12, [0.0, -800.0, -1e4]]
+    )
     lo = RNG.standard_normal(x.size) * 1e-17 * np.abs(x)
-    e = doublefloat.exp(Iv(x, lo))
+    e = doublefloat.exp(Iv(x, lo), precise=precise)
     for k in range(0, x.size, 7):
         exact = (arb_of(x[k]) + arb_of(lo[k])).exp()
         assert contains(e.hi[k], e.lo[k], e.rad[k], exact), (x[k], lo[k])
-    # the radius is tight: relative 2**-60 or so, not a blanket bound
-    assert np.all(e.rad <= 2.0**-58 * e.hi + 1e-300)
+    for k in (-3, -2, -1):
+        assert contains(e.hi[k], e.lo[k], e.rad[k], (arb_of(x[k]) + arb_of(lo[k])).exp())
+    # the radius is tight: relative 2**-60 or so (2**-72 precise), not a blanket bound
+    assert np.all(e.rad <= (2.0**-72 if precise else 2.0**-58) * e.hi + 1e-300)
+    if precise:  # and the input's radius carries through
+        wide = doublefloat.exp(Iv(x[:300], lo[:300], np.full(300, 1e-22)), precise=True)
+        for k in range(0, 300, 3):
+            for end in (-1, 1):
+                exact = (arb_of(x[k]) + arb_of(lo[k]) + end * flint.arb(1e-22)).exp()
+                assert contains(wide.hi[k], wide.lo[k], wide.rad[k], exact)
 
 
-def test_the_shifted_exp_and_masked_entries():
+@pytest.mark.parametrize("precise", [False, True])
+def test_the_shifted_exp_and_masked_entries(precise):
     x = RNG.standard_normal((30, 40)) * 20
     x[4] *= 30  # arguments below the table: enclosures [0, 20η]
     excluded = np.zeros(x.shape, dtype=bool)
@@ -63,7 +78,7 @@ def test_the_shifted_exp_and_masked_entries():
     lo[excluded] = 0.0
     shift = intervals.IntervalXP().shift(Iv(x)).hi  # row maxima rounded up to multiples of 1/STEPS
     assert np.all(shift >= x.max(axis=1, keepdims=True)) and np.all(shift * intervals.STEPS % 1 == 0)
-    e = doublefloat.exp(Iv(x, lo, np.full(x.shape, 1e-25), excluded), shift)
+    e = doublefloat.exp(Iv(x, lo, np.full(x.shape, 1e-25), excluded), shift, precise)
     assert np.all(e.hi[3, :5] == 0) and np.all(e.lo[3, :5] == 0) and np.all(e.rad[3, :5] == 0)
     assert np.all(e.hi < e.below) and np.all(e.hi >= 0)
     for i in range(30):

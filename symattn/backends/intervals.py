@@ -31,7 +31,11 @@ from symattn.semantics import NAN
 
 
 class IntervalXP(ArrayXP):
-    """The graph's ``xp`` over Iv (see the module docstring for what the radii bound)."""
+    """The graph's ``xp`` over Iv (see the module docstring for what the radii bound).  ``precise``: the
+    softmax's exponentials to 2**-73 rather than 2**-62 (``doublefloat.exp``), for gradients."""
+
+    def __init__(self, precise: bool = False):
+        self.precise = precise
 
     # Conversions.
     def leaf(self, name, matrix):
@@ -154,14 +158,14 @@ class IntervalXP(ArrayXP):
         shift and the row sum, and a row whose scores are all excluded gets weights exactly 0 (its sink is its
         one key)."""
         s = _materialized(s) if sink is None else self.hstack([s, sink])
-        return _Weights(exp(s, self.shift(s).hi), self, empty, fill)
+        return _Weights(exp(s, self.shift(s).hi, self.precise), self, empty, fill)
 
     def logsumexp(self, s, empty=None, kept=None, sink=None):
         """shift + log(rowsum(exp(s − shift))) with the exponentials by the table, the shift folded into its
         index as in ``softmax``; a row with one entry not excluded (and no sink) is that entry, exactly."""
         s = _materialized(s) if sink is None else self.hstack([s, sink])
         top = self.shift(s)
-        terms = exp(s, top.hi)
+        terms = exp(s, top.hi, self.precise)
         z = self.rowsum(terms)
         if empty is not None:
             z = self.fill_rows(z, empty, 1)
@@ -401,7 +405,9 @@ def _dyadic(matrix) -> bool:
 def enclose(graph, names) -> dict:
     """Enclosures (Iv) of the steps ``names`` of the graph: forward ones, and backward ones (names with a d
     prefix, of this graph's query rows: a query-row block's gradients of keys and values are its rows' share)."""
-    xp = IntervalXP()
+    # a gradient summed over every query row (dk, dv) may cancel far below its terms: its weights' relative error
+    # decides its digits, and the precise exponentials give it about 11 more bits
+    xp = IntervalXP(precise=any(graph.step(name).backward for name in names))
     with np.errstate(all="ignore"):
         values = graph.values(xp, names)
         return {name: result(v) for name, v in values.items()}
