@@ -768,11 +768,11 @@ def tanh(a: Iv, times: float = 1.0) -> Iv:
         c3 *= r2
         c3 *= rf  # tanh ρ − ρ to ρ⁷
         tau = np.add(rf, c3, out=r2)
-        th = t_hi.take(index)
+        th = t_hi.take(index, mode="clip")
         if plain is t_hi:
             x = np.multiply(th, tau, out=rf)
         else:  # T (not times·T) for c2
-            x = plain.take(index, out=rf)
+            x = plain.take(index, mode="clip", out=rf)
             x *= tau
         one_x = x + 1
         np.divide(x, one_x, out=x)
@@ -781,29 +781,29 @@ def tanh(a: Iv, times: float = 1.0) -> Iv:
         if rho_lo is not None:
             small += rho_lo
         # D·ρ_hi = p + e exactly (Dekker's product, D_hi split in the table)
-        p = d_hi.take(index, out=one_x)
+        p = d_hi.take(index, mode="clip", out=one_x)
         p *= r
         rh = np.multiply(r, SPLIT, out=r2)
         rl = np.subtract(rh, r, out=x)
         np.subtract(rh, rl, out=rh)
         np.subtract(r, rh, out=rl)
-        part = d_big.take(index) if rho_lo is None else d_big.take(index, out=y)
+        part = d_big.take(index, mode="clip") if rho_lo is None else d_big.take(index, mode="clip", out=y)
         e = part * rh
         e -= p
         part *= rl
         e += part
-        d_small.take(index, out=part)
+        d_small.take(index, mode="clip", out=part)
         rh *= part
         e += rh
         rl *= part
         e += rl
         # the rest: e + D_hi·small + D_lo·ρ_hi + T_lo
-        small *= d_hi.take(index, out=part)
+        small *= d_hi.take(index, mode="clip", out=part)
         e += small
-        d_lo.take(index, out=part)
+        d_lo.take(index, mode="clip", out=part)
         part *= r
         e += part
-        e += t_lo.take(index, out=part)
+        e += t_lo.take(index, mode="clip", out=part)
         out_hi = np.add(th, p, out=r)
         out_lo = np.subtract(out_hi, th, out=th)
         np.subtract(p, out_lo, out=out_lo)  # Fast2Sum: T_hi + p = out_hi + out_lo exactly
