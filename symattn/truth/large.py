@@ -219,20 +219,26 @@ def summed_target(step, keys):
     return slice(None)
 
 
+ROW_NAN = ("weights", "head", "dscores", "dq", "dQ")  # nan on their head's empty rows
+KEY_NAN = ("dk", "dv", "dK", "dV")  # sums over every query row of their group's heads: nan if one row is
+
+
 def _nan_entries(spec, step) -> np.ndarray | None:
     """Bools over a step's entries: those that are nan by the spec (empty rows under ``empty_row "nan"``: a
-    head's weights and output, those columns of concat_heads, and every column of M), or None when none is
-    (with sinks no row is empty)."""
-    if (
-        spec.empty_row != "nan"
-        or spec.sinks is not None
-        or step.backward
-        or step.kind not in ("weights", "head", "concat_heads", "M")
-    ):
+    head's weights and output, those columns of concat_heads, and every column of M; backward, a head's
+    dscores and dq on those rows, and every entry of the dk and dv its group's heads share, since each sums
+    a nan row (nan·0 is nan there too, as in the ball path and in torch)), or None when none is (with sinks
+    no row is empty)."""
+    kinds = ("concat_heads", "M") + ROW_NAN + KEY_NAN
+    if spec.empty_row != "nan" or spec.sinks is not None or step.kind not in kinds:
         return None
     out = np.zeros(step.shape, dtype=bool)
-    if step.kind in ("weights", "head"):
+    if step.kind in ROW_NAN:
         out |= empty_rows(spec.allowed(step.head - 1))
+        return out
+    if step.kind in KEY_NAN:
+        heads = [h for h in range(spec.h) if spec.group(h) == step.head - 1]
+        out[:] = any(empty_rows(spec.allowed(h)).any() for h in heads)
         return out
     width = spec.d_v if step.kind == "concat_heads" else None
     for h in range(spec.h):
