@@ -58,6 +58,7 @@ def projection(seed=0, **options) -> dict:
 EMPTY = np.ones((7, 9), dtype=bool)
 EMPTY[3] = False  # a query that sees no key
 EMPTY[:, 5] = False  # a key nobody sees
+PROJECTION_EMPTY = np.tril(np.ones((6, 6), dtype=bool), -1)  # row 0 sees no key
 HEAD_EMPTY = np.ones((4, 7, 9), dtype=bool)
 HEAD_EMPTY[2, 4] = False  # head 3 (group 2 of two) has an empty row: only dk2, dv2 are nan throughout
 
@@ -76,6 +77,10 @@ CASES = {
     "score_mod": kernel(10, causal=True, score_mod="5*tanh(s/5) - 0.5*abs(q_idx - kv_idx)"),
     "projection, biases": projection(causal=True),
     "projection, cross-attention": projection(1, x_kv=floats(np.random.default_rng(8), 5, 3)),
+    "projection, empty rows nan": projection(2, mask=PROJECTION_EMPTY[:, :6], empty_row="nan"),
+    "projection, cross-attention, empty rows nan": projection(
+        3, x_kv=floats(np.random.default_rng(9), 5, 3), mask=PROJECTION_EMPTY[:, :5], empty_row="nan"
+    ),
 }
 
 
@@ -104,7 +109,15 @@ def test_every_backward_step_agrees_with_the_small_path(case, two_rows):
     assert oracle.agree(large, as_reference(small, names), names, dps=REF_DIGITS) > 100
 
 
-@pytest.mark.parametrize("case", ["empty rows nan", "empty rows nan in one group"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty rows nan",
+        "empty rows nan in one group",
+        "projection, empty rows nan",
+        "projection, cross-attention, empty rows nan",
+    ],
+)
 def test_nan_gradients_of_empty_rows_are_decided_without_arb(case, two_rows):
     """Under empty_row "nan", dscores and dq are nan on the empty rows and every dk, dv entry of their group is
     nan (each sums a nan row): decided from the spec, as the forward's nan rows are, not computed in Arb (at
@@ -112,6 +125,12 @@ def test_nan_gradients_of_empty_rows_are_decided_without_arb(case, two_rows):
     spec = symattn.load_spec(CASES[case])
     large = symattn.evaluate(spec, digits=12, grad=True)
     assert large.method == "intervals" and large.escalated == 0 and not large.notes
+    if "projection" in case:  # the ball path's nan entries, step by step (test_every_backward_step_... the rest)
+        small = symattn.evaluate(spec, digits=REF_DIGITS, grad=True)
+        for step in large.graph.backward_steps:
+            ours, theirs = large[step.name].values, small[step.name].values
+            assert [[t == "nan" for t in row] for row in ours] == [[t == "nan" for t in row] for row in theirs]
+        return
     nan_groups = {spec.group(h) + 1 for h in range(spec.h) if not spec.allowed(h).any(axis=1).all()}
     for g in range(1, spec.h_kv + 1):
         for kind in ("dk", "dv"):

@@ -220,34 +220,45 @@ def summed_target(step, keys):
 
 
 ROW_NAN = ("weights", "head", "dscores", "dq", "dQ")  # nan on their head's empty rows
-KEY_NAN = ("dk", "dv", "dK", "dV")  # sums over every query row of their group's heads: nan if one row is
+GROUP_NAN = ("dk", "dv", "dK", "dV", "dwk", "dwv", "dbk", "dbv")  # sums over every query row of their group's
+# heads: nan throughout if one of those rows is
+HEAD_NAN = ("dwq", "dbq")  # sums over their head's query rows: nan throughout if one is
 
 
 def _nan_entries(spec, step) -> np.ndarray | None:
-    """Bools over a step's entries: those that are nan by the spec (empty rows under ``empty_row "nan"``: a
-    head's weights and output, those columns of concat_heads, and every column of M; backward, a head's
-    dscores and dq on those rows, and every entry of the dk and dv its group's heads share, since each sums
-    a nan row (nan·0 is nan there too, as in the ball path and in torch)), or None when none is (with sinks
-    no row is empty)."""
-    kinds = ("concat_heads", "M") + ROW_NAN + KEY_NAN
-    if spec.empty_row != "nan" or spec.sinks is not None or step.kind not in kinds:
+    """Bools over a step's entries: those that are nan by the spec (empty rows under ``empty_row "nan"``), or
+    None when none is (with sinks no row is empty).  Forward: a head's weights and output on its empty rows,
+    those rows of its columns of concat_heads, those rows of M.  Backward, where each sums a nan row (nan·0
+    is nan there too, as in the ball path and in torch): a head's dscores and dq (dQ) on its empty rows;
+    every entry of the dk, dv (dK, dV and their weights' and biases' gradients) its group's heads share, and
+    of its dwq and dbq; the rows of dwo that its columns of concat_heads meet; dx_kv throughout, and dx
+    throughout too when x is also the keys' input (else on the rows empty in some head)."""
+    if spec.empty_row != "nan" or spec.sinks is not None:
         return None
+    empty = [empty_rows(spec.allowed(h))[:, 0] for h in range(spec.h)]
     out = np.zeros(step.shape, dtype=bool)
-    if step.kind in ROW_NAN:
-        out |= empty_rows(spec.allowed(step.head - 1))
-        return out
-    if step.kind in KEY_NAN:
-        heads = [h for h in range(spec.h) if spec.group(h) == step.head - 1]
-        out[:] = any(empty_rows(spec.allowed(h)).any() for h in heads)
-        return out
-    width = spec.d_v if step.kind == "concat_heads" else None
-    for h in range(spec.h):
-        rows = empty_rows(spec.allowed(h))[:, 0]
-        if width is None:
+    kind = step.kind
+    if kind in ROW_NAN:
+        out[empty[step.head - 1]] = True
+    elif kind in GROUP_NAN:
+        out[:] = any(empty[h].any() for h in range(spec.h) if spec.group(h) == step.head - 1)
+    elif kind in HEAD_NAN:
+        out[:] = empty[step.head - 1].any()
+    elif kind in ("concat_heads", "dwo"):
+        width = spec.d_v
+        for h in range(spec.h):
+            if kind == "concat_heads":
+                out[empty[h], h * width : (h + 1) * width] = True
+            elif empty[h].any():
+                out[h * width : (h + 1) * width] = True
+    elif kind == "M" or (kind == "dx" and getattr(spec, "x_kv", None) is not None):
+        for rows in empty:
             out[rows] = True
-        else:
-            out[rows, h * width : (h + 1) * width] = True
-    return out
+    elif kind in ("dx", "dx_kv"):
+        out[:] = any(rows.any() for rows in empty)
+    else:
+        return None
+    return out if out.any() else None
 
 
 def block_target(step, rows, keys):
