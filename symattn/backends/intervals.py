@@ -239,6 +239,8 @@ class IntervalXP(ArrayXP):
         return Iv(hi, lo, np.concatenate([p.radius() for p in parts], axis=-1), excluded)
 
     def cols(self, a, start, stop):
+        if isinstance(a, _Weights) and start == 0 and a.keys is None:  # the keys' weights beside a sink: lazy
+            return _Weights(a.terms, self, a.empty, a.fill, keys=stop)
         a = _materialized(a)
         return Iv(a.hi[..., start:stop], _slice(a.lo, start, stop), _slice(a.rad, start, stop))
 
@@ -303,12 +305,25 @@ class _Weights:
     """A softmax's weights terms / rowsum(terms), kept as their exponentials ``terms`` until read
     (``IntervalXP.softmax``): ``IntervalXP.weighted_sum`` multiplies them by V as (terms·[V 1]) divided by its
     last column, one split product; anything else reads the weights themselves (``value``).  ``empty``:
-    bools (…, m, 1) of the rows with no allowed key, filled with ``fill``, or None."""
+    bools (…, m, 1) of the rows with no allowed key, filled with ``fill``, or None.  ``keys``: the weights of
+    the first ``keys`` columns only (the scores' beside a sink, the last column: it joins each row's sum)."""
 
-    def __init__(self, terms: Iv, xp: IntervalXP, empty=None, fill=0):
-        self.terms, self.xp, self.empty, self.fill = terms, xp, empty, fill
+    def __init__(self, terms: Iv, xp: IntervalXP, empty=None, fill=0, keys=None):
+        self.terms, self.xp, self.empty, self.fill, self.keys = terms, xp, empty, fill, keys
         self._value = None
         self.excluded = None
+
+    def _one_key(self):
+        """The terms' (rows, columns) of a weight exactly 1, within the columns kept."""
+        if self.terms.one_key is None:
+            return None
+        rows, keys = self.terms.one_key
+        kept = keys < (self.keys if self.keys is not None else self.terms.hi.shape[-1])
+        return (rows[kept], keys[kept]) if kept.any() else None
+
+    def _kept(self, a: Iv) -> Iv:
+        return a if self.keys is None else Iv(a.hi[..., : self.keys], _slice(a.lo, 0, self.keys),
+                                              _slice(a.rad, 0, self.keys), below=a.below)  # fmt: skip
 
     def value(self) -> Iv:
         if self._value is None:
@@ -316,9 +331,10 @@ class _Weights:
             z = xp.rowsum(t)
             if self.empty is not None:
                 z = xp.fill_rows(z, self.empty, 1)
-            w = divide(t, z)
-            if t.one_key is not None:  # exactly 1 there, and exactly 0 beside it (excluded entries)
-                rows, keys = t.one_key
+            w = divide(self._kept(t), z)
+            one = self._one_key()
+            if one is not None:  # exactly 1 there, and exactly 0 beside it (excluded entries)
+                rows, keys = one
                 w.hi[rows, keys], w.lo[rows, keys], w.rad[rows, keys] = 1.0, 0.0, 0.0
             self._value = w if self.empty is None else xp.fill_rows(w, self.empty, self.fill)
         return self._value
@@ -330,12 +346,17 @@ class _Weights:
             None if v.lo is None else np.concatenate([v.lo, ones.lo], axis=-1),
             None if v.rad is None else np.concatenate([v.rad, np.zeros(ones.hi.shape)], axis=-1),
         )
-        product = self.xp._product(self.terms, extended)  # the terms' bound (below) saves a pass
+        product = self.xp._product(self._kept(self.terms), extended)  # the terms' bound (below) saves a pass
         numerator = Iv(product.hi[..., :-1], _slice(product.lo, 0, -1), _slice(product.rad, 0, -1))
         z = Iv(product.hi[..., -1:], _slice(product.lo, -1, None), _slice(product.rad, -1, None))
+        if self.keys is not None:  # the columns left out (a sink's) join the row sums
+            t = self.terms
+            z = add(z, self.xp.rowsum(Iv(t.hi[..., self.keys :], _slice(t.lo, self.keys, None),
+                                         _slice(t.rad, self.keys, None))), 1)  # fmt: skip
         out = divide(numerator, z)
-        if self.terms.one_key is not None:  # one weight of exactly 1: that row of V, exactly
-            rows, keys = self.terms.one_key
+        one = self._one_key()
+        if one is not None:  # one weight of exactly 1: that row of V, exactly
+            rows, keys = one
             out.hi[rows], out.lo[rows], out.rad[rows] = v.hi[keys], v.low()[keys], v.radius()[keys]
         if self.empty is not None:  # an empty row's terms are all 0 (z too): its filled weights times V
             rows = np.broadcast_to(self.empty, out.hi.shape[:-1] + (1,))[..., 0]
