@@ -89,7 +89,7 @@ def round_scaled(v: int, e: int, places: int) -> int | None:
         if k > 100_000:
             return None
         return v * _pow10(k)
-    if -k > len(digits_of(v)) + 1:  # |v·10**k| < 1/10: rounds to 0
+    if -k > int(abs(v).bit_length() * 0.30103) + 2:  # |v| < 10**(-k - 1): |v·10**k| < 1/10 rounds to 0
         return 0
     return _round_half_even(v, _pow10(-k))
 

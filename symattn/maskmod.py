@@ -381,6 +381,11 @@ class Eval:
         return a % b
 
     def subscript(self, node, active):
+        table, indices = self.gather(node, active)
+        return table[indices]
+
+    def gather(self, node, active) -> tuple:
+        """(the constant, the index arrays) of a subscript: every index checked in range where active."""
         chain = []
         cur = node
         while isinstance(cur, ast.Subscript):
@@ -409,7 +414,7 @@ class Eval:
                 )
             i = np.where(active, i, 0)
             indices.append(i.astype(np.int64))
-        return table[tuple(indices)]
+        return table, tuple(indices)
 
 
 def _exact_quotient(a, b):

@@ -105,6 +105,21 @@ class _Fold(maskmod.Eval):
     def __init__(self, *args):
         super().__init__(*args)
         self.arrays, self.bools, self.scalars = [], [], []
+        self.scaled_tables: dict = {}  # id(constant) -> (constant, its _scaled_integers or None)
+        self.gathered: dict = {}  # id(gathered array) -> (the array, its int64 numerators, their denominator)
+
+    def subscript(self, node, active):
+        """A constant's entries over the grid; for rationals with a small common denominator, the numerators'
+        gather too (``constant`` then reads them: no pass of Fractions over the grid)."""
+        table, indices = self.gather(node, active)
+        value = table[indices]
+        if table.dtype == object:
+            if id(table) not in self.scaled_tables:
+                self.scaled_tables[id(table)] = (table, _scaled_integers(table))
+            scaled = self.scaled_tables[id(table)][1]
+            if scaled is not None:
+                self.gathered[id(value)] = (value, scaled[0][indices], scaled[1])
+        return value
 
     # What is folded.
     def scalar(self, q) -> tuple:
@@ -117,10 +132,14 @@ class _Fold(maskmod.Eval):
         """A folded number as an array over the grid: integers as int64; rationals with a small common
         denominator d as an int64 array times the scalar 1/d (a relative bias in eighths over a 1,024² grid:
         Fractions there are slow to make and to enclose, integers are not); other rationals as Fractions."""
+        known = self.gathered.get(id(value))
         value = np.asarray(value)
         full = np.array(np.broadcast_to(value, self.shape), dtype=value.dtype)
         if full.dtype == object:
-            scaled = _scaled_integers(full)
+            if known is not None and known[0] is value:  # a gathered constant: its numerators gathered too
+                scaled = np.array(np.broadcast_to(known[1], self.shape)), known[2]
+            else:
+                scaled = _scaled_integers(full)
             if scaled is not None:
                 ints, den = scaled
                 ints.setflags(write=False)

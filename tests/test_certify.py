@@ -78,3 +78,27 @@ def test_integers_fast_path():
     assert certify.exact_string(Fraction(-42), 5) == "-42.000"
     assert certify.exact_string(Fraction(123456), 3) == "1.23e+5"
     assert certify.exact_string(Fraction(7), 1) == "7"
+
+
+def test_a_ball_of_millions_of_bits_rounds_to_a_few_places_from_its_first_digits():
+    """A notebook's check asks a value to 57 places after its evaluation rose to 4 million bits (an exact sum
+    like −3 + 2**-4194304): converting the whole ball gave 1.26 million digits, which Python turns into text
+    in quadratic time (a full-suite run hung there).  Only the digits the places need are converted, and a
+    value far below them rounds to 0 from its size alone."""
+    import flint
+
+    from symattn.backends.engines import ArbEngine
+    from symattn.truth.result import _digits_for_places
+
+    bits = 1 << 22
+    engine = ArbEngine(bits)
+    with engine.active():
+        near = flint.arb(-3) + flint.arb(2) ** -bits
+        tiny = flint.arb(2) ** -bits * 3
+    for ball, expected in ((near, -3 * 10**57), (tiny, 0)):
+        convert = _digits_for_places(engine, ball, 12, 57)
+        assert convert < 200
+        lo, hi, e = engine.decimal(ball, 12, convert)
+        assert certify.round_scaled(lo, e, 57) == certify.round_scaled(hi, e, 57) == expected
+    # a huge integer far below the places rounds to 0 without its decimal digits
+    assert certify.round_scaled(7**1_500_000, -1_300_000, 10) == 0

@@ -421,7 +421,7 @@ class Truth:
         def settle(engine, ball):
             if engine.is_nan(ball):
                 return "nan"
-            ends = engine.decimal(ball, self.digits)
+            ends = engine.decimal(ball, self.digits, _digits_for_places(engine, ball, self.digits, places))
             if ends is None:
                 return None
             lo, hi, e = ends
@@ -437,7 +437,8 @@ class Truth:
         def side(sign_of):
             if known.balls is None:
                 return None
-            ends = engine.decimal(known.balls[i, j], self.digits)
+            ball = known.balls[i, j]
+            ends = engine.decimal(ball, self.digits, _digits_for_places(engine, ball, self.digits, places))
             if ends is None:
                 return None
             lo, hi, e = ends
@@ -464,6 +465,21 @@ class Truth:
         if self._decider is None:
             self._decider = Decider(self.spec, self.graph)
         return self._decider(name, i, j)
+
+
+def _digits_for_places(engine, ball, digits: int, places: int) -> int | None:
+    """How many digits to convert a ball at to round it to ``places`` decimals: those before the point, the
+    places and 40 more (at least digits + 5; a value nearer a boundary than 10**-(places + 40) is left to its
+    exact form, ``side``), and never more than the working precision carries.  A ball of
+    4 million bits (an exact sum like 1 + 2**-4194304) converted whole has 1.26 million digits, and Python
+    turns those into text in quadratic time: a value of magnitude 10**-1262550 rounds to 0 at 63 places from
+    its first digits alone."""
+    ends = engine.decimal(ball, digits, 5)
+    if ends is None:
+        return None
+    lo, hi, e = ends
+    before = max(len(str(abs(lo))), len(str(abs(hi)))) + e  # digits before the point (negative: zeros after it)
+    return max(digits + 5, min(before + places + 40, int(engine.bits * 0.30103) + 2))
 
 
 def exact_text(value, digits: int) -> str:
