@@ -719,8 +719,8 @@ def tanh(a: Iv, times: float = 1.0) -> Iv:
 
         tanh(y + lo) = T + D·g,  g = τ/(1 + T·τ) = ρ_hi + ρ_lo + c3 + c2,  τ = tanh ρ,
 
-    T = tanh(k/TANH_STEPS) and D = 1 − T² from the table, c3 = τ − ρ by its series to ρ⁷ (the rest below
-    0.022·R⁸·|ρ|) and c2 = −T·τ²/(1 + T·τ), both from ρ in float64: |c3| <= R²·|ρ|/3, |c2| <= 1.01·R·|ρ|.
+    T = tanh(k/TANH_STEPS) and D = 1 − T² from the table, c3 = τ − ρ by its series to ρ⁵ (the rest below
+    0.054·R⁶·|ρ| <= 2**-70·|ρ|) and c2 = −T·τ²/(1 + T·τ), both from ρ in float64: |c3| <= R²·|ρ|/3, |c2| <= 1.01·R·|ρ|.
     Their errors, with m = |ρ_hi| and n = |ρ_lo|: τ rounded (2.1u·|ρ| through |∂c2/∂τ| <= 2.01·R:
     2**-61.9·(m + n)), T's lo left out of c2 (2**-64), c2's four roundings (2**-62), small = ρ_lo + c3 + c2's
     two (2**-62.8, and 2u·n), D's lo times small (2**-64), the rest's three roundings and the last sum's
@@ -761,12 +761,10 @@ def tanh(a: Iv, times: float = 1.0) -> Iv:
             rad += rf
             np.add(r, rho_lo, out=rf)  # ρ in float64
         r2 = rf * rf
-        c3 = r2 * (-17 / 315)
-        c3 += 2 / 15
-        c3 *= r2
+        c3 = r2 * (2 / 15)
         c3 -= 1 / 3
         c3 *= r2
-        c3 *= rf  # tanh ρ − ρ to ρ⁷
+        c3 *= rf  # tanh ρ − ρ to ρ⁵
         tau = np.add(rf, c3, out=r2)
         th = t_hi.take(index, mode="clip")
         if plain is t_hi:
@@ -809,7 +807,7 @@ def tanh(a: Iv, times: float = 1.0) -> Iv:
         np.subtract(p, out_lo, out=out_lo)  # Fast2Sum: T_hi + p = out_hi + out_lo exactly
         out_lo += e
         np.abs(out_hi, out=part)
-        part *= 2.0**-96  # the table's errors: 2**-98·|T| <= 2**-96·|out_hi|
+        part *= 2.0**-96  # the tables' errors: 2**-98·|T| <= 2**-96·|out_hi|
         rad += part
         out_hi *= sign
         out_lo *= sign
