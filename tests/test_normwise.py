@@ -55,19 +55,25 @@ def _independent_normwise(out: np.ndarray, exact: np.ndarray) -> float:
 @pytest.mark.parametrize("factor", [1.9, 2.1])
 def test_a_planted_normwise_error_just_under_twice_the_reference_passes_and_just_over_fails(factor):
     dtype = "float32"
-    data = _spec(12, 2, 4, dtype, seed=1)
+    data = _spec(32, 2, 8, dtype, seed=1)  # 512 entries: a planted error can be set within 0.2% of its target
     exact = _exact_output(data)
     (right,) = symattn.verify(data, [impls.kernel_upcast], dtype=dtype)
     reference = right.normwise_reference
-    signs = np.where(np.random.default_rng(2).random(exact.shape) < 0.5, -1.0, 1.0)
+    signs = np.random.default_rng(2).standard_normal(exact.shape)  # Gaussian: a finer staircase than ±1
 
     def planted_by(t):
         return (exact * (1 + t * signs)).astype(np.float32)
 
-    t = factor * reference  # then corrected for the float32 rounding of the planted output, by the oracle
-    for _ in range(3):
-        t *= factor * reference / _independent_normwise(planted_by(t).astype(np.float64), exact)
-    out = planted_by(t)
+    def error(t):
+        return _independent_normwise(planted_by(t).astype(np.float64), exact)
+
+    # t such that the planted output's normwise error (float32 rounding included, by the oracle) is factor times
+    # the reference: bisection, as the rounding makes the error a fine staircase in t
+    low, high = 0.0, 4 * factor * reference / _independent_normwise(exact * (1 + signs), exact)
+    for _ in range(60):
+        t = (low + high) / 2
+        low, high = (t, high) if error(t) < factor * reference else (low, t)
+    out = planted_by(min((low, high), key=lambda t: abs(error(t) - factor * reference)))
     measured = _independent_normwise(out.astype(np.float64), exact)
     assert measured == pytest.approx(factor * reference, rel=2e-3)
 

@@ -15,7 +15,7 @@ from decimal import Decimal, localcontext
 import numpy as np
 
 from symattn._version import __version__
-from symattn.backends.floats import FP8, FloatXP, dtype_of, output_dtype, unit_roundoff
+from symattn.backends.floats import FP8, FloatXP, dtype_of, output_dtype, split_k, unit_roundoff
 from symattn.certify import to_decimal
 from symattn.errors import SymattnError
 from symattn.graph.graph import build as build_graph
@@ -55,17 +55,17 @@ def auto_large_digits(dtype: str) -> int:
 
 
 class _Reordered(FloatXP):
-    """The graph in the dtype with another rounding pattern: products summed by einsum (in another order than
-    BLAS), division as multiplication by the reciprocal."""
+    """The graph in the dtype with another rounding pattern: products in two halves added (``split_k``),
+    division as multiplication by the reciprocal."""
 
     def matmul(self, a, b):
-        return self._out(np.einsum("...ik,...kj->...ij", a, b))
+        return self._out(split_k(a, b))
 
     def matmul_nt(self, a, b):
-        return self._out(np.einsum("...ik,...jk->...ij", a, b))
+        return self._out(split_k(a, np.swapaxes(b, -1, -2)))
 
     def matmul_tn(self, a, b):
-        return self._out(np.einsum("...ki,...kj->...ij", a, b))
+        return self._out(split_k(np.swapaxes(a, -1, -2), b))
 
     def div(self, a, z):
         with np.errstate(divide="ignore", invalid="ignore"):
