@@ -19,6 +19,28 @@ def test_show_pretty_structure_and_normalisers(capsys):
     assert "  where Z1_0 = 1 + exp(3*sqrt(2))" in out
 
 
+def test_show_of_a_kernel_sized_spec_prints_definitions_and_shapes(tmp_path, capsys):
+    """Closed forms of a 600-token spec are unreadable (and SymPy held 12 GB making them): show prints each
+    step's definition and shape and says where the values are; a small spec still prints its matrices."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((2, 600, 16)).astype(np.float32) for _ in range(4))
+    path = tmp_path / "big.npz"
+    np.savez(path, q=q, k=k, v=v, dout=dout, causal=True, score_mod="30*tanh(s/30)")
+    assert main(["show", str(path), "--grad", "--step", "weights2", "--step", "dk1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("weights2 = softmax(") and lines[0].endswith("(600×600)")
+    assert lines[1].startswith("dk1 = ") and lines[1].endswith("(600×16)")
+    assert lines[2].startswith("note: entries not printed: 2 heads of 600×600 scores over 16 dimensions")
+    assert len(lines) == 3
+    small = tmp_path / "small.npz"
+    np.savez(small, q=q[:1, :4, :4], k=k[:1, :4, :4], v=v[:1, :4, :4])
+    assert main(["show", str(small), "--step", "scores1"]) == 0
+    out = capsys.readouterr().out
+    assert "note" not in out and out.count("\n") > 3  # the matrix itself
+
+
 def test_show_closed_str(capsys):
     assert main(["show", "notebook", "--step", "M", "--closed", "--format", "str"]) == 0
     assert capsys.readouterr().out.splitlines() == [
