@@ -253,3 +253,23 @@ def test_the_report_and_json_give_each_rules_ratio(cli, tmp_path):
     assert doc["normwise_error"] == figures["error"] and doc["normwise_ratio"] == figures["ratio"]
     assert 0 < doc["kappa_ratio"] <= 1 and 0 < doc["differential_ratio"] <= 1
     assert f"normwise fail ({figures['error']:.3g} = {figures['ratio']:.2g}× the reference runs' " in first
+
+
+def test_rounding_float32_to_bfloat16_by_its_bits_is_ml_dtypes_rounding():
+    """``floats.rounded_to``, the reference runs' bfloat16 rounding by bit arithmetic, against ml_dtypes on
+    every kind of float32: random bit patterns (subnormals, infinities, nans), ties, values past bfloat16's
+    largest."""
+    import ml_dtypes
+
+    from symattn.backends.floats import rounded_to
+
+    rng = np.random.default_rng(3)
+    patterns = rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    ties = (rng.integers(0, 2**16, 2000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exactly half-way
+    edges = np.array([np.inf, -np.inf, np.nan, 3.3895314e38, 3.4e38, -3.4e38, 1e-45, -0.0, 0.0], dtype=np.float32)
+    for a in (patterns, ties, edges):
+        ours = rounded_to(a, np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32))
+        with np.errstate(invalid="ignore"):
+            theirs = a.astype(ml_dtypes.bfloat16).astype(np.float32)
+        same = (ours.view(np.uint32) == theirs.view(np.uint32)) | (np.isnan(ours) & np.isnan(theirs))
+        assert same.all(), a[~same][:5]

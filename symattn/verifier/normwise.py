@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from symattn.backends.floats import FloatXP, exact_float, split_k, unit_roundoff
+from symattn.backends.floats import FloatXP, exact_float, rounded_to, split_k, unit_roundoff
 
 LIMIT = 2  # an array's normwise error may be at most this many times the reference runs'
 FEWEST = 16  # entries (``entries``) an array needs to be judged normwise
@@ -52,7 +52,7 @@ class WideFlash(Wide):
     P and dS before dV = Pᵀ·dO, dQ = dS·K and dK = dSᵀ·Q; a projection's q, k, v between kernels)."""
 
     def _narrow(self, a):
-        return np.asarray(a).astype(self.dtype).astype(self.compute)
+        return rounded_to(a, self.dtype, self.compute)
 
     def matmul(self, a, b):
         return self._narrow(a) @ self._narrow(b)
