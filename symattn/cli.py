@@ -282,7 +282,7 @@ def _show(args) -> int:
     names = _steps(args.step, forward + (backward if args.grad else []), also=backward)
     terms = spec.h * spec.L * spec.S * max(spec.d_k, 1)
     if terms > SHOW_TERMS and not args.closed:
-        return _show_definitions(graph, names, spec, terms)
+        return _show_definitions(graph, names, spec, terms, args.format)
     trace = build(spec, grad=any(name in backward for name in names))
     out = []
     for name in names:
@@ -306,15 +306,16 @@ SHOW_TERMS = 1 << 14  # H·L·S·d_k beyond which show prints each step's defini
 # 4-head spec of float32 inputs over 32 dimensions took 88 s to print; at 600 tokens SymPy held 12 GB)
 
 
-def _show_definitions(graph, names, spec, terms: int) -> int:
+def _show_definitions(graph, names, spec, terms: int, fmt: str) -> int:
     """``show`` for a spec too large for its closed forms to be read: each step's definition and shape, and a
-    note saying where the values are."""
+    note saying where the values are (LaTeX comments in ``latex``)."""
     steps = {s.name: s for s in graph.steps + graph.backward_steps}
-    out = [f"{steps[name].definition}   ({steps[name].shape[0]}×{steps[name].shape[1]})" for name in names]
+    comment = "% " if fmt == "latex" else ""
+    out = [f"{comment}{steps[n].definition}   ({steps[n].shape[0]}×{steps[n].shape[1]})" for n in names]
     out.append(
-        f"note: entries not printed: {spec.h} heads of {spec.L}×{spec.S} scores over {spec.d_k} dimensions "
-        f"({terms} terms, above {SHOW_TERMS}) have closed forms too large to read; 'symattn eval' prints their "
-        "certified values, and 'show --closed' prints them anyway"
+        f"{comment}note: entries not printed: {spec.h} heads of {spec.L}×{spec.S} scores over {spec.d_k} "
+        f"dimensions ({terms} terms, above {SHOW_TERMS}) have closed forms too large to read; 'symattn eval' "
+        "prints their certified values, and 'show --closed' prints the fully substituted forms anyway"
     )
     print("\n".join(out))
     return 0

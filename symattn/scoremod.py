@@ -117,8 +117,12 @@ class _Fold(maskmod.Eval):
             if id(table) not in self.scaled_tables:
                 self.scaled_tables[id(table)] = (table, _scaled_integers(table))
             scaled = self.scaled_tables[id(table)][1]
-            if scaled is not None:
-                self.gathered[id(value)] = (value, scaled[0][indices], scaled[1])
+            if scaled is not None:  # over the denominator of the entries gathered, not the whole table's
+                ints, den = scaled[0][indices], scaled[1]
+                common = math.gcd(den, int(np.gcd.reduce(ints, axis=None)))
+                if common > 1:
+                    ints, den = ints // common, den // common
+                self.gathered[id(value)] = (value, ints, den)
         return value
 
     # What is folded.

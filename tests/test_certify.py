@@ -80,7 +80,7 @@ def test_integers_fast_path():
     assert certify.exact_string(Fraction(7), 1) == "7"
 
 
-def test_a_ball_of_millions_of_bits_rounds_to_a_few_places_from_its_first_digits():
+def test_a_ball_of_millions_of_bits_rounds_to_a_few_places_from_its_first_digits(monkeypatch):
     """A notebook's check asks a value to 57 places after its evaluation rose to 4 million bits (an exact sum
     like −3 + 2**-4194304): converting the whole ball gave 1.26 million digits, which Python turns into text
     in quadratic time (a full-suite run hung there).  Only the digits the places need are converted, and a
@@ -100,5 +100,29 @@ def test_a_ball_of_millions_of_bits_rounds_to_a_few_places_from_its_first_digits
         assert convert < 200
         lo, hi, e = engine.decimal(ball, 12, convert)
         assert certify.round_scaled(lo, e, 57) == certify.round_scaled(hi, e, 57) == expected
-    # a huge integer far below the places rounds to 0 without its decimal digits
+
+    # a huge integer far below the places rounds to 0 from its bit length, without its decimal digits (which
+    # Python makes in quadratic time)
+    def no_digits(n):
+        raise AssertionError("decimal digits of a huge integer")
+
+    monkeypatch.setattr(certify, "digits_of", no_digits)
     assert certify.round_scaled(7**1_500_000, -1_300_000, 10) == 0
+
+
+def test_a_ball_near_a_rounding_boundary_is_converted_whole_when_its_first_digits_straddle_it():
+    """1/(2 + e**-300) is 0.5 − 1e-131: at 0 places the digits the places need (40 more) straddle 0.5, and every
+    digit the precision carries (2,000 bits) settles it below: 0.  Before, only the short conversion was tried,
+    which no precision could settle."""
+    import flint
+
+    from symattn.backends.engines import ArbEngine
+    from symattn.truth.result import _digits_for_places, rounded_ends
+
+    engine = ArbEngine(2000)
+    with engine.active():
+        ball = 1 / (2 + flint.arb(-300).exp())
+    lo, hi, e = engine.decimal(ball, 12, _digits_for_places(engine, ball, 12, 0))
+    assert certify.round_scaled(lo, e, 0) != certify.round_scaled(hi, e, 0)  # the short conversion straddles
+    assert rounded_ends(engine, ball, 12, 0) == (0, 0)
+    assert rounded_ends(engine, ball, 12, 3) == (500, 500)

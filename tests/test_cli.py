@@ -34,6 +34,9 @@ def test_show_of_a_kernel_sized_spec_prints_definitions_and_shapes(tmp_path, cap
     assert lines[1].startswith("dk1 = ") and lines[1].endswith("(600×16)")
     assert lines[2].startswith("note: entries not printed: 2 heads of 600×600 scores over 16 dimensions")
     assert len(lines) == 3
+    assert main(["show", str(path), "--step", "head1", "--format", "latex"]) == 0  # LaTeX comments there
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("% ") for line in lines)
     small = tmp_path / "small.npz"
     np.savez(small, q=q[:1, :4, :4], k=k[:1, :4, :4], v=v[:1, :4, :4])
     assert main(["show", str(small), "--step", "scores1"]) == 0

@@ -120,7 +120,7 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
             assert contains(wide.hi[k], wide.lo[k], wide.rad[k], end.tanh()), (y[p], lo[p])
 
 
-@pytest.mark.parametrize("times", [30.0, -2.5, 0.001, 1e-300 * 2.0**200])
+@pytest.mark.parametrize("times", [30.0, -2.5, 0.001, 1e-300 * 2.0**200, 2.0**-1000, -(2.0**950), 0.0])
 def test_the_tanh_times_an_exact_number_encloses_arbs(times):
     """A softcap's c·tanh(y) from tables multiplied by c (``doublefloat._tanh_times``): enclosed, as tight
     relative to |c·tanh| as tanh alone, the input's radius scaled by |c|, ±c beyond the table."""
@@ -134,6 +134,11 @@ def test_the_tanh_times_an_exact_number_encloses_arbs(times):
             assert contains(t.hi[k], t.lo[k], t.rad[k], exact), (y[k], lo[k])
     assert np.all(t.rad <= 2.0**-58 * np.abs(t.hi) + abs(times) * 1.01 * rad + 1e-300)
     assert t.hi[-2] == times and t.hi[-1] == -times  # tanh(45) and tanh(−1e9): ±c within 2**-110·|c|
+    # past the table's end, arguments either side of it (a radius that underflowed to 0 for c = 2**-1000)
+    y = np.array([39.9999, 40.0, 45.0, -41.0, 39.99951171875])
+    far = doublefloat.tanh(Iv(y), times)
+    for k in range(y.size):
+        assert contains(far.hi[k], far.lo[k], far.rad[k], arb_of(y[k]).tanh() * arb_of(times))
 
 
 def test_the_interval_softcap_is_the_composition_fused():
@@ -151,7 +156,9 @@ def test_the_interval_softcap_is_the_composition_fused():
     assert np.all(fused.rad <= 2.0**-55 * np.abs(fused.hi))
 
 
-@pytest.mark.parametrize("s", [Fraction(1, 30), Fraction(30), Fraction(-7, 3), Fraction(3, 2**1070)])
+@pytest.mark.parametrize(
+    "s", [Fraction(1, 30), Fraction(30), Fraction(-7, 3), Fraction(3, 2**1070), Fraction(3, 2**1000), Fraction(0)]
+)
 def test_scaling_by_a_scalar_encloses_the_exact_product(s):
     """``doublefloat.scale`` (a·s for a scalar s, in place) against Arb: normalised and not normalised lo, with
     and without radii, tiny entries (underflow) and exact zeros (which stay exactly 0)."""
@@ -159,6 +166,7 @@ def test_scaling_by_a_scalar_encloses_the_exact_product(s):
     hi = RNG.standard_normal(n) * 10.0 ** RNG.integers(-8, 8, n)
     hi[:20] = 0.0
     hi[20:40] *= 1e-300
+    hi[1900:] = RNG.standard_normal(100) * 2.0**990  # a tiny scalar times a huge operand: coefficients that underflow
     lo = RNG.standard_normal(n) * 1e-17 * np.abs(hi)
     lo[40:400] *= 1e10
     rad = np.where(np.arange(n) % 3 == 0, 1e-22 * np.abs(hi), 0.0)

@@ -640,3 +640,18 @@ def test_constants_are_data_the_truth_is_for_the_values_the_implementation_recei
     assert given.dtype == dtype_of("bfloat16")
     assert [Fraction(float(x)) for x in given] == [Fraction(x) for x in certified.reshape(-1).tolist()]
     assert Fraction(certified[0]) != Fraction(1, 10)
+
+
+def test_a_gathered_constant_is_scaled_by_the_denominator_of_the_entries_gathered():
+    """A constant of rationals is gathered as integers over a common denominator (no Python pass over the
+    grid): the denominator of the entries read, so that integers read from a table holding 1/3 stay integers
+    (exact in every backend), and the values are those of the table either way."""
+    from symattn import scoremod
+
+    table = [1, 2, Fraction(1, 3)]
+    ints = scoremod.fold("s + c[kv_idx % 2]", {"c": table}, 1, 3, 4)
+    assert ints.tree == ("add", ("s",), ("c", 0)) and ints.arrays[0].dtype == np.int64
+    assert ints.arrays[0][0].tolist() == [[1, 2, 1, 2]] * 3
+    thirds = scoremod.fold("s + c[kv_idx % 3]", {"c": table}, 1, 3, 4)
+    assert thirds.tree == ("add", ("s",), ("mul", ("p", 0), ("c", 0))) and thirds.scalars[0] == Fraction(1, 3)
+    assert thirds.arrays[0][0, 0].tolist() == [3, 6, 1, 3]

@@ -429,13 +429,15 @@ def mul(a: Iv, b: Iv) -> Iv:
 
 def scale(a: Iv, s: Iv) -> Iv:
     """a·s for a scalar s (a softcap, a score_mod's numbers): ``mul`` with s's parts read once, its products and
-    sums in place.  With p + e = hi·s_hi exactly (Dekker), lo' = (e + lo·s_hi) + hi·s_lo is within
-    |lo|·(3.01u·|s_hi| + |s_lo|) + |hi|·(2.01u·|s_lo| + 2.01u²·|s_hi|) of (hi + lo)·(s_hi + s_lo) (three roundings,
-    the dropped lo·s_lo); the radii carry through as in ``mul``; an exact 0 stays exactly 0."""
+    sums in place.  With p + e = hi·s_hi exactly (Dekker), lo' = (e + hi·s_lo) + lo·s_hi, summed in that order,
+    is within |hi|·(3.01u·|s_lo| + 2.02u²·|s_hi|) + |lo|·(2.01u·|s_hi| + |s_lo|) of (hi + lo)·(s_hi + s_lo)
+    (two products' and two sums' roundings, |e| <= u·|p|, the dropped lo·s_lo); the radii carry through as in
+    ``mul``; an exact 0 stays exactly 0.  A scalar below 2**-900 (whose coefficients would underflow), 0, or
+    operands Dekker's split would overflow on go to ``mul``."""
     sh, sl, sr = float(s.hi), float(s.low()), float(s.radius())
     hi, lo, ra = a.hi, a.lo, a.rad
-    if a.excluded is not None or not _largest(hi) <= 2.0**995 or not abs(sh) <= 2.0**995:
-        return mul(a, s)  # −inf, nan, or Dekker's split would overflow
+    if a.excluded is not None or not _largest(hi) <= 2.0**995 or not 2.0**-900 <= abs(sh) <= 2.0**995:
+        return mul(a, s)
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         p = hi * sh
         big = hi * SPLIT  # Dekker's split of hi: big − (big − hi) and its rest
@@ -452,7 +454,7 @@ def scale(a: Iv, s: Iv) -> Iv:
         rest *= bl
         out_lo += rest  # e = hi·s_hi − p, exactly
         np.abs(hi, out=rest)
-        rad = rest * (2.01 * U * abs(sl) + 2.01 * U * U * abs(sh) + sr)
+        rad = rest * (3.01 * U * abs(sl) + 2.02 * U * U * abs(sh) + sr)
         if sl:
             np.multiply(hi, sl, out=rest)
             out_lo += rest
@@ -730,8 +732,10 @@ def tanh(a: Iv, times: float = 1.0) -> Iv:
     0 as anywhere.  |tanh'| <= 1 carries the input's radius; beyond the table, ±1 within 2**-110.  With
     ``times``, T and D are read from tables multiplied by it (``_tanh_times``), and every term but the
     tables' scales by |times|."""
-    plain, t_hi, t_lo, d_hi, d_lo, d_big, d_small = _tanh_times(float(times))
     c = abs(float(times))
+    if c != 1 and not 2.0**-900 <= c <= 2.0**900:  # the scaled tables would underflow or overflow
+        return mul(tanh(a), Iv(np.array(float(times))))
+    plain, t_hi, t_lo, d_hi, d_lo, d_big, d_small = _tanh_times(float(times))
     hi, lo = a.hi, a.lo
     if _largest(lo) > 2.0**-12:  # far from normalised (a product's rest, near 0)
         hi, lo = two_sum(hi, lo)
@@ -815,8 +819,14 @@ def tanh(a: Iv, times: float = 1.0) -> Iv:
             rad += a.rad * c
         rad *= INFLATE
         rad += 36 * ETA  # underflows (of ρ's series and Dekker's product, for |a| below 2**-960)
+        if not hi.all():  # tanh of an exact 0 is exactly 0
+            zero = hi == 0
+            for part in (lo, a.rad):
+                if part is not None:
+                    zero &= part == 0
+            np.copyto(rad, 0.0, where=zero)
         if beyond is not None:
             nan = np.isnan(hi[beyond])
             out_hi[beyond], out_lo[beyond] = np.where(nan, np.nan, sign[beyond] * times), 0.0
-            rad[beyond] = np.where(nan, np.inf, (2.0**-110 + a.radius()[beyond]) * c)
+            rad[beyond] = np.where(nan, np.inf, (2.0**-110 + a.radius()[beyond]) * c + 36 * ETA)
     return Iv(out_hi, out_lo, rad, a.excluded)

@@ -59,7 +59,7 @@ def rounded_to(a, dtype: np.dtype, compute: np.dtype) -> np.ndarray:
     bfloat16's largest becomes inf, as ml_dtypes rounds), three times faster than ml_dtypes' conversion; a
     nan keeps its value."""
     a = np.asarray(a)
-    if a.dtype != np.float32 or compute != np.float32 or dtype.name != "bfloat16":
+    if a.dtype != np.float32 or compute != np.float32 or dtype.name != "bfloat16" or a.ndim == 0:
         return a.astype(dtype).astype(compute)
     bits = a.view(np.uint32)
     out = bits >> 16

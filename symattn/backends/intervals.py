@@ -112,8 +112,9 @@ class IntervalXP(ArrayXP):
         return tanh(_materialized(a))
 
     def scaled_tanh(self, a, inner, outer):
-        """The multiplication by ``outer`` folded into tanh's tables when it is an exact float64 number."""
-        exact = outer.lo is not None and not outer.lo and not outer.rad and 0 < abs(float(outer.hi)) <= 2.0**900
+        """The multiplication by ``outer`` folded into tanh's tables when it is an exact float64 number
+        (``doublefloat.tanh`` multiplies afterwards one below 2**-900 or above 2**900)."""
+        exact = outer.lo is not None and not outer.lo and not outer.rad
         if not exact:
             return super().scaled_tanh(a, inner, outer)
         return tanh(self.scale(a, inner), float(outer.hi))
@@ -239,7 +240,7 @@ class IntervalXP(ArrayXP):
         return Iv(hi, lo, np.concatenate([p.radius() for p in parts], axis=-1), excluded)
 
     def cols(self, a, start, stop):
-        if isinstance(a, _Weights) and start == 0 and a.keys is None:  # the keys' weights beside a sink: lazy
+        if isinstance(a, _Weights) and start == 0 and a.keys is None and a.empty is None:  # beside a sink: lazy
             return _Weights(a.terms, self, a.empty, a.fill, keys=stop)
         a = _materialized(a)
         return Iv(a.hi[..., start:stop], _slice(a.lo, start, stop), _slice(a.rad, start, stop))

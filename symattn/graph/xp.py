@@ -7,7 +7,7 @@ that are not allowed are excluded: −inf in a float backend, and in any backend
 an entry whose exponential is exactly 0.
 
 ``ArrayXP`` writes the composite rules once (``softmax``, ``logsumexp``,
-``weighted_sum``, ``centered``) in terms of the primitives.  A backend that computes one of them
+``weighted_sum``, ``centered``, ``scaled_tanh``) in terms of the primitives.  A backend that computes one of them
 better (fused, more precisely, faster) overrides it by name; no backend infers
 an op from the order of the calls it receives.
 """
@@ -64,6 +64,9 @@ class XP(Protocol):
 
     def tanh(self, a):
         """tanh, elementwise; excluded entries stay excluded."""
+
+    def scaled_tanh(self, a, inner, outer):
+        """outer·tanh(inner·a) (a softcap); ``ArrayXP`` composes it from scale and tanh."""
 
     def exp(self, a):
         """exp, elementwise; an excluded entry gives exactly 0."""

@@ -421,11 +421,10 @@ class Truth:
         def settle(engine, ball):
             if engine.is_nan(ball):
                 return "nan"
-            ends = engine.decimal(ball, self.digits, _digits_for_places(engine, ball, self.digits, places))
+            ends = rounded_ends(engine, ball, self.digits, places)
             if ends is None:
                 return None
-            lo, hi, e = ends
-            a, b = certify.round_scaled(lo, e, places), certify.round_scaled(hi, e, places)
+            a, b = ends
             return a if a == b and a is not None else None
 
         engine = engine_class(self.engine)(self.bits)
@@ -437,12 +436,10 @@ class Truth:
         def side(sign_of):
             if known.balls is None:
                 return None
-            ball = known.balls[i, j]
-            ends = engine.decimal(ball, self.digits, _digits_for_places(engine, ball, self.digits, places))
+            ends = rounded_ends(engine, known.balls[i, j], self.digits, places)
             if ends is None:
                 return None
-            lo, hi, e = ends
-            a, b = certify.round_scaled(lo, e, places), certify.round_scaled(hi, e, places)
+            a, b = ends
             if a is None or b is None or b != a + 1:
                 return None
             sign = sign_of(Fraction(2 * a + 1, 2 * 10**places))  # the boundary between the two neighbours
@@ -467,10 +464,26 @@ class Truth:
         return self._decider(name, i, j)
 
 
+def rounded_ends(engine, ball, digits: int, places: int) -> tuple | None:
+    """Both ends of a ball rounded to ``places`` decimals (integers q, value ≈ q·10**-places), or None: from
+    the digits those need first (``_digits_for_places``), and from every digit the precision carries when
+    that straddles a boundary (raising the precision then settles it)."""
+    result = None
+    for convert in (_digits_for_places(engine, ball, digits, places), None):
+        ends = engine.decimal(ball, digits, convert)
+        if ends is None:
+            return None
+        lo, hi, e = ends
+        result = certify.round_scaled(lo, e, places), certify.round_scaled(hi, e, places)
+        if result[0] == result[1] and result[0] is not None:
+            return result
+    return result
+
+
 def _digits_for_places(engine, ball, digits: int, places: int) -> int | None:
     """How many digits to convert a ball at to round it to ``places`` decimals: those before the point, the
-    places and 40 more (at least digits + 5; a value nearer a boundary than 10**-(places + 40) is left to its
-    exact form, ``side``), and never more than the working precision carries.  A ball of
+    places and 40 more (at least digits + 5; a value nearer a boundary than that is converted whole, by
+    ``fixed``), and never more than the working precision carries.  A ball of
     4 million bits (an exact sum like 1 + 2**-4194304) converted whole has 1.26 million digits, and Python
     turns those into text in quadratic time: a value of magnitude 10**-1262550 rounds to 0 at 63 places from
     its first digits alone."""
