@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import symattn
-from symattn.backends import doublefloat, intervals
+from symattn.backends import doublefloat, elementary, intervals
 from symattn.backends.intervals import Iv, certifiable, split_product
 from symattn.verifier import reference as verifier_reference
 from tests import oracle
@@ -51,7 +51,7 @@ def test_the_exp_encloses_arbs_exp_on_many_random_arguments(precise):
         [-RNG.random(20000) * 745, -RNG.random(5000) * 1e-3, -RNG.random(2000) * 1e-12, [0.0, -800.0, -1e4]]
     )
     lo = RNG.standard_normal(x.size) * 1e-17 * np.abs(x)
-    e = doublefloat.exp(Iv(x, lo), precise=precise)
+    e = elementary.exp(Iv(x, lo), precise=precise)
     for k in range(0, x.size, 7):
         exact = (arb_of(x[k]) + arb_of(lo[k])).exp()
         assert contains(e.hi[k], e.lo[k], e.rad[k], exact), (x[k], lo[k])
@@ -60,7 +60,7 @@ def test_the_exp_encloses_arbs_exp_on_many_random_arguments(precise):
     # the radius is tight: relative 2**-60 or so (2**-72 precise), not a blanket bound
     assert np.all(e.rad <= (2.0**-72 if precise else 2.0**-58) * e.hi + 1e-300)
     if precise:  # and the input's radius carries through
-        wide = doublefloat.exp(Iv(x[:300], lo[:300], np.full(300, 1e-22)), precise=True)
+        wide = elementary.exp(Iv(x[:300], lo[:300], np.full(300, 1e-22)), precise=True)
         for k in range(0, 300, 3):
             for end in (-1, 1):
                 exact = (arb_of(x[k]) + arb_of(lo[k]) + end * flint.arb(1e-22)).exp()
@@ -78,7 +78,7 @@ def test_the_shifted_exp_and_masked_entries(precise):
     lo[excluded] = 0.0
     shift = intervals.IntervalXP().shift(Iv(x)).hi  # row maxima rounded up to multiples of 1/STEPS
     assert np.all(shift >= x.max(axis=1, keepdims=True)) and np.all(shift * intervals.STEPS % 1 == 0)
-    e = doublefloat.exp(Iv(x, lo, np.full(x.shape, 1e-25), excluded), shift, precise)
+    e = elementary.exp(Iv(x, lo, np.full(x.shape, 1e-25), excluded), shift, precise)
     assert np.all(e.hi[3, :5] == 0) and np.all(e.lo[3, :5] == 0) and np.all(e.rad[3, :5] == 0)
     assert np.all(e.hi < e.below) and np.all(e.hi >= 0)
     for i in range(30):
@@ -105,7 +105,7 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
     )
     lo = RNG.standard_normal(y.size) * 1e-17 * np.abs(y)
     lo[:3000] *= 1e10  # not normalised, as a product's rest
-    t = doublefloat.tanh(Iv(y, lo))
+    t = elementary.tanh(Iv(y, lo))
     flint.ctx.prec = 1200  # tanh(400) = 1 − 2e**-800...: Arb must resolve radii near 1e-322
     for k in range(0, y.size, 3):
         exact = (arb_of(y[k]) + arb_of(lo[k])).tanh()
@@ -114,7 +114,7 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
     assert np.all(t.rad <= 2.0**-58 * np.abs(t.hi) + 1e-300)
     # the input's radius carries through: the ends of a wide input lie within too
     pick = np.r_[0:40, 8000:8040, 10000:10040]
-    wide = doublefloat.tanh(Iv(y[pick], lo[pick], np.full(pick.size, 1e-9)))
+    wide = elementary.tanh(Iv(y[pick], lo[pick], np.full(pick.size, 1e-9)))
     for k, p in enumerate(pick):
         for end in (arb_of(y[p]) + arb_of(lo[p]) - flint.arb(1e-9), arb_of(y[p]) + arb_of(lo[p]) + flint.arb(1e-9)):
             assert contains(wide.hi[k], wide.lo[k], wide.rad[k], end.tanh()), (y[p], lo[p])
@@ -122,12 +122,12 @@ def test_the_tanh_encloses_arbs_tanh_on_many_random_arguments():
 
 @pytest.mark.parametrize("times", [30.0, -2.5, 0.001, 1e-300 * 2.0**200, 2.0**-1000, -(2.0**950), 0.0])
 def test_the_tanh_times_an_exact_number_encloses_arbs(times):
-    """A softcap's c·tanh(y) from tables multiplied by c (``doublefloat._tanh_times``): enclosed, as tight
+    """A softcap's c·tanh(y) from tables multiplied by c (``elementary._tanh_times``): enclosed, as tight
     relative to |c·tanh| as tanh alone, the input's radius scaled by |c|, ±c beyond the table."""
     y = np.concatenate([RNG.standard_normal(3000) * 0.05, RNG.standard_normal(1000) * 5, [0.0, -3e-9, 45.0, -1e9]])
     lo = RNG.standard_normal(y.size) * 1e-17 * np.abs(y)
     rad = np.where(np.arange(y.size) % 2, 1e-25, 0.0)
-    t = doublefloat.tanh(Iv(y, lo, rad), times)
+    t = elementary.tanh(Iv(y, lo, rad), times)
     for k in range(0, y.size, 2):
         for end in (-1, 1):
             exact = (arb_of(y[k]) + arb_of(lo[k]) + end * arb_of(rad[k])).tanh() * arb_of(times)
@@ -136,7 +136,7 @@ def test_the_tanh_times_an_exact_number_encloses_arbs(times):
     assert t.hi[-2] == times and t.hi[-1] == -times  # tanh(45) and tanh(−1e9): ±c within 2**-110·|c|
     # past the table's end, arguments either side of it (a radius that underflowed to 0 for c = 2**-1000)
     y = np.array([39.9999, 40.0, 45.0, -41.0, 39.99951171875])
-    far = doublefloat.tanh(Iv(y), times)
+    far = elementary.tanh(Iv(y), times)
     for k in range(y.size):
         assert contains(far.hi[k], far.lo[k], far.rad[k], arb_of(y[k]).tanh() * arb_of(times))
 

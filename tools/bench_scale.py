@@ -55,7 +55,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import symattn  # noqa: E402
-from symattn.backends.doublefloat import exp_table  # noqa: E402
+from symattn.backends.elementary import exp_table  # noqa: E402
 from symattn.graph.graph import build  # noqa: E402
 
 

@@ -12,27 +12,15 @@ from fractions import Fraction
 
 import numpy as np
 
-from symattn.backends.doublefloat import (
-    ETA,
-    STEPS,
-    Iv,
-    U,
-    add,
-    divide,
-    exp,
-    mul,
-    scale,
-    split_product,
-    tanh,
-    up,
-)
+from symattn.backends.doublefloat import ETA, Iv, U, add, divide, mul, scale, split_product, up
+from symattn.backends.elementary import STEPS, exp, tanh
 from symattn.graph.xp import ArrayXP, true, union
 from symattn.semantics import NAN
 
 
 class IntervalXP(ArrayXP):
     """The graph's ``xp`` over Iv (see the module docstring for what the radii bound).  ``precise``: the
-    softmax's exponentials to 2**-73 rather than 2**-62 (``doublefloat.exp``), for gradients."""
+    softmax's exponentials to 2**-73 rather than 2**-62 (``elementary.exp``), for gradients."""
 
     def __init__(self, precise: bool = False):
         self.precise = precise
@@ -113,7 +101,7 @@ class IntervalXP(ArrayXP):
 
     def scaled_tanh(self, a, inner, outer):
         """The multiplication by ``outer`` folded into tanh's tables when it is an exact float64 number
-        (``doublefloat.tanh`` multiplies afterwards one below 2**-900 or above 2**900)."""
+        (``elementary.tanh`` multiplies afterwards one below 2**-900 or above 2**900)."""
         exact = outer.lo is not None and not outer.lo and not outer.rad
         if not exact:
             return super().scaled_tanh(a, inner, outer)
@@ -144,7 +132,7 @@ class IntervalXP(ArrayXP):
 
     def shift(self, a):
         """The row maxima of hi rounded up to multiples of 1/STEPS, taken as exact: the softmax does not depend
-        on its shift, and ``softmax``'s exp reads it without subtracting it (``doublefloat.exp``)."""
+        on its shift, and ``softmax``'s exp reads it without subtracting it (``elementary.exp``)."""
         top = _materialized(a).hi.max(axis=-1, keepdims=True)
         with np.errstate(invalid="ignore"):
             return Iv(np.where(top == -np.inf, 0.0, np.ceil(top * STEPS) / STEPS))
@@ -154,7 +142,7 @@ class IntervalXP(ArrayXP):
         return self._product(a, Iv(np.ones(a.hi.shape[:-2] + (a.hi.shape[-1], 1))))
 
     def softmax(self, s, empty=None, fill=0, sink=None):
-        """The exponentials exp(s − shift) by the table, the shift folded into its index (``doublefloat.exp``),
+        """The exponentials exp(s − shift) by the table, the shift folded into its index (``elementary.exp``),
         kept with the empty rows until read (``_Weights``).  A sink is one more entry of each row: it joins the
         shift and the row sum, and a row whose scores are all excluded gets weights exactly 0 (its sink is its
         one key)."""
