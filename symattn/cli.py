@@ -427,35 +427,12 @@ def _generate(args) -> int:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file in the same folder: never half-written."""
-    import os
-    import tempfile
+    """Write text to path, whole or not at all (``files.write_atomic``)."""
+    from symattn.files import write_atomic as write
 
     if path.is_dir():
         raise SymattnError(f"-o: expected a file to write, received the folder {printable(str(path))}")
-    try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise SymattnError(f"-o: cannot write into {printable(str(path.parent))}: {e.strerror}") from None
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would make the module private
-        os.replace(temporary, path)
-    except OSError as e:
-        os.unlink(temporary)
-        raise SymattnError(f"-o: cannot write {printable(str(path))}: {e.strerror}") from None
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write(path, lambda f: f.write(text), "-o")
 
 
 def _verify(args) -> int:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
-import os
-import tempfile
 from dataclasses import fields, is_dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 
 from symattn._version import __version__
 from symattn.errors import SymattnError, printable
+from symattn.files import write_atomic
 from symattn.matrix import Matrix
 
 FORMAT = "symattn-truth/1"
@@ -151,24 +150,7 @@ def write_arrays(path: Path, arrays: dict, meta: dict, what: str) -> None:
     in the same folder, then ``os.replace``)."""
     arrays = {**arrays, "meta": np.array(json.dumps(meta, sort_keys=True))}
     arrays["checksum"] = np.array(_checksum(arrays))
-    folder = path.parent
-    try:
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise SymattnError(f"{what}: cannot write into {printable(str(folder))}: {e.strerror}") from None
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)  # mkstemp's 0600 would make a shared cache private
-        os.replace(temporary, path)
-    except OSError as e:
-        os.unlink(temporary)
-        raise SymattnError(f"{what}: cannot write {printable(str(path))}: {e.strerror}") from None
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomic(path, lambda f: np.savez(f, **arrays), what, binary=True)
 
 
 def read_arrays(path: Path) -> tuple[dict, dict]:

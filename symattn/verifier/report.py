@@ -204,9 +204,9 @@ def _json_number(v):
 def plot(results: list, path) -> None:
     """A heatmap per implementation of log10(error / bound) per output entry (above 0: beyond the bound), written
     atomically to ``path`` (PNG)."""
-    import os
-    import tempfile
     from pathlib import Path
+
+    from symattn.files import write_atomic
 
     try:
         import matplotlib
@@ -234,17 +234,8 @@ def plot(results: list, path) -> None:
         ax.set_xlabel("column")
         ax.set_ylabel("row" + (" (heads stacked)" if len(steps) > 1 else ""))
     figure.colorbar(image, ax=axes[0].tolist(), label="log10(error / bound)")
-    handle, temporary = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=110)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)
-        os.replace(temporary, path)
-    except OSError as e:
-        os.unlink(temporary)
-        raise SymattnError(f"--plot: cannot write {path}: {e.strerror}") from None
+        write_atomic(path, lambda f: figure.savefig(f, dpi=110, format="png"), "--plot", binary=True)
     finally:
         plt.close(figure)
 
